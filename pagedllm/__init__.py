@@ -1,0 +1,9 @@
+"""pagedllm: fast LLM inference with a paged KV cache and continuous batching."""
+
+from pagedllm.config import EngineConfig
+from pagedllm.llm import LLM
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__version__ = "0.1.0"

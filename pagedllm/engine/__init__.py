@@ -1,0 +1,1 @@
+"""Requests, the scheduler and the KV block manager: plain Python, no tensors."""

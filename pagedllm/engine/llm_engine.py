@@ -1,0 +1,116 @@
+"""The engine loop's one step: schedule, run the model, update, and report finished requests."""
+
+import logging
+import os
+
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Request
+from pagedllm.engine.scheduler import Scheduler
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from pagedllm.worker.model_runner import ModelRunner  # torch-heavy; the engine itself is not
+
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.eos_token_ids = eos_token_ids(config, self.tokenizer)
+        self.model_runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.num_generated_tokens = 0
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request could never run; nothing is changed."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab_size = self.config.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        max_len = self.config.max_model_len
+        total = len(prompt_token_ids) + (params.max_tokens or 1)
+        if len(prompt_token_ids) >= max_len or total > max_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens and asks for up to "
+                f"{params.max_tokens or 'at least 1'} more, {total} in all, but max_model_len is {max_len}: "
+                "shorten the prompt or lower max_tokens"
+            )
+        needed = self.block_manager.blocks_for(len(prompt_token_ids) + self._max_tokens(prompt_token_ids, params))
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the request needs {needed} KV cache blocks of {self.config.block_size} tokens, but the cache "
+                f"has only {self.block_manager.num_blocks}: shorten it or give the cache more blocks"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        self.validate_request(prompt_token_ids, params)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        self.scheduler.add_request(Request(
+            request_id, list(prompt_token_ids), params, self._max_tokens(prompt_token_ids, params),
+            frozenset(stops), prompt,
+        ))
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the requests that finished in it."""
+        out = self.scheduler.schedule()
+        if not out.requests:
+            raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
+        sampled = self.model_runner.execute(out)
+        self.num_generated_tokens += sum(t is not None for t in sampled)
+        finished = self.scheduler.update_from_output(out, sampled)
+        return [self._output(r) for r in finished]
+
+    def _max_tokens(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        return params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
+
+    def _output(self, request: Request) -> RequestOutput:
+        token_ids = request.output_token_ids
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
+        completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
+                             request.is_finished)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+    """The HF tokenizer, or None for a directory with no tokenizer files (a bare config for
+    benchmarks): such a model takes token ids only."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: prompts must be token ids and outputs carry no text", path)
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, as HF generate stops on."""
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(config.hf_config, "eos_token_id", None))
+    if os.path.isfile(os.path.join(config.model_path, "generation_config.json")):
+        add(GenerationConfig.from_pretrained(config.model_path).eos_token_id)
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return ids

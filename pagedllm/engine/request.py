@@ -1,0 +1,76 @@
+"""One request's state as the scheduler sees it."""
+
+import enum
+from dataclasses import dataclass, field
+
+from pagedllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Tokens, progress and KV blocks of one request.
+
+    ``num_computed_tokens`` counts the tokens whose K/V are in the cache: the scheduler's one
+    rule is to give each request the tokens it still lacks, whether they are prompt (prefill,
+    maybe in chunks, maybe again after preemption) or the last sampled token (decode).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # sampling_params.max_tokens, or what max_model_len leaves
+    stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) and sampling_params.stop_token_ids
+    prompt: str | None = None
+    token_ids: list[int] = field(init=False)  # prompt then output
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def tokens_banned_now(self) -> list[int]:
+        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist."""
+        if self.num_output_tokens < self.sampling_params.min_tokens:
+            return sorted(self.stop_token_ids)
+        return []
+
+    def append_output_token(self, token_id: int) -> None:
+        """Add a sampled token and finish the request if it is a stop token or the last allowed."""
+        self.token_ids.append(token_id)
+        if self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
+            self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
+        elif self.num_output_tokens >= self.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str, stop_reason: int | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason, self.stop_reason = reason, stop_reason

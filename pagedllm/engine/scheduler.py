@@ -1,0 +1,119 @@
+"""Continuous batching: which requests run this step, and how many tokens each computes."""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's flat batch: ``requests[i]`` computes its next ``num_scheduled_tokens[i]`` tokens."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+class Scheduler:
+    """vLLM v1's rule, without phases: every step, under a token budget, give each running
+    request the tokens it lacks (a decode token, or the next prefill chunk), then admit
+    waiting requests while budget, sequence slots and KV blocks last. When a running request
+    cannot get a block, the newest running request is preempted: its blocks are freed and it
+    goes back to the front of the queue, to be recomputed from its tokens later.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                out.requests.append(request)
+                out.num_scheduled_tokens.append(num_new)
+                budget -= num_new
+                index += 1
+                continue
+            break
+        # Admit waiting requests only when memory was not short this step.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.requests.append(request)
+            out.num_scheduled_tokens.append(num_new)
+            budget -= num_new
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
+        """Advance each scheduled request by its computed tokens and its sampled token (None for a
+        prefill chunk that does not reach the end). Returns the requests that finished."""
+        finished = []
+        for request, num_new, token_id in zip(out.requests, out.num_scheduled_tokens, sampled, strict=True):
+            request.num_computed_tokens += num_new
+            if token_id is None:
+                continue
+            request.append_output_token(token_id)
+            if request.is_finished:
+                finished.append(request)
+        if finished:
+            self.running = [r for r in self.running if not r.is_finished]
+            for request in finished:
+                self._release(request)
+        return finished
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks."""
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    request.finish("abort")
+                    self._release(request)
+                    return request
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        self.block_manager.free(request)
+        self._finished_ids.append(request.request_id)

@@ -1,0 +1,124 @@
+"""``LLM``: the offline entry point, a synchronous loop over the engine."""
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """A model loaded for generation, as in vLLM: ``LLM("facebook/opt-1.3b").generate(prompts)``.
+
+    Arguments are those of :class:`pagedllm.config.EngineConfig`.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
+                 device: str = "auto", seed: int = 0, block_size: int = 16, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
+                 load_format: str = "auto", enforce_eager: bool = False, tensor_parallel_size: int = 1):
+        config = EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, block_size=block_size,
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
+            num_kv_blocks=num_kv_blocks, load_format=load_format, enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._next_request_id = 0
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in the prompts' order.
+
+        A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}`` (or
+        ``{"prompt": "..."}``). Every prompt is checked before any work starts: one bad prompt
+        raises a ValueError naming its index, and nothing runs.
+        """
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} SamplingParams were given for {len(prompts)} prompts: "
+                                 "give one, or one per prompt")
+        requests = []
+        for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                if not isinstance(p, SamplingParams):
+                    raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
+                text, token_ids = self._tokenize(prompt)
+                self.llm_engine.validate_request(token_ids, p)
+            except ValueError as err:
+                raise ValueError(f"prompt {index}: {err}") from None
+            requests.append((str(self._next_request_id), text, token_ids, p))
+            self._next_request_id += 1
+        for request_id, text, token_ids, p in requests:
+            self.llm_engine.add_request(request_id, token_ids, p, prompt=text)
+        return self._run_engine([r[0] for r in requests], use_tqdm)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty: give at least one token")
+            tokenizer = self.llm_engine.tokenizer
+            if tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as token ids")
+            return prompt, tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        outputs: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start, tokens_at_start = time.perf_counter(), engine.num_generated_tokens
+        try:
+            while engine.has_unfinished_requests():
+                finished = engine.step()
+                for output in finished:
+                    outputs[output.request_id] = output
+                if finished and use_tqdm:
+                    rate = (engine.num_generated_tokens - tokens_at_start) / (time.perf_counter() - start)
+                    bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+                    bar.update(len(finished))
+        except BaseException:
+            for request_id in request_ids:  # leave nothing of this call behind in the engine
+                engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [outputs[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt or a list of them, told apart the way vLLM does."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt of token ids
+    return prompts

@@ -1,0 +1,1 @@
+"""One file per architecture family; each loads HF checkpoints as HF saved them."""

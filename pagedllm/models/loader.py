@@ -1,0 +1,80 @@
+"""Find a model's files, read its config, and stream its weights as HF saved them."""
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as it is, else a hub id looked up in the local HF cache (never downloaded)."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return snapshot_download(repo_id=model, local_files_only=True)
+    except Exception as err:  # not cached, or not a valid repo id
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local directory nor a model in the local Hugging Face "
+            f"cache ({HF_HUB_CACHE}); pagedllm never downloads weights: fetch them first "
+            f"(`hf download {model}`) or pass a local directory ({type(err).__name__})"
+        ) from None
+
+
+def load_hf_config(model_path: str) -> PretrainedConfig:
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{model_path} has no config.json: it is not a Hugging Face model directory")
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {config_file}: {err}") from None
+
+
+def weight_files(model_path: str, load_format: str) -> tuple[str, list[str]]:
+    """The checkpoint's weight files and their format ('safetensors' or 'pt')."""
+    formats = ["safetensors", "pt"] if load_format == "auto" else [load_format]
+    for fmt in formats:
+        pattern, index_name = {
+            "safetensors": ("*.safetensors", "model.safetensors.index.json"),
+            "pt": ("*.bin", "pytorch_model.bin.index.json"),
+        }[fmt]
+        index = os.path.join(model_path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(model_path, n) for n in names]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise FileNotFoundError(f"{index_name} names weight files that are missing: {missing}")
+            return fmt, files
+        files = sorted(glob.glob(os.path.join(model_path, pattern)))
+        files = [f for f in files if not os.path.basename(f).startswith(("consolidated", "training_args"))]
+        if files:
+            return fmt, files
+    wanted = " or ".join("*.safetensors" if f == "safetensors" else "*.bin" for f in formats)
+    raise FileNotFoundError(
+        f"no weight files ({wanted}) in {model_path}; use load_format='dummy' for random weights"
+    )
+
+
+def iter_checkpoint(model_path: str, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) of the checkpoint, one file at a time, on the CPU."""
+    fmt, files = weight_files(model_path, load_format)
+    for file in files:
+        if fmt == "safetensors":
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+            del state

@@ -1,0 +1,110 @@
+"""OPT: learned positions (offset 2), pre- or post-LayerNorm, optional input/output projections."""
+
+import torch
+import torch.nn as nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from pagedllm.layers.attention import Attention
+from pagedllm.layers.linear import MergedLinear
+
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
+
+
+def _layer_norm(config: PretrainedConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        num_heads = config.num_attention_heads
+        head_dim = config.hidden_size // num_heads
+        self.qkv_proj = MergedLinear(config.hidden_size, [config.hidden_size] * 3, config.enable_bias)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.enable_bias)
+        self.attn = Attention(num_heads, num_heads, head_dim, head_dim**-0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden_states).split(self.hidden_size, dim=-1)
+        return self.out_proj(self.attn(q, k, v))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.pre_norm = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = _layer_norm(config)
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.final_layer_norm = _layer_norm(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.self_attn_layer_norm(hidden_states) if self.pre_norm else hidden_states
+        hidden_states = hidden_states + self.self_attn(x)
+        if not self.pre_norm:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        x = self.final_layer_norm(hidden_states) if self.pre_norm else hidden_states
+        hidden_states = hidden_states + self.fc2(self.activation_fn(self.fc1(x)))
+        if not self.pre_norm:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        proj_dim = config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, proj_dim)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size)
+        projected = proj_dim != config.hidden_size
+        self.project_in = nn.Linear(proj_dim, config.hidden_size, bias=False) if projected else None
+        self.project_out = nn.Linear(config.hidden_size, proj_dim, bias=False) if projected else None
+        keep_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+        self.final_layer_norm = _layer_norm(config) if keep_final_norm else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden_states = self.project_in(hidden_states)
+        hidden_states = hidden_states + self.embed_positions(positions + _POSITION_OFFSET)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return hidden_states
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def map_weight_name(self, name: str) -> tuple[str, int | None]:
+        if name.startswith("decoder."):  # the original facebook/opt-* files have no "model." prefix
+            name = "model." + name
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _QKV:
+            return ".".join(parts[:-2] + ["qkv_proj", parts[-1]]), _QKV[parts[-2]]
+        return name, None

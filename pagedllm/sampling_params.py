@@ -1,0 +1,62 @@
+"""How one request is sampled and when it stops: vLLM's ``SamplingParams``, field for field."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 or -1 and top_p 1 mean off.
+
+    ``max_tokens=None`` generates until EOS or the model's context is full. ``seed`` makes one
+    request's sampling reproducible whatever else is in the batch.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 is greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _check(
+            isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
+            "top_k", self.top_k, "must be an int >= 0, or -1 (0 and -1 turn it off)",
+        )
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens", self.max_tokens, "must be an int >= 1, or None",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            "min_tokens", self.min_tokens, "must be an int >= 0",
+        )
+        if self.max_tokens is not None:
+            _check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})",
+            )
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids", self.stop_token_ids, "must be a list of non-negative ints",
+        )
+        _check(
+            self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an int or None"
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: it {rule}")

@@ -1,0 +1,80 @@
+"""Tiny random HF checkpoints of every supported architecture, built offline.
+
+No model hub is reachable in CI, so tests (and, until a trained demo model ships, the demo)
+make their checkpoints with transformers itself: ``from_config`` + ``save_pretrained``, and a
+byte-level BPE tokenizer trained with ``tokenizers`` on text from Python's own library.
+"""
+
+import os
+import sysconfig
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+_COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=256, initializer_range=0.2, **_COMMON)
+
+# A large initializer range gives clear argmaxes, so greedy comparisons do not flip on rounding.
+TINY_CONFIGS: dict[str, PretrainedConfig] = {
+    "opt": OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                     max_position_embeddings=256, word_embed_proj_dim=64, init_std=0.2, **_COMMON),
+    "opt-project": OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                             max_position_embeddings=256, word_embed_proj_dim=32, init_std=0.2, **_COMMON),
+    "opt-post-ln": OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                             max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=False,
+                             init_std=0.2, **_COMMON),
+    "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2, **_COMMON),
+    "llama": LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64},
+                         **_LLAMA_LIKE),
+    "mistral": MistralConfig(num_key_value_heads=1, sliding_window=48, **_LLAMA_LIKE),
+    "qwen2": Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_LIKE),
+    "qwen3": Qwen3Config(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **_LLAMA_LIKE),
+}
+
+
+def _corpus() -> list[str]:
+    """Text that every Python installation has: a few modules of its standard library."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    texts = []
+    for name in ("textwrap.py", "string.py", "random.py", "fractions.py", "this.py"):
+        with open(os.path.join(stdlib, name), encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_checkpoint(kind: str, path: str, seed: int = 0,
+                          tokenizer: PreTrainedTokenizerFast | None = None) -> str:
+    """Save a tiny random model of ``kind`` (a key of TINY_CONFIGS) and a tokenizer in ``path``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind])
+    model.save_pretrained(path)
+    (tokenizer or build_tokenizer()).save_pretrained(path)
+    return path

@@ -1,0 +1,1 @@
+"""Runs the model: input preparation, the KV cache, sampling."""

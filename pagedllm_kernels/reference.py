@@ -1,0 +1,75 @@
+"""Plain-torch references of the paged-cache kernels.
+
+They define what the Triton kernels must compute, and they are the CPU backend.
+Cache layout, per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V.
+A token at position p of a sequence lives in block ``block_table[p // block_size]``,
+slot ``p % block_size``; its flat slot is ``block * block_size + p % block_size``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write the step's new K/V rows ``[num_tokens, num_kv_heads, head_dim]`` at their flat slots.
+
+    Slots marked -1 (padding tokens) are skipped.
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of a flat, unpadded batch of new tokens against their paged context.
+
+    query: ``[num_tokens, num_heads, head_dim]``, sequence i owning rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``. Those are the last tokens of its context, whose
+    K/V (the new ones included) are already in the cache: ``context_lens[i]`` tokens through
+    ``block_tables[i]``. A decode is a sequence with one query row; a prefill chunk over a
+    cached prefix has several. ``sliding_window`` w lets a query see only the last w
+    positions (itself included), as Mistral does.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(query)
+    starts = cu_seqlens_q.tolist()
+    for i, context_len in enumerate(context_lens.tolist()):
+        start, end = starts[i], starts[i + 1]
+        if end == start:
+            continue
+        num_blocks = -(-context_len // block_size)
+        blocks = block_tables[i, :num_blocks].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
+        q_pos = torch.arange(context_len - (end - start), context_len, device=query.device)
+        k_pos = torch.arange(context_len, device=query.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        o = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out

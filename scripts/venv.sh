@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates or updates the project's venv (.venv) and prints its python; safe to run again and again.
+# torch is installed only when the venv cannot import one (a system torch is seen through
+# --system-site-packages); PAGEDLLM_TORCH overrides the pin.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+py="$venv/bin/python"
+if [ ! -x "$py" ]; then
+    python3 -m venv --system-site-packages "$venv" >&2
+fi
+if ! "$py" -c "import torch" 2>/dev/null; then
+    "$py" -m pip install -q "torch==${PAGEDLLM_TORCH:-2.13.0}" >&2
+fi
+stamp="$venv/.pagedllm-installed"
+want=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$py" -m pip install -q -e "$root[dev]" >&2
+    echo "$want" > "$stamp"
+fi
+echo "$py"
