@@ -1,0 +1,39 @@
+import os
+
+# Triton kernels run under the interpreter on CPU; this must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pagedllm.testing import build_tiny_checkpoint, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """``tiny_checkpoint(kind)``: the directory of a tiny random checkpoint, built once per session."""
+    built: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = build_tiny_checkpoint(kind, str(tmp_path_factory.mktemp(kind)), tokenizer=tokenizer)
+        return built[kind]
+
+    return get
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF transformers' greedy continuation of one unpadded prompt, ignoring EOS."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(lengths: list[int], seed: int = 0, low: int = 3, high: int = 500) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]

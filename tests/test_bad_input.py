@@ -1,0 +1,124 @@
+"""Bad input fails early with a clear error that names the problem, and disturbs nothing."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint("llama"), device="cpu", max_model_len=64)
+
+
+def copy_checkpoint(src: str, dst, keep_weights: bool = True) -> str:
+    shutil.copytree(src, dst, ignore=None if keep_weights else shutil.ignore_patterns("*.safetensors"))
+    return str(dst)
+
+
+def test_model_dir_that_does_not_exist():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM("/no/such/model/dir")
+
+
+def test_hub_id_missing_from_local_cache():
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        LLM("pagedllm-tests/not-in-any-cache")
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_missing_weight_files(tiny_checkpoint, tmp_path):
+    path = copy_checkpoint(tiny_checkpoint("opt"), tmp_path / "m", keep_weights=False)
+    with pytest.raises(FileNotFoundError, match=r"no weight files \(\*\.safetensors or \*\.bin\)"):
+        LLM(path)
+
+
+def test_unknown_architecture(tiny_checkpoint, tmp_path):
+    path = copy_checkpoint(tiny_checkpoint("opt"), tmp_path / "m")
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["architectures"] = ["OPTForQuestionAnswering"]
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"OPTForQuestionAnswering.*not supported.*LlamaForCausalLM"):
+        LLM(path)
+
+
+def test_checkpoint_missing_a_weight(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = copy_checkpoint(tiny_checkpoint("gpt2"), tmp_path / "m")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights.*h\.1\.mlp\.c_fc\.weight"):
+        LLM(path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_size": 12}, "block_size=12"),
+    ({"max_model_len": 100000}, "max_model_len=100000"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5"),
+    ({"dtype": "int8"}, "dtype='int8'"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"load_format": "gguf"}, "load_format='gguf'"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
+])
+def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny_checkpoint("opt"), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"stop_token_ids": [-3]}, "stop_token_ids"),
+    ({"seed": "seven"}, "seed"),
+])
+def test_invalid_sampling_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid"):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("bad_prompt, match", [
+    ("", "prompt 1: the prompt is empty"),
+    ([[]], "prompt 1: the prompt is empty"),
+    ({"prompt_token_ids": []}, "prompt 1: the prompt is empty"),
+    (list(range(60)), r"prompt 1: the prompt has 60 tokens .* 76 in all, but max_model_len is 64"),
+    ([3, 99999], r"prompt 1: .*outside the vocabulary \[0, 512\): \[99999\]"),
+    (3.5, "prompt 1: a prompt must be a str"),
+])
+def test_one_bad_prompt_fails_the_call_before_any_work(llm, bad_prompt, match):
+    prompts = ["hello world", bad_prompt[0] if bad_prompt == [[]] else bad_prompt, [5, 6, 7]]
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, SamplingParams(max_tokens=16), use_tqdm=False)
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    ok = llm.generate(["hello world", [5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in ok] == [4, 4]
+
+
+def test_prompt_that_can_never_fit_in_the_cache(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("opt"), device="cpu", num_kv_blocks=2)
+    with pytest.raises(ValueError, match="prompt 0: the request needs 4 KV cache blocks of 16 tokens, "
+                                         "but the cache has only 2"):
+        llm.generate([list(range(3, 43))], SamplingParams(max_tokens=16), use_tqdm=False)
+
+
+def test_sampling_params_list_of_the_wrong_length(llm):
+    with pytest.raises(ValueError, match="2 SamplingParams were given for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)

@@ -1,0 +1,51 @@
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Request
+from pagedllm.sampling_params import SamplingParams
+
+
+def make_request(request_id: str = "0", prompt_len: int = 5) -> Request:
+    return Request(request_id, list(range(prompt_len)), SamplingParams(), 16, frozenset())
+
+
+def test_block_table_grows_one_block_at_a_time():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    request = make_request()
+    for num_tokens, blocks in [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3)]:
+        assert manager.allocate_slots(request, num_tokens)
+        assert len(request.block_table) == blocks
+    assert manager.num_free_blocks == 5
+
+
+def test_waste_is_less_than_one_block_per_sequence():
+    manager = BlockManager(num_blocks=100, block_size=16)
+    for n in range(1, 200):
+        request = make_request(str(n))
+        assert manager.allocate_slots(request, n)
+        assert 0 <= len(request.block_table) * 16 - n < 16
+        manager.free(request)
+
+
+def test_allocation_fails_without_partial_grab_when_blocks_run_out():
+    manager = BlockManager(num_blocks=3, block_size=4)
+    first, second = make_request("a"), make_request("b")
+    assert manager.allocate_slots(first, 8)
+    assert not manager.allocate_slots(second, 8)
+    assert second.block_table == [] and manager.num_free_blocks == 1
+
+
+def test_freed_blocks_return_and_are_never_owned_twice():
+    manager = BlockManager(num_blocks=6, block_size=2)
+    requests = [make_request(str(i)) for i in range(3)]
+    for r in requests:
+        assert manager.allocate_slots(r, 4)
+    owned = [b for r in requests for b in r.block_table]
+    assert len(owned) == len(set(owned)) == 6 and manager.num_free_blocks == 0
+    manager.free(requests[1])
+    assert requests[1].block_table == [] and manager.num_free_blocks == 2
+    assert manager.allocate_slots(requests[1], 3)
+    owned = [b for r in requests for b in r.block_table]
+    assert len(owned) == len(set(owned))
+    for r in requests:
+        manager.free(r)
+    assert sorted(manager.free_block_ids) == list(range(6))
+    assert manager.ref_counts == [0] * 6

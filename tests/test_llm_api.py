@@ -1,0 +1,151 @@
+"""``LLM`` used as vLLM users use it."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import hf_greedy, random_prompts
+from transformers import AutoModelForCausalLM
+
+from pagedllm import LLM, RequestOutput, SamplingParams
+from pagedllm.testing import EOS_ID, build_tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint("qwen3"), device="cpu")
+
+
+def test_text_prompts_give_text_completions_in_input_order(llm, tokenizer):
+    prompts = ["def main():", "The quick brown fox jumps over the lazy dog. " * 4, "import"]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [type(o) for o in outputs] == [RequestOutput] * 3
+    for prompt, output in zip(prompts, outputs, strict=True):
+        completion = output.outputs[0]
+        assert output.prompt == prompt
+        assert output.prompt_token_ids == tokenizer.encode(prompt)
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        assert len(completion.token_ids) == 8 and completion.index == 0
+
+
+def test_every_prompt_form_gives_the_same_completion(llm, tokenizer):
+    text = "def main():"
+    ids = tokenizer.encode(text)
+    expected = llm.generate(text, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for prompt in (ids, [ids], {"prompt_token_ids": ids}, {"prompt": text}, [{"prompt": text}]):
+        outputs = llm.generate(prompt, GREEDY, use_tqdm=False)
+        assert len(outputs) == 1 and outputs[0].outputs[0].token_ids == expected
+
+
+def test_empty_prompt_list_returns_nothing(llm):
+    assert llm.generate([], GREEDY, use_tqdm=False) == []
+
+
+def test_one_sampling_params_per_prompt(llm):
+    prompts = random_prompts([5, 9])
+    outputs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 6)],
+                           use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 6]
+
+
+def test_seeded_request_samples_the_same_whatever_the_batch(llm):
+    prompt = random_prompts([12], seed=5)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = random_prompts([3, 30, 7], seed=9)
+    mixed = llm.generate(others[:2] + [prompt] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=20)] * 2 + [seeded]
+                         + [SamplingParams(temperature=0.7, max_tokens=5)], use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, seed=99, ignore_eos=True)
+    assert llm.generate([prompt], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy_at_any_temperature(llm):
+    prompts = random_prompts([4, 20])
+    greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in top1] == [o.outputs[0].token_ids for o in greedy]
+
+
+def test_max_tokens_none_generates_until_max_model_len(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("gpt2"), device="cpu", max_model_len=40)
+    out = llm.generate([list(range(3, 33))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_eos_stops_generation_unless_ignored(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("opt"), device="cpu")
+    prompt = random_prompts([10])[0]
+    free_run = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm.llm_engine.eos_token_ids = {free_run[2]}  # pretend the model's EOS is its third token
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free_run[:3] and (out.finish_reason, out.stop_reason) == ("stop", None)
+    ignored = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == free_run and ignored.finish_reason == "length"
+    assert EOS_ID in llm.__class__(tiny_checkpoint("opt"), device="cpu").llm_engine.eos_token_ids
+
+
+@pytest.mark.parametrize("fmt", ["bin", "sharded-safetensors"])
+def test_bin_and_sharded_checkpoints_load_as_hf_saved_them(tiny_checkpoint, tmp_path, fmt):
+    src = tiny_checkpoint("llama")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    if fmt == "bin":
+        model.config.save_pretrained(tmp_path)  # transformers 5 writes no .bin: save as older versions did
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    else:
+        model.save_pretrained(tmp_path, max_shard_size="40KB")
+        assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, name), tmp_path)
+    prompt = random_prompts([15])[0]
+    out = LLM(str(tmp_path), device="cpu").generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(model, prompt, 8)
+
+
+def test_dummy_weights_from_a_bare_config(tiny_checkpoint, tmp_path):
+    shutil.copy(os.path.join(tiny_checkpoint("mistral"), "config.json"), tmp_path)
+    llm = LLM(str(tmp_path), device="cpu", load_format="dummy")
+    assert llm.get_tokenizer() is None
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer: give prompts as token ids"):
+        llm.generate("text", use_tqdm=False)
+
+
+def test_hub_id_resolves_from_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--someorg--tiny-opt"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_checkpoint("opt"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    llm = LLM("someorg/tiny-opt", device="cpu")
+    assert llm.llm_engine.config.model_path == str(repo / "snapshots" / commit)
+    assert len(llm.generate("hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def test_progress_bar_reports_requests_and_tokens(llm, capsys):
+    llm.generate(random_prompts([3, 4]), GREEDY, use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "2/2" in err and "tok/s" in err
+
+
+def test_bf16_runs_on_cpu(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), device="cpu", dtype="bfloat16")
+    assert llm.llm_engine.model_runner.kv_cache.dtype == torch.bfloat16
+    out = llm.generate(random_prompts([9]), GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 8
+
+
+def test_fresh_checkpoint_builds_and_loads(tmp_path):
+    path = build_tiny_checkpoint("gpt2", str(tmp_path / "gpt2"), seed=3)
+    assert LLM(path, device="cpu").generate("x", GREEDY, use_tqdm=False)[0].finished

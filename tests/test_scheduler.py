@@ -1,0 +1,119 @@
+"""The scheduler driven by a fake model whose next token is a function of the sequence so far:
+outputs must not depend on batching, chunking or preemption."""
+
+import random
+
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Request
+from pagedllm.engine.scheduler import Scheduler
+from pagedllm.sampling_params import SamplingParams
+
+
+def fake_next_token(token_ids: list[int]) -> int:
+    return (sum(t * (i + 1) for i, t in enumerate(token_ids)) * 31 + 7) % 1000
+
+
+def make_request(request_id: str, prompt_len: int, max_tokens: int) -> Request:
+    rng = random.Random(request_id)
+    prompt = [rng.randrange(1000) for _ in range(prompt_len)]
+    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset())
+
+
+def expected_output(request: Request) -> list[int]:
+    tokens = list(request.prompt_token_ids)
+    for _ in range(request.max_tokens):
+        tokens.append(fake_next_token(tokens))
+    return tokens[request.num_prompt_tokens:]
+
+
+def check_blocks(scheduler: Scheduler) -> None:
+    manager = scheduler.block_manager
+    owned = [b for r in scheduler.running for b in r.block_table]
+    assert len(owned) == len(set(owned)), "a block is owned twice"
+    assert not set(owned) & set(manager.free_block_ids), "a free block is owned"
+    assert len(owned) + manager.num_free_blocks == manager.num_blocks, "a block leaked"
+    assert all(not r.block_table for r in scheduler.waiting), "a waiting request holds blocks"
+
+
+def run(scheduler: Scheduler, requests: list[Request], on_step=None) -> dict[str, list[int]]:
+    for r in requests:
+        scheduler.add_request(r)
+    outputs = {}
+    while scheduler.has_unfinished_requests():
+        out = scheduler.schedule()
+        assert out.requests, "nothing scheduled while requests wait"
+        assert out.total_num_tokens <= scheduler.max_num_batched_tokens
+        assert len(scheduler.running) <= scheduler.max_num_seqs
+        if on_step:
+            on_step(out)
+        sampled = []
+        for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
+            assert len(r.block_table) * scheduler.block_manager.block_size >= r.num_computed_tokens + n
+            done = r.num_computed_tokens + n == r.num_tokens
+            sampled.append(fake_next_token(r.token_ids) if done else None)
+        for r in scheduler.update_from_output(out, sampled):
+            outputs[r.request_id] = r.output_token_ids
+        check_blocks(scheduler)
+    return outputs
+
+
+def test_prefill_and_decode_share_one_step():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    first = make_request("a", 5, 4)
+    scheduler.add_request(first)
+    scheduler.update_from_output(scheduler.schedule(), [fake_next_token(first.token_ids)])
+    scheduler.add_request(make_request("b", 9, 4))
+    out = scheduler.schedule()
+    assert [r.request_id for r in out.requests] == ["a", "b"]
+    assert out.num_scheduled_tokens == [1, 9]
+
+
+def test_long_prompt_is_prefilled_in_chunks_under_the_budget():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    request = make_request("a", 25, 3)
+    chunks = []
+    outputs = run(scheduler, [request], on_step=lambda out: chunks.append(out.num_scheduled_tokens[0]))
+    assert chunks[:3] == [10, 10, 5]
+    assert outputs["a"] == expected_output(request)
+
+
+def test_max_num_seqs_queues_the_rest():
+    scheduler = Scheduler(BlockManager(256, 4), max_num_seqs=3, max_num_batched_tokens=1000)
+    requests = [make_request(str(i), 4 + i, 5) for i in range(10)]
+    outputs = run(scheduler, requests)
+    assert outputs == {r.request_id: expected_output(r) for r in requests}
+
+
+def test_preempts_the_newest_running_request_when_blocks_run_out():
+    scheduler = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    old, new = make_request("old", 8, 6), make_request("new", 8, 6)
+    for r in (old, new):
+        scheduler.add_request(r)
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, [fake_next_token(r.token_ids) for r in out.requests])
+    assert [len(r.block_table) for r in (old, new)] == [2, 2]
+    out = scheduler.schedule()  # old grows to 9 tokens: needs a third block, none free
+    assert scheduler.num_preemptions == 1
+    assert out.requests == [old]
+    assert new.block_table == [] and new.num_computed_tokens == 0
+    assert scheduler.waiting[0] is new
+
+
+def test_preempted_requests_finish_with_the_same_tokens():
+    requests = [make_request(str(i), random.Random(i).randrange(1, 40), 12) for i in range(12)]
+    scheduler = Scheduler(BlockManager(16, 4), max_num_seqs=6, max_num_batched_tokens=32)
+    outputs = run(scheduler, requests)
+    assert scheduler.num_preemptions > 0
+    assert outputs == {r.request_id: expected_output(r) for r in requests}
+    assert scheduler.block_manager.num_free_blocks == 16
+
+
+def test_abort_frees_blocks_wherever_the_request_is():
+    scheduler = Scheduler(BlockManager(8, 4), max_num_seqs=1, max_num_batched_tokens=100)
+    running, waiting = make_request("r", 6, 4), make_request("w", 6, 4)
+    scheduler.add_request(running)
+    scheduler.add_request(waiting)
+    scheduler.schedule()
+    assert scheduler.abort_request("r") is running and scheduler.abort_request("w") is waiting
+    assert running.finish_reason == "abort" and not scheduler.has_unfinished_requests()
+    assert scheduler.block_manager.num_free_blocks == 8
