@@ -1,0 +1,38 @@
+"""The same engine on a GPU: greedy equality with HF on CUDA, and the profiled KV cache size."""
+
+import pytest
+import torch
+from conftest import random_prompts
+from transformers import AutoModelForCausalLM
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.testing import TINY_CONFIGS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("kind", TINY_CONFIGS)
+def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
+    prompts = random_prompts([1, 7, 33, 100])
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(kind), dtype=torch.float32).cuda()
+    expected = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    llm = LLM(tiny_checkpoint(kind), device="cuda", dtype="float32", num_kv_blocks=64,
+              max_num_batched_tokens=48)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
+    total = torch.cuda.mem_get_info()[1]
+    llm = LLM(tiny_checkpoint("llama"), device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
+    runner = llm.llm_engine.model_runner
+    cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    assert 0.2 * total < cache_bytes < 0.3 * total
+    sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=3)
+    assert len(llm.generate(random_prompts([12]), sampled, use_tqdm=False)[0].outputs[0].token_ids) == 8
+    del llm, runner
+    torch.cuda.empty_cache()
