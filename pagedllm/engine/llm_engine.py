@@ -37,11 +37,11 @@ class LLMEngine:
         if bad:
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         max_len = self.config.max_model_len
-        total = len(prompt_token_ids) + (params.max_tokens or 1)
-        if len(prompt_token_ids) >= max_len or total > max_len:
+        wanted = params.max_tokens or 1  # max_tokens=None needs room for one token at least
+        if len(prompt_token_ids) + wanted > max_len:
             raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens and asks for up to "
-                f"{params.max_tokens or 'at least 1'} more, {total} in all, but max_model_len is {max_len}: "
+                f"the prompt has {len(prompt_token_ids)} tokens and asks for up to {wanted} more, "
+                f"{len(prompt_token_ids) + wanted} in all, but max_model_len is {max_len}: "
                 "shorten the prompt or lower max_tokens"
             )
         needed = self.block_manager.blocks_for(len(prompt_token_ids) + self._max_tokens(prompt_token_ids, params))
