@@ -69,3 +69,14 @@ def test_min_tokens_bans_stop_tokens_until_reached(tiny_checkpoint, hf_reference
     assert out.token_ids[0] != first  # banned at step one, so greedy picks the runner-up
     assert first not in out.token_ids[:3]
     assert len(out.token_ids) >= 3
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt"])
+def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference, monkeypatch):
+    """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill included."""
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
+    llm = LLM(tiny_checkpoint(kind), max_num_batched_tokens=48)
+    assert llm.llm_engine.model_runner.attention_backend == "triton"
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate(random_prompts(PROMPT_LENGTHS), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_reference(kind)

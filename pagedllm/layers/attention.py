@@ -1,17 +1,41 @@
 """Attention over the paged KV cache: store the step's K/V, then attend through block tables."""
 
+import os
+
 import torch
 import torch.nn as nn
 
 from pagedllm.forward_context import get_attention_metadata
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 
+try:
+    from pagedllm_kernels.cache_ops import store_kv_cache
+    from pagedllm_kernels.paged_attention import paged_attention
+except ImportError:  # no triton here: the torch backend still works
+    store_kv_cache = paged_attention = None
+
+# "triton" (the default on CUDA) or "torch" (the reference; the default on CPU). Setting
+# "triton" on CPU runs the kernels under TRITON_INTERPRET=1, which is how CI tests them end to end.
+ATTENTION_BACKEND_ENV = "PAGEDLLM_ATTENTION_BACKEND"
+
+
+def select_attention_backend(device: torch.device) -> str:
+    backend = os.environ.get(ATTENTION_BACKEND_ENV) or ("triton" if device.type == "cuda" else "torch")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"{ATTENTION_BACKEND_ENV}={backend!r} is invalid: use 'torch' or 'triton'")
+    if backend == "triton" and paged_attention is None:
+        raise ValueError(f"{ATTENTION_BACKEND_ENV}=triton needs triton installed")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{ATTENTION_BACKEND_ENV}=triton on the CPU needs TRITON_INTERPRET=1 (set before "
+                         "triton is imported)")
+    return backend
+
 
 class Attention(nn.Module):
     """Takes flat q ``[num_tokens, num_heads * head_dim]`` and k, v with ``num_kv_heads``.
 
-    ``k_cache``/``v_cache`` are this layer's views of the engine's KV cache, bound by the
-    model runner once the cache is allocated.
+    ``k_cache``/``v_cache`` are this layer's views of the engine's KV cache and ``backend``
+    its kernels; the model runner sets both.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -21,13 +45,20 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
+        self.backend = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_attention_metadata()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        store_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                  meta.cu_seqlens_q, self.scale, self.sliding_window)
+        if self.backend == "triton":
+            store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                  meta.cu_seqlens_q, self.scale, self.sliding_window,
+                                  max_query_len=meta.max_query_len, max_context_len=meta.max_context_len)
+        else:
+            store_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                      meta.cu_seqlens_q, self.scale, self.sliding_window)
         return out.view(-1, self.num_heads * self.head_dim)

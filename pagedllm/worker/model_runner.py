@@ -8,10 +8,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.forward_context import AttentionMetadata, forward_metadata
+from pagedllm.layers.attention import select_attention_backend
 from pagedllm.layers.sampler import Sampler, SamplingMetadata
 from pagedllm.models.weights import build_model
 from pagedllm.worker.kv_cache import (
     allocate_kv_cache,
+    attention_layers,
     cache_geometry,
     cpu_num_blocks,
     gpu_num_blocks,
@@ -35,6 +37,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = build_model(config)
+        self.attention_backend = select_attention_backend(self.device)
+        for attn in attention_layers(self.model):
+            attn.backend = self.attention_backend
         self.geometry = cache_geometry(self.model, config.block_size, config.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)

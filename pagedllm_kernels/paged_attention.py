@@ -1,0 +1,239 @@
+"""Triton PagedAttention: K/V read through block tables (reference: paged_attention_ref).
+
+Two kernels share one layout and one online softmax (in base 2):
+
+- decode (every sequence has one new token): a program per (sequence, KV head, split). The
+  query heads of one KV head are the rows of one ``tl.dot`` (padded to 16), so each K/V byte
+  is read once for the whole group. Long contexts with few sequences are cut into splits
+  (flash-decoding); a reduce kernel merges the splits' partial results.
+- prefill (any mix of query lengths: prompt chunks over a cached prefix, and decodes): a
+  program per (block of BLOCK_Q query tokens of one sequence, KV head); its rows are those
+  tokens times the group's heads. A program finds its sequence by binary search over
+  ``cu_seqlens_q``, so the host builds no per-program tables.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                  stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``."""
+    page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
+    offs = page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+    return tl.load(cache_ptr + offs[:, None] + d[None, :], mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                   out_ptr, m_ptr, l_ptr, scale_log2, sliding_window,
+                   stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
+                   stride_ot, stride_oh, stride_os,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = 0
+    if sliding_window > 0:
+        start = tl.maximum(context_len - sliding_window, 0)
+    per_split = tl.cdiv(tl.cdiv(context_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, context_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row_mask = (g < GROUP)[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tok_mask = tok < hi
+        k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    if NUM_SPLITS > 1:
+        stats = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        tl.store(m_ptr + stats, m, mask=g < GROUP)
+        tl.store(l_ptr + stats, l, mask=g < GROUP)
+
+
+@triton.jit
+def _reduce_splits_kernel(partial_ptr, m_ptr, l_ptr, out_ptr, stride_ot, stride_oh,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    s = tl.arange(0, NUM_SPLITS)
+    m = tl.load(m_ptr + row * NUM_SPLITS + s)
+    weights = tl.exp2(m - tl.max(m, axis=0)) * tl.load(l_ptr + row * NUM_SPLITS + s)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    partial = tl.load(partial_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                      mask=d_mask[None, :], other=0.0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+                    out_ptr, scale_log2, sliding_window, num_seqs,
+                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Sequence i owns program ids [cu[i] // BLOCK_Q + i, cu[i + 1] // BLOCK_Q + i + 1): enough for its blocks.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    first_q = (q_block - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if first_q >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    prefix_len = context_len - q_len
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_idx = first_q + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    heads = kv_head * GROUP + g
+    row_valid = (q_idx < q_len) & (g < GROUP)
+    q_pos = prefix_len + q_idx
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    io_mask = row_valid[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=io_mask, other=0.0)
+
+    k_hi = prefix_len + tl.minimum(q_len, first_q + BLOCK_Q)
+    k_lo = 0
+    if sliding_window > 0:
+        k_lo = tl.maximum(prefix_len + first_q - sliding_window + 1, 0)
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tok_mask = tok < k_hi
+        k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+        if sliding_window > 0:
+            allowed = allowed & (tok[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    scale: float, sliding_window: int | None = None, *, max_query_len: int,
+                    max_context_len: int, num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as ``paged_attention_ref``; ``max_query_len``/``max_context_len`` are host
+    ints (no device sync). ``num_splits`` forces the decode split count (tests)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+                  BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and query.stride(2) == 1
+    window = sliding_window or 0
+    scale_log2 = scale * _LOG2E
+    num_seqs = block_tables.shape[0]
+
+    if max_query_len > 1:
+        block_q = max(1, 64 // common["GROUP_PAD"])  # 64 rows: query tokens x the group's heads
+        grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+        _prefill_kernel[grid](
+            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window, num_seqs,
+            query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
+            BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2, **common,
+        )
+        return out
+
+    if num_splits is None:
+        num_splits = _decode_splits(num_seqs * num_kv_heads, max_context_len, query.device)
+    assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    block_n = 64 if head_dim <= 128 else 32
+    if num_splits == 1:
+        partial, m, l = out, out, out  # m/l unused with one split
+        strides = (out.stride(0), out.stride(1), 0)
+    else:
+        partial = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        strides = (partial.stride(0), partial.stride(1), partial.stride(2))
+    common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, context_lens, partial, m, l, scale_log2, window,
+        query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, num_stages=2, **common,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            partial, m, l, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
+        )
+    return out
+
+
+def _decode_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
+    """Splits per sequence so that programs fill the GPU twice over, each with >= 256 tokens;
+    a power of two, so few kernel variants get compiled."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = min(triton.cdiv(2 * sms, num_programs), triton.cdiv(max_context_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS)
+    return triton.next_power_of_2(wanted) if wanted > 1 else 1

@@ -1,0 +1,100 @@
+"""Every Triton kernel equals its torch reference (on CPU under TRITON_INTERPRET=1, at small shapes;
+on a GPU for real, with real head layouts)."""
+
+import math
+
+import pytest
+import torch
+from test_reference_attention import paged_batch
+
+from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
+from pagedllm_kernels.cache_ops import store_kv_cache
+from pagedllm_kernels.paged_attention import paged_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): bf16 is tested on the GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+             sliding_window=None, num_splits=None, seed=0):
+    k_cache, v_cache, tables, _, _, cu = paged_batch(context_lens, query_lens, num_kv_heads, head_dim,
+                                                     block_size, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=g)
+    args = [t.to(DEVICE) for t in (query.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables,
+                                   torch.tensor(context_lens, dtype=torch.int32), cu)]
+    scale = head_dim**-0.5
+    expected = paged_attention_ref(*[a.float() if a.is_floating_point() else a for a in args], scale,
+                                   sliding_window)
+    out = paged_attention(*args, scale, sliding_window, max_query_len=max(query_lens),
+                          max_context_len=max(context_lens), num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_decode_matches_reference_across_block_boundaries(gqa, dtype):
+    block_size = 16
+    context_lens = [1, 15, 16, 17, 32, 33, 70]  # on and just past block boundaries
+    run_both(context_lens, [1] * len(context_lens), 2 * gqa, 2, 32, block_size, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+@pytest.mark.parametrize("sliding_window", [None, 40])
+def test_split_decode_merges_like_one_pass(num_splits, sliding_window):
+    context_lens = [3, 64, 130, 200]
+    run_both(context_lens, [1] * 4, 8, 2, 64, 16, torch.float32, sliding_window, num_splits)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_decode_head_dims(head_dim):
+    run_both([20, 45], [1, 1], 4, 2, head_dim, 16, torch.float16)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_prefill_over_paged_prefix_matches_reference(gqa, block_size):
+    # mixed batch: decodes, prefill chunks over cached prefixes, fresh prompts
+    context_lens = [1, 40, 17, 33, 90, 64]
+    query_lens = [1, 40, 1, 9, 25, 16]
+    run_both(context_lens, query_lens, 2 * gqa, 2, 32, block_size, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliding_window", [None, 10])
+def test_prefill_dtypes_and_sliding_window(dtype, sliding_window):
+    run_both([37, 80, 5], [37, 30, 5], 4, 4, 64, 16, dtype, sliding_window)
+
+
+def test_prefill_non_power_of_two_group():  # Qwen2.5-0.5B: 14 query heads on 2 KV heads
+    run_both([30, 9], [12, 9], 14, 2, 64, 16, torch.float16)
+
+
+def test_store_kv_cache_matches_reference_and_skips_minus_one():
+    num_kv_heads, head_dim = 2, 32
+    fused = torch.randn(6, 3 * num_kv_heads * head_dim)  # strided rows, as a q/k/v split gives
+    key = fused[:, : num_kv_heads * head_dim].view(6, num_kv_heads, head_dim)
+    value = fused[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(6, num_kv_heads, head_dim)
+    slots = torch.tensor([5, -1, 0, 17, 9, -1])
+    caches = [torch.full((4, 8, num_kv_heads, head_dim), 7.0) for _ in range(4)]
+    store_kv_cache_ref(key, value, caches[0], caches[1], slots)
+    key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE)
+    k_dev, v_dev = caches[2].to(DEVICE), caches[3].to(DEVICE)
+    store_kv_cache(key, value, k_dev, v_dev, slots)
+    assert torch.equal(k_dev.cpu(), caches[0]) and torch.equal(v_dev.cpu(), caches[1])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
+@pytest.mark.parametrize("layout", [(32, 8, 128), (32, 32, 64), (16, 8, 128)], ids=["llama-3-8b", "opt-1.3b", "qwen3-0.6b"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_shapes_on_gpu(layout, dtype):
+    num_heads, num_kv_heads, head_dim = layout
+    g = torch.Generator().manual_seed(0)
+    context_lens = torch.randint(1, 3000, (24,), generator=g).tolist()
+    run_both(context_lens, [1] * 24, num_heads, num_kv_heads, head_dim, 16, dtype)
+    run_both([4096, 700], [1, 1], num_heads, num_kv_heads, head_dim, 16, dtype)  # split-K path
+    query_lens = [min(c, math.ceil(c / 3)) for c in context_lens[:8]]
+    run_both(context_lens[:8], query_lens, num_heads, num_kv_heads, head_dim, 16, dtype)
