@@ -32,7 +32,7 @@ def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                   out_ptr, m_ptr, l_ptr, scale_log2, sliding_window,
+                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -56,8 +56,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     row_mask = (g < GROUP)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
 
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -66,33 +66,33 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                           stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(tok_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(row_max - row_max_new)
+        p = tl.exp2(s - row_max_new[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                           stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        row_max = row_max_new
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     if NUM_SPLITS > 1:
         stats = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
-        tl.store(m_ptr + stats, m, mask=g < GROUP)
-        tl.store(l_ptr + stats, l, mask=g < GROUP)
+        tl.store(row_max_ptr + stats, row_max, mask=g < GROUP)
+        tl.store(row_sum_ptr + stats, row_sum, mask=g < GROUP)
 
 
 @triton.jit
-def _reduce_splits_kernel(partial_ptr, m_ptr, l_ptr, out_ptr, stride_ot, stride_oh,
+def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride_ot, stride_oh,
                           NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
     s = tl.arange(0, NUM_SPLITS)
-    m = tl.load(m_ptr + row * NUM_SPLITS + s)
-    weights = tl.exp2(m - tl.max(m, axis=0)) * tl.load(l_ptr + row * NUM_SPLITS + s)
+    row_max = tl.load(row_max_ptr + row * NUM_SPLITS + s)
+    weights = tl.exp2(row_max - tl.max(row_max, axis=0)) * tl.load(row_sum_ptr + row * NUM_SPLITS + s)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     partial = tl.load(partial_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
@@ -144,8 +144,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     k_lo = 0
     if sliding_window > 0:
         k_lo = tl.maximum(prefix_len + first_q - sliding_window + 1, 0)
-    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -157,17 +157,17 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
         if sliding_window > 0:
             allowed = allowed & (tok[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        row_max_new = tl.maximum(row_max, tl.max(s, axis=1))
+        row_max_safe = tl.where(row_max_new == float("-inf"), 0.0, row_max_new)  # rows with nothing visible yet
+        alpha = tl.exp2(row_max - row_max_safe)
+        p = tl.exp2(s - row_max_safe[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                           stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        row_max = row_max_new
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -208,22 +208,22 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_n = 64 if head_dim <= 128 else 32
     if num_splits == 1:
-        partial, m, l = out, out, out  # m/l unused with one split
+        partial, row_max, row_sum = out, out, out  # row_max/row_sum unused with one split
         strides = (out.stride(0), out.stride(1), 0)
     else:
         partial = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
-        m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
-        l = torch.empty_like(m)
+        row_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        row_sum = torch.empty_like(row_max)
         strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, partial, m, l, scale_log2, window,
+        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, num_stages=2, **common,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
-            partial, m, l, out, out.stride(0), out.stride(1),
+            partial, row_max, row_sum, out, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
         )
     return out

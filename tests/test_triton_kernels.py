@@ -88,7 +88,8 @@ def test_store_kv_cache_matches_reference_and_skips_minus_one():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
-@pytest.mark.parametrize("layout", [(32, 8, 128), (32, 32, 64), (16, 8, 128)], ids=["llama-3-8b", "opt-1.3b", "qwen3-0.6b"])
+@pytest.mark.parametrize("layout", [(32, 8, 128), (32, 32, 64), (16, 8, 128)],
+                         ids=["llama-3-8b", "opt-1.3b", "qwen3-0.6b"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_real_shapes_on_gpu(layout, dtype):
     num_heads, num_kv_heads, head_dim = layout
