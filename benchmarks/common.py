@@ -1,0 +1,41 @@
+"""What every benchmark records beside its numbers: machine, versions, commit."""
+
+import datetime
+import json
+import os
+import subprocess
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+H100_HBM_BYTES_PER_S = 3.0e12  # device-to-device copy, measured (../shared/BENCHMARKS.md)
+H100_BF16_FLOPS = 7.9e14  # dense bf16 matmul, measured
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "git_commit": commit, "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
+    """benchmarks/results/<name>-<gpu>-<date>.json (and a copy under ``out_dir`` if given)."""
+    env = payload["environment"]
+    gpu = (env["gpu"] or "cpu").lower().replace("nvidia ", "").split()[0]
+    filename = f"{name}-{gpu}-{env['date']}.json"
+    paths = [os.path.join(RESULTS_DIR, filename)] + ([os.path.join(out_dir, filename)] if out_dir else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+    return paths[0]
