@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 
 import torch
 
@@ -26,6 +27,16 @@ def environment() -> dict:
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "git_commit": commit, "date": datetime.date.today().isoformat(),
     }
+
+
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Run matmuls until the GPU has left its idle clocks, so that the first rows are not slowed."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, environment, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    H100_BF16_FLOPS,
+    H100_HBM_BYTES_PER_S,
+    environment,
+    warm_up_gpu,
+    write_result,
+)
 from pagedllm_kernels.paged_attention import paged_attention  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
+    warm_up_gpu()
     rows, skipped = [], []
     print(f"{'decode':>8} {'batch':>5} {'ctx':>6} | {'paged ms':>9} {'GB/s':>6} {'HBM%':>5} | "
           f"{'sdpa ms':>9} {'GB/s':>6} {'HBM%':>5} | paged/sdpa")

@@ -102,6 +102,33 @@ def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride
 
 
 @triton.jit
+def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
+                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
+                  stride_bt, stride_cb, stride_cs, stride_ch,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
+    tok = n0 + tl.arange(0, BLOCK_N)
+    tok_mask = tok < k_hi
+    k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                      stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+        if sliding_window > 0:
+            allowed = allowed & (tok[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+    row_max_new = tl.maximum(row_max, tl.max(s, axis=1))
+    row_max_safe = tl.where(row_max_new == float("-inf"), 0.0, row_max_new)  # rows with nothing visible yet
+    alpha = tl.exp2(row_max - row_max_safe)
+    p = tl.exp2(s - row_max_safe[:, None])
+    row_sum = row_sum * alpha + tl.sum(p, axis=1)
+    v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                      stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, row_max_new, row_sum
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
                     out_ptr, scale_log2, sliding_window, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
@@ -140,36 +167,41 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
 
-    k_hi = prefix_len + tl.minimum(q_len, first_q + BLOCK_Q)
-    k_lo = 0
-    if sliding_window > 0:
-        k_lo = tl.maximum(prefix_len + first_q - sliding_window + 1, 0)
     row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
-    for n0 in range(k_lo, k_hi, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)
-        tok_mask = tok < k_hi
-        k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
-        if sliding_window > 0:
-            allowed = allowed & (tok[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        row_max_new = tl.maximum(row_max, tl.max(s, axis=1))
-        row_max_safe = tl.where(row_max_new == float("-inf"), 0.0, row_max_new)  # rows with nothing visible yet
-        alpha = tl.exp2(row_max - row_max_safe)
-        p = tl.exp2(s - row_max_safe[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = row_max_new
+    k_hi = prefix_len + tl.minimum(q_len, first_q + BLOCK_Q)
+    masked_from = 0
+    if sliding_window > 0:
+        masked_from = tl.maximum(prefix_len + first_q - sliding_window + 1, 0)
+    else:  # tiles ending at or before the block's first position are visible to every row
+        masked_from = (prefix_len + first_q + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(0, masked_from, BLOCK_N):
+            acc, row_max, row_sum = _prefill_tile(
+                acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
+                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, stride_bt, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, BLOCK_N, PRECISION, False)
+    for n0 in range(masked_from, k_hi, BLOCK_N):
+        acc, row_max, row_sum = _prefill_tile(
+            acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
+            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, stride_bt, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def prefill_config(head_dim: int, group_pad: int) -> dict:
+    """Launch settings of the prefill kernel: rows (query tokens x group heads), key tile, warps."""
+    rows = 128 if head_dim <= 128 else 64
+    return dict(BLOCK_Q=max(1, rows // group_pad), BLOCK_N=64 if head_dim <= 128 else 32, num_warps=8,
+                num_stages=3)
+
+
+def decode_config(head_dim: int) -> dict:
+    """Launch settings of the decode kernel."""
+    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -194,19 +226,18 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     num_seqs = block_tables.shape[0]
 
     if max_query_len > 1:
-        block_q = max(1, 64 // common["GROUP_PAD"])  # 64 rows: query tokens x the group's heads
-        grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+        config = prefill_config(head_dim, common["GROUP_PAD"])
+        grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
             query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
-            BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2, **common,
+            **config, **common,
         )
         return out
 
     if num_splits is None:
         num_splits = _decode_splits(num_seqs * num_kv_heads, max_context_len, query.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
-    block_n = 64 if head_dim <= 128 else 32
     if num_splits == 1:
         partial, row_max, row_sum = out, out, out  # row_max/row_sum unused with one split
         strides = (out.stride(0), out.stride(1), 0)
@@ -219,7 +250,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, num_stages=2, **common,
+        NUM_SPLITS=num_splits, **decode_config(head_dim), **common,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](

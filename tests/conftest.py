@@ -1,10 +1,11 @@
 import os
 
-# Triton kernels run under the interpreter on CPU; this must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run under the interpreter; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pagedllm.testing import build_tiny_checkpoint, build_tokenizer  # noqa: E402
 
