@@ -17,11 +17,12 @@ def environment() -> dict:
     import transformers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or None
-    except OSError:
-        commit = None
+    # The device machine gets the tree without its history: the caller passes the commit there.
+    commit = os.environ.get("PAGEDLLM_GIT_COMMIT")
+    if commit is None:
+        run = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(RESULTS_DIR))
+        commit = run.stdout.strip() if run.returncode == 0 else None
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,

@@ -99,3 +99,12 @@ def test_real_shapes_on_gpu(layout, dtype):
     run_both([4096, 700], [1, 1], num_heads, num_kv_heads, head_dim, 16, dtype)  # split-K path
     query_lens = [min(c, math.ceil(c / 3)) for c in context_lens[:8]]
     run_both(context_lens[:8], query_lens, num_heads, num_kv_heads, head_dim, 16, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 256])
+def test_prefill_head_dims(head_dim):
+    run_both([24, 50], [24, 20], 4, 2, head_dim, 16, torch.float16)
+
+
+def test_decode_block_size_32():
+    run_both([1, 31, 32, 33, 100], [1] * 5, 8, 2, 64, 32, torch.float16)
