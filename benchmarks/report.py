@@ -1,0 +1,83 @@
+"""Regenerate the README's results section from benchmarks/results/*.json (never typed by hand).
+
+Usage: python benchmarks/report.py        (rewrites the part of README.md between the markers)
+"""
+
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def latest(benchmark: str) -> tuple[str, dict] | None:
+    """(file name, contents) of the newest result file of one benchmark (by date, then name)."""
+    runs = []
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "results", f"{benchmark}-*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        runs.append((data["environment"]["date"], os.path.basename(path), data))
+    if not runs:
+        return None
+    _, name, data = max(runs, key=lambda run: run[:2])
+    return name, data
+
+
+def _source(data: dict, name: str) -> str:
+    env = data["environment"]
+    return (f"{env['gpu']}, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
+            f"commit {str(env['git_commit'])[:10]} (`benchmarks/results/{name}`)")
+
+
+def kernels_section(name: str, data: dict) -> list[str]:
+    layout = data["layout"]
+    lines = [
+        f"**PagedAttention kernels** (`python benchmarks/kernels.py`): {layout['num_heads']} query heads on "
+        f"{layout['num_kv_heads']} KV heads, head_dim {layout['head_dim']}, {layout['dtype'].split('.')[-1]}, "
+        f"blocks of {layout['block_size']} in shuffled order, beside torch SDPA over the same K/V held densely. "
+        f"{_source(data, name)}.",
+        "",
+        "| decode batch x context | paged µs | GB/s | of 3.0 TB/s | SDPA (dense) µs | paged / SDPA time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        if r["kind"] == "decode":
+            lines.append(f"| {r['batch']} x {r['context']} | {r['paged_ms'] * 1e3:.1f} | "
+                         f"{r['paged_bytes_per_s'] / 1e9:.0f} | {100 * r['paged_hbm_fraction']:.0f}% | "
+                         f"{r['sdpa_dense_ms'] * 1e3:.1f} | {r['paged_over_sdpa_time']:.2f} |")
+    lines += ["", "| causal prefill tokens | paged ms | TFLOP/s | of 790 TFLOP/s | SDPA (flash) ms | "
+                  "paged / SDPA time |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if r["kind"] == "prefill":
+            lines.append(f"| {r['tokens']} | {r['paged_ms']:.3f} | {r['paged_flops_per_s'] / 1e12:.0f} | "
+                         f"{100 * r['paged_peak_fraction']:.0f}% | {r['sdpa_dense_ms']:.3f} | "
+                         f"{r['paged_over_sdpa_time']:.2f} |")
+    for s in data.get("skipped", []):
+        lines.append(f"\nNot run: decode {s['batch']} x {s['context']} ({s['reason']}).")
+    return lines
+
+
+def render() -> str:
+    sections = []
+    kernels = latest("kernels")
+    if kernels:
+        sections.append("\n".join(kernels_section(*kernels)))
+    return "\n\n".join(sections) if sections else "No benchmark results yet."
+
+
+def main() -> None:
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme, "w") as f:
+        f.write(f"{head}{START}\n{render()}\n{END}{tail}")
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The README's results section is generated from the result files, and matches them."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import report  # noqa: E402
+
+
+def test_readme_results_section_is_what_report_generates():
+    with open(os.path.join(report.ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split(report.START, 1)[1].split(report.END, 1)[0]
+    assert section.strip() == report.render().strip(), "run `python benchmarks/report.py`"
+
+
+def test_kernel_table_rows_come_from_the_latest_result():
+    name, data = report.latest("kernels")
+    lines = report.kernels_section(name, data)
+    decode_rows = [r for r in data["results"] if r["kind"] == "decode"]
+    assert sum(line.startswith("| ") and " x " in line.split("|")[1] for line in lines) == len(decode_rows)
+    assert name in lines[0]
