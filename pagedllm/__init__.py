@@ -2,8 +2,11 @@
 
 from pagedllm.config import EngineConfig
 from pagedllm.llm import LLM
+from pagedllm.logging_config import configure_logging
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 __version__ = "0.1.0"
+
+configure_logging()

@@ -122,3 +122,9 @@ def test_prompt_that_can_never_fit_in_the_cache(tiny_checkpoint):
 def test_sampling_params_list_of_the_wrong_length(llm):
     with pytest.raises(ValueError, match="2 SamplingParams were given for 3 prompts"):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_cache_too_small_for_one_max_length_sequence(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CPU_KVCACHE_SPACE", "0.00001")  # ~10 KiB: a few blocks
+    with pytest.raises(ValueError, match=r"fewer than one sequence of max_model_len=256: lower max_model_len"):
+        LLM(tiny_checkpoint("llama"), device="cpu")

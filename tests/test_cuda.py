@@ -36,3 +36,19 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
     assert len(llm.generate(random_prompts([12]), sampled, use_tqdm=False)[0].outputs[0].token_ids) == 8
     del llm, runner
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_cuda_graph_decode_equals_eager(kind, tiny_checkpoint):
+    # 5 and 19 sequences run in graphs of 8 and 32 rows: the padding must not change any output
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(tiny_checkpoint(kind), device="cuda", dtype="float32", num_kv_blocks=256,
+                  max_num_seqs=32, enforce_eager=eager)
+        assert (llm.llm_engine.model_runner.decode_graphs is None) == eager
+        outputs[eager] = [[o.outputs[0].token_ids for o in llm.generate(random_prompts(lengths), params,
+                                                                         use_tqdm=False)]
+                          for lengths in ([3, 50, 7, 1, 90], list(range(1, 96, 5)))]
+        del llm
+    assert outputs[True] == outputs[False]

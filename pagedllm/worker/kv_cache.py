@@ -1,6 +1,5 @@
 """The paged KV cache: its geometry, its size, and binding its per-layer views to the layers."""
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -9,7 +8,6 @@ import torch.nn as nn
 
 from pagedllm.layers.attention import Attention
 
-logger = logging.getLogger("pagedllm")
 GiB = 1 << 30
 # KV cache memory on the CPU, in GiB (vLLM calls it VLLM_CPU_KVCACHE_SPACE).
 CPU_KV_CACHE_SPACE_ENV = "PAGEDLLM_CPU_KVCACHE_SPACE"
@@ -65,24 +63,15 @@ def cpu_num_blocks(geometry: CacheGeometry, max_useful_blocks: int) -> int:
     return max(1, min(int(space // geometry.bytes_per_block), max_useful_blocks))
 
 
-def gpu_num_blocks(geometry: CacheGeometry, gpu_memory_utilization: float, peak_allocated: int) -> int:
-    """Blocks that fill ``gpu_memory_utilization`` of the device after weights and the activation
-    peak of the profiling run (``peak_allocated``) and memory held outside torch's allocator."""
+def gpu_num_blocks(geometry: CacheGeometry, gpu_memory_utilization: float, weight_bytes: int,
+                   activation_peak: int) -> tuple[int, str]:
+    """Blocks that fill ``gpu_memory_utilization`` of the device after the weights, the activation
+    peak of the profiling run, and memory held outside torch's allocator; and how that was decided."""
     free, total = torch.cuda.mem_get_info()
-    outside_torch = total - free - torch.cuda.memory_reserved()
-    budget = total * gpu_memory_utilization - outside_torch - peak_allocated
-    num_blocks = int(budget // geometry.bytes_per_block)
-    logger.info(
-        "KV cache: %.1f GiB of %.1f GiB (utilization %.2f) after %.1f GiB peak in torch and %.1f GiB "
-        "outside it: %d blocks of %d tokens",
-        max(budget, 0) / GiB, total / GiB, gpu_memory_utilization, peak_allocated / GiB,
-        outside_torch / GiB, max(num_blocks, 0), geometry.block_size,
-    )
-    if num_blocks < 1:
-        raise ValueError(
-            f"no GPU memory is left for the KV cache: the weights and activations take "
-            f"{peak_allocated / GiB:.1f} GiB of the {total * gpu_memory_utilization / GiB:.1f} GiB that "
-            f"gpu_memory_utilization={gpu_memory_utilization} allows; raise gpu_memory_utilization or "
-            "lower max_num_batched_tokens"
-        )
-    return num_blocks
+    outside_torch = max(total - free - torch.cuda.memory_reserved(), 0)
+    allowed = total * gpu_memory_utilization
+    budget = allowed - weight_bytes - activation_peak - outside_torch
+    explained = (f"{total / GiB:.1f} GiB x gpu_memory_utilization {gpu_memory_utilization} = {allowed / GiB:.1f} GiB, "
+                 f"less weights {weight_bytes / GiB:.2f} GiB, activation peak {activation_peak / GiB:.2f} GiB, "
+                 f"outside torch {outside_torch / GiB:.2f} GiB = {max(budget, 0) / GiB:.2f} GiB")
+    return max(int(budget // geometry.bytes_per_block), 0), explained

@@ -1,17 +1,19 @@
 """Turns a scheduled step into tensors, runs the model over the paged cache, and samples."""
 
-from dataclasses import dataclass
+import logging
 
 import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import SchedulerOutput
-from pagedllm.forward_context import AttentionMetadata, forward_metadata
+from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
 from pagedllm.layers.sampler import Sampler, SamplingMetadata
 from pagedllm.models.weights import build_model
+from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
+    GiB,
     allocate_kv_cache,
     attention_layers,
     cache_geometry,
@@ -19,16 +21,9 @@ from pagedllm.worker.kv_cache import (
     gpu_num_blocks,
     release_kv_cache,
 )
+from pagedllm.worker.step_inputs import SeqChunk, StepInputs
 
-
-@dataclass
-class SeqChunk:
-    """The tokens one sequence computes this step: ``token_ids`` at positions from ``start``."""
-
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    wants_logits: bool  # the chunk reaches the sequence's end, so its last token is sampled
+logger = logging.getLogger("pagedllm")
 
 
 class ModelRunner:
@@ -37,12 +32,19 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = build_model(config)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
         for attn in attention_layers(self.model):
             attn.backend = self.attention_backend
         self.geometry = cache_geometry(self.model, config.block_size, config.dtype)
+        max_blocks_per_seq = -(-config.max_model_len // config.block_size)
+        self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                                 max_blocks_per_seq, config.block_size, self.device)
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
@@ -62,36 +64,17 @@ class ModelRunner:
         return [next(tokens) if c.wants_logits else None for c in chunks]
 
     def _forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Logits ``[num_chunks_wanting_logits, vocab]`` of one flat, unpadded batch."""
-        input_ids, positions, slot_mapping, context_lens, cu_seqlens_q, logits_indices = [], [], [], [], [0], []
-        bs = self.block_size
-        for chunk in chunks:
-            end = chunk.start + len(chunk.token_ids)
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, end))
-            table = chunk.block_table
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
-            context_lens.append(end)
-            cu_seqlens_q.append(cu_seqlens_q[-1] + len(chunk.token_ids))
-            if chunk.wants_logits:
-                logits_indices.append(cu_seqlens_q[-1] - 1)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        block_tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
-
-        def tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slot_mapping, torch.int64),
-            block_tables=tensor(block_tables),
-            context_lens=tensor(context_lens),
-            cu_seqlens_q=tensor(cu_seqlens_q),
-            max_query_len=max(len(c.token_ids) for c in chunks),
-            max_context_len=max(context_lens),
-        )
-        with forward_metadata(meta):
-            hidden_states = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64))
-        return self.model.compute_logits(hidden_states[tensor(logits_indices, torch.int64)])
+        """Logits ``[chunks wanting logits, vocab]`` of one flat, unpadded batch (a decode batch
+        replays a CUDA graph, padded to its size)."""
+        is_decode = all(len(c.token_ids) == 1 and c.wants_logits for c in chunks)
+        graph_size = self.decode_graphs.bucket(len(chunks)) if self.decode_graphs and is_decode else None
+        if graph_size is not None:
+            self.inputs.prepare(chunks, pad_seqs_to=graph_size, max_context_len=self.config.max_model_len)
+            return self.decode_graphs.replay(graph_size, len(chunks))
+        step = self.inputs.prepare(chunks)
+        with forward_metadata(step.metadata):
+            hidden_states = self.model(step.input_ids, step.positions)
+        return self.model.compute_logits(hidden_states[step.logits_indices])
 
     def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
@@ -113,22 +96,38 @@ class ModelRunner:
         )
 
     def _profile_num_blocks(self) -> int:
-        """KV blocks that fit beside the weights and the largest step's activations."""
-        max_useful = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
+        """KV blocks that fit beside the weights and the largest step's activations; says how it
+        decided, and fails if not even one sequence of max_model_len fits."""
+        cfg = self.config
+        blocks_per_seq = -(-cfg.max_model_len // self.block_size)
         if self.device.type == "cpu":
-            return cpu_num_blocks(self.geometry, max_useful)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._dummy_run()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        torch.cuda.empty_cache()
-        return gpu_num_blocks(self.geometry, self.config.gpu_memory_utilization, peak)
+            num_blocks = cpu_num_blocks(self.geometry, cfg.max_num_seqs * blocks_per_seq)
+            budget = f"{num_blocks * self.geometry.bytes_per_block / GiB:.2f} GiB of host memory"
+        else:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            temporary_cache_bytes = self._dummy_run()
+            torch.cuda.synchronize(self.device)
+            activation_peak = torch.cuda.max_memory_allocated(self.device) - self.weight_bytes - temporary_cache_bytes
+            torch.cuda.empty_cache()
+            num_blocks, budget = gpu_num_blocks(self.geometry, cfg.gpu_memory_utilization, self.weight_bytes,
+                                                max(activation_peak, 0))
+        fits = num_blocks // blocks_per_seq
+        logger.info("KV cache: %s -> %d blocks of %d tokens (%d tokens); %d sequences of max_model_len %d fit at once",
+                    budget, num_blocks, self.block_size, num_blocks * self.block_size, fits, cfg.max_model_len)
+        if fits < 1:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * self.block_size} tokens, fewer than one sequence of "
+                f"max_model_len={cfg.max_model_len}: lower max_model_len, or give the cache more memory "
+                "(gpu_memory_utilization, or PAGEDLLM_CPU_KVCACHE_SPACE on the CPU)"
+            )
+        return num_blocks
 
     @torch.inference_mode()
-    def _dummy_run(self) -> None:
+    def _dummy_run(self) -> int:
         """The largest step the scheduler can build: max_num_batched_tokens prompt tokens over as
-        many sequences as may run (the most logits), over a cache just large enough."""
+        many sequences as may run (the most logits), over a cache just large enough. Returns the
+        temporary cache's bytes."""
         cfg = self.config
         num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         num_tokens = min(cfg.max_num_batched_tokens, num_seqs * cfg.max_model_len)
@@ -138,8 +137,9 @@ class ModelRunner:
             blocks = -(-length // self.block_size)
             chunks.append(SeqChunk([0] * length, 0, list(range(next_block, next_block + blocks)), True))
             next_block += blocks
-        allocate_kv_cache(self.model, self.geometry, next_block, self.device)
+        cache = allocate_kv_cache(self.model, self.geometry, next_block, self.device)
         try:
             self._forward(chunks)
         finally:
             release_kv_cache(self.model)
+        return cache.numel() * cache.element_size()

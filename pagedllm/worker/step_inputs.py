@@ -1,0 +1,114 @@
+"""One step's model inputs, built on the host in pinned buffers and copied to the device asynchronously.
+
+The device buffers persist across steps, so a CUDA graph captured on them replays on whatever
+the next step writes there.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.forward_context import AttentionMetadata
+
+
+@dataclass
+class SeqChunk:
+    """The tokens one sequence computes this step: ``token_ids`` at positions from ``start``."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    wants_logits: bool  # the chunk reaches the sequence's end, so its last token is sampled
+
+
+@dataclass
+class PreparedStep:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor
+    num_seqs: int
+
+
+class StepInputs:
+    """Host (pinned) and device buffers for up to ``max_num_tokens`` tokens of ``max_num_seqs`` sequences."""
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
+                 device: torch.device):
+        self.block_size = block_size
+        self.device = device
+        pin = device.type == "cuda"
+        shapes = {
+            "input_ids": ((max_num_tokens,), torch.int64),
+            "positions": ((max_num_tokens,), torch.int64),
+            "slot_mapping": ((max_num_tokens,), torch.int64),
+            "context_lens": ((max_num_seqs,), torch.int32),
+            "cu_seqlens_q": ((max_num_seqs + 1,), torch.int32),
+            "logits_indices": ((max_num_seqs,), torch.int64),
+            "block_tables": ((max_num_seqs, max_blocks_per_seq), torch.int32),
+        }
+        self.host = {k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
+        self.host_np = {k: v.numpy() for k, v in self.host.items()}
+        self.gpu = {k: torch.zeros(shape, dtype=dt, device=device) for k, (shape, dt) in shapes.items()}
+
+    def prepare(self, chunks: list[SeqChunk], pad_seqs_to: int | None = None,
+                max_context_len: int | None = None) -> PreparedStep:
+        """Write the chunks' inputs and copy them over. ``pad_seqs_to`` pads a decode batch (one token
+        per sequence) to a captured graph's size: padding stores nothing (slot -1) and attends to
+        one token. ``max_context_len`` overrides the batch's own (a graph's split count is fixed)."""
+        bs = self.block_size
+        input_ids, positions, slots, context_lens, cu, logits_indices = [], [], [], [], [0], []
+        np_tables = self.host_np["block_tables"]
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.token_ids)
+            end = chunk.start + n
+            table = chunk.block_table
+            input_ids += chunk.token_ids
+            if n == 1:
+                positions.append(chunk.start)
+                slots.append(table[chunk.start // bs] * bs + chunk.start % bs)
+            else:
+                positions += range(chunk.start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
+            context_lens.append(end)
+            cu.append(cu[-1] + n)
+            if chunk.wants_logits:
+                logits_indices.append(cu[-1] - 1)
+            np_tables[i, : len(table)] = table
+        num_seqs = len(chunks)
+        num_tokens = cu[-1]
+        padded = max(pad_seqs_to or num_seqs, num_seqs)
+        if padded > num_seqs:  # decode graph padding: one token each, stored nowhere, seeing one slot
+            extra = padded - num_seqs
+            input_ids += [0] * extra
+            positions += [0] * extra
+            slots += [-1] * extra
+            context_lens += [1] * extra
+            cu += list(range(cu[-1] + 1, cu[-1] + 1 + extra))
+            num_tokens = padded
+        h = self.host_np
+        h["input_ids"][:num_tokens] = input_ids
+        h["positions"][:num_tokens] = positions
+        h["slot_mapping"][:num_tokens] = slots
+        h["context_lens"][:padded] = context_lens
+        h["cu_seqlens_q"][: padded + 1] = cu
+        h["logits_indices"][: len(logits_indices)] = logits_indices
+        sizes = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
+                 "context_lens": padded, "cu_seqlens_q": padded + 1, "logits_indices": len(logits_indices),
+                 "block_tables": padded}
+        dev = {k: self.gpu[k][:n].copy_(self.host[k][:n], non_blocking=True) for k, n in sizes.items()}
+        metadata = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"], block_tables=dev["block_tables"], context_lens=dev["context_lens"],
+            cu_seqlens_q=dev["cu_seqlens_q"], max_query_len=max(len(c.token_ids) for c in chunks),
+            max_context_len=max_context_len or max(context_lens),
+        )
+        return PreparedStep(dev["input_ids"], dev["positions"], metadata, dev["logits_indices"], num_seqs)
+
+
+def fill_decode_padding(inputs: StepInputs, batch_size: int) -> None:
+    """Make rows [0, batch_size) harmless decode inputs (used before capturing a graph)."""
+    for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("context_lens", 1),
+                        ("block_tables", 0)):
+        inputs.gpu[name][:batch_size].fill_(value)
+    inputs.gpu["cu_seqlens_q"][: batch_size + 1].copy_(torch.arange(batch_size + 1, dtype=torch.int32))
+
