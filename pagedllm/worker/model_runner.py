@@ -40,9 +40,9 @@ class ModelRunner:
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
                                  max_blocks_per_seq, config.block_size, self.device)
+        self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)
-        self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
