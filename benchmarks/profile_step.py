@@ -1,0 +1,91 @@
+"""Where a decode step's time goes: host phases (schedule, inputs, forward launch, sampling sync,
+update) and GPU kernels, from the torch profiler over steady-state decode steps.
+
+Usage: python benchmarks/profile_step.py --config llama-3-8b --batch 1 [--context 256] [--eager]
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import warm_up_gpu  # noqa: E402
+from pagedllm import LLM, SamplingParams  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
+def labelled(label: str, fn):
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="llama-3-8b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+    path = tempfile.mkdtemp()
+    shutil.copy(os.path.join(CONFIGS, f"{args.config}.json"), os.path.join(path, "config.json"))
+    warm_up_gpu()
+    llm = LLM(path, load_format="dummy", dtype=args.dtype, enforce_eager=args.eager,
+              max_model_len=args.context + 4 * args.steps + 64)
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(str(i), torch.randint(10, 30000, (args.context,), generator=g).tolist(), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill
+    for _ in range(5):
+        engine.step()  # decode warm-up
+    scheduler = engine.scheduler
+    scheduler.schedule = labelled("host: schedule", scheduler.schedule)
+    scheduler.update_from_output = labelled("host: update", scheduler.update_from_output)
+    runner.inputs.prepare = labelled("host: prepare inputs", runner.inputs.prepare)
+    runner.sampler.__class__.__call__ = labelled("sample (incl. wait for GPU)", runner.sampler.__class__.__call__)
+    if runner.decode_graphs:
+        runner.decode_graphs.replay = labelled("forward (graph replay launch)", runner.decode_graphs.replay)
+    else:
+        runner.model.forward = labelled("forward (eager launches)", runner.model.forward)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - start) / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(f"\n{args.config} batch {args.batch} context ~{args.context}: {per_step * 1e3:.2f} ms per decode step "
+          f"({args.batch / per_step:.0f} output tok/s), {'eager' if args.eager else 'CUDA graphs'}")
+    events = prof.key_averages()
+    print("\nhost phases (ms per step):")
+    for e in events:
+        if e.key.startswith(("host:", "sample", "forward")):
+            print(f"  {e.key:<34} {e.cpu_time_total / 1e3 / args.steps:8.3f}")
+    print("\nGPU kernels (ms per step, top 15 by GPU time):")
+    kernels = sorted((e for e in events if e.device_time_total > 0 and e.key[:1] != "h" and "(" not in e.key[:1]),
+                     key=lambda e: -e.self_device_time_total)
+    total_gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+    for e in kernels[:15]:
+        print(f"  {e.self_device_time_total / 1e3 / args.steps:8.3f}  x{e.count // args.steps:<4} {e.key[:90]}")
+    print(f"  GPU busy in total: {total_gpu:.3f} ms per step")
+
+
+if __name__ == "__main__":
+    main()
