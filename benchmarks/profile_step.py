@@ -48,11 +48,11 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(str(i), torch.randint(10, 30000, (args.context,), generator=g).tolist(), params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+    scheduler = engine.scheduler
+    while scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
         engine.step()  # prefill
     for _ in range(5):
         engine.step()  # decode warm-up
-    scheduler = engine.scheduler
     scheduler.schedule = labelled("host: schedule", scheduler.schedule)
     scheduler.update_from_output = labelled("host: update", scheduler.update_from_output)
     runner.inputs.prepare = labelled("host: prepare inputs", runner.inputs.prepare)
@@ -79,7 +79,8 @@ def main() -> None:
         if e.key.startswith(("host:", "sample", "forward")):
             print(f"  {e.key:<34} {e.cpu_time_total / 1e3 / args.steps:8.3f}")
     print("\nGPU kernels (ms per step, top 15 by GPU time):")
-    kernels = sorted((e for e in events if e.device_time_total > 0 and e.key[:1] != "h" and "(" not in e.key[:1]),
+    labels = ("host:", "sample", "forward", "aten::")
+    kernels = sorted((e for e in events if e.self_device_time_total > 0 and not e.key.startswith(labels)),
                      key=lambda e: -e.self_device_time_total)
     total_gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     for e in kernels[:15]:
