@@ -108,3 +108,55 @@ def test_prefill_head_dims(head_dim):
 
 def test_decode_block_size_32():
     run_both([1, 31, 32, 33, 100], [1] * 5, 8, 2, 64, 32, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("width", [64, 96])
+def test_rms_norm_matches_reference(dtype, with_residual, width):
+    from pagedllm_kernels.elementwise import rms_norm
+    from pagedllm_kernels.reference import rms_norm_ref
+
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(5, width, generator=g).to(dtype) for _ in range(2))
+    weight = torch.randn(width, generator=g).to(dtype)
+    res = residual if with_residual else None
+    expected = rms_norm_ref(x, weight, 1e-5, res)
+    got = rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-5, res.to(DEVICE) if with_residual else None)
+    for e, o in zip(expected if with_residual else [expected], got if with_residual else [got], strict=True):
+        torch.testing.assert_close(o.cpu().float(), e.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
+def test_rotary_matches_reference_in_place_on_strided_views(dtype, heads):
+    from pagedllm_kernels.elementwise import rotary
+    from pagedllm_kernels.reference import rotary_ref
+
+    num_q, num_k = heads
+    head_dim, g = 32, torch.Generator().manual_seed(0)
+    qkv = torch.randn(6, (num_q + 2 * num_k) * head_dim, generator=g).to(dtype)
+    q = qkv[:, : num_q * head_dim].view(6, num_q, head_dim)
+    k = qkv[:, num_q * head_dim : (num_q + num_k) * head_dim].view(6, num_k, head_dim)
+    freqs = torch.randn(50, head_dim // 2, generator=g)
+    cos, sin = freqs.cos(), freqs.sin()
+    positions = torch.tensor([0, 7, 3, 49, 12, 1])
+    expected_q, expected_k = rotary_ref(positions, q, k, cos, sin)
+    qkv_dev = qkv.to(DEVICE)
+    q_dev = qkv_dev[:, : num_q * head_dim].view(6, num_q, head_dim)
+    k_dev = qkv_dev[:, num_q * head_dim : (num_q + num_k) * head_dim].view(6, num_k, head_dim)
+    rotary(positions.to(DEVICE), q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(q_dev.cpu().float(), expected_q.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(k_dev.cpu().float(), expected_k.float(), rtol=tol, atol=tol)
+    assert torch.equal(qkv_dev[:, (num_q + num_k) * head_dim :].cpu(), qkv[:, (num_q + num_k) * head_dim :])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype):
+    from pagedllm_kernels.elementwise import silu_and_mul
+    from pagedllm_kernels.reference import silu_and_mul_ref
+
+    gate_up = torch.randn(4, 2 * 1500, generator=torch.Generator().manual_seed(0)).to(dtype)
+    torch.testing.assert_close(silu_and_mul(gate_up.to(DEVICE)).cpu().float(), silu_and_mul_ref(gate_up).float(),
+                               rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

@@ -6,13 +6,8 @@ import torch
 import torch.nn as nn
 
 from pagedllm.forward_context import get_attention_metadata
+from pagedllm.layers.triton_ops import paged_attention, store_kv_cache
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
-
-try:
-    from pagedllm_kernels.cache_ops import store_kv_cache
-    from pagedllm_kernels.paged_attention import paged_attention
-except ImportError:  # no triton here: the torch backend still works
-    store_kv_cache = paged_attention = None
 
 # "triton" (the default on CUDA) or "torch" (the reference; the default on CPU). Setting
 # "triton" on CPU runs the kernels under TRITON_INTERPRET=1, which is how CI tests them end to end.

@@ -5,6 +5,9 @@ import torch.nn as nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedllm.layers.triton_ops import fused_on, rotary
+from pagedllm_kernels.reference import rotary_ref
+
 # Types whose frequencies depend on the running sequence length; we precompute one table.
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
@@ -36,11 +39,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """Rotated q and k (on CUDA rotated in place: they are this step's own projections)."""
+        return (rotary if fused_on(q) else rotary_ref)(positions, q, k, self.cos, self.sin)

@@ -1,0 +1,15 @@
+"""The Triton kernels, or None where triton is not installed; layers then use the torch references."""
+
+import torch
+
+try:
+    from pagedllm_kernels.cache_ops import store_kv_cache
+    from pagedllm_kernels.elementwise import rms_norm, rotary, silu_and_mul
+    from pagedllm_kernels.paged_attention import paged_attention
+except ImportError:
+    store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = None
+
+
+def fused_on(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels run for this tensor (CUDA, with triton installed)."""
+    return x.is_cuda and rms_norm is not None

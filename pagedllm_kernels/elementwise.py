@@ -1,0 +1,105 @@
+"""Triton kernels that fuse the small per-token operations of a transformer layer, each one pass
+over its rows instead of several torch kernels (references: rms_norm_ref, rotary_ref,
+silu_and_mul_ref). At batch 1 a Llama-3-8B decode step otherwise spends ~1.7 ms in ~700 tiny
+kernels beside ~5.5 ms of weight reads."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
+                     n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * n + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = w * h.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``rms_norm_ref`` over the last dimension of a 2-D or 3-D ``x``."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = shape[-1]
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if residual is not None else out
+    r2 = residual.reshape(-1, n) if residual is not None else x2
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
+                                         n, eps, HAS_RESIDUAL=residual is not None,
+                                         BLOCK=triton.next_power_of_2(n))
+    out = out.view(shape)
+    return out if residual is None else (out, residual_out.view(shape))
+
+
+@triton.jit
+def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
+    pos = tl.load(positions_ptr + token)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HALF
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
+    s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
+    h = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q_ptr + token * stride_qt + h[:, None] * stride_qh
+            mask = (h < num_q_heads)[:, None] & d_mask[None, :]
+        else:
+            base = k_ptr + token * stride_kt + h[:, None] * stride_kh
+            mask = (h < num_k_heads)[:, None] & d_mask[None, :]
+        x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
+        x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(base + d[None, :], (f1 * c - f2 * s).to(x1.dtype), mask=mask)
+        tl.store(base + HALF + d[None, :], (f2 * c + f1 * s).to(x1.dtype), mask=mask)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as ``rotary_ref``, written in place into q and k (each row's head_dim dense)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
+    if num_tokens:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0),
+                                      k.stride(1), cos.stride(0), num_q_heads, k.shape[1], HALF=half,
+                                      BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
+                                      BLOCK_D=triton.next_power_of_2(half))
+    return q, k
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + n + cols, mask=mask, other=0.0)
+    act = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
+    tl.store(out_ptr + row * n + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    num_tokens, width = gate_up.shape
+    n = width // 2
+    out = torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block)
+    return out
