@@ -58,8 +58,59 @@ def kernels_section(name: str, data: dict) -> list[str]:
     return lines
 
 
+PEERS = ("hf-static-bs64", "hf-static-bs256", "hf-continuous-batching")
+WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "L1")
+
+
+def _rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}"
+
+
+def throughput_section() -> list[str]:
+    lines = [
+        "**Throughput** (`python benchmarks/throughput.py --workload W1`): output tokens/s, each workload with "
+        "its HF peers in the same run on the same prompts (workloads: `../shared/BENCHMARKS.md`; random "
+        "weights from the real configs, EOS ignored). Roofline fraction: the least time the run's own steps "
+        "could take on the H100 (weights + K/V read at 3.0 TB/s, or FLOPs at 790 TFLOP/s) over the time taken.",
+        "",
+        "| workload | model | pagedllm | HF static bs64 | HF static bs256 | HF continuous batching | "
+        "x best HF | roofline fraction | KV waste | start-up s | result file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for workload in WORKLOAD_ORDER:
+        found = latest(f"throughput-{workload}")
+        if not found:
+            continue
+        name, data = found
+        ours = data["pagedllm"]
+        peers = {p["engine"]: p for p in data["peers"]}
+        cells = []
+        for engine in PEERS:
+            peer = peers.get(engine)
+            if workload == "L1" and engine == "hf-static-bs64":
+                peer = peers.get("hf-static-bs1")
+            if peer is None:
+                cells.append("not run")
+            elif "error" in peer:
+                cells.append(f"failed: {peer['error'].split(':')[0]}")
+            else:
+                bs1 = " (bs1)" if peer["engine"].endswith("bs1") else ""
+                cells.append(f"{_rate(peer['output_tokens_per_s'])}{bs1}")
+        ratio = f"{ours['ratio_vs_best_hf']:.2f}" if ours.get("ratio_vs_best_hf") else "-"
+        lines.append(
+            f"| {workload} | {data['model_config']} {data['dtype']} | {_rate(ours['output_tokens_per_s'])} | "
+            + " | ".join(cells)
+            + f" | {ratio} | {ours['roofline_fraction']:.2f} | {100 * ours['kv_waste_fraction']:.2f}% | "
+            f"{ours['startup_s']:.1f} | `{name}` ({data['environment']['gpu']}, commit "
+            f"{str(data['environment']['git_commit'])[:10]}) |")
+    return lines if len(lines) > 4 else []
+
+
 def render() -> str:
     sections = []
+    throughput = throughput_section()
+    if throughput:
+        sections.append("\n".join(throughput))
     kernels = latest("kernels")
     if kernels:
         sections.append("\n".join(kernels_section(*kernels)))
