@@ -37,7 +37,25 @@ class LLM:
         self._next_request_id = 0
 
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        return self._engine().tokenizer
+
+    def shutdown(self) -> None:
+        """Free the KV cache, the CUDA graphs and the weights, so that another model fits in this
+        process. The object cannot generate afterwards."""
+        if self.llm_engine is not None:
+            self.llm_engine.shutdown()
+            self.llm_engine = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def _engine(self) -> LLMEngine:
+        if self.llm_engine is None:
+            raise RuntimeError("this LLM was shut down: create a new LLM to generate again")
+        return self.llm_engine
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -48,6 +66,7 @@ class LLM:
         ``{"prompt": "..."}``). Every prompt is checked before any work starts: one bad prompt
         raises a ValueError naming its index, and nothing runs.
         """
+        engine = self._engine()
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -64,13 +83,13 @@ class LLM:
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
                 text, token_ids = self._tokenize(prompt)
-                self.llm_engine.validate_request(token_ids, p)
+                engine.validate_request(token_ids, p)
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
             requests.append((str(self._next_request_id), text, token_ids, p))
             self._next_request_id += 1
         for request_id, text, token_ids, p in requests:
-            self.llm_engine.add_request(request_id, token_ids, p, prompt=text)
+            engine.add_request(request_id, token_ids, p, prompt=text)
         return self._run_engine([r[0] for r in requests], use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -83,7 +102,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty: give at least one token")
-            tokenizer = self.llm_engine.tokenizer
+            tokenizer = self._engine().tokenizer
             if tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as token ids")
             return prompt, tokenizer.encode(prompt)
@@ -92,7 +111,7 @@ class LLM:
         raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
+        engine = self._engine()
         outputs: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         start, tokens_at_start = time.perf_counter(), engine.num_generated_tokens

@@ -52,3 +52,14 @@ def test_cuda_graph_decode_equals_eager(kind, tiny_checkpoint):
                           for lengths in ([3, 50, 7, 1, 90], list(range(1, 96, 5)))]
         del llm
     assert outputs[True] == outputs[False]
+
+
+def test_shutdown_returns_gpu_memory_for_a_second_model(tiny_checkpoint):
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    with LLM(tiny_checkpoint("llama"), device="cuda", gpu_memory_utilization=0.5) as llm:
+        assert torch.cuda.memory_allocated() > before + (1 << 30)
+        llm.generate(random_prompts([5]), SamplingParams(max_tokens=4), use_tqdm=False)
+    assert torch.cuda.memory_allocated() < before + (64 << 20)
+    with LLM(tiny_checkpoint("opt"), device="cuda", gpu_memory_utilization=0.5) as second:
+        assert second.generate(random_prompts([5]), SamplingParams(max_tokens=4), use_tqdm=False)[0].finished

@@ -149,3 +149,18 @@ def test_bf16_runs_on_cpu(tiny_checkpoint):
 def test_fresh_checkpoint_builds_and_loads(tmp_path):
     path = build_tiny_checkpoint("gpt2", str(tmp_path / "gpt2"), seed=3)
     assert LLM(path, device="cpu").generate("x", GREEDY, use_tqdm=False)[0].finished
+
+
+def test_shutdown_frees_the_model_and_refuses_more_work(tiny_checkpoint):
+    import gc
+    import weakref
+
+    with LLM(tiny_checkpoint("gpt2"), device="cpu") as llm:
+        model = weakref.ref(llm.llm_engine.model_runner.model)
+        cache = weakref.ref(llm.llm_engine.model_runner.kv_cache)
+        assert llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0].finished
+    gc.collect()
+    assert model() is None and cache() is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([[5, 6]], GREEDY, use_tqdm=False)
+    llm.shutdown()  # a second shutdown does nothing

@@ -63,6 +63,12 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
 
+    def shutdown(self) -> None:
+        """Drop every request and free the model runner's device memory."""
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.abort_request(request.request_id)
+        self.model_runner.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

@@ -1,5 +1,6 @@
 """Turns a scheduled step into tensors, runs the model over the paged cache, and samples."""
 
+import gc
 import logging
 
 import torch
@@ -47,6 +48,15 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+
+    def shutdown(self) -> None:
+        """Release the graphs, the KV cache and the weights, and return the memory to the device."""
+        release_kv_cache(self.model)
+        self.decode_graphs = self.kv_cache = self.model = self.inputs = None
+        self.generators.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int | None]:
