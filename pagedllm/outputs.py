@@ -4,15 +4,29 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model, its rank among all tokens (1 is the most
+    likely), and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     """One generated sequence. ``finish_reason`` is "stop" (EOS or a stop token) or "length";
-    ``stop_reason`` is the stop token id that ended it (None for EOS or length)."""
+    ``stop_reason`` is the stop token id that ended it (None for EOS or length). With
+    ``SamplingParams.logprobs``, ``logprobs[i]`` maps the i-th token and the most likely
+    alternatives to their Logprob, and ``cumulative_logprob`` sums the generated tokens'."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

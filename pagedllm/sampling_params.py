@@ -5,21 +5,31 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 or -1 and top_p 1 mean off.
+    """temperature 0 means greedy; top_k 0 or -1, top_p 1 and min_p 0 mean off.
 
-    ``max_tokens=None`` generates until EOS or the model's context is full. ``seed`` makes one
-    request's sampling reproducible whatever else is in the batch.
+    Penalties as in vLLM and the OpenAI API: ``presence_penalty`` and ``frequency_penalty``
+    subtract from the logits of tokens already generated (once, or per occurrence);
+    ``repetition_penalty`` > 1 divides positive (multiplies negative) logits of tokens in the
+    prompt or the output. ``logprobs=k`` returns, per generated token, its log-probability under
+    the model and the k most likely tokens'. ``max_tokens=None`` generates until EOS or the
+    model's context is full. ``seed`` makes one request's sampling reproducible whatever else is
+    in the batch.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     max_tokens: int | None = 16
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 is greedy)")
@@ -30,6 +40,12 @@ class SamplingParams:
         )
         if self.top_k == -1:
             self.top_k = 0
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(-2 <= getattr(self, name) <= 2, name, getattr(self, name), "must be in [-2, 2]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0 (1 is off)")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+               "logprobs", self.logprobs, "must be an int >= 0, or None")
         _check(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
             "max_tokens", self.max_tokens, "must be an int >= 1, or None",
@@ -55,6 +71,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -87,6 +87,11 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"stop_token_ids": [-3]}, "stop_token_ids"),
     ({"seed": "seven"}, "seed"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"logprobs": -1}, "logprobs"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid"):

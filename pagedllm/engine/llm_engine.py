@@ -9,7 +9,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -77,9 +77,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.requests:
             raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
-        sampled = self.model_runner.execute(out)
-        self.num_generated_tokens += sum(t is not None for t in sampled)
-        finished = self.scheduler.update_from_output(out, sampled)
+        result = self.model_runner.execute(out)
+        self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
+        finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
         return [self._output(r) for r in finished]
 
     def _max_tokens(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -91,8 +91,18 @@ class LLMEngine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
         completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)
+        if request.sampling_params.logprobs is not None:
+            completion.cumulative_logprob = request.cumulative_logprob
+            completion.logprobs = [
+                {t: Logprob(lp, rank, self._decode_token(t)) for t, (lp, rank) in entry.items()}
+                for entry in request.output_logprobs
+            ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
                              request.is_finished)
+
+
+    def _decode_token(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

@@ -33,6 +33,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | None = None
+    # with sampling_params.logprobs: per output token, {token id: (logprob, rank)}
+    output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -63,9 +66,13 @@ class Request:
             return sorted(self.stop_token_ids)
         return []
 
-    def append_output_token(self, token_id: int) -> None:
-        """Add a sampled token and finish the request if it is a stop token or the last allowed."""
+    def append_output_token(self, token_id: int, logprobs: dict[int, tuple[float, int]] | None = None) -> None:
+        """Add a sampled token (and its logprobs) and finish the request if it is a stop token or
+        the last allowed."""
         self.token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id][0]
         if self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.max_tokens:

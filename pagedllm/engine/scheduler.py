@@ -79,15 +79,19 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
+                           logprobs: list | None = None) -> list[Request]:
         """Advance each scheduled request by its computed tokens and its sampled token (None for a
-        prefill chunk that does not reach the end). Returns the requests that finished."""
+        prefill chunk that does not reach the end), with its logprobs if it asked. Returns the
+        requests that finished."""
         finished = []
-        for request, num_new, token_id in zip(out.requests, out.num_scheduled_tokens, sampled, strict=True):
+        logprobs = logprobs or [None] * len(sampled)
+        for request, num_new, token_id, token_logprobs in zip(out.requests, out.num_scheduled_tokens, sampled,
+                                                               logprobs, strict=True):
             request.num_computed_tokens += num_new
             if token_id is None:
                 continue
-            request.append_output_token(token_id)
+            request.append_output_token(token_id, token_logprobs)
             if request.is_finished:
                 finished.append(request)
         if finished:

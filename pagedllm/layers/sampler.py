@@ -1,13 +1,24 @@
-"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched sampling on the logits' device, in vLLM's order: stop tokens banned before min_tokens,
+penalties, then greedy argmax, or temperature, min-p, top-k/top-p and a random draw.
 
 Random choice uses ``argmax(probs / q)`` with ``q ~ Exponential(1)`` (an exact draw from
 ``probs``, as gpt-fast does), so each row needs only its own noise: a seeded request draws
 its noise from its own generator and samples the same tokens whatever else is in the batch.
+Log-probabilities are those of the model's raw logits (vLLM's default).
 """
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class PenaltyInputs:
+    presence: torch.Tensor  # [rows]
+    frequency: torch.Tensor  # [rows]
+    repetition: torch.Tensor  # [rows]
+    output_token_ids: torch.Tensor  # [rows, n] the row's generated tokens, padded with -1
+    seen_token_ids: torch.Tensor  # [rows, m] prompt and generated tokens, padded with -1
 
 
 @dataclass
@@ -20,30 +31,81 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded requests)
     all_greedy: bool
     banned_token_ids: list[list[int]] | None = None  # per row, e.g. EOS before min_tokens
+    min_ps: torch.Tensor | None = None  # [num_rows] float; 0 means off
+    penalties: PenaltyInputs | None = None
+    max_num_logprobs: int | None = None  # top-k logprobs wanted by some row (None: no row wants any)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [rows]
+    # with max_num_logprobs: [rows, k] top ids and logprobs, and the sampled token's logprob and rank
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
 
 
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # noise for rows without a seed of their own
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         if meta.banned_token_ids:
             for row, banned in enumerate(meta.banned_token_ids):
                 if banned:
                     logits[row, banned] = float("-inf")
-        greedy = logits.argmax(dim=-1)
-        if meta.all_greedy:
-            return greedy
+        if meta.penalties is not None:
+            logits = apply_penalties(logits, meta.penalties)
+        token_ids = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            token_ids = self._sample(logits, token_ids, meta)
+        out = SamplerOutput(token_ids)
+        if raw_logprobs is not None:
+            out.top_logprobs, out.top_ids = raw_logprobs.topk(max(meta.max_num_logprobs, 1), dim=-1)
+            out.sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            out.sampled_ranks = (raw_logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1) + 1
+        return out
+
+    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         temperatures = meta.temperatures.to(logits.device)
         logits = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+        if meta.min_ps is not None:
+            logits = apply_min_p(logits, meta.min_ps.to(logits.device))
         logits = apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
         probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        for row in range(probs.shape[0]):
-            noise[row].exponential_(generator=meta.generators.get(row, self.generator))
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in meta.generators.items():
+            noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(temperatures > 0, sampled, greedy)
+
+
+def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
+    """Repetition penalty on every token seen (prompt and output), then frequency and presence
+    penalties on the generated tokens, as vLLM applies them."""
+    rows, vocab = logits.shape
+    device = logits.device
+
+    def one_hot_counts(ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.where(ids < 0, vocab, ids).to(device)  # padding lands in a dropped extra column
+        counts = torch.zeros(rows, vocab + 1, device=device)
+        return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
+
+    repetition = p.repetition.to(device).unsqueeze(1)
+    seen = one_hot_counts(p.seen_token_ids) > 0
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    counts = one_hot_counts(p.output_token_ids)
+    return logits - p.frequency.to(device).unsqueeze(1) * counts - p.presence.to(device).unsqueeze(1) * (counts > 0)
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_ps.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,

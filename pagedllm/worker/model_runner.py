@@ -2,6 +2,7 @@
 
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -10,7 +11,7 @@ from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
-from pagedllm.layers.sampler import Sampler, SamplingMetadata
+from pagedllm.layers.sampler import PenaltyInputs, Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
@@ -25,6 +26,15 @@ from pagedllm.worker.kv_cache import (
 from pagedllm.worker.step_inputs import SeqChunk, StepInputs
 
 logger = logging.getLogger("pagedllm")
+
+# Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
+TokenLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: list[int | None]  # per scheduled request; None for a prefill chunk
+    logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
 
 
 class ModelRunner:
@@ -59,8 +69,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
-        """Run one step; return each scheduled request's sampled token (None: prefill chunk)."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: each scheduled request's sampled token (None for a prefill chunk that
+        does not reach the end), and logprobs for the requests that ask for them."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
         chunks = [
@@ -69,9 +80,20 @@ class ModelRunner:
             for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
         ]
         logits = self._forward(chunks)
-        sampling = [r for r, c in zip(out.requests, chunks, strict=True) if c.wants_logits]
-        tokens = iter(self.sampler(logits, self._sampling_metadata(sampling)).tolist()) if sampling else None
-        return [next(tokens) if c.wants_logits else None for c in chunks]
+        rows = [i for i, c in enumerate(chunks) if c.wants_logits]
+        if not rows:
+            return ModelRunnerOutput([None] * len(chunks))
+        sampling = [out.requests[i] for i in rows]
+        meta = self._sampling_metadata(sampling)
+        sampled = self.sampler(logits, meta)
+        result = ModelRunnerOutput([None] * len(chunks))
+        for i, token_id in zip(rows, sampled.token_ids.tolist(), strict=True):
+            result.sampled_token_ids[i] = token_id
+        if meta.max_num_logprobs is not None:
+            result.logprobs = [None] * len(chunks)
+            for i, row_logprobs in zip(rows, _logprobs_to_host(sampled, sampling), strict=True):
+                result.logprobs[i] = row_logprobs
+        return result
 
     def _forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Logits ``[chunks wanting logits, vocab]`` of one flat, unpadded batch (a decode batch
@@ -96,6 +118,7 @@ class ModelRunner:
                     self.generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
                 generators[row] = self.generators[request.request_id]
         banned = [r.tokens_banned_now() for r in requests]
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingMetadata(
             temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32),
             top_ks=torch.tensor([p.top_k for p in params]) if any(p.top_k > 0 for p in params) else None,
@@ -103,6 +126,9 @@ class ModelRunner:
             generators=generators,
             all_greedy=all(p.greedy for p in params),
             banned_token_ids=banned if any(banned) else None,
+            min_ps=torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+            penalties=_penalty_inputs(requests) if any(p.penalized for p in params) else None,
+            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
         )
 
     def _profile_num_blocks(self) -> int:
@@ -153,3 +179,36 @@ class ModelRunner:
         finally:
             release_kv_cache(self.model)
         return cache.numel() * cache.element_size()
+
+
+def _penalty_inputs(requests: list[Request]) -> PenaltyInputs:
+    def padded(token_lists: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(map(len, token_lists)))
+        return torch.tensor([t + [-1] * (width - len(t)) for t in token_lists], dtype=torch.int64)
+
+    params = [r.sampling_params for r in requests]
+    return PenaltyInputs(
+        presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
+        frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+        repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+        output_token_ids=padded([r.output_token_ids for r in requests]),
+        seen_token_ids=padded([r.token_ids for r in requests]),
+    )
+
+
+def _logprobs_to_host(sampled: SamplerOutput, requests: list[Request]) -> list[TokenLogprobs | None]:
+    """Each row's sampled token and its own number of top alternatives, as Python numbers."""
+    top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
+    tokens, token_logprobs = sampled.token_ids.tolist(), sampled.sampled_logprobs.tolist()
+    ranks = sampled.sampled_ranks.tolist()
+    result = []
+    for row, request in enumerate(requests):
+        k = request.sampling_params.logprobs
+        if k is None:
+            result.append(None)
+            continue
+        entry = {tokens[row]: (token_logprobs[row], ranks[row])}
+        for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:k], top_logprobs[row][:k], strict=True), 1):
+            entry.setdefault(token_id, (logprob, rank))
+        result.append(entry)
+    return result

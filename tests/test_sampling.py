@@ -1,0 +1,112 @@
+"""Each sampling parameter against a reference: fixed logits for the logit transforms and the
+draw itself, HF transformers for repetition penalty and logprobs end to end."""
+
+import pytest
+import torch
+from conftest import random_prompts
+from transformers import AutoModelForCausalLM
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.layers.sampler import (
+    PenaltyInputs,
+    Sampler,
+    SamplingMetadata,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+)
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0, 0.0]])
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert kept(apply_top_k_top_p(LOGITS, torch.tensor([3]), None)) == [0, 1, 2]
+    assert kept(apply_top_k_top_p(LOGITS, torch.tensor([0]), None)) == list(range(6))
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = LOGITS.softmax(-1)[0]  # 0.574, 0.211, 0.128, 0.029, 0.004, 0.078
+    assert kept(apply_top_k_top_p(LOGITS, None, torch.tensor([0.5]))) == [0]
+    assert kept(apply_top_k_top_p(LOGITS, None, torch.tensor([0.8]))) == [0, 1, 2]  # 0.785 < 0.8 before token 2
+    assert probs[:2].sum() < 0.8 < probs[[0, 1, 2]].sum()
+    assert kept(apply_top_k_top_p(LOGITS, None, torch.tensor([1.0]))) == list(range(6))
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_most_likely():
+    # token 1 has 0.368 of token 0's probability, token 2 0.223, token 5 0.135
+    assert kept(apply_min_p(LOGITS, torch.tensor([0.3]))) == [0, 1]
+    assert kept(apply_min_p(LOGITS, torch.tensor([0.2]))) == [0, 1, 2]
+    assert kept(apply_min_p(LOGITS, torch.tensor([0.0]))) == list(range(6))
+
+
+def test_penalties_change_logits_as_vllm_and_openai_define_them():
+    penalties = PenaltyInputs(presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]),
+                              repetition=torch.tensor([2.0]),
+                              output_token_ids=torch.tensor([[1, 1, 3, -1]]),
+                              seen_token_ids=torch.tensor([[4, 1, 1, 3]]))
+    out = apply_penalties(LOGITS.clone(), penalties)[0].tolist()
+    # repetition on seen tokens 1, 3, 4: positive / 2, negative * 2; then output counts 1: x2, 3: x1
+    assert out == pytest.approx([2.0, 0.5 - 0.25 * 2 - 0.5, 0.5, -2.0 - 0.25 - 0.5, -6.0, 0.0])
+
+
+def test_temperature_sampling_follows_the_softmax():
+    """Chi-square goodness of fit over 40,000 draws (df 5; 20.5 is the 0.001 critical value)."""
+    n, temperature = 40_000, 0.7
+    logits = LOGITS.repeat(n, 1)
+    meta = SamplingMetadata(temperatures=torch.full((n,), temperature), top_ks=None, top_ps=None,
+                            generators={}, all_greedy=False)
+    tokens = Sampler(torch.Generator().manual_seed(0))(logits, meta).token_ids
+    observed = torch.bincount(tokens, minlength=6).double()
+    expected = (LOGITS[0] / temperature).softmax(-1).double() * n
+    chi_square = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi_square < 20.5, (observed.tolist(), expected.tolist())
+
+
+def test_greedy_with_repetition_penalty_matches_hf(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    llm = LLM(path, device="cpu")
+    prompts = random_prompts([6, 40], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, repetition_penalty=1.8)[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == expected
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature):
+    path = tiny_checkpoint("qwen2")
+    prompt = random_prompts([12], seed=4)[0]
+    llm = LLM(path, device="cpu")
+    params = SamplingParams(temperature=temperature, max_tokens=6, ignore_eos=True, logprobs=3, seed=7)
+    completion = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + completion.token_ids])).logits[0].float()
+    reference = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    assert len(completion.logprobs) == 6
+    for step, (token_id, entry) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        ref = reference[step]
+        assert entry[token_id].logprob == pytest.approx(ref[token_id].item(), abs=1e-4)
+        assert entry[token_id].rank == int((ref > ref[token_id]).sum()) + 1
+        top_values, top_ids = ref.topk(3)
+        for rank, (tid, value) in enumerate(zip(top_ids.tolist(), top_values.tolist(), strict=True), 1):
+            assert entry[tid].logprob == pytest.approx(value, abs=1e-4) and entry[tid].rank == rank
+        assert set(entry) <= set(top_ids.tolist()) | {token_id}
+        assert entry[token_id].decoded_token == llm.get_tokenizer().decode([token_id])
+    expected_sum = sum(reference[i, t].item() for i, t in enumerate(completion.token_ids))
+    assert completion.cumulative_logprob == pytest.approx(expected_sum, abs=1e-3)
+
+
+def test_no_logprobs_unless_asked(tiny_checkpoint):
+    out = LLM(tiny_checkpoint("qwen2"), device="cpu").generate([[5, 6]], SamplingParams(max_tokens=2),
+                                                               use_tqdm=False)[0].outputs[0]
+    assert out.logprobs is None and out.cumulative_logprob is None
