@@ -11,7 +11,8 @@ class SamplingParams:
     subtract from the logits of tokens already generated (once, or per occurrence);
     ``repetition_penalty`` > 1 divides positive (multiplies negative) logits of tokens in the
     prompt or the output. ``logprobs=k`` returns, per generated token, its log-probability under
-    the model and the k most likely tokens'. ``max_tokens=None`` generates until EOS or the
+    the model and the k most likely tokens'. ``stop`` strings end the text before them (after
+    them with ``include_stop_str_in_output``). ``max_tokens=None`` generates until EOS or the
     model's context is full. ``seed`` makes one request's sampling reproducible whatever else is
     in the batch.
     """
@@ -25,7 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     max_tokens: int | None = 16
     min_tokens: int = 0
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
@@ -59,6 +62,9 @@ class SamplingParams:
                 self.min_tokens <= self.max_tokens,
                 "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})",
             )
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+               "must be a non-empty string or a list of them")
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

@@ -92,6 +92,7 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": -1}, "logprobs"),
+    ({"stop": ["ok", ""]}, "stop"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid"):

@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -32,6 +33,8 @@ class LLMEngine:
         """Raise ValueError if the request could never run; nothing is changed."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none: use stop_token_ids")
         vocab_size = self.config.hf_config.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
@@ -55,10 +58,11 @@ class LLMEngine:
                     prompt: str | None = None) -> None:
         self.validate_request(prompt_token_ids, params)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        self.scheduler.add_request(Request(
-            request_id, list(prompt_token_ids), params, self._max_tokens(prompt_token_ids, params),
-            frozenset(stops), prompt,
-        ))
+        request = Request(request_id, list(prompt_token_ids), params, self._max_tokens(prompt_token_ids, params),
+                          frozenset(stops), prompt)
+        if params.stop:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
@@ -80,7 +84,29 @@ class LLMEngine:
         result = self.model_runner.execute(out)
         self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
         finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
+        for request, token_id in zip(out.requests, result.sampled_token_ids, strict=True):
+            if token_id is not None and request.detokenizer is not None and self._hit_stop_string(request):
+                finished.append(request)
         return [self._output(r) for r in finished]
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        """Extend the request's text; on a stop string, cut the text there and end the request
+        (if no stop token or length ended it first). True if that newly ended it."""
+        detokenizer = request.detokenizer
+        num_new_chars = len(detokenizer.update(request.output_token_ids))
+        params = request.sampling_params
+        if not num_new_chars or request.num_output_tokens < params.min_tokens:
+            return False
+        hit = find_stop_string(detokenizer.text, num_new_chars, params.stop)
+        if hit is None:
+            return False
+        stop, start = hit
+        detokenizer.text = detokenizer.text[: start + (len(stop) if params.include_stop_str_in_output else 0)]
+        if request.is_finished:  # a stop token or max_tokens ended it in this step: the text is still cut
+            request.finish_reason, request.stop_reason = "stop", stop
+            return False
+        self.scheduler.finish_request(request, "stop", stop)
+        return True
 
     def _max_tokens(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         return params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
@@ -88,7 +114,9 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         token_ids = request.output_token_ids
         text = ""
-        if self.tokenizer is not None:
+        if request.detokenizer is not None:
+            text = request.detokenizer.text
+        elif self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
         completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)
         if request.sampling_params.logprobs is not None:

@@ -3,6 +3,7 @@
 import enum
 from dataclasses import dataclass, field
 
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -32,10 +33,11 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None
     # with sampling_params.logprobs: per output token, {token id: (logprob, rank)}
     output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -78,6 +80,6 @@ class Request:
         elif self.num_output_tokens >= self.max_tokens:
             self.finish("length")
 
-    def finish(self, reason: str, stop_reason: int | None = None) -> None:
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason

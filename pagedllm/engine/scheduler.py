@@ -105,11 +105,15 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             for request in queue:
                 if request.request_id == request_id:
-                    queue.remove(request)
-                    request.finish("abort")
-                    self._release(request)
+                    self.finish_request(request, "abort")
                     return request
         return None
+
+    def finish_request(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a request the engine decided is done (a stop string, an abort) and free its blocks."""
+        (self.running if request in self.running else self.waiting).remove(request)
+        request.finish(reason, stop_reason)
+        self._release(request)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)

@@ -1,0 +1,41 @@
+"""Incremental detokenization: a request's text grows with each token, correct for multi-byte
+characters split across tokens and for tokens whose text depends on their neighbours."""
+
+from transformers import PreTrainedTokenizerBase
+
+# Tokens of context re-decoded before the unread ones, so that merges across steps come out right.
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        self._prefix_offset = 0  # tokens before this are in self.text for good
+        self._read_offset = 0  # tokens before this have been turned into text
+
+    def update(self, token_ids: list[int]) -> str:
+        """Take the output tokens so far; return the text they add (empty while a character is
+        still incomplete)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        prefix_text = decode(token_ids[self._prefix_offset : self._read_offset])
+        new_text = decode(token_ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # nothing new yet, or a multi-byte character is not complete
+        delta = new_text[len(prefix_text) :]
+        self.text += delta
+        self._read_offset = len(token_ids)
+        self._prefix_offset = max(self._read_offset - _CONTEXT_TOKENS, 0)
+        return delta
+
+
+def find_stop_string(text: str, num_new_chars: int, stop: list[str]) -> tuple[str, int] | None:
+    """The first stop string that ends in the last ``num_new_chars`` characters of ``text``, and
+    where it starts."""
+    best = None
+    for s in stop:
+        start = text.find(s, max(len(text) - num_new_chars - len(s) + 1, 0))
+        if start != -1 and (best is None or start < best[1]):
+            best = (s, start)
+    return best
