@@ -36,6 +36,7 @@ class EngineConfig:
     load_format: str = "auto"
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)

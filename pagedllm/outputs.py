@@ -34,10 +34,12 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """One request's prompt and completions."""
+    """One request's prompt and completions; ``num_cached_tokens`` prompt tokens came from the
+    prefix cache instead of being computed."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: int = 0

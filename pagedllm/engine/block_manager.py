@@ -1,6 +1,6 @@
-"""The pool of KV cache blocks: who owns which block, and which are free."""
+"""The pool of KV cache blocks: who owns which block, which are free, and which hold a cached prefix."""
 
-from collections import deque
+from collections import OrderedDict
 
 from pagedllm.engine.request import Request
 
@@ -8,16 +8,27 @@ from pagedllm.engine.request import Request
 class BlockManager:
     """Hands out fixed-size KV blocks on demand, one at a time as a sequence grows.
 
-    Each block has a reference count (sequences may share blocks); a block returns to the
-    free list when its count drops to zero. A sequence holds ``ceil(tokens / block_size)``
-    blocks, so at most its last block is partly empty.
+    Each block has a reference count (sequences may share blocks); a block returns to the free
+    queue when its count drops to zero. A sequence holds ``ceil(tokens / block_size)`` blocks,
+    so at most its last block is partly empty.
+
+    Prefix caching: a full block whose K/V are computed is keyed by a hash chain (its parent's
+    key and its own token ids; the tokens are kept to rule out collisions). A new request takes
+    the cached blocks of its longest cached prefix instead of computing them. A freed block
+    keeps its content and key until it is handed out again: free blocks are taken least
+    recently freed first, so cached prefixes are evicted only when memory is needed. Cached
+    blocks are full and never written again, so they are shared without copying.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_keys: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks  # (hash, tokens)
+        self.cached_blocks: dict[int, int] = {}  # hash -> block id
+        self.num_cache_hits = self.num_cache_queries = 0  # in blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -32,15 +43,62 @@ class BlockManager:
         if needed > len(self.free_block_ids):
             return False
         for _ in range(needed):
-            block_id = self.free_block_ids.popleft()
-            self.ref_counts[block_id] = 1
-            request.block_table.append(block_id)
+            request.block_table.append(self._take_free_block())
         return True
 
     def free(self, request: Request) -> None:
-        """Release the request's blocks (finished or preempted)."""
+        """Release the request's blocks (finished or preempted). Its tail blocks go first into the
+        free queue, so they are evicted before the prefix blocks that others may share."""
         for block_id in reversed(request.block_table):
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         request.block_table.clear()
+        request.block_hashes.clear()
+
+    def take_cached_prefix(self, request: Request) -> int:
+        """Give a request with no blocks the cached blocks of its longest cached prefix; returns
+        how many tokens they hold (at least one token is always left to compute)."""
+        if not self.enable_prefix_caching:
+            return 0
+        assert not request.block_table
+        parent = None
+        for i in range((request.num_tokens - 1) // self.block_size):
+            tokens = tuple(request.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            key = hash((parent, tokens))
+            block_id = self.cached_blocks.get(key)
+            self.num_cache_queries += 1
+            if block_id is None or self.block_keys[block_id] != (key, tokens):
+                break
+            self.num_cache_hits += 1
+            if self.ref_counts[block_id] == 0:
+                del self.free_block_ids[block_id]
+            self.ref_counts[block_id] += 1
+            request.block_table.append(block_id)
+            request.block_hashes.append(key)
+            parent = key
+        return len(request.block_table) * self.block_size
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Key the request's blocks that are now full and computed, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(request.block_hashes), request.num_computed_tokens // bs):
+            tokens = tuple(request.token_ids[i * bs : (i + 1) * bs])
+            key = hash((request.block_hashes[-1] if request.block_hashes else None, tokens))
+            request.block_hashes.append(key)
+            block_id = request.block_table[i]
+            if key not in self.cached_blocks:
+                self.cached_blocks[key] = block_id
+                self.block_keys[block_id] = (key, tokens)
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        key = self.block_keys[block_id]
+        if key is not None:  # evict its cached content
+            if self.cached_blocks.get(key[0]) == block_id:
+                del self.cached_blocks[key[0]]
+            self.block_keys[block_id] = None
+        self.ref_counts[block_id] = 1
+        return block_id

@@ -25,7 +25,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.model_runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
 
@@ -126,7 +127,7 @@ class LLMEngine:
                 for entry in request.output_logprobs
             ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                             request.is_finished)
+                             request.is_finished, num_cached_tokens=request.num_cached_tokens or 0)
 
 
     def _decode_token(self, token_id: int) -> str | None:

@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_computed_tokens = 0  # tokens run through the model, over the scheduler's life
         self._finished_ids: list[str] = []
 
     def add_request(self, request: Request) -> None:
@@ -68,8 +69,14 @@ class Scheduler:
         # Admit waiting requests only when memory was not short this step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if not request.block_table:  # new or preempted: start from its longest cached prefix
+                request.num_computed_tokens = self.block_manager.take_cached_prefix(request)
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = request.num_computed_tokens
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+                self.block_manager.free(request)
+                request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -89,6 +96,8 @@ class Scheduler:
         for request, num_new, token_id, token_logprobs in zip(out.requests, out.num_scheduled_tokens, sampled,
                                                                logprobs, strict=True):
             request.num_computed_tokens += num_new
+            self.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(request)
             if token_id is None:
                 continue
             request.append_output_token(token_id, token_logprobs)
