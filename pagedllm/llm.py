@@ -1,7 +1,7 @@
 """``LLM``: the offline entry point, a synchronous loop over the engine."""
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,49 @@ class LLM:
         ``{"prompt": "..."}``). Every prompt is checked before any work starts: one bad prompt
         raises a ValueError naming its index, and nothing runs.
         """
+        return self._run_engine(self._add_requests(prompts, sampling_params, stream=False), use_tqdm)
+
+    def generate_stream(self, prompts: PromptType | Sequence[PromptType],
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                        ) -> Iterator[RequestOutput]:
+        """Like ``generate``, but yields each request's output every time it grows by a token:
+        text and token ids so far, ``finished`` on its last one. Requests interleave as the
+        engine batches them; ``request_id`` says which is which. Closing the iterator early
+        aborts what is left."""
+        request_ids = self._add_requests(prompts, sampling_params, stream=True)
+        engine, pending = self._engine(), set(request_ids)
+        try:
+            while pending:
+                for output in engine.step():
+                    if output.request_id in pending:
+                        if output.finished:
+                            pending.discard(output.request_id)
+                        yield output
+        finally:
+            for request_id in pending:
+                engine.abort_request(request_id)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or a list of them,
+        rendered with the tokenizer's chat template (or ``chat_template``, a Jinja string)."""
+        tokenizer = self._engine().tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template: use generate()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for index, conversation in enumerate(conversations):
+            try:
+                text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                                     add_generation_prompt=add_generation_prompt)
+            except ValueError as err:
+                raise ValueError(f"conversation {index}: {err} (pass chat_template=...)") from None
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add_requests(self, prompts, sampling_params, stream: bool) -> list[str]:
+        """Check every prompt, then queue them all; returns their request ids."""
         engine = self._engine()
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
@@ -90,8 +133,8 @@ class LLM:
             requests.append((str(self._next_request_id), text, token_ids, p))
             self._next_request_id += 1
         for request_id, text, token_ids, p in requests:
-            engine.add_request(request_id, token_ids, p, prompt=text)
-        return self._run_engine([r[0] for r in requests], use_tqdm)
+            engine.add_request(request_id, token_ids, p, prompt=text, stream=stream)
+        return [r[0] for r in requests]
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -56,12 +56,13 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, stream: bool = False) -> None:
+        """Queue a request. A streaming request is reported by every step that gives it a token."""
         self.validate_request(prompt_token_ids, params)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, self._max_tokens(prompt_token_ids, params),
-                          frozenset(stops), prompt)
-        if params.stop:
+                          frozenset(stops), prompt, stream=stream)
+        if (params.stop or stream) and self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         self.scheduler.add_request(request)
 
@@ -78,25 +79,30 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the requests that finished in it."""
+        """Run one batch; return the requests that finished in it, and the streaming requests that
+        got a token."""
         out = self.scheduler.schedule()
         if not out.requests:
             raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
         result = self.model_runner.execute(out)
         self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
         finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
+        reported = list(finished)
         for request, token_id in zip(out.requests, result.sampled_token_ids, strict=True):
-            if token_id is not None and request.detokenizer is not None and self._hit_stop_string(request):
-                finished.append(request)
-        return [self._output(r) for r in finished]
+            if token_id is None or request.detokenizer is None:
+                continue
+            ended_by_stop_string = self._extend_text(request)
+            if ended_by_stop_string or (request.stream and not request.is_finished):
+                reported.append(request)
+        return [self._output(r) for r in reported]
 
-    def _hit_stop_string(self, request: Request) -> bool:
-        """Extend the request's text; on a stop string, cut the text there and end the request
-        (if no stop token or length ended it first). True if that newly ended it."""
+    def _extend_text(self, request: Request) -> bool:
+        """Decode the request's new token; on a stop string, cut the text there and end the request
+        (if a stop token or length did not end it first). True if a stop string newly ended it."""
         detokenizer = request.detokenizer
         num_new_chars = len(detokenizer.update(request.output_token_ids))
         params = request.sampling_params
-        if not num_new_chars or request.num_output_tokens < params.min_tokens:
+        if not params.stop or not num_new_chars or request.num_output_tokens < params.min_tokens:
             return False
         hit = find_stop_string(detokenizer.text, num_new_chars, params.stop)
         if hit is None:
@@ -115,8 +121,9 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         token_ids = request.output_token_ids
         text = ""
-        if request.detokenizer is not None:
-            text = request.detokenizer.text
+        ended_by_stop_string = isinstance(request.stop_reason, str)
+        if request.detokenizer is not None and (ended_by_stop_string or not request.is_finished):
+            text = request.detokenizer.text  # cut at the stop string, or so far (holds back half a character)
         elif self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
         completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)

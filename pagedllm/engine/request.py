@@ -40,6 +40,7 @@ class Request:
     output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
+    stream: bool = False  # report every new token, not only the end
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
