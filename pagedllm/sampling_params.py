@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 or -1, top_p 1 and min_p 0 mean off.
+    """``n`` samples per prompt (they share the prompt's KV blocks; sample i of a seeded request
+    uses seed + i). temperature 0 means greedy; top_k 0 or -1, top_p 1 and min_p 0 mean off.
 
     Penalties as in vLLM and the OpenAI API: ``presence_penalty`` and ``frequency_penalty``
     subtract from the logits of tokens already generated (once, or per occurrence);
@@ -17,6 +18,7 @@ class SamplingParams:
     in the batch.
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -36,6 +38,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 is greedy)")
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an int >= 1")
+        _check(self.n == 1 or self.temperature > 0, "n", self.n,
+               "must be 1 with greedy sampling (temperature=0): greedy samples would all be the same")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _check(
             isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from pagedllm.engine.request import Request
+from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -64,10 +64,16 @@ class LLMEngine:
                           frozenset(stops), prompt, stream=stream)
         if (params.stop or stream) and self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        if params.n > 1:
+            request.group = SampleGroup(request_id, params.n, [request])
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
-        self.scheduler.abort_request(request_id)
+        """End a request (all its samples) wherever it is, freeing its blocks."""
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            group_id = request.group.request_id if request.group else request.request_id
+            if group_id == request_id:
+                self.scheduler.finish_request(request, "abort")
 
     def shutdown(self) -> None:
         """Drop every request and free the model runner's device memory."""
@@ -86,7 +92,7 @@ class LLMEngine:
             raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
         result = self.model_runner.execute(out)
         self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
-        finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
+        finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs, result.forked)
         reported = list(finished)
         for request, token_id in zip(out.requests, result.sampled_token_ids, strict=True):
             if token_id is None or request.detokenizer is None:
@@ -94,7 +100,15 @@ class LLMEngine:
             ended_by_stop_string = self._extend_text(request)
             if ended_by_stop_string or (request.stream and not request.is_finished):
                 reported.append(request)
-        return [self._output(r) for r in reported]
+        outputs, groups_reported = [], set()
+        for request in reported:
+            group = request.group
+            if group is None:
+                outputs.append(self._output(request))
+            elif id(group) not in groups_reported and (group.is_finished or request.stream):
+                groups_reported.add(id(group))
+                outputs.append(self._output(request))
+        return outputs
 
     def _extend_text(self, request: Request) -> bool:
         """Decode the request's new token; on a stop string, cut the text there and end the request
@@ -119,6 +133,16 @@ class LLMEngine:
         return params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
 
     def _output(self, request: Request) -> RequestOutput:
+        """The request's output; for one of n samples, the whole group's, samples in index order."""
+        group = request.group
+        members = sorted(group.members, key=lambda m: m.sample_index) if group else [request]
+        first = members[0]
+        return RequestOutput(group.request_id if group else request.request_id, first.prompt,
+                             first.prompt_token_ids, [self._completion(m) for m in members],
+                             group.is_finished if group else request.is_finished,
+                             num_cached_tokens=first.num_cached_tokens or 0)
+
+    def _completion(self, request: Request) -> CompletionOutput:
         token_ids = request.output_token_ids
         text = ""
         ended_by_stop_string = isinstance(request.stop_reason, str)
@@ -126,16 +150,15 @@ class LLMEngine:
             text = request.detokenizer.text  # cut at the stop string, or so far (holds back half a character)
         elif self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
-        completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)
+        completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
+                                      request.stop_reason)
         if request.sampling_params.logprobs is not None:
             completion.cumulative_logprob = request.cumulative_logprob
             completion.logprobs = [
                 {t: Logprob(lp, rank, self._decode_token(t)) for t, (lp, rank) in entry.items()}
                 for entry in request.output_logprobs
             ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                             request.is_finished, num_cached_tokens=request.num_cached_tokens or 0)
-
+        return completion
 
     def _decode_token(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

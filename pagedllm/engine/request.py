@@ -41,9 +41,29 @@ class Request:
     cumulative_logprob: float = 0.0
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
+    group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
+    sample_index: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def forks_now(self) -> bool:
+        """Its next sample is the group's first: it is drawn n times, once per sample."""
+        return self.group is not None and not self.group.forked
+
+    def fork(self, index: int) -> "Request":
+        """Sample ``index`` of the group, at the point where the prompt is computed: same tokens
+        and progress, and the same blocks (the caller shares them)."""
+        child = Request(f"{self.request_id}#{index}", self.prompt_token_ids, self.sampling_params, self.max_tokens,
+                        self.stop_token_ids, self.prompt, num_computed_tokens=self.num_computed_tokens,
+                        block_table=list(self.block_table), block_hashes=list(self.block_hashes),
+                        num_cached_tokens=self.num_cached_tokens, status=self.status, stream=self.stream,
+                        group=self.group, sample_index=index)
+        if self.detokenizer is not None:
+            child.detokenizer = IncrementalDetokenizer(self.detokenizer.tokenizer, self.detokenizer.skip_special_tokens)
+        self.group.members.append(child)
+        return child
 
     @property
     def num_tokens(self) -> int:
@@ -86,3 +106,21 @@ class Request:
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
+
+
+@dataclass(eq=False)
+class SampleGroup:
+    """The n samples of one request: the first computes the prompt, then forks the others, which
+    share its KV blocks."""
+
+    request_id: str
+    n: int
+    members: list[Request] = field(default_factory=list)
+
+    @property
+    def forked(self) -> bool:
+        return len(self.members) == self.n
+
+    @property
+    def is_finished(self) -> bool:
+        return self.forked and all(m.is_finished for m in self.members)

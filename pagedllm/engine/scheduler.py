@@ -14,6 +14,7 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write first
 
     @property
     def total_num_tokens(self) -> int:
@@ -84,25 +85,33 @@ class Scheduler:
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)
             budget -= num_new
+        out.blocks_to_copy, self.block_manager.pending_copies = self.block_manager.pending_copies, []
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
-                           logprobs: list | None = None) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None], logprobs: list | None = None,
+                           forked: dict[int, list[tuple[int, dict | None]]] | None = None) -> list[Request]:
         """Advance each scheduled request by its computed tokens and its sampled token (None for a
-        prefill chunk that does not reach the end), with its logprobs if it asked. Returns the
-        requests that finished."""
+        prefill chunk that does not reach the end), with its logprobs if it asked. A request whose
+        group forks now (``forked``: its row -> the other samples' tokens and logprobs) gets its
+        siblings, which share its blocks. Returns the requests that finished."""
         finished = []
         logprobs = logprobs or [None] * len(sampled)
-        for request, num_new, token_id, token_logprobs in zip(out.requests, out.num_scheduled_tokens, sampled,
-                                                               logprobs, strict=True):
+        for row, (request, num_new, token_id, token_logprobs) in enumerate(
+                zip(out.requests, out.num_scheduled_tokens, sampled, logprobs, strict=True)):
             request.num_computed_tokens += num_new
             self.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(request)
             if token_id is None:
                 continue
+            siblings = []
+            for index, (sibling_token, sibling_logprobs) in enumerate((forked or {}).get(row, []), 1):
+                sibling = request.fork(index)  # before the request's own token: they share the prompt only
+                self.block_manager.share(sibling)
+                self.running.append(sibling)
+                sibling.append_output_token(sibling_token, sibling_logprobs)
+                siblings.append(sibling)
             request.append_output_token(token_id, token_logprobs)
-            if request.is_finished:
-                finished.append(request)
+            finished += [r for r in [request, *siblings] if r.is_finished]
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
             for request in finished:

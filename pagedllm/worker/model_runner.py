@@ -35,6 +35,18 @@ TokenLogprobs = dict[int, tuple[float, int]]
 class ModelRunnerOutput:
     sampled_token_ids: list[int | None]  # per scheduled request; None for a prefill chunk
     logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
+    # scheduled request's row -> (token, logprobs) of samples 1..n-1 of a group forking now
+    forked: dict[int, list[tuple[int, TokenLogprobs | None]]] | None = None
+
+
+@dataclass
+class SampleRow:
+    """One draw from one row of logits: ``request``'s settings, the generator of sample ``index``
+    of its group (keyed ``key``)."""
+
+    request: Request
+    key: str
+    index: int
 
 
 class ModelRunner:
@@ -79,20 +91,39 @@ class ModelRunner:
                      r.block_table, r.num_computed_tokens + n == r.num_tokens)
             for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
         ]
+        if out.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
+            src, dst = (torch.tensor(b, device=self.device) for b in zip(*out.blocks_to_copy, strict=True))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         logits = self._forward(chunks)
-        rows = [i for i, c in enumerate(chunks) if c.wants_logits]
-        if not rows:
-            return ModelRunnerOutput([None] * len(chunks))
-        sampling = [out.requests[i] for i in rows]
-        meta = self._sampling_metadata(sampling)
-        sampled = self.sampler(logits, meta)
         result = ModelRunnerOutput([None] * len(chunks))
-        for i, token_id in zip(rows, sampled.token_ids.tolist(), strict=True):
-            result.sampled_token_ids[i] = token_id
+        rows, sample_rows, logit_rows = [], [], []  # a group forking now draws its n first tokens at once
+        for chunk_index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
+            if not chunk.wants_logits:
+                continue
+            logits_row = len(sample_rows) and logit_rows[-1] + 1
+            for k in range(request.group.n if request.forks_now else 1):
+                key = request.request_id if k == 0 else f"{request.request_id}#{k}"
+                rows.append(chunk_index)
+                sample_rows.append(SampleRow(request, key, request.sample_index + k))
+                logit_rows.append(logits_row)
+        if not rows:
+            return result
+        if len(logit_rows) != logits.shape[0]:
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
+        meta = self._sampling_metadata(sample_rows)
+        sampled = self.sampler(logits, meta)
+        row_logprobs = (_logprobs_to_host(sampled, [s.request for s in sample_rows])
+                        if meta.max_num_logprobs is not None else [None] * len(rows))
         if meta.max_num_logprobs is not None:
             result.logprobs = [None] * len(chunks)
-            for i, row_logprobs in zip(rows, _logprobs_to_host(sampled, sampling), strict=True):
-                result.logprobs[i] = row_logprobs
+        for chunk_index, token_id, token_logprobs in zip(rows, sampled.token_ids.tolist(), row_logprobs, strict=True):
+            if result.sampled_token_ids[chunk_index] is None:
+                result.sampled_token_ids[chunk_index] = token_id
+                if result.logprobs is not None:
+                    result.logprobs[chunk_index] = token_logprobs
+            else:
+                result.forked = result.forked or {}
+                result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
         return result
 
     def _forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
@@ -108,15 +139,16 @@ class ModelRunner:
             hidden_states = self.model(step.input_ids, step.positions)
         return self.model.compute_logits(hidden_states[step.logits_indices])
 
-    def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: list[SampleRow]) -> SamplingMetadata:
+        requests = [row.request for row in rows]
         params = [r.sampling_params for r in requests]
         generators = {}
-        for row, request in enumerate(requests):
-            seed = request.sampling_params.seed
-            if seed is not None and not request.sampling_params.greedy:
-                if request.request_id not in self.generators:
-                    self.generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
-                generators[row] = self.generators[request.request_id]
+        for i, row in enumerate(rows):
+            seed = row.request.sampling_params.seed
+            if seed is not None and not row.request.sampling_params.greedy:
+                if row.key not in self.generators:
+                    self.generators[row.key] = torch.Generator(device=self.device).manual_seed(seed + row.index)
+                generators[i] = self.generators[row.key]
         banned = [r.tokens_banned_now() for r in requests]
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingMetadata(
