@@ -35,7 +35,8 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     """One request's prompt and completions; ``num_cached_tokens`` prompt tokens came from the
-    prefix cache instead of being computed."""
+    prefix cache instead of being computed. With ``SamplingParams.prompt_logprobs``,
+    ``prompt_logprobs[i]`` scores prompt token i (None for the first, which nothing predicts)."""
 
     request_id: str
     prompt: str | None
@@ -43,3 +44,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -12,10 +12,11 @@ class SamplingParams:
     subtract from the logits of tokens already generated (once, or per occurrence);
     ``repetition_penalty`` > 1 divides positive (multiplies negative) logits of tokens in the
     prompt or the output. ``logprobs=k`` returns, per generated token, its log-probability under
-    the model and the k most likely tokens'. ``stop`` strings end the text before them (after
-    them with ``include_stop_str_in_output``). ``max_tokens=None`` generates until EOS or the
-    model's context is full. ``seed`` makes one request's sampling reproducible whatever else is
-    in the batch.
+    the model and the k most likely tokens'; ``prompt_logprobs=k`` does so for the prompt's tokens
+    (such a request does not use the prefix cache: every prompt token must be scored). ``stop``
+    strings end the text before them (after them with ``include_stop_str_in_output``).
+    ``max_tokens=None`` generates until EOS or the model's context is full. ``seed`` makes one
+    request's sampling reproducible whatever else is in the batch.
     """
 
     n: int = 1
@@ -35,6 +36,7 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 is greedy)")
@@ -52,8 +54,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check(-2 <= getattr(self, name) <= 2, name, getattr(self, name), "must be in [-2, 2]")
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0 (1 is off)")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
-               "logprobs", self.logprobs, "must be an int >= 0, or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value >= 0), name, value,
+                   "must be an int >= 0, or None")
         _check(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
             "max_tokens", self.max_tokens, "must be an int >= 1, or None",

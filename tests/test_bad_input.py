@@ -93,6 +93,8 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": -1}, "logprobs"),
     ({"stop": ["ok", ""]}, "stop"),
+    ({"prompt_logprobs": -2}, "prompt_logprobs"),
+    ({"n": 0}, "n"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid"):

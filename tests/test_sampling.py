@@ -110,3 +110,25 @@ def test_no_logprobs_unless_asked(tiny_checkpoint):
     out = LLM(tiny_checkpoint("qwen2"), device="cpu").generate([[5, 6]], SamplingParams(max_tokens=2),
                                                                use_tqdm=False)[0].outputs[0]
     assert out.logprobs is None and out.cumulative_logprob is None
+
+
+@pytest.mark.parametrize("budget", [None, 7])  # 7 tokens a step: the prompt is scored over several chunks
+def test_prompt_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, budget):
+    path = tiny_checkpoint("qwen2")
+    prompt = random_prompts([20], seed=6)[0]
+    llm = LLM(path, device="cpu", max_num_batched_tokens=budget)
+    llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)  # the prompt is now in the prefix cache
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, prompt_logprobs=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # scoring the prompt bypasses the cache
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for position in range(1, len(prompt)):
+        entry, ref, token = out.prompt_logprobs[position], reference[position - 1], prompt[position]
+        assert entry[token].logprob == pytest.approx(ref[token].item(), abs=1e-4)
+        assert entry[token].rank == int((ref > ref[token]).sum()) + 1
+        top_values, top_ids = ref.topk(2)
+        assert all(entry[t].logprob == pytest.approx(v, abs=1e-4) for t, v in zip(top_ids.tolist(),
+                                                                                    top_values.tolist(), strict=True))
+        assert set(entry) <= set(top_ids.tolist()) | {token}

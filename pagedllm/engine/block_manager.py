@@ -80,8 +80,8 @@ class BlockManager:
     def take_cached_prefix(self, request: Request) -> int:
         """Give a request with no blocks the cached blocks of its longest cached prefix; returns
         how many tokens they hold (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt token computed
         assert not request.block_table
         parent = None
         for i in range((request.num_tokens - 1) // self.block_size):

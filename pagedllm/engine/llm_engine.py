@@ -92,6 +92,8 @@ class LLMEngine:
             raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
         result = self.model_runner.execute(out)
         self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
+        for index, entries in (result.prompt_logprobs or {}).items():
+            out.requests[index].prompt_logprobs.extend(entries)
         finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs, result.forked)
         reported = list(finished)
         for request, token_id in zip(out.requests, result.sampled_token_ids, strict=True):
@@ -137,10 +139,13 @@ class LLMEngine:
         group = request.group
         members = sorted(group.members, key=lambda m: m.sample_index) if group else [request]
         first = members[0]
-        return RequestOutput(group.request_id if group else request.request_id, first.prompt,
-                             first.prompt_token_ids, [self._completion(m) for m in members],
-                             group.is_finished if group else request.is_finished,
-                             num_cached_tokens=first.num_cached_tokens or 0)
+        output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
+                               first.prompt_token_ids, [self._completion(m) for m in members],
+                               group.is_finished if group else request.is_finished,
+                               num_cached_tokens=first.num_cached_tokens or 0)
+        if first.sampling_params.prompt_logprobs is not None:
+            output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs)
+        return output
 
     def _completion(self, request: Request) -> CompletionOutput:
         token_ids = request.output_token_ids
@@ -154,11 +159,11 @@ class LLMEngine:
                                       request.stop_reason)
         if request.sampling_params.logprobs is not None:
             completion.cumulative_logprob = request.cumulative_logprob
-            completion.logprobs = [
-                {t: Logprob(lp, rank, self._decode_token(t)) for t, (lp, rank) in entry.items()}
-                for entry in request.output_logprobs
-            ]
+            completion.logprobs = self._logprobs(request.output_logprobs)
         return completion
+
+    def _logprobs(self, entries: list[dict[int, tuple[float, int]]]) -> list[dict[int, Logprob]]:
+        return [{t: Logprob(lp, rank, self._decode_token(t)) for t, (lp, rank) in entry.items()} for entry in entries]
 
     def _decode_token(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

@@ -39,6 +39,7 @@ class Request:
     # with sampling_params.logprobs: per output token, {token id: (logprob, rank)}
     output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    prompt_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)  # of prompt tokens 1..
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1

@@ -37,6 +37,8 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
     # scheduled request's row -> (token, logprobs) of samples 1..n-1 of a group forking now
     forked: dict[int, list[tuple[int, TokenLogprobs | None]]] | None = None
+    # scheduled request's row -> logprobs of the next prompt tokens it scored this step
+    prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
 
 
 @dataclass
@@ -94,8 +96,11 @@ class ModelRunner:
         if out.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
             src, dst = (torch.tensor(b, device=self.device) for b in zip(*out.blocks_to_copy, strict=True))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        logits = self._forward(chunks)
+        prompt_rows, prompt_targets = self._prompt_logprobs(out, chunks)
+        logits, prompt_logits = self._forward(chunks, prompt_rows)
         result = ModelRunnerOutput([None] * len(chunks))
+        if prompt_logits is not None:
+            result.prompt_logprobs = _score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
         rows, sample_rows, logit_rows = [], [], []  # a group forking now draws its n first tokens at once
         for chunk_index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
             if not chunk.wants_logits:
@@ -126,18 +131,36 @@ class ModelRunner:
                 result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
         return result
 
-    def _forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None):
         """Logits ``[chunks wanting logits, vocab]`` of one flat, unpadded batch (a decode batch
-        replays a CUDA graph, padded to its size)."""
+        replays a CUDA graph, padded to its size), and the logits at the flat token rows
+        ``extra_rows`` (prompt logprobs; None when none are asked for)."""
         is_decode = all(len(c.token_ids) == 1 and c.wants_logits for c in chunks)
         graph_size = self.decode_graphs.bucket(len(chunks)) if self.decode_graphs and is_decode else None
-        if graph_size is not None:
+        if graph_size is not None and not extra_rows:
             self.inputs.prepare(chunks, pad_seqs_to=graph_size, max_context_len=self.config.max_model_len)
-            return self.decode_graphs.replay(graph_size, len(chunks))
+            return self.decode_graphs.replay(graph_size, len(chunks)), None
         step = self.inputs.prepare(chunks)
         with forward_metadata(step.metadata):
             hidden_states = self.model(step.input_ids, step.positions)
-        return self.model.compute_logits(hidden_states[step.logits_indices])
+        logits = self.model.compute_logits(hidden_states[step.logits_indices])
+        if not extra_rows:
+            return logits, None
+        return logits, self.model.compute_logits(hidden_states[torch.tensor(extra_rows, device=self.device)])
+
+    def _prompt_logprobs(self, out: SchedulerOutput, chunks: list[SeqChunk]):
+        """For requests asking for prompt logprobs: the flat rows whose logits predict a prompt
+        token not yet scored, and per such row (scheduled request, prompt token it predicts)."""
+        rows, targets, start = [], [], 0
+        for index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
+            if request.sampling_params.prompt_logprobs is not None:
+                for offset in range(len(chunk.token_ids)):
+                    position = chunk.start + offset  # its logits predict token position + 1
+                    if len(request.prompt_logprobs) <= position < request.num_prompt_tokens - 1:
+                        rows.append(start + offset)
+                        targets.append((index, request.prompt_token_ids[position + 1]))
+            start += len(chunk.token_ids)
+        return rows, targets
 
     def _sampling_metadata(self, rows: list[SampleRow]) -> SamplingMetadata:
         requests = [row.request for row in rows]
@@ -244,3 +267,22 @@ def _logprobs_to_host(sampled: SamplerOutput, requests: list[Request]) -> list[T
             entry.setdefault(token_id, (logprob, rank))
         result.append(entry)
     return result
+
+
+def _score_prompt_tokens(logits: torch.Tensor, targets: list[tuple[int, int]],
+                         requests: list[Request]) -> dict[int, list[TokenLogprobs]]:
+    """Each prompt token's logprob and rank under the logits before it, with the request's top-k."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_ids = torch.tensor([t for _, t in targets], device=logprobs.device)
+    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = ((logprobs > token_logprobs.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    k = max(max(requests[i].sampling_params.prompt_logprobs for i, _ in targets), 1)
+    top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+    scored: dict[int, list[TokenLogprobs]] = {}
+    for row, ((index, token_id), token_logprob) in enumerate(zip(targets, token_logprobs.tolist(), strict=True)):
+        entry = {token_id: (token_logprob, ranks[row])}
+        wanted = requests[index].sampling_params.prompt_logprobs
+        for rank, (other, value) in enumerate(zip(top_ids[row][:wanted], top_logprobs[row][:wanted], strict=True), 1):
+            entry.setdefault(other, (value, rank))
+        scored.setdefault(index, []).append(entry)
+    return scored
