@@ -1,0 +1,174 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official openai client."""
+
+import argparse
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+from conftest import random_prompts
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server, engine_args
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+
+
+def call(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def start_server(model: str, *extra: str):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    engine_args(parser)
+    server = build_server(parser.parse_args(["--model", model, "--device", "cpu", "--port", str(port), *extra]))
+    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    return server, uv, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    server, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "tiny")
+    yield server, url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    uv.should_exit = True
+    server.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoint):
+    return LLM(tiny_checkpoint("llama"), device="cpu")
+
+
+def test_models_lists_the_served_name(live):
+    _, _, client = live
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_streamed_and_not_equals_llm_generate(live, offline):
+    _, _, client = live
+    prompt = "def main():"
+    expected = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert done.choices[0].text == expected.outputs[0].text
+    assert done.choices[0].finish_reason == expected.outputs[0].finish_reason
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(expected.prompt_token_ids), 12)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_completion_takes_token_ids_lists_n_logprobs_and_echo(live, offline):
+    _, _, client = live
+    prompts = random_prompts([5, 9], seed=2)
+    out = client.completions.create(model="tiny", prompt=prompts, max_tokens=4, temperature=0.8, n=2, seed=3,
+                                    logprobs=2, extra_body={"top_k": 20})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(len(c.logprobs.tokens) == 4 and len(c.logprobs.top_logprobs[0]) >= 1 for c in out.choices)
+    echoed = client.completions.create(model="tiny", prompt="import os", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("import os")
+
+
+def test_chat_streamed_and_not_equals_llm_chat_with_the_builtin_template(live, offline):
+    _, _, client = live
+    expected = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False,
+                            chat_template=DEFAULT_CHAT_TEMPLATE)[0].outputs[0].text
+    done = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
+    assert done.choices[0].message.content == expected and done.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_async_client(live):
+    _, url, _ = live
+
+    async def ask():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        answers = await asyncio.gather(*[client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=6, temperature=0) for _ in range(5)])
+        await client.close()
+        return {a.choices[0].message.content for a in answers}
+
+    assert len(asyncio.run(ask())) == 1  # five concurrent greedy answers agree
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    ({"model": "other-model"}, 404, "model"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"top_p": 7}, 400, "top_p"),
+    ({"prompt": "x " * 300}, 400, "prompt"),
+    ({"max_tokens": "many"}, 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_errors_and_disturb_nothing(live, kwargs, status, param):
+    server, _, client = live
+    request = {"model": "tiny", "prompt": "hello", "max_tokens": 4} | kwargs
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(**request)
+    assert caught.value.status_code == status
+    assert caught.value.body["param"] == param and caught.value.body["code"] == status
+    assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].text is not None
+
+
+def test_client_that_disconnects_mid_stream_frees_its_request(live):
+    server, url, _ = live
+    connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")  # streaming has begun
+    connection.close()
+    deadline = time.time() + 10
+    while server.engine.num_unfinished_requests and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.num_unfinished_requests == 0
+    manager = server.engine.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_health_tokenize_detokenize(live, offline):
+    _, url, _ = live
+    assert call("GET", f"{url}/health")[0] == 200
+    tokens = json.loads(call("POST", f"{url}/tokenize", {"prompt": "def main():"})[1])
+    assert tokens["tokens"] == offline.get_tokenizer().encode("def main():")
+    assert tokens["count"] == len(tokens["tokens"])
+    assert json.loads(call("POST", f"{url}/detokenize", {"tokens": tokens["tokens"]})[1])["prompt"] == "def main():"
+
+
+def test_api_key_is_required_on_v1_routes(tiny_checkpoint):
+    server, uv, url = start_server(tiny_checkpoint("gpt2"), "--api-key", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
+        assert call("GET", f"{url}/v1/models")[0] == 401
+        models = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").models.list()
+        assert models.data[0].id == tiny_checkpoint("gpt2")
+        assert call("GET", f"{url}/health")[0] == 200  # not a /v1 route
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()
