@@ -172,3 +172,59 @@ def test_api_key_is_required_on_v1_routes(tiny_checkpoint):
     finally:
         uv.should_exit = True
         server.engine.shutdown()
+
+
+def test_metrics_report_requests_blocks_cache_and_latencies(live):
+    _, url, client = live
+    client.completions.create(model="tiny", prompt="def main():", max_tokens=5, temperature=0)
+    status, body = call("GET", f"{url}/metrics")
+    text = body.decode()
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert status == 200
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_in_use", "prefix_cache_hit_rate",
+                 "generation_tokens_per_second", "generation_tokens_total"):
+        assert f"pagedllm:{name}" in metrics
+    assert metrics["pagedllm:generation_tokens_total"] >= 5
+    assert metrics["pagedllm:time_to_first_token_seconds_count"] >= 1
+    assert metrics["pagedllm:inter_token_latency_seconds_count"] >= 4
+    assert metrics['pagedllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == \
+        metrics["pagedllm:time_to_first_token_seconds_count"]
+
+
+def test_200_concurrent_requests_some_leaving_mid_stream(live):
+    """Half stream, a tenth of those leave after two chunks; the rest all complete, and
+    afterwards the server is healthy and holds no KV block."""
+    server, url, _ = live
+
+    async def one(client, i):
+        prompt = random_prompts([3 + i % 17], seed=i)[0]
+        if i % 2 == 0:
+            return (await client.completions.create(model="tiny", prompt=prompt, max_tokens=8,
+                                                    extra_body={"ignore_eos": True})).usage.completion_tokens
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=8, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        chunks, finish = 0, None
+        async for chunk in stream:
+            chunks += 1
+            finish = chunk.choices[0].finish_reason or finish
+            if i % 10 == 1 and chunks == 2:
+                await stream.close()
+                return "left"
+        return 8 if finish == "length" else finish
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        results = await asyncio.gather(*[one(client, i) for i in range(200)])
+        await client.close()
+        return results
+
+    results = asyncio.run(run())
+    assert results.count("left") == 20
+    assert all(r == 8 for r in results if r != "left")  # every other request completed its 8 tokens
+    deadline = time.time() + 10
+    while server.engine.num_unfinished_requests and time.time() < deadline:
+        time.sleep(0.05)
+    manager = server.engine.engine.block_manager
+    assert server.engine.num_unfinished_requests == 0 and manager.num_free_blocks == manager.num_blocks
+    assert call("GET", f"{url}/health")[0] == 200

@@ -9,14 +9,16 @@ import hmac
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -71,6 +73,7 @@ class OpenAIServer:
     def __init__(self, engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
                  chat_template: str | None = None):
         self.engine = engine
+        self.metrics = ServerMetrics(engine)
         self.model_name = served_model_name
         self.api_key = api_key
         tokenizer = engine.tokenizer
@@ -106,6 +109,10 @@ class OpenAIServer:
             if self.engine._error is not None:
                 return error_response(500, f"the engine stopped: {self.engine._error!r}")
             return Response(status_code=200)
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
         @app.get("/v1/models")
         async def models() -> ModelList:
@@ -184,7 +191,7 @@ class OpenAIServer:
                 self.engine.validate(token_ids, params)
             except ValueError as err:
                 raise _bad_value(ValueError(f"prompt {index}: {err}")) from None
-        streams = [self.engine.generate(f"{request_id}-{i}", ids, params, text)
+        streams = [self._timed(self.engine.generate(f"{request_id}-{i}", ids, params, text))
                    for i, (text, ids) in enumerate(prompts)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -207,6 +214,16 @@ class OpenAIServer:
                                                 logprobs=self._completion_logprobs(c, len(echo)),
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _timed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """The stream, its latencies observed for /metrics."""
+        arrival, token_times = time.monotonic(), []
+        try:
+            async for output in stream:
+                token_times.append(time.monotonic())
+                yield output
+        finally:
+            self.metrics.observe_request(arrival, token_times)
 
     def _completion_logprobs(self, completion, offset: int) -> CompletionLogprobs | None:
         if completion.logprobs is None:
