@@ -18,4 +18,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$py" -m pip install -q -e "$root[dev]" >&2
     echo "$want" > "$stamp"
 fi
+# The legacy openai 0.x client, beside the venv (it cannot share one with openai >= 1): the server
+# tests check that vLLM users' old client code still works.
+legacy="$venv/legacy-openai"
+if [ ! -f "$legacy/openai/__init__.py" ]; then
+    "$py" -m pip install -q --target "$legacy" "openai==0.28.1" >&2
+fi
 echo "$py"
