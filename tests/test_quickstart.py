@@ -78,3 +78,24 @@ def test_legacy_openai_client_chats(quickstart_server):
     current = openai.OpenAI(base_url=f"{quickstart_server}/v1", api_key="EMPTY").chat.completions.create(
         model="facebook/opt-1.3b", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0)
     assert reply["content"] == current.choices[0].message.content
+
+
+def test_pagedllm_serve_command(tiny_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tiny_checkpoint("gpt2")
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "pagedllm"), "serve", path,
+                               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, models = time.time() + 120, None
+        while models is None and time.time() < deadline and server.poll() is None:
+            try:
+                models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1))
+            except OSError:
+                time.sleep(0.2)
+        assert models is not None and models["data"][0]["id"] == path
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
