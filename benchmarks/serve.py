@@ -1,0 +1,185 @@
+"""Serving benchmark: Poisson arrivals at several request rates against pagedllm's OpenAI server and,
+in the same run on the same checkpoint and prompts, ``transformers serve --continuous-batching``.
+
+Both get the same streamed chat completions (greedy, a fixed output length; pagedllm also gets
+``ignore_eos``). Per engine and rate: throughput, time-to-first-token and inter-token latency
+percentiles. The checkpoint is the real config with random weights, saved once with a trained
+byte-level tokenizer and a plain chat template (no hub is reachable).
+
+Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 2 8 32 inf] [--peer transformers] [--out DIR]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import openai
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import environment, write_result  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def build_checkpoint(config_path: str, dtype: torch.dtype, path: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagedllm.testing import build_tokenizer
+
+    config = AutoConfig.from_pretrained(config_path)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+
+
+def make_prompts(path: str, num_requests: int, input_len: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rng = random.Random(0)
+    return [tokenizer.decode([rng.randrange(10, 500) for _ in range(input_len)]) for _ in range(num_requests)]
+
+
+def start(command: list[str], url: str, ready_path: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited: {process.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + ready_path, timeout=2)
+            return process
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError(f"{command} did not start in 600 s")
+
+
+async def one_request(client, model: str, prompt: str, output_len: int, extra: dict) -> dict:
+    start = time.perf_counter()
+    times, tokens = [], None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=output_len, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"start": start, "times": times, "tokens": tokens if tokens is not None else len(times)}
+
+
+async def run_load(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
+    await one_request(client, model, prompts[0], 8, extra)  # warm-up
+    rng = random.Random(1)
+    tasks, begin = [], time.perf_counter()
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(one_request(client, model, prompt, output_len, extra)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    wall = time.perf_counter() - begin
+    await client.close()
+    done = [r for r in results if isinstance(r, dict) and r["times"]]
+    ttft = [r["times"][0] - r["start"] for r in done]
+    itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    output_tokens = sum(r["tokens"] for r in done)
+
+    def pct(values, q):
+        return statistics.quantiles(values, n=100)[q - 1] * 1e3 if len(values) > 1 else None
+
+    return {"rate": rate, "wall_s": wall, "completed": len(done), "failed": len(results) - len(done),
+            "errors": sorted({repr(r)[:200] for r in results if isinstance(r, BaseException)}),
+            "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
+            "requests_per_s": len(done) / wall,
+            **{f"ttft_p{q}_ms": pct(ttft, q) for q in (50, 90, 99)},
+            **{f"itl_p{q}_ms": pct(itl, q) for q in (50, 90, 99)}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def benchmark_engine(name: str, command: list[str], url: str, ready: str, model: str, prompts, output_len,
+                     rates, extra) -> dict:
+    process = None
+    try:
+        process = start(command, url, ready)
+        runs = []
+        for rate in rates:
+            run = asyncio.run(run_load(url, model, prompts, output_len, rate, extra))
+            print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
+                  f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
+                  f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}", flush=True)
+            runs.append(run)
+        return {"engine": name, "runs": runs}
+    except Exception as err:
+        return {"engine": name, "error": f"{type(err).__name__}: {err}"[:500]}
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="qwen3-0.6b", help="a name in benchmarks/model_configs, or a path")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rates", type=float, nargs="+", default=[2, 8, 32, float("inf")])
+    parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
+    args = parser.parse_args()
+    config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
+    path = tempfile.mkdtemp(prefix="pagedllm-serve-")
+    build_checkpoint(config_path, getattr(torch, args.dtype), path)
+    prompts = make_prompts(path, args.num_requests, args.input_len)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ours = benchmark_engine(
+        "pagedllm", [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host",
+                     "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype,
+                     "--device", args.device],
+        url, "/health", "bench", prompts, args.output_len, args.rates, {"ignore_eos": True})
+    engines = [ours]
+    if args.peer == "transformers":
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        engines.append(benchmark_engine(
+            "transformers-serve-cb", [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
+                                      "serve", path, "--continuous-batching", "--host", "127.0.0.1",
+                                      "--port", str(port)],
+            url, "/v1/models", path, prompts, args.output_len, args.rates, {}))
+    payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
+               "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
+               "output_len": args.output_len, "environment": environment(), "engines": engines}
+    if args.peer != "none":
+        print(f"wrote {write_result('serve', payload, args.out)}")
+    else:
+        print(json.dumps(payload, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()
