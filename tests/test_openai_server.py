@@ -228,3 +228,35 @@ def test_200_concurrent_requests_some_leaving_mid_stream(live):
     manager = server.engine.engine.block_manager
     assert server.engine.num_unfinished_requests == 0 and manager.num_free_blocks == manager.num_blocks
     assert call("GET", f"{url}/health")[0] == 200
+
+
+def test_async_client_streams_completions_and_chat(live, offline):
+    _, url, _ = live
+    expected = offline.generate("import os", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+
+    async def ask():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        completion = await client.completions.create(model="tiny", prompt="import os", max_tokens=8, temperature=0,
+                                                     stream=True)
+        text = "".join([c.choices[0].text async for c in completion])
+        chat = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                    stream=True)
+        chat_text = "".join([c.choices[0].delta.content or "" async for c in chat if c.choices])
+        plain = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+        await client.close()
+        return text, chat_text, plain.choices[0].message.content
+
+    text, chat_text, plain_chat = asyncio.run(ask())
+    assert text == expected.outputs[0].text and chat_text == plain_chat
+
+
+def test_chat_template_file_overrides_the_builtin_one(tiny_checkpoint, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    server, uv, url = start_server(tiny_checkpoint("opt"), "--chat-template", str(template))
+    try:
+        tokens = json.loads(call("POST", f"{url}/tokenize", {"messages": MESSAGES})[1])["tokens"]
+        assert server.engine.tokenizer.decode(tokens) == "[Hello!]"
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()
