@@ -16,7 +16,8 @@ import uvicorn
 from conftest import random_prompts
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server, engine_args
+from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server
+from pagedllm.entrypoints.server_args import engine_args
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 

@@ -1,20 +1,34 @@
-"""The ``pagedllm`` command: ``pagedllm serve MODEL [options]``."""
+"""The ``pagedllm`` command (also ``python -m pagedllm``): generate, serve, bench."""
 
 import argparse
+import sys
 
-from pagedllm.entrypoints.openai.api_server import engine_args, serve
+from pagedllm.entrypoints import bench, generate
+from pagedllm.entrypoints.server_args import engine_args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedllm", description="Fast LLM inference with a paged KV cache.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench}")
+    generate.add_arguments(commands.add_parser(
+        "generate", help="complete a JSONL file of prompts into a JSONL file of results (resumable)",
+        description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     serve_parser = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     serve_parser.add_argument("model", help="model directory, or hub id in the local HF cache")
     engine_args(serve_parser)
+    bench.add_arguments(commands.add_parser("bench", help="a quick offline throughput run"))
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from pagedllm.entrypoints.openai.api_server import serve  # fastapi is an optional extra
+
         serve(args)
+        return 0
+    try:
+        return (generate if args.command == "generate" else bench).run(args)
+    except generate.BadLine as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

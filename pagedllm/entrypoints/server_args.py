@@ -1,0 +1,30 @@
+"""The server's command-line options, named as vLLM names them (no server imports: cheap to define)."""
+
+import argparse
+import os
+
+API_KEY_ENV = "PAGEDLLM_API_KEY"
+
+
+def engine_args(parser: argparse.ArgumentParser) -> None:
+    """The server's engine options, named as vLLM names them."""
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on /v1 routes (or set {API_KEY_ENV})")
+    parser.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-kv-blocks", type=int)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")

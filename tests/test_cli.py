@@ -1,0 +1,92 @@
+"""The pagedllm command line: generate (resumable dataset generation), help."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.cli import main
+from pagedllm.testing import build_tiny_checkpoint
+
+PROMPTS = ["def main():", "import os", "class A:", "x = 1", "for i in range(3):", "while True:"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tokenizer):
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return build_tiny_checkpoint("llama", str(tmp_path_factory.mktemp("cli")), tokenizer=chat_tokenizer)
+
+
+def write_lines(path, items):
+    path.write_text("".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items))
+
+
+def read_results(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def generate(model, inp, out, *extra):
+    return main(["generate", "--model", model, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                 "--temperature", "0", "--max-tokens", "6", *extra])
+
+
+def test_results_equal_llm_generate_and_take_chat_messages(model, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)]
+                + [{"id": "chat", "messages": [{"role": "user", "content": "def main():"}]}])
+    assert generate(model, inp, out) == 0
+    results = {r["id"]: r for r in read_results(out)}
+    expected = LLM(model, device="cpu").generate(PROMPTS + ["def main():\n"],
+                                                 SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    for key, output in zip([*range(len(PROMPTS)), "chat"], expected, strict=True):
+        assert results[key]["text"] == output.outputs[0].text
+        assert results[key]["completion_tokens"] == len(output.outputs[0].token_ids)
+        assert results[key]["prompt_tokens"] == len(output.prompt_token_ids)
+        assert results[key]["finish_reason"] == output.outputs[0].finish_reason
+
+
+def test_interrupted_run_keeps_what_finished_and_resumes_without_duplicates(model, tmp_path, monkeypatch):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
+    step, calls = LLMEngine.step, {"n": 0}
+
+    def interrupted_step(self):
+        calls["n"] += 1
+        if calls["n"] == 9:  # the first two requests finished at step 6
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, inp, out, "--max-num-seqs", "2")
+    first = read_results(out)
+    assert 0 < len(first) < len(PROMPTS)
+    monkeypatch.setattr(LLMEngine, "step", step)
+    assert generate(model, inp, out, "--max-num-seqs", "2") == 0
+    results = read_results(out)
+    assert sorted(r["id"] for r in results) == list(range(len(PROMPTS)))
+    assert results[: len(first)] == first
+
+
+def test_malformed_lines_are_named_or_skipped_and_counted(model, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": 1, "prompt": "a"}, "{not json", {"prompt": "no id"}, {"id": 4, "prompt": "b"},
+                      {"id": 1, "prompt": "duplicate"}, {"id": 6, "prompt": "x " * 400}])
+    assert generate(model, inp, out) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+    out.unlink()
+    assert generate(model, inp, out, "--skip-bad-lines") == 0
+    err = capsys.readouterr().err
+    assert "skipped line 3" in err and "duplicate id 1" in err and "skipped line 6" in err
+    assert "skipped 4 bad lines" in err
+    assert sorted(r["id"] for r in read_results(out)) == [1, 4]
+
+
+def test_help_lists_the_commands():
+    run = subprocess.run([sys.executable, "-m", "pagedllm", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and all(c in run.stdout for c in ("generate", "serve", "bench"))
