@@ -126,7 +126,38 @@ def main() -> None:
             "python": platform.python_version(), "torch": torch.__version__, "greedy_samples": samples}
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
+    write_model_card(args.out, info)
     print(json.dumps(samples, indent=1))
+
+
+def write_model_card(out: str, info: dict) -> None:
+    """models/pagedllm-demo/README.md: what the model is, how it was trained, its losses and samples."""
+    final = info["log"][-1]
+    lines = [
+        "# pagedllm-demo",
+        "",
+        f"A {info['parameters'] / 1e6:.1f}M-parameter Llama (4 layers, hidden 256, 4 query heads on 2 KV heads, "
+        "vocabulary 4096, tied embeddings) trained by `scripts/train_demo_model.py` on the source of Python's "
+        f"standard library (its top-level modules, Python {info['python']}: {info['tokens']:,} tokens of a "
+        "byte-level BPE trained on the same text). It writes Python-looking code; it is the default model of "
+        "pagedllm's demo, notebooks and the tests that need sensible text. An ordinary Hugging Face checkpoint: "
+        "it loads in `transformers` as in pagedllm.",
+        "",
+        f"Training: {info['steps']} steps of {info['batch_size']} x {info['seq_len']} tokens, AdamW, cosine "
+        f"schedule, on two CPU threads in {info['train_seconds'] / 60:.0f} minutes (torch {info['torch']}, seed 0).",
+        f"Final training loss {final['train_loss']}, held-out loss {final.get('held_out_loss')} "
+        "(the last 2% of the corpus).",
+        "",
+        "| step | training loss | held-out loss |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {e['step']} | {e['train_loss']} | {e.get('held_out_loss', '')} |"
+              for e in info["log"] if "held_out_loss" in e]
+    lines += ["", "Greedy samples (transformers `generate`, 48 new tokens):", ""]
+    for prompt, text in info["greedy_samples"].items():
+        lines += ["```python", prompt + text, "```", ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(lines))
 
 
 if __name__ == "__main__":
