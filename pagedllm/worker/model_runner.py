@@ -117,11 +117,12 @@ class ModelRunner:
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
         meta = self._sampling_metadata(sample_rows)
         sampled = self.sampler(logits, meta)
-        row_logprobs = (_logprobs_to_host(sampled, [s.request for s in sample_rows])
-                        if meta.max_num_logprobs is not None else [None] * len(rows))
+        token_ids = sampled.token_ids.tolist()
+        row_logprobs = [None] * len(rows)
         if meta.max_num_logprobs is not None:
+            row_logprobs = _logprobs_to_host(sampled, token_ids, [s.request for s in sample_rows])
             result.logprobs = [None] * len(chunks)
-        for chunk_index, token_id, token_logprobs in zip(rows, sampled.token_ids.tolist(), row_logprobs, strict=True):
+        for chunk_index, token_id, token_logprobs in zip(rows, token_ids, row_logprobs, strict=True):
             if result.sampled_token_ids[chunk_index] is None:
                 result.sampled_token_ids[chunk_index] = token_id
                 if result.logprobs is not None:
@@ -251,10 +252,10 @@ def _penalty_inputs(requests: list[Request]) -> PenaltyInputs:
     )
 
 
-def _logprobs_to_host(sampled: SamplerOutput, requests: list[Request]) -> list[TokenLogprobs | None]:
-    """Each row's sampled token and its own number of top alternatives, as Python numbers."""
+def _logprobs_to_host(sampled: SamplerOutput, tokens: list[int], requests: list[Request]) -> list[TokenLogprobs | None]:
+    """Each row's sampled token (``tokens``) and its own number of top alternatives, as Python numbers."""
     top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
-    tokens, token_logprobs = sampled.token_ids.tolist(), sampled.sampled_logprobs.tolist()
+    token_logprobs = sampled.sampled_logprobs.tolist()
     ranks = sampled.sampled_ranks.tolist()
     result = []
     for row, request in enumerate(requests):
