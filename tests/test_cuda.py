@@ -23,6 +23,7 @@ def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
     llm = LLM(tiny_checkpoint(kind), device="cuda", dtype="float32", num_kv_blocks=64,
               max_num_batched_tokens=48)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    llm.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
@@ -34,8 +35,8 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
     assert 0.2 * total < cache_bytes < 0.3 * total
     sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=3)
     assert len(llm.generate(random_prompts([12]), sampled, use_tqdm=False)[0].outputs[0].token_ids) == 8
-    del llm, runner
-    torch.cuda.empty_cache()
+    del runner
+    llm.shutdown()
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
@@ -50,7 +51,7 @@ def test_cuda_graph_decode_equals_eager(kind, tiny_checkpoint):
         outputs[eager] = [[o.outputs[0].token_ids for o in llm.generate(random_prompts(lengths), params,
                                                                          use_tqdm=False)]
                           for lengths in ([3, 50, 7, 1, 90], list(range(1, 96, 5)))]
-        del llm
+        llm.shutdown()
     assert outputs[True] == outputs[False]
 
 
