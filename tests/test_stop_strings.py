@@ -65,3 +65,14 @@ def test_stop_strings_need_a_tokenizer(tiny_checkpoint, tmp_path):
     llm = LLM(str(tmp_path), device="cpu", load_format="dummy")
     with pytest.raises(ValueError, match="prompt 0: stop strings need a tokenizer"):
         llm.generate([[5, 6]], SamplingParams(stop="x"), use_tqdm=False)
+
+
+def test_streamed_text_never_shows_what_a_stop_string_later_cuts(llm_and_free_run, tokenizer):
+    llm, prompt, free = llm_and_free_run
+    boundary = len(tokenizer.decode(free.token_ids[:6]))
+    stop = free.text[boundary - 2 : boundary + 2]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop)
+    streamed = [o.outputs[0].text for o in llm.generate_stream([prompt], params)]
+    final = streamed[-1]
+    assert final == free.text[: free.text.find(stop)]
+    assert all(final.startswith(text) for text in streamed)  # each partial text is a prefix of the final one

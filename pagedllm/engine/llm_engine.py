@@ -153,6 +153,9 @@ class LLMEngine:
         ended_by_stop_string = isinstance(request.stop_reason, str)
         if request.detokenizer is not None and (ended_by_stop_string or not request.is_finished):
             text = request.detokenizer.text  # cut at the stop string, or so far (holds back half a character)
+            if not request.is_finished and request.sampling_params.stop:
+                # so far: hold back what a later token could still turn into a stop string
+                text = text[: max(len(text) - max(map(len, request.sampling_params.stop)) + 1, 0)]
         elif self.tokenizer is not None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
