@@ -50,16 +50,18 @@ class EngineConfig:
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                  "num_kv_blocks", self.num_kv_blocks, ">= 1 or None")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: only 1 works "
-                "in this version of pagedllm"
-            )
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         self.device = _resolve_device(self.device)
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda"):
+            gpus = torch.cuda.device_count()
+            _require(self.device == "cuda" and self.tensor_parallel_size <= gpus, "tensor_parallel_size",
+                     self.tensor_parallel_size, f"at most the {gpus} GPUs torch sees, with device='cuda' (rank r "
+                     f"runs on GPU r), not {self.device!r}")
 
         self.model_path = resolve_model_path(self.model)
         self.hf_config = load_hf_config(self.model_path)
         get_model_class(self.hf_config)  # unknown architectures fail here, before loading
+        _check_tensor_parallel(self.hf_config, self.tensor_parallel_size)
         if self.tokenizer is None:
             self.tokenizer = self.model_path
         self.dtype = _resolve_dtype(self.dtype, self.hf_config, self.device)
@@ -81,6 +83,22 @@ def derive_max_model_len(hf_config: PretrainedConfig) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError("config.json gives no maximum context length (max_position_embeddings or n_positions)")
+
+
+def _check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Each rank needs whole query heads and an even share of the MLP; KV heads are split, or each
+    shared by several ranks when there are fewer of them than ranks."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    mlp = next((v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(hf_config, k, None))),
+               4 * hf_config.hidden_size)
+    for what, count in (("attention heads", heads), ("MLP width", mlp)):
+        if count % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} is invalid for this model: its {count} {what} "
+                             f"do not split evenly over {tp_size} ranks")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} is invalid for this model: its {kv_heads} KV heads "
+                         f"neither split over {tp_size} ranks nor divide them")
 
 
 def _resolve_device(device: str) -> str:

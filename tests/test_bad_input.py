@@ -70,7 +70,8 @@ def test_checkpoint_missing_a_weight(tiny_checkpoint, tmp_path):
     ({"dtype": "int8"}, "dtype='int8'"),
     ({"device": "tpu"}, "device='tpu'"),
     ({"load_format": "gguf"}, "load_format='gguf'"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
+    ({"tensor_parallel_size": 3}, "tensor_parallel_size=3 is invalid for this model: its 4 attention heads"),
 ])
 def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,25 +1,112 @@
-"""A linear layer that runs several HF projections sharing one input as one matmul."""
+"""Linear layers split across tensor-parallel ranks, Megatron-style, loading their slices from HF
+checkpoints as they are.
+
+A column-parallel layer keeps some output rows on each rank (q/k/v heads, MLP columns) and needs
+no communication; the row-parallel layer after it holds the matching input columns and sums the
+ranks' partial outputs with one all-reduce. With one rank both are plain linear layers.
+"""
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from pagedllm.distributed import all_reduce, tp_rank, tp_world_size
 
 
-class MergedLinear(nn.Linear):
-    """HF's q/k/v (or gate/up) projections, stacked along the output dimension.
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, start + size)`` of a projection of ``full_size`` rows: this rank's part."""
 
-    The checkpoint keeps them apart; each loads into its own rows through ``weight_loader``.
-    """
+    full_size: int
+    start: int
+    size: int
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(out_sizes), bias=bias)
-        self.out_sizes = out_sizes
+
+def shard_units(num_units: int, unit_size: int = 1) -> Shard:
+    """This rank's share of ``num_units`` units (attention heads, or single rows) of ``unit_size``
+    rows: an even split, or, with fewer units than ranks (KV heads under GQA), one unit shared by
+    ``world_size / num_units`` neighbouring ranks."""
+    rank, world = tp_rank(), tp_world_size()
+    if num_units >= world:
+        if num_units % world:
+            raise ValueError(f"{num_units} cannot be split evenly over tensor_parallel_size={world}")
+        per_rank = num_units // world
+        return Shard(num_units * unit_size, rank * per_rank * unit_size, per_rank * unit_size)
+    if world % num_units:
+        raise ValueError(f"{num_units} heads cannot be shared evenly by tensor_parallel_size={world}")
+    return Shard(num_units * unit_size, rank * num_units // world * unit_size, unit_size)
+
+
+def _rows(loaded, start: int, size: int, transposed: bool) -> torch.Tensor:
+    """Output rows ``[start, start + size)`` of a checkpoint weight or bias, reading only them.
+    ``transposed``: the checkpoint stores the weight ``[in, out]`` (GPT-2's Conv1D)."""
+    if len(loaded.shape) == 1:
+        return loaded[start : start + size]
+    return loaded[:, start : start + size].t() if transposed else loaded[start : start + size]
+
+
+def _copy(param: nn.Parameter, rows: torch.Tensor, what: str) -> None:
+    if param.shape != rows.shape:
+        raise ValueError(f"checkpoint {what} has shape {tuple(rows.shape)}, but config.json implies "
+                         f"{tuple(param.shape)}")
+    param.data.copy_(rows)
+
+
+class ColumnParallelLinear(nn.Module):
+    """One or more HF projections sharing an input (q/k/v, gate/up), stacked along the output and
+    each cut to this rank's ``shards``. The checkpoint keeps them apart (``part`` = their index)
+    or already stacked (``part`` None, GPT-2's c_attn)."""
+
+    def __init__(self, in_features: int, shards: list[Shard], bias: bool, transposed: bool = False):
+        super().__init__()
+        self.shards, self.transposed = shards, transposed
+        out_features = sum(s.size for s in shards)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        full_size = sum(s.full_size for s in shards)
         for param in self.parameters():
-            param.weight_loader = self._load_part
-            param.num_shards = len(out_sizes)
+            param.weight_loader = self._load
+            param.num_parts = len(shards)
+        self.weight.full_shape = (in_features, full_size) if transposed else (full_size, in_features)
+        if bias:
+            self.bias.full_shape = (full_size,)
 
-    def _load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: int) -> None:
-        start = sum(self.out_sizes[:part])
-        rows = param.data[start : start + self.out_sizes[part]]
-        if rows.shape != loaded.shape:
-            raise ValueError(f"checkpoint part {part} has shape {tuple(loaded.shape)}, expected {tuple(rows.shape)}")
-        rows.copy_(loaded)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _load(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        parts = range(len(self.shards)) if part is None else [part]
+        for i in parts:
+            shard = self.shards[i]
+            offset = sum(s.full_size for s in self.shards[:i]) if part is None else 0
+            local = sum(s.size for s in self.shards[:i])
+            rows = _rows(loaded, offset + shard.start, shard.size, self.transposed)
+            _copy(param[local : local + shard.size], rows, f"part {i}")
+
+
+class RowParallelLinear(nn.Module):
+    """A projection whose input columns are split across ranks (attention output, MLP down):
+    each rank multiplies its slice, one all-reduce sums them, then the bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, transposed: bool = False,
+                 unit_size: int = 1):
+        super().__init__()
+        self.shard = shard_units(in_features // unit_size, unit_size)
+        self.transposed = transposed
+        self.weight = nn.Parameter(torch.empty(out_features, self.shard.size))
+        self.weight.weight_loader = self._load_weight
+        self.weight.full_shape = (in_features, out_features) if transposed else (out_features, in_features)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_world_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = all_reduce(F.linear(x, self.weight))
+        return out + self.bias if self.bias is not None else out
+
+    def _load_weight(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        s = self.shard
+        cols = loaded[s.start : s.start + s.size].t() if self.transposed else loaded[:, s.start : s.start + s.size]
+        _copy(param, cols, "weight")

@@ -1,4 +1,4 @@
-"""GPT-2: learned positions, pre-LayerNorm, HF's Conv1D weights (stored ``[in, out]``)."""
+"""GPT-2: learned positions, pre-LayerNorm, HF's Conv1D weights (stored ``[in, out]``, and q/k/v as one)."""
 
 import torch
 import torch.nn as nn
@@ -6,34 +6,26 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
-
-
-class Conv1D(nn.Module):
-    """A linear layer whose weight is ``[in, out]``, as GPT-2 checkpoints store it."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight)
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int):
         super().__init__()
-        self.hidden_size = config.hidden_size
         head_dim = config.hidden_size // config.num_attention_heads
+        shard = shard_units(config.num_attention_heads, head_dim)
+        self.local_size = shard.size
         scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.c_attn = Conv1D(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = Conv1D(config.hidden_size, config.hidden_size)
-        self.attn = Attention(config.num_attention_heads, config.num_attention_heads, head_dim, scale)
+        self.c_attn = ColumnParallelLinear(config.hidden_size, [shard] * 3, bias=True, transposed=True)
+        self.c_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True, transposed=True,
+                                        unit_size=head_dim)
+        self.attn = Attention(shard.size // head_dim, shard.size // head_dim, head_dim, scale)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.c_attn(hidden_states).split(self.hidden_size, dim=-1)
+        q, k, v = self.c_attn(hidden_states).split(self.local_size, dim=-1)
         return self.c_proj(self.attn(q, k, v))
 
 
@@ -41,8 +33,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.c_fc = Conv1D(config.hidden_size, inner)
-        self.c_proj = Conv1D(inner, config.hidden_size)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, [shard_units(inner)], bias=True, transposed=True)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, bias=True, transposed=True)
         self.act = ACT2FN[config.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +57,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -81,7 +73,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 

@@ -6,10 +6,11 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.linear import MergedLinear
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm_kernels.reference import silu_and_mul_ref
 
 # HF projections we run merged: checkpoint name -> (our merged module, part).
@@ -31,14 +32,18 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, sliding_window: int | None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         qwen2 = config.model_type == "qwen2"
         bias = bool(getattr(config, "attention_bias", False))
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias or qwen2)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        # This rank's heads: query heads split evenly, KV heads split or, when fewer than the
+        # ranks, shared by neighbouring ranks (whose query heads are all in that KV head's group).
+        q_shard, kv_shard = shard_units(num_heads, self.head_dim), shard_units(num_kv_heads, self.head_dim)
+        self.q_size, self.kv_size = q_shard.size, kv_shard.size
+        self.num_heads, self.num_kv_heads = self.q_size // self.head_dim, self.kv_size // self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_shard, kv_shard, kv_shard], bias or qwen2)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias, unit_size=self.head_dim)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -61,9 +66,10 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        shard = shard_units(config.intermediate_size)
+        self.intermediate_size = shard.size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias)
         self.silu = config.hidden_act == "silu"
         self.act_fn = ACT2FN[config.hidden_act]
 
@@ -99,7 +105,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in sliding_windows(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -114,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -66,15 +66,33 @@ def weight_files(model_path: str, load_format: str) -> tuple[str, list[str]]:
     )
 
 
-def iter_checkpoint(model_path: str, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, tensor) of the checkpoint, one file at a time, on the CPU."""
+class CheckpointTensor:
+    """One checkpoint tensor, read only where it is indexed (``t[a:b]``, ``t[:, a:b]``, ``t[:]``): a
+    tensor-parallel rank reads just its slices. ``reads`` counts the bytes read, per checkpoint."""
+
+    def __init__(self, source, shape: tuple[int, ...], reads: list[int]):
+        self._source, self.shape, self._reads = source, tuple(shape), reads
+
+    def __getitem__(self, index) -> torch.Tensor:
+        tensor = self._source[index]
+        self._reads[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def iter_checkpoint(model_path: str, load_format: str,
+                    reads: list[int] | None = None) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Every (name, tensor) of the checkpoint, one file at a time, unread until indexed;
+    ``reads[0]`` grows by the bytes read."""
     fmt, files = weight_files(model_path, load_format)
+    reads = reads if reads is not None else [0]
     for file in files:
         if fmt == "safetensors":
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_slice(name)
+                    yield name, CheckpointTensor(tensor, tensor.get_shape(), reads)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            for name, tensor in state.items():
+                yield name, CheckpointTensor(tensor, tensor.shape, reads)
             del state

@@ -6,7 +6,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.linear import MergedLinear
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 _POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
@@ -19,15 +20,16 @@ def _layer_norm(config: PretrainedConfig) -> nn.LayerNorm:
 class OPTAttention(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
         head_dim = config.hidden_size // num_heads
-        self.qkv_proj = MergedLinear(config.hidden_size, [config.hidden_size] * 3, config.enable_bias)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.enable_bias)
-        self.attn = Attention(num_heads, num_heads, head_dim, head_dim**-0.5)
+        shard = shard_units(num_heads, head_dim)
+        self.local_size = shard.size
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [shard] * 3, config.enable_bias)
+        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, config.enable_bias, unit_size=head_dim)
+        self.attn = Attention(shard.size // head_dim, shard.size // head_dim, head_dim, head_dim**-0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden_states).split(self.hidden_size, dim=-1)
+        q, k, v = self.qkv_proj(hidden_states).split(self.local_size, dim=-1)
         return self.out_proj(self.attn(q, k, v))
 
 
@@ -37,8 +39,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = _layer_norm(config)
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, [shard_units(config.ffn_dim)], config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, config.enable_bias)
         self.activation_fn = ACT2FN[config.activation_function]
         self.final_layer_norm = _layer_norm(config)
 
@@ -58,7 +60,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         proj_dim = config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, proj_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size)
         projected = proj_dim != config.hidden_size
         self.project_in = nn.Linear(proj_dim, config.hidden_size, bias=False) if projected else None
@@ -91,7 +93,7 @@ class OPTForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 

@@ -1,4 +1,5 @@
-"""Build a model on its device and fill its parameters from the checkpoint (or at random)."""
+"""Build a model on its device and fill its parameters (this rank's slices) from the checkpoint,
+or at random."""
 
 from collections import defaultdict
 from collections.abc import Iterable
@@ -7,57 +8,79 @@ import torch
 import torch.nn as nn
 
 from pagedllm.config import EngineConfig
-from pagedllm.models.loader import iter_checkpoint
+from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
 from pagedllm.models.registry import get_model_class
 
 
-def build_model(config: EngineConfig) -> nn.Module:
-    """The model in ``config.dtype`` on ``config.device``, weights loaded, in eval mode."""
+def build_model(config: EngineConfig, device: torch.device) -> tuple[nn.Module, int]:
+    """The model in ``config.dtype`` on ``device``, weights loaded, in eval mode; and the bytes of
+    checkpoint it read (a tensor-parallel rank reads only its slices)."""
     model_class = get_model_class(config.hf_config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
-        with torch.device(config.device):
+        with device:
             model = model_class(config.hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
+    reads = [0]
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        load_weights(model, iter_checkpoint(config.model_path, config.load_format))
-    return model.eval().requires_grad_(False)
+        load_weights(model, iter_checkpoint(config.model_path, config.load_format, reads))
+    return model.eval().requires_grad_(False), reads[0]
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy each checkpoint tensor into the parameter ``model.map_weight_name`` names.
+def _copy_whole(param: nn.Parameter, loaded: CheckpointTensor, part: int | None) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"has shape {tuple(loaded.shape)}, but config.json implies {tuple(param.shape)}")
+    param.data.copy_(loaded[:])
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]]) -> None:
+    """Hand each checkpoint tensor to the loader of the parameter ``model.map_weight_name`` names,
+    which reads this rank's slice of it.
 
     Checkpoint entries the model has no parameter for (HF buffers such as rotary tables,
     a tied lm_head) are skipped; a parameter the checkpoint leaves unset is an error.
     """
     params = dict(model.named_parameters())
-    loaded: dict[str, int] = defaultdict(int)
+    loaded: dict[str, set[int | None]] = defaultdict(set)
     for hf_name, tensor in weights:
         name, part = model.map_weight_name(hf_name)
         param = params.get(name)
         if param is None:
             continue
-        if part is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"checkpoint weight {hf_name} has shape {tuple(tensor.shape)}, "
-                                 f"but config.json implies {tuple(param.shape)}")
-            param.data.copy_(tensor)
-        else:
-            param.weight_loader(param, tensor, part)
-        loaded[name] += 1
-    missing = [name for name, p in params.items() if loaded[name] < getattr(p, "num_shards", 1)]
+        try:
+            getattr(param, "weight_loader", _copy_whole)(param, tensor, part)
+        except ValueError as err:
+            raise ValueError(f"checkpoint weight {hf_name}: {err}") from None
+        loaded[name].add(part)
+    missing = [name for name, p in params.items()
+               if None not in loaded[name] and len(loaded[name]) < getattr(p, "num_parts", 1)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"the checkpoint lacks weights the model needs: {shown}")
 
 
+class _RandomTensor:
+    """A random "checkpoint tensor" of a parameter's full, unsharded shape: every rank draws the
+    same values from the same seed and keeps its slice, so dummy weights do not depend on
+    tensor_parallel_size."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, seed: int):
+        self.shape = shape
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self._values = torch.empty(shape, device=device).uniform_(-1e-3, 1e-3, generator=generator)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._values[index]
+
+
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Small random values from the config alone: speed does not depend on the weights."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for param in model.parameters():
-        param.data.uniform_(-1e-3, 1e-3, generator=generator)
+    for index, (name, param) in enumerate(model.named_parameters()):
+        loader = getattr(param, "weight_loader", None)
+        full_shape = getattr(param, "full_shape", tuple(param.shape))
+        tensor = _RandomTensor(full_shape, param.device, seed * 100003 + index)
+        (loader or _copy_whole)(param, tensor, None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed import min_over_ranks
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.forward_context import forward_metadata
@@ -23,7 +24,8 @@ from pagedllm.worker.kv_cache import (
     gpu_num_blocks,
     release_kv_cache,
 )
-from pagedllm.worker.step_inputs import SeqChunk, StepInputs
+from pagedllm.worker.step_inputs import SeqChunk, StepBatch, StepInputs
+from pagedllm.worker.tensor_parallel import WorkerGroup, rank_device
 
 logger = logging.getLogger("pagedllm")
 
@@ -52,11 +54,29 @@ class SampleRow:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    """One rank's model, KV cache and step inputs. Rank 0 (the driver's) also samples and, with
+    ``tensor_parallel_size`` > 1, starts the other ranks' workers and sends them every step."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
-        self.device = torch.device(config.device)
+        tp_size = config.tensor_parallel_size
+        self.device = torch.device(config.device) if tp_size == 1 else rank_device(config.device, rank)
         self.block_size = config.block_size
-        self.model = build_model(config)
+        self.workers = WorkerGroup(config, tp_size) if rank == 0 and tp_size > 1 else None
+        try:
+            self._build(config)
+        except BaseException as err:
+            if self.workers is not None:
+                failure = self.workers.failure()
+                self.workers.shutdown()
+                if failure and not isinstance(err, ValueError):  # a ValueError is every rank's own
+                    raise RuntimeError(failure) from None
+            raise
+        if self.workers is not None:
+            self.workers.wait_ready()
+
+    def _build(self, config: EngineConfig) -> None:
+        self.model, self.checkpoint_bytes_read = build_model(config, self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
         for attn in attention_layers(self.model):
@@ -74,7 +94,10 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
     def shutdown(self) -> None:
-        """Release the graphs, the KV cache and the weights, and return the memory to the device."""
+        """Stop the workers; release the graphs, the KV cache and the weights, and return the
+        memory to the device."""
+        if self.workers is not None:
+            self.workers.shutdown()
         release_kv_cache(self.model)
         self.decode_graphs = self.kv_cache = self.model = self.inputs = None
         self.generators.clear()
@@ -93,11 +116,12 @@ class ModelRunner:
                      r.block_table, r.num_computed_tokens + n == r.num_tokens)
             for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
         ]
-        if out.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
-            src, dst = (torch.tensor(b, device=self.device) for b in zip(*out.blocks_to_copy, strict=True))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         prompt_rows, prompt_targets = self._prompt_logprobs(out, chunks)
-        logits, prompt_logits = self._forward(chunks, prompt_rows)
+        batch = StepBatch(chunks, out.blocks_to_copy, prompt_rows)
+        if self.workers is None:
+            logits, prompt_logits = self.run_forward(batch)
+        else:
+            logits, prompt_logits = self.workers.run(self.run_forward, batch)
         result = ModelRunnerOutput([None] * len(chunks))
         if prompt_logits is not None:
             result.prompt_logprobs = _score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
@@ -131,6 +155,14 @@ class ModelRunner:
                 result.forked = result.forked or {}
                 result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
         return result
+
+    @torch.inference_mode()
+    def run_forward(self, batch: StepBatch):
+        """What every rank runs each step: copy-on-write block copies, then the forward pass."""
+        if batch.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
+            src, dst = (torch.tensor(b, device=self.device) for b in zip(*batch.blocks_to_copy, strict=True))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        return self._forward(batch.chunks, batch.prompt_rows)
 
     def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None):
         """Logits ``[chunks wanting logits, vocab]`` of one flat, unpadded batch (a decode batch
@@ -204,6 +236,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
             num_blocks, budget = gpu_num_blocks(self.geometry, cfg.gpu_memory_utilization, self.weight_bytes,
                                                 max(activation_peak, 0))
+        num_blocks = min_over_ranks(num_blocks)
         fits = num_blocks // blocks_per_seq
         logger.info("KV cache: %s -> %d blocks of %d tokens (%d tokens); %d sequences of max_model_len %d fit at once",
                     budget, num_blocks, self.block_size, num_blocks * self.block_size, fits, cfg.max_model_len)

@@ -22,6 +22,15 @@ class SeqChunk:
 
 
 @dataclass
+class StepBatch:
+    """Everything a tensor-parallel rank needs to run one step's forward pass (sent to workers)."""
+
+    chunks: list[SeqChunk]
+    blocks_to_copy: list[tuple[int, int]]
+    prompt_rows: list[int]  # flat token rows whose logits score prompt tokens (prompt_logprobs)
+
+
+@dataclass
 class PreparedStep:
     input_ids: torch.Tensor
     positions: torch.Tensor

@@ -1,0 +1,197 @@
+"""Tensor-parallel workers: ranks 1..N-1, each a spawned process with its own ModelRunner.
+
+The driver process is rank 0: it schedules, and before each step sends the step's batch (token
+ids, positions' blocks, copies) to every worker through a pipe; then all ranks run the same
+forward pass, meeting in the layers' collectives. Only rank 0 samples. A worker that dies or
+fails makes the driver's step raise (gloo notices the closed sockets; NCCL is aborted by a
+monitor thread), never hang.
+"""
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import threading
+import traceback
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pagedllm.distributed import abort_tensor_parallel, destroy_tensor_parallel, init_tensor_parallel
+
+logger = logging.getLogger("pagedllm")
+# How long a collective may wait for a rank that is alive but slow (a first compile, a capture).
+COLLECTIVE_TIMEOUT_S = 600
+STARTUP_TIMEOUT_S = 600
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r runs on GPU r (or on the CPU)."""
+    return torch.device("cuda", rank) if device.startswith("cuda") else torch.device("cpu")
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+class WorkerGroup:
+    """The driver's handle on ranks 1..N-1: starts them, sends them each step, stops them."""
+
+    def __init__(self, config, world_size: int):
+        self.world_size = world_size
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        for rank in range(1, world_size):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(config, rank, world_size, store.port, theirs),
+                               name=f"pagedllm-tp{rank}", daemon=True)
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(ours)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        try:
+            for rank in range(1, world_size):
+                self._expect(rank, "joining")  # a worker that cannot even start fails here, not in a hang
+            init_tensor_parallel(0, world_size, rank_device(config.device, 0), store, COLLECTIVE_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._store = store
+        self.checkpoint_bytes_read: list[int] = []
+        threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """After rank 0's own ModelRunner is built: every worker built its own."""
+        self.checkpoint_bytes_read = [self._expect(rank, "ready")[0] for rank in range(1, self.world_size)]
+
+    def run(self, forward: Callable[[Any], Any], batch: Any) -> Any:
+        """Send ``batch`` to the workers and run ``forward(batch)`` as rank 0. Ctrl-C waits for the
+        step's end, so the ranks never fall out of step; any other failure stops the workers."""
+        if not self._finalizer.alive:
+            raise WorkerFailed("the tensor-parallel workers were stopped after a failure: create a new LLM")
+        try:
+            with _sigint_deferred():
+                data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+                for conn in self.conns:
+                    conn.send_bytes(data)
+                return forward(batch)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:
+            failure = self.failure()
+            self.shutdown()
+            if failure:
+                raise WorkerFailed(failure) from None
+            raise WorkerFailed(f"a tensor-parallel step failed on rank 0 ({type(err).__name__}: {err}); "
+                               "the workers were stopped: create a new LLM") from err
+
+    def failure(self) -> str | None:
+        """What went wrong with a worker, if anything did: its error, or how it died."""
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), 1):
+            try:
+                if conn.poll():
+                    message = conn.recv()
+                    if message[0] == "error":
+                        return f"tensor-parallel worker rank {rank} failed:\n{message[1]}"
+            except (EOFError, OSError):
+                pass
+            proc.join(timeout=1)  # a killed worker is reaped by now
+            if proc.exitcode is not None:
+                return (f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
+                        "create a new LLM")
+        return None
+
+    def shutdown(self) -> None:
+        self._finalizer()
+        destroy_tensor_parallel()
+
+    def _expect(self, rank: int, what: str) -> tuple:
+        proc, conn = self.procs[rank - 1], self.conns[rank - 1]
+        message = None
+        if conn in mp.connection.wait([conn, proc.sentinel], timeout=STARTUP_TIMEOUT_S):
+            try:
+                message = conn.recv()
+            except EOFError:
+                proc.join(timeout=1)
+        if message is None or message[0] != what:
+            detail = message[1] if message and message[0] == "error" else f"exit code {proc.exitcode}"
+            raise WorkerFailed(f"tensor-parallel worker rank {rank} did not start ({detail})")
+        return message[1:]
+
+    def _monitor(self) -> None:
+        """A worker that dies unasked leaves NCCL collectives waiting forever: abort them."""
+        mp.connection.wait([p.sentinel for p in self.procs])
+        if self._finalizer.alive:  # not stopped by us
+            logger.error("a tensor-parallel worker died: stopping the step")
+            abort_tensor_parallel()
+
+
+def _stop(procs: list, conns: list) -> None:
+    """Ask each worker to finish, then make sure it has."""
+    for conn in conns:
+        try:
+            conn.send_bytes(b"")
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
+
+
+@contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C until the block ends (only the main thread receives signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> None:
+    """A worker process: join the group, build this rank's ModelRunner, run what the driver sends."""
+    from pagedllm.worker.model_runner import ModelRunner
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    logging.getLogger("pagedllm").setLevel(logging.WARNING)
+    device = rank_device(config.device, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    else:
+        torch.cuda.set_device(device)
+    try:
+        conn.send(("joining",))
+        store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False)
+        init_tensor_parallel(rank, world_size, device, store, COLLECTIVE_TIMEOUT_S)
+        runner = ModelRunner(config, rank)
+        conn.send(("ready", runner.checkpoint_bytes_read))
+        while data := conn.recv_bytes():
+            runner.run_forward(pickle.loads(data))
+    except EOFError:
+        pass  # the driver is gone
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        os._exit(1)
+    finally:
+        destroy_tensor_parallel()
