@@ -30,6 +30,7 @@ from benchmarks.common import (  # noqa: E402
     write_result,
 )
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
@@ -137,9 +138,10 @@ def _model_stats(llm: LLM) -> dict:
     runner = llm.llm_engine.model_runner
     g = runner.geometry
     lm_head = runner.model.lm_head.weight
-    embedding_params = sum(m.weight.numel() for m in runner.model.modules() if isinstance(m, torch.nn.Embedding))
-    matmul_params = sum(p.numel() for p in runner.model.parameters()) - embedding_params
-    if lm_head.data_ptr() in {m.weight.data_ptr() for m in runner.model.modules() if isinstance(m, torch.nn.Embedding)}:
+    embeddings = [m.weight for m in runner.model.modules()
+                  if isinstance(m, (torch.nn.Embedding, VocabParallelEmbedding)) and not isinstance(m, ParallelLMHead)]
+    matmul_params = sum(p.numel() for p in runner.model.parameters()) - sum(w.numel() for w in embeddings)
+    if any(w is lm_head for w in embeddings):
         matmul_params += lm_head.numel()  # tied: counted once as embedding, but used as a matmul
     num_heads = llm.llm_engine.config.hf_config.num_attention_heads
     return {"weight_bytes": runner.weight_bytes, "matmul_params": matmul_params, "num_layers": g.num_layers,

@@ -25,7 +25,8 @@ class OPTAttention(nn.Module):
         shard = shard_units(num_heads, head_dim)
         self.local_size = shard.size
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [shard] * 3, config.enable_bias)
-        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, config.enable_bias, unit_size=head_dim)
+        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, config.enable_bias,
+                                          unit_size=head_dim)
         self.attn = Attention(shard.size // head_dim, shard.size // head_dim, head_dim, head_dim**-0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

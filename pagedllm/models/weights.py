@@ -79,7 +79,7 @@ class _RandomTensor:
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Small random values from the config alone: speed does not depend on the weights."""
-    for index, (name, param) in enumerate(model.named_parameters()):
+    for index, param in enumerate(model.parameters()):
         loader = getattr(param, "weight_loader", None)
         full_shape = getattr(param, "full_shape", tuple(param.shape))
         tensor = _RandomTensor(full_shape, param.device, seed * 100003 + index)
