@@ -9,8 +9,17 @@ import time
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-H100_HBM_BYTES_PER_S = 3.0e12  # device-to-device copy, measured (../shared/BENCHMARKS.md)
-H100_BF16_FLOPS = 7.9e14  # dense bf16 matmul, measured
+# Measured peaks per GPU: device-to-device copy (bytes/s) and dense bf16 matmul (FLOP/s). H100:
+# ../shared/BENCHMARKS.md; H200: the device tool's KINDS.md (4.3 TB/s copy, 769-798 TFLOP/s).
+GPU_PEAKS = {"H100": {"hbm_bytes_per_s": 3.0e12, "bf16_flops": 7.9e14},
+             "H200": {"hbm_bytes_per_s": 4.3e12, "bf16_flops": 7.9e14}}
+
+
+def gpu_peaks() -> dict:
+    """The peaks of the GPU in use (the H100's for a GPU not in the table), with its short name."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    gpu = next((g for g in GPU_PEAKS if g in name), "H100")
+    return {"gpu": gpu, **GPU_PEAKS[gpu]}
 
 
 def environment() -> dict:
@@ -26,7 +35,7 @@ def environment() -> dict:
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "git_commit": commit, "date": datetime.date.today().isoformat(),
+        "git_commit": commit, "date": datetime.date.today().isoformat(), "peaks": gpu_peaks(),
     }
 
 

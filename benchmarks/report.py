@@ -30,15 +30,23 @@ def _source(data: dict, name: str) -> str:
             f"commit {str(env['git_commit'])[:10]} (`benchmarks/results/{name}`)")
 
 
+def _peaks(data: dict) -> tuple[str, str, str]:
+    """(GPU, copy bandwidth, matmul peak) the fractions of a result are taken of; files from before
+    the peaks were recorded were all H100 runs."""
+    peaks = data["environment"].get("peaks", {"gpu": "H100", "hbm_bytes_per_s": 3.0e12, "bf16_flops": 7.9e14})
+    return peaks["gpu"], f"{peaks['hbm_bytes_per_s'] / 1e12:.1f} TB/s", f"{peaks['bf16_flops'] / 1e12:.0f} TFLOP/s"
+
+
 def kernels_section(name: str, data: dict) -> list[str]:
     layout = data["layout"]
+    _, bandwidth, matmul = _peaks(data)
     lines = [
         f"**PagedAttention kernels** (`python benchmarks/kernels.py`): {layout['num_heads']} query heads on "
         f"{layout['num_kv_heads']} KV heads, head_dim {layout['head_dim']}, {layout['dtype'].split('.')[-1]}, "
         f"blocks of {layout['block_size']} in shuffled order, beside torch SDPA over the same K/V held densely. "
         f"{_source(data, name)}.",
         "",
-        "| decode batch x context | paged µs | GB/s | of 3.0 TB/s | SDPA (dense) µs | paged / SDPA time |",
+        f"| decode batch x context | paged µs | GB/s | of {bandwidth} | SDPA (dense) µs | paged / SDPA time |",
         "|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
@@ -46,7 +54,7 @@ def kernels_section(name: str, data: dict) -> list[str]:
             lines.append(f"| {r['batch']} x {r['context']} | {r['paged_ms'] * 1e3:.1f} | "
                          f"{r['paged_bytes_per_s'] / 1e9:.0f} | {100 * r['paged_hbm_fraction']:.0f}% | "
                          f"{r['sdpa_dense_ms'] * 1e3:.1f} | {r['paged_over_sdpa_time']:.2f} |")
-    lines += ["", "| causal prefill tokens | paged ms | TFLOP/s | of 790 TFLOP/s | SDPA (flash) ms | "
+    lines += ["", f"| causal prefill tokens | paged ms | TFLOP/s | of {matmul} | SDPA (flash) ms | "
                   "paged / SDPA time |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         if r["kind"] == "prefill":
@@ -71,7 +79,8 @@ def throughput_section() -> list[str]:
         "**Throughput** (`python benchmarks/throughput.py --workload W1`): output tokens/s, each workload with "
         "its HF peers in the same run on the same prompts (workloads: `../shared/BENCHMARKS.md`; random "
         "weights from the real configs, EOS ignored). Roofline fraction: the least time the run's own steps "
-        "could take on the H100 (weights + K/V read at 3.0 TB/s, or FLOPs at 790 TFLOP/s) over the time taken.",
+        "could take on the run's GPU (weights + K/V read at its copy bandwidth, or FLOPs at its matmul peak: "
+        "H100 3.0 TB/s and 790 TFLOP/s, H200 4.3 TB/s and 790 TFLOP/s) over the time taken.",
         "",
         "| workload | model | pagedllm | HF static bs64 | HF static bs256 | HF continuous batching | "
         "x best HF | roofline fraction | KV waste | start-up s | result file |",

@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    H100_BF16_FLOPS,
-    H100_HBM_BYTES_PER_S,
     environment,
+    gpu_peaks,
     warm_up_gpu,
     write_result,
 )
@@ -150,16 +149,16 @@ def _model_stats(llm: LLM) -> dict:
 
 
 def roofline(steps: list, stats: dict) -> dict:
-    """The least time each step of the run could take on an H100: max(bytes / 3.0 TB/s, FLOPs / 790 TFLOP/s),
+    """The least time each step of the run could take on this GPU: max(bytes / copy bandwidth, FLOPs / matmul peak),
     bytes = weights + the K/V each sequence reads, FLOPs = 2 x matmul params x tokens + attention."""
-    least = 0.0
+    least, peaks = 0.0, gpu_peaks()
     for step in steps:
         tokens = sum(n for n, _ in step)
         kv_read = sum(ctx for _, ctx in step) * stats["kv_bytes_per_token"]
         attention_flops = sum(4 * stats["num_layers"] * stats["num_heads"] * stats["head_dim"] * n * (ctx - n / 2)
                               for n, ctx in step)
         flops = 2 * stats["matmul_params"] * tokens + attention_flops
-        least += max((stats["weight_bytes"] + kv_read) / H100_HBM_BYTES_PER_S, flops / H100_BF16_FLOPS)
+        least += max((stats["weight_bytes"] + kv_read) / peaks["hbm_bytes_per_s"], flops / peaks["bf16_flops"])
     return {"least_time_s": least, **stats}
 
 
