@@ -1,9 +1,12 @@
-"""This process's place in the tensor-parallel group, and the collectives the sharded layers use.
+"""The tensor-parallel group of this process, and the collectives the sharded layers use.
 
-Layers read ``tp_rank()`` and ``tp_world_size()`` when they are built, to size their shards; with
-one rank (the default) no process group exists and every collective is the identity.
+Layers read ``tp_rank()`` and ``tp_world_size()`` while they are built (``build_model`` sets them
+with ``sharded_as``) and keep their world size: a one-rank model beside a tensor-parallel one in
+the same process never calls a collective. A process joins at most one group at a time.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,15 +20,25 @@ class TensorParallelState:
     world_size: int = 1
 
 
-_state = TensorParallelState()
+_building = TensorParallelState()  # the shard of the model being built now
 
 
 def tp_rank() -> int:
-    return _state.rank
+    return _building.rank
 
 
 def tp_world_size() -> int:
-    return _state.world_size
+    return _building.world_size
+
+
+@contextmanager
+def sharded_as(rank: int, world_size: int) -> Iterator[None]:
+    """Layers built inside keep rank ``rank``'s shard of ``world_size``."""
+    _building.rank, _building.world_size = rank, world_size
+    try:
+        yield
+    finally:
+        _building.rank, _building.world_size = 0, 1
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store: dist.Store,
@@ -34,13 +47,17 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
-    _state.rank, _state.world_size = rank, world_size
+
+
+def check_no_group() -> None:
+    if dist.is_initialized():
+        raise ValueError("this process already holds a torch.distributed process group (another LLM with "
+                         "tensor_parallel_size > 1?): shut that LLM down first (llm.shutdown())")
 
 
 def destroy_tensor_parallel() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    _state.rank, _state.world_size = 0, 1
 
 
 def abort_tensor_parallel() -> None:
@@ -52,23 +69,20 @@ def abort_tensor_parallel() -> None:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the ranks, in place."""
-    if _state.world_size > 1:
-        dist.all_reduce(x)
+    dist.all_reduce(x)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``x`` ``[rows, cols]`` along the columns, in rank order."""
-    if _state.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_state.world_size)]
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
 
 
-def min_over_ranks(value: int) -> int:
-    """The smallest ``value`` any rank holds (each rank profiles its own memory)."""
-    if _state.world_size == 1:
+def min_over_ranks(value: int, world_size: int) -> int:
+    """The smallest ``value`` any of ``world_size`` ranks holds (each rank profiles its own memory)."""
+    if world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
     if dist.get_backend() == "nccl":

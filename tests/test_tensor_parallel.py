@@ -124,3 +124,16 @@ def test_sigint_is_held_to_the_end_of_the_block():
             time.sleep(0.05)
             reached_end = True
     assert reached_end
+
+
+def test_one_rank_model_runs_beside_a_tensor_parallel_one(tiny_checkpoint):
+    path = tiny_checkpoint("gpt2")
+    with LLM(path, device="cpu", tensor_parallel_size=2) as sharded:
+        with LLM(path, device="cpu") as whole:
+            one = [o.outputs[0].token_ids for o in whole.generate(random_prompts(PROMPT_LENGTHS), GREEDY,
+                                                                   use_tqdm=False)]
+        two = [o.outputs[0].token_ids for o in sharded.generate(random_prompts(PROMPT_LENGTHS), GREEDY,
+                                                                 use_tqdm=False)]
+        assert one == two
+        with pytest.raises(ValueError, match=r"already holds a torch.distributed process group"):
+            LLM(path, device="cpu", tensor_parallel_size=2)

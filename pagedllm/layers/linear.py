@@ -94,6 +94,7 @@ class RowParallelLinear(nn.Module):
                  unit_size: int = 1):
         super().__init__()
         self.shard = shard_units(in_features // unit_size, unit_size)
+        self.tp_size = tp_world_size()
         self.transposed = transposed
         self.weight = nn.Parameter(torch.empty(out_features, self.shard.size))
         self.weight.weight_loader = self._load_weight
@@ -101,7 +102,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tp_world_size() == 1:
+        if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
         out = all_reduce(F.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out

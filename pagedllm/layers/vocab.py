@@ -16,14 +16,15 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.vocab_size = vocab_size
-        self.rows_per_rank = -(-vocab_size // tp_world_size())
+        self.tp_size = tp_world_size()
+        self.rows_per_rank = -(-vocab_size // self.tp_size)
         self.start = tp_rank() * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim))
         self.weight.weight_loader = self._load
         self.weight.full_shape = (vocab_size, dim)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if tp_world_size() == 1:
+        if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local_ids = input_ids - self.start
         mine = (local_ids >= 0) & (local_ids < self.rows_per_rank)
@@ -44,6 +45,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states, self.weight)
-        if tp_world_size() == 1:
+        if self.tp_size == 1:
             return logits
         return all_gather_last_dim(logits)[:, : self.vocab_size]

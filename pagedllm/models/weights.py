@@ -8,18 +8,19 @@ import torch
 import torch.nn as nn
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed import sharded_as
 from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
 from pagedllm.models.registry import get_model_class
 
 
-def build_model(config: EngineConfig, device: torch.device) -> tuple[nn.Module, int]:
-    """The model in ``config.dtype`` on ``device``, weights loaded, in eval mode; and the bytes of
-    checkpoint it read (a tensor-parallel rank reads only its slices)."""
+def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[nn.Module, int]:
+    """Rank ``rank``'s shard of the model in ``config.dtype`` on ``device``, weights loaded, in eval
+    mode; and the bytes of checkpoint it read (only its slices)."""
     model_class = get_model_class(config.hf_config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
-        with device:
+        with device, sharded_as(rank, config.tensor_parallel_size):
             model = model_class(config.hf_config)
     finally:
         torch.set_default_dtype(default_dtype)

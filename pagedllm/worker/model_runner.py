@@ -62,6 +62,7 @@ class ModelRunner:
         tp_size = config.tensor_parallel_size
         self.device = torch.device(config.device) if tp_size == 1 else rank_device(config.device, rank)
         self.block_size = config.block_size
+        self.rank = rank
         self.workers = WorkerGroup(config, tp_size) if rank == 0 and tp_size > 1 else None
         try:
             self._build(config)
@@ -76,7 +77,7 @@ class ModelRunner:
             self.workers.wait_ready()
 
     def _build(self, config: EngineConfig) -> None:
-        self.model, self.checkpoint_bytes_read = build_model(config, self.device)
+        self.model, self.checkpoint_bytes_read = build_model(config, self.device, self.rank)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
         for attn in attention_layers(self.model):
@@ -236,10 +237,12 @@ class ModelRunner:
             torch.cuda.empty_cache()
             num_blocks, budget = gpu_num_blocks(self.geometry, cfg.gpu_memory_utilization, self.weight_bytes,
                                                 max(activation_peak, 0))
-        num_blocks = min_over_ranks(num_blocks)
+        num_blocks = min_over_ranks(num_blocks, cfg.tensor_parallel_size)
         fits = num_blocks // blocks_per_seq
-        logger.info("KV cache: %s -> %d blocks of %d tokens (%d tokens); %d sequences of max_model_len %d fit at once",
-                    budget, num_blocks, self.block_size, num_blocks * self.block_size, fits, cfg.max_model_len)
+        per_rank = f" (on each of {cfg.tensor_parallel_size} ranks)" if cfg.tensor_parallel_size > 1 else ""
+        logger.info("KV cache%s: %s -> %d blocks of %d tokens (%d tokens); %d sequences of max_model_len %d fit at "
+                    "once", per_rank, budget, num_blocks, self.block_size, num_blocks * self.block_size, fits,
+                    cfg.max_model_len)
         if fits < 1:
             raise ValueError(
                 f"the KV cache holds {num_blocks * self.block_size} tokens, fewer than one sequence of "

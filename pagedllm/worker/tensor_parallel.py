@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pagedllm.distributed import abort_tensor_parallel, destroy_tensor_parallel, init_tensor_parallel
+from pagedllm.distributed import abort_tensor_parallel, check_no_group, destroy_tensor_parallel, init_tensor_parallel
 
 logger = logging.getLogger("pagedllm")
 # How long a collective may wait for a rank that is alive but slow (a first compile, a capture).
@@ -44,6 +44,7 @@ class WorkerGroup:
     """The driver's handle on ranks 1..N-1: starts them, sends them each step, stops them."""
 
     def __init__(self, config, world_size: int):
+        check_no_group()
         self.world_size = world_size
         store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
