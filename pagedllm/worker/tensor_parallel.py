@@ -121,10 +121,15 @@ class WorkerGroup:
             try:
                 message = conn.recv()
             except EOFError:
-                proc.join(timeout=1)
+                pass
         if message is None or message[0] != what:
-            detail = message[1] if message and message[0] == "error" else f"exit code {proc.exitcode}"
-            raise WorkerFailed(f"tensor-parallel worker rank {rank} did not start ({detail})")
+            if message and message[0] == "error":
+                raise WorkerFailed(f"tensor-parallel worker rank {rank} failed to start:\n{message[1]}")
+            proc.join(timeout=5)
+            raise WorkerFailed(
+                f"tensor-parallel worker rank {rank} did not start (exit code {proc.exitcode}; its error is "
+                "above). Workers are spawned: they import the main script again, so it needs an "
+                "`if __name__ == \"__main__\":` guard, and cannot be read from stdin")
         return message[1:]
 
     def _monitor(self) -> None:
