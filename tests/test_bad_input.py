@@ -63,6 +63,22 @@ def test_checkpoint_missing_a_weight(tiny_checkpoint, tmp_path):
         LLM(path)
 
 
+@pytest.mark.parametrize("kind, key, weight", [
+    ("llama", "intermediate_size", r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"),
+    ("gpt2", "n_inner", r"h\.0\.mlp\.c_(fc|proj)\.(weight|bias)"),
+])
+def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_checkpoint, tmp_path):
+    """Each layer reads only the slice it needs, yet a tensor of the wrong size is still an error."""
+    path = copy_checkpoint(tiny_checkpoint(kind), tmp_path / "m")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config[key] = 96  # the checkpoint's MLP is 128 (llama) or 256 (gpt2) wide
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=rf"checkpoint weight \S*{weight}: has shape .* but config.json implies"):
+        LLM(path, device="cpu")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"block_size": 12}, "block_size=12"),
     ({"max_model_len": 100000}, "max_model_len=100000"),

@@ -47,11 +47,19 @@ def _rows(loaded, start: int, size: int, transposed: bool) -> torch.Tensor:
     return loaded[:, start : start + size].t() if transposed else loaded[start : start + size]
 
 
-def _copy(param: nn.Parameter, rows: torch.Tensor, what: str) -> None:
-    if param.shape != rows.shape:
-        raise ValueError(f"checkpoint {what} has shape {tuple(rows.shape)}, but config.json implies "
-                         f"{tuple(param.shape)}")
-    param.data.copy_(rows)
+def check_full_shape(loaded, expected: tuple[int, ...], what: str = "") -> None:
+    """A rank reads only a slice, so a checkpoint tensor of the wrong size would go unnoticed
+    unless its whole shape is checked first."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"{what}has shape {tuple(loaded.shape)}, but config.json implies {tuple(expected)}")
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str = "") -> None:
+    """Copy checkpoint values into a parameter (or rows of it) of the same shape; the ValueError
+    names ``what`` part of the checkpoint tensor did not fit."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"{what}has shape {tuple(loaded.shape)}, but config.json implies {tuple(param.shape)}")
+    param.data.copy_(loaded)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -78,12 +86,16 @@ class ColumnParallelLinear(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded, part: int | None) -> None:
         parts = range(len(self.shards)) if part is None else [part]
+        rows = sum(self.shards[i].full_size for i in parts)
+        in_features = self.weight.shape[1]
+        expected = (rows,) if param.dim() == 1 else (in_features, rows) if self.transposed else (rows, in_features)
+        check_full_shape(loaded, expected, "" if part is None else f"part {part} ")
         for i in parts:
             shard = self.shards[i]
             offset = sum(s.full_size for s in self.shards[:i]) if part is None else 0
             local = sum(s.size for s in self.shards[:i])
             rows = _rows(loaded, offset + shard.start, shard.size, self.transposed)
-            _copy(param[local : local + shard.size], rows, f"part {i}")
+            copy_checked(param[local : local + shard.size], rows, f"part {i} ")
 
 
 class RowParallelLinear(nn.Module):
@@ -108,6 +120,7 @@ class RowParallelLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
     def _load_weight(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        check_full_shape(loaded, param.full_shape)
         s = self.shard
         cols = loaded[s.start : s.start + s.size].t() if self.transposed else loaded[:, s.start : s.start + s.size]
-        _copy(param, cols, "weight")
+        copy_checked(param, cols)

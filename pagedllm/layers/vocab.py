@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pagedllm.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
+from pagedllm.layers.linear import check_full_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,9 +33,7 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype))
 
     def _load(self, param: nn.Parameter, loaded, part: int | None) -> None:
-        if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
-            raise ValueError(f"checkpoint embedding has shape {tuple(loaded.shape)}, but config.json implies "
-                             f"{(self.vocab_size, param.shape[1])}")
+        check_full_shape(loaded, param.full_shape)
         stop = min(self.start + self.rows_per_rank, self.vocab_size)
         param.data.zero_()
         param.data[: stop - self.start].copy_(loaded[self.start : stop])

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed import sharded_as
+from pagedllm.layers.linear import copy_checked
 from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
 from pagedllm.models.registry import get_model_class
 
@@ -32,10 +33,9 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
     return model.eval().requires_grad_(False), reads[0]
 
 
-def _copy_whole(param: nn.Parameter, loaded: CheckpointTensor, part: int | None) -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"has shape {tuple(loaded.shape)}, but config.json implies {tuple(param.shape)}")
-    param.data.copy_(loaded[:])
+def _weight_loader(param: nn.Parameter):
+    """The parameter's own loader (a sharded layer's: it reads its slice), else a whole copy."""
+    return getattr(param, "weight_loader", lambda p, loaded, part: copy_checked(p, loaded[:]))
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]]) -> None:
@@ -53,7 +53,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor
         if param is None:
             continue
         try:
-            getattr(param, "weight_loader", _copy_whole)(param, tensor, part)
+            _weight_loader(param)(param, tensor, part)
         except ValueError as err:
             raise ValueError(f"checkpoint weight {hf_name}: {err}") from None
         loaded[name].add(part)
@@ -81,7 +81,5 @@ class _RandomTensor:
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Small random values from the config alone: speed does not depend on the weights."""
     for index, param in enumerate(model.parameters()):
-        loader = getattr(param, "weight_loader", None)
         full_shape = getattr(param, "full_shape", tuple(param.shape))
-        tensor = _RandomTensor(full_shape, param.device, seed * 100003 + index)
-        (loader or _copy_whole)(param, tensor, None)
+        _weight_loader(param)(param, _RandomTensor(full_shape, param.device, seed * 100003 + index), None)

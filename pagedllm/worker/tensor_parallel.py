@@ -65,7 +65,7 @@ class WorkerGroup:
         except BaseException:
             self.shutdown()
             raise
-        self._store = store
+        self._store = store  # the TCPStore server lives in this object: keep it while the group lives
         self.checkpoint_bytes_read: list[int] = []
         threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
 
