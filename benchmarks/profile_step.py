@@ -41,7 +41,7 @@ def main() -> None:
     shutil.copy(os.path.join(CONFIGS, f"{args.config}.json"), os.path.join(path, "config.json"))
     warm_up_gpu()
     llm = LLM(path, load_format="dummy", dtype=args.dtype, enforce_eager=args.eager,
-              max_model_len=args.context + 4 * args.steps + 64)
+              max_model_len=args.context + 4 * args.steps + 64, max_num_seqs=max(args.batch, 256))
     engine = llm.llm_engine
     runner = engine.model_runner
     g = torch.Generator().manual_seed(0)

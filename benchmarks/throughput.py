@@ -5,14 +5,19 @@ first (then freed), then HF static ``generate`` at batch 64 and 256 and HF conti
 (``generate_batch``). Models are built from the real configs in benchmarks/model_configs with
 random weights; every request ignores EOS and generates exactly its output length.
 
+A peer that has not finished after ``--peer-time-limit`` seconds is stopped and reported as such,
+with the throughput it stayed below, so that one slow peer cannot use up a device session.
+
 Usage: python benchmarks/throughput.py --workload W1 [--workload L1 ...] [--no-peers] [--out DIR]
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -88,15 +93,16 @@ def make_requests(workload: Workload, vocab_size: int) -> tuple[list[list[int]],
     return prompts, output_lens
 
 
-def run_pagedllm(path: str, workload: Workload, prompts, output_lens) -> dict:
+def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_args: dict) -> dict:
     start = time.perf_counter()
     llm = LLM(path, load_format="dummy", dtype=workload.dtype, max_model_len=max(
-        len(p) + o for p, o in zip(prompts, output_lens, strict=True)))
+        len(p) + o for p, o in zip(prompts, output_lens, strict=True)), **engine_args)
     startup_s = time.perf_counter() - start
     engine = llm.llm_engine
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
+    step_seconds = []  # per step: the model runner's time (it ends by reading the sampled tokens: a sync)
     blocks_used, tokens_held = [], []
     execute = engine.model_runner.execute
 
@@ -106,7 +112,10 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens) -> dict:
         manager = engine.block_manager
         blocks_used.append(manager.num_blocks - manager.num_free_blocks)
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
-        return execute(out)
+        start = time.perf_counter()
+        result = execute(out)
+        step_seconds.append(time.perf_counter() - start)
+        return result
 
     engine.model_runner.execute = recording_execute
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -129,8 +138,23 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens) -> dict:
         "kv_waste_fraction": 1 - sum(tokens_held) / allocated_slots if allocated_slots else 0.0,
         "num_steps": len(steps), "num_preemptions": engine.scheduler.num_preemptions,
         "cuda_graphs": engine.model_runner.decode_graphs is not None,
+        "max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
     }
-    return result | {"roofline": roofline(steps, _model_stats(llm))}
+    result["roofline"] = roofline(steps, _model_stats(llm))
+    result["time_split"] = time_split(steps, step_seconds, result["roofline"].pop("least_time_per_step_s"), wall)
+    return result
+
+
+def time_split(steps: list, step_seconds: list[float], least: list[float], wall: float) -> dict:
+    """Where the wall time went: decode-only steps and steps with prompt tokens (measured in the
+    model runner, against their least time), and the engine's work outside the model runner."""
+    split = {}
+    for kind in ("decode", "prefill"):
+        rows = [i for i, step in enumerate(steps) if (kind == "decode") == all(n == 1 for n, _ in step)]
+        split[kind] = {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
+                       "least_s": sum(least[i] for i in rows)}
+    split["outside_model_runner_s"] = wall - sum(step_seconds)
+    return split
 
 
 def _model_stats(llm: LLM) -> dict:
@@ -151,18 +175,36 @@ def _model_stats(llm: LLM) -> dict:
 def roofline(steps: list, stats: dict) -> dict:
     """The least time each step of the run could take on this GPU: max(bytes / copy bandwidth, FLOPs / matmul peak),
     bytes = weights + the K/V each sequence reads, FLOPs = 2 x matmul params x tokens + attention."""
-    least, peaks = 0.0, gpu_peaks()
+    least, peaks = [], gpu_peaks()
     for step in steps:
         tokens = sum(n for n, _ in step)
         kv_read = sum(ctx for _, ctx in step) * stats["kv_bytes_per_token"]
         attention_flops = sum(4 * stats["num_layers"] * stats["num_heads"] * stats["head_dim"] * n * (ctx - n / 2)
                               for n, ctx in step)
         flops = 2 * stats["matmul_params"] * tokens + attention_flops
-        least += max((stats["weight_bytes"] + kv_read) / peaks["hbm_bytes_per_s"], flops / peaks["bf16_flops"])
-    return {"least_time_s": least, **stats}
+        least.append(max((stats["weight_bytes"] + kv_read) / peaks["hbm_bytes_per_s"], flops / peaks["bf16_flops"]))
+    return {"least_time_s": sum(least), "least_time_per_step_s": least, **stats}
 
 
-def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_size: int) -> dict:
+class PeerTimeLimit(BaseException):
+    """Raised in a peer that runs past its limit; a BaseException, so HF's own handlers let it through."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def expire(signum, frame):
+        raise PeerTimeLimit(f"did not finish within {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_size: int, limit_s: float) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
@@ -185,17 +227,18 @@ def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_siz
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        for i in range(0, len(prompts), batch_size):
-            run(prompts[i:i + batch_size], output_lens[i:i + batch_size])
-        torch.cuda.synchronize()
+        with time_limit(limit_s):
+            for i in range(0, len(prompts), batch_size):
+                run(prompts[i:i + batch_size], output_lens[i:i + batch_size])
+            torch.cuda.synchronize()
         wall = time.perf_counter() - start
         result = _peer_result(f"hf-static-bs{batch_size}", wall, prompts, output_lens)
-    except Exception as err:  # an OOM or an API change is a result too
-        result = {"engine": f"hf-static-bs{batch_size}", "error": _error(err)}
+    except (Exception, PeerTimeLimit) as err:  # an OOM, an API change or the time limit is a result too
+        result = _peer_failure(f"hf-static-bs{batch_size}", err, output_lens, limit_s)
     return result
 
 
-def run_hf_continuous(path: str, workload: Workload, prompts, output_lens) -> dict:
+def run_hf_continuous(path: str, workload: Workload, prompts, output_lens, limit_s: float) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
@@ -205,28 +248,45 @@ def run_hf_continuous(path: str, workload: Workload, prompts, output_lens) -> di
         if len(set(output_lens)) == 1:
             def run(batch, lens):
                 gen = GenerationConfig(max_new_tokens=lens[0], do_sample=False, eos_token_id=-1)
-                model.generate_batch(inputs=batch, generation_config=gen)
+                results = model.generate_batch(inputs=batch, generation_config=gen)
+                _check_lengths([r.generated_tokens for r in results.values()], lens)
         else:  # each request its own length
             def run(batch, lens):
                 gen = GenerationConfig(max_new_tokens=max(lens), do_sample=False, eos_token_id=-1)
                 manager = model.init_continuous_batching(generation_config=gen)
                 manager.start()
-                for ids, n in zip(batch, lens, strict=True):
-                    manager.add_request(ids, max_new_tokens=n)
-                for _ in batch:
-                    manager.get_result(timeout=3600)
-                manager.stop()
+                try:
+                    ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(batch, lens, strict=True)]
+                    results = {}
+                    while len(results) < len(batch):
+                        result = manager.get_result(timeout=3600)
+                        if result is None:
+                            raise RuntimeError("HF continuous batching stopped before every request finished")
+                        if result.is_finished():
+                            results[result.request_id] = result.generated_tokens
+                    _check_lengths([results[i] for i in ids], lens)
+                finally:
+                    manager.stop(block=True)
 
         run(prompts[:2], [8, 8])
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        run(prompts, output_lens)
-        torch.cuda.synchronize()
+        with time_limit(limit_s):
+            run(prompts, output_lens)
+            torch.cuda.synchronize()
         result = _peer_result("hf-continuous-batching", time.perf_counter() - start, prompts, output_lens)
-    except Exception as err:
-        result = {"engine": "hf-continuous-batching", "error": _error(err)}
+    except (Exception, PeerTimeLimit) as err:
+        result = _peer_failure("hf-continuous-batching", err, output_lens, limit_s)
     return result
+
+
+def _check_lengths(generated: list[list[int]], lens: list[int]) -> None:
+    """generate_batch logs and swallows a failure, returning what finished: count it as a failure."""
+    got = [len(tokens) for tokens in generated]
+    if sorted(got) != sorted(lens):
+        raise RuntimeError(f"HF continuous batching returned {len(got)} of {len(lens)} requests, "
+                           f"{sum(got)} of {sum(lens)} tokens")
 
 
 def _peer_result(engine: str, wall: float, prompts, output_lens) -> dict:
@@ -237,7 +297,14 @@ def _peer_result(engine: str, wall: float, prompts, output_lens) -> dict:
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def _error(err: Exception) -> str:
+def _peer_failure(engine: str, err: BaseException, output_lens, limit_s: float) -> dict:
+    result = {"engine": engine, "error": _error(err)}
+    if isinstance(err, PeerTimeLimit):  # it would have needed longer: its throughput was below this
+        result["output_tokens_per_s_below"] = sum(output_lens) / limit_s
+    return result
+
+
+def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}".strip() + (
         "" if isinstance(err, torch.OutOfMemoryError) else f" [{traceback.format_exc().splitlines()[-3].strip()}]")
 
@@ -247,21 +314,22 @@ def _free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-def run_workload(workload: Workload, peers: bool, out_dir: str | None) -> dict:
+def run_workload(workload: Workload, peers: bool, out_dir: str | None, engine_args: dict,
+                 peer_time_limit_s: float) -> dict:
     path = model_dir(workload)
     try:
         from transformers import AutoConfig
 
         prompts, output_lens = make_requests(workload, AutoConfig.from_pretrained(path).vocab_size)
-        ours = run_pagedllm(path, workload, prompts, output_lens)
+        ours = run_pagedllm(path, workload, prompts, output_lens, engine_args)
         _free_gpu()  # each engine's memory goes with its function's frame
         ours["roofline_fraction"] = ours["roofline"]["least_time_s"] / ours["wall_s"]
         peer_results = []
         if peers:
             for bs in workload.hf_static_batch_sizes:
-                peer_results.append(run_hf_static(path, workload, prompts, output_lens, bs))
+                peer_results.append(run_hf_static(path, workload, prompts, output_lens, bs, peer_time_limit_s))
                 _free_gpu()
-            peer_results.append(run_hf_continuous(path, workload, prompts, output_lens))
+            peer_results.append(run_hf_continuous(path, workload, prompts, output_lens, peer_time_limit_s))
             _free_gpu()
         done = [p["output_tokens_per_s"] for p in peer_results if "output_tokens_per_s" in p]
         ours["ratio_vs_best_hf"] = ours["output_tokens_per_s"] / max(done) if done else None
@@ -281,16 +349,23 @@ def main() -> None:
     parser.add_argument("--workload", action="append", choices=list(WORKLOADS), required=True)
     parser.add_argument("--no-peers", action="store_true", help="pagedllm alone (not written as a result)")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
+    parser.add_argument("--peer-time-limit", type=float, default=600.0, help="seconds per timed peer run")
+    parser.add_argument("--max-num-seqs", type=int, help="pagedllm's max_num_seqs (default: the engine's)")
     args = parser.parse_args()
+    engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
     warm_up_gpu()
     for name in args.workload:
-        payload = run_workload(WORKLOADS[name], not args.no_peers, args.out)
+        payload = run_workload(WORKLOADS[name], not args.no_peers, args.out, engine_args, args.peer_time_limit)
         ours = payload["pagedllm"]
         print(f"{name}: pagedllm {ours['output_tokens_per_s']:.0f} output tok/s in {ours['wall_s']:.1f} s "
               f"(start-up {ours['startup_s']:.1f} s, roofline fraction {ours['roofline_fraction']:.2f}, "
               f"KV waste {100 * ours['kv_waste_fraction']:.2f}%, steps {ours['num_steps']})")
+        split = ours["time_split"]
+        print("    " + ", ".join(f"{k} {split[k]['steps']} steps {split[k]['measured_s']:.2f} s (least "
+                                  f"{split[k]['least_s']:.2f} s)" for k in ("decode", "prefill"))
+              + f", outside the model runner {split['outside_model_runner_s']:.2f} s")
         for peer in payload["peers"]:
-            figure = f"{peer['output_tokens_per_s']:.0f} output tok/s" if "error" not in peer else peer["error"]
+            figure = peer["error"] if "error" in peer else f"{peer['output_tokens_per_s']:.0f} output tok/s"
             print(f"    {peer['engine']}: {figure}")
         if ours["ratio_vs_best_hf"]:
             print(f"    ratio vs best HF: {ours['ratio_vs_best_hf']:.2f}")
