@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import warm_up_gpu  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.worker.model_runner import PendingOutput  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
@@ -36,12 +37,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true")
     args = parser.parse_args()
     path = tempfile.mkdtemp()
     shutil.copy(os.path.join(CONFIGS, f"{args.config}.json"), os.path.join(path, "config.json"))
     warm_up_gpu()
     llm = LLM(path, load_format="dummy", dtype=args.dtype, enforce_eager=args.eager,
-              max_model_len=args.context + 4 * args.steps + 64, max_num_seqs=max(args.batch, 256))
+              max_model_len=args.context + 4 * args.steps + 64, max_num_seqs=max(args.batch, 256),
+              async_scheduling=not args.no_async_scheduling)
     engine = llm.llm_engine
     runner = engine.model_runner
     g = torch.Generator().manual_seed(0)
@@ -56,7 +59,8 @@ def main() -> None:
     scheduler.schedule = labelled("host: schedule", scheduler.schedule)
     scheduler.update_from_output = labelled("host: update", scheduler.update_from_output)
     runner.inputs.prepare = labelled("host: prepare inputs", runner.inputs.prepare)
-    runner.sampler.__class__.__call__ = labelled("sample (incl. wait for GPU)", runner.sampler.__class__.__call__)
+    runner.sampler.__class__.__call__ = labelled("sample (launch)", runner.sampler.__class__.__call__)
+    PendingOutput.wait = labelled("wait for the device", PendingOutput.wait)
     if runner.decode_graphs:
         runner.decode_graphs.replay = labelled("forward (graph replay launch)", runner.decode_graphs.replay)
     else:
@@ -72,14 +76,15 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     print(f"\n{args.config} batch {args.batch} context ~{args.context}: {per_step * 1e3:.2f} ms per decode step "
-          f"({args.batch / per_step:.0f} output tok/s), {'eager' if args.eager else 'CUDA graphs'}")
+          f"({args.batch / per_step:.0f} output tok/s), {'eager' if args.eager else 'CUDA graphs'}, "
+          f"{'async' if engine.async_scheduling else 'synchronous'} scheduling")
     events = prof.key_averages()
     print("\nhost phases (ms per step):")
     for e in events:
-        if e.key.startswith(("host:", "sample", "forward")):
+        if e.key.startswith(("host:", "sample", "forward", "wait")):
             print(f"  {e.key:<34} {e.cpu_time_total / 1e3 / args.steps:8.3f}")
     print("\nGPU kernels (ms per step, top 15 by GPU time):")
-    labels = ("host:", "sample", "forward", "aten::")
+    labels = ("host:", "sample", "forward", "wait", "aten::")
     kernels = sorted((e for e in events if e.self_device_time_total > 0 and not e.key.startswith(labels)),
                      key=lambda e: -e.self_device_time_total)
     total_gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps

@@ -102,29 +102,28 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
-    step_seconds = []  # per step: the model runner's time (it ends by reading the sampled tokens: a sync)
+    launch_times = []  # when each step was launched (the next launch comes as the device finishes it)
     blocks_used, tokens_held = [], []
-    execute = engine.model_runner.execute
+    launch = engine.model_runner.launch
 
-    def recording_execute(out):
+    def recording_launch(out):
+        launch_times.append(time.perf_counter())
         steps.append([(n, r.num_computed_tokens + n)
                       for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)])
         manager = engine.block_manager
         blocks_used.append(manager.num_blocks - manager.num_free_blocks)
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
-        start = time.perf_counter()
-        result = execute(out)
-        step_seconds.append(time.perf_counter() - start)
-        return result
+        return launch(out)
 
-    engine.model_runner.execute = recording_execute
+    engine.model_runner.launch = recording_launch
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
     allocated_slots = sum(blocks_used) * engine.config.block_size
@@ -139,21 +138,23 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         "num_steps": len(steps), "num_preemptions": engine.scheduler.num_preemptions,
         "cuda_graphs": engine.model_runner.decode_graphs is not None,
         "max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "async_scheduling": engine.async_scheduling,
     }
     result["roofline"] = roofline(steps, _model_stats(llm))
-    result["time_split"] = time_split(steps, step_seconds, result["roofline"].pop("least_time_per_step_s"), wall)
+    step_seconds = [b - a for a, b in zip(launch_times, launch_times[1:] + [end], strict=True)]
+    result["time_split"] = time_split(steps, step_seconds, result["roofline"].pop("least_time_per_step_s"))
+    result["time_split"]["before_first_step_s"] = launch_times[0] - start
     return result
 
 
-def time_split(steps: list, step_seconds: list[float], least: list[float], wall: float) -> dict:
-    """Where the wall time went: decode-only steps and steps with prompt tokens (measured in the
-    model runner, against their least time), and the engine's work outside the model runner."""
+def time_split(steps: list, step_seconds: list[float], least: list[float]) -> dict:
+    """Where the wall time went: decode-only steps and steps with prompt tokens, each timed from its
+    launch to the next, against their least time."""
     split = {}
     for kind in ("decode", "prefill"):
         rows = [i for i, step in enumerate(steps) if (kind == "decode") == all(n == 1 for n, _ in step)]
         split[kind] = {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
                        "least_s": sum(least[i] for i in rows)}
-    split["outside_model_runner_s"] = wall - sum(step_seconds)
     return split
 
 
@@ -351,8 +352,11 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     parser.add_argument("--peer-time-limit", type=float, default=600.0, help="seconds per timed peer run")
     parser.add_argument("--max-num-seqs", type=int, help="pagedllm's max_num_seqs (default: the engine's)")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="pagedllm reads each step back first")
     args = parser.parse_args()
     engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    if args.no_async_scheduling:
+        engine_args["async_scheduling"] = False
     warm_up_gpu()
     for name in args.workload:
         payload = run_workload(WORKLOADS[name], not args.no_peers, args.out, engine_args, args.peer_time_limit)
@@ -363,7 +367,7 @@ def main() -> None:
         split = ours["time_split"]
         print("    " + ", ".join(f"{k} {split[k]['steps']} steps {split[k]['measured_s']:.2f} s (least "
                                   f"{split[k]['least_s']:.2f} s)" for k in ("decode", "prefill"))
-              + f", outside the model runner {split['outside_model_runner_s']:.2f} s")
+              + f", before the first step {split['before_first_step_s']:.2f} s")
         for peer in payload["peers"]:
             figure = peer["error"] if "error" in peer else f"{peer['output_tokens_per_s']:.0f} output tok/s"
             print(f"    {peer['engine']}: {figure}")

@@ -37,6 +37,7 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True  # schedule the next step while the device runs this one (one rank only)
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)

@@ -26,13 +26,14 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
                  load_format: str = "auto", enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, async_scheduling: bool = True):
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, block_size=block_size,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, load_format=load_format, enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
+            async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine(config)
         self._next_request_id = 0

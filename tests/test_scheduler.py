@@ -4,7 +4,7 @@ outputs must not depend on batching, chunking or preemption."""
 import random
 
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.request import Request
+from pagedllm.engine.request import PENDING_TOKEN, Request
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.sampling_params import SamplingParams
 
@@ -13,16 +13,18 @@ def fake_next_token(token_ids: list[int]) -> int:
     return (sum(t * (i + 1) for i, t in enumerate(token_ids)) * 31 + 7) % 1000
 
 
-def make_request(request_id: str, prompt_len: int, max_tokens: int) -> Request:
+def make_request(request_id: str, prompt_len: int, max_tokens: int, stop_token_ids=frozenset()) -> Request:
     rng = random.Random(request_id)
     prompt = [rng.randrange(1000) for _ in range(prompt_len)]
-    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset())
+    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset(stop_token_ids))
 
 
 def expected_output(request: Request) -> list[int]:
     tokens = list(request.prompt_token_ids)
     for _ in range(request.max_tokens):
         tokens.append(fake_next_token(tokens))
+        if tokens[-1] in request.stop_token_ids:
+            break
     return tokens[request.num_prompt_tokens:]
 
 
@@ -51,17 +53,47 @@ def run(scheduler: Scheduler, requests: list[Request], on_step=None) -> dict[str
             assert len(r.block_table) * scheduler.block_manager.block_size >= r.num_computed_tokens + n
             done = r.num_computed_tokens + n == r.num_tokens
             sampled.append(fake_next_token(r.token_ids) if done else None)
+        scheduler.commit_step(out)
         for r in scheduler.update_from_output(out, sampled):
             outputs[r.request_id] = r.output_token_ids
         check_blocks(scheduler)
     return outputs
 
 
+def run_scheduling_ahead(scheduler: Scheduler, requests: list[Request]) -> dict[str, list[int]]:
+    """As the engine runs with async scheduling: step N+1 is scheduled and launched before step N's
+    tokens are on the host. The fake device feeds each pending input the token it sampled last."""
+    for r in requests:
+        scheduler.add_request(r)
+    outputs, in_flight, last_sampled = {}, None, {}
+    while scheduler.has_unfinished_requests() or in_flight:
+        out = scheduler.schedule()
+        sampled = []
+        for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
+            tokens = list(r.token_ids)
+            if tokens[-1] == PENDING_TOKEN:
+                tokens[-1] = last_sampled[r.request_id]
+            assert PENDING_TOKEN not in tokens[:-1]
+            assert r.num_output_tokens < r.max_tokens, "scheduled again although its last token is pending"
+            sampled.append(fake_next_token(tokens) if r.num_computed_tokens + n == r.num_tokens else None)
+        last_sampled = {r.request_id: t for r, t in zip(out.requests, sampled, strict=True) if t is not None}
+        if in_flight:
+            for r in scheduler.update_from_output(*in_flight):
+                assert PENDING_TOKEN not in r.token_ids
+                outputs[r.request_id] = r.output_token_ids
+        scheduler.commit_step(out)
+        in_flight = (out, sampled) if out.requests else None
+    check_blocks(scheduler)
+    return outputs
+
 def test_prefill_and_decode_share_one_step():
     scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
     first = make_request("a", 5, 4)
     scheduler.add_request(first)
-    scheduler.update_from_output(scheduler.schedule(), [fake_next_token(first.token_ids)])
+    sampled = [fake_next_token(first.token_ids)]
+    out = scheduler.schedule()
+    scheduler.commit_step(out)
+    scheduler.update_from_output(out, sampled)
     scheduler.add_request(make_request("b", 9, 4))
     out = scheduler.schedule()
     assert [r.request_id for r in out.requests] == ["a", "b"]
@@ -90,7 +122,9 @@ def test_preempts_the_newest_running_request_when_blocks_run_out():
     for r in (old, new):
         scheduler.add_request(r)
     out = scheduler.schedule()
-    scheduler.update_from_output(out, [fake_next_token(r.token_ids) for r in out.requests])
+    sampled = [fake_next_token(r.token_ids) for r in out.requests]
+    scheduler.commit_step(out)
+    scheduler.update_from_output(out, sampled)
     assert [len(r.block_table) for r in (old, new)] == [2, 2]
     out = scheduler.schedule()  # old grows to 9 tokens: needs a third block, none free
     assert scheduler.num_preemptions == 1
@@ -117,3 +151,18 @@ def test_abort_frees_blocks_wherever_the_request_is():
     assert scheduler.abort_request("r") is running and scheduler.abort_request("w") is waiting
     assert running.finish_reason == "abort" and not scheduler.has_unfinished_requests()
     assert scheduler.block_manager.num_free_blocks == 8
+
+
+def test_scheduling_ahead_of_the_results_gives_the_same_tokens():
+    """Pending tokens, requests that a stop token ends one step late, the last token by length
+    not scheduled again, and preemption of a request whose token is pending."""
+    def requests():
+        return [make_request(str(i), random.Random(i).randrange(1, 40), 12, range(0, 1000, 23 + i))
+                for i in range(12)]
+
+    expected = {r.request_id: expected_output(r) for r in requests()}
+    assert any(len(tokens) < 12 for tokens in expected.values()), "no request ends on a stop token"
+    scheduler = Scheduler(BlockManager(16, 4), max_num_seqs=6, max_num_batched_tokens=32)
+    assert run_scheduling_ahead(scheduler, requests()) == expected
+    assert scheduler.num_preemptions > 0
+    assert scheduler.block_manager.num_free_blocks == 16

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
@@ -9,9 +10,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.request import Request, SampleGroup
-from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import PendingOutput
 
 logger = logging.getLogger("pagedllm")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -29,6 +33,10 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
+        # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
+        # Workers of other ranks get each step's token ids from the host, so they need them there first.
+        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run; nothing is changed."""
@@ -79,25 +87,55 @@ class LLMEngine:
         """Drop every request and free the model runner's device memory."""
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort_request(request.request_id)
+        self._in_flight = None
         self.model_runner.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests()  # a request in flight is running (or preempted)
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the requests that finished in it, and the streaming requests that
-        got a token."""
+        """Run one batch; return the requests that finished, and the streaming requests that got a
+        token.
+
+        With async scheduling, the step is launched before the previous one's sampled tokens are
+        read back, so the host schedules and prepares while the device computes: a decode input
+        still pending on the host is fed from the device. The outputs returned are then the
+        previous step's. A request that a stop token ends computes one token too many, which is
+        dropped.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and any(_needs_results_first(r) for r in in_flight[0].requests):
+            return self._finish_step(*in_flight)
         out = self.scheduler.schedule()
         if not out.requests:
-            raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
-        result = self.model_runner.execute(out)
-        self.num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
+            if in_flight is None:
+                raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
+            return self._finish_step(*in_flight)
+        try:
+            pending = self.model_runner.launch(out)
+        except BaseException:
+            self._in_flight = in_flight
+            raise
+        outputs = self._finish_step(*in_flight) if in_flight is not None else []
+        self.scheduler.commit_step(out)
+        if self.async_scheduling:
+            self._in_flight = out, pending
+            return outputs
+        return outputs + self._finish_step(out, pending)
+
+    def _finish_step(self, out: SchedulerOutput, pending: "PendingOutput") -> list[RequestOutput]:
+        """Read a committed step's sampled tokens back and update its requests (those that ended
+        meanwhile drop theirs)."""
+        result = pending.wait()
+        ended_before = [r.is_finished for r in out.requests]
+        self.num_generated_tokens += sum(t is not None and not ended
+                                         for t, ended in zip(result.sampled_token_ids, ended_before, strict=True))
         for index, entries in (result.prompt_logprobs or {}).items():
             out.requests[index].prompt_logprobs.extend(entries)
         finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs, result.forked)
         reported = list(finished)
-        for request, token_id in zip(out.requests, result.sampled_token_ids, strict=True):
-            if token_id is None or request.detokenizer is None:
+        for request, token_id, ended in zip(out.requests, result.sampled_token_ids, ended_before, strict=True):
+            if ended or token_id is None or request.detokenizer is None:
                 continue
             ended_by_stop_string = self._extend_text(request)
             if ended_by_stop_string or (request.stream and not request.is_finished):
@@ -170,6 +208,12 @@ class LLMEngine:
 
     def _decode_token(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+
+def _needs_results_first(request: Request) -> bool:
+    """Whether the request's next step needs the token it is sampling now on the host: penalties
+    count its output tokens, and the first sample of a group forks the others."""
+    return not request.is_finished and (request.sampling_params.penalized or request.forks_now)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
 
+# Stands in ``token_ids`` for the token a step still running on the device is sampling; the
+# model runner feeds that step's sampled token in its place (see LLMEngine.step).
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -17,9 +21,10 @@ class RequestStatus(enum.Enum):
 class Request:
     """Tokens, progress and KV blocks of one request.
 
-    ``num_computed_tokens`` counts the tokens whose K/V are in the cache: the scheduler's one
-    rule is to give each request the tokens it still lacks, whether they are prompt (prefill,
-    maybe in chunks, maybe again after preemption) or the last sampled token (decode).
+    ``num_computed_tokens`` counts the tokens whose K/V are in the cache (or are being written
+    by the step in flight): the scheduler's one rule is to give each request the tokens it still
+    lacks, whether they are prompt (prefill, maybe in chunks, maybe again after preemption) or
+    the last sampled token (decode), which may still be ``PENDING_TOKEN``.
     """
 
     request_id: str
@@ -93,9 +98,12 @@ class Request:
         return []
 
     def append_output_token(self, token_id: int, logprobs: dict[int, tuple[float, int]] | None = None) -> None:
-        """Add a sampled token (and its logprobs) and finish the request if it is a stop token or
-        the last allowed."""
-        self.token_ids.append(token_id)
+        """Add a sampled token (and its logprobs), in the pending slot its step left if there is one,
+        and finish the request if it is a stop token or the last allowed."""
+        if self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids[-1] = token_id
+        else:
+            self.token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id][0]

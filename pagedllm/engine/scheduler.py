@@ -4,7 +4,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.request import PENDING_TOKEN, Request, RequestStatus
 
 
 @dataclass
@@ -27,6 +27,10 @@ class Scheduler:
     waiting requests while budget, sequence slots and KV blocks last. When a running request
     cannot get a block, the newest running request is preempted: its blocks are freed and it
     goes back to the front of the queue, to be recomputed from its tokens later.
+
+    A step is scheduled, launched, and then committed (``commit_step``: the scheduled tokens
+    count as computed and each sampling request gets a ``PENDING_TOKEN``), so the next step can
+    be scheduled while this one runs; ``update_from_output`` fills in the sampled tokens later.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -53,6 +57,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_output_tokens >= request.max_tokens:  # its last token is being sampled now
+                index += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
                 victim = self.running.pop()
@@ -88,24 +95,35 @@ class Scheduler:
         out.blocks_to_copy, self.block_manager.pending_copies = self.block_manager.pending_copies, []
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None], logprobs: list | None = None,
-                           forked: dict[int, list[tuple[int, dict | None]]] | None = None) -> list[Request]:
-        """Advance each scheduled request by its computed tokens and its sampled token (None for a
-        prefill chunk that does not reach the end), with its logprobs if it asked. A request whose
-        group forks now (``forked``: its row -> the other samples' tokens and logprobs) gets its
-        siblings, which share its blocks. Returns the requests that finished."""
-        finished = []
-        logprobs = logprobs or [None] * len(sampled)
-        for row, (request, num_new, token_id, token_logprobs) in enumerate(
-                zip(out.requests, out.num_scheduled_tokens, sampled, logprobs, strict=True)):
+    def commit_step(self, out: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, and each request it samples for
+        holds a pending token until ``update_from_output`` brings the sampled one."""
+        for request, num_new in zip(out.requests, out.num_scheduled_tokens, strict=True):
+            if request.is_finished:  # ended (stop, abort) while the step was being launched
+                continue
             request.num_computed_tokens += num_new
             self.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens:
+                request.token_ids.append(PENDING_TOKEN)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None], logprobs: list | None = None,
+                           forked: dict[int, list[tuple[int, dict | None]]] | None = None) -> list[Request]:
+        """Give each request of a committed step its sampled token (None for a prefill chunk that
+        does not reach the end), with its logprobs if it asked; requests that ended since (stop
+        string, abort) are skipped. A request whose group forks now (``forked``: its row -> the
+        other samples' tokens and logprobs) gets its siblings, which share its blocks. Returns
+        the requests that finished."""
+        finished = []
+        logprobs = logprobs or [None] * len(sampled)
+        for row, (request, token_id, token_logprobs) in enumerate(zip(out.requests, sampled, logprobs, strict=True)):
+            if request.is_finished:
+                continue
             self.block_manager.cache_full_blocks(request)
             if token_id is None:
                 continue
             siblings = []
             for index, (sibling_token, sibling_logprobs) in enumerate((forked or {}).get(row, []), 1):
-                sibling = request.fork(index)  # before the request's own token: they share the prompt only
+                sibling = request.fork(index)  # its own first token: they share the prompt only
                 self.block_manager.share(sibling)
                 self.running.append(sibling)
                 sibling.append_output_token(sibling_token, sibling_logprobs)
@@ -115,6 +133,8 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
             for request in finished:
+                if request in self.waiting:  # preempted while its last token was being sampled
+                    self.waiting.remove(request)
                 self._release(request)
         return finished
 

@@ -28,3 +28,5 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="read each step's tokens back before scheduling the next")

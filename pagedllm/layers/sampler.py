@@ -54,9 +54,9 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         if meta.banned_token_ids:
-            for row, banned in enumerate(meta.banned_token_ids):
-                if banned:
-                    logits[row, banned] = float("-inf")
+            rows = [row for row, banned in enumerate(meta.banned_token_ids) for _ in banned]
+            token_ids = [t for banned in meta.banned_token_ids for t in banned]
+            logits[_to(rows, logits), _to(token_ids, logits)] = float("-inf")
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         token_ids = logits.argmax(dim=-1)
@@ -70,10 +70,10 @@ class Sampler:
         return out
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        temperatures = meta.temperatures.to(logits.device)
+        temperatures = meta.temperatures.to(logits.device, non_blocking=True)
         logits = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
         if meta.min_ps is not None:
-            logits = apply_min_p(logits, meta.min_ps.to(logits.device))
+            logits = apply_min_p(logits, meta.min_ps.to(logits.device, non_blocking=True))
         logits = apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -81,6 +81,11 @@ class Sampler:
             noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(temperatures > 0, sampled, greedy)
+
+
+def _to(values: list[int], like: torch.Tensor) -> torch.Tensor:
+    """An index tensor on ``like``'s device, copied from pinned memory without waiting for the device."""
+    return torch.tensor(values, pin_memory=like.is_cuda).to(like.device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
@@ -116,13 +121,13 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if top_ks is not None:
-        ks = top_ks.to(logits.device)
+        ks = top_ks.to(logits.device, non_blocking=True)
         ks = torch.where(ks > 0, ks, logits.shape[-1]).unsqueeze(1)
         ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
         drop |= ranks >= ks
     if top_ps is not None:
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before >= top_ps.to(logits.device).unsqueeze(1)
+        drop |= mass_before >= top_ps.to(logits.device, non_blocking=True).unsqueeze(1)
     drop[:, 0] = False  # the most likely token always stays
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))

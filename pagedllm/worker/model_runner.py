@@ -1,5 +1,6 @@
 """Turns a scheduled step into tensors, runs the model over the paged cache, and samples."""
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed import min_over_ranks
-from pagedllm.engine.request import Request
+from pagedllm.engine.request import PENDING_TOKEN, Request
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
@@ -41,6 +42,39 @@ class ModelRunnerOutput:
     forked: dict[int, list[tuple[int, TokenLogprobs | None]]] | None = None
     # scheduled request's row -> logprobs of the next prompt tokens it scored this step
     prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
+
+
+@dataclass
+class PendingOutput:
+    """A launched step: its sampled tokens (and logprobs) on their way to pinned host memory.
+    ``wait`` blocks only on this step's own copy, not on steps launched after it."""
+
+    result: ModelRunnerOutput  # prompt logprobs already filled in
+    rows: list[int]  # the scheduled request (chunk) of each sampled row
+    sample_rows: list["SampleRow"]
+    sampled: SamplerOutput | None  # host copies, complete once ``ready`` has passed
+    ready: torch.cuda.Event | None
+
+    def wait(self) -> ModelRunnerOutput:
+        result = self.result
+        if self.sampled is None:
+            return result
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_ids = self.sampled.token_ids.tolist()
+        row_logprobs = [None] * len(self.rows)
+        if self.sampled.top_ids is not None:
+            row_logprobs = _logprobs_to_host(self.sampled, token_ids, [s.request for s in self.sample_rows])
+            result.logprobs = [None] * len(result.sampled_token_ids)
+        for chunk_index, token_id, token_logprobs in zip(self.rows, token_ids, row_logprobs, strict=True):
+            if result.sampled_token_ids[chunk_index] is None:
+                result.sampled_token_ids[chunk_index] = token_id
+                if result.logprobs is not None:
+                    result.logprobs[chunk_index] = token_logprobs
+            else:
+                result.forked = result.forked or {}
+                result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
+        return result
 
 
 @dataclass
@@ -93,6 +127,8 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+        self._last_sampled: torch.Tensor | None = None  # the last launch's sampled tokens, on the device
+        self._last_sample_rows: dict[str, int] = {}  # request id -> its row there
 
     def shutdown(self) -> None:
         """Stop the workers; release the graphs, the KV cache and the weights, and return the
@@ -100,25 +136,30 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.shutdown()
         release_kv_cache(self.model)
-        self.decode_graphs = self.kv_cache = self.model = self.inputs = None
+        self.decode_graphs = self.kv_cache = self.model = self.inputs = self._last_sampled = None
         self.generators.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: each scheduled request's sampled token (None for a prefill chunk that
-        does not reach the end), and logprobs for the requests that ask for them."""
+    def launch(self, out: SchedulerOutput) -> PendingOutput:
+        """Start one step on the device: each scheduled request's sampled token (None for a prefill
+        chunk that does not reach the end), and logprobs for the requests that ask for them, come
+        back through ``PendingOutput.wait``. A decode input that is still ``PENDING_TOKEN`` on the
+        host is the token the previous launch sampled for that request, taken on the device."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
-        chunks = [
-            SeqChunk(r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n], r.num_computed_tokens,
-                     r.block_table, r.num_computed_tokens + n == r.num_tokens)
-            for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
-        ]
+        chunks, pending_rows, flat_rows = [], [], 0
+        for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
+            chunk = SeqChunk(r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n], r.num_computed_tokens,
+                             r.block_table, r.num_computed_tokens + n == r.num_tokens)
+            chunks.append(chunk)
+            flat_rows += n
+            if chunk.token_ids[-1] == PENDING_TOKEN:
+                pending_rows.append((flat_rows - 1, self._last_sample_rows[r.request_id]))
         prompt_rows, prompt_targets = self._prompt_logprobs(out, chunks)
-        batch = StepBatch(chunks, out.blocks_to_copy, prompt_rows)
+        batch = StepBatch(chunks, out.blocks_to_copy, prompt_rows, pending_rows)
         if self.workers is None:
             logits, prompt_logits = self.run_forward(batch)
         else:
@@ -127,60 +168,69 @@ class ModelRunner:
         if prompt_logits is not None:
             result.prompt_logprobs = _score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
         rows, sample_rows, logit_rows = [], [], []  # a group forking now draws its n first tokens at once
+        self._last_sample_rows = {}
         for chunk_index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
             if not chunk.wants_logits:
                 continue
             logits_row = len(sample_rows) and logit_rows[-1] + 1
+            self._last_sample_rows[request.request_id] = len(rows)
             for k in range(request.group.n if request.forks_now else 1):
                 key = request.request_id if k == 0 else f"{request.request_id}#{k}"
                 rows.append(chunk_index)
                 sample_rows.append(SampleRow(request, key, request.sample_index + k))
                 logit_rows.append(logits_row)
         if not rows:
-            return result
+            return PendingOutput(result, rows, sample_rows, None, None)
         if len(logit_rows) != logits.shape[0]:
-            logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        meta = self._sampling_metadata(sample_rows)
-        sampled = self.sampler(logits, meta)
-        token_ids = sampled.token_ids.tolist()
-        row_logprobs = [None] * len(rows)
-        if meta.max_num_logprobs is not None:
-            row_logprobs = _logprobs_to_host(sampled, token_ids, [s.request for s in sample_rows])
-            result.logprobs = [None] * len(chunks)
-        for chunk_index, token_id, token_logprobs in zip(rows, token_ids, row_logprobs, strict=True):
-            if result.sampled_token_ids[chunk_index] is None:
-                result.sampled_token_ids[chunk_index] = token_id
-                if result.logprobs is not None:
-                    result.logprobs[chunk_index] = token_logprobs
-            else:
-                result.forked = result.forked or {}
-                result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
-        return result
+            logits = logits[self._to_device(logit_rows)]
+        sampled = self.sampler(logits, self._sampling_metadata(sample_rows))
+        self._last_sampled = sampled.token_ids
+        host = SamplerOutput(**{f.name: _to_host(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)})
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingOutput(result, rows, sample_rows, host, ready)
 
     @torch.inference_mode()
     def run_forward(self, batch: StepBatch):
         """What every rank runs each step: copy-on-write block copies, then the forward pass."""
         if batch.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
-            src, dst = (torch.tensor(b, device=self.device) for b in zip(*batch.blocks_to_copy, strict=True))
+            src, dst = (self._to_device(b) for b in zip(*batch.blocks_to_copy, strict=True))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        return self._forward(batch.chunks, batch.prompt_rows)
+        return self._forward(batch.chunks, batch.prompt_rows, batch.pending_rows)
 
-    def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None):
+    def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None,
+                 pending_rows: list[tuple[int, int]] | None = None):
         """Logits ``[chunks wanting logits, vocab]`` of one flat, unpadded batch (a decode batch
         replays a CUDA graph, padded to its size), and the logits at the flat token rows
-        ``extra_rows`` (prompt logprobs; None when none are asked for)."""
+        ``extra_rows`` (prompt logprobs; None when none are asked for). ``pending_rows``: (flat
+        token row, row of the last launch's sampled tokens) of each input still pending."""
         is_decode = all(len(c.token_ids) == 1 and c.wants_logits for c in chunks)
         graph_size = self.decode_graphs.bucket(len(chunks)) if self.decode_graphs and is_decode else None
         if graph_size is not None and not extra_rows:
             self.inputs.prepare(chunks, pad_seqs_to=graph_size, max_context_len=self.config.max_model_len)
+            self._feed_pending_inputs(pending_rows)
             return self.decode_graphs.replay(graph_size, len(chunks)), None
         step = self.inputs.prepare(chunks)
+        self._feed_pending_inputs(pending_rows)
         with forward_metadata(step.metadata):
             hidden_states = self.model(step.input_ids, step.positions)
         logits = self.model.compute_logits(hidden_states[step.logits_indices])
         if not extra_rows:
             return logits, None
-        return logits, self.model.compute_logits(hidden_states[torch.tensor(extra_rows, device=self.device)])
+        return logits, self.model.compute_logits(hidden_states[self._to_device(extra_rows)])
+
+    def _feed_pending_inputs(self, pending_rows: list[tuple[int, int]] | None) -> None:
+        """Write the tokens the last launch sampled into the input rows that wait for them."""
+        if pending_rows:
+            flat_rows, sampled_rows = zip(*pending_rows, strict=True)
+            input_ids = self.inputs.gpu["input_ids"]
+            input_ids[self._to_device(flat_rows)] = self._last_sampled[self._to_device(sampled_rows)]
+
+    def _to_device(self, values) -> torch.Tensor:
+        """A small index tensor, copied from pinned memory without waiting for the device."""
+        return torch.tensor(values, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
 
     def _prompt_logprobs(self, out: SchedulerOutput, chunks: list[SeqChunk]):
         """For requests asking for prompt logprobs: the flat rows whose logits predict a prompt
@@ -208,14 +258,19 @@ class ModelRunner:
                 generators[i] = self.generators[row.key]
         banned = [r.tokens_banned_now() for r in requests]
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        pin = self.device.type == "cuda"  # the sampler copies them over without waiting for the device
+
+        def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
+
         return SamplingMetadata(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_ks=torch.tensor([p.top_k for p in params]) if any(p.top_k > 0 for p in params) else None,
-            top_ps=torch.tensor([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+            temperatures=host([p.temperature for p in params], True, torch.float32),
+            top_ks=host([p.top_k for p in params], any(p.top_k > 0 for p in params)),
+            top_ps=host([p.top_p for p in params], any(p.top_p < 1 for p in params)),
             generators=generators,
             all_greedy=all(p.greedy for p in params),
             banned_token_ids=banned if any(banned) else None,
-            min_ps=torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+            min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
             penalties=_penalty_inputs(requests) if any(p.penalized for p in params) else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
         )
@@ -271,6 +326,13 @@ class ModelRunner:
         finally:
             release_kv_cache(self.model)
         return cache.numel() * cache.element_size()
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Start copying a device tensor into pinned host memory (complete after the step's event)."""
+    if t is None or not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def _penalty_inputs(requests: list[Request]) -> PenaltyInputs:

@@ -1,7 +1,8 @@
 """One step's model inputs, built on the host in pinned buffers and copied to the device asynchronously.
 
 The device buffers persist across steps, so a CUDA graph captured on them replays on whatever
-the next step writes there.
+the next step writes there. There are two sets of host buffers, used in turn: with async
+scheduling a step is prepared while the one before may not have copied its inputs yet.
 """
 
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class StepBatch:
     chunks: list[SeqChunk]
     blocks_to_copy: list[tuple[int, int]]
     prompt_rows: list[int]  # flat token rows whose logits score prompt tokens (prompt_logprobs)
+    # (flat token row, row of the last step's sampled tokens) of inputs still pending on the host;
+    # only with async scheduling, which runs at one rank
+    pending_rows: list[tuple[int, int]]
 
 
 @dataclass
@@ -56,8 +60,10 @@ class StepInputs:
             "logits_indices": ((max_num_seqs,), torch.int64),
             "block_tables": ((max_num_seqs, max_blocks_per_seq), torch.int32),
         }
-        self.host = {k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
-        self.host_np = {k: v.numpy() for k, v in self.host.items()}
+        self.host_sets = [{k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
+                          for _ in range(2)]
+        self.host_np_sets = [{k: v.numpy() for k, v in host.items()} for host in self.host_sets]
+        self.host = self.host_sets[0]
         self.gpu = {k: torch.zeros(shape, dtype=dt, device=device) for k, (shape, dt) in shapes.items()}
 
     def prepare(self, chunks: list[SeqChunk], pad_seqs_to: int | None = None,
@@ -65,9 +71,11 @@ class StepInputs:
         """Write the chunks' inputs and copy them over. ``pad_seqs_to`` pads a decode batch (one token
         per sequence) to a captured graph's size: padding stores nothing (slot -1) and attends to
         one token. ``max_context_len`` overrides the batch's own (a graph's split count is fixed)."""
+        turn = int(self.host is self.host_sets[0])  # the set the step before last used
+        self.host, h = self.host_sets[turn], self.host_np_sets[turn]
         bs = self.block_size
         input_ids, positions, slots, context_lens, cu, logits_indices = [], [], [], [], [0], []
-        np_tables = self.host_np["block_tables"]
+        np_tables = h["block_tables"]
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
             end = chunk.start + n
@@ -95,7 +103,6 @@ class StepInputs:
             context_lens += [1] * extra
             cu += list(range(cu[-1] + 1, cu[-1] + 1 + extra))
             num_tokens = padded
-        h = self.host_np
         h["input_ids"][:num_tokens] = input_ids
         h["positions"][:num_tokens] = positions
         h["slot_mapping"][:num_tokens] = slots

@@ -357,6 +357,7 @@ def build_server(args: argparse.Namespace) -> OpenAIServer:
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling,
     )
     chat_template = args.chat_template
     if chat_template and os.path.isfile(chat_template):
