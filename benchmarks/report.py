@@ -80,7 +80,9 @@ def throughput_section() -> list[str]:
         "its HF peers in the same run on the same prompts (workloads: `../shared/BENCHMARKS.md`; random "
         "weights from the real configs, EOS ignored). Roofline fraction: the least time the run's own steps "
         "could take on the run's GPU (weights + K/V read at its copy bandwidth, or FLOPs at its matmul peak: "
-        "H100 3.0 TB/s and 790 TFLOP/s, H200 4.3 TB/s and 790 TFLOP/s) over the time taken.",
+        "H100 3.0 TB/s and 790 TFLOP/s, H200 4.3 TB/s and 790 TFLOP/s) over the time taken. A peer still "
+        "running at the run's time limit per peer (`--peer-time-limit`) is stopped: its rate was below the "
+        "figure shown (all output tokens over the limit).",
         "",
         "| workload | model | pagedllm | HF static bs64 | HF static bs256 | HF continuous batching | "
         "x best HF | roofline fraction | KV waste | start-up s | result file |",
@@ -93,19 +95,27 @@ def throughput_section() -> list[str]:
         name, data = found
         ours = data["pagedllm"]
         peers = {p["engine"]: p for p in data["peers"]}
+        # a workload with one static batch size of its own (L1: 1, W4: 32) shows it in the first static column
+        own = [e for e in peers if e.startswith("hf-static-") and e not in PEERS]
         cells = []
         for engine in PEERS:
             peer = peers.get(engine)
-            if workload == "L1" and engine == "hf-static-bs64":
-                peer = peers.get("hf-static-bs1")
+            if peer is None and engine == PEERS[0] and own:
+                peer = peers[own[0]]
+            label = f" ({peer['engine'].removeprefix('hf-static-')})" if peer and peer["engine"] not in PEERS else ""
             if peer is None:
                 cells.append("not run")
+            elif "output_tokens_per_s_below" in peer:  # stopped at the run's time limit per peer
+                cells.append(f"< {_rate(peer['output_tokens_per_s_below'])}{label} (stopped)")
             elif "error" in peer:
-                cells.append(f"failed: {peer['error'].split(':')[0]}")
+                cells.append(f"failed: {peer['error'].split(':')[0]}{label}")
             else:
-                bs1 = " (bs1)" if peer["engine"].endswith("bs1") else ""
-                cells.append(f"{_rate(peer['output_tokens_per_s'])}{bs1}")
+                cells.append(f"{_rate(peer['output_tokens_per_s'])}{label}")
         ratio = f"{ours['ratio_vs_best_hf']:.2f}" if ours.get("ratio_vs_best_hf") else "-"
+        below = [p["output_tokens_per_s_below"] for p in data["peers"] if "output_tokens_per_s_below" in p]
+        done = [p["output_tokens_per_s"] for p in data["peers"] if "output_tokens_per_s" in p]
+        if below and max(below) > max(done, default=0):  # a stopped peer might have been the best
+            ratio = f"> {ours['output_tokens_per_s'] / max(below):.1f}"
         lines.append(
             f"| {workload} | {data['model_config']} {data['dtype']} | {_rate(ours['output_tokens_per_s'])} | "
             + " | ".join(cells)

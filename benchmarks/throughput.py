@@ -224,7 +224,7 @@ def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_siz
                        do_sample=False, pad_token_id=0)
 
     try:
-        run(prompts[:2], [8, 8])
+        run(prompts[:2], [8] * len(prompts[:2]))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -269,7 +269,7 @@ def run_hf_continuous(path: str, workload: Workload, prompts, output_lens, limit
                 finally:
                     manager.stop(block=True)
 
-        run(prompts[:2], [8, 8])
+        run(prompts[:2], [8] * len(prompts[:2]))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

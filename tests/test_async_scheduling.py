@@ -22,11 +22,13 @@ def check_same_as_reading_each_step_back(path: str, params_for, num_kv_blocks: i
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     # a stop token and a stop string that greedy decoding reaches after a few tokens: they end a
     # request one step after the next step was launched
-    probe = LLM(path, device=device, dtype="float32").generate(prompts[:2], greedy, use_tqdm=False)
+    kwargs = dict(device=device, dtype="float32", num_kv_blocks=num_kv_blocks or (None if device == "cpu" else 512))
+    with LLM(path, **kwargs) as llm:
+        probe = llm.generate(prompts[:2], greedy, use_tqdm=False)
     params = params_for(probe[0].outputs[0].token_ids[4], probe[1].outputs[0].text[6:9])
     # fresh engines, so that neither finds prompts in its prefix cache
-    sync = LLM(path, device=device, dtype="float32", async_scheduling=False, num_kv_blocks=num_kv_blocks)
-    fast = LLM(path, device=device, dtype="float32", num_kv_blocks=num_kv_blocks)
+    sync = LLM(path, async_scheduling=False, **kwargs)
+    fast = LLM(path, **kwargs)
     assert fast.llm_engine.async_scheduling and not sync.llm_engine.async_scheduling
     fed = []
     feed = fast.llm_engine.model_runner._feed_pending_inputs

@@ -23,3 +23,15 @@ def test_kernel_table_rows_come_from_the_latest_result():
     expected = [f"{r['batch']} x {r['context']}" for r in decode_rows]
     assert [c for c in cells if " x " in c and c[0].isdigit()] == expected
     assert name in lines[0]
+
+
+def test_throughput_rows_show_stopped_peers_as_bounds():
+    rows = {line.split("|")[1].strip(): line for line in report.throughput_section() if line.startswith("| W")}
+    for workload, row in rows.items():
+        _, data = report.latest(f"throughput-{workload}")
+        for peer in data["peers"]:
+            if "output_tokens_per_s_below" in peer:
+                assert f"< {report._rate(peer['output_tokens_per_s_below'])}" in row
+        ours = data["pagedllm"]
+        if ours.get("ratio_vs_best_hf") and "> " not in row:
+            assert f"| {ours['ratio_vs_best_hf']:.2f} |" in row
