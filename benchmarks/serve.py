@@ -71,17 +71,25 @@ def start(command: list[str], url: str, ready_path: str) -> subprocess.Popen:
 
 
 async def one_request(client, model: str, prompt: str, output_len: int, extra: dict) -> dict:
+    """One streamed chat completion: when each content chunk came, and the completion tokens (from
+    ``usage``, else one per chunk). ``transformers serve`` (5.24, continuous batching) sends the
+    rendered prompt back as its first content: that echo is not a generated token, so it is cut."""
     start = time.perf_counter()
-    times, tokens = [], None
+    times, tokens, echoed = [], None, False
+    rendered_prompt = f"user: {prompt}\nassistant:"  # CHAT_TEMPLATE's rendering
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=output_len, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body=extra)
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        content = chunk.choices[0].delta.content if chunk.choices else None
+        if content and not times and content.startswith(rendered_prompt):
+            echoed, content = True, content[len(rendered_prompt):]
+        if content:
             times.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return {"start": start, "times": times, "tokens": tokens if tokens is not None else len(times)}
+    return {"start": start, "times": times, "tokens": tokens if tokens is not None else len(times),
+            "echoed": echoed}
 
 
 async def run_load(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict) -> dict:
@@ -107,7 +115,7 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, ra
     return {"rate": rate, "wall_s": wall, "completed": len(done), "failed": len(results) - len(done),
             "errors": sorted({repr(r)[:200] for r in results if isinstance(r, BaseException)}),
             "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
-            "requests_per_s": len(done) / wall,
+            "requests_per_s": len(done) / wall, "prompt_echoed": sum(r["echoed"] for r in done),
             **{f"ttft_p{q}_ms": pct(ttft, q) for q in (50, 90, 99)},
             **{f"itl_p{q}_ms": pct(itl, q) for q in (50, 90, 99)}}
 
