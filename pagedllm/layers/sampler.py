@@ -56,7 +56,7 @@ class Sampler:
         if meta.banned_token_ids:
             rows = [row for row, banned in enumerate(meta.banned_token_ids) for _ in banned]
             token_ids = [t for banned in meta.banned_token_ids for t in banned]
-            logits[_to(rows, logits), _to(token_ids, logits)] = float("-inf")
+            logits[index_tensor(rows, logits.device), index_tensor(token_ids, logits.device)] = float("-inf")
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         token_ids = logits.argmax(dim=-1)
@@ -83,9 +83,9 @@ class Sampler:
         return torch.where(temperatures > 0, sampled, greedy)
 
 
-def _to(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    """An index tensor on ``like``'s device, copied from pinned memory without waiting for the device."""
-    return torch.tensor(values, pin_memory=like.is_cuda).to(like.device, non_blocking=True)
+def index_tensor(values, device: torch.device) -> torch.Tensor:
+    """A small index tensor on ``device``, copied from pinned memory without waiting for the device."""
+    return torch.tensor(values, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:

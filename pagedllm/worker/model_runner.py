@@ -13,7 +13,7 @@ from pagedllm.engine.request import PENDING_TOKEN, Request
 from pagedllm.engine.scheduler import SchedulerOutput
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
-from pagedllm.layers.sampler import PenaltyInputs, Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.layers.sampler import PenaltyInputs, Sampler, SamplerOutput, SamplingMetadata, index_tensor
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
@@ -182,7 +182,7 @@ class ModelRunner:
         if not rows:
             return PendingOutput(result, rows, sample_rows, None, None)
         if len(logit_rows) != logits.shape[0]:
-            logits = logits[self._to_device(logit_rows)]
+            logits = logits[index_tensor(logit_rows, self.device)]
         sampled = self.sampler(logits, self._sampling_metadata(sample_rows))
         self._last_sampled = sampled.token_ids
         host = SamplerOutput(**{f.name: _to_host(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)})
@@ -196,7 +196,7 @@ class ModelRunner:
     def run_forward(self, batch: StepBatch):
         """What every rank runs each step: copy-on-write block copies, then the forward pass."""
         if batch.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
-            src, dst = (self._to_device(b) for b in zip(*batch.blocks_to_copy, strict=True))
+            src, dst = (index_tensor(b, self.device) for b in zip(*batch.blocks_to_copy, strict=True))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         return self._forward(batch.chunks, batch.prompt_rows, batch.pending_rows)
 
@@ -219,18 +219,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states[step.logits_indices])
         if not extra_rows:
             return logits, None
-        return logits, self.model.compute_logits(hidden_states[self._to_device(extra_rows)])
+        return logits, self.model.compute_logits(hidden_states[index_tensor(extra_rows, self.device)])
 
     def _feed_pending_inputs(self, pending_rows: list[tuple[int, int]] | None) -> None:
         """Write the tokens the last launch sampled into the input rows that wait for them."""
         if pending_rows:
             flat_rows, sampled_rows = zip(*pending_rows, strict=True)
-            input_ids = self.inputs.gpu["input_ids"]
-            input_ids[self._to_device(flat_rows)] = self._last_sampled[self._to_device(sampled_rows)]
-
-    def _to_device(self, values) -> torch.Tensor:
-        """A small index tensor, copied from pinned memory without waiting for the device."""
-        return torch.tensor(values, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+            sampled = self._last_sampled[index_tensor(sampled_rows, self.device)]
+            self.inputs.gpu["input_ids"][index_tensor(flat_rows, self.device)] = sampled
 
     def _prompt_logprobs(self, out: SchedulerOutput, chunks: list[SeqChunk]):
         """For requests asking for prompt logprobs: the flat rows whose logits predict a prompt
