@@ -205,12 +205,16 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_size: int, limit_s: float) -> dict:
+def _hf_model(path: str, dtype: torch.dtype):
+    """The HF model of the config in ``path``, random weights, built on the GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=workload.dtype).eval()
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype).eval()
+
+
+def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_size: int, limit_s: float) -> dict:
+    model = _hf_model(path, workload.dtype)
 
     def run(batch_prompts, batch_outputs):
         width = max(map(len, batch_prompts))
@@ -223,6 +227,42 @@ def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_siz
         model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, pad_token_id=0)
 
+    return _time_peer(f"hf-static-bs{batch_size}", run, prompts, output_lens, batch_size, limit_s)
+
+
+def run_hf_continuous(path: str, workload: Workload, prompts, output_lens, limit_s: float) -> dict:
+    from transformers import GenerationConfig
+
+    model = _hf_model(path, workload.dtype)
+    if len(set(output_lens)) == 1:
+        def run(batch, lens):
+            gen = GenerationConfig(max_new_tokens=lens[0], do_sample=False, eos_token_id=-1)
+            results = model.generate_batch(inputs=batch, generation_config=gen)
+            _check_lengths([r.generated_tokens for r in results.values()], lens)
+    else:  # each request its own length
+        def run(batch, lens):
+            gen = GenerationConfig(max_new_tokens=max(lens), do_sample=False, eos_token_id=-1)
+            manager = model.init_continuous_batching(generation_config=gen)
+            manager.start()
+            try:
+                ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(batch, lens, strict=True)]
+                results = {}
+                while len(results) < len(batch):
+                    result = manager.get_result(timeout=3600)
+                    if result is None:
+                        raise RuntimeError("HF continuous batching stopped before every request finished")
+                    if result.is_finished():
+                        results[result.request_id] = result.generated_tokens
+                _check_lengths([results[i] for i in ids], lens)
+            finally:
+                manager.stop(block=True)
+
+    return _time_peer("hf-continuous-batching", run, prompts, output_lens, len(prompts), limit_s)
+
+
+def _time_peer(engine: str, run, prompts, output_lens, batch_size: int, limit_s: float) -> dict:
+    """One short warm-up, then ``run(prompts, output_lens)`` over batches of ``batch_size``, timed.
+    An OOM, an API change or the time limit is a result too."""
     try:
         run(prompts[:2], [8] * len(prompts[:2]))
         torch.cuda.synchronize()
@@ -232,54 +272,9 @@ def run_hf_static(path: str, workload: Workload, prompts, output_lens, batch_siz
             for i in range(0, len(prompts), batch_size):
                 run(prompts[i:i + batch_size], output_lens[i:i + batch_size])
             torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        result = _peer_result(f"hf-static-bs{batch_size}", wall, prompts, output_lens)
-    except (Exception, PeerTimeLimit) as err:  # an OOM, an API change or the time limit is a result too
-        result = _peer_failure(f"hf-static-bs{batch_size}", err, output_lens, limit_s)
-    return result
-
-
-def run_hf_continuous(path: str, workload: Workload, prompts, output_lens, limit_s: float) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=workload.dtype).eval()
-    try:
-        if len(set(output_lens)) == 1:
-            def run(batch, lens):
-                gen = GenerationConfig(max_new_tokens=lens[0], do_sample=False, eos_token_id=-1)
-                results = model.generate_batch(inputs=batch, generation_config=gen)
-                _check_lengths([r.generated_tokens for r in results.values()], lens)
-        else:  # each request its own length
-            def run(batch, lens):
-                gen = GenerationConfig(max_new_tokens=max(lens), do_sample=False, eos_token_id=-1)
-                manager = model.init_continuous_batching(generation_config=gen)
-                manager.start()
-                try:
-                    ids = [manager.add_request(p, max_new_tokens=n) for p, n in zip(batch, lens, strict=True)]
-                    results = {}
-                    while len(results) < len(batch):
-                        result = manager.get_result(timeout=3600)
-                        if result is None:
-                            raise RuntimeError("HF continuous batching stopped before every request finished")
-                        if result.is_finished():
-                            results[result.request_id] = result.generated_tokens
-                    _check_lengths([results[i] for i in ids], lens)
-                finally:
-                    manager.stop(block=True)
-
-        run(prompts[:2], [8] * len(prompts[:2]))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with time_limit(limit_s):
-            run(prompts, output_lens)
-            torch.cuda.synchronize()
-        result = _peer_result("hf-continuous-batching", time.perf_counter() - start, prompts, output_lens)
+        return _peer_result(engine, time.perf_counter() - start, prompts, output_lens)
     except (Exception, PeerTimeLimit) as err:
-        result = _peer_failure("hf-continuous-batching", err, output_lens, limit_s)
-    return result
+        return _peer_failure(engine, err, output_lens, limit_s)
 
 
 def _check_lengths(generated: list[list[int]], lens: list[int]) -> None:
