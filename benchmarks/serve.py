@@ -55,19 +55,22 @@ def make_prompts(path: str, num_requests: int, input_len: int) -> list[str]:
     return [tokenizer.decode([rng.randrange(10, 500) for _ in range(input_len)]) for _ in range(num_requests)]
 
 
-def start(command: list[str], url: str, ready_path: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(command: list[str], url: str, log_path: str) -> subprocess.Popen:
+    """Start a server and wait for its ``/health``. Its output goes to a file: an unread pipe would fill
+    up and stall the server."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited: {process.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{command[0]} exited: {open(log_path).read()[-2000:]}")
         try:
-            urllib.request.urlopen(url + ready_path, timeout=2)
+            urllib.request.urlopen(url + "/health", timeout=2)
             return process
         except OSError:
             time.sleep(0.5)
     process.terminate()
-    raise RuntimeError(f"{command} did not start in 600 s")
+    raise RuntimeError(f"{command} did not start in 600 s: {open(log_path).read()[-2000:]}")
 
 
 async def one_request(client, model: str, prompt: str, output_len: int, extra: dict) -> dict:
@@ -92,7 +95,10 @@ async def one_request(client, model: str, prompt: str, output_len: int, extra: d
             "echoed": echoed}
 
 
-async def run_load(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict) -> dict:
+async def run_load(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict,
+                   time_limit: float) -> dict:
+    """Send every prompt at Poisson arrivals of ``rate``/s; requests not done ``time_limit`` s after the
+    first are cancelled and counted as ``stopped`` (their tokens are not counted)."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
     await one_request(client, model, prompts[0], 8, extra)  # warm-up
     rng = random.Random(1)
@@ -101,9 +107,13 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, ra
         tasks.append(asyncio.create_task(one_request(client, model, prompt, output_len, extra)))
         if rate != float("inf"):
             await asyncio.sleep(rng.expovariate(rate))
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    finished, unfinished = await asyncio.wait(tasks, timeout=max(0.0, time_limit - (time.perf_counter() - begin)))
     wall = time.perf_counter() - begin
+    for task in unfinished:
+        task.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)
     await client.close()
+    results = [task.exception() or task.result() for task in finished]
     done = [r for r in results if isinstance(r, dict) and r["times"]]
     ttft = [r["times"][0] - r["start"] for r in done]
     itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:], strict=False)]
@@ -113,6 +123,7 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, ra
         return statistics.quantiles(values, n=100)[q - 1] * 1e3 if len(values) > 1 else None
 
     return {"rate": rate, "wall_s": wall, "completed": len(done), "failed": len(results) - len(done),
+            "stopped": len(unfinished),
             "errors": sorted({repr(r)[:200] for r in results if isinstance(r, BaseException)}),
             "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
             "requests_per_s": len(done) / wall, "prompt_echoed": sum(r["echoed"] for r in done),
@@ -126,17 +137,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def benchmark_engine(name: str, command: list[str], url: str, ready: str, model: str, prompts, output_len,
-                     rates, extra) -> dict:
+def benchmark_engine(name: str, command: list[str], url: str, model: str, prompts, output_len,
+                     rates, extra, time_limit) -> dict:
     process = None
     try:
-        process = start(command, url, ready)
+        process = start(command, url, os.path.join(tempfile.gettempdir(), f"serve-{name}.log"))
         runs = []
         for rate in rates:
-            run = asyncio.run(run_load(url, model, prompts, output_len, rate, extra))
+            run = asyncio.run(run_load(url, model, prompts, output_len, rate, extra, time_limit))
             print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
                   f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
-                  f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}", flush=True)
+                  f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}, "
+                  f"stopped {run['stopped']}", flush=True)
             runs.append(run)
         return {"engine": name, "runs": runs}
     except Exception as err:
@@ -157,6 +169,8 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 8, 32, float("inf")])
     parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--time-limit", type=float, default=300,
+                        help="seconds per engine and rate; requests still running then are stopped and reported")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
@@ -170,7 +184,8 @@ def main() -> None:
         "pagedllm", [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host",
                      "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype,
                      "--device", args.device],
-        url, "/health", "bench", prompts, args.output_len, args.rates, {"ignore_eos": True})
+        url, "bench", prompts, args.output_len, args.rates, {"ignore_eos": True},
+        args.time_limit)
     engines = [ours]
     if args.peer == "transformers":
         port = free_port()
@@ -179,10 +194,11 @@ def main() -> None:
             "transformers-serve-cb", [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
                                       "serve", path, "--continuous-batching", "--host", "127.0.0.1",
                                       "--port", str(port)],
-            url, "/v1/models", path, prompts, args.output_len, args.rates, {}))
+            url, path, prompts, args.output_len, args.rates, {}, args.time_limit))
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
-               "output_len": args.output_len, "environment": environment(), "engines": engines}
+               "output_len": args.output_len, "time_limit_s": args.time_limit, "environment": environment(),
+               "engines": engines}
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")
     else:
