@@ -41,8 +41,16 @@ def build_checkpoint(config_path: str, dtype: torch.dtype, path: str) -> None:
     config = AutoConfig.from_pretrained(config_path)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path)
     tokenizer = build_tokenizer()
+    # The config's vocabulary is far larger than this tokenizer's, and ids it cannot write (or special
+    # ones) stream no text. Zero their output rows so that greedy decoding picks writable tokens, as a
+    # trained model would; otherwise most requests stream nothing to time.
+    unwritable = torch.ones(config.vocab_size, dtype=torch.bool)
+    unwritable[:len(tokenizer)] = False
+    unwritable[tokenizer.all_special_ids] = True
+    with torch.no_grad():
+        model.get_output_embeddings().weight[unwritable.to(model.device)] = 0
+    model.save_pretrained(path)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
 
