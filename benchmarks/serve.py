@@ -3,7 +3,8 @@ in the same run on the same checkpoint and prompts, ``transformers serve --conti
 
 Both get the same streamed chat completions (greedy, a fixed output length; pagedllm also gets
 ``ignore_eos``). Per engine and rate: throughput, time-to-first-token and inter-token latency
-percentiles. The checkpoint is the real config with random weights, saved once with a trained
+percentiles. The load comes from several client processes, so the client is not what is measured.
+The checkpoint is the real config with random weights, saved once with a trained
 byte-level tokenizer and a plain chat template (no hub is reachable).
 
 Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 2 8 32 inf] [--peer transformers] [--out DIR]
@@ -12,6 +13,7 @@ Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 2 8 32 inf] [--
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -85,44 +87,64 @@ async def one_request(client, model: str, prompt: str, output_len: int, extra: d
     """One streamed chat completion: when each content chunk came, and the completion tokens (from
     ``usage``, else one per chunk). ``transformers serve`` (5.24, continuous batching) sends the
     rendered prompt back as its first content: that echo is not a generated token, so it is cut."""
-    start = time.perf_counter()
-    times, tokens, echoed = [], None, False
+    start = time.time()  # wall-clock: comparable across the client processes
+    times, tokens, echoed, chunks, finish_reason = [], None, False, 0, None
     rendered_prompt = f"user: {prompt}\nassistant:"  # CHAT_TEMPLATE's rendering
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=output_len, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body=extra)
     async for chunk in stream:
+        chunks += 1
         content = chunk.choices[0].delta.content if chunk.choices else None
+        finish_reason = (chunk.choices[0].finish_reason if chunk.choices else None) or finish_reason
         if content and not times and content.startswith(rendered_prompt):
             echoed, content = True, content[len(rendered_prompt):]
         if content:
-            times.append(time.perf_counter())
+            times.append(time.time())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     return {"start": start, "times": times, "tokens": tokens if tokens is not None else len(times),
-            "echoed": echoed}
+            "echoed": echoed, "chunks": chunks, "finish_reason": finish_reason}
 
 
-async def run_load(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict,
-                   time_limit: float) -> dict:
-    """Send every prompt at Poisson arrivals of ``rate``/s; requests not done ``time_limit`` s after the
-    first are cancelled and counted as ``stopped`` (their tokens are not counted)."""
+async def send_shard(url: str, model: str, prompts: list[str], output_len: int, rate: float, extra: dict,
+                     start_at: float, time_limit: float, seed: int) -> dict:
+    """One client process's share of the load: Poisson arrivals at ``rate``/s from ``start_at``;
+    requests not done ``time_limit`` s after it are cancelled and counted as stopped."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
-    await one_request(client, model, prompts[0], 8, extra)  # warm-up
-    rng = random.Random(1)
-    tasks, begin = [], time.perf_counter()
+    rng = random.Random(seed)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    tasks = []
     for prompt in prompts:
         tasks.append(asyncio.create_task(one_request(client, model, prompt, output_len, extra)))
         if rate != float("inf"):
             await asyncio.sleep(rng.expovariate(rate))
-    finished, unfinished = await asyncio.wait(tasks, timeout=max(0.0, time_limit - (time.perf_counter() - begin)))
-    wall = time.perf_counter() - begin
+    finished, unfinished = await asyncio.wait(tasks, timeout=max(0.0, start_at + time_limit - time.time()))
+    end = time.time()
     for task in unfinished:
         task.cancel()
     await asyncio.gather(*unfinished, return_exceptions=True)
     await client.close()
-    results = [task.exception() or task.result() for task in finished]
-    done = [r for r in results if isinstance(r, dict) and r["times"]]
+    results = [repr(task.exception())[:200] if task.exception() else task.result() for task in finished]
+    return {"end": end, "results": results, "stopped": len(unfinished)}
+
+
+def run_shard(args: tuple) -> dict:
+    return asyncio.run(send_shard(*args))
+
+
+def run_load(pool, processes: int, url: str, model: str, prompts: list[str], output_len: int, rate: float,
+             extra: dict, time_limit: float) -> dict:
+    """Send every prompt at Poisson arrivals of ``rate``/s, split over the pool's client processes (one
+    Python client parses only some thousands of chunks a second: alone it would be the bottleneck)."""
+    asyncio.run(warm_up(url, model, prompts[0], extra))
+    start_at = time.time() + 0.5
+    shards = pool.map(run_shard, [(url, model, prompts[i::processes], output_len, rate / processes, extra,
+                                   start_at, time_limit, i) for i in range(processes)])
+    wall = max(shard["end"] for shard in shards) - start_at
+    results = [r for shard in shards for r in shard["results"]]
+    streams = [r for r in results if isinstance(r, dict)]
+    done = [r for r in streams if r["times"]]
     ttft = [r["times"][0] - r["start"] for r in done]
     itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:], strict=False)]
     output_tokens = sum(r["tokens"] for r in done)
@@ -130,13 +152,21 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, ra
     def pct(values, q):
         return statistics.quantiles(values, n=100)[q - 1] * 1e3 if len(values) > 1 else None
 
-    return {"rate": rate, "wall_s": wall, "completed": len(done), "failed": len(results) - len(done),
-            "stopped": len(unfinished),
-            "errors": sorted({repr(r)[:200] for r in results if isinstance(r, BaseException)}),
+    return {"rate": rate, "wall_s": wall, "client_processes": processes, "completed": len(done),
+            "failed": len(results) - len(streams), "stopped": sum(shard["stopped"] for shard in shards),
+            "errors": sorted({r for r in results if isinstance(r, str)}),
+            "no_text": len(streams) - len(done),
+            "no_text_examples": [{k: r[k] for k in ("chunks", "tokens", "finish_reason", "echoed")}
+                                 for r in streams if not r["times"]][:5],
             "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
             "requests_per_s": len(done) / wall, "prompt_echoed": sum(r["echoed"] for r in done),
             **{f"ttft_p{q}_ms": pct(ttft, q) for q in (50, 90, 99)},
             **{f"itl_p{q}_ms": pct(itl, q) for q in (50, 90, 99)}}
+
+
+async def warm_up(url: str, model: str, prompt: str, extra: dict) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=600) as client:
+        await one_request(client, model, prompt, 8, extra)
 
 
 def free_port() -> int:
@@ -145,18 +175,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def benchmark_engine(name: str, command: list[str], url: str, model: str, prompts, output_len,
-                     rates, extra, time_limit) -> dict:
+def benchmark_engine(name: str, command: list[str], url: str, model: str, extra: dict, args, pool,
+                     prompts: list[str]) -> dict:
     process = None
     try:
         process = start(command, url, os.path.join(tempfile.gettempdir(), f"serve-{name}.log"))
         runs = []
-        for rate in rates:
-            run = asyncio.run(run_load(url, model, prompts, output_len, rate, extra, time_limit))
+        for rate in args.rates:
+            run = run_load(pool, args.client_processes, url, model, prompts, args.output_len, rate, extra,
+                           args.time_limit)
             print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
                   f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
                   f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}, "
-                  f"stopped {run['stopped']}", flush=True)
+                  f"no text {run['no_text']}, stopped {run['stopped']}", flush=True)
             runs.append(run)
         return {"engine": name, "runs": runs}
     except Exception as err:
@@ -179,6 +210,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="seconds per engine and rate; requests still running then are stopped and reported")
+    parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
@@ -186,14 +218,15 @@ def main() -> None:
     build_checkpoint(config_path, getattr(torch, args.dtype), path)
     prompts = make_prompts(path, args.num_requests, args.input_len)
 
+    pool = multiprocessing.get_context("spawn").Pool(args.client_processes)
+    pool.map(time.sleep, [0.5] * args.client_processes, chunksize=1)  # every client process up and imported
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ours = benchmark_engine(
         "pagedllm", [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host",
                      "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype,
                      "--device", args.device],
-        url, "bench", prompts, args.output_len, args.rates, {"ignore_eos": True},
-        args.time_limit)
+        url, "bench", {"ignore_eos": True}, args, pool, prompts)
     engines = [ours]
     if args.peer == "transformers":
         port = free_port()
@@ -202,11 +235,12 @@ def main() -> None:
             "transformers-serve-cb", [sys.executable, "-c", "from transformers.cli.transformers import main; main()",
                                       "serve", path, "--continuous-batching", "--host", "127.0.0.1",
                                       "--port", str(port)],
-            url, path, prompts, args.output_len, args.rates, {}, args.time_limit))
+            url, path, {}, args, pool, prompts))
+    pool.close()
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
-               "output_len": args.output_len, "time_limit_s": args.time_limit, "environment": environment(),
-               "engines": engines}
+               "output_len": args.output_len, "client_processes": args.client_processes,
+               "time_limit_s": args.time_limit, "environment": environment(), "engines": engines}
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")
     else:
