@@ -152,6 +152,28 @@ def test_client_that_disconnects_mid_stream_frees_its_request(live):
     assert manager.num_free_blocks == manager.num_blocks
 
 
+def test_a_stream_read_late_gets_the_newest_output_not_a_backlog(live, offline):
+    """Outputs are cumulative: a reader that falls behind (a slow client, a busy server) gets one
+    output with every token so far, so it costs one chunk, not one per step it missed."""
+    server, _, _ = live
+    engine = server.engine
+    prompt_ids = offline.get_tokenizer().encode("def main():")
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    expected = offline.generate({"prompt_token_ids": prompt_ids}, params, use_tqdm=False)[0].outputs[0]
+
+    async def read_late():
+        stream = engine.generate("late-reader", prompt_ids, params)
+        first = await anext(stream)
+        while engine.num_unfinished_requests:
+            await asyncio.sleep(0.01)  # the engine finishes the request meanwhile
+        return first, [output async for output in stream]
+
+    first, rest = asyncio.run(read_late())
+    assert not first.finished and len(first.outputs[0].token_ids) < 48
+    assert len(rest) == 1 and rest[0].finished
+    assert rest[0].outputs[0].token_ids == expected.token_ids and rest[0].outputs[0].text == expected.text
+
+
 def test_health_tokenize_detokenize(live, offline):
     _, url, _ = live
     assert call("GET", f"{url}/health")[0] == 200

@@ -51,6 +51,8 @@ class AsyncLLM:
         try:
             while not finished:
                 output = await outputs.get()
+                while not outputs.empty() and not isinstance(output, BaseException):
+                    output = outputs.get_nowait()  # outputs are cumulative: a reader behind skips to the newest
                 if isinstance(output, BaseException):
                     raise EngineDeadError(f"the engine stopped: {output!r}") from output
                 finished = output.finished
@@ -94,16 +96,25 @@ class AsyncLLM:
                     else:
                         engine.abort_request(arg)
                 if engine.has_unfinished_requests():
-                    for output in engine.step():
-                        self._deliver(output.request_id, output)
+                    self._deliver([(output.request_id, output) for output in engine.step()])
         except BaseException as err:  # the engine is broken: every waiting client gets the error
             logger.exception("the engine loop failed")
             self._error = err
-            for request_id in list(self._streams):
-                self._deliver(request_id, err)
+            self._deliver([(request_id, err) for request_id in list(self._streams)])
 
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one
+        per request (each wake-up is a write to the loop's self-pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                loop, outputs = stream
+                by_loop.setdefault(loop, []).append((outputs, item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in puts:
+        outputs.put_nowait(item)

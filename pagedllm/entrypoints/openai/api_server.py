@@ -224,6 +224,7 @@ class OpenAIServer:
                 yield output
         finally:
             self.metrics.observe_request(arrival, token_times)
+            await stream.aclose()
 
     def _completion_logprobs(self, completion, offset: int) -> CompletionLogprobs | None:
         if completion.logprobs is None:
@@ -295,6 +296,13 @@ def _usage(finals: list[RequestOutput]) -> Usage:
 
 async def _merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several request streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:  # the common case, without a task and a queue between engine and client
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()  # a client that left: the stream's generator aborts its request
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index, stream):
