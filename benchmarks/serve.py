@@ -144,18 +144,19 @@ def run_load(pool, processes: int, url: str, model: str, prompts: list[str], out
     wall = max(shard["end"] for shard in shards) - start_at
     results = [r for shard in shards for r in shard["results"]]
     streams = [r for r in results if isinstance(r, dict)]
-    done = [r for r in streams if r["times"]]
-    ttft = [r["times"][0] - r["start"] for r in done]
-    itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    done = [r for r in streams if r["times"] or r["finish_reason"]]  # ended well, if perhaps with no text
+    timed = [r for r in done if r["times"]]
+    ttft = [r["times"][0] - r["start"] for r in timed]
+    itl = [b - a for r in timed for a, b in zip(r["times"], r["times"][1:], strict=False)]
     output_tokens = sum(r["tokens"] for r in done)
 
     def pct(values, q):
         return statistics.quantiles(values, n=100)[q - 1] * 1e3 if len(values) > 1 else None
 
     return {"rate": rate, "wall_s": wall, "client_processes": processes, "completed": len(done),
-            "failed": len(results) - len(streams), "stopped": sum(shard["stopped"] for shard in shards),
+            "failed": len(results) - len(done), "stopped": sum(shard["stopped"] for shard in shards),
             "errors": sorted({r for r in results if isinstance(r, str)}),
-            "no_text": len(streams) - len(done),
+            "no_text": len(done) - len(timed),  # in the tokens, not in the latencies
             "no_text_examples": [{k: r[k] for k in ("chunks", "tokens", "finish_reason", "echoed")}
                                  for r in streams if not r["times"]][:5],
             "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
