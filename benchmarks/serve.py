@@ -7,7 +7,7 @@ percentiles. The load comes from several client processes, so the client is not 
 The checkpoint is the real config with random weights, saved once with a trained
 byte-level tokenizer and a plain chat template (no hub is reachable).
 
-Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 2 8 32 inf] [--peer transformers] [--out DIR]
+Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 4 16 64 inf] [--peer transformers] [--out DIR]
 """
 
 import argparse
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rates", type=float, nargs="+", default=[2, 8, 32, float("inf")])
+    parser.add_argument("--rates", type=float, nargs="+", default=[4, 16, 64, float("inf")])
     parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--time-limit", type=float, default=300,
