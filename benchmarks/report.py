@@ -125,11 +125,48 @@ def throughput_section() -> list[str]:
     return lines if len(lines) > 4 else []
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def serve_section(name: str, data: dict) -> list[str]:
+    engines = [e for e in data["engines"] if "runs" in e]
+    lines = [
+        f"**Serving** (`python benchmarks/serve.py`): {data['num_requests']} streamed chat completions per "
+        f"offered rate ({data['input_len']} prompt tokens, {data['output_len']} output tokens, greedy; "
+        f"{data['model_config']} {data['dtype']}, random weights), Poisson arrivals (inf: all at once) from "
+        f"{data['client_processes']} processes of the official `openai` client; `transformers serve "
+        f"--continuous-batching` on the same checkpoint and prompts in the same run. Time-to-first-token "
+        f"(TTFT) and inter-token latency (ITL, between streamed chunks) in ms. {_source(data, name)}.",
+        "",
+        "| offered req/s | engine | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | done / failed / stopped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i in range(len(engines[0]["runs"])):
+        for engine in engines:
+            r = engine["runs"][i]
+            lines.append(f"| {r['rate']:g} | {engine['engine']} | {_rate(r['output_tokens_per_s'])} | "
+                         f"{_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | {_ms(r['itl_p50_ms'])} | "
+                         f"{_ms(r['itl_p99_ms'])} | {r['completed']} / {r['failed']} / {r['stopped']} |")
+    notes = []
+    for engine in data["engines"]:
+        if "error" in engine:
+            notes.append(f"{engine['engine']} failed: {engine['error']}")
+        no_text = [r["no_text"] for r in engine.get("runs", [])]
+        if any(no_text):
+            notes.append(f"{engine['engine']}: {'/'.join(map(str, no_text))} streams per rate ended with a finish "
+                         "reason and usage but streamed no text; their tokens count, their latencies do not")
+    return lines + ([""] + [f"{note}." for note in notes] if notes else [])
+
+
 def render() -> str:
     sections = []
     throughput = throughput_section()
     if throughput:
         sections.append("\n".join(throughput))
+    serve = latest("serve")
+    if serve:
+        sections.append("\n".join(serve_section(*serve)))
     kernels = latest("kernels")
     if kernels:
         sections.append("\n".join(kernels_section(*kernels)))

@@ -35,3 +35,15 @@ def test_throughput_rows_show_stopped_peers_as_bounds():
         ours = data["pagedllm"]
         if ours.get("ratio_vs_best_hf") and "> " not in row:
             assert f"| {ours['ratio_vs_best_hf']:.2f} |" in row
+
+
+def test_serve_rows_come_from_the_latest_result():
+    name, data = report.latest("serve")
+    rows = [line for line in report.serve_section(name, data) if line.startswith("| ") and "---" not in line][1:]
+    runs = [(engine["engine"], run) for run_index in range(len(data["engines"][0]["runs"]))
+            for engine in data["engines"] if "runs" in engine for run in [engine["runs"][run_index]]]
+    assert len(rows) == len(runs)
+    for row, (engine, run) in zip(rows, runs, strict=True):
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[:3] == [f"{run['rate']:g}", engine, report._rate(run["output_tokens_per_s"])]
+        assert cells[-1] == f"{run['completed']} / {run['failed']} / {run['stopped']}"
