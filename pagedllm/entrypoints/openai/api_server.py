@@ -72,7 +72,7 @@ def _bad_value(err: ValueError) -> ApiError:
 class ApiKeyCheck:
     """Every /v1 route needs ``Authorization: Bearer <key>``. Plain ASGI: Starlette's
     ``BaseHTTPMiddleware`` would put a task group and a memory stream between each streamed chunk
-    and the socket, which costs the server a third of its time under load."""
+    and the socket, about a quarter of the HTTP side's time at 200 streams (py-spy on the H200)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
