@@ -142,7 +142,7 @@ def serve_section(name: str, data: dict) -> list[str]:
         "| offered req/s | engine | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | done / failed / stopped |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for i in range(len(engines[0]["runs"])):
+    for i in range(len(engines[0]["runs"]) if engines else 0):  # every engine that ran ran every rate
         for engine in engines:
             r = engine["runs"][i]
             lines.append(f"| {r['rate']:g} | {engine['engine']} | {_rate(r['output_tokens_per_s'])} | "

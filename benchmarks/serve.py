@@ -85,7 +85,7 @@ def start(command: list[str], url: str, log_path: str) -> subprocess.Popen:
 
 async def one_request(client, model: str, prompt: str, output_len: int, extra: dict) -> dict:
     """One streamed chat completion: when each content chunk came, and the completion tokens (from
-    ``usage``, else one per chunk). ``transformers serve`` (5.24, continuous batching) sends the
+    ``usage``, else one per chunk). ``transformers serve`` (5.17 and 5.24, continuous batching) sends the
     rendered prompt back as its first content: that echo is not a generated token, so it is cut."""
     start = time.time()  # wall-clock: comparable across the client processes
     times, tokens, echoed, chunks, finish_reason = [], None, False, 0, None
@@ -111,7 +111,7 @@ async def send_shard(url: str, model: str, prompts: list[str], output_len: int, 
                      start_at: float, time_limit: float, seed: int) -> dict:
     """One client process's share of the load: Poisson arrivals at ``rate``/s from ``start_at``;
     requests not done ``time_limit`` s after it are cancelled and counted as stopped."""
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=3600)
+    client = make_client(url)
     rng = random.Random(seed)
     await asyncio.sleep(max(0.0, start_at - time.time()))
     tasks = []
@@ -166,8 +166,13 @@ def run_load(pool, processes: int, url: str, model: str, prompts: list[str], out
 
 
 async def warm_up(url: str, model: str, prompt: str, extra: dict) -> None:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=600) as client:
+    async with make_client(url, timeout=600) as client:
         await one_request(client, model, prompt, 8, extra)
+
+
+def make_client(url: str, timeout: float = 3600) -> openai.AsyncOpenAI:
+    """No retries: a failed request is reported, not hidden."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
 
 
 def free_port() -> int:

@@ -40,8 +40,8 @@ def test_throughput_rows_show_stopped_peers_as_bounds():
 def test_serve_rows_come_from_the_latest_result():
     name, data = report.latest("serve")
     rows = [line for line in report.serve_section(name, data) if line.startswith("| ") and "---" not in line][1:]
-    runs = [(engine["engine"], run) for run_index in range(len(data["engines"][0]["runs"]))
-            for engine in data["engines"] if "runs" in engine for run in [engine["runs"][run_index]]]
+    engines = [engine for engine in data["engines"] if "runs" in engine]
+    runs = [(engine["engine"], engine["runs"][i]) for i in range(len(engines[0]["runs"])) for engine in engines]
     assert len(rows) == len(runs)
     for row, (engine, run) in zip(rows, runs, strict=True):
         cells = [c.strip() for c in row.split("|")[1:-1]]
