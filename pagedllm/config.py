@@ -26,7 +26,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
     device: str = "auto"
-    seed: int = 0
+    seed: int | None = 0  # None: sampling noise differs run to run (dummy weights still use 0)
     block_size: int = 16
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -38,6 +38,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # schedule the next step while the device runs this one (one rank only)
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for, as in vLLM
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
@@ -51,6 +52,8 @@ class EngineConfig:
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                  "num_kv_blocks", self.num_kv_blocks, ">= 1 or None")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
+        _require(self.max_logprobs >= 0, "max_logprobs", self.max_logprobs, ">= 0")
+        _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         self.device = _resolve_device(self.device)
         if self.tensor_parallel_size > 1 and self.device.startswith("cuda"):

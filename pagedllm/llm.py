@@ -4,11 +4,12 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.errors import RequestFailedError
+from pagedllm.inputs import encode_text, render_chat, token_ids
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -18,24 +19,11 @@ PromptType = str | list[int] | dict[str, Any]
 class LLM:
     """A model loaded for generation, as in vLLM: ``LLM("facebook/opt-1.3b").generate(prompts)``.
 
-    Arguments are those of :class:`pagedllm.config.EngineConfig`.
+    Keyword arguments are the fields of :class:`pagedllm.config.EngineConfig` (the README's table).
     """
 
-    def __init__(self, model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", seed: int = 0, block_size: int = 16, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None,
-                 load_format: str = "auto", enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                 enable_prefix_caching: bool = True, async_scheduling: bool = True):
-        config = EngineConfig(
-            model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, block_size=block_size,
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
-            num_kv_blocks=num_kv_blocks, load_format=load_format, enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
-            async_scheduling=async_scheduling,
-        )
-        self.llm_engine = LLMEngine(config)
+    def __init__(self, model: str, **kwargs: Any):
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._next_request_id = 0
 
     def get_tokenizer(self):
@@ -102,11 +90,10 @@ class LLM:
         prompts = []
         for index, conversation in enumerate(conversations):
             try:
-                text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
-                                                     add_generation_prompt=add_generation_prompt)
+                text, ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt)
             except ValueError as err:
-                raise ValueError(f"conversation {index}: {err} (pass chat_template=...)") from None
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+                raise ValueError(f"conversation {index}: {err}") from None
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _add_requests(self, prompts, sampling_params, stream: bool) -> list[str]:
@@ -140,7 +127,7 @@ class LLM:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
                 raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
             prompt = prompt["prompt"]
@@ -150,12 +137,14 @@ class LLM:
             tokenizer = self._engine().tokenizer
             if tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as token ids")
-            return prompt, tokenizer.encode(prompt)
+            return prompt, encode_text(tokenizer, prompt)
         if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
+            return None, token_ids(prompt)
         raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until this call's requests are done. If one fails in the engine, the others are
+        aborted and the error names its prompt; the LLM stays usable."""
         engine = self._engine()
         outputs: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
@@ -164,6 +153,9 @@ class LLM:
             while engine.has_unfinished_requests():
                 finished = engine.step()
                 for output in finished:
+                    if output.error is not None and output.request_id in request_ids:
+                        index = request_ids.index(output.request_id)
+                        raise RequestFailedError(f"prompt {index} failed: {output.error}", index)
                     outputs[output.request_id] = output
                 if finished and use_tqdm:
                     rate = (engine.num_generated_tokens - tokens_at_start) / (time.perf_counter() - start)

@@ -15,7 +15,8 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence. ``finish_reason`` is "stop" (EOS or a stop token) or "length";
+    """One generated sequence. ``finish_reason`` is "stop" (EOS, a stop token or string), "length",
+    "abort" or "error";
     ``stop_reason`` is the stop token id that ended it (None for EOS or length). With
     ``SamplingParams.logprobs``, ``logprobs[i]`` maps the i-th token and the most likely
     alternatives to their Logprob, and ``cumulative_logprob`` sums the generated tokens'."""
@@ -36,7 +37,8 @@ class CompletionOutput:
 class RequestOutput:
     """One request's prompt and completions; ``num_cached_tokens`` prompt tokens came from the
     prefix cache instead of being computed. With ``SamplingParams.prompt_logprobs``,
-    ``prompt_logprobs[i]`` scores prompt token i (None for the first, which nothing predicts)."""
+    ``prompt_logprobs[i]`` scores prompt token i (None for the first, which nothing predicts).
+    ``error`` says why the request failed alone (its completions' finish_reason is "error")."""
 
     request_id: str
     prompt: str | None
@@ -45,3 +47,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    error: str | None = None

@@ -1,5 +1,7 @@
 """How one request is sampled and when it stops: vLLM's ``SamplingParams``, field for field."""
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -39,49 +41,53 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 is greedy)")
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an int >= 1")
+        """Check every field's type and range, so that a request fails here, named, and never in the engine."""
+        _check(is_int(self.n) and 1 <= self.n <= INT64_MAX, "n", self.n, "must be an int >= 1")
+        _check(_is_real(self.temperature) and 0 <= self.temperature < math.inf, "temperature", self.temperature,
+               "must be a finite number >= 0 (0 is greedy)")
         _check(self.n == 1 or self.temperature > 0, "n", self.n,
                "must be 1 with greedy sampling (temperature=0): greedy samples would all be the same")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(
-            isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
-            "top_k", self.top_k, "must be an int >= 0, or -1 (0 and -1 turn it off)",
-        )
+        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be a number in (0, 1]")
+        _check(is_int(self.top_k) and -1 <= self.top_k <= INT64_MAX, "top_k", self.top_k,
+               "must be an int >= 0, or -1 (0 and -1 turn it off)")
         if self.top_k == -1:
             self.top_k = 0
-        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        _check(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be a number in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
-            _check(-2 <= getattr(self, name) <= 2, name, getattr(self, name), "must be in [-2, 2]")
-        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0 (1 is off)")
+            value = getattr(self, name)
+            _check(_is_real(value) and -2 <= value <= 2, name, value, "must be a number in [-2, 2]")
+        _check(_is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf, "repetition_penalty",
+               self.repetition_penalty, "must be a finite number > 0 (1 is off)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and value >= 0), name, value,
+            _check(value is None or (is_int(value) and 0 <= value <= INT64_MAX), name, value,
                    "must be an int >= 0, or None")
-        _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-            "max_tokens", self.max_tokens, "must be an int >= 1, or None",
-        )
-        _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-            "min_tokens", self.min_tokens, "must be an int >= 0",
-        )
+        _check(self.max_tokens is None or (is_int(self.max_tokens) and 1 <= self.max_tokens <= INT64_MAX),
+               "max_tokens", self.max_tokens, "must be an int >= 1, or None")
+        _check(is_int(self.min_tokens) and 0 <= self.min_tokens <= INT64_MAX, "min_tokens", self.min_tokens,
+               "must be an int >= 0")
         if self.max_tokens is not None:
-            _check(
-                self.min_tokens <= self.max_tokens,
-                "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})",
-            )
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "must be a non-empty string or a list of them")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids", self.stop_token_ids, "must be a list of non-negative ints",
-        )
-        _check(
-            self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an int or None"
-        )
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"must be <= max_tokens ({self.max_tokens})")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        _check(stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)),
+               "stop", self.stop, "must be a non-empty string or a list of them")
+        self.stop = list(stop or [])
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        _check(isinstance(self.stop_token_ids, (list, tuple)) and all(is_int(t) and 0 <= t <= INT64_MAX
+                                                                      for t in self.stop_token_ids),
+               "stop_token_ids", self.stop_token_ids, "must be a list of non-negative ints")
+        _check(self.seed is None or (is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX - self.n + 1),
+               "seed", self.seed, "must be an int in [-2**63, 2**63 - n] (sample i uses seed + i), or None")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
+        for name in ("n", "top_k", "min_tokens", "max_tokens", "seed", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:  # numpy ints become Python ints
+                setattr(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, float(getattr(self, name)))
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +96,19 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def is_int(value: object) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """An int or a float (numpy's too), not a bool, a string or NaN."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

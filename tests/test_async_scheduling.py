@@ -68,9 +68,9 @@ def test_same_outputs_on_cuda(tiny_checkpoint, num_kv_blocks):
     check_same_as_reading_each_step_back(tiny_checkpoint("llama"), varied_params, num_kv_blocks, "cuda")
 
 
-def test_penalties_and_parallel_samples_wait_for_their_tokens(tiny_checkpoint):
-    """Penalties count the output tokens and a group forks from its first sample's: such steps are
-    read back before the next is scheduled; the others in the batch still go ahead."""
+def test_penalties_wait_for_their_tokens(tiny_checkpoint):
+    """Penalties count the output tokens: such steps are read back before the next is scheduled;
+    the others in the batch (parallel samples among them) still go ahead."""
     def params_for(stop_token: int, stop_string: str) -> list[SamplingParams]:
         plain = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
         return [

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, RequestFailedError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,18 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     ({"stop": ["ok", ""]}, "stop"),
     ({"prompt_logprobs": -2}, "prompt_logprobs"),
     ({"n": 0}, "n"),
+    ({"top_k": 2**63}, "top_k"),  # beyond int64: once broke the sampler's tensors
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**63 - 1, "n": 2, "temperature": 1.0}, "seed"),  # sample 1 would use seed + 1
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"max_tokens": 2.0}, "max_tokens"),
+    ({"n": True}, "n"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"stop": 5}, "stop"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid"):
@@ -153,3 +165,75 @@ def test_cache_too_small_for_one_max_length_sequence(tiny_checkpoint, monkeypatc
     monkeypatch.setenv("PAGEDLLM_CPU_KVCACHE_SPACE", "0.00001")  # ~10 KiB: a few blocks
     with pytest.raises(ValueError, match=r"fewer than one sequence of max_model_len=256: lower max_model_len"):
         LLM(tiny_checkpoint("llama"), device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"logprobs": 5000}, "logprobs"),  # more than the vocabulary (512) and max_logprobs (20)
+    ({"prompt_logprobs": 5000}, "prompt_logprobs"),
+    ({"logprobs": 21}, "logprobs"),  # max_logprobs is 20, as in vLLM
+    ({"stop_token_ids": [512], "min_tokens": 1}, "stop_token_ids"),
+])
+def test_values_only_the_model_can_check_are_named_before_any_work(llm, kwargs, field):
+    """Each of these once passed validation and then broke the engine loop mid-run."""
+    with pytest.raises(ValueError, match=rf"prompt 1: SamplingParams\.{field}=.* is invalid"):
+        llm.generate(["hello", "world"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, **kwargs)],
+                     use_tqdm=False)
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    ok = llm.generate(["hello"], SamplingParams(max_tokens=4, logprobs=20), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 4
+
+
+def test_max_logprobs_raises_the_limit(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), device="cpu", max_model_len=64, max_logprobs=30)
+    out = llm.generate(["hello"], SamplingParams(max_tokens=2, logprobs=25, prompt_logprobs=30), use_tqdm=False)[0]
+    assert all(len(entry) >= 25 for entry in out.outputs[0].logprobs)
+
+
+def test_numpy_values_are_welcome(llm):
+    np = pytest.importorskip("numpy")
+    params = SamplingParams(max_tokens=np.int64(3), temperature=np.float32(0.5), seed=np.int64(3))
+    out = llm.generate([np.array([5, 6, 7]).tolist(), list(np.array([5, 6, 7]))], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 3]
+    assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
+
+
+def test_seed_none_draws_fresh_noise_each_engine(tiny_checkpoint):
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    runs = [LLM(tiny_checkpoint("llama"), device="cpu", seed=None).generate(["hello"], params, use_tqdm=False)
+            for _ in range(2)]
+    assert runs[0][0].outputs[0].token_ids != runs[1][0].outputs[0].token_ids
+
+
+def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
+    engine = llm.llm_engine
+    extend_text = engine._extend_text
+
+    def broken_for_b(request):
+        if request.request_id == "b":
+            raise RuntimeError("decoding broke")
+        return extend_text(request)
+
+    monkeypatch.setattr(engine, "_extend_text", broken_for_b)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=["never"])
+    for request_id in "abc":
+        engine.add_request(request_id, [5, 6, 7], params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step())
+    assert outputs["b"].error == "RuntimeError: decoding broke"
+    assert outputs["b"].outputs[0].finish_reason == "error"
+    assert [outputs[r].outputs[0].finish_reason for r in "ac"] == ["length", "length"]
+    assert outputs["a"].outputs[0].token_ids == outputs["c"].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    # offline, the call fails naming the prompt, the rest is aborted, and the LLM goes on
+    llm._next_request_id = 0  # so that the second prompt gets the request id "1"
+    monkeypatch.setattr(engine, "_extend_text", lambda r: broken_for_b(r) if r.request_id != "1" else 1 / 0)
+    with pytest.raises(RequestFailedError, match="prompt 1 failed: ZeroDivisionError") as failure:
+        llm.generate(["hello", "world", "again"], params, use_tqdm=False)
+    assert failure.value.prompt_index == 1
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    monkeypatch.undo()
+    assert len(llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0].token_ids) == 8

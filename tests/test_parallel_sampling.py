@@ -1,37 +1,16 @@
-"""n > 1: the samples share the prompt's KV blocks, a shared block is copied on first write, and
-sample i equals a separate request seeded seed + i."""
+"""n > 1: the samples are requests of one group, sharing the prompt's KV blocks through the prefix
+cache; sample i equals a separate request seeded seed + i; more samples than the batch holds wait."""
 
 import pytest
 from conftest import random_prompts
-from test_prefix_caching import computed, request_with
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.request import SampleGroup
 
 PROMPT = random_prompts([37], seed=31)[0]  # 37 tokens: blocks of 16, the third one shared half full
 
 
 def sampled(n: int, seed: int) -> SamplingParams:
     return SamplingParams(n=n, temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True, seed=seed)
-
-
-def test_shared_block_is_copied_on_first_write():
-    manager = BlockManager(8, 4)
-    parent = request_with(list(range(6)))
-    computed(manager, parent, 6)  # [0-3] [4-5 half full]
-    parent.group = SampleGroup("r", 2, [parent])
-    child = parent.fork(1)
-    manager.share(child)
-    assert [manager.ref_counts[b] for b in parent.block_table] == [2, 2]
-    child.token_ids.append(7)  # its sampled token goes at position 6, inside the shared half-full block
-    assert manager.allocate_slots(child, 7)
-    assert child.block_table[0] == parent.block_table[0] and child.block_table[1] != parent.block_table[1]
-    assert manager.pending_copies == [(parent.block_table[1], child.block_table[1])]
-    assert [manager.ref_counts[b] for b in parent.block_table] == [2, 1]
-    manager.free(child)
-    manager.free(parent)
-    assert manager.num_free_blocks == 8
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +40,22 @@ def blocks_in_use_after(llm, prompts, params, steps: int) -> int:
     return in_use
 
 
-def test_n_samples_use_fewer_blocks_than_separate_requests(tiny_checkpoint):
-    llm = LLM(tiny_checkpoint("llama"), device="cpu", enable_prefix_caching=False)
-    group = blocks_in_use_after(llm, [PROMPT], [sampled(4, seed=1)], steps=3)
+def test_n_samples_share_the_prompt_blocks(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), device="cpu")
     separate = blocks_in_use_after(llm, [PROMPT] * 4, [sampled(1, seed=1 + i) for i in range(4)], steps=3)
-    assert separate == 4 * 3  # 37 + 2 tokens each: three blocks
+    llm = LLM(tiny_checkpoint("llama"), device="cpu")  # an empty prefix cache again
+    group = blocks_in_use_after(llm, [PROMPT], [sampled(4, seed=1)], steps=3)
+    assert separate == 4 * 3  # admitted together, each computes its 37 tokens: three blocks each
     assert group == 2 + 4  # the two full prompt blocks shared, one own third block per sample
+
+
+def test_more_samples_than_the_batch_holds_wait_their_turn(tiny_checkpoint, llm):
+    params = SamplingParams(n=5, temperature=1.0, max_tokens=6, ignore_eos=True, seed=9)
+    expected = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    small = LLM(tiny_checkpoint("llama"), device="cpu", dtype="float32", max_num_seqs=2)
+    got = small.generate([PROMPT, PROMPT[:9]], [params, sampled(3, seed=4)], use_tqdm=False)
+    assert [c.token_ids for c in got[0].outputs] == [c.token_ids for c in expected.outputs]
+    assert [len(c.token_ids) for c in got[1].outputs] == [12, 12, 12]
 
 
 def test_samples_survive_preemption(tiny_checkpoint, llm):

@@ -9,14 +9,11 @@ from collections.abc import AsyncIterator
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.errors import EngineDeadError
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; no request can be served any more."""
 
 
 class AsyncLLM:

@@ -12,9 +12,6 @@ class BlockManager:
     queue when its count drops to zero. A sequence holds ``ceil(tokens / block_size)`` blocks,
     so at most its last block is partly empty.
 
-    Samples of one prompt (n > 1) share all the prompt's blocks; the first write into a shared,
-    partly filled block gives the writer its own copy (copy-on-write).
-
     Prefix caching: a full block whose K/V are computed is keyed by a hash chain (its parent's
     key and its own token ids; the tokens are kept to rule out collisions). A new request takes
     the cached blocks of its longest cached prefix instead of computing them. A freed block
@@ -32,7 +29,6 @@ class BlockManager:
         self.block_keys: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks  # (hash, tokens)
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
         self.num_cache_hits = self.num_cache_queries = 0  # in blocks
-        self.pending_copies: list[tuple[int, int]] = []  # (shared block, private copy) to copy before the step
 
     @property
     def num_free_blocks(self) -> int:
@@ -43,29 +39,13 @@ class BlockManager:
 
     def allocate_slots(self, request: Request, num_tokens: int) -> bool:
         """Grow the request's block table to hold ``num_tokens`` tokens; False if blocks run out.
-
-        If the block its next token goes into is shared (samples of one prompt after the fork),
-        the request gets a private copy first: the copy is queued in ``pending_copies``.
-        """
-        table = request.block_table
-        write_block = request.num_computed_tokens // self.block_size
-        copy_on_write = write_block < len(table) and self.ref_counts[table[write_block]] > 1
-        needed = self.blocks_for(num_tokens) - len(table) + copy_on_write
+        Blocks it shares (a cached prefix) are full, so it never writes into them."""
+        needed = self.blocks_for(num_tokens) - len(request.block_table)
         if needed > len(self.free_block_ids):
             return False
-        if copy_on_write:
-            shared = table[write_block]
-            table[write_block] = self._take_free_block()
-            self.ref_counts[shared] -= 1
-            self.pending_copies.append((shared, table[write_block]))
-        for _ in range(needed - copy_on_write):
-            table.append(self._take_free_block())
+        for _ in range(needed):
+            request.block_table.append(self._take_free_block())
         return True
-
-    def share(self, request: Request) -> None:
-        """A forked request holds the same blocks as its parent: one more reference to each."""
-        for block_id in request.block_table:
-            self.ref_counts[block_id] += 1
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (finished or preempted). Its tail blocks go first into the
@@ -80,7 +60,7 @@ class BlockManager:
     def take_cached_prefix(self, request: Request) -> int:
         """Give a request with no blocks the cached blocks of its longest cached prefix; returns
         how many tokens they hold (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
             return 0  # prompt logprobs need every prompt token computed
         assert not request.block_table
         parent = None

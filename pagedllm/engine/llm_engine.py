@@ -12,7 +12,7 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, is_int
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import PendingOutput
@@ -39,15 +39,26 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request could never run; nothing is changed."""
+        """Raise ValueError if the request could never run, naming the field; nothing is changed.
+        Together with SamplingParams' own checks, a request that passes cannot fail in the engine."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none: use stop_token_ids")
         vocab_size = self.config.hf_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids={bad[:5]} is invalid: it must hold token ids of the "
+                             f"vocabulary [0, {vocab_size})")
+        limit = min(self.config.max_logprobs, vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"SamplingParams.{name}={value} is invalid: it must be at most {limit} "
+                                 f"(max_logprobs={self.config.max_logprobs}, vocabulary {vocab_size})")
         max_len = self.config.max_model_len
         wanted = params.max_tokens or 1  # max_tokens=None needs room for one token at least
         if len(prompt_token_ids) + wanted > max_len:
@@ -65,16 +76,21 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
-        """Queue a request. A streaming request is reported by every step that gives it a token."""
+        """Queue a request. A streaming request is reported by every step that gives it a token.
+        With ``n > 1`` its samples are n requests of one group (ids ``request_id#i``), which wait
+        for room like any others."""
         self.validate_request(prompt_token_ids, params)
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, self._max_tokens(prompt_token_ids, params),
-                          frozenset(stops), prompt, stream=stream)
-        if (params.stop or stream) and self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        if params.n > 1:
-            request.group = SampleGroup(request_id, params.n, [request])
-        self.scheduler.add_request(request)
+        stops = frozenset(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
+        max_tokens = self._max_tokens(prompt_token_ids, params)
+        group = SampleGroup(request_id) if params.n > 1 else None
+        for index in range(params.n):
+            request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
+                              max_tokens, stops, prompt, stream=stream, group=group, sample_index=index)
+            if (params.stop or stream) and self.tokenizer is not None:
+                request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            if group is not None:
+                group.members.append(request)
+            self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
         """End a request (all its samples) wherever it is, freeing its blocks."""
@@ -125,30 +141,52 @@ class LLMEngine:
 
     def _finish_step(self, out: SchedulerOutput, pending: "PendingOutput") -> list[RequestOutput]:
         """Read a committed step's sampled tokens back and update its requests (those that ended
-        meanwhile drop theirs)."""
+        meanwhile drop theirs); return the outputs to report."""
         result = pending.wait()
         ended_before = [r.is_finished for r in out.requests]
         self.num_generated_tokens += sum(t is not None and not ended
                                          for t, ended in zip(result.sampled_token_ids, ended_before, strict=True))
         for index, entries in (result.prompt_logprobs or {}).items():
             out.requests[index].prompt_logprobs.extend(entries)
-        finished = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs, result.forked)
-        reported = list(finished)
+        reported = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
         for request, token_id, ended in zip(out.requests, result.sampled_token_ids, ended_before, strict=True):
             if ended or token_id is None or request.detokenizer is None:
                 continue
-            ended_by_stop_string = self._extend_text(request)
+            try:
+                ended_by_stop_string = self._extend_text(request)
+            except Exception as err:
+                self._fail(request, err)
+                ended_by_stop_string = True
             if ended_by_stop_string or (request.stream and not request.is_finished):
                 reported.append(request)
-        outputs, groups_reported = [], set()
+        return self._outputs(reported)
+
+    def _outputs(self, reported: list[Request]) -> list[RequestOutput]:
+        """One output per reported request, or per group once all its samples are done (or at
+        every token when it streams)."""
+        outputs, done = [], set()
         for request in reported:
             group = request.group
-            if group is None:
+            if id(group or request) in done or (group and not group.is_finished and not request.stream):
+                continue
+            done.add(id(group or request))
+            try:
                 outputs.append(self._output(request))
-            elif id(group) not in groups_reported and (group.is_finished or request.stream):
-                groups_reported.add(id(group))
+            except Exception as err:
+                self._fail(request, err)
                 outputs.append(self._output(request))
         return outputs
+
+    def _fail(self, request: Request, err: Exception) -> None:
+        """An error pinned on one request (its text, stop strings, logprobs) ends it, all its
+        samples, with finish reason "error"; the rest of the batch goes on."""
+        logger.exception("request %s failed; the others go on", request.request_id)
+        for member in request.group.members if request.group else [request]:
+            member.error = f"{type(err).__name__}: {err}"
+            if member.is_finished:
+                member.finish("error")
+            else:
+                self.scheduler.finish_request(member, "error")
 
     def _extend_text(self, request: Request) -> bool:
         """Decode the request's new token; on a stop string, cut the text there and end the request
@@ -175,18 +213,21 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         """The request's output; for one of n samples, the whole group's, samples in index order."""
         group = request.group
-        members = sorted(group.members, key=lambda m: m.sample_index) if group else [request]
+        members = group.members if group else [request]
         first = members[0]
+        error = next((m.error for m in members if m.error is not None), None)
         output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
-                               first.prompt_token_ids, [self._completion(m) for m in members],
+                               first.prompt_token_ids, [self._completion(m, error is None) for m in members],
                                group.is_finished if group else request.is_finished,
-                               num_cached_tokens=first.num_cached_tokens or 0)
-        if first.sampling_params.prompt_logprobs is not None:
+                               num_cached_tokens=first.num_cached_tokens or 0, error=error)
+        if first.sampling_params.prompt_logprobs is not None and error is None:
             output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs)
         return output
 
-    def _completion(self, request: Request) -> CompletionOutput:
+    def _completion(self, request: Request, with_text: bool) -> CompletionOutput:
         token_ids = request.output_token_ids
+        if not with_text:  # a failed request: its tokens and reason only
+            return CompletionOutput(request.sample_index, "", token_ids, request.finish_reason)
         text = ""
         ended_by_stop_string = isinstance(request.stop_reason, str)
         if request.detokenizer is not None and (ended_by_stop_string or not request.is_finished):
@@ -212,8 +253,8 @@ class LLMEngine:
 
 def _needs_results_first(request: Request) -> bool:
     """Whether the request's next step needs the token it is sampling now on the host: penalties
-    count its output tokens, and the first sample of a group forks the others."""
-    return not request.is_finished and (request.sampling_params.penalized or request.forks_now)
+    count its output tokens."""
+    return not request.is_finished and request.sampling_params.penalized
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

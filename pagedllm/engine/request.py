@@ -47,29 +47,17 @@ class Request:
     prompt_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)  # of prompt tokens 1..
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
+    error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
-    sample_index: int = 0
+    sample_index: int = 0  # its place in the group; a seeded sample draws from seed + sample_index
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
 
     @property
-    def forks_now(self) -> bool:
-        """Its next sample is the group's first: it is drawn n times, once per sample."""
-        return self.group is not None and not self.group.forked
-
-    def fork(self, index: int) -> "Request":
-        """Sample ``index`` of the group, at the point where the prompt is computed: same tokens
-        and progress, and the same blocks (the caller shares them)."""
-        child = Request(f"{self.request_id}#{index}", self.prompt_token_ids, self.sampling_params, self.max_tokens,
-                        self.stop_token_ids, self.prompt, num_computed_tokens=self.num_computed_tokens,
-                        block_table=list(self.block_table), block_hashes=list(self.block_hashes),
-                        num_cached_tokens=self.num_cached_tokens, status=self.status, stream=self.stream,
-                        group=self.group, sample_index=index)
-        if self.detokenizer is not None:
-            child.detokenizer = IncrementalDetokenizer(self.detokenizer.tokenizer, self.detokenizer.skip_special_tokens)
-        self.group.members.append(child)
-        return child
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether it scores its prompt tokens: the first of a group does it for all its samples."""
+        return self.sampling_params.prompt_logprobs is not None and self.sample_index == 0
 
     @property
     def num_tokens(self) -> int:
@@ -119,17 +107,14 @@ class Request:
 
 @dataclass(eq=False)
 class SampleGroup:
-    """The n samples of one request: the first computes the prompt, then forks the others, which
-    share its KV blocks."""
+    """The n samples of one request (``sampling_params.n > 1``): n requests of their own, scheduled
+    like any others, reported together under the group's id. With prefix caching, samples 1..n-1
+    wait until sample 0 has computed the prompt, then take its blocks from the cache."""
 
     request_id: str
-    n: int
-    members: list[Request] = field(default_factory=list)
-
-    @property
-    def forked(self) -> bool:
-        return len(self.members) == self.n
+    members: list[Request] = field(default_factory=list)  # in sample order
+    prompt_computed: bool = False  # a member has sampled, so the prompt's full blocks are cached
 
     @property
     def is_finished(self) -> bool:
-        return self.forked and all(m.is_finished for m in self.members)
+        return all(m.is_finished for m in self.members)

@@ -14,7 +14,6 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write first
 
     @property
     def total_num_tokens(self) -> int:
@@ -75,8 +74,12 @@ class Scheduler:
                 continue
             break
         # Admit waiting requests only when memory was not short this step.
+        held = []  # samples of a group waiting for its prompt to be cached
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if self._waits_for_shared_prompt(request):
+                held.append(self.waiting.popleft())
+                continue
             if not request.block_table:  # new or preempted: start from its longest cached prefix
                 request.num_computed_tokens = self.block_manager.take_cached_prefix(request)
                 if request.num_cached_tokens is None:
@@ -92,8 +95,15 @@ class Scheduler:
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)
             budget -= num_new
-        out.blocks_to_copy, self.block_manager.pending_copies = self.block_manager.pending_copies, []
+        self.waiting.extendleft(reversed(held))
         return out
+
+    def _waits_for_shared_prompt(self, request: Request) -> bool:
+        """Samples 1..n-1 of a group start once the prompt is in the prefix cache, so that they
+        share its blocks instead of computing it again."""
+        group = request.group
+        return (group is not None and request.sample_index > 0 and not group.prompt_computed
+                and self.block_manager.enable_prefix_caching)
 
     def commit_step(self, out: SchedulerOutput) -> None:
         """The step is launched: its tokens count as computed, and each request it samples for
@@ -106,30 +116,24 @@ class Scheduler:
             if request.num_computed_tokens == request.num_tokens:
                 request.token_ids.append(PENDING_TOKEN)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None], logprobs: list | None = None,
-                           forked: dict[int, list[tuple[int, dict | None]]] | None = None) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
+                           logprobs: list | None = None) -> list[Request]:
         """Give each request of a committed step its sampled token (None for a prefill chunk that
         does not reach the end), with its logprobs if it asked; requests that ended since (stop
-        string, abort) are skipped. A request whose group forks now (``forked``: its row -> the
-        other samples' tokens and logprobs) gets its siblings, which share its blocks. Returns
-        the requests that finished."""
+        string, abort) are skipped. Returns the requests that finished."""
         finished = []
         logprobs = logprobs or [None] * len(sampled)
-        for row, (request, token_id, token_logprobs) in enumerate(zip(out.requests, sampled, logprobs, strict=True)):
+        for request, token_id, token_logprobs in zip(out.requests, sampled, logprobs, strict=True):
             if request.is_finished:
                 continue
             self.block_manager.cache_full_blocks(request)
             if token_id is None:
                 continue
-            siblings = []
-            for index, (sibling_token, sibling_logprobs) in enumerate((forked or {}).get(row, []), 1):
-                sibling = request.fork(index)  # its own first token: they share the prompt only
-                self.block_manager.share(sibling)
-                self.running.append(sibling)
-                sibling.append_output_token(sibling_token, sibling_logprobs)
-                siblings.append(sibling)
+            if request.group is not None:
+                request.group.prompt_computed = True
             request.append_output_token(token_id, token_logprobs)
-            finished += [r for r in [request, *siblings] if r.is_finished]
+            if request.is_finished:
+                finished.append(request)
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
             for request in finished:

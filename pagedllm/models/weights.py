@@ -27,7 +27,7 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
         torch.set_default_dtype(default_dtype)
     reads = [0]
     if config.load_format == "dummy":
-        init_dummy_weights(model, config.seed)
+        init_dummy_weights(model, config.seed or 0)
     else:
         load_weights(model, iter_checkpoint(config.model_path, config.load_format, reads))
     return model.eval().requires_grad_(False), reads[0]

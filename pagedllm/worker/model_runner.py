@@ -38,8 +38,6 @@ TokenLogprobs = dict[int, tuple[float, int]]
 class ModelRunnerOutput:
     sampled_token_ids: list[int | None]  # per scheduled request; None for a prefill chunk
     logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
-    # scheduled request's row -> (token, logprobs) of samples 1..n-1 of a group forking now
-    forked: dict[int, list[tuple[int, TokenLogprobs | None]]] | None = None
     # scheduled request's row -> logprobs of the next prompt tokens it scored this step
     prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
 
@@ -51,7 +49,7 @@ class PendingOutput:
 
     result: ModelRunnerOutput  # prompt logprobs already filled in
     rows: list[int]  # the scheduled request (chunk) of each sampled row
-    sample_rows: list["SampleRow"]
+    requests: list[Request]  # the request of each sampled row
     sampled: SamplerOutput | None  # host copies, complete once ``ready`` has passed
     ready: torch.cuda.Event | None
 
@@ -64,27 +62,13 @@ class PendingOutput:
         token_ids = self.sampled.token_ids.tolist()
         row_logprobs = [None] * len(self.rows)
         if self.sampled.top_ids is not None:
-            row_logprobs = _logprobs_to_host(self.sampled, token_ids, [s.request for s in self.sample_rows])
+            row_logprobs = _logprobs_to_host(self.sampled, token_ids, self.requests)
             result.logprobs = [None] * len(result.sampled_token_ids)
         for chunk_index, token_id, token_logprobs in zip(self.rows, token_ids, row_logprobs, strict=True):
-            if result.sampled_token_ids[chunk_index] is None:
-                result.sampled_token_ids[chunk_index] = token_id
-                if result.logprobs is not None:
-                    result.logprobs[chunk_index] = token_logprobs
-            else:
-                result.forked = result.forked or {}
-                result.forked.setdefault(chunk_index, []).append((token_id, token_logprobs))
+            result.sampled_token_ids[chunk_index] = token_id
+            if result.logprobs is not None:
+                result.logprobs[chunk_index] = token_logprobs
         return result
-
-
-@dataclass
-class SampleRow:
-    """One draw from one row of logits: ``request``'s settings, the generator of sample ``index``
-    of its group (keyed ``key``)."""
-
-    request: Request
-    key: str
-    index: int
 
 
 class ModelRunner:
@@ -125,7 +109,12 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        generator = torch.Generator(device=self.device)
+        if config.seed is None:
+            generator.seed()  # a fresh random seed
+        else:
+            generator.manual_seed(config.seed)
+        self.sampler = Sampler(generator)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
         self._last_sampled: torch.Tensor | None = None  # the last launch's sampled tokens, on the device
         self._last_sample_rows: dict[str, int] = {}  # request id -> its row there
@@ -159,7 +148,7 @@ class ModelRunner:
             if chunk.token_ids[-1] == PENDING_TOKEN:
                 pending_rows.append((flat_rows - 1, self._last_sample_rows[r.request_id]))
         prompt_rows, prompt_targets = self._prompt_logprobs(out, chunks)
-        batch = StepBatch(chunks, out.blocks_to_copy, prompt_rows, pending_rows)
+        batch = StepBatch(chunks, prompt_rows, pending_rows)
         if self.workers is None:
             logits, prompt_logits = self.run_forward(batch)
         else:
@@ -167,37 +156,23 @@ class ModelRunner:
         result = ModelRunnerOutput([None] * len(chunks))
         if prompt_logits is not None:
             result.prompt_logprobs = _score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
-        rows, sample_rows, logit_rows = [], [], []  # a group forking now draws its n first tokens at once
-        self._last_sample_rows = {}
-        for chunk_index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
-            if not chunk.wants_logits:
-                continue
-            logits_row = len(sample_rows) and logit_rows[-1] + 1
-            self._last_sample_rows[request.request_id] = len(rows)
-            for k in range(request.group.n if request.forks_now else 1):
-                key = request.request_id if k == 0 else f"{request.request_id}#{k}"
-                rows.append(chunk_index)
-                sample_rows.append(SampleRow(request, key, request.sample_index + k))
-                logit_rows.append(logits_row)
+        rows = [i for i, chunk in enumerate(chunks) if chunk.wants_logits]  # a row of logits each
+        requests = [out.requests[i] for i in rows]
+        self._last_sample_rows = {request.request_id: row for row, request in enumerate(requests)}
         if not rows:
-            return PendingOutput(result, rows, sample_rows, None, None)
-        if len(logit_rows) != logits.shape[0]:
-            logits = logits[index_tensor(logit_rows, self.device)]
-        sampled = self.sampler(logits, self._sampling_metadata(sample_rows))
+            return PendingOutput(result, rows, requests, None, None)
+        sampled = self.sampler(logits, self._sampling_metadata(requests, logits.shape[-1]))
         self._last_sampled = sampled.token_ids
         host = SamplerOutput(**{f.name: _to_host(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)})
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return PendingOutput(result, rows, sample_rows, host, ready)
+        return PendingOutput(result, rows, requests, host, ready)
 
     @torch.inference_mode()
     def run_forward(self, batch: StepBatch):
-        """What every rank runs each step: copy-on-write block copies, then the forward pass."""
-        if batch.blocks_to_copy:  # copy-on-write of blocks that samples of one prompt shared
-            src, dst = (index_tensor(b, self.device) for b in zip(*batch.blocks_to_copy, strict=True))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        """What every rank runs each step: the forward pass."""
         return self._forward(batch.chunks, batch.prompt_rows, batch.pending_rows)
 
     def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None,
@@ -233,7 +208,7 @@ class ModelRunner:
         token not yet scored, and per such row (scheduled request, prompt token it predicts)."""
         rows, targets, start = [], [], 0
         for index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
-            if request.sampling_params.prompt_logprobs is not None:
+            if request.wants_prompt_logprobs:
                 for offset in range(len(chunk.token_ids)):
                     position = chunk.start + offset  # its logits predict token position + 1
                     if len(request.prompt_logprobs) <= position < request.num_prompt_tokens - 1:
@@ -242,18 +217,20 @@ class ModelRunner:
             start += len(chunk.token_ids)
         return rows, targets
 
-    def _sampling_metadata(self, rows: list[SampleRow]) -> SamplingMetadata:
-        requests = [row.request for row in rows]
+    def _sampling_metadata(self, requests: list[Request], vocab_size: int) -> SamplingMetadata:
+        """The rows' settings as tensors. Values are clamped to the vocabulary, so that no row can
+        break the batch's sampling even if it slipped past validation."""
         params = [r.sampling_params for r in requests]
         generators = {}
-        for i, row in enumerate(rows):
-            seed = row.request.sampling_params.seed
-            if seed is not None and not row.request.sampling_params.greedy:
-                if row.key not in self.generators:
-                    self.generators[row.key] = torch.Generator(device=self.device).manual_seed(seed + row.index)
-                generators[i] = self.generators[row.key]
-        banned = [r.tokens_banned_now() for r in requests]
-        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        for i, request in enumerate(requests):
+            seed = request.sampling_params.seed
+            if seed is not None and not request.sampling_params.greedy:
+                if request.request_id not in self.generators:
+                    generator = torch.Generator(device=self.device).manual_seed(seed + request.sample_index)
+                    self.generators[request.request_id] = generator
+                generators[i] = self.generators[request.request_id]
+        banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
+        num_logprobs = [min(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
         pin = self.device.type == "cuda"  # the sampler copies them over without waiting for the device
 
         def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -261,7 +238,7 @@ class ModelRunner:
 
         return SamplingMetadata(
             temperatures=host([p.temperature for p in params], True, torch.float32),
-            top_ks=host([p.top_k for p in params], any(p.top_k > 0 for p in params)),
+            top_ks=host([min(p.top_k, vocab_size) for p in params], any(p.top_k > 0 for p in params)),
             top_ps=host([p.top_p for p in params], any(p.top_p < 1 for p in params)),
             generators=generators,
             all_greedy=all(p.greedy for p in params),
@@ -371,7 +348,7 @@ def _score_prompt_tokens(logits: torch.Tensor, targets: list[tuple[int, int]],
     token_ids = torch.tensor([t for _, t in targets], device=logprobs.device)
     token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     ranks = ((logprobs > token_logprobs.unsqueeze(1)).sum(dim=-1) + 1).tolist()
-    k = max(max(requests[i].sampling_params.prompt_logprobs for i, _ in targets), 1)
+    k = min(max(max(requests[i].sampling_params.prompt_logprobs for i, _ in targets), 1), logits.shape[-1])
     top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
     scored: dict[int, list[TokenLogprobs]] = {}
     for row, ((index, token_id), token_logprob) in enumerate(zip(targets, token_logprobs.tolist(), strict=True)):

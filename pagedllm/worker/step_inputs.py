@@ -27,7 +27,6 @@ class StepBatch:
     """Everything a tensor-parallel rank needs to run one step's forward pass (sent to workers)."""
 
     chunks: list[SeqChunk]
-    blocks_to_copy: list[tuple[int, int]]
     prompt_rows: list[int]  # flat token rows whose logits score prompt tokens (prompt_logprobs)
     # (flat token row, row of the last step's sampled tokens) of inputs still pending on the host;
     # only with async scheduling, which runs at one rank
