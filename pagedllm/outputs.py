@@ -34,6 +34,19 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When the request went through the engine (``time.time()`` seconds), as vLLM reports it.
+    For n > 1 samples, the earliest first and the latest last times of any sample."""
+
+    arrival_time: float
+    last_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None  # from arrival to first scheduled
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     """One request's prompt and completions; ``num_cached_tokens`` prompt tokens came from the
     prefix cache instead of being computed. With ``SamplingParams.prompt_logprobs``,
@@ -47,4 +60,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    metrics: RequestMetrics | None = None
     error: str | None = None

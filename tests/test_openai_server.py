@@ -12,11 +12,10 @@ import urllib.request
 
 import openai
 import pytest
-import uvicorn
 from conftest import random_prompts
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server
+from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server, uvicorn_server
 from pagedllm.entrypoints.server_args import engine_args
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
@@ -41,7 +40,7 @@ def start_server(model: str, *extra: str):
     parser.add_argument("--model")
     engine_args(parser)
     server = build_server(parser.parse_args(["--model", model, "--device", "cpu", "--port", str(port), *extra]))
-    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn_server(server, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -197,22 +196,40 @@ def test_api_key_is_required_on_v1_routes(tiny_checkpoint):
         server.engine.shutdown()
 
 
-def test_metrics_report_requests_blocks_cache_and_latencies(live):
+def test_metrics_are_prometheus_exposition_with_vllms_names(live):
     _, url, client = live
-    client.completions.create(model="tiny", prompt="def main():", max_tokens=5, temperature=0)
+    before = scrape(url)
+    client.completions.create(model="tiny", prompt="def main():", max_tokens=5, n=2, seed=1,
+                              extra_body={"ignore_eos": True})
+    after = scrape(url)
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert after[f"pagedllm:{name}"] >= 0
+    assert 0 <= after["pagedllm:kv_cache_usage_perc"] <= 1
+    grew = {name: after[name] - before.get(name, 0) for name in after}
+    assert grew["pagedllm:generation_tokens_total"] == 10
+    assert grew["pagedllm:prompt_tokens_total"] == len(client.post("/../tokenize", cast_to=dict,
+                                                                   body={"prompt": "def main():"})["tokens"])
+    assert grew['pagedllm:request_success_total{finished_reason="length"}'] == 2
+    assert grew["pagedllm:time_to_first_token_seconds_count"] == 1
+    assert grew["pagedllm:e2e_request_latency_seconds_count"] == 1
+    assert grew["pagedllm:request_queue_time_seconds_count"] == 1
+    assert grew["pagedllm:request_generation_tokens_sum"] == 10
+    assert grew["pagedllm:inter_token_latency_seconds_count"] >= 1
+    assert after["pagedllm:prefix_cache_hits_total"] <= after["pagedllm:prefix_cache_queries_total"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     status, body = call("GET", f"{url}/metrics")
-    text = body.decode()
-    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
     assert status == 200
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_in_use", "prefix_cache_hit_rate",
-                 "generation_tokens_per_second", "generation_tokens_total"):
-        assert f"pagedllm:{name}" in metrics
-    assert metrics["pagedllm:generation_tokens_total"] >= 5
-    assert metrics["pagedllm:time_to_first_token_seconds_count"] >= 1
-    assert metrics["pagedllm:inter_token_latency_seconds_count"] >= 4
-    assert metrics['pagedllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == \
-        metrics["pagedllm:time_to_first_token_seconds_count"]
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return samples
 
 
 def test_200_concurrent_requests_some_leaving_mid_stream(live):

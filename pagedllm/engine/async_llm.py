@@ -5,29 +5,50 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.errors import EngineDeadError
+from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state after a step, published by its thread for others to read (/metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_in_use: int = 0
+    kv_blocks_total: int = 0
+    prompt_tokens: int = 0  # totals over the engine's life from here on
+    generation_tokens: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # in blocks
+    prefix_cache_hits: int = 0
+
+
 class AsyncLLM:
     """Owns an LLMEngine; only its thread touches it. ``generate`` is an async iterator of the
     request's cumulative outputs; leaving it early (a client that disconnects) aborts the request
-    and frees its blocks."""
+    and frees its blocks. An error pinned on one request ends that request's iterator with
+    ``RequestFailedError``; an error the engine cannot survive ends every iterator with
+    ``EngineDeadError``, and ``on_dead`` is called (the server then exits, for a supervisor to
+    restart it)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None):
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.config = config
+        self.on_dead = on_dead
+        self.stats = self._read_stats()
         self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", id) / ("stop", None)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
@@ -38,8 +59,8 @@ class AsyncLLM:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine stopped: {self._error!r}")
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error!r}")
         self.validate(prompt_token_ids, params)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
@@ -51,7 +72,10 @@ class AsyncLLM:
                 while not outputs.empty() and not isinstance(output, BaseException):
                     output = outputs.get_nowait()  # outputs are cumulative: a reader behind skips to the newest
                 if isinstance(output, BaseException):
-                    raise EngineDeadError(f"the engine stopped: {output!r}") from output
+                    raise output
+                if output.error is not None:
+                    finished = True
+                    raise RequestFailedError(output.error)
                 finished = output.finished
                 yield output
         finally:
@@ -64,8 +88,7 @@ class AsyncLLM:
 
     @property
     def num_unfinished_requests(self) -> int:
-        scheduler = self.engine.scheduler
-        return len(scheduler.running) + len(scheduler.waiting)
+        return self.stats.num_running + self.stats.num_waiting
 
     def shutdown(self) -> None:
         self._commands.put(("stop", None))
@@ -87,17 +110,36 @@ class AsyncLLM:
                     if command == "stop":
                         return
                     if command == "add":
-                        request_id, prompt_token_ids, params, prompt = arg
-                        if request_id in self._streams:
-                            engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=True)
+                        self._add(*arg)
                     else:
                         engine.abort_request(arg)
                 if engine.has_unfinished_requests():
                     self._deliver([(output.request_id, output) for output in engine.step()])
+                self.stats = self._read_stats()
         except BaseException as err:  # the engine is broken: every waiting client gets the error
-            logger.exception("the engine loop failed")
-            self._error = err
-            self._deliver([(request_id, err) for request_id in list(self._streams)])
+            logger.exception("the engine loop failed; the server stops")
+            self.error = err
+            self._deliver([(request_id, EngineDeadError(f"the engine stopped: {err!r}"))
+                           for request_id in list(self._streams)])
+            if self.on_dead is not None:
+                self.on_dead()
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+        if request_id not in self._streams:  # its client left before it got here
+            return
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=True)
+        except ValueError as err:  # checked before it was queued, so only a bug gets here: this request's alone
+            logger.exception("request %s could not be added", request_id)
+            self._deliver([(request_id, RequestFailedError(str(err)))])
+
+    def _read_stats(self) -> EngineStats:
+        engine, manager = self.engine, self.engine.block_manager
+        scheduler = engine.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           manager.num_blocks - manager.num_free_blocks, manager.num_blocks,
+                           engine.num_prompt_tokens, engine.num_generated_tokens, scheduler.num_preemptions,
+                           manager.num_cache_queries, manager.num_cache_hits)
 
     def _deliver(self, items: list[tuple[str, object]]) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one

@@ -11,7 +11,7 @@ from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import SamplingParams, is_int
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
         # Workers of other ranks get each step's token ids from the host, so they need them there first.
         self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
@@ -80,6 +81,7 @@ class LLMEngine:
         With ``n > 1`` its samples are n requests of one group (ids ``request_id#i``), which wait
         for room like any others."""
         self.validate_request(prompt_token_ids, params)
+        self.num_prompt_tokens += len(prompt_token_ids)
         stops = frozenset(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
         max_tokens = self._max_tokens(prompt_token_ids, params)
         group = SampleGroup(request_id) if params.n > 1 else None
@@ -219,7 +221,7 @@ class LLMEngine:
         output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
                                first.prompt_token_ids, [self._completion(m, error is None) for m in members],
                                group.is_finished if group else request.is_finished,
-                               num_cached_tokens=first.num_cached_tokens or 0, error=error)
+                               num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
         if first.sampling_params.prompt_logprobs is not None and error is None:
             output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs)
         return output
@@ -255,6 +257,20 @@ def _needs_results_first(request: Request) -> bool:
     """Whether the request's next step needs the token it is sampling now on the host: penalties
     count its output tokens."""
     return not request.is_finished and request.sampling_params.penalized
+
+
+def _metrics(members: list[Request]) -> RequestMetrics:
+    """The group's times: the earliest first ones and the latest last ones of its samples."""
+    def known(name: str) -> list[float]:
+        return [t for m in members if (t := getattr(m, name)) is not None]
+
+    scheduled = min(known("first_scheduled_time"), default=None)
+    arrival = members[0].arrival_time
+    finished = known("finished_time")
+    return RequestMetrics(arrival, max(known("last_token_time"), default=None), scheduled,
+                          min(known("first_token_time"), default=None),
+                          None if scheduled is None else scheduled - arrival,
+                          max(finished) if len(finished) == len(members) else None)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

@@ -1,6 +1,7 @@
 """One request's state as the scheduler sees it."""
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
@@ -50,6 +51,12 @@ class Request:
     error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
     sample_index: int = 0  # its place in the group; a seeded sample draws from seed + sample_index
+    # time.time() when it arrived, was first scheduled, got its first and last token, and finished
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -92,6 +99,9 @@ class Request:
             self.token_ids[-1] = token_id
         else:
             self.token_ids.append(token_id)
+        self.last_token_time = time.time()
+        if self.first_token_time is None:
+            self.first_token_time = self.last_token_time
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id][0]
@@ -102,6 +112,7 @@ class Request:
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED
+        self.finished_time = time.time()
         self.finish_reason, self.stop_reason = reason, stop_reason
 
 

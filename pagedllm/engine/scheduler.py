@@ -1,5 +1,6 @@
 """Continuous batching: which requests run this step, and how many tokens each computes."""
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +92,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.time()
             self.running.append(request)
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)

@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from pagedllm.entrypoints.openai.api_server import serve  # fastapi is an optional extra
 
-        serve(args)
-        return 0
+        return serve(args)
     try:
         return (generate if args.command == "generate" else bench).run(args)
     except generate.BadLine as err:

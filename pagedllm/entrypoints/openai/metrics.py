@@ -1,77 +1,82 @@
-"""Prometheus metrics of the server (/metrics), in the text exposition format.
+"""Prometheus metrics of the server (/metrics), through ``prometheus_client``, named as vLLM names
+its own with ``pagedllm:`` in place of ``vllm:``.
 
-Gauges are read from the engine when scraped; time-to-first-token and inter-token latency are
-histograms observed as each request's outputs arrive.
+The engine's gauges and counters come from the stats its thread publishes after each step (the
+HTTP thread never reads the scheduler); per-request histograms and the finish-reason counter are
+observed as each request ends.
 """
 
-import bisect
-import time
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.outputs import RequestOutput
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help_text, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
+class EngineCollector(Collector):
+    """The engine's state at the last step, read at scrape time."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.buckets, self.counts, strict=False):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {sum(self.counts)}')
-        lines += [f"{self.name}_sum {self.total}", f"{self.name}_count {sum(self.counts)}"]
-        return lines
+    def collect(self):
+        s = self.engine.stats
+        yield GaugeMetricFamily("pagedllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield GaugeMetricFamily("pagedllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield GaugeMetricFamily("pagedllm:kv_cache_usage_perc", "Share of KV cache blocks in use (1 is all).",
+                                s.kv_blocks_in_use / max(s.kv_blocks_total, 1))
+        for name, help_text, value in (
+            ("prompt_tokens", "Prompt tokens of the requests added.", s.prompt_tokens),
+            ("generation_tokens", "Tokens generated.", s.generation_tokens),
+            ("num_preemptions", "Requests preempted for lack of KV blocks.", s.preemptions),
+            ("prefix_cache_queries", "Prompt blocks looked up in the prefix cache.", s.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt blocks found in the prefix cache.", s.prefix_cache_hits),
+        ):
+            yield CounterMetricFamily(f"pagedllm:{name}", help_text, value)
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncLLM):
-        self.engine = engine
-        self.ttft = Histogram("pagedllm:time_to_first_token_seconds", "Time from arrival to first token.",
-                              TTFT_BUCKETS)
-        self.itl = Histogram("pagedllm:inter_token_latency_seconds", "Time between a request's tokens.",
-                             ITL_BUCKETS)
-        self._last_scrape = (time.monotonic(), 0)
+    """One registry per server (several may run in one process, as in the tests)."""
 
-    def observe_request(self, arrival: float, token_times: list[float]) -> None:
-        """A request's arrival time and the times its outputs grew (time.monotonic())."""
+    def __init__(self, engine: AsyncLLM):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+
+        def histogram(name: str, help_text: str, buckets: tuple) -> Histogram:
+            return Histogram(f"pagedllm:{name}", help_text, buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.",
+                              LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between a request's outputs.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Time from arrival to first scheduled.",
+                               LATENCY_BUCKETS)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
+                                           TOKEN_BUCKETS)
+        self.success = Counter("pagedllm:request_success", "Requests that ended, by finish reason.",
+                               ["finished_reason"], registry=self.registry)
+
+    def observe_request(self, arrival: float, token_times: list[float], final: RequestOutput | None) -> None:
+        """A request's arrival and the times its outputs grew (time.monotonic()), and its last output."""
         if token_times:
             self.ttft.observe(token_times[0] - arrival)
+            self.e2e.observe(token_times[-1] - arrival)
             for earlier, later in zip(token_times, token_times[1:], strict=False):
                 self.itl.observe(later - earlier)
+        if final is not None and final.finished:
+            self.prompt_tokens.observe(len(final.prompt_token_ids))
+            self.generation_tokens.observe(sum(len(c.token_ids) for c in final.outputs))
+            if final.metrics is not None and final.metrics.time_in_queue is not None:
+                self.queue.observe(final.metrics.time_in_queue)
+            for completion in final.outputs:
+                self.success.labels(finished_reason=completion.finish_reason or "abort").inc()
 
-    def render(self) -> str:
-        engine = self.engine.engine
-        manager, scheduler = engine.block_manager, engine.scheduler
-        now, generated = time.monotonic(), engine.num_generated_tokens
-        then, generated_then = self._last_scrape
-        self._last_scrape = (now, generated)
-        hit_rate = manager.num_cache_hits / manager.num_cache_queries if manager.num_cache_queries else 0.0
-        gauges = [
-            ("num_requests_running", "Requests in the running batch.", len(scheduler.running)),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", len(scheduler.waiting)),
-            ("kv_cache_blocks_in_use", "KV cache blocks held by requests.",
-             manager.num_blocks - manager.num_free_blocks),
-            ("kv_cache_blocks_total", "KV cache blocks in all.", manager.num_blocks),
-            ("prefix_cache_hit_rate", "Share of looked-up prompt blocks found in the prefix cache.", hit_rate),
-            ("generation_tokens_per_second", "Generated tokens per second since the previous scrape.",
-             (generated - generated_then) / max(now - then, 1e-9)),
-        ]
-        lines = []
-        for name, help_text, value in gauges:
-            lines += [f"# HELP pagedllm:{name} {help_text}", f"# TYPE pagedllm:{name} gauge",
-                      f"pagedllm:{name} {value}"]
-        lines += ["# HELP pagedllm:generation_tokens_total Tokens generated.",
-                  "# TYPE pagedllm:generation_tokens_total counter", f"pagedllm:generation_tokens_total {generated}"]
-        lines += self.ttft.render() + self.itl.render()
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

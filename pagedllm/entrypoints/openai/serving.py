@@ -1,0 +1,400 @@
+"""What the routes do: bodies into engine requests, engine outputs into OpenAI responses and
+server-sent events. Tokenizing and chat templates run in worker threads, so that a huge prompt
+never stalls the event loop (and every other client with it)."""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.errors import ApiError, bad_value, error_body
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    PromptLogprob,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    random_id,
+)
+from pagedllm.errors import EngineDeadError, RequestFailedError
+from pagedllm.inputs import encode_text, render_chat
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+
+logger = logging.getLogger("pagedllm")
+Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = model_name
+        self.chat_template = chat_template
+        self.metrics = metrics
+
+    # routes
+
+    async def completions(self, body: CompletionRequest, raw: Request):
+        self._check_model(body.model)
+        echo_only = body.echo and body.max_tokens == 0  # score the prompt, generate nothing (lm-eval)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens=0 is only valid with echo (to score the prompt)", "max_tokens")
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
+            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+        params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs)
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
+        request_id = random_id("cmpl")
+        streams = self._start(request_id, prompts, params)
+        if body.stream:
+            return _event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
+        finals = await _until_done_or_disconnect(raw, streams)
+        if finals is None:
+            return Response(status_code=499)  # the client left; its requests were aborted
+        choices = [self._completion_choice(i * body.n + c.index, body, prompt, final, c, echo_only)
+                   for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)) for c in final.outputs]
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                  usage=_usage(finals, echo_only))
+
+    async def chat(self, body: ChatCompletionRequest, raw: Request):
+        self._check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                              body.prompt_logprobs)
+        prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt)
+        request_id = random_id("chatcmpl")
+        streams = self._start(request_id, [prompt], params)
+        if body.stream:
+            return _event_stream(self._chat_events(request_id, body, streams))
+        finals = await _until_done_or_disconnect(raw, streams)
+        if finals is None:
+            return Response(status_code=499)
+        k = body.top_logprobs or 0
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                              logprobs=_chat_logprobs(c.logprobs, c.token_ids, k)) for c in finals[0].outputs]
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        if (body.messages is None) == (body.prompt is None):
+            raise ApiError(400, "give either prompt or messages", "prompt")
+
+        def encode() -> list[int]:
+            if body.messages is not None:
+                return self._chat_prompt(body.messages, body.add_generation_prompt)[1]
+            return self._encode(body.prompt, "prompt", body.add_special_tokens)
+
+        ids = await asyncio.to_thread(encode)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.config.max_model_len)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        tokenizer = self._tokenizer()
+        vocab_size = max(self.engine.config.hf_config.vocab_size, len(tokenizer))
+        bad = [t for t in body.tokens if t >= vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens outside the vocabulary [0, {vocab_size}): {bad[:5]}", "tokens")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, body.tokens))
+
+    # requests
+
+    def _tokenizer(self):
+        if self.engine.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send token ids")
+        return self.engine.tokenizer
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`", "model")
+
+    def _params(self, body, max_tokens, logprobs, prompt_logprobs):
+        try:
+            return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        except ValueError as err:
+            raise bad_value(err) from None
+
+    def _encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return encode_text(self._tokenizer(), text, add_special_tokens)
+        except ValueError as err:
+            raise ApiError(400, f"{field}: {err}", field) from None
+
+    def _completion_prompts(self, prompt) -> list[Prompt]:
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is empty", "prompt")
+        return [(p, self._encode(p, "prompt")) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+    def _chat_prompt(self, messages, add_generation_prompt: bool) -> Prompt:
+        plain = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            return render_chat(self._tokenizer(), plain, self.chat_template, add_generation_prompt)
+        except ValueError as err:
+            raise ApiError(400, str(err), "messages") from None
+
+    def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
+        """Check every prompt, then start one engine request each (nothing starts if one is bad)."""
+        for index, (_, token_ids) in enumerate(prompts):
+            try:
+                self.engine.validate(token_ids, params)
+            except ValueError as err:
+                raise bad_value(err, index) from None
+        return [self._observed(self.engine.generate(f"{request_id}-{i}", ids, params, text))
+                for i, (text, ids) in enumerate(prompts)]
+
+    async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """The stream, its latencies and its end observed for /metrics."""
+        arrival, token_times, last = time.monotonic(), [], None
+        try:
+            async for output in stream:
+                token_times.append(time.monotonic())
+                last = output
+                yield output
+        finally:
+            self.metrics.observe_request(arrival, token_times, last)
+            await stream.aclose()
+
+    # responses
+
+    def _completion_choice(self, index: int, body: CompletionRequest, prompt: Prompt, final: RequestOutput,
+                           completion: CompletionOutput, echo_only: bool) -> CompletionChoice:
+        text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs
+        if echo_only:
+            text, token_ids, entries = "", [], []
+        prompt_text = ""
+        if body.echo:
+            prompt_text = prompt[0] if prompt[0] is not None else self._tokenizer().decode(final.prompt_token_ids)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = CompletionLogprobs()
+            if body.echo:
+                _add_completion_logprobs(logprobs, final.prompt_token_ids, final.prompt_logprobs,
+                                         self._first_token_text(final), 0)
+            _add_completion_logprobs(logprobs, token_ids, entries, None, len(prompt_text))
+        return CompletionChoice(index=index, text=prompt_text + text, logprobs=logprobs,
+                                finish_reason="length" if echo_only else completion.finish_reason,
+                                stop_reason=None if echo_only else completion.stop_reason,
+                                prompt_logprobs=_prompt_logprobs(final) if body.prompt_logprobs is not None else None)
+
+    def _first_token_text(self, final: RequestOutput) -> str:
+        """The text of the prompt's first token, which nothing scores."""
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode(final.prompt_token_ids[:1]) if tokenizer is not None else ""
+
+    async def _completion_events(self, request_id, body: CompletionRequest, prompts: list[Prompt], streams,
+                                 echo_only: bool) -> AsyncIterator[str]:
+        sent_chars: dict[tuple[int, int], int] = {}
+        sent_tokens: dict[tuple[int, int], int] = {}
+        finals: dict[int, RequestOutput] = {}
+        async for prompt_index, output in _merge(streams):
+            if output.finished:
+                finals[prompt_index] = output
+            for c in output.outputs:
+                key = (prompt_index, c.index)
+                first = key not in sent_chars
+                if first and body.echo:
+                    choice = self._completion_choice(prompt_index * body.n + c.index, body, prompts[prompt_index],
+                                                     output, c, echo_only=True)
+                    choice.finish_reason = choice.stop_reason = None
+                    sent_chars[key], sent_tokens[key] = 0, 0
+                    yield self._chunk(request_id, choice)
+                if echo_only:
+                    if output.finished:
+                        yield self._chunk(request_id, CompletionChoice(index=prompt_index * body.n + c.index,
+                                                                       text="", finish_reason="length"))
+                    continue
+                text = c.text[sent_chars.get(key, 0):]
+                new_tokens = sent_tokens.get(key, 0)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = CompletionLogprobs()
+                    _add_completion_logprobs(logprobs, c.token_ids[new_tokens:], (c.logprobs or [])[new_tokens:],
+                                             None, sent_chars.get(key, 0))
+                sent_chars[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+                if text or c.finish_reason:
+                    yield self._chunk(request_id, CompletionChoice(
+                        index=prompt_index * body.n + c.index, text=text, logprobs=logprobs,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        if body.stream_options and body.stream_options.include_usage:
+            usage = _usage([finals[i] for i in sorted(finals)], echo_only)
+            yield CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump_json()
+
+    def _chunk(self, request_id: str, choice: CompletionChoice) -> str:
+        return CompletionResponse(id=request_id, model=self.model_name, choices=[choice]).model_dump_json()
+
+    async def _chat_events(self, request_id, body: ChatCompletionRequest, streams) -> AsyncIterator[str]:
+        def chunk(choices, usage=None):
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices,
+                                       usage=usage).model_dump_json()
+
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                     for i in range(body.n)])
+        sent_chars: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        final = None
+        async for _, output in _merge(streams):
+            for c in output.outputs:
+                text = c.text[sent_chars.get(c.index, 0):]
+                new = sent_tokens.get(c.index, 0)
+                sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                if text or c.finish_reason:
+                    logprobs = None if c.logprobs is None else _chat_logprobs(c.logprobs[new:], c.token_ids[new:],
+                                                                              body.top_logprobs or 0)
+                    yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                                                 finish_reason=c.finish_reason, logprobs=logprobs)])
+            final = output
+        if body.stream_options and body.stream_options.include_usage and final is not None:
+            yield chunk([], _usage([final]))
+
+
+def _add_completion_logprobs(out: CompletionLogprobs, token_ids: list[int],
+                             entries: list[dict[int, Logprob] | None] | None, first_text: str | None,
+                             offset: int) -> None:
+    """Append the legacy completions logprobs of ``token_ids``; an entry of None (the prompt's
+    first token) has no logprob, and its text is ``first_text``."""
+    for token_id, entry in zip(token_ids, entries or [None] * len(token_ids), strict=True):
+        if entry is None:
+            token, logprob, top = first_text or "", None, None
+        else:
+            token = entry[token_id].decoded_token or ""
+            logprob = entry[token_id].logprob
+            top = {lp.decoded_token or "": lp.logprob for lp in entry.values()}
+        out.tokens.append(token)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(token)
+
+
+def _prompt_logprobs(final: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+    if final.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in entry.items()} for entry in final.prompt_logprobs]
+
+
+def _chat_logprobs(entries: list[dict[int, Logprob]] | None, token_ids: list[int], k: int) -> ChatLogprobs | None:
+    """OpenAI's chat logprobs: each token's own, and the ``k`` most likely tokens in its place."""
+    if entries is None:
+        return None
+
+    def fields(lp: Logprob) -> dict:
+        text = lp.decoded_token or ""
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank)[:k]  # the sampled token may rank below k
+        top = [TopLogprob(**fields(lp)) for lp in ranked]
+        content.append(TokenLogprob(**fields(entry[token_id]), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def _usage(finals: list[RequestOutput], echo_only: bool = False) -> Usage:
+    prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
+    completion_tokens = 0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several request streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:  # the common case, without a task and a queue between engine and client
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()  # a client that left: the stream's generator aborts its request
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, stream):
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except BaseException as err:
+            await queue.put((index, err))
+            raise
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, RequestFailedError) and len(streams) > 1:
+                    raise RequestFailedError(f"prompt {index}: {item}") from item
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a client that left: each stream's generator aborts its request
+
+
+async def _until_done_or_disconnect(raw: Request, streams) -> list[RequestOutput] | None:
+    finals: dict[int, RequestOutput] = {}
+
+    async def collect():
+        async for index, output in _merge(streams):
+            if output.finished:
+                finals[index] = output
+
+    task = asyncio.create_task(collect())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await raw.is_disconnected():
+            task.cancel()
+            return None
+    task.result()
+    return [finals[i] for i in sorted(finals)]
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(_sse(events), media_type="text/event-stream")
+
+
+async def _sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events ending with ``[DONE]``; an error after the stream began becomes an error
+    event (OpenAI's error JSON), so the client learns why its stream ended."""
+    try:
+        async for event in events:
+            yield f"data: {event}\n\n"
+    except RequestFailedError as err:
+        yield f"data: {json.dumps(error_body(500, f'the request failed in the engine: {err}'))}\n\n"
+    except EngineDeadError as err:
+        yield f"data: {json.dumps(error_body(503, str(err)))}\n\n"
+    except Exception as err:  # a bug: the client still gets an answer, the server goes on
+        logger.exception("a stream failed")
+        yield f"data: {json.dumps(error_body(500, f'internal error: {type(err).__name__}: {err}'))}\n\n"
+    yield "data: [DONE]\n\n"
