@@ -300,3 +300,73 @@ def test_chat_template_file_overrides_the_builtin_one(tiny_checkpoint, tmp_path)
     finally:
         uv.should_exit = True
         server.engine.shutdown()
+
+
+def test_lm_eval_loglikelihood_request_scores_every_prompt_token(live, offline):
+    """lm-evaluation-harness's local-completions request: echo the prompt with each token's logprob
+    (None for the first), then one generated token. Its loglikelihoods come from these numbers."""
+    _, url, _ = live
+    ids = offline.get_tokenizer().encode("def main():\n    return 1")
+    expected = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0,
+                                                                          prompt_logprobs=1), use_tqdm=False)[0]
+    for max_tokens in (1, 0):
+        status, body = call("POST", f"{url}/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": max_tokens,
+                                                              "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234})
+        assert status == 200
+        choice = json.loads(body)["choices"][0]
+        logprobs = choice["logprobs"]
+        assert len(logprobs["token_logprobs"]) == len(ids) + max_tokens
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        for i in range(1, len(ids)):
+            assert logprobs["token_logprobs"][i] == pytest.approx(expected.prompt_logprobs[i][ids[i]].logprob, abs=1e-5)
+            assert 1 <= len(logprobs["top_logprobs"][i]) <= 2
+        assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+        assert "".join(logprobs["tokens"][:len(ids)]) == offline.get_tokenizer().decode(ids)
+        assert choice["text"].startswith(offline.get_tokenizer().decode(ids))
+        if max_tokens == 0:
+            assert choice["text"] == offline.get_tokenizer().decode(ids)
+            assert json.loads(body)["usage"]["completion_tokens"] == 0
+
+
+def test_prompt_logprobs_field_as_in_vllm(live, offline):
+    _, url, _ = live
+    ids = offline.get_tokenizer().encode("import os")
+    status, body = call("POST", f"{url}/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2,
+                                                          "prompt_logprobs": 2})
+    entries = json.loads(body)["choices"][0]["prompt_logprobs"]
+    assert status == 200 and entries[0] is None and len(entries) == len(ids)
+    assert all(str(token) in entry for token, entry in zip(ids[1:], entries[1:], strict=True))
+
+
+def test_streamed_completion_carries_logprobs(live, offline):
+    _, _, client = live
+    expected = offline.generate("def main():", SamplingParams(temperature=0, max_tokens=8, logprobs=2),
+                                use_tqdm=False)[0].outputs[0]
+    chunks = list(client.completions.create(model="tiny", prompt="def main():", max_tokens=8, temperature=0,
+                                            logprobs=2, stream=True))
+    token_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                      for lp in c.choices[0].logprobs.token_logprobs]
+    assert token_logprobs == pytest.approx([e[t].logprob for t, e in zip(expected.token_ids, expected.logprobs,
+                                                                          strict=True)], abs=1e-5)
+
+
+def test_chat_logprobs_as_openai_returns_them(live, offline):
+    _, _, client = live
+    tokenizer = offline.get_tokenizer()
+    expected = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=6, logprobs=3), use_tqdm=False,
+                            chat_template=DEFAULT_CHAT_TEMPLATE)[0].outputs[0]
+    done = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    content = done.choices[0].logprobs.content
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in expected.token_ids]
+    for entry, token, logprobs in zip(content, expected.token_ids, expected.logprobs, strict=True):
+        assert entry.logprob == pytest.approx(logprobs[token].logprob, abs=1e-5)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.bytes == list(entry.token.encode())
+    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=1, stream=True)
+    tokens = [c.token for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for c in chunk.choices[0].logprobs.content]
+    assert tokens == [c.token for c in content]
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None

@@ -91,8 +91,10 @@ class AsyncLLM:
         return self.stats.num_running + self.stats.num_waiting
 
     def shutdown(self) -> None:
+        """Stop the engine thread and free the engine; streams still open end with EngineDeadError."""
         self._commands.put(("stop", None))
         self._thread.join(timeout=30)
+        self._deliver([(request_id, EngineDeadError("the engine was shut down")) for request_id in list(self._streams)])
         self.engine.shutdown()
 
     def _loop(self) -> None:

@@ -49,10 +49,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         location = [str(p) for p in first.get("loc", ())]
-        field = ".".join(location[1:]) or None
-        if first.get("type") == "json_invalid" or location == ["body"]:
-            return error_response(400, f"the body is not valid JSON: {first.get('msg', 'cannot parse it')}")
-        return error_response(400, f"invalid field {field}: {first.get('msg', 'bad value')}", field)
+        if first.get("type") == "json_invalid" or len(location) < 2:
+            return error_response(400, f"the body is not a valid JSON object: {first.get('msg', 'cannot parse it')}")
+        where = ".".join(location[1:])
+        return error_response(400, f"invalid field {where}: {first.get('msg', 'bad value')}", location[1])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
-MAX_N = 128  # samples per prompt, as OpenAI allows
+MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
 
 
 class RequestBody(BaseModel):

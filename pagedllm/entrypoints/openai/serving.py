@@ -229,6 +229,8 @@ class OpenAIServing:
                                                                        text="", finish_reason="length"))
                     continue
                 text = c.text[sent_chars.get(key, 0):]
+                if not text and not c.finish_reason:
+                    continue  # no new text yet (half a character): its tokens go with the next chunk
                 new_tokens = sent_tokens.get(key, 0)
                 logprobs = None
                 if body.logprobs is not None:
@@ -236,10 +238,9 @@ class OpenAIServing:
                     _add_completion_logprobs(logprobs, c.token_ids[new_tokens:], (c.logprobs or [])[new_tokens:],
                                              None, sent_chars.get(key, 0))
                 sent_chars[key], sent_tokens[key] = len(c.text), len(c.token_ids)
-                if text or c.finish_reason:
-                    yield self._chunk(request_id, CompletionChoice(
-                        index=prompt_index * body.n + c.index, text=text, logprobs=logprobs,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                yield self._chunk(request_id, CompletionChoice(
+                    index=prompt_index * body.n + c.index, text=text, logprobs=logprobs,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         if body.stream_options and body.stream_options.include_usage:
             usage = _usage([finals[i] for i in sorted(finals)], echo_only)
             yield CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump_json()
@@ -260,13 +261,14 @@ class OpenAIServing:
         async for _, output in _merge(streams):
             for c in output.outputs:
                 text = c.text[sent_chars.get(c.index, 0):]
+                if not text and not c.finish_reason:
+                    continue  # no new text yet (half a character): its tokens go with the next chunk
                 new = sent_tokens.get(c.index, 0)
                 sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                if text or c.finish_reason:
-                    logprobs = None if c.logprobs is None else _chat_logprobs(c.logprobs[new:], c.token_ids[new:],
-                                                                              body.top_logprobs or 0)
-                    yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
-                                                 finish_reason=c.finish_reason, logprobs=logprobs)])
+                logprobs = None if c.logprobs is None else _chat_logprobs(c.logprobs[new:], c.token_ids[new:],
+                                                                          body.top_logprobs or 0)
+                yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                                             finish_reason=c.finish_reason, logprobs=logprobs)])
             final = output
         if body.stream_options and body.stream_options.include_usage and final is not None:
             yield chunk([], _usage([final]))

@@ -1,0 +1,348 @@
+"""Hostile requests against the live server: each gets its status and OpenAI's error JSON, and a
+healthy request right after still gets the right text. Every row once broke the engine for good,
+hung, or answered with something other than OpenAI's error JSON."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+from test_openai_server import start_server
+
+from pagedllm import LLM, SamplingParams
+
+GOOD = {"model": "tiny", "prompt": "def main():", "max_tokens": 6, "temperature": 0}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def send(url: str, method: str, path: str, body: bytes | dict | list | str | None = None,
+         headers: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:
+    """One raw HTTP/1.1 request (any bytes as the body); returns status, headers and body."""
+    host, port = url.removeprefix("http://").split(":")
+    data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(data)}", "Connection: close",
+            "Content-Type: application/json"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:] if ": " in line)}
+    if fields.get("transfer-encoding") == "chunked":
+        payload = dechunk(payload)
+    return int(lines[0].split()[1]), fields, payload
+
+
+def dechunk(payload: bytes) -> bytes:
+    out = b""
+    while payload:
+        size, _, rest = payload.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out, payload = out + rest[:n], rest[n + 2:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    srv, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "tiny", "--max-request-bytes",
+                                "3000000", "--read-timeout", "1.5")
+    yield srv, url
+    uv.should_exit = True
+    srv.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def good_text(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), device="cpu")
+    return llm.generate("def main():", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+
+
+def assert_openai_error(status: int, headers: dict, body: bytes, expected: int, param: str | None = None):
+    assert status == expected, body
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == expected and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def assert_still_serving(url: str, good_text: str):
+    status, _, body = send(url, "POST", "/v1/completions", GOOD)
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == good_text
+    assert send(url, "GET", "/health")[0] == 200
+
+
+ABUSE = [
+    # values that passed validation and then killed the engine loop
+    ("logprobs beyond the vocabulary", "/v1/completions", GOOD | {"logprobs": 5000}, 400, "logprobs"),
+    ("prompt_logprobs beyond the vocabulary", "/v1/completions", GOOD | {"prompt_logprobs": 5000}, 400,
+     "prompt_logprobs"),
+    ("logprobs beyond max_logprobs", "/v1/completions", GOOD | {"logprobs": 21}, 400, "logprobs"),
+    ("stop token outside the vocabulary with min_tokens", "/v1/completions",
+     GOOD | {"stop_token_ids": [512], "min_tokens": 1}, 400, "stop_token_ids"),
+    ("top_k beyond int64", "/v1/completions", GOOD | {"top_k": 2**63}, 400, "top_k"),
+    ("seed beyond int64", "/v1/completions", GOOD | {"seed": 2**64}, 400, "seed"),
+    ("seed + n beyond int64", "/v1/completions", GOOD | {"seed": 2**63 - 1, "n": 2, "temperature": 1}, 400, "seed"),
+    ("chat logprobs beyond max_logprobs", "/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 50},
+     400, "logprobs"),
+    # types
+    ("temperature as a string", "/v1/completions", GOOD | {"temperature": "0.5"}, 400, "temperature"),
+    ("stop_token_ids as an int", "/v1/completions", GOOD | {"stop_token_ids": 5}, 400, "stop_token_ids"),
+    ("temperature Infinity", "/v1/completions", json.dumps(GOOD).replace('"temperature": 0', '"temperature": Infinity')
+     .encode(), 400, "temperature"),
+    ("temperature NaN", "/v1/completions", json.dumps(GOOD).replace('"temperature": 0', '"temperature": NaN')
+     .encode(), 400, "temperature"),
+    ("boolean token ids", "/v1/completions", GOOD | {"prompt": [True, 5]}, 400, "prompt"),
+    ("token id outside the vocabulary", "/v1/completions", GOOD | {"prompt": [5, 600]}, 400, "prompt"),
+    ("negative token id", "/v1/completions", GOOD | {"prompt": [[5, -1]]}, 400, "prompt"),
+    ("n as a bool", "/v1/completions", GOOD | {"n": True}, 400, "n"),
+    ("max_tokens 0 without echo", "/v1/completions", GOOD | {"max_tokens": 0}, 400, "max_tokens"),
+    ("max_completion_tokens 0", "/v1/chat/completions", CHAT | {"max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("empty prompt", "/v1/completions", GOOD | {"prompt": ""}, 400, "prompt"),
+    ("empty prompt list", "/v1/completions", GOOD | {"prompt": []}, 400, "prompt"),
+    ("prompt longer than max_model_len", "/v1/completions", GOOD | {"prompt": "x " * 300}, 400, "prompt"),
+    ("lone surrogate in a prompt", "/v1/completions", GOOD | {"prompt": "a\ud800b"}, 400, "prompt"),
+    ("lone surrogate in a chat message", "/v1/chat/completions",
+     CHAT | {"messages": [{"role": "user", "content": "a\udc00"}]}, 400, "messages"),
+    ("chat content part with text 5", "/v1/chat/completions",
+     CHAT | {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "messages"),
+    ("chat content part with text null", "/v1/chat/completions",
+     CHAT | {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, 400, "messages"),
+    ("chat image part", "/v1/chat/completions",
+     CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages"),
+    ("no messages", "/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
+    ("a message without a role", "/v1/chat/completions", CHAT | {"messages": [{"content": "hi"}]}, 400, "messages"),
+    ("unknown model", "/v1/completions", GOOD | {"model": "gpt-4"}, 404, "model"),
+    # bodies that are not what a route takes
+    ("a body that is not UTF-8", "/v1/completions", b"\xff\xfe\x00{", 400, None),
+    ("a body that is not JSON", "/v1/completions", b"{", 400, None),
+    ("a JSON list as the body", "/v1/completions", [1, 2], 400, None),
+    ("no body", "/v1/chat/completions", b"", 400, None),
+    # /tokenize and /detokenize
+    ("tokenize with neither prompt nor messages", "/tokenize", {"model": "tiny"}, 400, "prompt"),
+    ("tokenize a lone surrogate", "/tokenize", {"prompt": "\ud800"}, 400, "prompt"),
+    ("detokenize -1", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("detokenize a string", "/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("detokenize null", "/detokenize", {"tokens": None}, 400, "tokens"),
+    ("detokenize 5", "/detokenize", {"tokens": 5}, 400, "tokens"),
+    ("detokenize 2**70", "/detokenize", {"tokens": [2**70]}, 400, "tokens"),
+    ("detokenize outside the vocabulary", "/detokenize", {"tokens": [99999]}, 400, "tokens"),
+    ("detokenize booleans", "/detokenize", {"tokens": [True]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", [row[1:] for row in ABUSE], ids=[row[0] for row in ABUSE])
+def test_hostile_request_gets_an_openai_error_and_hurts_nobody(server, good_text, path, body, status, param):
+    _, url = server
+    assert_openai_error(*send(url, "POST", path, body), status, param)
+    assert_still_serving(url, good_text)
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/no/such/route", 404), ("GET", "/v1/completions", 405), ("DELETE", "/health", 405),
+])
+def test_routes_and_methods_that_do_not_exist_get_openai_errors(server, method, path, status):
+    _, url = server
+    assert_openai_error(*send(url, method, path), status)
+
+
+def test_health_answers_with_a_json_body(server):
+    _, url = server
+    status, headers, body = send(url, "GET", "/health")
+    assert status == 200 and headers["content-type"] == "application/json" and json.loads(body) == {"status": "ok"}
+
+
+def test_tokenize_takes_a_chat_body(server):
+    _, url = server
+    status, _, body = send(url, "POST", "/tokenize", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and json.loads(body)["count"] > 0
+
+
+def test_more_samples_than_the_batch_holds_wait_their_turn(server):
+    """n larger than max_num_seqs (256 here): the samples beyond the batch wait, as in vLLM."""
+    _, url = server
+    status, _, body = send(url, "POST", "/v1/completions", GOOD | {"n": 257, "temperature": 1, "max_tokens": 2,
+                                                                    "ignore_eos": True})
+    assert status == 200
+    choices = json.loads(body)["choices"]
+    assert sorted(c["index"] for c in choices) == list(range(257)) and all(c["finish_reason"] for c in choices)
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw
+
+
+def test_bodies_over_the_limit_get_413(server, good_text):
+    """A declared Content-Length over --max-request-bytes is refused before the body is read; a
+    chunked body is cut off as soon as it grows past it."""
+    _, url = server
+    declared = raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3000001\r\n\r\n")
+    assert declared.startswith(b"HTTP/1.1 413") and b'"RequestTooLargeError"' in declared
+    chunk = b"x" * 1_000_000
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
+    streamed = raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Content-Type: application/json\r\n\r\n" + chunked)
+    assert streamed.startswith(b"HTTP/1.1 413") and b'"RequestTooLargeError"' in streamed
+    assert_still_serving(url, good_text)
+
+
+def test_half_sent_body_times_out_with_408(server, good_text):
+    _, url = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"model\": \"ti")
+        start = time.monotonic()
+        assert_still_serving(url, good_text)  # others are served meanwhile
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 408") and b'"RequestTimeoutError"' in raw
+    assert time.monotonic() - start < 5
+
+
+def test_connection_that_never_sends_a_request_is_closed(server):
+    _, url = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/comp")  # a head that never ends
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server
+    assert 1 <= time.monotonic() - start < 5
+
+
+def test_huge_prompt_does_not_stall_other_clients(server):
+    """Tokenizing runs off the event loop: /health answers while a 2.5 MB prompt is tokenized."""
+    _, url = server
+    result = {}
+
+    def big():
+        result["status"] = send(url, "POST", "/v1/completions", GOOD | {"prompt": "def f(x): return x\n" * 130_000})[0]
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.3)  # the body is in, tokenizing has begun
+    slowest = 0.0
+    while thread.is_alive():
+        start = time.monotonic()
+        assert send(url, "GET", "/health")[0] == 200
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.05)
+    assert result["status"] == 400  # far longer than max_model_len
+    assert slowest < 1.0
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(server, good_text, monkeypatch):
+    """An error pinned on one request (here its text breaks) ends it with OpenAI's error JSON, a 500
+    or a stream's error event; the requests beside it, and the next ones, are served."""
+    srv, url = server
+    engine = srv.engine.engine
+    extend_text = engine._extend_text
+
+    def breaks_on_poison(request):
+        if request.prompt == "poison":
+            raise RuntimeError("this request's text broke")
+        return extend_text(request)
+
+    monkeypatch.setattr(engine, "_extend_text", breaks_on_poison)
+    results = {}
+
+    def healthy(i):
+        results[i] = send(url, "POST", "/v1/completions", GOOD)
+
+    neighbours = [threading.Thread(target=healthy, args=(i,)) for i in range(4)]
+    for thread in neighbours:
+        thread.start()
+    status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison"})
+    assert_openai_error(status, headers, body, 500)
+    assert "this request's text broke" in json.loads(body)["error"]["message"]
+    status, _, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": ["fine", "poison"], "stream": True})
+    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"].startswith("the request failed in the engine: prompt 1")
+    for thread in neighbours:
+        thread.join()
+    assert all(r[0] == 200 and json.loads(r[2])["choices"][0]["text"] == good_text for r in results.values())
+    monkeypatch.undo()
+    assert_still_serving(url, good_text)
+    deadline = time.time() + 10
+    while srv.engine.num_unfinished_requests and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.engine.stats.kv_blocks_in_use == 0
+
+
+def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
+    """An error the engine cannot survive: running streams end with an error event, /health says
+    503 while the server stops, and serve() returns 1 so a supervisor restarts it."""
+    import argparse
+
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.openai import api_server
+    from pagedllm.entrypoints.server_args import engine_args
+
+    step = LLMEngine.step
+    calls = {"n": 0}
+
+    def dies_on_the_fifth_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("CUDA error: device lost (simulated)")
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", dies_on_the_fifth_step)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    engine_args(parser)
+    args = parser.parse_args(["--model", tiny_checkpoint("llama"), "--device", "cpu", "--port", str(port),
+                              "--served-model-name", "tiny"])
+    built = {}
+    build_server = api_server.build_server
+    monkeypatch.setattr(api_server, "build_server", lambda a: built.setdefault("server", build_server(a)))
+    exit_code = {}
+    thread = threading.Thread(target=lambda: exit_code.setdefault("code", api_server.serve(args)))
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if send(url, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    health = {}
+    stop = built["server"].engine.on_dead
+
+    def stop_after_a_look():
+        health["during"] = send(url, "GET", "/health")
+        stop()
+
+    built["server"].engine.on_dead = stop_after_a_look
+    try:
+        status, _, body = send(url, "POST", "/v1/completions", GOOD | {"max_tokens": 50, "ignore_eos": True,
+                                                                        "stream": True})
+        events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert "device lost" in json.loads(events[-2])["error"]["message"]
+        thread.join(timeout=30)
+        assert not thread.is_alive() and exit_code["code"] == 1
+        assert_openai_error(*health["during"], 503)
+    finally:
+        stop()
+        thread.join(timeout=30)
