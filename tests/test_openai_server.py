@@ -310,8 +310,9 @@ def test_lm_eval_loglikelihood_request_scores_every_prompt_token(live, offline):
     expected = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0,
                                                                           prompt_logprobs=1), use_tqdm=False)[0]
     for max_tokens in (1, 0):
-        status, body = call("POST", f"{url}/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": max_tokens,
-                                                              "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234})
+        lm_eval_request = {"model": "tiny", "prompt": [ids], "max_tokens": max_tokens, "logprobs": 1, "echo": True,
+                           "temperature": 0, "seed": 1234}
+        status, body = call("POST", f"{url}/v1/completions", lm_eval_request)
         assert status == 200
         choice = json.loads(body)["choices"][0]
         logprobs = choice["logprobs"]
