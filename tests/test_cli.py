@@ -90,3 +90,37 @@ def test_malformed_lines_are_named_or_skipped_and_counted(model, tmp_path, capsy
 def test_help_lists_the_commands():
     run = subprocess.run([sys.executable, "-m", "pagedllm", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and all(c in run.stdout for c in ("generate", "serve", "bench"))
+
+
+def test_resume_after_a_torn_last_line_generates_its_id_again(model, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:3])])
+    assert generate(model, inp, out) == 0
+    whole = read_results(out)
+    torn = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(torn[:2]) + torn[2][:17])  # power lost in the middle of the third line
+    assert generate(model, inp, out) == 0
+    assert "last line was cut short" in capsys.readouterr().err
+    assert read_results(out) == whole
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    assert generate(model, inp, out) == 2  # a bad line before the last is not a crash to repair: it is named
+    assert "out.jsonl line 2 is not a result line" in capsys.readouterr().err
+
+
+def test_ids_are_json_values_and_bad_lines_never_crash(model, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": 1, "prompt": "a"}, {"id": 1.0, "prompt": "b"}, {"id": True, "prompt": "c"},
+                      {"id": "1", "prompt": "d"}, {"id": ["a"], "prompt": "e"}, {"id": 7, "messages": [1, 2]},
+                      '{"id": 8, "prompt": "a\\ud800b"}', {"id": 9, "prompt": ""},
+                      {"id": 10, "messages": [{"role": "user", "content": 5}]}])
+    with open(inp, "ab") as f:
+        f.write(b'{"id": 11, "prompt": "\xff\xfe"}\n')  # not UTF-8
+    assert generate(model, inp, out, "--skip-bad-lines") == 0
+    err = capsys.readouterr().err
+    assert "skipped 5 bad lines" in err
+    for number in (6, 7, 8, 9, 10):
+        assert f"skipped line {number}" in err
+    assert sorted(json.dumps(r["id"]) for r in read_results(out)) == sorted(['1', '1.0', 'true', '"1"', '["a"]'])
+    assert generate(model, inp, out, "--skip-bad-lines") == 0  # resumes: nothing left to do
+    assert len(read_results(out)) == 5

@@ -1,9 +1,10 @@
 """``pagedllm generate``: complete every prompt of a JSONL file into another, for building datasets.
 
 Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role", "content"}, ...]}``.
-Output lines: ``{"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}``, written and
-flushed as each request finishes, so a crash or Ctrl-C loses nothing already generated; a rerun
-skips the ids already in the output file (resume).
+Output lines: ``{"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}`` (or
+``{"id", "error"}`` for a request that failed alone), written and flushed as each request
+finishes, so a crash or Ctrl-C loses nothing already generated; a rerun skips the ids already in
+the output file (resume), after removing a last line that a crash cut short.
 """
 
 import argparse
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
+from pagedllm.inputs import encode_text, render_chat
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_prompts(path: str) -> Iterator[tuple[int, dict | BadLine]]:
     """(line number, parsed line or the reason it is malformed) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -61,17 +63,48 @@ def read_prompts(path: str) -> Iterator[tuple[int, dict | BadLine]]:
                 yield number, item
 
 
+def id_key(value: object) -> str:
+    """An id as the JSON value it is: 1, 1.0, true and "1" are four ids; lists and objects are ids too."""
+    return json.dumps(value, sort_keys=True)
+
+
+def read_done(path: str) -> set[str]:
+    """The ids already in the output, as ``id_key``s. A last line cut short (power loss, full disk)
+    is removed, so its id is generated again; a bad line before the last is an error."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    done, offset = set(), 0
+    for index, line in enumerate(lines):
+        if line.strip():
+            try:
+                done.add(id_key(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                if index != last:
+                    raise BadLine(f"{path} line {index + 1} is not a result line: fix or remove it to resume") from None
+                with open(path, "r+b") as f:
+                    f.truncate(offset)
+                print(f"{path}: its last line was cut short ({len(line)} bytes): removed it; its id runs again",
+                      file=sys.stderr)
+                return done
+        offset += len(line) + 1
+    if data and not data.endswith(b"\n"):  # a whole last line that lost its newline
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
-    done = set()
-    if os.path.exists(args.output):
-        with open(args.output, encoding="utf-8") as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
+    done = read_done(args.output)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
-    skipped, seen, pending = 0, set(done), {}
+    skipped, failed, seen, pending = 0, 0, set(done), {}
     bar = tqdm(desc="Generated", unit=" req", dynamic_ncols=True)
     start, tokens = time.perf_counter(), 0
 
@@ -92,22 +125,21 @@ def run(args: argparse.Namespace) -> int:
                 if isinstance(item, BadLine):
                     bad(number, str(item))
                     continue
-                if item["id"] in seen:
-                    if item["id"] not in done:
-                        bad(number, f"duplicate id {item['id']!r}")
+                key = id_key(item["id"])
+                if key in seen:
+                    if key not in done:
+                        bad(number, f"duplicate id {key}")
                     continue
                 try:
                     if "messages" in item:
-                        text = tokenizer.apply_chat_template(item["messages"], tokenize=False,
-                                                             add_generation_prompt=True)
-                        token_ids = tokenizer.encode(text, add_special_tokens=False)
+                        text, token_ids = render_chat(tokenizer, item["messages"])
                     else:
-                        text, token_ids = item["prompt"], tokenizer.encode(item["prompt"])
+                        text, token_ids = item["prompt"], encode_text(tokenizer, item["prompt"])
                     engine.validate_request(token_ids, params)
                 except ValueError as err:
                     bad(number, str(err))
                     continue
-                seen.add(item["id"])
+                seen.add(key)
                 request_id = str(len(seen))
                 pending[request_id] = item["id"]
                 engine.add_request(request_id, token_ids, params, prompt=text)
@@ -115,10 +147,15 @@ def run(args: argparse.Namespace) -> int:
                 break
             for output in engine.step():
                 completion = output.outputs[0]
-                out.write(json.dumps({"id": pending.pop(output.request_id), "text": completion.text,
-                                      "prompt_tokens": len(output.prompt_token_ids),
-                                      "completion_tokens": len(completion.token_ids),
-                                      "finish_reason": completion.finish_reason}) + "\n")
+                result = {"id": pending.pop(output.request_id)}
+                if output.error is not None:  # failed alone: say so, and go on
+                    failed += 1
+                    result["error"] = output.error
+                else:
+                    result |= {"text": completion.text, "prompt_tokens": len(output.prompt_token_ids),
+                               "completion_tokens": len(completion.token_ids),
+                               "finish_reason": completion.finish_reason}
+                out.write(json.dumps(result) + "\n")
                 out.flush()
                 tokens += len(completion.token_ids)
                 bar.update(1)
@@ -127,5 +164,6 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     print(f"generated {bar.n} results into {args.output}"
           + (f", skipped {len(done)} already there" if done else "")
-          + (f", skipped {skipped} bad lines" if skipped else ""), file=sys.stderr)
+          + (f", skipped {skipped} bad lines" if skipped else "")
+          + (f"; {failed} requests failed (their lines hold \"error\")" if failed else ""), file=sys.stderr)
     return 0
