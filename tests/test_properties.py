@@ -1,0 +1,157 @@
+"""Property tests (hypothesis): whatever SamplingParams and the engine accept completes without an
+exception, and the block pool's bookkeeping holds under any sequence of adds, aborts, preemptions
+and parallel samples."""
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_scheduler import fake_next_token
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.request import Request, SampleGroup
+from pagedllm.engine.scheduler import Scheduler
+
+GARBAGE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=3),
+                    st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(-3, 600), max_size=2))
+
+
+def field(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """Mostly values a user would pass, one time in twenty anything at all."""
+    return st.integers(0, 19).flatmap(lambda roll: GARBAGE if roll == 0 else valid)
+
+
+SAMPLING_FIELDS = {
+    "n": field(st.integers(1, 3)),
+    "temperature": field(st.one_of(st.just(0.0), st.floats(0.05, 2.0))),
+    "top_p": field(st.floats(0.01, 1.0)),
+    "top_k": field(st.integers(-1, 600)),
+    "min_p": field(st.floats(0.0, 1.0)),
+    "presence_penalty": field(st.floats(-2, 2)),
+    "frequency_penalty": field(st.floats(-2, 2)),
+    "repetition_penalty": field(st.floats(0.05, 3)),
+    "max_tokens": field(st.one_of(st.none(), st.integers(1, 8))),
+    "min_tokens": field(st.integers(0, 8)),  # with stop tokens: banned until then
+    "stop": field(st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=3), max_size=2))),
+    "stop_token_ids": field(st.lists(st.one_of(st.integers(0, 520), st.sampled_from([2, 511, 512, 513])), max_size=3)),
+    "seed": field(st.one_of(st.none(), st.integers(-(2**63), 2**63))),
+    "logprobs": field(st.one_of(st.none(), st.integers(0, 25))),
+    "prompt_logprobs": field(st.one_of(st.none(), st.integers(0, 25))),
+    "ignore_eos": field(st.booleans()),
+    "include_stop_str_in_output": field(st.booleans()),
+    "skip_special_tokens": field(st.booleans()),
+}
+REQUEST = st.tuples(st.fixed_dictionaries({}, optional=SAMPLING_FIELDS),
+                    st.one_of(st.lists(st.integers(0, 530), min_size=0, max_size=24), st.text(max_size=40)))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint("llama"), device="cpu", max_model_len=64, num_kv_blocks=12, max_num_seqs=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(REQUEST, min_size=1, max_size=4))
+def test_what_is_accepted_completes(llm, requests):
+    accepted = []
+    for fields, prompt in requests:
+        try:
+            params = SamplingParams(**fields)
+            prompt_ids = llm._tokenize(prompt)[1]
+            llm.llm_engine.validate_request(prompt_ids, params)
+        except ValueError:
+            continue  # refused with a ValueError (never a TypeError or anything else): that is fine
+        accepted.append((prompt, params))
+    event(f"{len(accepted)} of the requests accepted")
+    if not accepted:
+        return
+    outputs = llm.generate([p for p, _ in accepted], [s for _, s in accepted], use_tqdm=False)
+    for output, (_, params) in zip(outputs, accepted, strict=True):
+        assert output.finished and output.error is None and len(output.outputs) == params.n
+        for completion in output.outputs:
+            assert completion.finish_reason in ("stop", "length")
+            assert len(completion.token_ids) <= (params.max_tokens or 64)
+            if params.logprobs is not None:
+                assert len(completion.logprobs) == len(completion.token_ids)
+                assert all(math.isfinite(e[t].logprob) or e[t].logprob == -math.inf
+                           for t, e in zip(completion.token_ids, completion.logprobs, strict=True))
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def check_pool(scheduler: Scheduler) -> None:
+    """No block is both free and held; each block's reference count equals its holders."""
+    manager = scheduler.block_manager
+    holders = [0] * manager.num_blocks
+    for request in scheduler.running:
+        assert len(set(request.block_table)) == len(request.block_table)
+        for block in request.block_table:
+            holders[block] += 1
+    assert all(not r.block_table for r in scheduler.waiting), "a waiting request holds blocks"
+    assert holders == manager.ref_counts
+    assert all((holders[b] == 0) == (b in manager.free_block_ids) for b in range(manager.num_blocks))
+
+
+OPERATION = st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 20), st.integers(1, 12), st.integers(1, 3), st.integers(0, 2)),
+    st.tuples(st.just("step")),
+    st.tuples(st.just("step")),
+    st.tuples(st.just("abort"), st.integers(0, 50)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=st.lists(OPERATION, max_size=40), num_blocks=st.integers(6, 16),
+       prefix_caching=st.booleans())
+def test_block_pool_bookkeeping_holds_under_any_sequence(operations, num_blocks, prefix_caching):
+    scheduler = Scheduler(BlockManager(num_blocks, 4, prefix_caching), max_num_seqs=3, max_num_batched_tokens=12)
+    groups: list[list[Request]] = []
+    prompts = [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26][:k] for k in (5, 13, 20)]
+
+    def step() -> None:
+        out = scheduler.schedule()
+        assert len(scheduler.running) <= scheduler.max_num_seqs
+        sampled = [fake_next_token(r.token_ids) if r.num_computed_tokens + n == r.num_tokens else None
+                   for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)]
+        scheduler.commit_step(out)
+        scheduler.update_from_output(out, sampled)
+
+    for operation in operations:
+        if operation[0] == "add":
+            _, prompt_len, max_tokens, n, shared = operation
+            prompt = prompts[shared][:prompt_len] if shared < len(prompts) else list(range(3, 3 + prompt_len))
+            if scheduler.block_manager.blocks_for(len(prompt) + max_tokens) > num_blocks:
+                continue  # the engine refuses what can never fit
+            params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens)
+            group = SampleGroup(str(len(groups))) if n > 1 else None
+            members = [Request(f"{len(groups)}#{i}", list(prompt), params, max_tokens, frozenset(), group=group,
+                               sample_index=i) for i in range(n)]
+            if group is not None:
+                group.members = members
+            for request in members:
+                scheduler.add_request(request)
+            groups.append(members)
+        elif operation[0] == "step" and scheduler.has_unfinished_requests():
+            step()
+        elif operation[0] == "abort" and groups:
+            for request in groups[operation[1] % len(groups)]:
+                if not request.is_finished:
+                    scheduler.finish_request(request, "abort")
+        check_pool(scheduler)
+    for _ in range(500):
+        if not scheduler.has_unfinished_requests():
+            break
+        step()
+        check_pool(scheduler)
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.block_manager.num_free_blocks == num_blocks
+    for members in groups:
+        for request in members:
+            if request.finish_reason == "length":
+                expected = list(request.prompt_token_ids)
+                for _ in range(request.max_tokens):
+                    expected.append(fake_next_token(expected))
+                assert request.token_ids == expected  # preemption and shared prefixes change nothing
