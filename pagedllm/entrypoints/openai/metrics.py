@@ -70,13 +70,15 @@ class ServerMetrics:
             self.e2e.observe(token_times[-1] - arrival)
             for earlier, later in zip(token_times, token_times[1:], strict=False):
                 self.itl.observe(later - earlier)
-        if final is not None and final.finished:
-            self.prompt_tokens.observe(len(final.prompt_token_ids))
-            self.generation_tokens.observe(sum(len(c.token_ids) for c in final.outputs))
-            if final.metrics is not None and final.metrics.time_in_queue is not None:
-                self.queue.observe(final.metrics.time_in_queue)
-            for completion in final.outputs:
-                self.success.labels(finished_reason=completion.finish_reason or "abort").inc()
+        if final is None or not final.finished:  # the client left (or the request failed) before the end
+            self.success.labels(finished_reason="abort").inc()
+            return
+        self.prompt_tokens.observe(len(final.prompt_token_ids))
+        self.generation_tokens.observe(sum(len(c.token_ids) for c in final.outputs))
+        if final.metrics is not None and final.metrics.time_in_queue is not None:
+            self.queue.observe(final.metrics.time_in_queue)
+        for completion in final.outputs:
+            self.success.labels(finished_reason=completion.finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
