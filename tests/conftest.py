@@ -38,3 +38,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def random_prompts(lengths: list[int], seed: int = 0, low: int = 3, high: int = 500) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]
+
+
+def break_text_of(engine, which, error: Exception, monkeypatch) -> None:
+    """Make the engine's text step raise ``error`` for the requests ``which(request)`` picks: an
+    error pinned on those requests alone."""
+    extend_text = engine._extend_text
+
+    def broken(request):
+        if which(request):
+            raise error
+        return extend_text(request)
+
+    monkeypatch.setattr(engine, "_extend_text", broken)

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+from conftest import break_text_of
 
 from pagedllm import LLM, RequestFailedError, SamplingParams
 
@@ -207,14 +208,7 @@ def test_seed_none_draws_fresh_noise_each_engine(tiny_checkpoint):
 
 def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
     engine = llm.llm_engine
-    extend_text = engine._extend_text
-
-    def broken_for_b(request):
-        if request.request_id == "b":
-            raise RuntimeError("decoding broke")
-        return extend_text(request)
-
-    monkeypatch.setattr(engine, "_extend_text", broken_for_b)
+    break_text_of(engine, lambda r: r.request_id == "b", RuntimeError("decoding broke"), monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=["never"])
     for request_id in "abc":
         engine.add_request(request_id, [5, 6, 7], params)
@@ -229,7 +223,8 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
 
     # offline, the call fails naming the prompt, the rest is aborted, and the LLM goes on
     llm._next_request_id = 0  # so that the second prompt gets the request id "1"
-    monkeypatch.setattr(engine, "_extend_text", lambda r: broken_for_b(r) if r.request_id != "1" else 1 / 0)
+    monkeypatch.undo()
+    break_text_of(engine, lambda r: r.request_id == "1", ZeroDivisionError("division by zero"), monkeypatch)
     with pytest.raises(RequestFailedError, match="prompt 1 failed: ZeroDivisionError") as failure:
         llm.generate(["hello", "world", "again"], params, use_tqdm=False)
     assert failure.value.prompt_index == 1

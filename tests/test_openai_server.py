@@ -32,14 +32,20 @@ def call(method: str, url: str, body: dict | None = None, headers: dict | None =
         return err.code, err.read()
 
 
-def start_server(model: str, *extra: str):
+def server_args(model: str, *extra: str) -> argparse.Namespace:
+    """The options of a CPU server on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     parser = argparse.ArgumentParser()
     parser.add_argument("--model")
     engine_args(parser)
-    server = build_server(parser.parse_args(["--model", model, "--device", "cpu", "--port", str(port), *extra]))
+    return parser.parse_args(["--model", model, "--device", "cpu", "--port", str(port), *extra])
+
+
+def start_server(model: str, *extra: str):
+    args = server_args(model, *extra)
+    server, port = build_server(args), args.port
     uv = uvicorn_server(server, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

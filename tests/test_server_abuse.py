@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from test_openai_server import start_server
+from conftest import break_text_of
+from test_openai_server import server_args, start_server
 
 from pagedllm import LLM, SamplingParams
 
@@ -250,15 +251,8 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, good_text, monke
     """An error pinned on one request (here its text breaks) ends it with OpenAI's error JSON, a 500
     or a stream's error event; the requests beside it, and the next ones, are served."""
     srv, url = server
-    engine = srv.engine.engine
-    extend_text = engine._extend_text
-
-    def breaks_on_poison(request):
-        if request.prompt == "poison":
-            raise RuntimeError("this request's text broke")
-        return extend_text(request)
-
-    monkeypatch.setattr(engine, "_extend_text", breaks_on_poison)
+    break_text_of(srv.engine.engine, lambda r: r.prompt == "poison", RuntimeError("this request's text broke"),
+                  monkeypatch)
     results = {}
 
     def healthy(i):
@@ -288,11 +282,8 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, good_text, monke
 def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
     """An error the engine cannot survive: running streams end with an error event, /health says
     503 while the server stops, and serve() returns 1 so a supervisor restarts it."""
-    import argparse
-
     from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.openai import api_server
-    from pagedllm.entrypoints.server_args import engine_args
 
     step = LLMEngine.step
     calls = {"n": 0}
@@ -304,21 +295,14 @@ def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoin
         return step(self)
 
     monkeypatch.setattr(LLMEngine, "step", dies_on_the_fifth_step)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    engine_args(parser)
-    args = parser.parse_args(["--model", tiny_checkpoint("llama"), "--device", "cpu", "--port", str(port),
-                              "--served-model-name", "tiny"])
+    args = server_args(tiny_checkpoint("llama"), "--served-model-name", "tiny")
     built = {}
     build_server = api_server.build_server
     monkeypatch.setattr(api_server, "build_server", lambda a: built.setdefault("server", build_server(a)))
     exit_code = {}
     thread = threading.Thread(target=lambda: exit_code.setdefault("code", api_server.serve(args)))
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{args.port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         try:

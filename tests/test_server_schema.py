@@ -36,5 +36,4 @@ def served_schema(served):
 def test_server_answers_as_its_schema_says(case, served):
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
         case.body["model"] = "tiny"  # the served name, so that requests reach the engine
-    r = case.call_and_validate(base_url=served, checks=CHECKS, timeout=60)
-    print("CASE", case.operation.label, case.body if not isinstance(case.body, dict) else {k: str(v)[:30] for k, v in case.body.items()}, r.status_code)
+    case.call_and_validate(base_url=served, checks=CHECKS, timeout=60)
