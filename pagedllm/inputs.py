@@ -20,6 +20,8 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, add_special_token
 
 def token_ids(prompt: Sequence) -> list[int]:
     """A prompt's token ids as Python ints (numpy's are welcome); a bool, a float or a string is an error."""
+    if all(type(t) is int for t in prompt):  # the common case, fast (a bool's type is not int)
+        return list(prompt)
     bad = [t for t in prompt if not is_int(t)]
     if bad:
         raise ValueError(f"token ids must be ints, not {bad[:5]}")

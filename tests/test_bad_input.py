@@ -88,7 +88,8 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"device": "tpu"}, "device='tpu'"),
     ({"load_format": "gguf"}, "load_format='gguf'"),
     ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
-    ({"tensor_parallel_size": 3}, "tensor_parallel_size=3 is invalid for this model: its 4 attention heads"),
+    ({"tensor_parallel_size": 3, "device": "cpu"},
+     "tensor_parallel_size=3 is invalid for this model: its 4 attention heads"),
 ])
 def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):

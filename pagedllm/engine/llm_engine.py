@@ -12,7 +12,7 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pagedllm.sampling_params import SamplingParams, is_int
+from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import PendingOutput
@@ -47,8 +47,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none: use stop_token_ids")
         vocab_size = self.config.hf_config.vocab_size
-        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab_size]
-        if bad:
+        ids = prompt_token_ids
+        if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < vocab_size):  # fast when fine
+            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         bad = [t for t in params.stop_token_ids if t >= vocab_size]
         if bad:
