@@ -47,12 +47,12 @@ def bad_value(err: ValueError, prompt_index: int | None = None) -> ApiError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        first = errors[0] if errors else {}
         location = [str(p) for p in first.get("loc", ())]
         if first.get("type") == "json_invalid" or len(location) < 2:
             return error_response(400, f"the body is not a valid JSON object: {first.get('msg', 'cannot parse it')}")
-        where = ".".join(location[1:])
-        return error_response(400, f"invalid field {where}: {first.get('msg', 'bad value')}", location[1])
+        return error_response(400, f"invalid field {_problems(errors)}", location[1])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -76,6 +76,23 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _problems(errors: list[dict]) -> str:
+    """pydantic's errors as "field.path: message", one per place: a value that fits none of a
+    union's types gets an error per type, named by the type (``prompt.list[int].0``), which is
+    dropped from the path."""
+    seen = []
+    for error in errors:
+        path = ".".join(str(p) for p in error.get("loc", ())[1:] if not _is_union_tag(p))
+        problem = f"{path}: {error.get('msg', 'bad value')}"
+        if problem not in seen:
+            seen.append(problem)
+    return "; or ".join(seen[:4])
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
 
 
 def openai_errors_in_schema(app: FastAPI) -> None:
