@@ -104,11 +104,14 @@ class LLM:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} SamplingParams were given for {len(prompts)} prompts: "
                                  "give one, or one per prompt")
+        else:
+            raise ValueError(f"sampling_params must be SamplingParams or a list of them, not "
+                             f"{type(sampling_params).__name__}")
         requests = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
@@ -174,6 +177,8 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     """One prompt or a list of them, told apart the way vLLM does."""
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a prompt or a list of them, not {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single prompt of token ids

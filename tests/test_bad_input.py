@@ -233,3 +233,16 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     monkeypatch.undo()
     assert len(llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+@pytest.mark.parametrize("prompts, params, match", [
+    (None, None, "prompts must be a prompt or a list of them, not NoneType"),
+    (5, None, "prompts must be a prompt or a list of them, not int"),
+    (["a"], {"max_tokens": 3}, "sampling_params must be SamplingParams or a list of them, not dict"),
+    ([["a"]], None, r"prompt 0: token ids must be ints, not \['a'\]"),
+    ([{"prompt_token_ids": [1, 2.0]}], None, r"prompt 0: token ids must be ints, not \[2.0\]"),
+    ([{}], None, "prompt 0: a dict prompt needs 'prompt_token_ids' or 'prompt'"),
+])
+def test_wrong_types_are_value_errors_that_say_what_was_wrong(llm, prompts, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, params, use_tqdm=False)
