@@ -1,7 +1,8 @@
 """Engine settings: one dataclass, validated and resolved (model files, dtype, lengths) up front,
 so that a bad setting fails before any weight is loaded."""
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import PretrainedConfig
@@ -16,34 +17,72 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+logger = logging.getLogger("pagedllm")
+
+
+def option(default, help: str, compat: str | None = None):
+    """An engine option: its default and help (the CLI flag's too). ``compat``: accepted for vLLM
+    scripts only; says at INFO what the option does here when a script sets it."""
+    return field(default=default, metadata={"help": help, "compat": compat})
 
 
 @dataclass
 class EngineConfig:
-    """The arguments of ``LLM(...)``; see the README for what each one does."""
+    """The engine's options: ``LLM(model, **options)``, and the ``pagedllm serve`` / ``generate``
+    flags (``--max-model-len`` for ``max_model_len``) follow from these fields, with their help."""
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
-    device: str = "auto"
-    seed: int | None = 0  # None: sampling noise differs run to run (dummy weights still use 0)
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None
-    load_format: str = "auto"
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    enable_prefix_caching: bool = True
-    async_scheduling: bool = True  # schedule the next step while the device runs this one (one rank only)
-    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for, as in vLLM
+    model: str = field(metadata={"help": "local directory, or hub id (downloaded into the HF cache if missing)"})
+    tokenizer: str | None = option(None, "the tokenizer's directory or hub id (default: the model's)")
+    revision: str | None = option(None, "the model's hub revision: a branch, tag or commit")
+    tokenizer_revision: str | None = option(None, "the tokenizer's hub revision (default: the model's)")
+    tokenizer_mode: str = option("auto", "auto (the fast tokenizer where there is one) or slow")
+    trust_remote_code: bool = option(False, "let transformers run a checkpoint's own code for its config and "
+                                            "tokenizer (the model itself is always pagedllm's)")
+    download_dir: str | None = option(None, "where hub downloads go (default: the HF cache, HF_HOME)")
+    skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts are token ids, outputs carry no text")
+    hf_overrides: dict | None = option(None, "config.json values to override, e.g. {\"max_position_embeddings\": 4096}")
+    dtype: str | torch.dtype = option("auto", "auto (the checkpoint's; float32 runs as float16 on a GPU), float16, "
+                                              "bfloat16 or float32")
+    load_format: str = option("auto", "auto (safetensors, else bin), safetensors, pt, or dummy (random weights)")
+    quantization: str | None = option(None, "weight quantization: none yet")
+    kv_cache_dtype: str = option("auto", "the KV cache's dtype: auto (the model's)")
+    task: str = option("auto", "auto or generate: pagedllm generates text")
+    seed: int | None = option(0, "seeds sampling of requests without a seed of their own, and dummy weights; "
+                                 "None: fresh noise each run")
+    device: str = option("auto", "cuda if there is one, else cpu; or cuda, cuda:N, cpu")
+    gpu_memory_utilization: float = option(0.9, "share of GPU memory for weights, activations and the KV cache")
+    num_kv_blocks: int | None = option(None, "fix the KV cache's size in blocks instead of profiling it")
+    block_size: int = option(16, "tokens per KV block (a power of two)")
+    max_model_len: int | None = option(None, "longest prompt + completion (default: the model's)")
+    max_num_seqs: int = option(256, "most requests in one batch")
+    max_num_batched_tokens: int | None = option(
+        None, f"token budget per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}); longer prompts prefill in chunks")
+    max_logprobs: int = option(20, "the most logprobs / prompt_logprobs a request may ask for (-1: no limit)")
+    enforce_eager: bool = option(False, "skip capturing decode CUDA graphs")
+    tensor_parallel_size: int = option(1, "GPUs (or CPU processes) the model is split over")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
+    async_scheduling: bool = option(True, "schedule the next step while the device runs this one (one rank)")
+
+    # Accepted so that vLLM scripts run unchanged; each says what it does here.
+    num_gpu_blocks_override: int | None = option(None, "vLLM's name for num_kv_blocks",
+                                                 compat="the same as num_kv_blocks")
+    enable_chunked_prefill: bool | None = option(
+        None, "vLLM's switch for chunked prefill", compat="prefill is always chunked under max_num_batched_tokens "
+                                                          "here; outputs are the same either way")
+    swap_space: float = option(4, "vLLM's host memory for swapped-out requests (GiB)",
+                               compat="preempted requests are recomputed here, never swapped to host memory")
+    cpu_offload_gb: float = option(0, "vLLM's weight offloading to host memory (GiB)",
+                                   compat="weights stay on the device here: the model must fit there")
+    disable_log_stats: bool = option(False, "vLLM's switch for periodic stats logs",
+                                     compat="pagedllm logs no periodic stats (the server has /metrics)")
+    max_seq_len_to_capture: int = option(8192, "vLLM's longest context run in CUDA graphs",
+                                         compat="decode CUDA graphs serve every context length here")
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._accept_vllm_only_options()
         _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                  "block_size", self.block_size, "a power of two")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
@@ -52,8 +91,16 @@ class EngineConfig:
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                  "num_kv_blocks", self.num_kv_blocks, ">= 1 or None")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
-        _require(self.max_logprobs >= 0, "max_logprobs", self.max_logprobs, ">= 0")
+        _require(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no limit)")
         _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
+        _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
+        _require(self.quantization is None, "quantization", self.quantization,
+                 "None: pagedllm runs weights in dtype (quantized weights are not supported yet)")
+        _require(self.kv_cache_dtype == "auto", "kv_cache_dtype", self.kv_cache_dtype,
+                 "'auto' (the model's dtype): an fp8 KV cache is not supported yet")
+        _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")
+        _require(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
+                 "a dict of config.json values")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         self.device = _resolve_device(self.device)
         if self.tensor_parallel_size > 1 and self.device.startswith("cuda"):
@@ -62,12 +109,17 @@ class EngineConfig:
                      self.tensor_parallel_size, f"at most the {gpus} GPUs torch sees, with device='cuda' (rank r "
                      f"runs on GPU r), not {self.device!r}")
 
-        self.model_path = resolve_model_path(self.model)
-        self.hf_config = load_hf_config(self.model_path)
+        self.model_path = resolve_model_path(self.model, self.revision, self.download_dir)
+        self.hf_config = load_hf_config(self.model_path, self.trust_remote_code)
+        for key, value in (self.hf_overrides or {}).items():
+            setattr(self.hf_config, key, value)
         get_model_class(self.hf_config)  # unknown architectures fail here, before loading
         _check_tensor_parallel(self.hf_config, self.tensor_parallel_size)
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.tokenizer_revision in (None, self.revision):
             self.tokenizer = self.model_path
+        elif not self.skip_tokenizer_init:  # another tokenizer, or the model's at another revision
+            self.tokenizer = resolve_model_path(self.tokenizer or self.model, self.tokenizer_revision or self.revision,
+                                                self.download_dir, weights=False)
         self.dtype = _resolve_dtype(self.dtype, self.hf_config, self.device)
 
         model_max = derive_max_model_len(self.hf_config)
@@ -78,6 +130,18 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+
+    def _accept_vllm_only_options(self) -> None:
+        """Say what each vLLM-only option a script set does here."""
+        for f in fields(self):
+            compat = f.metadata.get("compat")
+            if compat and getattr(self, f.name) != f.default:
+                log = logger.warning if f.name == "cpu_offload_gb" else logger.info
+                log("%s=%r: %s", f.name, getattr(self, f.name), compat)
+        if self.num_gpu_blocks_override is not None:
+            _require(self.num_kv_blocks in (None, self.num_gpu_blocks_override), "num_gpu_blocks_override",
+                     self.num_gpu_blocks_override, f"num_kv_blocks ({self.num_kv_blocks}) when both are set")
+            self.num_kv_blocks = self.num_gpu_blocks_override
 
 
 def derive_max_model_len(hf_config: PretrainedConfig) -> int:

@@ -25,11 +25,6 @@ def test_model_dir_that_does_not_exist():
         LLM("/no/such/model/dir")
 
 
-def test_hub_id_missing_from_local_cache():
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        LLM("pagedllm-tests/not-in-any-cache")
-
-
 def test_dir_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         LLM(str(tmp_path))

@@ -120,14 +120,13 @@ def test_dummy_weights_from_a_bare_config(tiny_checkpoint, tmp_path):
 
 
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     repo = tmp_path / "models--someorg--tiny-opt"
     commit = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(tiny_checkpoint("opt"), repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     llm = LLM("someorg/tiny-opt", device="cpu")
     assert llm.llm_engine.config.model_path == str(repo / "snapshots" / commit)
     assert len(llm.generate("hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8

@@ -26,7 +26,7 @@ class LLMEngine:
         from pagedllm.worker.model_runner import ModelRunner  # torch-heavy; the engine itself is not
 
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
@@ -274,13 +274,17 @@ def _metrics(members: list[Request]) -> RequestMetrics:
                           max(finished) if len(finished) == len(members) else None)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
-    """The HF tokenizer, or None for a directory with no tokenizer files (a bare config for
-    benchmarks): such a model takes token ids only."""
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase | None:
+    """The HF tokenizer, or None with ``skip_tokenizer_init`` or for a directory with no tokenizer
+    files (a bare config for benchmarks): such a model takes token ids only."""
+    path = config.tokenizer
+    if config.skip_tokenizer_init:
+        return None
+    if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         logger.warning("no tokenizer files in %s: prompts must be token ids and outputs carry no text", path)
         return None
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, use_fast=config.tokenizer_mode != "slow",
+                                         trust_remote_code=config.trust_remote_code)
 
 
 def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

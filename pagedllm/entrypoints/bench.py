@@ -5,23 +5,22 @@ import time
 
 import torch
 
+from pagedllm.entrypoints.server_args import add_engine_args, engine_kwargs
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--load-format", default="auto", help="'dummy' for random weights from config.json")
+    parser.add_argument("--model", required=True, help="model directory or hub id (--load-format dummy: random "
+                                                       "weights from its config.json)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_engine_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.input_len + args.output_len)
+    llm = LLM(**engine_kwargs(args, max_model_len=args.max_model_len or args.input_len + args.output_len))
     vocab = llm.llm_engine.config.hf_config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, vocab - 10, (args.input_len,), generator=g).tolist() for _ in range(args.num_prompts)]

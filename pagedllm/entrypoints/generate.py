@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
+from pagedllm.entrypoints.server_args import add_engine_args, engine_kwargs
 from pagedllm.inputs import encode_text, render_chat
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
@@ -26,7 +27,7 @@ class BadLine(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory, or hub id in the local HF cache")
+    parser.add_argument("--model", required=True, help="model directory or hub id")
     parser.add_argument("--input", required=True, help="JSONL file of prompts")
     parser.add_argument("--output", required=True, help="JSONL file of results (appended to; resumes)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing")
@@ -37,11 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, help="per-request seed (each request's own, whatever the batch)")
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_args(parser, exclude=("seed",))
 
 
 def read_prompts(path: str) -> Iterator[tuple[int, dict | BadLine]]:
@@ -101,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     done = read_done(args.output)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(**engine_kwargs(args))
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     skipped, failed, seen, pending = 0, 0, set(done), {}
     bar = tqdm(desc="Generated", unit=" req", dynamic_ncols=True)

@@ -1,14 +1,34 @@
-"""The server's command-line options, named as vLLM names them (no server imports: cheap to define)."""
+"""Command-line options: the engine's follow from ``EngineConfig``'s fields (``max_model_len`` is
+``--max-model-len``, with the field's help), the server's own are listed here."""
 
 import argparse
 import dataclasses
+import json
 import os
+import types
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 
 
-def engine_args(parser: argparse.ArgumentParser) -> None:
-    """The server's options, and the engine's (each an ``EngineConfig`` field of the same name)."""
+def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per ``EngineConfig`` option but ``model`` and ``exclude``; defaults are the config's."""
+    from pagedllm.config import EngineConfig
+
+    group = parser.add_argument_group("engine options (LLM's arguments)")
+    for f in dataclasses.fields(EngineConfig):
+        if not f.init or f.name == "model" or f.name in exclude:
+            continue
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.metadata.get("compat"):
+            help_text += f" (accepted for vLLM scripts: {f.metadata['compat']})"
+        kind = _value_type(f.type)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=f.default, help=help_text + _shown_default(f.default))
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
                              "interface, then set an API key)")
@@ -16,35 +36,37 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics; set "
                              f"{API_KEY_ENV} instead, which other users cannot read in the process list")
-    parser.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    parser.add_argument("--served-model-name", help="the model name clients send (default: the model)")
     parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
                         help="largest request body accepted, in bytes (default 8 MiB; larger ones get 413)")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request's head, or pause while sending its body "
                              "(default 30)")
-    parser.add_argument("--tokenizer")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-kv-blocks", type=int)
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                        help="read each step's tokens back before scheduling the next")
 
 
-def engine_config(args: argparse.Namespace):
-    """The EngineConfig the parsed options name."""
+def engine_args(parser: argparse.ArgumentParser) -> None:
+    """The server's options and the engine's."""
+    add_server_args(parser)
+    add_engine_args(parser)
+
+
+def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
+    """The parsed engine options as ``EngineConfig`` / ``LLM`` keyword arguments (model included)."""
     from pagedllm.config import EngineConfig
 
-    fields = [f.name for f in dataclasses.fields(EngineConfig) if f.init]
-    return EngineConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    names = [f.name for f in dataclasses.fields(EngineConfig) if f.init]
+    return {name: getattr(args, name) for name in names if hasattr(args, name)} | overrides
+
+
+def _value_type(annotation) -> type:
+    """The type a flag's text becomes: the annotation without None (a dtype is given by name)."""
+    members = [t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)]
+    if isinstance(annotation, types.UnionType) and str in members:
+        return str
+    kind = members[0]
+    return json.loads if kind is dict else kind
+
+
+def _shown_default(default) -> str:
+    return "" if default is None else f" (default {default})"

@@ -10,31 +10,25 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 
-def resolve_model_path(model: str) -> str:
-    """A local directory as it is, else a hub id looked up in the local HF cache (never downloaded)."""
+def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None,
+                       weights: bool = True) -> str:
+    """A local directory as it is, else a hub id's snapshot in the HF cache, downloaded if missing
+    (``weights=False``: a tokenizer's files only)."""
     if os.path.isdir(model):
         return os.path.abspath(model)
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"model directory {model!r} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from pagedllm.models.download import download_model
 
-    try:
-        return snapshot_download(repo_id=model, local_files_only=True)
-    except Exception as err:  # not cached, or not a valid repo id
-        raise FileNotFoundError(
-            f"model {model!r} is neither a local directory nor a model in the local Hugging Face "
-            f"cache ({HF_HUB_CACHE}); pagedllm never downloads weights: fetch them first "
-            f"(`hf download {model}`) or pass a local directory ({type(err).__name__})"
-        ) from None
+    return download_model(model, revision, download_dir, weights)
 
 
-def load_hf_config(model_path: str) -> PretrainedConfig:
+def load_hf_config(model_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     config_file = os.path.join(model_path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{model_path} has no config.json: it is not a Hugging Face model directory")
     try:
-        return AutoConfig.from_pretrained(model_path)
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {config_file}: {err}") from None
 

@@ -11,6 +11,7 @@ import sys
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.errors import (
     DOCUMENTED,
@@ -34,7 +35,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from pagedllm.entrypoints.openai.serving import OpenAIServing
-from pagedllm.entrypoints.server_args import engine_args, engine_config
+from pagedllm.entrypoints.server_args import engine_args, engine_kwargs
 
 logger = logging.getLogger("pagedllm")
 # For tokenizers without a chat template (OPT, GPT-2): "role: content" lines, then "assistant:".
@@ -107,8 +108,9 @@ def build_server(args: argparse.Namespace) -> OpenAIServer:
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template) as f:
             chat_template = f.read()
-    return OpenAIServer(AsyncLLM(engine_config(args)), args.served_model_name or args.model, args.api_key,
-                        chat_template, args.max_request_bytes, args.read_timeout)
+    engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
+    return OpenAIServer(engine, args.served_model_name or args.model, args.api_key, chat_template,
+                        args.max_request_bytes, args.read_timeout)
 
 
 def uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: str = "info"):
@@ -145,7 +147,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory, or hub id in the local HF cache")
+    parser.add_argument("--model", required=True, help="model directory or hub id")
     engine_args(parser)
     sys.exit(serve(parser.parse_args(argv)))
 
