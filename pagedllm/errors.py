@@ -11,3 +11,12 @@ class RequestFailedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed as a whole (device lost, a worker dead); no request can be served."""
+
+
+class RequestError(Exception):
+    """Inside the engine: an error pinned on one request (its logits processor raised, say), so that
+    request fails alone. ``row`` is its row in the step's sampling batch, ``request_id`` its id."""
+
+    def __init__(self, error: Exception, row: int | None = None, request_id: str | None = None):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error, self.row, self.request_id = error, row, request_id

@@ -105,7 +105,7 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": -2}, "logprobs"),
     ({"stop": ["ok", ""]}, "stop"),
     ({"prompt_logprobs": -2}, "prompt_logprobs"),
     ({"n": 0}, "n"),

@@ -106,10 +106,13 @@ def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature):
     assert completion.cumulative_logprob == pytest.approx(expected_sum, abs=1e-3)
 
 
-def test_no_logprobs_unless_asked(tiny_checkpoint):
-    out = LLM(tiny_checkpoint("qwen2"), device="cpu").generate([[5, 6]], SamplingParams(max_tokens=2),
-                                                               use_tqdm=False)[0].outputs[0]
-    assert out.logprobs is None and out.cumulative_logprob is None
+def test_cumulative_logprob_comes_without_asking_for_logprobs(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("qwen2"), device="cpu", dtype="float32")
+    plain, scored = (llm.generate([[5, 6]], SamplingParams(max_tokens=4, temperature=0, logprobs=k),
+                                  use_tqdm=False)[0].outputs[0] for k in (None, 0))
+    assert plain.logprobs is None and plain.token_ids == scored.token_ids
+    total = sum(entry[token].logprob for token, entry in zip(scored.token_ids, scored.logprobs, strict=True))
+    assert plain.cumulative_logprob == pytest.approx(total, abs=1e-5) and total < 0
 
 
 @pytest.mark.parametrize("budget", [None, 7])  # 7 tokens a step: the prompt is scored over several chunks

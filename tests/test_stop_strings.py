@@ -63,7 +63,7 @@ def test_stop_strings_need_a_tokenizer(tiny_checkpoint, tmp_path):
 
     shutil.copy(f"{tiny_checkpoint('opt')}/config.json", tmp_path)
     llm = LLM(str(tmp_path), device="cpu", load_format="dummy")
-    with pytest.raises(ValueError, match="prompt 0: stop strings need a tokenizer"):
+    with pytest.raises(ValueError, match="prompt 0: stop strings and bad words need a tokenizer"):
         llm.generate([[5, 6]], SamplingParams(stop="x"), use_tqdm=False)
 
 

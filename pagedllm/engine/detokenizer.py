@@ -8,9 +8,11 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool,
+                 spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens  # slow tokenizers only
         self.text = ""
         self._prefix_offset = 0  # tokens before this are in self.text for good
         self._read_offset = 0  # tokens before this have been turned into text
@@ -18,7 +20,8 @@ class IncrementalDetokenizer:
     def update(self, token_ids: list[int]) -> str:
         """Take the output tokens so far; return the text they add (empty while a character is
         still incomplete)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                                   spaces_between_special_tokens=self.spaces_between_special_tokens)
         prefix_text = decode(token_ids[self._prefix_offset : self._read_offset])
         new_text = decode(token_ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):

@@ -9,10 +9,13 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
+from pagedllm.engine.request_checks import bad_word_token_ids, check_request, max_output_tokens, truncated_prompt
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.errors import RequestError
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import PendingOutput
@@ -27,6 +30,7 @@ class LLMEngine:
 
         self.config = config
         self.tokenizer = load_tokenizer(config)
+        self.outputs = OutputBuilder(self.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
@@ -40,57 +44,34 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request could never run, naming the field; nothing is changed.
-        Together with SamplingParams' own checks, a request that passes cannot fail in the engine."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none: use stop_token_ids")
-        vocab_size = self.config.hf_config.vocab_size
-        ids = prompt_token_ids
-        if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < vocab_size):  # fast when fine
-            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids={bad[:5]} is invalid: it must hold token ids of the "
-                             f"vocabulary [0, {vocab_size})")
-        limit = min(self.config.max_logprobs, vocab_size)
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > limit:
-                raise ValueError(f"SamplingParams.{name}={value} is invalid: it must be at most {limit} "
-                                 f"(max_logprobs={self.config.max_logprobs}, vocabulary {vocab_size})")
-        max_len = self.config.max_model_len
-        wanted = params.max_tokens or 1  # max_tokens=None needs room for one token at least
-        if len(prompt_token_ids) + wanted > max_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens and asks for up to {wanted} more, "
-                f"{len(prompt_token_ids) + wanted} in all, but max_model_len is {max_len}: "
-                "shorten the prompt or lower max_tokens"
-            )
-        needed = self.block_manager.blocks_for(len(prompt_token_ids) + self._max_tokens(prompt_token_ids, params))
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(
-                f"the request needs {needed} KV cache blocks of {self.config.block_size} tokens, but the cache "
-                f"has only {self.block_manager.num_blocks}: shorten it or give the cache more blocks"
-            )
+        """Raise ValueError if the request could never run, naming the field; nothing is changed."""
+        ids = truncated_prompt(prompt_token_ids, params, self.config.max_model_len)
+        check_request(self.config, self.tokenizer, self.block_manager.num_blocks, ids, params)
+        if params.bad_words:
+            bad_word_token_ids(self.tokenizer, params.bad_words)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
         """Queue a request. A streaming request is reported by every step that gives it a token.
-        With ``n > 1`` its samples are n requests of one group (ids ``request_id#i``), which wait
-        for room like any others."""
+        With ``n > 1`` (or ``best_of``) its samples are requests of one group (ids ``request_id#i``),
+        which wait for room like any others."""
         self.validate_request(prompt_token_ids, params)
+        if stream and params.samples > params.n:
+            raise ValueError(f"SamplingParams.best_of={params.best_of} is invalid: it cannot be streamed (the best "
+                             "samples are known only at the end)")
+        prompt_token_ids = truncated_prompt(prompt_token_ids, params, self.config.max_model_len)
         self.num_prompt_tokens += len(prompt_token_ids)
         stops = frozenset(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
-        max_tokens = self._max_tokens(prompt_token_ids, params)
-        group = SampleGroup(request_id) if params.n > 1 else None
-        for index in range(params.n):
+        max_tokens = max_output_tokens(prompt_token_ids, params, self.config.max_model_len)
+        bad_words = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
+        group = SampleGroup(request_id) if params.samples > 1 else None
+        for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
-                              max_tokens, stops, prompt, stream=stream, group=group, sample_index=index)
-            if (params.stop or stream) and self.tokenizer is not None:
-                request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                              max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
+                              bad_words_token_ids=bad_words)
+            if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
+                request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                                             params.spaces_between_special_tokens)
             if group is not None:
                 group.members.append(request)
             self.scheduler.add_request(request)
@@ -132,6 +113,11 @@ class LLMEngine:
             return self._finish_step(*in_flight)
         try:
             pending = self.model_runner.launch(out)
+        except RequestError as err:  # one request's own code failed: it alone ends; the step runs again
+            self._in_flight = in_flight
+            failed = next(r for r in out.requests if r.request_id == err.request_id)
+            self._fail(failed, err.error)
+            return self._outputs([failed])
         except BaseException:
             self._in_flight = in_flight
             raise
@@ -151,7 +137,8 @@ class LLMEngine:
                                          for t, ended in zip(result.sampled_token_ids, ended_before, strict=True))
         for index, entries in (result.prompt_logprobs or {}).items():
             out.requests[index].prompt_logprobs.extend(entries)
-        reported = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs)
+        reported = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs,
+                                                     result.token_logprobs)
         for request, token_id, ended in zip(out.requests, result.sampled_token_ids, ended_before, strict=True):
             if ended or token_id is None or request.detokenizer is None:
                 continue
@@ -166,18 +153,20 @@ class LLMEngine:
 
     def _outputs(self, reported: list[Request]) -> list[RequestOutput]:
         """One output per reported request, or per group once all its samples are done (or at
-        every token when it streams)."""
+        every token when it streams, unless it asked for the final output only)."""
         outputs, done = [], set()
         for request in reported:
             group = request.group
-            if id(group or request) in done or (group and not group.is_finished and not request.stream):
+            finished = group.is_finished if group else request.is_finished
+            every_token = request.stream and request.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY
+            if id(group or request) in done or not (finished or every_token):
                 continue
             done.add(id(group or request))
             try:
-                outputs.append(self._output(request))
+                outputs.append(self.outputs.output(request))
             except Exception as err:
                 self._fail(request, err)
-                outputs.append(self._output(request))
+                outputs.append(self.outputs.output(request))
         return outputs
 
     def _fail(self, request: Request, err: Exception) -> None:
@@ -210,68 +199,11 @@ class LLMEngine:
         self.scheduler.finish_request(request, "stop", stop)
         return True
 
-    def _max_tokens(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        return params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
-
-    def _output(self, request: Request) -> RequestOutput:
-        """The request's output; for one of n samples, the whole group's, samples in index order."""
-        group = request.group
-        members = group.members if group else [request]
-        first = members[0]
-        error = next((m.error for m in members if m.error is not None), None)
-        output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
-                               first.prompt_token_ids, [self._completion(m, error is None) for m in members],
-                               group.is_finished if group else request.is_finished,
-                               num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
-        if first.sampling_params.prompt_logprobs is not None and error is None:
-            output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs)
-        return output
-
-    def _completion(self, request: Request, with_text: bool) -> CompletionOutput:
-        token_ids = request.output_token_ids
-        if not with_text:  # a failed request: its tokens and reason only
-            return CompletionOutput(request.sample_index, "", token_ids, request.finish_reason)
-        text = ""
-        ended_by_stop_string = isinstance(request.stop_reason, str)
-        if request.detokenizer is not None and (ended_by_stop_string or not request.is_finished):
-            text = request.detokenizer.text  # cut at the stop string, or so far (holds back half a character)
-            if not request.is_finished and request.sampling_params.stop:
-                # so far: hold back what a later token could still turn into a stop string
-                text = text[: max(len(text) - max(map(len, request.sampling_params.stop)) + 1, 0)]
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
-        completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
-                                      request.stop_reason)
-        if request.sampling_params.logprobs is not None:
-            completion.cumulative_logprob = request.cumulative_logprob
-            completion.logprobs = self._logprobs(request.output_logprobs)
-        return completion
-
-    def _logprobs(self, entries: list[dict[int, tuple[float, int]]]) -> list[dict[int, Logprob]]:
-        return [{t: Logprob(lp, rank, self._decode_token(t)) for t, (lp, rank) in entry.items()} for entry in entries]
-
-    def _decode_token(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-
 
 def _needs_results_first(request: Request) -> bool:
-    """Whether the request's next step needs the token it is sampling now on the host: penalties
-    count its output tokens."""
-    return not request.is_finished and request.sampling_params.penalized
-
-
-def _metrics(members: list[Request]) -> RequestMetrics:
-    """The group's times: the earliest first ones and the latest last ones of its samples."""
-    def known(name: str) -> list[float]:
-        return [t for m in members if (t := getattr(m, name)) is not None]
-
-    scheduled = min(known("first_scheduled_time"), default=None)
-    arrival = members[0].arrival_time
-    finished = known("finished_time")
-    return RequestMetrics(arrival, max(known("last_token_time"), default=None), scheduled,
-                          min(known("first_token_time"), default=None),
-                          None if scheduled is None else scheduled - arrival,
-                          max(finished) if len(finished) == len(members) else None)
+    """Whether the request's next step needs the token it is sampling now on the host (penalties,
+    bad words and logits processors read its output tokens)."""
+    return not request.is_finished and request.needs_its_tokens
 
 
 def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase | None:

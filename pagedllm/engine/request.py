@@ -48,6 +48,9 @@ class Request:
     prompt_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)  # of prompt tokens 1..
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
+    num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
+    num_reported_chars: int = 0
     error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
     sample_index: int = 0  # its place in the group; a seeded sample draws from seed + sample_index
@@ -86,15 +89,29 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def tokens_banned_now(self) -> list[int]:
-        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist."""
-        if self.num_output_tokens < self.sampling_params.min_tokens:
-            return sorted(self.stop_token_ids)
-        return []
+    @property
+    def needs_its_tokens(self) -> bool:
+        """Whether sampling its next token reads its output tokens on the host: penalties, bad words
+        of several tokens, and logits processors do."""
+        p = self.sampling_params
+        return p.penalized or bool(p.logits_processors) or any(len(w) > 1 for w in self.bad_words_token_ids)
 
-    def append_output_token(self, token_id: int, logprobs: dict[int, tuple[float, int]] | None = None) -> None:
-        """Add a sampled token (and its logprobs), in the pending slot its step left if there is one,
-        and finish the request if it is a stop token or the last allowed."""
+    def tokens_banned_now(self) -> list[int]:
+        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist; nor can the last token
+        of a bad word whose other tokens the output ends with."""
+        banned = sorted(self.stop_token_ids) if self.num_output_tokens < self.sampling_params.min_tokens else []
+        if self.bad_words_token_ids:
+            output = self.output_token_ids
+            for word in self.bad_words_token_ids:
+                head = word[:-1]  # the tokens the output must end with for the word's last to complete it
+                if not head or output[len(output) - len(head):] == head:
+                    banned.append(word[-1])
+        return banned
+
+    def append_output_token(self, token_id: int, logprobs: dict[int, tuple[float, int]] | None = None,
+                            token_logprob: float | None = None) -> None:
+        """Add a sampled token (its raw logprob, and its top logprobs if asked), in the pending slot
+        its step left if there is one, and finish the request if it is a stop token or the last allowed."""
         if self.token_ids[-1] == PENDING_TOKEN:
             self.token_ids[-1] = token_id
         else:
@@ -102,9 +119,10 @@ class Request:
         self.last_token_time = time.time()
         if self.first_token_time is None:
             self.first_token_time = self.last_token_time
+        if token_logprob is not None:
+            self.cumulative_logprob += token_logprob
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-            self.cumulative_logprob += logprobs[token_id][0]
         if self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.max_tokens:

@@ -119,14 +119,15 @@ class Scheduler:
             if request.num_computed_tokens == request.num_tokens:
                 request.token_ids.append(PENDING_TOKEN)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
-                           logprobs: list | None = None) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None], logprobs: list | None = None,
+                           token_logprobs: list[float | None] | None = None) -> list[Request]:
         """Give each request of a committed step its sampled token (None for a prefill chunk that
-        does not reach the end), with its logprobs if it asked; requests that ended since (stop
-        string, abort) are skipped. Returns the requests that finished."""
+        does not reach the end), with the token's logprob and its top logprobs if it asked;
+        requests that ended since (stop string, abort) are skipped. Returns the requests that finished."""
         finished = []
         logprobs = logprobs or [None] * len(sampled)
-        for request, token_id, token_logprobs in zip(out.requests, sampled, logprobs, strict=True):
+        token_logprobs = token_logprobs or [None] * len(sampled)
+        for request, token_id, top, token_logprob in zip(out.requests, sampled, logprobs, token_logprobs, strict=True):
             if request.is_finished:
                 continue
             self.block_manager.cache_full_blocks(request)
@@ -134,7 +135,7 @@ class Scheduler:
                 continue
             if request.group is not None:
                 request.group.prompt_computed = True
-            request.append_output_token(token_id, token_logprobs)
+            request.append_output_token(token_id, top, token_logprob)
             if request.is_finished:
                 finished.append(request)
         if finished:

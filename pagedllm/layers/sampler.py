@@ -1,5 +1,6 @@
-"""Batched sampling on the logits' device, in vLLM's order: stop tokens banned before min_tokens,
-penalties, then greedy argmax, or temperature, min-p, top-k/top-p and a random draw.
+"""Batched sampling on the logits' device, in vLLM's order: allowed tokens, banned tokens (stop
+tokens before min_tokens, bad words), logit bias and per-request logits processors, penalties,
+then greedy argmax, or temperature, min-p, top-k/top-p and a random draw.
 
 Random choice uses ``argmax(probs / q)`` with ``q ~ Exponential(1)`` (an exact draw from
 ``probs``, as gpt-fast does), so each row needs only its own noise: a seeded request draws
@@ -7,9 +8,13 @@ its noise from its own generator and samples the same tokens whatever else is in
 Log-probabilities are those of the model's raw logits (vLLM's default).
 """
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from pagedllm.errors import RequestError
 
 
 @dataclass
@@ -34,15 +39,19 @@ class SamplingMetadata:
     min_ps: torch.Tensor | None = None  # [num_rows] float; 0 means off
     penalties: PenaltyInputs | None = None
     max_num_logprobs: int | None = None  # top-k logprobs wanted by some row (None: no row wants any)
+    allowed_token_ids: list[tuple[int, list[int]]] | None = None  # (row, the only tokens it may sample)
+    logit_bias: tuple[list[int], list[int], list[float]] | None = None  # rows, token ids, biases
+    # (row, the request's processors, its prompt and output token ids)
+    logits_processors: list[tuple[int, list[Callable], list[int], list[int]]] | None = None
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [rows]
-    # with max_num_logprobs: [rows, k] top ids and logprobs, and the sampled token's logprob and rank
+    sampled_logprobs: torch.Tensor  # [rows] the sampled token's logprob under the raw logits
+    # with max_num_logprobs: [rows, k] top ids and logprobs, and the sampled token's rank
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
-    sampled_logprobs: torch.Tensor | None = None
     sampled_ranks: torch.Tensor | None = None
 
 
@@ -51,22 +60,20 @@ class Sampler:
         self.generator = generator  # noise for rows without a seed of their own
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
-        if meta.banned_token_ids:
-            rows = [row for row, banned in enumerate(meta.banned_token_ids) for _ in banned]
-            token_ids = [t for banned in meta.banned_token_ids for t in banned]
-            logits[index_tensor(rows, logits.device), index_tensor(token_ids, logits.device)] = float("-inf")
+        raw = logits.float()  # kept as it is, for logprobs
+        has_ops = meta.allowed_token_ids or meta.banned_token_ids or meta.logit_bias or meta.logits_processors
+        logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         token_ids = logits.argmax(dim=-1)
         if not meta.all_greedy:
             token_ids = self._sample(logits, token_ids, meta)
-        out = SamplerOutput(token_ids)
-        if raw_logprobs is not None:
+        raw_token_logits = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        out = SamplerOutput(token_ids, raw_token_logits - raw.logsumexp(dim=-1))
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(raw, dim=-1)
             out.top_logprobs, out.top_ids = raw_logprobs.topk(max(meta.max_num_logprobs, 1), dim=-1)
-            out.sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-            out.sampled_ranks = (raw_logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1) + 1
+            out.sampled_ranks = (raw > raw_token_logits.unsqueeze(1)).sum(dim=-1) + 1
         return out
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -86,6 +93,33 @@ class Sampler:
 def index_tensor(values, device: torch.device) -> torch.Tensor:
     """A small index tensor on ``device``, copied from pinned memory without waiting for the device."""
     return torch.tensor(values, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def apply_request_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Each request's own changes to its row, in place: allowed tokens, bans, logit bias, and its
+    logits processors (an error in one of those is pinned on its row: ``RequestError``)."""
+    device = logits.device
+    for row, allowed in meta.allowed_token_ids or ():
+        kept = logits[row, index_tensor(allowed, device)]
+        logits[row] = float("-inf")
+        logits[row, index_tensor(allowed, device)] = kept
+    if meta.banned_token_ids:
+        rows = [row for row, banned in enumerate(meta.banned_token_ids) for _ in banned]
+        token_ids = [t for banned in meta.banned_token_ids for t in banned]
+        logits[index_tensor(rows, device), index_tensor(token_ids, device)] = float("-inf")
+    if meta.logit_bias is not None:
+        rows, token_ids, biases = meta.logit_bias
+        logits.index_put_((index_tensor(rows, device), index_tensor(token_ids, device)),
+                          torch.tensor(biases, dtype=logits.dtype).to(device), accumulate=True)
+    for row, processors, prompt_ids, output_ids in meta.logits_processors or ():
+        for processor in processors:
+            try:  # vLLM's two forms: (output ids, logits) and (prompt ids, output ids, logits)
+                takes_prompt = len(inspect.signature(processor).parameters) == 3
+                args = (prompt_ids, output_ids, logits[row]) if takes_prompt else (output_ids, logits[row])
+                logits[row] = processor(*args)
+            except Exception as err:
+                raise RequestError(err, row=row) from err
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:

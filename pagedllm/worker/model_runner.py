@@ -11,9 +11,10 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed import min_over_ranks
 from pagedllm.engine.request import PENDING_TOKEN, Request
 from pagedllm.engine.scheduler import SchedulerOutput
+from pagedllm.errors import RequestError
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
-from pagedllm.layers.sampler import PenaltyInputs, Sampler, SamplerOutput, SamplingMetadata, index_tensor
+from pagedllm.layers.sampler import Sampler, SamplerOutput, index_tensor
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
@@ -25,18 +26,18 @@ from pagedllm.worker.kv_cache import (
     gpu_num_blocks,
     release_kv_cache,
 )
+from pagedllm.worker.sampling_inputs import TokenLogprobs, logprobs_to_host, sampling_metadata, score_prompt_tokens
 from pagedllm.worker.step_inputs import SeqChunk, StepBatch, StepInputs
 from pagedllm.worker.tensor_parallel import WorkerGroup, rank_device
 
 logger = logging.getLogger("pagedllm")
 
-# Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
-TokenLogprobs = dict[int, tuple[float, int]]
 
 
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: list[int | None]  # per scheduled request; None for a prefill chunk
+    token_logprobs: list[float | None] | None = None  # per scheduled request: its sampled token's logprob
     logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
     # scheduled request's row -> logprobs of the next prompt tokens it scored this step
     prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
@@ -52,6 +53,7 @@ class PendingOutput:
     requests: list[Request]  # the request of each sampled row
     sampled: SamplerOutput | None  # host copies, complete once ``ready`` has passed
     ready: torch.cuda.Event | None
+    vocab_size: int
 
     def wait(self) -> ModelRunnerOutput:
         result = self.result
@@ -62,12 +64,16 @@ class PendingOutput:
         token_ids = self.sampled.token_ids.tolist()
         row_logprobs = [None] * len(self.rows)
         if self.sampled.top_ids is not None:
-            row_logprobs = _logprobs_to_host(self.sampled, token_ids, self.requests)
+            row_logprobs = logprobs_to_host(self.sampled, token_ids, self.requests, self.vocab_size)
             result.logprobs = [None] * len(result.sampled_token_ids)
-        for chunk_index, token_id, token_logprobs in zip(self.rows, token_ids, row_logprobs, strict=True):
+        result.token_logprobs = [None] * len(result.sampled_token_ids)
+        token_logprobs = self.sampled.sampled_logprobs.tolist()
+        for chunk_index, token_id, token_logprob, top in zip(self.rows, token_ids, token_logprobs, row_logprobs,
+                                                             strict=True):
             result.sampled_token_ids[chunk_index] = token_id
+            result.token_logprobs[chunk_index] = token_logprob
             if result.logprobs is not None:
-                result.logprobs[chunk_index] = token_logprobs
+                result.logprobs[chunk_index] = top
         return result
 
 
@@ -155,20 +161,26 @@ class ModelRunner:
             logits, prompt_logits = self.workers.run(self.run_forward, batch)
         result = ModelRunnerOutput([None] * len(chunks))
         if prompt_logits is not None:
-            result.prompt_logprobs = _score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
+            result.prompt_logprobs = score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
         rows = [i for i, chunk in enumerate(chunks) if chunk.wants_logits]  # a row of logits each
         requests = [out.requests[i] for i in rows]
         self._last_sample_rows = {request.request_id: row for row, request in enumerate(requests)}
         if not rows:
-            return PendingOutput(result, rows, requests, None, None)
-        sampled = self.sampler(logits, self._sampling_metadata(requests, logits.shape[-1]))
+            return PendingOutput(result, rows, requests, None, None, 0)
+        vocab_size = logits.shape[-1]
+        meta = sampling_metadata(requests, vocab_size, self._generators(requests), pin=self.device.type == "cuda")
+        try:
+            sampled = self.sampler(logits, meta)
+        except RequestError as err:  # the step is not committed: the other requests run it again
+            err.request_id = requests[err.row].request_id
+            raise
         self._last_sampled = sampled.token_ids
         host = SamplerOutput(**{f.name: _to_host(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)})
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return PendingOutput(result, rows, requests, host, ready)
+        return PendingOutput(result, rows, requests, host, ready, vocab_size)
 
     @torch.inference_mode()
     def run_forward(self, batch: StepBatch):
@@ -217,36 +229,18 @@ class ModelRunner:
             start += len(chunk.token_ids)
         return rows, targets
 
-    def _sampling_metadata(self, requests: list[Request], vocab_size: int) -> SamplingMetadata:
-        """The rows' settings as tensors. Values are clamped to the vocabulary, so that no row can
-        break the batch's sampling even if it slipped past validation."""
-        params = [r.sampling_params for r in requests]
+    def _generators(self, requests: list[Request]) -> dict[int, torch.Generator]:
+        """Row -> the generator of each seeded request (sample i of a group draws from seed + i),
+        kept until the request finishes."""
         generators = {}
-        for i, request in enumerate(requests):
+        for row, request in enumerate(requests):
             seed = request.sampling_params.seed
             if seed is not None and not request.sampling_params.greedy:
                 if request.request_id not in self.generators:
                     generator = torch.Generator(device=self.device).manual_seed(seed + request.sample_index)
                     self.generators[request.request_id] = generator
-                generators[i] = self.generators[request.request_id]
-        banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
-        num_logprobs = [min(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
-        pin = self.device.type == "cuda"  # the sampler copies them over without waiting for the device
-
-        def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-            return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
-
-        return SamplingMetadata(
-            temperatures=host([p.temperature for p in params], True, torch.float32),
-            top_ks=host([min(p.top_k, vocab_size) for p in params], any(p.top_k > 0 for p in params)),
-            top_ps=host([p.top_p for p in params], any(p.top_p < 1 for p in params)),
-            generators=generators,
-            all_greedy=all(p.greedy for p in params),
-            banned_token_ids=banned if any(banned) else None,
-            min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
-            penalties=_penalty_inputs(requests) if any(p.penalized for p in params) else None,
-            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
-        )
+                generators[row] = self.generators[request.request_id]
+        return generators
 
     def _profile_num_blocks(self) -> int:
         """KV blocks that fit beside the weights and the largest step's activations; says how it
@@ -306,55 +300,3 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or not t.is_cuda:
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
-def _penalty_inputs(requests: list[Request]) -> PenaltyInputs:
-    def padded(token_lists: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(map(len, token_lists)))
-        return torch.tensor([t + [-1] * (width - len(t)) for t in token_lists], dtype=torch.int64)
-
-    params = [r.sampling_params for r in requests]
-    return PenaltyInputs(
-        presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
-        frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
-        repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
-        output_token_ids=padded([r.output_token_ids for r in requests]),
-        seen_token_ids=padded([r.token_ids for r in requests]),
-    )
-
-
-def _logprobs_to_host(sampled: SamplerOutput, tokens: list[int], requests: list[Request]) -> list[TokenLogprobs | None]:
-    """Each row's sampled token (``tokens``) and its own number of top alternatives, as Python numbers."""
-    top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
-    token_logprobs = sampled.sampled_logprobs.tolist()
-    ranks = sampled.sampled_ranks.tolist()
-    result = []
-    for row, request in enumerate(requests):
-        k = request.sampling_params.logprobs
-        if k is None:
-            result.append(None)
-            continue
-        entry = {tokens[row]: (token_logprobs[row], ranks[row])}
-        for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:k], top_logprobs[row][:k], strict=True), 1):
-            entry.setdefault(token_id, (logprob, rank))
-        result.append(entry)
-    return result
-
-
-def _score_prompt_tokens(logits: torch.Tensor, targets: list[tuple[int, int]],
-                         requests: list[Request]) -> dict[int, list[TokenLogprobs]]:
-    """Each prompt token's logprob and rank under the logits before it, with the request's top-k."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_ids = torch.tensor([t for _, t in targets], device=logprobs.device)
-    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks = ((logprobs > token_logprobs.unsqueeze(1)).sum(dim=-1) + 1).tolist()
-    k = min(max(max(requests[i].sampling_params.prompt_logprobs for i, _ in targets), 1), logits.shape[-1])
-    top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
-    scored: dict[int, list[TokenLogprobs]] = {}
-    for row, ((index, token_id), token_logprob) in enumerate(zip(targets, token_logprobs.tolist(), strict=True)):
-        entry = {token_id: (token_logprob, ranks[row])}
-        wanted = requests[index].sampling_params.prompt_logprobs
-        for rank, (other, value) in enumerate(zip(top_ids[row][:wanted], top_logprobs[row][:wanted], strict=True), 1):
-            entry.setdefault(other, (value, rank))
-        scored.setdefault(index, []).append(entry)
-    return scored

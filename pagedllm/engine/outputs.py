@@ -1,0 +1,85 @@
+"""Requests into the ``RequestOutput`` a caller sees: text, logprobs, times; a group's samples
+together (the n best of ``best_of``); only what is new for ``RequestOutputKind.DELTA``."""
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.engine.request import Request
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind
+
+
+class OutputBuilder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
+        self.tokenizer = tokenizer
+
+    def output(self, request: Request) -> RequestOutput:
+        """The request's output; for one of n samples, the whole group's, samples in index order."""
+        group = request.group
+        members = group.members if group else [request]
+        first = members[0]
+        params = first.sampling_params
+        error = next((m.error for m in members if m.error is not None), None)
+        finished = group.is_finished if group else request.is_finished
+        completions = [self._completion(m, error is None) for m in members]
+        if finished and params.samples > params.n and error is None:  # best_of: the n most likely, re-indexed
+            completions = sorted(completions, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
+            for index, completion in enumerate(completions):
+                completion.index = index
+        output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
+                               first.prompt_token_ids, completions, finished,
+                               num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
+        if params.prompt_logprobs is not None and error is None:
+            output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs, params.detokenize)
+        if params.output_kind == RequestOutputKind.DELTA and first.stream:
+            for member, completion in zip(members, output.outputs, strict=True):
+                _only_what_is_new(member, completion)
+        return output
+
+    def _completion(self, request: Request, with_text: bool) -> CompletionOutput:
+        token_ids = request.output_token_ids
+        if not with_text:  # a failed request: its tokens and reason only
+            return CompletionOutput(request.sample_index, "", token_ids, request.finish_reason)
+        params = request.sampling_params
+        text = ""
+        ended_by_stop_string = isinstance(request.stop_reason, str)
+        if request.detokenizer is not None and (ended_by_stop_string or not request.is_finished):
+            text = request.detokenizer.text  # cut at the stop string, or so far (holds back half a character)
+            if not request.is_finished and params.stop:
+                # so far: hold back what a later token could still turn into a stop string
+                text = text[: max(len(text) - max(map(len, params.stop)) + 1, 0)]
+        elif self.tokenizer is not None and params.detokenize:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens,
+                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
+        completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
+                                      request.stop_reason, cumulative_logprob=request.cumulative_logprob)
+        if params.logprobs is not None:
+            completion.logprobs = self._logprobs(request.output_logprobs, params.detokenize)
+        return completion
+
+    def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool) -> list[dict[int, Logprob]]:
+        decode = self.tokenizer is not None and detokenize
+        return [{t: Logprob(lp, rank, self.tokenizer.decode([t]) if decode else None)
+                 for t, (lp, rank) in entry.items()} for entry in entries]
+
+
+def _only_what_is_new(request: Request, completion: CompletionOutput) -> None:
+    """Cut a cumulative completion down to the tokens and text not reported before."""
+    tokens, chars = request.num_reported_tokens, request.num_reported_chars
+    request.num_reported_tokens, request.num_reported_chars = len(completion.token_ids), len(completion.text)
+    completion.token_ids, completion.text = completion.token_ids[tokens:], completion.text[chars:]
+    if completion.logprobs is not None:
+        completion.logprobs = completion.logprobs[tokens:]
+
+
+def _metrics(members: list[Request]) -> RequestMetrics:
+    """The group's times: the earliest first ones and the latest last ones of its samples."""
+    def known(name: str) -> list[float]:
+        return [t for m in members if (t := getattr(m, name)) is not None]
+
+    scheduled = min(known("first_scheduled_time"), default=None)
+    arrival = members[0].arrival_time
+    finished = known("finished_time")
+    return RequestMetrics(arrival, max(known("last_token_time"), default=None), scheduled,
+                          min(known("first_token_time"), default=None),
+                          None if scheduled is None else scheduled - arrival,
+                          max(finished) if len(finished) == len(members) else None)

@@ -1,0 +1,68 @@
+"""What a request must be to run, checked against the model before it is queued: together with
+SamplingParams' own checks, a request that passes cannot fail in the engine."""
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.config import EngineConfig
+from pagedllm.sampling_params import SamplingParams
+
+
+def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """The prompt with ``truncate_prompt_tokens`` applied: its last k tokens (-1: max_model_len)."""
+    keep = params.truncate_prompt_tokens
+    if keep is None:
+        return prompt_token_ids
+    return prompt_token_ids[-(max_model_len if keep == -1 else keep):]
+
+
+def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
+                  prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """Raise ValueError naming the prompt or the field if the request could never run."""
+    ids = prompt_token_ids
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if (params.stop or params.bad_words) and tokenizer is None:
+        raise ValueError("stop strings and bad words need a tokenizer, and this model has none: use stop_token_ids")
+    vocab_size = config.hf_config.vocab_size
+    if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < vocab_size):  # fast when fine
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                            ("logit_bias", list(params.logit_bias or ()))):
+        bad = [t for t in token_ids or () if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.{name}={bad[:5]} is invalid: it must hold token ids of the "
+                             f"vocabulary [0, {vocab_size})")
+    limit = vocab_size if config.max_logprobs == -1 else min(config.max_logprobs, vocab_size)
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and (vocab_size if value == -1 else value) > limit:
+            raise ValueError(f"SamplingParams.{name}={value} is invalid: it must be at most {limit} "
+                             f"(max_logprobs={config.max_logprobs}, vocabulary {vocab_size}; -1 is the whole "
+                             "vocabulary)")
+    max_len = config.max_model_len
+    wanted = params.max_tokens or 1  # max_tokens=None needs room for one token at least
+    if len(ids) + wanted > max_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens and asks for up to {wanted} more, {len(ids) + wanted} "
+                         f"in all, but max_model_len is {max_len}: shorten the prompt or lower max_tokens")
+    needed = -(-(len(ids) + max_output_tokens(ids, params, max_len)) // config.block_size)
+    if needed > num_blocks:
+        raise ValueError(f"the request needs {needed} KV cache blocks of {config.block_size} tokens, but the cache "
+                         f"has only {num_blocks}: shorten it or give the cache more blocks")
+
+
+def max_output_tokens(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> int:
+    return params.max_tokens or max_model_len - len(prompt_token_ids)
+
+
+def bad_word_token_ids(tokenizer: PreTrainedTokenizerBase, words: list[str]) -> list[list[int]]:
+    """Each bad word's tokens, as it starts the text and after a space (as vLLM bans them)."""
+    sequences = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            token_ids = tokenizer.encode(text, add_special_tokens=False)
+            if token_ids and token_ids not in sequences:
+                sequences.append(token_ids)
+    if not sequences:
+        raise ValueError(f"SamplingParams.bad_words={words!r} is invalid: no word comes out as a token")
+    return sequences

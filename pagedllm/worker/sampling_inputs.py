@@ -1,0 +1,98 @@
+"""A step's requests into the sampler's inputs, and its outputs back into Python numbers."""
+
+import torch
+
+from pagedllm.engine.request import Request
+from pagedllm.layers.sampler import PenaltyInputs, SamplerOutput, SamplingMetadata
+
+# Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
+TokenLogprobs = dict[int, tuple[float, int]]
+
+
+def num_logprobs(k: int | None, vocab_size: int) -> int | None:
+    """How many top logprobs ``k`` asks for: -1 is the whole vocabulary."""
+    return None if k is None else vocab_size if k == -1 else min(k, vocab_size)
+
+
+def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict[int, torch.Generator],
+                      pin: bool) -> SamplingMetadata:
+    """The rows' settings as (pinned, with ``pin``) host tensors and lists. Values are clamped to
+    the vocabulary, so that no row can break the batch's sampling even if it slipped past validation."""
+    params = [r.sampling_params for r in requests]
+    banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
+    wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
+    bias = [(row, t, b) for row, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < vocab_size]
+
+    def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
+
+    return SamplingMetadata(
+        temperatures=host([p.temperature for p in params], True, torch.float32),
+        top_ks=host([min(p.top_k, vocab_size) for p in params], any(p.top_k > 0 for p in params)),
+        top_ps=host([p.top_p for p in params], any(p.top_p < 1 for p in params)),
+        generators=generators,
+        all_greedy=all(p.greedy for p in params),
+        banned_token_ids=banned if any(banned) else None,
+        min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
+        penalties=penalty_inputs(requests) if any(p.penalized for p in params) else None,
+        max_num_logprobs=max(wanted) if wanted else None,
+        allowed_token_ids=[(row, [t for t in p.allowed_token_ids if t < vocab_size])
+                           for row, p in enumerate(params) if p.allowed_token_ids] or None,
+        logit_bias=tuple(map(list, zip(*bias, strict=True))) if bias else None,
+        logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
+                           for row, r in enumerate(requests) if r.sampling_params.logits_processors] or None,
+    )
+
+
+def penalty_inputs(requests: list[Request]) -> PenaltyInputs:
+    def padded(token_lists: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(map(len, token_lists)))
+        return torch.tensor([t + [-1] * (width - len(t)) for t in token_lists], dtype=torch.int64)
+
+    params = [r.sampling_params for r in requests]
+    return PenaltyInputs(
+        presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
+        frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+        repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+        output_token_ids=padded([r.output_token_ids for r in requests]),
+        seen_token_ids=padded([r.token_ids for r in requests]),
+    )
+
+
+def logprobs_to_host(sampled: SamplerOutput, tokens: list[int], requests: list[Request],
+                     vocab_size: int) -> list[TokenLogprobs | None]:
+    """Each row's sampled token (``tokens``) and its own number of top alternatives, as Python numbers."""
+    top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
+    token_logprobs = sampled.sampled_logprobs.tolist()
+    ranks = sampled.sampled_ranks.tolist()
+    result = []
+    for row, request in enumerate(requests):
+        k = num_logprobs(request.sampling_params.logprobs, vocab_size)
+        if k is None:
+            result.append(None)
+            continue
+        entry = {tokens[row]: (token_logprobs[row], ranks[row])}
+        for rank, (token_id, logprob) in enumerate(zip(top_ids[row][:k], top_logprobs[row][:k], strict=True), 1):
+            entry.setdefault(token_id, (logprob, rank))
+        result.append(entry)
+    return result
+
+
+def score_prompt_tokens(logits: torch.Tensor, targets: list[tuple[int, int]],
+                        requests: list[Request]) -> dict[int, list[TokenLogprobs]]:
+    """Each prompt token's logprob and rank under the logits before it, with the request's top-k."""
+    vocab_size = logits.shape[-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_ids = torch.tensor([t for _, t in targets], device=logprobs.device)
+    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = ((logprobs > token_logprobs.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    k = max(max(num_logprobs(requests[i].sampling_params.prompt_logprobs, vocab_size) for i, _ in targets), 1)
+    top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+    scored: dict[int, list[TokenLogprobs]] = {}
+    for row, ((index, token_id), token_logprob) in enumerate(zip(targets, token_logprobs.tolist(), strict=True)):
+        entry = {token_id: (token_logprob, ranks[row])}
+        wanted = num_logprobs(requests[index].sampling_params.prompt_logprobs, vocab_size)
+        for rank, (other, value) in enumerate(zip(top_ids[row][:wanted], top_logprobs[row][:wanted], strict=True), 1):
+            entry.setdefault(other, (value, rank))
+        scored.setdefault(index, []).append(entry)
+    return scored
