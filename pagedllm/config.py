@@ -47,6 +47,9 @@ class EngineConfig:
     quantization: str | None = option(None, "weight quantization: none yet")
     kv_cache_dtype: str = option("auto", "the KV cache's dtype: auto (the model's)")
     task: str = option("auto", "auto or generate: pagedllm generates text")
+    generation_config: str = option("auto", "where generate() takes its default sampling settings from when given "
+                                            "none: auto (the model's generation_config.json), vllm (pagedllm's "
+                                            "own), or a directory holding a generation_config.json")
     seed: int | None = option(0, "seeds sampling of requests without a seed of their own, and dummy weights; "
                                  "None: fresh noise each run")
     device: str = option("auto", "cuda if there is one, else cpu; or cuda, cuda:N, cpu")

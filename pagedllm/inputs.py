@@ -1,12 +1,56 @@
-"""Prompts into token ids, checked one way for ``LLM``, the server and ``pagedllm generate``:
-text (not lone surrogates), token ids (ints, not bools), chat messages (roles and text content)."""
+"""Prompts into token ids, checked one way for ``LLM``, ``AsyncLLM``, the server and ``pagedllm
+generate``: text (not lone surrogates), token ids (ints, not bools), chat messages (roles and text
+content). The prompt types are vLLM's."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.sampling_params import is_int
+
+
+class TextPrompt(TypedDict):
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    prompt_token_ids: list[int]
+    prompt: NotRequired[str]  # the text, for outputs, when the ids came from it
+
+
+PromptType = str | list[int] | TextPrompt | TokensPrompt
+
+
+def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
+    """A prompt's text (None for bare token ids) and its token ids."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"])
+        if "prompt" not in prompt:
+            raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        prompt = prompt["prompt"]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: give prompts as token ids")
+        return prompt, encode_text(tokenizer, prompt)
+    if isinstance(prompt, (list, tuple)):
+        return None, token_ids(prompt)
+    raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
+
+
+def as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt or a list of them, told apart the way vLLM does."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a prompt or a list of them, not {type(prompts).__name__}")
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt of token ids
+    return prompts
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -29,18 +73,31 @@ def token_ids(prompt: Sequence) -> list[int]:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Any, chat_template: str | None = None,
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> tuple[str, list[int]]:
     """A conversation's prompt text and token ids. ``messages`` is a list of ``{"role", "content"}``
-    with text content: a string, or OpenAI's content parts of type "text"."""
+    with text content: a string, or OpenAI's content parts of type "text". ``tools`` and
+    ``chat_template_kwargs`` (Qwen3's ``enable_thinking``, say) go to the template;
+    ``continue_final_message`` leaves the last message open for the model to go on with."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {\"role\", \"content\"} objects")
-    plain = [{"role": _role(i, m), "content": _content(i, m)} for i, m in enumerate(messages)]
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set: either the last "
+                         "message goes on, or the assistant's turn starts")
+    plain = [{**_extra_fields(m), "role": _role(i, m), "content": _content(i, m)} for i, m in enumerate(messages)]
     try:
-        text = tokenizer.apply_chat_template(plain, tokenize=False, chat_template=chat_template,
-                                             add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(plain, tokenize=False, chat_template=chat_template, tools=tools,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message,
+                                             **(chat_template_kwargs or {}))
     except Exception as err:  # jinja's errors, the template's own raise_exception, a missing template
         raise ValueError(f"cannot render the chat template: {err}") from None
     return text, encode_text(tokenizer, text, add_special_tokens=False)
+
+
+def _extra_fields(message: Any) -> dict:
+    """What a message carries beside role and content (tool calls, a name) for the template."""
+    return {k: v for k, v in message.items() if k not in ("role", "content")} if isinstance(message, dict) else {}
 
 
 def _role(index: int, message: Any) -> str:
@@ -50,6 +107,8 @@ def _role(index: int, message: Any) -> str:
 
 
 def _content(index: int, message: dict) -> str:
+    if "content" not in message and not message.get("tool_calls"):
+        raise ValueError(f"message {index} has no content")
     content = message.get("content")
     if content is None or isinstance(content, str):
         return content or ""

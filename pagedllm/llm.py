@@ -1,19 +1,20 @@
 """``LLM``: the offline entry point, a synchronous loop over the engine."""
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedllm.beam_search import BeamSearchOutput, BeamSearchParams
+from pagedllm.beam_search import beam_search as run_beam_search
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.errors import RequestFailedError
-from pagedllm.inputs import encode_text, render_chat, token_ids
+from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
+from pagedllm.metrics import Metric, engine_metrics
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-
-PromptType = str | list[int] | dict[str, Any]
 
 
 class LLM:
@@ -28,6 +29,20 @@ class LLM:
 
     def get_tokenizer(self):
         return self._engine().tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses when given none: the model's generation_config.json (its
+        temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens), as vLLM does."""
+        return SamplingParams(**self._engine().default_sampling_fields)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (say, after changing what the weights are); False, and nothing
+        forgotten, while requests hold blocks."""
+        return self._engine().block_manager.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges now (the server's /metrics names)."""
+        return engine_metrics(self._engine().stats())
 
     def shutdown(self) -> None:
         """Free the KV cache, the CUDA graphs and the weights, so that another model fits in this
@@ -47,24 +62,33 @@ class LLM:
             raise RuntimeError("this LLM was shut down: create a new LLM to generate again")
         return self.llm_engine
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
+    def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable[..., tqdm] = True, *,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order.
 
-        A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}`` (or
-        ``{"prompt": "..."}``). Every prompt is checked before any work starts: one bad prompt
-        raises a ValueError naming its index, and nothing runs.
+        A prompt is a string, a list of token ids, ``TokensPrompt(prompt_token_ids=[...])`` or
+        ``TextPrompt(prompt="...")`` (or ``prompt_token_ids=`` as older vLLM took them). Every prompt
+        is checked before any work starts: one bad prompt raises a ValueError naming its index, and
+        nothing runs. ``use_tqdm`` may be a tqdm-like class to show progress with.
         """
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_token_ids, not both")
+            prompts = [TokensPrompt(prompt_token_ids=ids) for ids in as_prompt_list(prompt_token_ids)]
+        if prompts is None:
+            raise ValueError("generate needs prompts")
         return self._run_engine(self._add_requests(prompts, sampling_params, stream=False), use_tqdm)
 
     def generate_stream(self, prompts: PromptType | Sequence[PromptType],
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                         ) -> Iterator[RequestOutput]:
         """Like ``generate``, but yields each request's output every time it grows by a token:
-        text and token ids so far, ``finished`` on its last one. Requests interleave as the
-        engine batches them; ``request_id`` says which is which. Closing the iterator early
-        aborts what is left."""
+        text and token ids so far (only the new ones with ``RequestOutputKind.DELTA``; only the
+        last output with ``FINAL_ONLY``), ``finished`` on its last one. Requests interleave as the
+        engine batches them; ``request_id`` says which is which. Closing the iterator early aborts
+        what is left."""
         request_ids = self._add_requests(prompts, sampling_params, stream=True)
         engine, pending = self._engine(), set(request_ids)
         try:
@@ -73,16 +97,22 @@ class LLM:
                     if output.request_id in pending:
                         if output.finished:
                             pending.discard(output.request_id)
+                        if output.error is not None:
+                            index = request_ids.index(output.request_id)
+                            raise RequestFailedError(f"prompt {index} failed: {output.error}", index)
                         yield output
         finally:
             for request_id in pending:
                 engine.abort_request(request_id)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Answer one conversation (a list of ``{"role", "content"}`` messages) or a list of them,
-        rendered with the tokenizer's chat template (or ``chat_template``, a Jinja string)."""
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | Callable[..., tqdm] = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages, content a string or
+        OpenAI's text parts) or a list of them, rendered with the tokenizer's chat template (or
+        ``chat_template``, a Jinja string), given ``tools`` and ``chat_template_kwargs``."""
         tokenizer = self._engine().tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template: use generate()")
@@ -90,18 +120,35 @@ class LLM:
         prompts = []
         for index, conversation in enumerate(conversations):
             try:
-                text, ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt)
+                text, ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt,
+                                        continue_final_message, tools, chat_template_kwargs)
             except ValueError as err:
                 raise ValueError(f"conversation {index}: {err}") from None
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+            prompts.append(TokensPrompt(prompt=text, prompt_token_ids=ids))
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: each prompt's ``params.beam_width`` best sequences, best first."""
+        engine = self._engine()
+        limit = engine.config.max_logprobs
+        if limit != -1 and 2 * params.beam_width > limit:
+            raise ValueError(f"beam_width={params.beam_width} needs the {2 * params.beam_width} most likely tokens "
+                             f"of each step, more than max_logprobs={limit}: raise max_logprobs")
+        token_prompts = []
+        for index, prompt in enumerate(as_prompt_list(prompts)):
+            try:
+                token_prompts.append(parse_prompt(prompt, engine.tokenizer)[1])
+            except ValueError as err:
+                raise ValueError(f"prompt {index}: {err}") from None
+        return run_beam_search(self, token_prompts, params, use_tqdm)
 
     def _add_requests(self, prompts, sampling_params, stream: bool) -> list[str]:
         """Check every prompt, then queue them all; returns their request ids."""
         engine = self._engine()
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         elif isinstance(sampling_params, (list, tuple)):
@@ -117,40 +164,27 @@ class LLM:
             try:
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
-                text, token_ids = self._tokenize(prompt)
-                engine.validate_request(token_ids, p)
+                text, ids = parse_prompt(prompt, engine.tokenizer)
+                engine.validate_request(ids, p)
+                if stream and p.samples > p.n:
+                    raise ValueError(f"SamplingParams.best_of={p.best_of} is invalid: it cannot be streamed (the "
+                                     "best samples are known only at the end)")
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
-            requests.append((str(self._next_request_id), text, token_ids, p))
+            requests.append((str(self._next_request_id), text, ids, p))
             self._next_request_id += 1
-        for request_id, text, token_ids, p in requests:
-            engine.add_request(request_id, token_ids, p, prompt=text, stream=stream)
+        for request_id, text, ids, p in requests:
+            engine.add_request(request_id, ids, p, prompt=text, stream=stream)
         return [r[0] for r in requests]
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"])
-            if "prompt" not in prompt:
-                raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty: give at least one token")
-            tokenizer = self._engine().tokenizer
-            if tokenizer is None:
-                raise ValueError("this model has no tokenizer: give prompts as token ids")
-            return prompt, encode_text(tokenizer, prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, token_ids(prompt)
-        raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
-
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
         """Step until this call's requests are done. If one fails in the engine, the others are
         aborted and the error names its prompt; the LLM stays usable."""
         engine = self._engine()
         outputs: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        bar_class = use_tqdm if callable(use_tqdm) else tqdm
+        bar = bar_class(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                        disable=not use_tqdm)
         start, tokens_at_start = time.perf_counter(), engine.num_generated_tokens
         try:
             while engine.has_unfinished_requests():
@@ -171,15 +205,3 @@ class LLM:
         finally:
             bar.close()
         return [outputs[request_id] for request_id in request_ids]
-
-
-def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
-    """One prompt or a list of them, told apart the way vLLM does."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if not isinstance(prompts, Sequence):
-        raise ValueError(f"prompts must be a prompt or a list of them, not {type(prompts).__name__}")
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # a single prompt of token ids
-    return prompts

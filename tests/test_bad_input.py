@@ -231,7 +231,7 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
 
 
 @pytest.mark.parametrize("prompts, params, match", [
-    (None, None, "prompts must be a prompt or a list of them, not NoneType"),
+    (None, None, "generate needs prompts"),
     (5, None, "prompts must be a prompt or a list of them, not int"),
     (["a"], {"max_tokens": 3}, "sampling_params must be SamplingParams or a list of them, not dict"),
     ([["a"]], None, r"prompt 0: token ids must be ints, not \['a'\]"),

@@ -167,7 +167,7 @@ def test_a_stream_read_late_gets_the_newest_output_not_a_backlog(live, offline):
     expected = offline.generate({"prompt_token_ids": prompt_ids}, params, use_tqdm=False)[0].outputs[0]
 
     async def read_late():
-        stream = engine.generate("late-reader", prompt_ids, params)
+        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, "late-reader")
         first = await anext(stream)
         while engine.num_unfinished_requests:
             await asyncio.sleep(0.01)  # the engine finishes the request meanwhile

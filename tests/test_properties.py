@@ -13,6 +13,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.scheduler import Scheduler
+from pagedllm.inputs import parse_prompt
 
 GARBAGE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=3),
                     st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(-3, 600), max_size=2))
@@ -59,7 +60,7 @@ def test_what_is_accepted_completes(llm, requests):
     for fields, prompt in requests:
         try:
             params = SamplingParams(**fields)
-            prompt_ids = llm._tokenize(prompt)[1]
+            prompt_ids = parse_prompt(prompt, llm.get_tokenizer())[1]
             llm.llm_engine.validate_request(prompt_ids, params)
         except ValueError:
             continue  # refused with a ValueError (never a TypeError or anything else): that is fine

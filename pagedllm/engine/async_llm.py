@@ -6,70 +6,73 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.errors import EngineDeadError, RequestFailedError
+from pagedllm.inputs import PromptType, parse_prompt
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine's state after a step, published by its thread for others to read (/metrics)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_in_use: int = 0
-    kv_blocks_total: int = 0
-    prompt_tokens: int = 0  # totals over the engine's life from here on
-    generation_tokens: int = 0
-    preemptions: int = 0
-    prefix_cache_queries: int = 0  # in blocks
-    prefix_cache_hits: int = 0
-
-
 class AsyncLLM:
-    """Owns an LLMEngine; only its thread touches it. ``generate`` is an async iterator of the
-    request's cumulative outputs; leaving it early (a client that disconnects) aborts the request
-    and frees its blocks. An error pinned on one request ends that request's iterator with
-    ``RequestFailedError``; an error the engine cannot survive ends every iterator with
-    ``EngineDeadError``, and ``on_dead`` is called (the server then exits, for a supervisor to
-    restart it)."""
+    """The engine for asyncio applications, as vLLM's ``AsyncLLM`` / ``AsyncLLMEngine``: requests
+    from any number of coroutines are batched together. It owns an LLMEngine; only its thread
+    touches it. ``generate`` is an async iterator of the request's outputs; leaving it early (a
+    client that disconnects) aborts the request and frees its blocks. An error pinned on one
+    request ends that request's iterator with ``RequestFailedError``; an error the engine cannot
+    survive ends every iterator with ``EngineDeadError``, and ``on_dead`` is called (the server
+    then exits, for a supervisor to restart it)."""
 
     def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None):
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.config = config
         self.on_dead = on_dead
-        self.stats = self._read_stats()
+        self.stats = self.engine.stats()
         self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", id) / ("stop", None)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineConfig) -> "AsyncLLM":
+        """vLLM's constructor: ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=...))``."""
+        return cls(engine_args)
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run (the engine's own checks, thread-safe:
         they only read its configuration)."""
         self.engine.validate_request(prompt_token_ids, params)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine makes them (vLLM's signature): cumulative, so a reader
+        that falls behind gets the newest; with ``RequestOutputKind.DELTA`` each output holds only
+        what is new and none is skipped. A text prompt is tokenized in a worker thread."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
-        self.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
+        else:
+            text, prompt_token_ids = await asyncio.to_thread(parse_prompt, prompt, self.tokenizer)
+        self.validate(prompt_token_ids, sampling_params)
+        if sampling_params.samples > sampling_params.n:
+            raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it cannot be streamed")
+        skip_to_newest = sampling_params.output_kind != RequestOutputKind.DELTA
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, prompt)))
+        self._commands.put(("add", (request_id, prompt_token_ids, sampling_params, text)))
         finished = False
         try:
             while not finished:
                 output = await outputs.get()
-                while not outputs.empty() and not isinstance(output, BaseException):
+                while skip_to_newest and not outputs.empty() and not isinstance(output, BaseException):
                     output = outputs.get_nowait()  # outputs are cumulative: a reader behind skips to the newest
                 if isinstance(output, BaseException):
                     raise output
@@ -117,7 +120,7 @@ class AsyncLLM:
                         engine.abort_request(arg)
                 if engine.has_unfinished_requests():
                     self._deliver([(output.request_id, output) for output in engine.step()])
-                self.stats = self._read_stats()
+                self.stats = engine.stats()
         except BaseException as err:  # the engine is broken: every waiting client gets the error
             logger.exception("the engine loop failed; the server stops")
             self.error = err
@@ -134,14 +137,6 @@ class AsyncLLM:
         except ValueError as err:  # checked before it was queued, so only a bug gets here: this request's alone
             logger.exception("request %s could not be added", request_id)
             self._deliver([(request_id, RequestFailedError(str(err)))])
-
-    def _read_stats(self) -> EngineStats:
-        engine, manager = self.engine, self.engine.block_manager
-        scheduler = engine.scheduler
-        return EngineStats(len(scheduler.running), len(scheduler.waiting),
-                           manager.num_blocks - manager.num_free_blocks, manager.num_blocks,
-                           engine.num_prompt_tokens, engine.num_generated_tokens, scheduler.num_preemptions,
-                           manager.num_cache_queries, manager.num_cache_hits)
 
     def _deliver(self, items: list[tuple[str, object]]) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one

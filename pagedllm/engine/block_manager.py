@@ -80,6 +80,14 @@ class BlockManager:
             parent = key
         return len(request.block_table) * self.block_size
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; refused (False) while requests hold blocks."""
+        if self.num_free_blocks < self.num_blocks:
+            return False
+        self.cached_blocks.clear()
+        self.block_keys = [None] * self.num_blocks
+        return True
+
     def cache_full_blocks(self, request: Request) -> None:
         """Key the request's blocks that are now full and computed, so later requests can share them."""
         if not self.enable_prefix_caching:

@@ -14,6 +14,7 @@ from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.request_checks import bad_word_token_ids, check_request, max_output_tokens, truncated_prompt
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import RequestError
+from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -32,6 +33,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.outputs = OutputBuilder(self.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
+        self.default_sampling_fields = generation_defaults(config)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -89,6 +91,16 @@ class LLMEngine:
             self.scheduler.abort_request(request.request_id)
         self._in_flight = None
         self.model_runner.shutdown()
+
+    def stats(self) -> EngineStats:
+        manager, scheduler = self.block_manager, self.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           manager.num_blocks - manager.num_free_blocks, manager.num_blocks, self.num_prompt_tokens,
+                           self.num_generated_tokens, scheduler.num_preemptions, manager.num_cache_queries,
+                           manager.num_cache_hits)
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.tokenizer
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()  # a request in flight is running (or preempted)
@@ -217,6 +229,26 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase | None:
         return None
     return AutoTokenizer.from_pretrained(path, use_fast=config.tokenizer_mode != "slow",
                                          trust_remote_code=config.trust_remote_code)
+
+
+# generation_config.json's sampling settings -> SamplingParams' fields (vLLM takes these).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(config: EngineConfig) -> dict:
+    """The SamplingParams fields that ``generate`` without sampling params takes from the model's
+    generation_config.json (with ``generation_config="auto"``), as vLLM does."""
+    source = config.model_path if config.generation_config == "auto" else config.generation_config
+    if config.generation_config == "vllm" or not os.path.isfile(os.path.join(source, "generation_config.json")):
+        return {}
+    generation = GenerationConfig.from_pretrained(source).to_diff_dict()
+    defaults = {field: generation[key] for key, field in _GENERATION_DEFAULTS.items()
+                if generation.get(key) is not None}
+    if defaults:
+        logger.info("generate() without sampling params uses the model's generation_config.json: %s "
+                    "(generation_config='vllm' turns this off)", defaults)
+    return defaults
 
 
 def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

@@ -6,11 +6,13 @@ HTTP thread never reads the scheduler); per-request histograms and the finish-re
 observed as each request ends.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as PrometheusCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.metrics import Counter, engine_metrics
 from pagedllm.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -26,19 +28,9 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self):
-        s = self.engine.stats
-        yield GaugeMetricFamily("pagedllm:num_requests_running", "Requests in the running batch.", s.num_running)
-        yield GaugeMetricFamily("pagedllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield GaugeMetricFamily("pagedllm:kv_cache_usage_perc", "Share of KV cache blocks in use (1 is all).",
-                                s.kv_blocks_in_use / max(s.kv_blocks_total, 1))
-        for name, help_text, value in (
-            ("prompt_tokens", "Prompt tokens of the requests added.", s.prompt_tokens),
-            ("generation_tokens", "Tokens generated.", s.generation_tokens),
-            ("num_preemptions", "Requests preempted for lack of KV blocks.", s.preemptions),
-            ("prefix_cache_queries", "Prompt blocks looked up in the prefix cache.", s.prefix_cache_queries),
-            ("prefix_cache_hits", "Prompt blocks found in the prefix cache.", s.prefix_cache_hits),
-        ):
-            yield CounterMetricFamily(f"pagedllm:{name}", help_text, value)
+        for metric in engine_metrics(self.engine.stats):
+            family = CounterMetricFamily if isinstance(metric, Counter) else GaugeMetricFamily
+            yield family(metric.name, metric.help, metric.value)
 
 
 class ServerMetrics:
@@ -60,7 +52,7 @@ class ServerMetrics:
         self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                            TOKEN_BUCKETS)
-        self.success = Counter("pagedllm:request_success", "Requests that ended, by finish reason.",
+        self.success = PrometheusCounter("pagedllm:request_success", "Requests that ended, by finish reason.",
                                ["finished_reason"], registry=self.registry)
 
     def observe_request(self, arrival: float, token_times: list[float], final: RequestOutput | None) -> None:

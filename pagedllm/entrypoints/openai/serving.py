@@ -38,7 +38,7 @@ from pagedllm.entrypoints.openai.protocol import (
     random_id,
 )
 from pagedllm.errors import EngineDeadError, RequestFailedError
-from pagedllm.inputs import encode_text, render_chat
+from pagedllm.inputs import TokensPrompt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger("pagedllm")
@@ -164,8 +164,10 @@ class OpenAIServing:
                 self.engine.validate(token_ids, params)
             except ValueError as err:
                 raise bad_value(err, index) from None
-        return [self._observed(self.engine.generate(f"{request_id}-{i}", ids, params, text))
-                for i, (text, ids) in enumerate(prompts)]
+        prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
+                   for text, ids in prompts]
+        return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"))
+                for i, prompt in enumerate(prompts)]
 
     async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """The stream, its latencies and its end observed for /metrics."""
