@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_NONE_IS_DEFAULT = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 # vLLM's per-request logits processor: (output token ids, logits) -> logits, or
 # (prompt token ids, output token ids, logits) -> logits; logits are one row, [vocab].
 LogitsProcessor = Callable[..., Any]
@@ -159,13 +160,12 @@ class SamplingParams:
 
     @staticmethod
     def from_optional(**kwargs) -> "SamplingParams":
-        """vLLM's constructor that treats None as "the default" (as OpenAI request bodies send it)."""
-        defaults = {f.name: f for f in fields(SamplingParams)}
-        unknown = sorted(set(kwargs) - set(defaults))
+        """vLLM's constructor for OpenAI request bodies: None for n, temperature, top_p and the
+        penalties means their default; other fields are taken as given."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(SamplingParams)})
         if unknown:
             raise ValueError(f"SamplingParams has no field {unknown[0]!r}")
-        given = {k: v for k, v in kwargs.items() if v is not None or defaults[k].default is None}
-        return SamplingParams(**given)
+        return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None or k not in _NONE_IS_DEFAULT})
 
 
 def is_int(value: object) -> bool:

@@ -1,0 +1,193 @@
+"""A vLLM user's script runs unchanged: tests/vllm_scripts/offline_script.py (vLLM's arguments and
+fields, the way vLLM's examples use them, only the import changed) runs against the demo model,
+and each result is checked for what it means."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.entrypoints.cli import main as cli_main
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
+SCRIPT = os.path.join(os.path.dirname(__file__), "vllm_scripts", "offline_script.py")
+
+
+@pytest.fixture(scope="module")
+def results():
+    run = subprocess.run([sys.executable, SCRIPT, DEMO], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    cases: dict[str, list[dict]] = {}
+    for line in lines:
+        cases.setdefault(line.pop("case"), []).append(line)
+    return cases, run.stderr
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return LLM(DEMO, device="cpu").get_tokenizer()
+
+
+def test_compatibility_options_are_accepted_and_said(results):
+    _, log = results
+    assert "swap_space" not in log  # left at vLLM's default: nothing to say
+    assert "disable_log_stats=True: pagedllm logs no periodic stats" in log
+    assert "num_gpu_blocks_override=64: the same as num_kv_blocks" in log
+
+
+def test_greedy_outputs_times_and_cumulative_logprob(results, tokenizer):
+    cases, _ = results
+    for output in cases["greedy"]:
+        assert output["text"] == tokenizer.decode(output["token_ids"]) and len(output["token_ids"]) == 12
+        assert output["cumulative_logprob"] < 0
+        m = output["metrics"]
+        assert m["arrival_time"] <= m["first_scheduled_time"] <= m["first_token_time"] <= m["last_token_time"]
+        assert m["last_token_time"] <= m["finished_time"] and m["time_in_queue"] >= 0
+    first = cases["greedy"][0]["token_ids"]
+    assert cases["prompt_types"][0]["token_ids"] == [first] * 3
+    assert cases["async_engine"][0]["token_ids"] == first
+
+
+def test_sampling_fields_change_what_is_sampled(results, tokenizer):
+    cases, _ = results
+    bias = cases["logit_bias"][0]
+    assert set(bias["token_ids"]) == {bias["favourite"]}
+    allowed = cases["allowed_token_ids"][0]
+    assert set(allowed["token_ids"]) <= set(allowed["allowed"])
+    bad = cases["bad_words"][0]
+    assert bad["word"] in bad["without"]
+    for text in (bad["word"], " " + bad["word"]):
+        word = tokenizer.encode(text, add_special_tokens=False)
+        ids = bad["banned_token_ids"]
+        assert not any(ids[i:i + len(word)] == word for i in range(len(ids)))
+    forced = cases["logits_processors"][0]
+    assert forced["token_ids"] == [7] * 5 and forced["seen_prompt"] == forced["prompt"]
+
+
+def test_prompt_and_output_handling(results):
+    cases, _ = results
+    truncated = cases["truncate_prompt_tokens"][0]
+    assert truncated["prompt_token_ids"] == truncated["full"][-10:]
+    quiet = cases["detokenize"][0]
+    assert quiet["text"] == "" and len(quiet["token_ids"]) == 6
+    assert "logprobs=-1 is invalid: it must be at most 20" in cases["logprobs_all_under_max_logprobs"][0]["error"]
+    options = cases["engine_options"][0]
+    assert options["max_model_len"] == 128 and options["num_blocks"] == 64 and options["tokenizer"] is None
+    assert options["logprob_entries"] == [options["vocab"]] * 2 and options["text"] == ""
+
+
+def test_several_samples(results, tokenizer):
+    cases, _ = results
+    best = cases["best_of"][0]
+    assert [index for index, _, _ in best["best"]] == [0, 1]
+    top_two = sorted((logprob for _, logprob in best["all"]), reverse=True)[:2]  # the same 4 seeded samples
+    assert [logprob for _, _, logprob in best["best"]] == pytest.approx(top_two)
+    for outputs in cases["stream_n"][0]["samples"].values():  # each streamed sample's text matches its tokens
+        assert all((text == "") == (count == 0) or count > 0 for text, count in outputs)
+        assert outputs[-1][1] == 6
+    kinds = cases["output_kind"][0]
+    assert all(len(ids) == 1 for ids in kinds["delta_token_ids"])
+    final_text, final_ids = kinds["final_only"][0]
+    assert len(kinds["final_only"]) == 1 and "".join(kinds["delta_texts"]) == final_text
+    assert sum(kinds["delta_token_ids"], []) == final_ids
+
+
+def test_sampling_params_helpers(results):
+    cases, _ = results
+    helpers = cases["clone_from_optional"][0]
+    assert helpers["original_stop"] == ["\n"] and helpers["copy_stop"] == ["\n", "x"]
+    defaults = helpers["from_optional"]
+    assert (defaults["temperature"], defaults["top_p"], defaults["n"], defaults["max_tokens"]) == (1.0, 1.0, 1, None)
+
+
+def test_beam_search(results, tokenizer):
+    cases, _ = results
+    beams = cases["beam_search"][0]
+    sequences = beams["sequences"]
+    assert len(sequences) == 3
+    scores = [logprob / len(tokens) for tokens, logprob, _, _ in sequences]
+    assert scores == sorted(scores, reverse=True) and len({tuple(t) for t, _, _, _ in sequences}) == 3
+    for tokens, _, text, reason in sequences:
+        assert tokens[:len(beams["prompt"])] == beams["prompt"] and text == tokenizer.decode(tokens)
+        assert reason in ("stop", "length")
+    single = cases["beam_width_1"][0]
+    assert single["tokens"] == single["greedy"]  # one beam is greedy decoding
+
+
+def test_chat_prefix_cache_metrics_and_progress(results):
+    cases, _ = results
+    chat = cases["chat"][0]
+    assert chat["parts"] == chat["string"]  # text parts render as the string they spell
+    assert chat["rendered"] == "tools: search\n<think>\nuser: hi\nassistant: def"  # the last message left open
+    assert "message 0 has no content" in cases["chat_without_content"][0]["error"]
+    cache = cases["prefix_cache"][0]
+    assert cache["hits_again"] > 0 and cache["reset"] is True and cache["hits_after_reset"] == 0
+    assert cache["generation_tokens"] > 0 and "pagedllm:num_preemptions" in cache["metric_names"]
+    assert cases["use_tqdm_class"][0]["updates"] == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"quantization": "awq"}, "quantization='awq' is invalid"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is invalid"),
+    ({"task": "embed"}, "task='embed' is invalid"),
+    ({"tokenizer_mode": "mistral"}, "tokenizer_mode='mistral' is invalid"),
+    ({"num_kv_blocks": 32, "num_gpu_blocks_override": 64}, "num_gpu_blocks_override=64 is invalid"),
+    ({"hf_overrides": "x"}, "hf_overrides='x' is invalid"),
+])
+def test_options_pagedllm_cannot_honour_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(DEMO, device="cpu", **kwargs)
+
+
+def test_cpu_offload_is_a_warning_not_a_crash():
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("pagedllm")
+    logger.addHandler(handler)
+    try:
+        LLM(DEMO, device="cpu", cpu_offload_gb=4, swap_space=16)
+    finally:
+        logger.removeHandler(handler)
+    said = {r.getMessage(): r.levelname for r in records}
+    assert said["cpu_offload_gb=4: weights stay on the device here: the model must fit there"] == "WARNING"
+    assert said["swap_space=16: preempted requests are recomputed here, never swapped to host memory"] == "INFO"
+
+
+def test_generation_config_gives_the_default_sampling_params(tmp_path):
+    import shutil
+
+    model = shutil.copytree(DEMO, tmp_path / "m")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"temperature": 0.25, "top_k": 7,
+                                                                      "max_new_tokens": 5}))
+    defaults = LLM(str(model), device="cpu").get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (0.25, 7, 5)
+    llm = LLM(str(model), device="cpu", generation_config="vllm")
+    assert llm.get_default_sampling_params() == SamplingParams()
+    assert len(LLM(str(model), device="cpu").generate("import os", use_tqdm=False)[0].outputs[0].token_ids) <= 5
+
+
+def test_serve_takes_the_model_as_a_flag_too(monkeypatch):
+    from pagedllm.entrypoints.openai import api_server
+
+    seen = []
+    monkeypatch.setattr(api_server, "serve", lambda args: seen.append(args.model) or 0)
+    assert cli_main(["serve", "--model", DEMO, "--device", "cpu"]) == 0
+    assert cli_main(["serve", DEMO, "--device", "cpu"]) == 0
+    assert seen == [DEMO, DEMO]
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--device", "cpu"])
+
+
+def test_temperature_of_the_wrong_type_names_the_field():
+    with pytest.raises(ValueError, match=r"SamplingParams\.temperature='hot' is invalid"):
+        SamplingParams(temperature="hot")
+    assert math.isclose(SamplingParams.from_optional(logit_bias={"5": 200}).logit_bias[5], 100.0)
