@@ -191,3 +191,16 @@ def test_temperature_of_the_wrong_type_names_the_field():
     with pytest.raises(ValueError, match=r"SamplingParams\.temperature='hot' is invalid"):
         SamplingParams(temperature="hot")
     assert math.isclose(SamplingParams.from_optional(logit_bias={"5": 200}).logit_bias[5], 100.0)
+
+
+def test_readme_lists_every_engine_option():
+    """The README's table and compatibility list name every LLM argument."""
+    import dataclasses
+
+    from pagedllm.config import EngineConfig
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    for field in dataclasses.fields(EngineConfig):
+        if field.init:
+            assert f"`{field.name}`" in readme, field.name
