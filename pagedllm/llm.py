@@ -14,7 +14,7 @@ from pagedllm.errors import RequestFailedError
 from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
 from pagedllm.metrics import Metric, engine_metrics
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -166,9 +166,9 @@ class LLM:
                     raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
                 text, ids = parse_prompt(prompt, engine.tokenizer)
                 engine.validate_request(ids, p)
-                if stream and p.samples > p.n:
+                if stream and p.samples > p.n and p.output_kind != RequestOutputKind.FINAL_ONLY:
                     raise ValueError(f"SamplingParams.best_of={p.best_of} is invalid: it cannot be streamed (the "
-                                     "best samples are known only at the end)")
+                                     "best samples are known only at the end): use RequestOutputKind.FINAL_ONLY")
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
             requests.append((str(self._next_request_id), text, ids, p))

@@ -377,3 +377,43 @@ def test_chat_logprobs_as_openai_returns_them(live, offline):
     assert tokens == [c.token for c in content]
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_vllm_sampling_fields_reach_the_engine(live, offline):
+    _, _, client = live
+    tokenizer = offline.get_tokenizer()
+    favourite = tokenizer.encode(" return", add_special_tokens=False)[0]
+    biased = client.completions.create(model="tiny", prompt="x = 1", max_tokens=6, seed=1,
+                                       logit_bias={str(favourite): 100})
+    assert tokenizer.encode(biased.choices[0].text, add_special_tokens=False) == [favourite] * 6
+    allowed = tokenizer.encode(" a b", add_special_tokens=False)
+    only = client.completions.create(model="tiny", prompt="x = 1", max_tokens=6, seed=2,
+                                     extra_body={"allowed_token_ids": allowed, "truncate_prompt_tokens": 2})
+    assert set(tokenizer.encode(only.choices[0].text, add_special_tokens=False)) <= set(allowed)
+    assert only.usage.prompt_tokens == 2
+    best = client.completions.create(model="tiny", prompt="def main():", max_tokens=5, n=2, best_of=4, seed=3)
+    assert sorted(c.index for c in best.choices) == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="best_of cannot be streamed"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, n=1, best_of=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"abc": 1})
+
+
+def test_omitted_sampling_fields_take_the_models_generation_config(tiny_checkpoint, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "m")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"temperature": 0.0}))
+    server, uv, url = start_server(str(model), "--served-model-name", "tiny")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        greedy = {client.completions.create(model="tiny", prompt="def main():", max_tokens=8).choices[0].text
+                  for _ in range(3)}
+        assert len(greedy) == 1  # temperature 0 from generation_config.json: the same text every time
+        sampled = {client.completions.create(model="tiny", prompt="def main():", max_tokens=8,
+                                             temperature=1.0).choices[0].text for _ in range(4)}
+        assert len(sampled) > 1  # the request's own temperature wins
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()

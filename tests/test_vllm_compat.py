@@ -87,9 +87,11 @@ def test_several_samples(results, tokenizer):
     assert [index for index, _, _ in best["best"]] == [0, 1]
     top_two = sorted((logprob for _, logprob in best["all"]), reverse=True)[:2]  # the same 4 seeded samples
     assert [logprob for _, _, logprob in best["best"]] == pytest.approx(top_two)
-    for outputs in cases["stream_n"][0]["samples"].values():  # each streamed sample's text matches its tokens
-        assert all((text == "") == (count == 0) or count > 0 for text, count in outputs)
-        assert outputs[-1][1] == 6
+    samples = cases["stream_n"][0]["samples"]
+    assert sorted(samples) == ["0", "1", "2"]
+    for outputs in samples.values():  # at every streamed output, each sample's text is its tokens'
+        assert all(text == tokenizer.decode(ids) for text, ids in outputs)
+        assert len(outputs[-1][1]) == 6
     kinds = cases["output_kind"][0]
     assert all(len(ids) == 1 for ids in kinds["delta_token_ids"])
     final_text, final_ids = kinds["final_only"][0]

@@ -62,8 +62,9 @@ class AsyncLLM:
         else:
             text, prompt_token_ids = await asyncio.to_thread(parse_prompt, prompt, self.tokenizer)
         self.validate(prompt_token_ids, sampling_params)
-        if sampling_params.samples > sampling_params.n:
-            raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it cannot be streamed")
+        if sampling_params.samples > sampling_params.n and sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+            raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it needs "
+                             "output_kind=RequestOutputKind.FINAL_ONLY (the best samples are known only at the end)")
         skip_to_newest = sampling_params.output_kind != RequestOutputKind.DELTA
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)

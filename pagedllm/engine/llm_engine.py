@@ -58,9 +58,9 @@ class LLMEngine:
         With ``n > 1`` (or ``best_of``) its samples are requests of one group (ids ``request_id#i``),
         which wait for room like any others."""
         self.validate_request(prompt_token_ids, params)
-        if stream and params.samples > params.n:
+        if stream and params.samples > params.n and params.output_kind != RequestOutputKind.FINAL_ONLY:
             raise ValueError(f"SamplingParams.best_of={params.best_of} is invalid: it cannot be streamed (the best "
-                             "samples are known only at the end)")
+                             "samples are known only at the end): use output_kind=RequestOutputKind.FINAL_ONLY")
         prompt_token_ids = truncated_prompt(prompt_token_ids, params, self.config.max_model_len)
         self.num_prompt_tokens += len(prompt_token_ids)
         stops = frozenset(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))

@@ -105,8 +105,8 @@ report("best_of", best=[[c.index, c.token_ids, c.cumulative_logprob] for c in be
 samples = {}
 for output in llm.generate_stream(["def main():"], SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=6)):
     for c in output.outputs:
-        samples.setdefault(c.index, []).append([c.text, len(c.token_ids)])
-report("stream_n", samples=samples, tokenizer_texts=None)
+        samples.setdefault(c.index, []).append([c.text, c.token_ids])
+report("stream_n", samples=samples)
 deltas = [o.outputs[0] for o in llm.generate_stream(
     "def main():", SamplingParams(temperature=0, max_tokens=10, output_kind=RequestOutputKind.DELTA))]
 finals = [o.outputs[0] for o in llm.generate_stream(

@@ -16,6 +16,11 @@ from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
+# Request fields that are SamplingParams fields of the same name and meaning.
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "stop", "ignore_eos", "min_tokens", "skip_special_tokens",
+                    "include_stop_str_in_output", "logit_bias", "allowed_token_ids", "bad_words",
+                    "truncate_prompt_tokens", "spaces_between_special_tokens")
 
 
 class RequestBody(BaseModel):
@@ -49,17 +54,22 @@ class SamplingFields(RequestBody):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+    spaces_between_special_tokens: bool = True
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                        ) -> SamplingParams:
-        return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
-            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-            max_tokens=max_tokens, skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
-        )
+                        defaults: dict | None = None, best_of: int | None = None) -> SamplingParams:
+        """The request's SamplingParams; ``defaults`` (the model's generation config, as vLLM's
+        server takes it) fill the sampling fields the request left out (max_tokens aside)."""
+        given = {name: getattr(self, name) for name in _SAMPLING_FIELDS} | {
+            "stop_token_ids": self.stop_token_ids or [], "max_tokens": max_tokens, "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs, "best_of": best_of}
+        omitted = {name: value for name, value in (defaults or {}).items()
+                   if name not in self.model_fields_set and name != "max_tokens"}
+        return SamplingParams(**given | omitted)
 
 
 class CompletionRequest(SamplingFields):
@@ -67,6 +77,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=0, le=INT64_MAX, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="draw best_of, return the n most likely (no stream)")
 
 
 class TextPart(RequestBody):

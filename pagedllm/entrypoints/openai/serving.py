@@ -40,6 +40,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import TokensPrompt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
 Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
@@ -62,7 +63,11 @@ class OpenAIServing:
         prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
             prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
-        params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs)
+        if body.stream and body.best_of is not None and body.best_of > body.n:
+            raise ApiError(400, "best_of cannot be streamed: the best samples are known only at the end", "best_of")
+        params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs, body.best_of)
+        if params.samples > params.n:  # the n best are known only at the end
+            params.output_kind = RequestOutputKind.FINAL_ONLY
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
         request_id = random_id("cmpl")
         streams = self._start(request_id, prompts, params)
@@ -131,9 +136,10 @@ class OpenAIServing:
         if model != self.model_name:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`", "model")
 
-    def _params(self, body, max_tokens, logprobs, prompt_logprobs):
+    def _params(self, body, max_tokens, logprobs, prompt_logprobs, best_of=None):
         try:
-            return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            return body.sampling_params(max_tokens, logprobs, prompt_logprobs,
+                                        self.engine.engine.default_sampling_fields, best_of)
         except ValueError as err:
             raise bad_value(err) from None
 
