@@ -49,6 +49,8 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
+    needs_its_tokens: bool = field(init=False)
+    changes_its_logits: bool = field(init=False)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
     error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
@@ -63,6 +65,13 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        p = self.sampling_params
+        # Decided once (each is asked at every step): sampling its next token reads its output tokens
+        # on the host (penalties, bad words of several tokens, logits processors); it changes its
+        # own row of logits (allowed tokens, logit bias, logits processors).
+        self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
+            len(w) > 1 for w in self.bad_words_token_ids)
+        self.changes_its_logits = bool(p.allowed_token_ids or p.logit_bias or p.logits_processors)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -89,12 +98,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    @property
-    def needs_its_tokens(self) -> bool:
-        """Whether sampling its next token reads its output tokens on the host: penalties, bad words
-        of several tokens, and logits processors do."""
-        p = self.sampling_params
-        return p.penalized or bool(p.logits_processors) or any(len(w) > 1 for w in self.bad_words_token_ids)
 
     def tokens_banned_now(self) -> list[int]:
         """Stop tokens cannot be sampled before ``min_tokens`` outputs exist; nor can the last token

@@ -21,7 +21,8 @@ def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict
     params = [r.sampling_params for r in requests]
     banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
-    bias = [(row, t, b) for row, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < vocab_size]
+    own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
+    bias = [(row, t, b) for row, r in own for t, b in (r.sampling_params.logit_bias or {}).items() if t < vocab_size]
 
     def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
@@ -36,11 +37,11 @@ def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict
         min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
         penalties=penalty_inputs(requests) if any(p.penalized for p in params) else None,
         max_num_logprobs=max(wanted) if wanted else None,
-        allowed_token_ids=[(row, [t for t in p.allowed_token_ids if t < vocab_size])
-                           for row, p in enumerate(params) if p.allowed_token_ids] or None,
+        allowed_token_ids=[(row, [t for t in r.sampling_params.allowed_token_ids if t < vocab_size])
+                           for row, r in own if r.sampling_params.allowed_token_ids] or None,
         logit_bias=tuple(map(list, zip(*bias, strict=True))) if bias else None,
         logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
-                           for row, r in enumerate(requests) if r.sampling_params.logits_processors] or None,
+                           for row, r in own if r.sampling_params.logits_processors] or None,
     )
 
 
