@@ -107,3 +107,9 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``[tokens, 2 * n]`` holding gate then up, rounded as HF's two ops round."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's ``token_ids[row]`` log-probability under its logits, in float32."""
+    logits = logits.float()
+    return logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.errors import RequestError
+from pagedllm.layers import triton_ops
+from pagedllm_kernels.reference import token_logprobs_ref
 
 
 @dataclass
@@ -59,8 +61,8 @@ class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # noise for rows without a seed of their own
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        raw = logits.float()  # kept as it is, for logprobs
+    def __call__(self, model_logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        raw = model_logits.float()  # kept as it is, for logprobs
         has_ops = meta.allowed_token_ids or meta.banned_token_ids or meta.logit_bias or meta.logits_processors
         logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
         if meta.penalties is not None:
@@ -68,12 +70,13 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)
         if not meta.all_greedy:
             token_ids = self._sample(logits, token_ids, meta)
-        raw_token_logits = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        out = SamplerOutput(token_ids, raw_token_logits - raw.logsumexp(dim=-1))
+        token_logprobs = triton_ops.token_logprobs if triton_ops.fused_on(raw) else token_logprobs_ref
+        out = SamplerOutput(token_ids, token_logprobs(model_logits, token_ids))  # one pass, at the model's dtype
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(raw, dim=-1)
             out.top_logprobs, out.top_ids = raw_logprobs.topk(max(meta.max_num_logprobs, 1), dim=-1)
-            out.sampled_ranks = (raw > raw_token_logits.unsqueeze(1)).sum(dim=-1) + 1
+            raw_token_logits = raw.gather(1, token_ids.unsqueeze(1))
+            out.sampled_ranks = (raw > raw_token_logits).sum(dim=-1) + 1
         return out
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

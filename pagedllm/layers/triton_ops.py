@@ -6,8 +6,9 @@ try:
     from pagedllm_kernels.cache_ops import store_kv_cache
     from pagedllm_kernels.elementwise import rms_norm, rotary, silu_and_mul
     from pagedllm_kernels.paged_attention import paged_attention
+    from pagedllm_kernels.sampling_ops import token_logprobs
 except ImportError:
-    store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = None
+    store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = token_logprobs = None
 
 
 def fused_on(x: torch.Tensor) -> bool:
