@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from pagedllm.models.loader import load_hf_config, resolve_model_path
 from pagedllm.models.registry import get_model_class
+from pagedllm.sampling_params import is_int, is_real
 
 _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
@@ -85,6 +86,7 @@ class EngineConfig:
     hf_config: PretrainedConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._accept_vllm_only_options()
         _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                  "block_size", self.block_size, "a power of two")
@@ -133,6 +135,18 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+
+    def _check_types(self) -> None:
+        """Each option has its field's type (a bool is no int; an int may stand for a float)."""
+        for f in fields(self):
+            if not f.init:
+                continue
+            value, kinds = getattr(self, f.name), getattr(f.type, "__args__", (f.type,))
+            fits = any(value is None if kind is type(None) else is_real(value) if kind is float else
+                       is_int(value) if kind is int else isinstance(value, kind) for kind in kinds)
+            if not fits:
+                names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise ValueError(f"{f.name}={value!r} is invalid: it must be {names}")
 
     def _accept_vllm_only_options(self) -> None:
         """Say what each vLLM-only option a script set does here."""

@@ -83,6 +83,11 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"device": "tpu"}, "device='tpu'"),
     ({"load_format": "gguf"}, "load_format='gguf'"),
     ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
+    ({"max_num_seqs": "8"}, "max_num_seqs='8' is invalid: it must be int"),
+    ({"enforce_eager": 1}, "enforce_eager=1 is invalid: it must be bool"),
+    ({"seed": 1.5}, "seed=1.5 is invalid: it must be int or None"),
+    ({"swap_space": "lots"}, "swap_space='lots' is invalid: it must be float"),
+    ({"hf_overrides": [1]}, r"hf_overrides=\[1\] is invalid: it must be dict or None"),
     ({"tensor_parallel_size": 3, "device": "cpu"},
      "tensor_parallel_size=3 is invalid for this model: its 4 attention heads"),
 ])
