@@ -246,3 +246,24 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
 def test_wrong_types_are_value_errors_that_say_what_was_wrong(llm, prompts, params, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("processor", [
+    lambda ids, logits: 1 / 0,
+    lambda ids, logits: logits[:3],  # the wrong shape
+    lambda a, b, c, d: None,  # neither of vLLM's forms
+], ids=["raises", "wrong shape", "wrong signature"])
+def test_a_broken_logits_processor_fails_its_request_alone(llm, processor):
+    engine = llm.llm_engine
+    good = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("good", [5, 6, 7], good)
+    engine.add_request("bad", [5, 6, 8], SamplingParams(max_tokens=6, logits_processors=[processor]))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step())
+    assert outputs["bad"].outputs[0].finish_reason == "error" and outputs["bad"].error
+    assert len(outputs["good"].outputs[0].token_ids) == 6
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    with pytest.raises(RequestFailedError, match="prompt 1 failed"):
+        llm.generate(["a", "b"], [good, SamplingParams(max_tokens=4, logits_processors=[processor])], use_tqdm=False)
+    assert len(llm.generate(["a"], good, use_tqdm=False)[0].outputs[0].token_ids) == 6
