@@ -3,16 +3,16 @@ server-sent events. Tokenizing and chat templates run in worker threads, so that
 never stalls the event loop (and every other client with it)."""
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from pagedllm.engine.async_llm import AsyncLLM
-from pagedllm.entrypoints.openai.errors import ApiError, bad_value, error_body
+from pagedllm.entrypoints.openai.errors import ApiError, bad_value
+from pagedllm.entrypoints.openai.logprobs import add_completion_logprobs, chat_logprobs, vllm_prompt_logprobs
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatChoice,
@@ -21,7 +21,6 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatLogprobs,
     ChatResponseMessage,
     CompletionChoice,
     CompletionLogprobs,
@@ -29,17 +28,14 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    PromptLogprob,
     TokenizeRequest,
     TokenizeResponse,
-    TokenLogprob,
-    TopLogprob,
     Usage,
     random_id,
 )
-from pagedllm.errors import EngineDeadError, RequestFailedError
+from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, encode_text, render_chat
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
@@ -72,8 +68,8 @@ class OpenAIServing:
         request_id = random_id("cmpl")
         streams = self._start(request_id, prompts, params)
         if body.stream:
-            return _event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
-        finals = await _until_done_or_disconnect(raw, streams)
+            return event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
+        finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)  # the client left; its requests were aborted
         choices = [self._completion_choice(i * body.n + c.index, body, prompt, final, c, echo_only)
@@ -92,13 +88,13 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         streams = self._start(request_id, [prompt], params)
         if body.stream:
-            return _event_stream(self._chat_events(request_id, body, streams))
-        finals = await _until_done_or_disconnect(raw, streams)
+            return event_stream(self._chat_events(request_id, body, streams))
+        finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
         k = body.top_logprobs or 0
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=_chat_logprobs(c.logprobs, c.token_ids, k)) for c in finals[0].outputs]
+                              logprobs=chat_logprobs(c.logprobs, c.token_ids, k)) for c in finals[0].outputs]
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -201,13 +197,13 @@ class OpenAIServing:
         if body.logprobs is not None:
             logprobs = CompletionLogprobs()
             if body.echo:
-                _add_completion_logprobs(logprobs, final.prompt_token_ids, final.prompt_logprobs,
+                add_completion_logprobs(logprobs, final.prompt_token_ids, final.prompt_logprobs,
                                          self._first_token_text(final), 0)
-            _add_completion_logprobs(logprobs, token_ids, entries, None, len(prompt_text))
+            add_completion_logprobs(logprobs, token_ids, entries, None, len(prompt_text))
         return CompletionChoice(index=index, text=prompt_text + text, logprobs=logprobs,
                                 finish_reason="length" if echo_only else completion.finish_reason,
                                 stop_reason=None if echo_only else completion.stop_reason,
-                                prompt_logprobs=_prompt_logprobs(final) if body.prompt_logprobs is not None else None)
+                                prompt_logprobs=vllm_prompt_logprobs(final) if body.prompt_logprobs is not None else None)
 
     def _first_token_text(self, final: RequestOutput) -> str:
         """The text of the prompt's first token, which nothing scores."""
@@ -219,7 +215,7 @@ class OpenAIServing:
         sent_chars: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         finals: dict[int, RequestOutput] = {}
-        async for prompt_index, output in _merge(streams):
+        async for prompt_index, output in merge(streams):
             if output.finished:
                 finals[prompt_index] = output
             for c in output.outputs:
@@ -243,7 +239,7 @@ class OpenAIServing:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = CompletionLogprobs()
-                    _add_completion_logprobs(logprobs, c.token_ids[new_tokens:], (c.logprobs or [])[new_tokens:],
+                    add_completion_logprobs(logprobs, c.token_ids[new_tokens:], (c.logprobs or [])[new_tokens:],
                                              None, sent_chars.get(key, 0))
                 sent_chars[key], sent_tokens[key] = len(c.text), len(c.token_ids)
                 yield self._chunk(request_id, CompletionChoice(
@@ -266,14 +262,14 @@ class OpenAIServing:
         sent_chars: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         final = None
-        async for _, output in _merge(streams):
+        async for _, output in merge(streams):
             for c in output.outputs:
                 text = c.text[sent_chars.get(c.index, 0):]
                 if not text and not c.finish_reason:
                     continue  # no new text yet (half a character): its tokens go with the next chunk
                 new = sent_tokens.get(c.index, 0)
                 sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                logprobs = None if c.logprobs is None else _chat_logprobs(c.logprobs[new:], c.token_ids[new:],
+                logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs[new:], c.token_ids[new:],
                                                                           body.top_logprobs or 0)
                 yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
                                              finish_reason=c.finish_reason, logprobs=logprobs)])
@@ -282,129 +278,8 @@ class OpenAIServing:
             yield chunk([], _usage([final]))
 
 
-def _add_completion_logprobs(out: CompletionLogprobs, token_ids: list[int],
-                             entries: list[dict[int, Logprob] | None] | None, first_text: str | None,
-                             offset: int) -> None:
-    """Append the legacy completions logprobs of ``token_ids``; an entry of None (the prompt's
-    first token) has no logprob, and its text is ``first_text``."""
-    for token_id, entry in zip(token_ids, entries or [None] * len(token_ids), strict=True):
-        if entry is None:
-            token, logprob, top = first_text or "", None, None
-        else:
-            token = entry[token_id].decoded_token or ""
-            logprob = entry[token_id].logprob
-            top = {lp.decoded_token or "": lp.logprob for lp in entry.values()}
-        out.tokens.append(token)
-        out.token_logprobs.append(logprob)
-        out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(token)
-
-
-def _prompt_logprobs(final: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
-    if final.prompt_logprobs is None:
-        return None
-    return [None if entry is None else
-            {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
-             for t, lp in entry.items()} for entry in final.prompt_logprobs]
-
-
-def _chat_logprobs(entries: list[dict[int, Logprob]] | None, token_ids: list[int], k: int) -> ChatLogprobs | None:
-    """OpenAI's chat logprobs: each token's own, and the ``k`` most likely tokens in its place."""
-    if entries is None:
-        return None
-
-    def fields(lp: Logprob) -> dict:
-        text = lp.decoded_token or ""
-        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8", "replace"))}
-
-    content = []
-    for token_id, entry in zip(token_ids, entries, strict=True):
-        ranked = sorted(entry.values(), key=lambda lp: lp.rank)[:k]  # the sampled token may rank below k
-        top = [TopLogprob(**fields(lp)) for lp in ranked]
-        content.append(TokenLogprob(**fields(entry[token_id]), top_logprobs=top))
-    return ChatLogprobs(content=content)
-
-
 def _usage(finals: list[RequestOutput], echo_only: bool = False) -> Usage:
     prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
     completion_tokens = 0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
-
-
-async def _merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several request streams as they come, tagged with the stream's index."""
-    if len(streams) == 1:  # the common case, without a task and a queue between engine and client
-        try:
-            async for output in streams[0]:
-                yield 0, output
-        finally:
-            await streams[0].aclose()  # a client that left: the stream's generator aborts its request
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index, stream):
-        try:
-            async for output in stream:
-                await queue.put((index, output))
-        except BaseException as err:
-            await queue.put((index, err))
-            raise
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                if isinstance(item, RequestFailedError) and len(streams) > 1:
-                    raise RequestFailedError(f"prompt {index}: {item}") from item
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()  # a client that left: each stream's generator aborts its request
-
-
-async def _until_done_or_disconnect(raw: Request, streams) -> list[RequestOutput] | None:
-    finals: dict[int, RequestOutput] = {}
-
-    async def collect():
-        async for index, output in _merge(streams):
-            if output.finished:
-                finals[index] = output
-
-    task = asyncio.create_task(collect())
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.5)
-        if not task.done() and await raw.is_disconnected():
-            task.cancel()
-            return None
-    task.result()
-    return [finals[i] for i in sorted(finals)]
-
-
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(_sse(events), media_type="text/event-stream")
-
-
-async def _sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Server-sent events ending with ``[DONE]``; an error after the stream began becomes an error
-    event (OpenAI's error JSON), so the client learns why its stream ended."""
-    try:
-        async for event in events:
-            yield f"data: {event}\n\n"
-    except RequestFailedError as err:
-        yield f"data: {json.dumps(error_body(500, f'the request failed in the engine: {err}'))}\n\n"
-    except EngineDeadError as err:
-        yield f"data: {json.dumps(error_body(503, str(err)))}\n\n"
-    except Exception as err:  # a bug: the client still gets an answer, the server goes on
-        logger.exception("a stream failed")
-        yield f"data: {json.dumps(error_body(500, f'internal error: {type(err).__name__}: {err}'))}\n\n"
-    yield "data: [DONE]\n\n"

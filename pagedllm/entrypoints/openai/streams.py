@@ -1,0 +1,94 @@
+"""Engine output streams into HTTP: several prompts' streams merged, a non-streamed request
+collected while watching for the client leaving, and server-sent events that end with an error
+event when something fails after the stream began."""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from pagedllm.entrypoints.openai.errors import error_body
+from pagedllm.errors import EngineDeadError, RequestFailedError
+from pagedllm.outputs import RequestOutput
+
+logger = logging.getLogger("pagedllm")
+
+
+async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several request streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:  # the common case, without a task and a queue between engine and client
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()  # a client that left: the stream's generator aborts its request
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, stream):
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except BaseException as err:
+            await queue.put((index, err))
+            raise
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, RequestFailedError) and len(streams) > 1:
+                    raise RequestFailedError(f"prompt {index}: {item}") from item
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a client that left: each stream's generator aborts its request
+
+
+async def until_done_or_disconnect(raw: Request, streams) -> list[RequestOutput] | None:
+    finals: dict[int, RequestOutput] = {}
+
+    async def collect():
+        async for index, output in merge(streams):
+            if output.finished:
+                finals[index] = output
+
+    task = asyncio.create_task(collect())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await raw.is_disconnected():
+            task.cancel()
+            return None
+    task.result()
+    return [finals[i] for i in sorted(finals)]
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(sse(events), media_type="text/event-stream")
+
+
+async def sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events ending with ``[DONE]``; an error after the stream began becomes an error
+    event (OpenAI's error JSON), so the client learns why its stream ended."""
+    try:
+        async for event in events:
+            yield f"data: {event}\n\n"
+    except RequestFailedError as err:
+        yield f"data: {json.dumps(error_body(500, f'the request failed in the engine: {err}'))}\n\n"
+    except EngineDeadError as err:
+        yield f"data: {json.dumps(error_body(503, str(err)))}\n\n"
+    except Exception as err:  # a bug: the client still gets an answer, the server goes on
+        logger.exception("a stream failed")
+        yield f"data: {json.dumps(error_body(500, f'internal error: {type(err).__name__}: {err}'))}\n\n"
+    yield "data: [DONE]\n\n"
