@@ -198,12 +198,13 @@ class OpenAIServing:
             logprobs = CompletionLogprobs()
             if body.echo:
                 add_completion_logprobs(logprobs, final.prompt_token_ids, final.prompt_logprobs,
-                                         self._first_token_text(final), 0)
+                                        self._first_token_text(final), 0)
             add_completion_logprobs(logprobs, token_ids, entries, None, len(prompt_text))
+        scored_prompt = vllm_prompt_logprobs(final) if body.prompt_logprobs is not None else None
         return CompletionChoice(index=index, text=prompt_text + text, logprobs=logprobs,
                                 finish_reason="length" if echo_only else completion.finish_reason,
                                 stop_reason=None if echo_only else completion.stop_reason,
-                                prompt_logprobs=vllm_prompt_logprobs(final) if body.prompt_logprobs is not None else None)
+                                prompt_logprobs=scored_prompt)
 
     def _first_token_text(self, final: RequestOutput) -> str:
         """The text of the prompt's first token, which nothing scores."""
