@@ -5,6 +5,8 @@ with ``sharded_as``) and keep their world size: a one-rank model beside a tensor
 the same process never calls a collective. A process joins at most one group at a time.
 """
 
+import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("pagedllm")
 
 
 @dataclass
@@ -55,9 +59,24 @@ def check_no_group() -> None:
                          "tensor_parallel_size > 1?): shut that LLM down first (llm.shutdown())")
 
 
-def destroy_tensor_parallel() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave_tensor_parallel(timeout_s: float) -> None:
+    """Leave the group. NCCL's teardown waits for every rank to leave too: if they do not within
+    ``timeout_s`` (one died or hangs), abort the group instead, so that no rank waits forever."""
+    if not dist.is_initialized():
+        return
+    left = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        finally:
+            left.set()
+
+    threading.Thread(target=destroy, name="pagedllm-tp-leave", daemon=True).start()
+    if not left.wait(timeout_s):
+        logger.warning("a rank did not leave the tensor-parallel group within %g s: aborting it", timeout_s)
+        abort_tensor_parallel()
+        left.wait(5)
 
 
 def abort_tensor_parallel() -> None:

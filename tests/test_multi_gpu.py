@@ -26,3 +26,52 @@ def test_nccl_ranks_give_the_greedy_output_of_one_gpu(kind, tiny_checkpoint):
     for size in (2, 4):
         if size <= torch.cuda.device_count() and TINY_CONFIGS[kind].num_attention_heads % size == 0:
             assert greedy_on_cuda(tiny_checkpoint(kind), size) == expected, f"tensor_parallel_size={size}"
+
+
+def run_script(body: str, timeout: float = 180):
+    """A user's script fed on stdin (no main guard), timed to its exit."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-"], input=body, capture_output=True, text=True, timeout=timeout)
+    return run, time.perf_counter() - start
+
+
+def test_a_script_that_just_ends_exits_within_seconds(tiny_checkpoint):
+    """No shutdown() and no main guard: the workers are forked, and at exit every rank leaves the
+    NCCL group together, so nothing hangs (destroy_process_group once waited forever)."""
+    run, seconds = run_script(
+        f"from pagedllm import LLM, SamplingParams\n"
+        f"llm = LLM({tiny_checkpoint('llama')!r}, device='cuda', dtype='float32', tensor_parallel_size=2)\n"
+        f"print('tokens', llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), "
+        f"use_tqdm=False)[0].outputs[0].token_ids)\n")
+    assert run.returncode == 0 and "tokens [" in run.stdout, run.stderr[-3000:]
+    print(f"script with tensor_parallel_size=2 ran and exited in {seconds:.1f} s")
+
+
+def test_shutdown_then_a_new_group_and_a_killed_worker_on_nccl(tiny_checkpoint):
+    import os
+    import signal
+    import time
+
+    from pagedllm.worker.tensor_parallel import WorkerFailed
+
+    path = tiny_checkpoint("qwen3")
+    llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=2)
+    workers = llm.llm_engine.model_runner.workers.procs
+    start = time.perf_counter()
+    llm.shutdown()
+    assert [w.exitcode for w in workers] == [0] and time.perf_counter() - start < 30
+    llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=2)  # a new group in the same process
+    stream = llm.generate_stream(random_prompts([30] * 4), SamplingParams(temperature=0, max_tokens=400,
+                                                                          ignore_eos=True))
+    next(stream)
+    os.kill(llm.llm_engine.model_runner.workers.procs[0].pid, signal.SIGKILL)
+    start = time.perf_counter()
+    with pytest.raises(WorkerFailed):
+        for _ in stream:
+            pass
+    assert time.perf_counter() - start < 30
+    llm.shutdown()

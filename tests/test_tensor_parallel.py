@@ -134,3 +134,20 @@ def test_one_rank_model_runs_beside_a_tensor_parallel_one(tiny_checkpoint):
         assert one == two
         with pytest.raises(ValueError, match=r"already holds a torch.distributed process group"):
             LLM(path, device="cpu", tensor_parallel_size=2)
+
+
+def test_a_script_without_main_guard_read_from_stdin_runs_and_exits(tiny_checkpoint):
+    """Workers are forked where that is safe, as vLLM does: dataset scripts rarely have the
+    `if __name__ == "__main__":` guard, and some are fed on stdin. The script ends without
+    shutdown(): every process is gone within seconds."""
+    import subprocess
+    import sys
+
+    script = (f"from pagedllm import LLM, SamplingParams\n"
+              f"llm = LLM({tiny_checkpoint('llama')!r}, device='cpu', tensor_parallel_size=2)\n"
+              f"out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)\n"
+              f"print('tokens', out[0].outputs[0].token_ids)\n")
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tokens [" in run.stdout and time.perf_counter() - start < 60

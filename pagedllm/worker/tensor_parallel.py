@@ -1,10 +1,14 @@
-"""Tensor-parallel workers: ranks 1..N-1, each a spawned process with its own ModelRunner.
+"""Tensor-parallel workers: ranks 1..N-1, each a process of its own with its own ModelRunner.
 
 The driver process is rank 0: it schedules, and before each step sends the step's batch (token
-ids, positions' blocks, copies) to every worker through a pipe; then all ranks run the same
-forward pass, meeting in the layers' collectives. Only rank 0 samples. A worker that dies or
-fails makes the driver's step raise (gloo notices the closed sockets; NCCL is aborted by a
-monitor thread), never hang.
+ids, positions' blocks) to every worker through a pipe; then all ranks run the same forward
+pass, meeting in the layers' collectives. Only rank 0 samples. A worker that dies or fails makes
+the driver's step raise (gloo notices the closed sockets; NCCL is aborted by a monitor thread),
+never hang. Workers are forked where that is safe (this process has not initialised CUDA), as
+vLLM does, so scripts need no main guard; otherwise spawned.
+
+Stopping: every rank leaves the process group together (NCCL's teardown waits for all ranks),
+bounded in time, then aborted; the workers are then reaped, killed if they must be.
 """
 
 import logging
@@ -13,6 +17,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 import weakref
@@ -23,12 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pagedllm.distributed import abort_tensor_parallel, check_no_group, destroy_tensor_parallel, init_tensor_parallel
+from pagedllm.distributed import abort_tensor_parallel, check_no_group, init_tensor_parallel, leave_tensor_parallel
 
 logger = logging.getLogger("pagedllm")
 # How long a collective may wait for a rank that is alive but slow (a first compile, a capture).
 COLLECTIVE_TIMEOUT_S = 600
 STARTUP_TIMEOUT_S = 600
+LEAVE_TIMEOUT_S = 20  # for all ranks to leave the group together before it is aborted
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -47,7 +53,7 @@ class WorkerGroup:
         check_no_group()
         self.world_size = world_size
         store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(start_method(config.device))
         self.procs, self.conns = [], []
         for rank in range(1, world_size):
             ours, theirs = ctx.Pipe()
@@ -57,7 +63,8 @@ class WorkerGroup:
             theirs.close()
             self.procs.append(proc)
             self.conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self._stopping = threading.Event()  # set first thing when stopping: the monitor then stands down
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self._stopping)
         try:
             for rank in range(1, world_size):
                 self._expect(rank, "joining")  # a worker that cannot even start fails here, not in a hang
@@ -111,8 +118,8 @@ class WorkerGroup:
         return None
 
     def shutdown(self) -> None:
+        """Stop every worker; within LEAVE_TIMEOUT_S and a few seconds more, whatever state they are in."""
         self._finalizer()
-        destroy_tensor_parallel()
 
     def _expect(self, rank: int, what: str) -> tuple:
         proc, conn = self.procs[rank - 1], self.conns[rank - 1]
@@ -135,20 +142,34 @@ class WorkerGroup:
     def _monitor(self) -> None:
         """A worker that dies unasked leaves NCCL collectives waiting forever: abort them."""
         mp.connection.wait([p.sentinel for p in self.procs])
-        if self._finalizer.alive:  # not stopped by us
+        if not self._stopping.is_set():  # not stopped by us
             logger.error("a tensor-parallel worker died: stopping the step")
             abort_tensor_parallel()
 
 
-def _stop(procs: list, conns: list) -> None:
-    """Ask each worker to finish, then make sure it has."""
+def start_method(device: str) -> str:
+    """Fork where it is safe, as vLLM does: on Linux, while this process has not initialised CUDA (a
+    forked child could not use it). Otherwise spawn: the script then needs a main guard."""
+    if sys.platform != "linux":
+        return "spawn"
+    if device.startswith("cuda") and torch.cuda.is_initialized():
+        logger.warning("CUDA is already initialised in this process, so tensor-parallel workers are spawned, "
+                       "not forked: the script needs an `if __name__ == \"__main__\":` guard")
+        return "spawn"
+    return "fork"
+
+
+def _stop(procs: list, conns: list, stopping: threading.Event) -> None:
+    """Ask each worker to finish, leave the group with them, then make sure they have ended."""
+    stopping.set()
     for conn in conns:
         try:
             conn.send_bytes(b"")
         except OSError:
             pass
+    leave_tensor_parallel(LEAVE_TIMEOUT_S)
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
             proc.join()
@@ -191,13 +212,12 @@ def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> N
         conn.send(("ready", runner.checkpoint_bytes_read))
         while data := conn.recv_bytes():
             runner.run_forward(pickle.loads(data))
+        leave_tensor_parallel(LEAVE_TIMEOUT_S)  # asked to stop: leave together with the driver
     except EOFError:
-        pass  # the driver is gone
+        abort_tensor_parallel()  # the driver is gone: no one to leave with
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass
         os._exit(1)
-    finally:
-        destroy_tensor_parallel()
