@@ -126,12 +126,17 @@ class ModelRunner:
         self._last_sample_rows: dict[str, int] = {}  # request id -> its row there
 
     def shutdown(self) -> None:
-        """Stop the workers; release the graphs, the KV cache and the weights, and return the
-        memory to the device."""
+        """Release the graphs, the KV cache and the weights, stop the workers, and return the memory
+        to the device. The graphs go first: NCCL cannot tear down a communicator that captured
+        graphs still use (every rank does the same before leaving the group)."""
+        self.decode_graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if self.workers is not None:
             self.workers.shutdown()
         release_kv_cache(self.model)
-        self.decode_graphs = self.kv_cache = self.model = self.inputs = self._last_sampled = None
+        self.kv_cache = self.model = self.inputs = self._last_sampled = None
         self.generators.clear()
         gc.collect()
         if self.device.type == "cuda":

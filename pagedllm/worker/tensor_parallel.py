@@ -212,6 +212,7 @@ def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> N
         conn.send(("ready", runner.checkpoint_bytes_read))
         while data := conn.recv_bytes():
             runner.run_forward(pickle.loads(data))
+        runner.shutdown()  # its graphs first: NCCL cannot tear down a communicator that graphs still use
         leave_tensor_parallel(LEAVE_TIMEOUT_S)  # asked to stop: leave together with the driver
     except EOFError:
         abort_tensor_parallel()  # the driver is gone: no one to leave with
