@@ -187,9 +187,11 @@ def _check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
 
 
 def _resolve_device(device: str) -> str:
+    """Counted through NVML: ``torch.cuda.is_available()`` would initialise CUDA in this process,
+    and tensor-parallel workers could then not be forked."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.device_count() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.device_count():
         raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA GPU; use device='cpu'")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported: use 'auto', 'cpu' or 'cuda'")

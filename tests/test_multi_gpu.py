@@ -40,8 +40,9 @@ def run_script(body: str, timeout: float = 180):
 
 
 def test_a_script_that_just_ends_exits_within_seconds(tiny_checkpoint):
-    """No shutdown() and no main guard: the workers are forked, and at exit every rank leaves the
-    NCCL group together, so nothing hangs (destroy_process_group once waited forever)."""
+    """No shutdown() and no main guard: the workers are forked (this process has not initialised
+    CUDA: devices are counted through NVML), and at exit every rank leaves the NCCL group together,
+    so nothing hangs (destroy_process_group once waited forever)."""
     run, seconds = run_script(
         f"from pagedllm import LLM, SamplingParams\n"
         f"llm = LLM({tiny_checkpoint('llama')!r}, device='cuda', dtype='float32', tensor_parallel_size=2)\n"
@@ -65,7 +66,7 @@ def test_shutdown_then_a_new_group_and_a_killed_worker_on_nccl(tiny_checkpoint):
     llm.shutdown()
     assert [w.exitcode for w in workers] == [0] and time.perf_counter() - start < 30
     llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=2)  # a new group in the same process
-    stream = llm.generate_stream(random_prompts([30] * 4), SamplingParams(temperature=0, max_tokens=400,
+    stream = llm.generate_stream(random_prompts([30] * 4), SamplingParams(temperature=0, max_tokens=200,
                                                                           ignore_eos=True))
     next(stream)
     os.kill(llm.llm_engine.model_runner.workers.procs[0].pid, signal.SIGKILL)

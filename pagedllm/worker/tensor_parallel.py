@@ -46,18 +46,34 @@ class WorkerFailed(RuntimeError):
     pass
 
 
+class _ForkUnusable(Exception):
+    """A forked worker found CUDA unusable (the parent had initialised it): spawn instead."""
+
+
 class WorkerGroup:
     """The driver's handle on ranks 1..N-1: starts them, sends them each step, stops them."""
 
     def __init__(self, config, world_size: int):
         check_no_group()
         self.world_size = world_size
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-        ctx = mp.get_context(start_method(config.device))
+        self.start_method = start_method(config.device)
+        try:
+            self._start(config)
+        except _ForkUnusable:  # this process touched CUDA before: a forked child cannot use it
+            logger.warning("CUDA was initialised in this process before the LLM was created, so tensor-parallel "
+                           "workers are spawned, not forked: the script needs an `if __name__ == \"__main__\":` "
+                           "guard")
+            self.start_method = "spawn"
+            self._start(config)
+        threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
+
+    def _start(self, config) -> None:
+        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False)
+        ctx = mp.get_context(self.start_method)
         self.procs, self.conns = [], []
-        for rank in range(1, world_size):
+        for rank in range(1, self.world_size):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(config, rank, world_size, store.port, theirs),
+            proc = ctx.Process(target=_worker_main, args=(config, rank, self.world_size, store.port, theirs),
                                name=f"pagedllm-tp{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -66,15 +82,14 @@ class WorkerGroup:
         self._stopping = threading.Event()  # set first thing when stopping: the monitor then stands down
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self._stopping)
         try:
-            for rank in range(1, world_size):
+            for rank in range(1, self.world_size):
                 self._expect(rank, "joining")  # a worker that cannot even start fails here, not in a hang
-            init_tensor_parallel(0, world_size, rank_device(config.device, 0), store, COLLECTIVE_TIMEOUT_S)
+            init_tensor_parallel(0, self.world_size, rank_device(config.device, 0), store, COLLECTIVE_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
         self._store = store  # the TCPStore server lives in this object: keep it while the group lives
         self.checkpoint_bytes_read: list[int] = []
-        threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
 
     def wait_ready(self) -> None:
         """After rank 0's own ModelRunner is built: every worker built its own."""
@@ -130,13 +145,15 @@ class WorkerGroup:
             except EOFError:
                 pass
         if message is None or message[0] != what:
+            if message and message[0] == "fork-unusable":
+                raise _ForkUnusable()
             if message and message[0] == "error":
                 raise WorkerFailed(f"tensor-parallel worker rank {rank} failed to start:\n{message[1]}")
             proc.join(timeout=5)
-            raise WorkerFailed(
-                f"tensor-parallel worker rank {rank} did not start (exit code {proc.exitcode}; its error is "
-                "above). Workers are spawned: they import the main script again, so it needs an "
-                "`if __name__ == \"__main__\":` guard, and cannot be read from stdin")
+            spawned = "Spawned workers import the main script again, so it needs an `if __name__ == " \
+                      "\"__main__\":` guard, and cannot be read from stdin" if self.start_method == "spawn" else ""
+            raise WorkerFailed(f"tensor-parallel worker rank {rank} did not start (exit code {proc.exitcode}; its "
+                               f"error is above). {spawned}")
         return message[1:]
 
     def _monitor(self) -> None:
@@ -149,7 +166,8 @@ class WorkerGroup:
 
 def start_method(device: str) -> str:
     """Fork where it is safe, as vLLM does: on Linux, while this process has not initialised CUDA (a
-    forked child could not use it). Otherwise spawn: the script then needs a main guard."""
+    forked child could not use it; a worker that finds it so anyway says so, and the group is
+    started again, spawned). Otherwise spawn: the script then needs a main guard."""
     if sys.platform != "linux":
         return "spawn"
     if device.startswith("cuda") and torch.cuda.is_initialized():
@@ -200,6 +218,9 @@ def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     logging.getLogger("pagedllm").setLevel(logging.WARNING)
     device = rank_device(config.device, rank)
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+        conn.send(("fork-unusable",))
+        return
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     else:
