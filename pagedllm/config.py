@@ -64,6 +64,8 @@ class EngineConfig:
     max_logprobs: int = option(20, "the most logprobs / prompt_logprobs a request may ask for (-1: no limit)")
     enforce_eager: bool = option(False, "skip capturing decode CUDA graphs")
     tensor_parallel_size: int = option(1, "GPUs (or CPU processes) the model is split over")
+    data_parallel_size: int = option(1, "engine replicas, each on tensor_parallel_size GPUs of its own (or a CPU "
+                                        "process), sharing the requests")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
     async_scheduling: bool = option(True, "schedule the next step while the device runs this one (one rank)")
 
@@ -107,12 +109,15 @@ class EngineConfig:
         _require(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                  "a dict of config.json values")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        _require(self.data_parallel_size >= 1, "data_parallel_size", self.data_parallel_size, ">= 1")
         self.device = _resolve_device(self.device)
-        if self.tensor_parallel_size > 1 and self.device.startswith("cuda"):
+        gpus_needed = self.tensor_parallel_size * self.data_parallel_size
+        if gpus_needed > 1 and self.device.startswith("cuda"):
             gpus = torch.cuda.device_count()
-            _require(self.device == "cuda" and self.tensor_parallel_size <= gpus, "tensor_parallel_size",
-                     self.tensor_parallel_size, f"at most the {gpus} GPUs torch sees, with device='cuda' (rank r "
-                     f"runs on GPU r), not {self.device!r}")
+            _require(self.device == "cuda" and gpus_needed <= gpus, "tensor_parallel_size",
+                     self.tensor_parallel_size, f"such that tensor_parallel_size x data_parallel_size "
+                     f"({gpus_needed}) is at most the {gpus} GPUs torch sees, with device='cuda' (rank r runs on "
+                     f"GPU r), not {self.device!r}")
 
         self.model_path = resolve_model_path(self.model, self.revision, self.download_dir)
         self.hf_config = load_hf_config(self.model_path, self.trust_remote_code)

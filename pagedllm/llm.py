@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from pagedllm.beam_search import BeamSearchOutput, BeamSearchParams
 from pagedllm.beam_search import beam_search as run_beam_search
 from pagedllm.config import EngineConfig
+from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.errors import RequestFailedError
 from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
@@ -24,7 +25,8 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any):
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        config = EngineConfig(model=model, **kwargs)
+        self.llm_engine = DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
         self._next_request_id = 0
 
     def get_tokenizer(self):
@@ -38,7 +40,7 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (say, after changing what the weights are); False, and nothing
         forgotten, while requests hold blocks."""
-        return self._engine().block_manager.reset_prefix_cache()
+        return self._engine().reset_prefix_cache()
 
     def get_metrics(self) -> list[Metric]:
         """The engine's counters and gauges now (the server's /metrics names)."""
@@ -57,7 +59,7 @@ class LLM:
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
 
-    def _engine(self) -> LLMEngine:
+    def _engine(self) -> LLMEngine | DataParallelEngine:
         if self.llm_engine is None:
             raise RuntimeError("this LLM was shut down: create a new LLM to generate again")
         return self.llm_engine

@@ -11,7 +11,7 @@ from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
-from pagedllm.engine.request_checks import bad_word_token_ids, check_request, max_output_tokens, truncated_prompt
+from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.errors import RequestError
 from pagedllm.metrics import EngineStats
@@ -47,10 +47,7 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run, naming the field; nothing is changed."""
-        ids = truncated_prompt(prompt_token_ids, params, self.config.max_model_len)
-        check_request(self.config, self.tokenizer, self.block_manager.num_blocks, ids, params)
-        if params.bad_words:
-            bad_word_token_ids(self.tokenizer, params.bad_words)
+        validate_request(self.config, self.tokenizer, self.block_manager.num_blocks, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -101,6 +98,9 @@ class LLMEngine:
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()  # a request in flight is running (or preempted)

@@ -15,6 +15,15 @@ def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mo
     return prompt_token_ids[-(max_model_len if keep == -1 else keep):]
 
 
+def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
+                     prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """Raise ValueError if the request could never run, naming the field; nothing is changed."""
+    ids = truncated_prompt(prompt_token_ids, params, config.max_model_len)
+    check_request(config, tokenizer, num_blocks, ids, params)
+    if params.bad_words:
+        bad_word_token_ids(tokenizer, params.bad_words)
+
+
 def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
                   prompt_token_ids: list[int], params: SamplingParams) -> None:
     """Raise ValueError naming the prompt or the field if the request could never run."""

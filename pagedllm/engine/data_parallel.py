@@ -1,0 +1,247 @@
+"""Data parallelism: N engine replicas, each a process of its own on its own GPUs (or the CPU),
+behind the engine interface ``LLM`` and ``pagedllm generate`` drive. Requests wait here and go
+to whichever replica has room, as replicas free up (not a fixed split: lengths differ); outputs
+come back as each replica makes them. A replica that dies fails its requests, with the reason.
+"""
+
+import copy
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import sys
+import traceback
+import weakref
+from collections import deque
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine, eos_token_ids, generation_defaults, load_tokenizer
+from pagedllm.engine.request_checks import validate_request
+from pagedllm.metrics import EngineStats
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+STARTUP_TIMEOUT_S = 900
+
+
+class DataParallelEngine:
+    """``config.data_parallel_size`` replicas of ``LLMEngine``; replica i runs on GPUs
+    [i * tp, (i + 1) * tp) with tp = ``config.tensor_parallel_size``."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
+        self.eos_token_ids = eos_token_ids(config, self.tokenizer)
+        self.default_sampling_fields = generation_defaults(config)
+        self.num_generated_tokens = 0
+        ctx = mp.get_context("fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn")
+        self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
+        self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
+        try:
+            self.num_blocks = min(replica.wait_ready() for replica in self.replicas)
+        except BaseException:
+            self.shutdown()
+            raise
+        # Each replica gets more than a batch's worth, so that its next batch is waiting when one ends.
+        self.capacity = 2 * config.max_num_seqs
+        self.waiting: deque[tuple] = deque()  # add_request's arguments, not yet given to a replica
+        self.placed: dict[str, _Replica] = {}  # request id -> the replica running it
+        logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
+                    config.tensor_parallel_size)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_request(self.config, self.tokenizer, self.num_blocks, prompt_token_ids, params)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, stream: bool = False) -> None:
+        self.validate_request(prompt_token_ids, params)
+        self.waiting.append((request_id, prompt_token_ids, params, prompt, stream))
+
+    def abort_request(self, request_id: str) -> None:
+        self.waiting = deque(r for r in self.waiting if r[0] != request_id)
+        replica = self.placed.pop(request_id, None)
+        if replica is not None:
+            replica.load -= 1
+            if replica.alive:
+                replica.send(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.placed)
+
+    def step(self) -> list[RequestOutput]:
+        """Give waiting requests to replicas with room, then return the outputs that came back
+        (waiting for the first, if any request is out)."""
+        self._place_waiting()
+        if self.waiting and not self.placed:
+            raise RuntimeError("no data-parallel replica took the waiting requests")  # would spin otherwise
+        live = [r for r in self.replicas if r.alive]
+        outputs = []
+        if self.placed:
+            ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live])
+            for replica in live:
+                if replica.conn in ready or replica.process.sentinel in ready:
+                    outputs += self._receive(replica)
+        return outputs
+
+    def reset_prefix_cache(self) -> bool:
+        """Each replica forgets its cached prefixes; False, and nothing forgotten, while requests run."""
+        if self.has_unfinished_requests():
+            return False
+        return all([r.call(("reset_prefix_cache",)) for r in self.replicas if r.alive])
+
+    def stats(self) -> EngineStats:
+        """The replicas' stats, summed, as they last reported them."""
+        totals = [r.stats for r in self.replicas]
+        return EngineStats(*(sum(getattr(s, f) for s in totals) for f in EngineStats.__dataclass_fields__))
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def _place_waiting(self) -> None:
+        for replica in sorted((r for r in self.replicas if r.alive), key=lambda r: r.load):
+            while self.waiting and replica.load < self.capacity:
+                request = self.waiting.popleft()
+                replica.send(("add", request))
+                replica.load += 1
+                self.placed[request[0]] = replica
+        if self.waiting and not any(r.alive for r in self.replicas):
+            raise RuntimeError("every data-parallel replica has died: create a new LLM")
+
+    def _receive(self, replica: "_Replica") -> list[RequestOutput]:
+        try:
+            message = replica.conn.recv() if replica.conn.poll() else None
+        except (EOFError, OSError):
+            message = None
+        if message is None:
+            if replica.process.is_alive():
+                return []
+            return self._lost(replica, f"died with exit code {replica.process.exitcode}")
+        if message[0] == "error":
+            return self._lost(replica, f"failed:\n{message[1]}")
+        _, outputs, generated, replica.stats = message
+        self.num_generated_tokens += generated - replica.generated
+        replica.generated = generated
+        for output in outputs:
+            if output.finished and self.placed.pop(output.request_id, None) is replica:
+                replica.load -= 1
+        return outputs
+
+    def _lost(self, replica: "_Replica", why: str) -> list[RequestOutput]:
+        """A replica that died fails the requests it held (never silently); the others go on."""
+        replica.alive, replica.load = False, 0
+        message = f"data-parallel replica {replica.index} {why}"
+        logger.error(message)
+        failed = [request_id for request_id, r in self.placed.items() if r is replica]
+        for request_id in failed:
+            del self.placed[request_id]
+        return [RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], True, error=message)
+                for request_id in failed]
+
+
+class _Replica:
+    """One replica's process and pipe, and what the driver knows of it."""
+
+    def __init__(self, ctx, config: EngineConfig, index: int):
+        self.index, self.alive, self.load, self.generated, self.stats = index, True, 0, 0, EngineStats()
+        self.conn, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_replica_main,
+                                   args=(_replica_config(config), index, config.data_parallel_size, theirs),
+                                   name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
+        self.process.start()
+        theirs.close()
+
+    def wait_ready(self) -> int:
+        """The replica's KV blocks, once its engine is built."""
+        ready = mp.connection.wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
+        message = self.conn.recv() if self.conn in ready and self.conn.poll() else None
+        if message is None or message[0] != "ready":
+            detail = message[1] if message and message[0] == "error" else f"exit code {self.process.exitcode}"
+            raise RuntimeError(f"data-parallel replica {self.index} did not start: {detail}")
+        return message[1]
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError) as err:  # a dead replica's pipe; its requests fail when it is noticed
+            logger.warning("cannot reach data-parallel replica %d: %s", self.index, err)
+
+    def call(self, message: tuple):
+        """Something an idle replica answers (it sends nothing else while idle)."""
+        self.send(message)
+        answer = self.conn.recv()
+        return answer[1] if answer[0] == "answer" else None
+
+
+def _replica_config(config: EngineConfig) -> EngineConfig:
+    """The config one replica builds its engine from (already checked; its GPUs are chosen in the
+    replica's process)."""
+    replica = copy.copy(config)
+    replica.data_parallel_size = 1
+    return replica
+
+
+def _replica_main(config: EngineConfig, index: int, replicas: int, conn) -> None:
+    """A replica process: build an engine on this replica's GPUs, then run what the driver sends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    logging.getLogger("pagedllm").setLevel(logging.WARNING)
+    try:
+        if config.device.startswith("cuda"):
+            tp = config.tensor_parallel_size
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+        engine = LLMEngine(config)
+        conn.send(("ready", engine.block_manager.num_blocks))
+        _serve(engine, conn)
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+def _serve(engine: LLMEngine, conn) -> None:
+    while True:
+        idle = not engine.has_unfinished_requests()
+        while conn.poll(None if idle else 0):  # block for a command only when there is nothing to run
+            command = conn.recv()
+            idle = False
+            if command[0] == "stop":
+                engine.shutdown()
+                return
+            if command[0] == "add":
+                request_id, prompt_token_ids, params, prompt, stream = command[1]
+                engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
+            elif command[0] == "abort":
+                engine.abort_request(command[1])
+            elif command[0] == "reset_prefix_cache":
+                conn.send(("answer", engine.block_manager.reset_prefix_cache()))
+        if engine.has_unfinished_requests():
+            outputs = engine.step()
+            if outputs:
+                conn.send(("outputs", outputs, engine.num_generated_tokens, engine.stats()))
+
+
+def _stop_all(replicas: list[_Replica]) -> None:
+    for replica in replicas:
+        if replica.alive and replica.process.is_alive():
+            replica.send(("stop",))
+    for replica in replicas:
+        replica.process.join(timeout=30)
+        if replica.process.is_alive():
+            replica.process.kill()
+            replica.process.join()
+        replica.conn.close()

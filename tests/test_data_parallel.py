@@ -1,0 +1,95 @@
+"""Data parallelism on the CPU: replicas of the demo model share the requests as they free up,
+and the outputs are those of one replica (greedy, and sampled with per-request seeds), in order."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from pagedllm import LLM, RequestFailedError, SamplingParams
+from pagedllm.entrypoints.cli import main as cli_main
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
+PROMPTS = [f"def f{i}(x):" for i in range(24)]
+GREEDY = [SamplingParams(temperature=0, max_tokens=6 + i % 9) for i in range(24)]
+SEEDED = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=10) for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def one():
+    return LLM(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def two():
+    llm = LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=4)
+    yield llm
+    llm.shutdown()
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_replicas_give_one_replicas_outputs_in_order(one, two):
+    for params in (GREEDY, SEEDED):
+        assert token_ids(two.generate(PROMPTS, params, use_tqdm=False)) == token_ids(
+            one.generate(PROMPTS, params, use_tqdm=False))
+    streamed = {}
+    for output in two.generate_stream(PROMPTS[:6], GREEDY[:6]):
+        streamed[output.request_id] = output
+    assert sorted(len(o.outputs[0].token_ids) for o in streamed.values()) == sorted(p.max_tokens for p in GREEDY[:6])
+
+
+def test_both_replicas_take_requests_as_they_free_up(two):
+    before = [r.generated for r in two.llm_engine.replicas]
+    two.generate(PROMPTS, GREEDY, use_tqdm=False)
+    grew = [r.generated - b for r, b in zip(two.llm_engine.replicas, before, strict=True)]
+    assert all(g > 0 for g in grew)  # neither replica idles while the other works through a fixed half
+    metrics = {m.name: m.value for m in two.get_metrics()}
+    assert metrics["pagedllm:generation_tokens"] >= sum(grew)
+    assert two.reset_prefix_cache() is True
+
+
+def test_a_replica_that_dies_fails_its_requests_clearly(tmp_path):
+    llm = LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=2)
+    try:
+        victim = llm.llm_engine.replicas[0].process
+        stream = llm.generate_stream(PROMPTS[:8], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        next(stream)
+        os.kill(victim.pid, signal.SIGKILL)
+        start = time.perf_counter()
+        with pytest.raises(RequestFailedError, match=r"data-parallel replica 0 died with exit code -9"):
+            for _ in stream:
+                pass
+        assert time.perf_counter() - start < 30
+        # the other replica goes on serving
+        assert len(llm.generate(PROMPTS[:3], SamplingParams(max_tokens=4), use_tqdm=False)) == 3
+    finally:
+        llm.shutdown()
+
+
+def test_generate_command_takes_data_parallel_size_and_resumes(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:10])))
+
+    def run(out, *extra):
+        assert cli_main(["generate", "--model", DEMO, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                         "--temperature", "0", "--max-tokens", "8", *extra]) == 0
+        return {json.loads(line)["id"]: json.loads(line)["text"] for line in out.read_text().splitlines()}
+
+    single = run(tmp_path / "one.jsonl")
+    out = tmp_path / "two.jsonl"
+    lines = run(out, "--data-parallel-size", "2")
+    assert lines == single
+    kept = out.read_text().splitlines()[:4]
+    out.write_text("\n".join(kept) + "\n")  # as if stopped after four results
+    assert run(out, "--data-parallel-size", "2") == single
+    assert len(out.read_text().splitlines()) == 10
+
+
+def test_too_many_gpus_is_refused():
+    with pytest.raises(ValueError, match="data_parallel_size=0 is invalid"):
+        LLM(DEMO, device="cpu", data_parallel_size=0)
