@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import warm_up_gpu  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.worker.model_runner import PendingOutput  # noqa: E402
+from pagedllm.worker.executor import PendingOutput  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
@@ -46,7 +46,7 @@ def main() -> None:
               max_model_len=args.context + 4 * args.steps + 64, max_num_seqs=max(args.batch, 256),
               async_scheduling=not args.no_async_scheduling)
     engine = llm.llm_engine
-    runner = engine.model_runner
+    runner = engine.executor.runner
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
     for i in range(args.batch):
@@ -59,7 +59,7 @@ def main() -> None:
     scheduler.schedule = labelled("host: schedule", scheduler.schedule)
     scheduler.update_from_output = labelled("host: update", scheduler.update_from_output)
     runner.inputs.prepare = labelled("host: prepare inputs", runner.inputs.prepare)
-    runner.sampler.__class__.__call__ = labelled("sample (launch)", runner.sampler.__class__.__call__)
+    engine.executor.sampler.__class__.__call__ = labelled("sample (launch)", engine.executor.sampler.__class__.__call__)
     PendingOutput.wait = labelled("wait for the device", PendingOutput.wait)
     if runner.decode_graphs:
         runner.decode_graphs.replay = labelled("forward (graph replay launch)", runner.decode_graphs.replay)

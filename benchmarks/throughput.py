@@ -104,7 +104,7 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
     launch_times = []  # when each step was launched (the next launch comes as the device finishes it)
     blocks_used, tokens_held = [], []
-    launch = engine.model_runner.launch
+    launch = engine.executor.launch
 
     def recording_launch(out):
         launch_times.append(time.perf_counter())
@@ -115,7 +115,7 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
         return launch(out)
 
-    engine.model_runner.launch = recording_launch
+    engine.executor.launch = recording_launch
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -136,7 +136,7 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         "kv_peak_blocks_used": max(blocks_used),
         "kv_waste_fraction": 1 - sum(tokens_held) / allocated_slots if allocated_slots else 0.0,
         "num_steps": len(steps), "num_preemptions": engine.scheduler.num_preemptions,
-        "cuda_graphs": engine.model_runner.decode_graphs is not None,
+        "cuda_graphs": engine.executor.runner.decode_graphs is not None,
         "max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "async_scheduling": engine.async_scheduling,
     }
@@ -159,7 +159,7 @@ def time_split(steps: list, step_seconds: list[float], least: list[float]) -> di
 
 
 def _model_stats(llm: LLM) -> dict:
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.executor.runner
     g = runner.geometry
     lm_head = runner.model.lm_head.weight
     embeddings = [m.weight for m in runner.model.modules()

@@ -67,7 +67,7 @@ class EngineConfig:
     data_parallel_size: int = option(1, "engine replicas, each on tensor_parallel_size GPUs of its own (or a CPU "
                                         "process), sharing the requests")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
-    async_scheduling: bool = option(True, "schedule the next step while the device runs this one (one rank)")
+    async_scheduling: bool = option(True, "schedule the next step while the device runs this one")
 
     # Accepted so that vLLM scripts run unchanged; each says what it does here.
     num_gpu_blocks_override: int | None = option(None, "vLLM's name for num_kv_blocks",

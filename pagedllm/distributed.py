@@ -45,6 +45,11 @@ def sharded_as(rank: int, world_size: int) -> Iterator[None]:
         _building.rank, _building.world_size = 0, 1
 
 
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r runs on GPU r (or on the CPU)."""
+    return torch.device("cuda", rank) if device.startswith("cuda") else torch.device("cpu")
+
+
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store: dist.Store,
                          timeout_s: float) -> None:
     """Join the group: NCCL between GPUs, gloo between CPU processes."""
@@ -89,6 +94,11 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the ranks, in place."""
     dist.all_reduce(x)
     return x
+
+
+def broadcast_from_driver(x: torch.Tensor) -> None:
+    """Give every rank rank 0's ``x`` (each passes a tensor of its shape), in place."""
+    dist.broadcast(x, src=0)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ def check_same_as_reading_each_step_back(path: str, params_for, num_kv_blocks: i
     fast = LLM(path, **kwargs)
     assert fast.llm_engine.async_scheduling and not sync.llm_engine.async_scheduling
     fed = []
-    feed = fast.llm_engine.model_runner._feed_pending_inputs
-    fast.llm_engine.model_runner._feed_pending_inputs = lambda rows: (fed.append(len(rows or [])), feed(rows))
+    feed = fast.llm_engine.executor.runner._feed_pending_inputs
+    fast.llm_engine.executor.runner._feed_pending_inputs = lambda rows: (fed.append(len(rows or [])), feed(rows))
     expected = completions(sync.generate(prompts, params, use_tqdm=False))
     assert completions(fast.generate(prompts, params, use_tqdm=False)) == expected
     assert sum(fed) > 0, "no step was launched ahead of the one before"

@@ -30,7 +30,7 @@ def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
 def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
     total = torch.cuda.mem_get_info()[1]
     llm = LLM(tiny_checkpoint("llama"), device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.executor.runner
     cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     assert 0.2 * total < cache_bytes < 0.3 * total
     sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=3)
@@ -47,7 +47,7 @@ def test_cuda_graph_decode_equals_eager(kind, tiny_checkpoint):
     for eager in (True, False):
         llm = LLM(tiny_checkpoint(kind), device="cuda", dtype="float32", num_kv_blocks=256,
                   max_num_seqs=32, enforce_eager=eager)
-        assert (llm.llm_engine.model_runner.decode_graphs is None) == eager
+        assert (llm.llm_engine.executor.runner.decode_graphs is None) == eager
         outputs[eager] = [[o.outputs[0].token_ids for o in llm.generate(random_prompts(lengths), params,
                                                                          use_tqdm=False)]
                           for lengths in ([3, 50, 7, 1, 90], list(range(1, 96, 5)))]

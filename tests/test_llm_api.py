@@ -140,7 +140,7 @@ def test_progress_bar_reports_requests_and_tokens(llm, capsys):
 
 def test_bf16_runs_on_cpu(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), device="cpu", dtype="bfloat16")
-    assert llm.llm_engine.model_runner.kv_cache.dtype == torch.bfloat16
+    assert llm.llm_engine.executor.runner.kv_cache.dtype == torch.bfloat16
     out = llm.generate(random_prompts([9]), GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 8
 
@@ -155,8 +155,8 @@ def test_shutdown_frees_the_model_and_refuses_more_work(tiny_checkpoint):
     import weakref
 
     with LLM(tiny_checkpoint("gpt2"), device="cpu") as llm:
-        model = weakref.ref(llm.llm_engine.model_runner.model)
-        cache = weakref.ref(llm.llm_engine.model_runner.kv_cache)
+        model = weakref.ref(llm.llm_engine.executor.runner.model)
+        cache = weakref.ref(llm.llm_engine.executor.runner.kv_cache)
         assert llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0].finished
     gc.collect()
     assert model() is None and cache() is None

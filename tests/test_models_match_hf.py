@@ -76,7 +76,7 @@ def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference,
     """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill included."""
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
     llm = LLM(tiny_checkpoint(kind), max_num_batched_tokens=48, num_kv_blocks=64, dtype="float32")
-    assert llm.llm_engine.model_runner.attention_backend == "triton"
+    assert llm.llm_engine.executor.runner.attention_backend == "triton"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(random_prompts(PROMPT_LENGTHS), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_reference(kind)

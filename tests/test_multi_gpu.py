@@ -61,7 +61,7 @@ def test_shutdown_then_a_new_group_and_a_killed_worker_on_nccl(tiny_checkpoint):
 
     path = tiny_checkpoint("qwen3")
     llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=2)
-    workers = llm.llm_engine.model_runner.workers.procs
+    workers = llm.llm_engine.executor.workers.procs
     start = time.perf_counter()
     llm.shutdown()
     assert [w.exitcode for w in workers] == [0] and time.perf_counter() - start < 30
@@ -69,7 +69,7 @@ def test_shutdown_then_a_new_group_and_a_killed_worker_on_nccl(tiny_checkpoint):
     stream = llm.generate_stream(random_prompts([30] * 4), SamplingParams(temperature=0, max_tokens=200,
                                                                           ignore_eos=True))
     next(stream)
-    os.kill(llm.llm_engine.model_runner.workers.procs[0].pid, signal.SIGKILL)
+    os.kill(llm.llm_engine.executor.workers.procs[0].pid, signal.SIGKILL)
     start = time.perf_counter()
     with pytest.raises(WorkerFailed):
         for _ in stream:

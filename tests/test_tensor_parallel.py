@@ -35,6 +35,24 @@ def test_two_ranks_give_the_greedy_output_of_one(kind, tiny_checkpoint):
     assert greedy_tokens(path, tensor_parallel_size=2, **PRESSURE) == greedy_tokens(path, **PRESSURE)
 
 
+def test_async_scheduling_at_two_ranks_gives_the_seeded_samples_of_one(tiny_checkpoint):
+    """Each rank feeds the decode inputs still pending on the host from rank 0's broadcast of the
+    tokens the step before sampled; seeded samples then equal one rank's."""
+    path = tiny_checkpoint("llama")
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=7, ignore_eos=True)
+
+    def sample(**kwargs):
+        with LLM(path, device="cpu", **kwargs) as llm:
+            runner, fed = llm.llm_engine.executor.runner, []
+            feed = runner._feed_pending_inputs
+            runner._feed_pending_inputs = lambda rows: (fed.append(len(rows or [])), feed(rows))
+            outputs = llm.generate(random_prompts([5, 17, 40]), params, use_tqdm=False)
+            assert llm.llm_engine.async_scheduling and sum(fed) > 0
+            return [o.outputs[0].token_ids for o in outputs]
+
+    assert sample(tensor_parallel_size=2) == sample()
+
+
 def test_four_ranks_share_kv_heads_and_pad_the_vocabulary(tmp_path, tokenizer):
     """2 KV heads on 4 ranks (each shared by two), and a vocabulary of 510 rows that 4 ranks split
     into 128-row shards with 2 rows of padding."""
@@ -57,8 +75,8 @@ def test_sharded_checkpoint_each_rank_reads_only_its_slices(safetensors, tmp_pat
     total = sum(p.numel() * p.element_size() for p in model.parameters())
 
     with LLM(str(tmp_path), device="cpu", tensor_parallel_size=2) as llm:
-        runner = llm.llm_engine.model_runner
-        reads = [runner.checkpoint_bytes_read, *runner.workers.checkpoint_bytes_read]
+        executor = llm.llm_engine.executor
+        reads = [executor.runner.checkpoint_bytes_read, *executor.workers.checkpoint_bytes_read]
         outputs = llm.generate(random_prompts(PROMPT_LENGTHS), GREEDY, use_tqdm=False)
     # Only the norms (under 2% of this model) are read by both ranks; everything else by one.
     assert all(r < 0.51 * total for r in reads), (reads, total)
@@ -68,7 +86,7 @@ def test_sharded_checkpoint_each_rank_reads_only_its_slices(safetensors, tmp_pat
 
 def test_killed_worker_makes_generate_fail_within_seconds(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), device="cpu", tensor_parallel_size=2)
-    worker = llm.llm_engine.model_runner.workers.procs[0]
+    worker = llm.llm_engine.executor.workers.procs[0]
     stream = llm.generate_stream(random_prompts([30] * 4), SamplingParams(temperature=0, max_tokens=200,
                                                                           ignore_eos=True))
     next(stream)
@@ -86,7 +104,7 @@ def test_killed_worker_makes_generate_fail_within_seconds(tiny_checkpoint):
 def test_shutdown_stops_the_workers_and_a_new_group_can_start(tiny_checkpoint):
     path = tiny_checkpoint("qwen3")
     llm = LLM(path, device="cpu", tensor_parallel_size=2)
-    workers = llm.llm_engine.model_runner.workers.procs
+    workers = llm.llm_engine.executor.workers.procs
     llm.shutdown()
     assert [w.exitcode for w in workers] == [0]
     assert greedy_tokens(path, tensor_parallel_size=2) == greedy_tokens(path)
@@ -97,7 +115,7 @@ def test_ctrl_c_during_a_step_waits_for_its_end_and_keeps_ranks_in_step(tiny_che
     path = tiny_checkpoint("llama")
     expected = greedy_tokens(path)
     with LLM(path, device="cpu", tensor_parallel_size=2) as llm:
-        runner = llm.llm_engine.model_runner
+        runner = llm.llm_engine.executor.runner
         forward = runner.run_forward
 
         def interrupted_forward(batch):

@@ -19,7 +19,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
-    from pagedllm.worker.model_runner import PendingOutput
+    from pagedllm.worker.executor import PendingOutput
 
 logger = logging.getLogger("pagedllm")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -27,22 +27,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        from pagedllm.worker.model_runner import ModelRunner  # torch-heavy; the engine itself is not
+        from pagedllm.worker.executor import Executor  # torch-heavy; the engine itself is not
 
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.outputs = OutputBuilder(self.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
-        self.model_runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
+        self.executor = Executor(config)
+        self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
-        # Workers of other ranks get each step's token ids from the host, so they need them there first.
-        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -87,7 +86,7 @@ class LLMEngine:
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort_request(request.request_id)
         self._in_flight = None
-        self.model_runner.shutdown()
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         manager, scheduler = self.block_manager, self.scheduler
@@ -124,7 +123,7 @@ class LLMEngine:
                 raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
             return self._finish_step(*in_flight)
         try:
-            pending = self.model_runner.launch(out)
+            pending = self.executor.launch(out)
         except RequestError as err:  # one request's own code failed: it alone ends; the step runs again
             self._in_flight = in_flight
             failed = next(r for r in out.requests if r.request_id == err.request_id)

@@ -1,20 +1,15 @@
-"""Turns a scheduled step into tensors, runs the model over the paged cache, and samples."""
+"""One rank's model over its paged KV cache: turns a step's batch into tensors and runs the forward pass."""
 
-import dataclasses
 import gc
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed import min_over_ranks
-from pagedllm.engine.request import PENDING_TOKEN, Request
-from pagedllm.engine.scheduler import SchedulerOutput
-from pagedllm.errors import RequestError
+from pagedllm.distributed import broadcast_from_driver, min_over_ranks, rank_device
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
-from pagedllm.layers.sampler import Sampler, SamplerOutput, index_tensor
+from pagedllm.layers.sampler import index_tensor
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
@@ -26,81 +21,24 @@ from pagedllm.worker.kv_cache import (
     gpu_num_blocks,
     release_kv_cache,
 )
-from pagedllm.worker.sampling_inputs import TokenLogprobs, logprobs_to_host, sampling_metadata, score_prompt_tokens
 from pagedllm.worker.step_inputs import SeqChunk, StepBatch, StepInputs
-from pagedllm.worker.tensor_parallel import WorkerGroup, rank_device
 
 logger = logging.getLogger("pagedllm")
 
 
-
-@dataclass
-class ModelRunnerOutput:
-    sampled_token_ids: list[int | None]  # per scheduled request; None for a prefill chunk
-    token_logprobs: list[float | None] | None = None  # per scheduled request: its sampled token's logprob
-    logprobs: list[TokenLogprobs | None] | None = None  # per scheduled request, when any asked
-    # scheduled request's row -> logprobs of the next prompt tokens it scored this step
-    prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
-
-
-@dataclass
-class PendingOutput:
-    """A launched step: its sampled tokens (and logprobs) on their way to pinned host memory.
-    ``wait`` blocks only on this step's own copy, not on steps launched after it."""
-
-    result: ModelRunnerOutput  # prompt logprobs already filled in
-    rows: list[int]  # the scheduled request (chunk) of each sampled row
-    requests: list[Request]  # the request of each sampled row
-    sampled: SamplerOutput | None  # host copies, complete once ``ready`` has passed
-    ready: torch.cuda.Event | None
-    vocab_size: int
-
-    def wait(self) -> ModelRunnerOutput:
-        result = self.result
-        if self.sampled is None:
-            return result
-        if self.ready is not None:
-            self.ready.synchronize()
-        token_ids = self.sampled.token_ids.tolist()
-        row_logprobs = [None] * len(self.rows)
-        if self.sampled.top_ids is not None:
-            row_logprobs = logprobs_to_host(self.sampled, token_ids, self.requests, self.vocab_size)
-            result.logprobs = [None] * len(result.sampled_token_ids)
-        result.token_logprobs = [None] * len(result.sampled_token_ids)
-        token_logprobs = self.sampled.sampled_logprobs.tolist()
-        for chunk_index, token_id, token_logprob, top in zip(self.rows, token_ids, token_logprobs, row_logprobs,
-                                                             strict=True):
-            result.sampled_token_ids[chunk_index] = token_id
-            result.token_logprobs[chunk_index] = token_logprob
-            if result.logprobs is not None:
-                result.logprobs[chunk_index] = top
-        return result
-
-
 class ModelRunner:
-    """One rank's model, KV cache and step inputs. Rank 0 (the driver's) also samples and, with
-    ``tensor_parallel_size`` > 1, starts the other ranks' workers and sends them every step."""
+    """One rank of the model: its shard of the weights, its KV cache, its step inputs and decode
+    graphs. Every rank runs the same ``run_forward`` on the same ``StepBatch`` each step, meeting
+    the others in the layers' collectives; rank 0's lives in the driver's process (``Executor``),
+    the others' in workers (``tensor_parallel``)."""
 
     def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
-        tp_size = config.tensor_parallel_size
-        self.device = torch.device(config.device) if tp_size == 1 else rank_device(config.device, rank)
+        self.tp_size = config.tensor_parallel_size
+        self.device = torch.device(config.device) if self.tp_size == 1 else rank_device(config.device, rank)
         self.block_size = config.block_size
         self.rank = rank
-        self.workers = WorkerGroup(config, tp_size) if rank == 0 and tp_size > 1 else None
-        try:
-            self._build(config)
-        except BaseException as err:
-            if self.workers is not None:
-                failure = self.workers.failure()
-                self.workers.shutdown()
-                if failure and not isinstance(err, ValueError):  # a ValueError is every rank's own
-                    raise RuntimeError(failure) from None
-            raise
-        if self.workers is not None:
-            self.workers.wait_ready()
-
-    def _build(self, config: EngineConfig) -> None:
+        self.last_sampled: torch.Tensor | None = None  # the last sampled tokens, on the device (set by rank 0)
         self.model, self.checkpoint_bytes_read = build_model(config, self.device, self.rank)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
@@ -115,81 +53,28 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
-        generator = torch.Generator(device=self.device)
-        if config.seed is None:
-            generator.seed()  # a fresh random seed
-        else:
-            generator.manual_seed(config.seed)
-        self.sampler = Sampler(generator)
-        self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
-        self._last_sampled: torch.Tensor | None = None  # the last launch's sampled tokens, on the device
-        self._last_sample_rows: dict[str, int] = {}  # request id -> its row there
 
     def shutdown(self) -> None:
-        """Release the graphs, the KV cache and the weights, stop the workers, and return the memory
-        to the device. The graphs go first: NCCL cannot tear down a communicator that captured
-        graphs still use (every rank does the same before leaving the group)."""
+        """Release the graphs, the KV cache and the weights, and return the memory to the device.
+        The graphs go first: NCCL cannot tear down a communicator that captured graphs still use."""
         self.decode_graphs = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        if self.workers is not None:
-            self.workers.shutdown()
         release_kv_cache(self.model)
-        self.kv_cache = self.model = self.inputs = self._last_sampled = None
-        self.generators.clear()
+        self.kv_cache = self.model = self.inputs = self.last_sampled = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> PendingOutput:
-        """Start one step on the device: each scheduled request's sampled token (None for a prefill
-        chunk that does not reach the end), and logprobs for the requests that ask for them, come
-        back through ``PendingOutput.wait``. A decode input that is still ``PENDING_TOKEN`` on the
-        host is the token the previous launch sampled for that request, taken on the device."""
-        for request_id in out.finished_request_ids:
-            self.generators.pop(request_id, None)
-        chunks, pending_rows, flat_rows = [], [], 0
-        for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
-            chunk = SeqChunk(r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n], r.num_computed_tokens,
-                             r.block_table, r.num_computed_tokens + n == r.num_tokens)
-            chunks.append(chunk)
-            flat_rows += n
-            if chunk.token_ids[-1] == PENDING_TOKEN:
-                pending_rows.append((flat_rows - 1, self._last_sample_rows[r.request_id]))
-        prompt_rows, prompt_targets = self._prompt_logprobs(out, chunks)
-        batch = StepBatch(chunks, prompt_rows, pending_rows)
-        if self.workers is None:
-            logits, prompt_logits = self.run_forward(batch)
-        else:
-            logits, prompt_logits = self.workers.run(self.run_forward, batch)
-        result = ModelRunnerOutput([None] * len(chunks))
-        if prompt_logits is not None:
-            result.prompt_logprobs = score_prompt_tokens(prompt_logits, prompt_targets, out.requests)
-        rows = [i for i, chunk in enumerate(chunks) if chunk.wants_logits]  # a row of logits each
-        requests = [out.requests[i] for i in rows]
-        self._last_sample_rows = {request.request_id: row for row, request in enumerate(requests)}
-        if not rows:
-            return PendingOutput(result, rows, requests, None, None, 0)
-        vocab_size = logits.shape[-1]
-        meta = sampling_metadata(requests, vocab_size, self._generators(requests), pin=self.device.type == "cuda")
-        try:
-            sampled = self.sampler(logits, meta)
-        except RequestError as err:  # the step is not committed: the other requests run it again
-            err.request_id = requests[err.row].request_id
-            raise
-        self._last_sampled = sampled.token_ids
-        host = SamplerOutput(**{f.name: _to_host(getattr(sampled, f.name)) for f in dataclasses.fields(sampled)})
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        return PendingOutput(result, rows, requests, host, ready, vocab_size)
-
-    @torch.inference_mode()
     def run_forward(self, batch: StepBatch):
-        """What every rank runs each step: the forward pass."""
+        """What every rank runs each step: the forward pass. Inputs still pending on the host are
+        the last sampled tokens, which rank 0 broadcasts first (on the device: no rank waits)."""
+        if batch.pending_rows and self.tp_size > 1:
+            if self.rank != 0:
+                self.last_sampled = torch.empty(batch.num_last_sampled, dtype=torch.int64, device=self.device)
+            broadcast_from_driver(self.last_sampled)
         return self._forward(batch.chunks, batch.prompt_rows, batch.pending_rows)
 
     def _forward(self, chunks: list[SeqChunk], extra_rows: list[int] | None = None,
@@ -217,35 +102,8 @@ class ModelRunner:
         """Write the tokens the last launch sampled into the input rows that wait for them."""
         if pending_rows:
             flat_rows, sampled_rows = zip(*pending_rows, strict=True)
-            sampled = self._last_sampled[index_tensor(sampled_rows, self.device)]
+            sampled = self.last_sampled[index_tensor(sampled_rows, self.device)]
             self.inputs.gpu["input_ids"][index_tensor(flat_rows, self.device)] = sampled
-
-    def _prompt_logprobs(self, out: SchedulerOutput, chunks: list[SeqChunk]):
-        """For requests asking for prompt logprobs: the flat rows whose logits predict a prompt
-        token not yet scored, and per such row (scheduled request, prompt token it predicts)."""
-        rows, targets, start = [], [], 0
-        for index, (request, chunk) in enumerate(zip(out.requests, chunks, strict=True)):
-            if request.wants_prompt_logprobs:
-                for offset in range(len(chunk.token_ids)):
-                    position = chunk.start + offset  # its logits predict token position + 1
-                    if len(request.prompt_logprobs) <= position < request.num_prompt_tokens - 1:
-                        rows.append(start + offset)
-                        targets.append((index, request.prompt_token_ids[position + 1]))
-            start += len(chunk.token_ids)
-        return rows, targets
-
-    def _generators(self, requests: list[Request]) -> dict[int, torch.Generator]:
-        """Row -> the generator of each seeded request (sample i of a group draws from seed + i),
-        kept until the request finishes."""
-        generators = {}
-        for row, request in enumerate(requests):
-            seed = request.sampling_params.seed
-            if seed is not None and not request.sampling_params.greedy:
-                if request.request_id not in self.generators:
-                    generator = torch.Generator(device=self.device).manual_seed(seed + request.sample_index)
-                    self.generators[request.request_id] = generator
-                generators[row] = self.generators[request.request_id]
-        return generators
 
     def _profile_num_blocks(self) -> int:
         """KV blocks that fit beside the weights and the largest step's activations; says how it
@@ -299,9 +157,3 @@ class ModelRunner:
             release_kv_cache(self.model)
         return cache.numel() * cache.element_size()
 
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Start copying a device tensor into pinned host memory (complete after the step's event)."""
-    if t is None or not t.is_cuda:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -28,9 +28,9 @@ class StepBatch:
 
     chunks: list[SeqChunk]
     prompt_rows: list[int]  # flat token rows whose logits score prompt tokens (prompt_logprobs)
-    # (flat token row, row of the last step's sampled tokens) of inputs still pending on the host;
-    # only with async scheduling, which runs at one rank
+    # (flat token row, row of the last sampled tokens) of inputs still pending on the host (async scheduling)
     pending_rows: list[tuple[int, int]]
+    num_last_sampled: int = 0  # how many tokens the last sampling step gave (rank 0 broadcasts them)
 
 
 @dataclass

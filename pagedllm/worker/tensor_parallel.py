@@ -28,18 +28,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pagedllm.distributed import abort_tensor_parallel, check_no_group, init_tensor_parallel, leave_tensor_parallel
+from pagedllm.distributed import (
+    abort_tensor_parallel,
+    check_no_group,
+    init_tensor_parallel,
+    leave_tensor_parallel,
+    rank_device,
+)
+from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagedllm")
 # How long a collective may wait for a rank that is alive but slow (a first compile, a capture).
 COLLECTIVE_TIMEOUT_S = 600
 STARTUP_TIMEOUT_S = 600
 LEAVE_TIMEOUT_S = 20  # for all ranks to leave the group together before it is aborted
-
-
-def rank_device(device: str, rank: int) -> torch.device:
-    """Rank r runs on GPU r (or on the CPU)."""
-    return torch.device("cuda", rank) if device.startswith("cuda") else torch.device("cpu")
 
 
 class WorkerFailed(RuntimeError):
@@ -213,8 +215,6 @@ def _sigint_deferred():
 
 def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> None:
     """A worker process: join the group, build this rank's ModelRunner, run what the driver sends."""
-    from pagedllm.worker.model_runner import ModelRunner
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     logging.getLogger("pagedllm").setLevel(logging.WARNING)
     device = rank_device(config.device, rank)
