@@ -62,6 +62,7 @@ def run_one(workload: Workload, tp: int, dp: int) -> dict:
 
 def profile_decode(llm, prompts: list[list[int]]) -> dict:
     """Rank 0's GPU kernel time over decode steps of the whole batch, and NCCL's share of it."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from pagedllm import SamplingParams
@@ -76,19 +77,19 @@ def profile_decode(llm, prompts: list[list[int]]) -> dict:
         engine.step()
     for _ in range(4):
         engine.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    on_gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(PROFILED_DECODE_STEPS):
             engine.step()
-        import torch
-
-        torch.cuda.synchronize()
+        if on_gpu:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - start
     for i in range(len(batch)):
         engine.abort_request(f"profile-{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # none on the CPU
     total_us = sum(e.self_device_time_total for e in kernels)
     nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
     return {"batch": len(batch), "steps": PROFILED_DECODE_STEPS,
