@@ -10,6 +10,7 @@ takes them from its own copy of those tokens on the device (rank 0 broadcasts th
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,8 @@ class Executor:
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
         self._last_sample_rows: dict[str, int] = {}  # request id -> its row of the last sampled tokens
         self._num_last_sampled = 0
+        # Also when the script just ends: rank 0 must free its graphs before the ranks can leave together.
+        self._finalizer = weakref.finalize(self, _stop_ranks, self.runner, self.workers)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -104,9 +107,7 @@ class Executor:
 
     def shutdown(self) -> None:
         """Free rank 0's model and cache, then stop the other ranks (each frees its own first)."""
-        self.runner.shutdown()
-        if self.workers is not None:
-            self.workers.shutdown()
+        self._finalizer()
         self.generators.clear()
 
     @torch.inference_mode()
@@ -183,6 +184,12 @@ class Executor:
                     self.generators[request.request_id] = generator
                 generators[row] = self.generators[request.request_id]
         return generators
+
+
+def _stop_ranks(runner: ModelRunner, workers: WorkerGroup | None) -> None:
+    runner.shutdown()
+    if workers is not None:
+        workers.shutdown()
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
