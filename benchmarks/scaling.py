@@ -112,7 +112,7 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=list(WORKLOADS), required=True)
-    sizes = parser.add_mutually_exclusive_group(required=True)
+    sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--tensor-parallel-size", type=int, nargs="+")
     sizes.add_argument("--data-parallel-size", type=int, nargs="+")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
@@ -125,6 +125,8 @@ def main() -> None:
         with open(result_path, "w") as f:
             json.dump(run_one(workload, int(tp), int(dp)), f)
         return
+    if not (args.tensor_parallel_size or args.data_parallel_size):
+        parser.error("give --tensor-parallel-size or --data-parallel-size")
     kind = "tensor" if args.tensor_parallel_size else "data"
     runs = []
     for n in args.tensor_parallel_size or args.data_parallel_size:
@@ -139,13 +141,13 @@ def main() -> None:
         runs.append({"tensor_parallel_size": tp, "data_parallel_size": dp, "gpus": n, **run})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "greedy_tokens"}), flush=True)
     base = next((r for r in runs if r["gpus"] == 1 and "error" not in r), None)
+    reference = base["greedy_tokens"] if base else None
     for run in runs:
+        tokens = run.pop("greedy_tokens", None)
         if base and "error" not in run:
             run["speedup"] = run["output_tokens_per_s"] / base["output_tokens_per_s"]
             run["per_gpu_efficiency"] = run["speedup"] / run["gpus"]
-            run["greedy_agreement"] = agreement(run.pop("greedy_tokens"), base["greedy_tokens"])
-    for run in runs:
-        run.pop("greedy_tokens", None)
+            run["greedy_agreement"] = agreement(tokens, reference)
     payload = {"benchmark": "scaling", "parallelism": kind, "workload": workload.name,
                "model_config": workload.config, "dtype": str(workload.dtype).split(".")[-1],
                "num_requests": workload.num_requests, "prompt_len": workload.prompt_len,

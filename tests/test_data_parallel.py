@@ -53,6 +53,14 @@ def test_both_replicas_take_requests_as_they_free_up(two):
     assert two.reset_prefix_cache() is True
 
 
+def test_fewer_requests_than_a_replica_holds_are_still_shared(two):
+    """6 requests, room for 8 in each replica: three each, not all six on the first (seen on 2 H100s,
+    where 256 requests all went to one replica and two GPUs ran as fast as one)."""
+    before = [r.generated for r in two.llm_engine.replicas]
+    two.generate(PROMPTS[:6], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [r.generated - b for r, b in zip(two.llm_engine.replicas, before, strict=True)] == [15, 15]
+
+
 def test_a_replica_that_dies_fails_its_requests_clearly(tmp_path):
     llm = LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=2)
     try:

@@ -104,12 +104,17 @@ class DataParallelEngine:
         self._finalizer()
 
     def _place_waiting(self) -> None:
-        for replica in sorted((r for r in self.replicas if r.alive), key=lambda r: r.load):
-            while self.waiting and replica.load < self.capacity:
-                request = self.waiting.popleft()
-                replica.send(("add", request))
-                replica.load += 1
-                self.placed[request[0]] = replica
+        """Each waiting request goes to the least-loaded live replica while it has room, so that a
+        run of fewer requests than the capacity is still shared by every replica."""
+        live = [r for r in self.replicas if r.alive]
+        while self.waiting and live:
+            replica = min(live, key=lambda r: r.load)
+            if replica.load >= self.capacity:
+                break
+            request = self.waiting.popleft()
+            replica.send(("add", request))
+            replica.load += 1
+            self.placed[request[0]] = replica
         if self.waiting and not any(r.alive for r in self.replicas):
             raise RuntimeError("every data-parallel replica has died: create a new LLM")
 
