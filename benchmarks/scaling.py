@@ -29,7 +29,7 @@ AGREEMENT_PROMPTS, AGREEMENT_TOKENS = 8, 32
 PROFILED_DECODE_STEPS = 16
 
 
-def run_one(workload: Workload, tp: int, dp: int) -> dict:
+def run_one(workload: Workload, tp: int, dp: int, engine_args: dict) -> dict:
     """One size, in this process: start-up, the timed run, and for TP > 1 the profile."""
     from transformers import AutoConfig
 
@@ -39,7 +39,7 @@ def run_one(workload: Workload, tp: int, dp: int) -> dict:
     prompts, output_lens = make_requests(workload, AutoConfig.from_pretrained(path).vocab_size)
     start = time.perf_counter()
     llm = LLM(path, load_format="dummy", dtype=workload.dtype, tensor_parallel_size=tp, data_parallel_size=dp,
-              max_model_len=max(len(p) + o for p, o in zip(prompts, output_lens, strict=True)))
+              max_model_len=max(len(p) + o for p, o in zip(prompts, output_lens, strict=True)), **engine_args)
     startup_s = time.perf_counter() - start
     # every replica compiles its kernels before the clock starts
     llm.generate(prompts[: 4 * dp], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -117,13 +117,16 @@ def main() -> None:
     sizes.add_argument("--data-parallel-size", type=int, nargs="+")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per size")
+    parser.add_argument("--disable-custom-all-reduce", action="store_true", help="all-reduce through NCCL only")
     parser.add_argument("--one", nargs=3, metavar=("TP", "DP", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
+    engine_args = {"disable_custom_all_reduce": True} if args.disable_custom_all_reduce else {}
+    flags = ["--disable-custom-all-reduce"] if args.disable_custom_all_reduce else []
     if args.one:
         tp, dp, result_path = args.one
         with open(result_path, "w") as f:
-            json.dump(run_one(workload, int(tp), int(dp)), f)
+            json.dump(run_one(workload, int(tp), int(dp), engine_args), f)
         return
     if not (args.tensor_parallel_size or args.data_parallel_size):
         parser.error("give --tensor-parallel-size or --data-parallel-size")
@@ -134,7 +137,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             try:  # a fresh process per size: its own GPUs and process group
                 child = subprocess.run([sys.executable, __file__, "--workload", workload.name, "--one", str(tp),
-                                        str(dp), result.name], timeout=args.timeout)
+                                        str(dp), result.name, *flags], timeout=args.timeout)
                 run = json.load(open(result.name)) if child.returncode == 0 else {"error": f"exit {child.returncode}"}
             except subprocess.TimeoutExpired:
                 run = {"error": f"did not finish within {args.timeout:.0f} s"}
@@ -151,8 +154,10 @@ def main() -> None:
     payload = {"benchmark": "scaling", "parallelism": kind, "workload": workload.name,
                "model_config": workload.config, "dtype": str(workload.dtype).split(".")[-1],
                "num_requests": workload.num_requests, "prompt_len": workload.prompt_len,
-               "output_len": workload.output_len, "environment": environment(), "runs": runs}
-    print(f"wrote {write_result(f'scaling-{workload.name}-{kind}', payload, args.out)}")
+               "output_len": workload.output_len, "engine_args": engine_args, "environment": environment(),
+               "runs": runs}
+    name = f"scaling-{workload.name}-{kind}" + ("-nccl-only" if args.disable_custom_all_reduce else "")
+    print(f"wrote {write_result(name, payload, args.out)}")
     for run in runs:
         if "speedup" in run:
             print(f"{kind} parallel x{run['gpus']}: {run['output_tokens_per_s']:.0f} output tok/s, "

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed import broadcast_from_driver, min_over_ranks, rank_device
+from pagedllm.distributed import broadcast_from_driver, enable_symmetric_all_reduce, min_over_ranks, rank_device
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
 from pagedllm.layers.sampler import index_tensor
@@ -40,6 +40,8 @@ class ModelRunner:
         self.rank = rank
         self.last_sampled: torch.Tensor | None = None  # the last sampled tokens, on the device (set by rank 0)
         self.model, self.checkpoint_bytes_read = build_model(config, self.device, self.rank)
+        if self.tp_size > 1 and not config.disable_custom_all_reduce:
+            enable_symmetric_all_reduce(config.dtype, self.device)  # before the graphs capture the all-reduces
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
         for attn in attention_layers(self.model):
