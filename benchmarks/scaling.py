@@ -5,8 +5,9 @@ Each size runs in a fresh process (its own GPUs, its own process group) on the w
 of benchmarks/throughput.py (random weights from the real config, EOS ignored), timed after a
 short warm-up. Recorded per size: output tokens/s, speed-up over one GPU, per-GPU efficiency
 (speed-up / GPUs), and for tensor parallelism the share of a decode step's GPU kernel time that
-rank 0 spends in NCCL all-reduce (from a torch profile of 16 decode steps of the full batch),
-and the first 32 greedy tokens of 8 prompts against one GPU's.
+rank 0 spends in all-reduce kernels (from a torch profile of 16 decode steps of the full batch),
+the first 32 greedy tokens of 8 prompts against one GPU's, and for data parallelism the bound
+that the longest request sets (one GPU's time over that request's time alone).
 
 Usage: python benchmarks/scaling.py --workload W2 --tensor-parallel-size 1 2 [--out DIR]
        python benchmarks/scaling.py --workload W3 --data-parallel-size 1 2 4 [--out DIR]
@@ -53,6 +54,11 @@ def run_one(workload: Workload, tp: int, dp: int, engine_args: dict) -> dict:
     result = {"tensor_parallel_size": tp, "data_parallel_size": dp, "gpus": tp * dp, "wall_s": wall,
               "startup_s": startup_s, "output_tokens_per_s": sum(output_lens) / wall,
               "greedy_tokens": agreement}
+    if tp * dp == 1:  # the critical path no number of replicas can shorten: the longest request alone
+        longest = max(range(len(prompts)), key=lambda i: (output_lens[i], len(prompts[i])))
+        start = time.perf_counter()
+        llm.generate([prompts[longest]], params[longest], use_tqdm=False)
+        result["longest_request_alone_s"] = time.perf_counter() - start
     if tp > 1:
         result["decode_profile"] = profile_decode(llm, prompts)
     llm.shutdown()
@@ -91,7 +97,7 @@ def profile_decode(llm, prompts: list[list[int]]) -> dict:
         engine.step()
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # none on the CPU
     total_us = sum(e.self_device_time_total for e in kernels)
-    nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
+    nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower() or "all_reduce" in e.key)
     return {"batch": len(batch), "steps": PROFILED_DECODE_STEPS,
             "step_wall_ms": 1e3 * wall / PROFILED_DECODE_STEPS,
             "step_kernel_ms": 1e-3 * total_us / PROFILED_DECODE_STEPS,
@@ -117,12 +123,13 @@ def main() -> None:
     sizes.add_argument("--data-parallel-size", type=int, nargs="+")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per size")
-    parser.add_argument("--disable-custom-all-reduce", action="store_true", help="all-reduce through NCCL only")
+    parser.add_argument("--custom-all-reduce", action="store_true",
+                        help="small all-reduces through symmetric memory (disable_custom_all_reduce=False)")
     parser.add_argument("--one", nargs=3, metavar=("TP", "DP", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
-    engine_args = {"disable_custom_all_reduce": True} if args.disable_custom_all_reduce else {}
-    flags = ["--disable-custom-all-reduce"] if args.disable_custom_all_reduce else []
+    engine_args = {"disable_custom_all_reduce": False} if args.custom_all_reduce else {}
+    flags = ["--custom-all-reduce"] if args.custom_all_reduce else []
     if args.one:
         tp, dp, result_path = args.one
         with open(result_path, "w") as f:
@@ -151,12 +158,14 @@ def main() -> None:
             run["speedup"] = run["output_tokens_per_s"] / base["output_tokens_per_s"]
             run["per_gpu_efficiency"] = run["speedup"] / run["gpus"]
             run["greedy_agreement"] = agreement(tokens, reference)
+            if kind == "data":  # replicas cannot finish before the longest request does on its own
+                run["speedup_bound"] = base["wall_s"] / base["longest_request_alone_s"]
     payload = {"benchmark": "scaling", "parallelism": kind, "workload": workload.name,
                "model_config": workload.config, "dtype": str(workload.dtype).split(".")[-1],
                "num_requests": workload.num_requests, "prompt_len": workload.prompt_len,
                "output_len": workload.output_len, "engine_args": engine_args, "environment": environment(),
                "runs": runs}
-    name = f"scaling-{workload.name}-{kind}" + ("-nccl-only" if args.disable_custom_all_reduce else "")
+    name = f"scaling-{workload.name}-{kind}" + ("-custom-all-reduce" if args.custom_all_reduce else "")
     print(f"wrote {write_result(name, payload, args.out)}")
     for run in runs:
         if "speedup" in run:

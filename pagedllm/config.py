@@ -66,8 +66,9 @@ class EngineConfig:
     tensor_parallel_size: int = option(1, "GPUs (or CPU processes) the model is split over")
     data_parallel_size: int = option(1, "engine replicas, each on tensor_parallel_size GPUs of its own (or a CPU "
                                         "process), sharing the requests")
-    disable_custom_all_reduce: bool = option(False, "tensor parallelism all-reduces through NCCL only, not the "
-                                                    "symmetric-memory kernel used for decode steps' small messages")
+    disable_custom_all_reduce: bool = option(
+        True, "False: tensor parallelism all-reduces small messages (decode) through a symmetric-memory kernel, "
+              "NCCL beyond; faster, but a worker that dies mid-step leaves the others' GPUs waiting forever")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
     async_scheduling: bool = option(True, "schedule the next step while the device runs this one")
 
