@@ -11,10 +11,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 C
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-def greedy_on_cuda(path: str, tensor_parallel_size: int) -> list[list[int]]:
+def greedy_on_cuda(path: str, tensor_parallel_size: int, **kwargs) -> list[list[int]]:
     # float32, so that the ranks' different summation order cannot flip an argmax
     with LLM(path, device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=32, max_num_batched_tokens=64,
-             tensor_parallel_size=tensor_parallel_size) as llm:
+             tensor_parallel_size=tensor_parallel_size, **kwargs) as llm:
         return [o.outputs[0].token_ids for o in llm.generate(random_prompts([1, 7, 33, 100, 5]), GREEDY,
                                                              use_tqdm=False)]
 
@@ -26,6 +26,13 @@ def test_nccl_ranks_give_the_greedy_output_of_one_gpu(kind, tiny_checkpoint):
     for size in (2, 4):
         if size <= torch.cuda.device_count() and TINY_CONFIGS[kind].num_attention_heads % size == 0:
             assert greedy_on_cuda(tiny_checkpoint(kind), size) == expected, f"tensor_parallel_size={size}"
+
+
+def test_symmetric_memory_all_reduce_gives_the_greedy_output_of_one_gpu(tiny_checkpoint):
+    """disable_custom_all_reduce=False: decode graphs all-reduce through symmetric memory, the
+    prefill's larger messages through NCCL."""
+    path = tiny_checkpoint("llama")
+    assert greedy_on_cuda(path, 2, disable_custom_all_reduce=False) == greedy_on_cuda(path, 1)
 
 
 def run_script(body: str, timeout: float = 180):
