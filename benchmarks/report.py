@@ -125,6 +125,62 @@ def throughput_section() -> list[str]:
     return lines if len(lines) > 4 else []
 
 
+SCALING_TARGETS = {("W2", "tensor", 2): 1.7, ("W2", "tensor", 4): 2.8, ("W3", "data", 2): 1.9, ("W3", "data", 4): 3.8}
+
+
+def scaling_files() -> list[tuple[str, dict]]:
+    """The newest result of each (workload, parallelism, most GPUs), in that order."""
+    newest = {}
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "results", "scaling-*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        key = (data["workload"], data["parallelism"], max(r["gpus"] for r in data["runs"]))
+        name = os.path.basename(path)
+        if key not in newest or (data["environment"]["date"], name) > (newest[key][1]["environment"]["date"],
+                                                                        newest[key][0]):
+            newest[key] = (name, data)
+    return [newest[key] for key in sorted(newest)]
+
+
+def scaling_section() -> list[str]:
+    files = scaling_files()
+    if not files:
+        return []
+    lines = [
+        "**Several GPUs** (`python benchmarks/scaling.py --workload W2 --tensor-parallel-size 1 2 4`, "
+        "`--workload W3 --data-parallel-size 1 2 4`): output tokens/s of each size in a fresh process, "
+        "against one GPU in the same run. Tensor parallelism: one engine split over the GPUs; the all-reduce "
+        "share is rank 0's all-reduce kernel time over its kernel time in 16 decode steps of 256 sequences "
+        "(torch profiler). Data parallelism: replicas of one GPU each; the bound is one GPU's time over the "
+        "time of W3's longest request alone (1,024 output tokens), which no number of replicas can beat. "
+        "Greedy: prompts of 8 whose first 32 greedy tokens (bf16, random weights) equal one GPU's.",
+        "",
+        "| workload | parallelism | GPUs | all-reduce | output tok/s | x one GPU | per-GPU efficiency | target | "
+        "all-reduce share | bound | greedy | result file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, data in files:
+        base = next(r for r in data["runs"] if r["gpus"] == 1)
+        for run in data["runs"]:
+            if run["gpus"] == 1 or "speedup" not in run:
+                continue
+            target = SCALING_TARGETS.get((data["workload"], data["parallelism"], run["gpus"]))
+            share = run.get("decode_profile", {}).get("all_reduce_share_of_kernel_time")
+            agreement = run.get("greedy_agreement")
+            cells = [
+                f"{data['workload']} {data['model_config']}", data["parallelism"], str(run["gpus"]),
+                run.get("all_reduce") or "-",
+                f"{_rate(run['output_tokens_per_s'])} (one GPU {_rate(base['output_tokens_per_s'])})",
+                f"{run['speedup']:.2f}", f"{run['per_gpu_efficiency']:.2f}", f">= {target}" if target else "-",
+                f"{100 * share:.0f}%" if share is not None else "-",
+                f"{run['speedup_bound']:.2f}" if "speedup_bound" in run else "-",
+                f"{agreement['prompts_equal']}/{agreement['prompts']}" if agreement else "-",
+                f"`{name}` ({data['environment']['gpu']}, commit {str(data['environment']['git_commit'])[:10]})",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
@@ -164,6 +220,9 @@ def render() -> str:
     throughput = throughput_section()
     if throughput:
         sections.append("\n".join(throughput))
+    scaling = scaling_section()
+    if scaling:
+        sections.append("\n".join(scaling))
     serve = latest("serve")
     if serve:
         sections.append("\n".join(serve_section(*serve)))

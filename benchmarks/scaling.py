@@ -51,7 +51,9 @@ def run_one(workload: Workload, tp: int, dp: int, engine_args: dict) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
+    custom = tp > 1 and not llm.llm_engine.config.disable_custom_all_reduce
     result = {"tensor_parallel_size": tp, "data_parallel_size": dp, "gpus": tp * dp, "wall_s": wall,
+              "all_reduce": "symmetric memory, NCCL beyond 8/32 MiB" if custom else "nccl" if tp > 1 else None,
               "startup_s": startup_s, "output_tokens_per_s": sum(output_lens) / wall,
               "greedy_tokens": agreement}
     if tp * dp == 1:  # the critical path no number of replicas can shorten: the longest request alone
@@ -165,7 +167,8 @@ def main() -> None:
                "num_requests": workload.num_requests, "prompt_len": workload.prompt_len,
                "output_len": workload.output_len, "engine_args": engine_args, "environment": environment(),
                "runs": runs}
-    name = f"scaling-{workload.name}-{kind}" + ("-custom-all-reduce" if args.custom_all_reduce else "")
+    name = f"scaling-{workload.name}-{kind}-{max(r['gpus'] for r in runs)}gpu" + (
+        "-custom-all-reduce" if args.custom_all_reduce else "")
     print(f"wrote {write_result(name, payload, args.out)}")
     for run in runs:
         if "speedup" in run:
