@@ -9,6 +9,7 @@ from pagedllm.llm import LLM
 from pagedllm.logging_config import configure_logging
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.structured_outputs import GuidedDecodingParams, StructuredOutputsParams
 
 # vLLM's names for the engine's arguments: EngineArgs(model=...), AsyncEngineArgs(model=...)
 EngineArgs = AsyncEngineArgs = EngineConfig
@@ -17,7 +18,7 @@ AsyncLLMEngine = AsyncLLM
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
            "RequestOutputKind", "EngineConfig", "EngineArgs", "AsyncEngineArgs", "AsyncLLM", "AsyncLLMEngine",
            "PromptType", "TextPrompt", "TokensPrompt", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
-           "RequestFailedError", "EngineDeadError"]
+           "RequestFailedError", "EngineDeadError", "StructuredOutputsParams", "GuidedDecodingParams"]
 __version__ = "0.1.0"
 
 configure_logging()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pagedllm.structured_outputs import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401 (vLLM's path)
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _NONE_IS_DEFAULT = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 # vLLM's per-request logits processor: (output token ids, logits) -> logits, or
@@ -42,7 +44,9 @@ class SamplingParams:
     ``stop`` strings end the text before them (after them with ``include_stop_str_in_output``).
     ``max_tokens=None`` generates until EOS or the model's context is full. ``seed`` makes one
     request's sampling reproducible whatever else is in the batch. ``truncate_prompt_tokens=k``
-    keeps the prompt's last k tokens (-1: as many as max_model_len allows).
+    keeps the prompt's last k tokens (-1: as many as max_model_len allows). ``structured_outputs``
+    constrains the output to a JSON schema, a regex, a choice or a grammar (``guided_decoding``
+    is older vLLM's name for it).
     """
 
     n: int = 1
@@ -72,6 +76,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # older vLLM's name: moved to structured_outputs
 
     def __post_init__(self) -> None:
         """Check every field's type and range, so that a request fails here, named, and never in the engine."""
@@ -128,6 +134,12 @@ class SamplingParams:
         _check(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True (stop strings are text)")
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
                "must be a RequestOutputKind")
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs, "structured_outputs")
+        guided = StructuredOutputsParams.coerce(self.guided_decoding, "guided_decoding")
+        if guided is not None:
+            _check(self.structured_outputs is None, "guided_decoding", guided,
+                   "must not be given with structured_outputs (it is the older name of the same thing)")
+            self.structured_outputs, self.guided_decoding = guided, None
         for name in ("n", "best_of", "top_k", "min_tokens", "max_tokens", "seed", "logprobs", "prompt_logprobs",
                      "truncate_prompt_tokens"):
             if getattr(self, name) is not None:  # numpy ints become Python ints

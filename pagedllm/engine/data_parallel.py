@@ -19,6 +19,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine, eos_token_ids, generation_defaults, load_tokenizer
 from pagedllm.engine.request_checks import validate_request
+from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -36,6 +37,7 @@ class DataParallelEngine:
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
+        self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.num_generated_tokens = 0
         ctx = mp.get_context("fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn")
         self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
@@ -56,7 +58,7 @@ class DataParallelEngine:
         return self.tokenizer
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.config, self.tokenizer, self.num_blocks, prompt_token_ids, params)
+        validate_request(self.config, self.tokenizer, self.num_blocks, self.grammars, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:

@@ -13,6 +13,7 @@ from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
+from pagedllm.engine.structured_output import GrammarCompiler, new_matcher
 from pagedllm.errors import RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
@@ -34,6 +35,7 @@ class LLMEngine:
         self.outputs = OutputBuilder(self.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
+        self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.executor = Executor(config)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -46,7 +48,8 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run, naming the field; nothing is changed."""
-        validate_request(self.config, self.tokenizer, self.block_manager.num_blocks, prompt_token_ids, params)
+        validate_request(self.config, self.tokenizer, self.block_manager.num_blocks, self.grammars, prompt_token_ids,
+                         params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -63,10 +66,11 @@ class LLMEngine:
         max_tokens = max_output_tokens(prompt_token_ids, params, self.config.max_model_len)
         bad_words = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         group = SampleGroup(request_id) if params.samples > 1 else None
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
-                              bad_words_token_ids=bad_words)
+                              bad_words_token_ids=bad_words, grammar=grammar and new_matcher(grammar))
             if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                              params.spaces_between_special_tokens)
@@ -213,7 +217,7 @@ class LLMEngine:
 
 def _needs_results_first(request: Request) -> bool:
     """Whether the request's next step needs the token it is sampling now on the host (penalties,
-    bad words and logits processors read its output tokens)."""
+    bad words and logits processors read its output tokens, a grammar's matcher must accept it)."""
     return not request.is_finished and request.needs_its_tokens
 
 

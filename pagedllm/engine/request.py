@@ -3,6 +3,7 @@
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
@@ -49,6 +50,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
+    grammar: Any = None  # structured outputs: its own xgrammar GrammarMatcher
     needs_its_tokens: bool = field(init=False)
     changes_its_logits: bool = field(init=False)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
@@ -67,9 +69,9 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
         p = self.sampling_params
         # Decided once (each is asked at every step): sampling its next token reads its output tokens
-        # on the host (penalties, bad words of several tokens, logits processors); it changes its
-        # own row of logits (allowed tokens, logit bias, logits processors).
-        self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
+        # on the host (penalties, bad words of several tokens, logits processors, a grammar's
+        # matcher); it changes its own row of logits (allowed tokens, logit bias, logits processors).
+        self.needs_its_tokens = p.penalized or bool(p.logits_processors) or self.grammar is not None or any(
             len(w) > 1 for w in self.bad_words_token_ids)
         self.changes_its_logits = bool(p.allowed_token_ids or p.logit_bias or p.logits_processors)
 
@@ -126,7 +128,12 @@ class Request:
             self.cumulative_logprob += token_logprob
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        if self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
+        if self.grammar is not None and not self.grammar.accept_token(token_id):  # its mask allowed no token
+            self.error = f"structured outputs: no token could follow the output so far (sampled {token_id})"
+            self.finish("error")
+        elif self.grammar is not None and self.grammar.is_terminated():  # it took a stop token where it may end
+            self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
+        elif self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.max_tokens:
             self.finish("length")

@@ -4,6 +4,7 @@ SamplingParams' own checks, a request that passes cannot fail in the engine."""
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -16,12 +17,14 @@ def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mo
 
 
 def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
-                     prompt_token_ids: list[int], params: SamplingParams) -> None:
+                     grammars: GrammarCompiler, prompt_token_ids: list[int], params: SamplingParams) -> None:
     """Raise ValueError if the request could never run, naming the field; nothing is changed."""
     ids = truncated_prompt(prompt_token_ids, params, config.max_model_len)
     check_request(config, tokenizer, num_blocks, ids, params)
     if params.bad_words:
         bad_word_token_ids(tokenizer, params.bad_words)
+    if params.structured_outputs is not None:
+        grammars.compile(params.structured_outputs)  # a schema, regex or grammar that does not compile
 
 
 def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,

@@ -45,6 +45,8 @@ class SamplingMetadata:
     logit_bias: tuple[list[int], list[int], list[float]] | None = None  # rows, token ids, biases
     # (row, the request's processors, its prompt and output token ids)
     logits_processors: list[tuple[int, list[Callable], list[int], list[int]]] | None = None
+    # structured outputs: xgrammar's packed bitmask [num_rows, vocab / 32] of allowed tokens, and the rows it constrains
+    grammar: tuple[torch.Tensor, list[int]] | None = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class Sampler:
         raw = model_logits.float()  # kept as it is, for logprobs
         has_ops = meta.allowed_token_ids or meta.banned_token_ids or meta.logit_bias or meta.logits_processors
         logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
+        if meta.grammar is not None:
+            logits = apply_grammar(logits if has_ops else raw.clone(), *meta.grammar)
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         token_ids = logits.argmax(dim=-1)
@@ -91,6 +95,14 @@ class Sampler:
             noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(temperatures > 0, sampled, greedy)
+
+
+def apply_grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Structured outputs: -inf for every token a constrained row's grammar does not allow next."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    return logits
 
 
 def index_tensor(values, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Structured outputs (xgrammar) on the demo model, sampled at temperature 1 so that the model would
+not keep to the format by itself: every output matches its schema, regex, choice or grammar."""
+
+import json
+import os
+import re
+
+import jsonschema
+import pytest
+
+from pagedllm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "address": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                                                     "city": {"type": "string", "maxLength": 10}},
+                    "required": ["zip"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "address"],
+    "additionalProperties": False,
+}
+GRAMMAR = 'root ::= greeting " " name "!"\ngreeting ::= "hello" | "hi"\nname ::= [a-z] [a-z]? [a-z]? [a-z]?'
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(DEMO, device="cpu")
+
+
+def sampled(spec, count: int, max_tokens: int = 200) -> list[SamplingParams]:
+    return [SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens, structured_outputs=spec)
+            for i in range(count)]
+
+
+def test_json_schema_outputs_parse_and_validate(llm):
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    outputs = llm.generate(["A user record:"] * 50, sampled(spec, 50), use_tqdm=False)
+    for output in outputs:
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop", completion.text
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+    free = llm.generate(["A user record:"] * 5, [SamplingParams(temperature=1.0, seed=i, max_tokens=60)
+                                                  for i in range(5)], use_tqdm=False)
+    assert not any(o.outputs[0].text.startswith("{") for o in free)  # the model would not do it alone
+
+
+def test_json_object_regex_choice_and_grammar_outputs_match(llm):
+    spec = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    outputs = [o.outputs[0] for o in llm.generate(["x"] * 10, sampled(spec, 10, 300), use_tqdm=False)]
+    assert all(o.text.startswith("{") for o in outputs)  # an object may run past max_tokens: its values are free
+    assert all(isinstance(json.loads(o.text), dict) for o in outputs if o.finish_reason == "stop")
+    assert any(o.finish_reason == "stop" for o in outputs)
+    date = r"\d{4}-\d{2}-\d{2}"
+    for o in llm.generate(["Date:"] * 20, sampled(StructuredOutputsParams(regex=date), 20), use_tqdm=False):
+        assert re.fullmatch(date, o.outputs[0].text) and o.outputs[0].finish_reason == "stop"
+    choices = ["yes", "no", "maybe so"]
+    texts = [o.outputs[0].text for o in llm.generate(["?"] * 20, sampled({"choice": choices}, 20), use_tqdm=False)]
+    assert set(texts) <= set(choices) and len(set(texts)) > 1
+    for o in llm.generate(["Say hi:"] * 20, sampled(StructuredOutputsParams(grammar=GRAMMAR), 20), use_tqdm=False):
+        assert re.fullmatch(r"(hello|hi) [a-z]{1,4}!", o.outputs[0].text), o.outputs[0].text
+
+
+def test_a_mixed_batch_under_preemption_equals_each_request_alone(llm):
+    """Constrained and free requests, n=3, a cache small enough to preempt: each output is the one
+    the request gives alone (per-request seeds), its samples each with a matcher of its own."""
+    prompts = ["A user record:", "Date:", "def f(x):", "?"]
+    params = [
+        SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=80,
+                       structured_outputs=StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, structured_outputs={"regex": r"\d{4}-\d{2}-\d{2}"}),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=40),
+        SamplingParams(temperature=1.0, seed=4, n=2, structured_outputs={"choice": ["yes", "no", "maybe so"]}),
+    ]
+    tight = LLM(DEMO, device="cpu", num_kv_blocks=14, max_num_batched_tokens=32)
+    together = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    alone = [llm.generate([p], q, use_tqdm=False)[0] for p, q in zip(prompts, params, strict=True)]
+    for mixed, single in zip(together, alone, strict=True):
+        assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in single.outputs]
+    for completion in together[0].outputs:
+        if completion.finish_reason == "stop":
+            jsonschema.validate(json.loads(completion.text), SCHEMA)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"json": '{"type": "objec"}'}, "structured_outputs.json"),
+    ({"json": "{not json"}, "structured_outputs.json"),
+    ({"regex": "[a-"}, "structured_outputs.regex"),
+    ({"grammar": "root ::= "}, "structured_outputs.grammar"),
+    ({"json": SCHEMA, "regex": "a"}, "exactly one of"),
+    ({}, "exactly one of"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"choice": ["a", 5]}, "structured_outputs.choice"),
+    ({"regex": "a", "backend": "outlines"}, "structured_outputs.backend"),
+    ({"schema": "a"}, "no field 'schema'"),
+])
+def test_a_spec_that_cannot_run_is_a_value_error_naming_its_field(llm, spec, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        llm.generate(["x", "y"], [SamplingParams(max_tokens=4), SamplingParams(structured_outputs=spec)],
+                     use_tqdm=False)
+    assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids  # still fine
+
+
+def test_older_vllm_guided_decoding_is_accepted(llm):
+    params = SamplingParams(temperature=1.0, seed=0, guided_decoding=GuidedDecodingParams(choice=["alpha", "beta"]))
+    assert params.structured_outputs.choice == ["alpha", "beta"] and params.guided_decoding is None
+    assert llm.generate(["?"], params, use_tqdm=False)[0].outputs[0].text in ("alpha", "beta")
+    with pytest.raises(ValueError, match="guided_decoding"):
+        SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"})
+
+
+def test_synchronous_and_async_scheduling_give_the_same_constrained_outputs(llm):
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    sync = LLM(DEMO, device="cpu", async_scheduling=False)
+    prompts = ["A user record:"] * 4 + ["def f(x):"] * 2
+    params = sampled(spec, 4) + [SamplingParams(temperature=1.0, seed=9, max_tokens=30)] * 2
+    assert [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)] == [
+        o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
