@@ -5,6 +5,9 @@ import json
 from dataclasses import dataclass, fields
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# xgrammar's compile time grows steeply with a schema's nesting (100 levels 0.01 s, 250 over 4 s,
+# 400 levels 17 s on this project's CPU machine): deeper schemas are refused, not compiled.
+MAX_SCHEMA_DEPTH = 100
 BACKENDS = (None, "auto", "xgrammar")
 
 
@@ -48,6 +51,8 @@ class StructuredOutputsParams:
                                  f"it {rules[name]}")
         if self.choice is not None:
             self.choice = list(self.choice)
+        if self.json is not None:
+            _check_schema(self.json)
 
     @property
     def kind(self) -> str:
@@ -57,6 +62,22 @@ class StructuredOutputsParams:
     def schema(self) -> str | None:
         """The JSON schema as a string (None unless ``json`` is given)."""
         return self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json)
+
+    @classmethod
+    def from_response_format(cls, fmt: object) -> "StructuredOutputsParams | None":
+        """OpenAI's ``response_format``: ``{"type": "text"}`` (None), ``{"type": "json_object"}``, or
+        ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``."""
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format={fmt!r} is invalid: its type must be text, json_object or json_schema")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or schema.get("schema") is None:
+            raise ValueError("response_format of type json_schema is invalid: it needs json_schema.schema")
+        return cls(json=schema["schema"])
 
     @classmethod
     def coerce(cls, value: object, name: str) -> "StructuredOutputsParams | None":
@@ -71,6 +92,23 @@ class StructuredOutputsParams:
             return cls(**value)
         raise ValueError(f"SamplingParams.{name}={value!r} is invalid: it must be a StructuredOutputsParams "
                          "(or a dict of its fields)")
+
+
+def _check_schema(schema: str | dict) -> None:
+    """A JSON schema given as a string must be JSON; either way it may nest at most MAX_SCHEMA_DEPTH deep."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"SamplingParams.structured_outputs.json is invalid: it is not JSON ({err})") from None
+    level, depth = [schema], 0
+    while level:  # breadth first, so that no nesting can exhaust Python's stack
+        depth += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"SamplingParams.structured_outputs.json is invalid: it nests deeper than "
+                             f"{MAX_SCHEMA_DEPTH} levels")
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
 
 
 GuidedDecodingParams = StructuredOutputsParams  # the name vLLM used before 0.11

@@ -123,3 +123,86 @@ def test_synchronous_and_async_scheduling_give_the_same_constrained_outputs(llm)
     params = sampled(spec, 4) + [SamplingParams(temperature=1.0, seed=9, max_tokens=30)] * 2
     assert [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)] == [
         o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import openai
+    from test_openai_server import start_server
+
+    server, uv, url = start_server(DEMO, "--served-model-name", "demo")
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    uv.should_exit = True
+    server.engine.shutdown()
+
+
+def test_server_response_format_and_vllms_fields(server):
+    person = {"type": "object", "properties": {"role": {"enum": ["admin", "user"]},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["role", "age"], "additionalProperties": False}
+    chat = server.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "A person, as JSON"}], temperature=1.0, seed=1,
+        max_tokens=300, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}})
+    jsonschema.validate(json.loads(chat.choices[0].message.content), person)
+    compact = server.completions.create(model="demo", prompt="x", temperature=1.0, seed=2, max_tokens=300,
+                                        extra_body={"structured_outputs": {"json_object": True,
+                                                                           "disable_any_whitespace": True}})
+    assert compact.choices[0].text.startswith("{")
+    choice = server.completions.create(model="demo", prompt="?", temperature=1.0, seed=3, max_tokens=10,
+                                       extra_body={"guided_choice": ["red", "green"]})
+    assert choice.choices[0].text in ("red", "green")
+    regex = server.completions.create(model="demo", prompt="?", temperature=1.0, seed=4, max_tokens=10,
+                                      extra_body={"guided_regex": "[0-9]{3}"})
+    assert re.fullmatch("[0-9]{3}", regex.choices[0].text)
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
+     "structured_outputs.json"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema"),
+    ({"guided_regex": "[a-"}, "structured_outputs.regex"),
+    ({"guided_grammar": "root ::= "}, "structured_outputs.grammar"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "give one of"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"structured_outputs": {"json": "{"}}, "not JSON"),
+])
+def test_server_answers_a_broken_constraint_with_400_naming_it(server, extra, named):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=extra)
+    assert named in json.dumps(caught.value.body)
+    assert server.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_generate_command_takes_a_json_schema_and_each_lines_constraint(tmp_path):
+    from pagedllm.entrypoints.cli import main
+
+    schema_file, inp, out = tmp_path / "schema.json", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    schema_file.write_text(json.dumps({"enum": ["up", "down", "left"]}))
+    lines = [{"id": i, "prompt": "Which way?"} for i in range(4)] + [
+        {"id": "openai", "prompt": "A user record:", "response_format": {"type": "json_object"}},
+        {"id": "vllm", "prompt": "A user record:", "structured_outputs": {"json": SCHEMA,
+                                                                          "disable_any_whitespace": True}},
+        {"id": "broken", "prompt": "?", "response_format": {"type": "json_schema", "json_schema": {"schema": {
+            "type": "objec"}}}},
+        {"id": "both", "prompt": "?", "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+    ]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", "--model", DEMO, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                 "--max-tokens", "200", "--json-schema", str(schema_file), "--skip-bad-lines"]) == 0
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(results) == {0, 1, 2, 3, "openai", "vllm"}  # the broken lines were skipped, named
+    assert all(json.loads(results[i]["text"]) in ("up", "down", "left") for i in range(4))
+    assert results["openai"]["text"].startswith("{")
+    jsonschema.validate(json.loads(results["vllm"]["text"]), SCHEMA)
+
+
+def test_data_parallel_replicas_keep_to_the_constraint(llm):
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    with LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=4) as two:
+        outputs = two.generate(["A user record:"] * 8, sampled(spec, 8), use_tqdm=False)
+        with pytest.raises(ValueError, match="structured_outputs.regex"):
+            two.generate(["x"], SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [
+        o.outputs[0].token_ids for o in llm.generate(["A user record:"] * 8, sampled(spec, 8), use_tqdm=False)]

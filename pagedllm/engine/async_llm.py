@@ -61,7 +61,10 @@ class AsyncLLM:
             text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
         else:
             text, prompt_token_ids = await asyncio.to_thread(parse_prompt, prompt, self.tokenizer)
-        self.validate(prompt_token_ids, sampling_params)
+        if sampling_params.structured_outputs is None:
+            self.validate(prompt_token_ids, sampling_params)
+        else:  # compiling a schema or grammar may take a while: not on the event loop
+            await asyncio.to_thread(self.validate, prompt_token_ids, sampling_params)
         if sampling_params.samples > sampling_params.n and sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
             raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it needs "
                              "output_kind=RequestOutputKind.FINAL_ONLY (the best samples are known only at the end)")

@@ -11,6 +11,7 @@ back before the next is scheduled (as penalties are: ``Request.needs_its_tokens`
 """
 
 import json
+import threading
 
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +27,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self._compiler = None
+        self._lock = threading.Lock()  # the server validates requests in threads
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar of ``params``; a ValueError naming the field if it does not compile."""
@@ -33,10 +35,11 @@ class GrammarCompiler:
 
         if self.tokenizer is None:
             raise ValueError("SamplingParams.structured_outputs needs the model's tokenizer, and this model has none")
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids or None)
-            self._compiler = xgr.GrammarCompiler(info)
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids or None)
+                self._compiler = xgr.GrammarCompiler(info)
         kind = params.kind
         try:
             if kind in ("json", "json_object"):  # json_object: any JSON object, as OpenAI's json_object mode

@@ -1,6 +1,8 @@
 """``pagedllm generate``: complete every prompt of a JSONL file into another, for building datasets.
 
-Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role", "content"}, ...]}``.
+Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role", "content"}, ...]}``,
+with an optional OpenAI ``"response_format"`` or vLLM ``"structured_outputs"`` (``--json-schema FILE``
+sets one for every line).
 Output lines: ``{"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}`` (or
 ``{"id", "error"}`` for a request that failed alone), written and flushed as each request
 finishes, so a crash or Ctrl-C loses nothing already generated; a rerun skips the ids already in
@@ -20,6 +22,7 @@ from pagedllm.entrypoints.server_args import add_engine_args, engine_kwargs
 from pagedllm.inputs import encode_text, render_chat
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_outputs import StructuredOutputsParams
 
 
 class BadLine(ValueError):
@@ -38,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, help="per-request seed (each request's own, whatever the batch)")
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    parser.add_argument("--json-schema", metavar="FILE", help="every output is JSON of this schema (a line's own "
+                                                               "\"response_format\" overrides it)")
     add_engine_args(parser, exclude=("seed",))
 
 
@@ -94,10 +99,36 @@ def read_done(path: str) -> set[str]:
     return done
 
 
+def read_schema(path: str) -> StructuredOutputsParams:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return StructuredOutputsParams(json=json.load(f))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--json-schema {path}: {err}") from None
+
+
+def params_of_line(item: dict, params: SamplingParams) -> SamplingParams:
+    """The job's sampling parameters, with the line's own constraint if it has one: OpenAI's
+    ``response_format`` or vLLM's ``structured_outputs`` (StructuredOutputsParams' fields)."""
+    given = [key for key in ("response_format", "structured_outputs") if key in item]
+    if not given:
+        return params
+    if len(given) > 1:
+        raise ValueError("give response_format or structured_outputs, not both")
+    line_params = params.clone()
+    if given[0] == "response_format":
+        line_params.structured_outputs = StructuredOutputsParams.from_response_format(item["response_format"])
+    else:
+        line_params.structured_outputs = StructuredOutputsParams.coerce(item["structured_outputs"],
+                                                                        "structured_outputs")
+    return line_params
+
+
 def run(args: argparse.Namespace) -> int:
     done = read_done(args.output)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                            structured_outputs=read_schema(args.json_schema) if args.json_schema else None)
     llm = LLM(**engine_kwargs(args))
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     skipped, failed, seen, pending = 0, 0, set(done), {}
@@ -131,14 +162,15 @@ def run(args: argparse.Namespace) -> int:
                         text, token_ids = render_chat(tokenizer, item["messages"])
                     else:
                         text, token_ids = item["prompt"], encode_text(tokenizer, item["prompt"])
-                    engine.validate_request(token_ids, params)
+                    line_params = params_of_line(item, params)
+                    engine.validate_request(token_ids, line_params)
                 except ValueError as err:
                     bad(number, str(err))
                     continue
                 seen.add(key)
                 request_id = str(len(seen))
                 pending[request_id] = item["id"]
-                engine.add_request(request_id, token_ids, params, prompt=text)
+                engine.add_request(request_id, token_ids, line_params, prompt=text)
             if not pending:
                 break
             for output in engine.step():

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from pagedllm.structured_outputs import StructuredOutputsParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
@@ -29,6 +30,20 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(RequestBody):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    """OpenAI's: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(RequestBody):
@@ -59,6 +74,30 @@ class SamplingFields(RequestBody):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     spaces_between_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    # vLLM's structured outputs: its own field, and the older guided_* ones
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs_spec(self) -> StructuredOutputsParams | dict | None:
+        """The one constraint the request gives (a StructuredOutputsParams or its fields); None for free text."""
+        specs = {}
+        if self.response_format is not None:
+            fmt = StructuredOutputsParams.from_response_format(self.response_format.model_dump(by_alias=True))
+            if fmt is not None:
+                specs["response_format"] = fmt
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                specs[name] = {kind: getattr(self, name)}
+        if self.structured_outputs is not None:
+            specs["structured_outputs"] = self.structured_outputs
+        if len(specs) > 1:
+            raise ValueError(f"give one of response_format, structured_outputs and guided_*, not {sorted(specs)}")
+        return next(iter(specs.values()), None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                         defaults: dict | None = None, best_of: int | None = None) -> SamplingParams:
@@ -66,7 +105,8 @@ class SamplingFields(RequestBody):
         server takes it) fill the sampling fields the request left out (max_tokens aside)."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS} | {
             "stop_token_ids": self.stop_token_ids or [], "max_tokens": max_tokens, "logprobs": logprobs,
-            "prompt_logprobs": prompt_logprobs, "best_of": best_of}
+            "prompt_logprobs": prompt_logprobs, "best_of": best_of,
+            "structured_outputs": self.structured_outputs_spec()}
         omitted = {name: value for name, value in (defaults or {}).items()
                    if name not in self.model_fields_set and name != "max_tokens"}
         return SamplingParams(**given | omitted)
