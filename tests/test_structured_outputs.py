@@ -116,13 +116,23 @@ def test_older_vllm_guided_decoding_is_accepted(llm):
         SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"})
 
 
-def test_synchronous_and_async_scheduling_give_the_same_constrained_outputs(llm):
+def test_async_scheduling_keeps_the_overlap_and_the_outputs_of_synchronous_steps(llm):
+    """With a step in flight, a constrained step launches its forward pass, then the step in flight
+    is read back (its tokens accepted by the matchers), then the masks are filled and it samples."""
     spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
     sync = LLM(DEMO, device="cpu", async_scheduling=False)
     prompts = ["A user record:"] * 4 + ["def f(x):"] * 2
     params = sampled(spec, 4) + [SamplingParams(temperature=1.0, seed=9, max_tokens=30)] * 2
-    assert [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)] == [
-        o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    executor, overlapped = llm.llm_engine.executor, []
+    launch = executor.launch
+    executor.launch = lambda out, before_sampling=None: (overlapped.append(before_sampling is not None),
+                                                          launch(out, before_sampling))[1]
+    try:
+        fast = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        executor.launch = launch
+    assert sum(overlapped) > 0.8 * len(overlapped)
+    assert [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)] == fast
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +216,36 @@ def test_data_parallel_replicas_keep_to_the_constraint(llm):
             two.generate(["x"], SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [
         o.outputs[0].token_ids for o in llm.generate(["A user record:"] * 8, sampled(spec, 8), use_tqdm=False)]
+
+
+def test_a_neighbour_failing_in_sampling_after_the_read_back_loses_nothing(llm):
+    """The step in flight was read back inside the failed launch: its outputs still come out, the
+    failed request alone ends, and the constrained request goes on to the output it gives alone."""
+    spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    constrained = SamplingParams(temperature=1.0, seed=11, max_tokens=200, structured_outputs=spec)
+
+    def explode(output_ids, logits):
+        raise RuntimeError("boom")
+
+    engine = llm.llm_engine
+    tokenizer = llm.get_tokenizer()
+    engine.add_request("json", tokenizer.encode("A user record:"), constrained)
+    finished, overlapped = {}, []
+    launch = engine.executor.launch
+    engine.executor.launch = lambda out, before_sampling=None: (overlapped.append(before_sampling is not None),
+                                                                launch(out, before_sampling))[1]
+    try:
+        for _ in range(4):
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        # joins a step while the constrained one's step is in flight, and fails in that step's sampling
+        engine.add_request("bad", tokenizer.encode("def f(x):"), SamplingParams(max_tokens=20,
+                                                                                logits_processors=[explode]))
+        while engine.has_unfinished_requests():
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+    finally:
+        engine.executor.launch = launch
+    assert overlapped[4]  # the failing step had read the step in flight back first
+    assert finished["bad"].outputs[0].finish_reason == "error" and "boom" in finished["bad"].error
+    alone = llm.generate(["A user record:"], constrained, use_tqdm=False)[0].outputs[0]
+    assert finished["json"].outputs[0].token_ids == alone.token_ids
+    jsonschema.validate(json.loads(alone.text), SCHEMA)

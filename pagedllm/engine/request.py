@@ -69,9 +69,9 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
         p = self.sampling_params
         # Decided once (each is asked at every step): sampling its next token reads its output tokens
-        # on the host (penalties, bad words of several tokens, logits processors, a grammar's
-        # matcher); it changes its own row of logits (allowed tokens, logit bias, logits processors).
-        self.needs_its_tokens = p.penalized or bool(p.logits_processors) or self.grammar is not None or any(
+        # on the host (penalties, bad words of several tokens, logits processors); it changes its
+        # own row of logits (allowed tokens, logit bias, logits processors).
+        self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
             len(w) > 1 for w in self.bad_words_token_ids)
         self.changes_its_logits = bool(p.allowed_token_ids or p.logit_bias or p.logits_processors)
 

@@ -6,8 +6,10 @@ device at once; the sampled
 token is then accepted by the matcher on the host (``Request.append_output_token``), and a
 grammar that terminates ends its request.
 
-A constrained request's next mask needs its last token accepted first, so its steps are read
-back before the next is scheduled (as penalties are: ``Request.needs_its_tokens``).
+A constrained request's next mask needs its last token accepted first. With async scheduling
+the overlap is kept: a step holding constrained requests launches its forward pass, then the
+engine reads the previous step back (the matchers accept its tokens) while the device computes,
+and only then are the masks filled and the step's sampling launched (``LLMEngine.step``).
 """
 
 import json

@@ -11,6 +11,7 @@ takes them from its own copy of those tokens on the device (rank 0 broadcasts th
 import dataclasses
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +112,13 @@ class Executor:
         self.generators.clear()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> PendingOutput:
+    def launch(self, out: SchedulerOutput, before_sampling: Callable[[], None] | None = None) -> PendingOutput:
         """Start one step on the device: each scheduled request's sampled token (None for a prefill
         chunk that does not reach the end), and logprobs for the requests that ask for them, come
         back through ``PendingOutput.wait``. A decode input that is still ``PENDING_TOKEN`` on the
-        host is the token the previous launch sampled for that request, taken on the device."""
+        host is the token the previous launch sampled for that request, taken on the device.
+        ``before_sampling`` runs once the forward pass is launched, before the sampling inputs are
+        built (the engine reads the previous step back there, for grammars' masks)."""
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
         chunks, pending_rows, flat_rows = [], [], 0
@@ -132,6 +135,8 @@ class Executor:
             logits, prompt_logits = self.runner.run_forward(batch)
         else:
             logits, prompt_logits = self.workers.run(self.runner.run_forward, batch)
+        if before_sampling is not None:
+            before_sampling()
         result = ModelRunnerOutput([None] * len(chunks))
         if prompt_logits is not None:
             result.prompt_logprobs = score_prompt_tokens(prompt_logits, prompt_targets, out.requests)

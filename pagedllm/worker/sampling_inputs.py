@@ -49,7 +49,8 @@ def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict
 def grammar_inputs(requests: list[Request], vocab_size: int, pin: bool) -> tuple[torch.Tensor, list[int]] | None:
     """xgrammar's packed bitmask ``[rows, vocab / 32]`` of the tokens each constrained row may take
     next (every token for the other rows), filled by its matcher, and the constrained rows."""
-    rows = [row for row, r in enumerate(requests) if r.grammar is not None]
+    rows = [row for row, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
+    # (a request that the previous step ended samples once more here; its token is dropped)
     if not rows:
         return None
     import xgrammar as xgr
