@@ -1,0 +1,126 @@
+"""What structured outputs cost: a workload of benchmarks/throughput.py (W3 by default) run twice in
+one process on the same prompts, once free and once with half the requests under the JSON schema
+benchmarks/schemas/notes.json (long outputs: 30 to 200 notes), both sampled at temperature 1 with
+per-request seeds and EOS ignored.
+
+Random weights come without a tokenizer: the demo model's (4,096 tokens) stands in, over the
+model's whole vocabulary (ids past it are never allowed under a grammar). xgrammar's mask fill
+grows with the tokenizer's vocabulary, so a real 150k-token tokenizer costs more host time per
+constrained row than this measures. A constrained request ends where its JSON does, so the
+throughput counts the tokens each run generated. Recorded beside it: the host time spent filling
+masks and accepting tokens, against the wall time.
+
+Usage: python benchmarks/structured.py [--workload W3] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import environment, warm_up_gpu, write_result  # noqa: E402
+from benchmarks.throughput import WORKLOADS, make_requests, model_dir  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = os.path.join(ROOT, "benchmarks", "schemas", "notes.json")
+TOKENIZER = os.path.join(ROOT, "models", "pagedllm-demo")
+
+
+class Timer:
+    """Wraps a function and adds up the seconds spent in it."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name, self.seconds = owner, name, 0.0
+        self.inner = getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __get__(self, instance, owner):  # also as a method
+        return self if instance is None else lambda *a, **k: self(instance, *a, **k)
+
+
+def run(llm, prompts, output_lens, constrained: bool, schema: dict) -> dict:
+    import xgrammar as xgr
+
+    from pagedllm import SamplingParams, StructuredOutputsParams
+    from pagedllm.worker import sampling_inputs
+
+    spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True,
+                             structured_outputs=spec if constrained and i % 2 == 0 else None)
+              for i, n in enumerate(output_lens)]
+    fill, accept = Timer(sampling_inputs, "grammar_inputs"), Timer(xgr.GrammarMatcher, "accept_token")
+    try:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    finally:
+        sampling_inputs.grammar_inputs, xgr.GrammarMatcher.accept_token = fill.inner, accept.inner
+    generated = [len(o.outputs[0].token_ids) for o in outputs]
+    valid = [o.outputs[0].finish_reason == "stop" and _is_json(o.outputs[0].text) for o, p in
+             zip(outputs, params, strict=True) if p.structured_outputs is not None]
+    return {"constrained_requests": len(valid), "wall_s": wall, "output_tokens": sum(generated),
+            "output_tokens_per_s": sum(generated) / wall, "mask_fill_s": fill.seconds,
+            "accept_token_s": accept.seconds, "constrained_finished_as_valid_json": sum(valid)}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from pagedllm import LLM, SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="W3")
+    parser.add_argument("--num-requests", type=int, help="fewer requests than the workload's (a quick check)")
+    parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
+    args = parser.parse_args()
+    workload = WORKLOADS[args.workload]
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    path = model_dir(workload)
+    for name in os.listdir(TOKENIZER):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(TOKENIZER, name), path)
+    try:
+        prompts, output_lens = make_requests(workload, AutoConfig.from_pretrained(path).vocab_size)
+        prompts, output_lens = prompts[: args.num_requests], output_lens[: args.num_requests]
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            warm_up_gpu()
+        llm = LLM(path, load_format="dummy", dtype=workload.dtype,
+                  max_model_len=max(len(p) + o for p, o in zip(prompts, output_lens, strict=True)))
+        llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+        free = run(llm, prompts, output_lens, False, schema)
+        half = run(llm, prompts, output_lens, True, schema)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    half["throughput_vs_free"] = half["output_tokens_per_s"] / free["output_tokens_per_s"]
+    payload = {"benchmark": "structured", "workload": workload.name, "model_config": workload.config,
+               "num_requests": len(prompts), "schema": "benchmarks/schemas/notes.json",
+               "tokenizer": "pagedllm-demo (4,096 tokens)", "environment": environment(), "free": free,
+               "half_constrained": half}
+    print(json.dumps({"free": free, "half_constrained": half}, indent=1))
+    if on_gpu and args.num_requests is None:
+        print(f"wrote {write_result(f'structured-{workload.name}', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
