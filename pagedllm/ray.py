@@ -74,9 +74,16 @@ class PagedLLMStage:
 
     def __init__(self, model_source: str, engine_kwargs: dict, should_continue_on_error: bool,
                  preprocess: Callable[[dict], dict] | None, postprocess: Callable[[dict], dict] | None):
+        import ray
+        import torch
+
         from pagedllm.engine.async_llm import AsyncLLM
 
-        self.engine = AsyncLLM(EngineConfig(model=model_source, **engine_kwargs))
+        config = EngineConfig(model=model_source, **engine_kwargs)
+        if config.device == "cpu":  # as many threads as CPUs Ray gave this replica, not the node's count
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(cpus)))
+        self.engine = AsyncLLM(config)
         self.tokenizer = self.engine.tokenizer
         self.should_continue_on_error = should_continue_on_error
         self.preprocess, self.postprocess = preprocess, postprocess
@@ -173,7 +180,8 @@ def build_processor(config: PagedLLMProcessorConfig, preprocess: Callable[[dict]
                                    "preprocess": preprocess, "postprocess": postprocess},
             batch_size=config.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=config.concurrency,
-                                               max_tasks_in_flight_per_actor=config.max_concurrent_batches),
+                                               max_tasks_in_flight_per_actor=config.max_concurrent_batches,
+                                               max_concurrent_calls_per_actor=config.max_concurrent_batches),
             num_gpus=config.num_gpus_per_actor, num_cpus=config.num_cpus_per_replica)
 
     return processor
