@@ -115,3 +115,31 @@ def test_a_replica_killed_mid_job_costs_no_row_and_repeats_none(cluster, expecte
 def test_bad_configs_are_named(field, value):
     with pytest.raises(ValueError, match=field if field != "engine_kwargs" else "bogus"):
         config(**{field: value})
+
+
+def test_generate_command_on_ray_resumes_and_equals_the_local_run(cluster, tmp_path, capsys):
+    import json
+
+    from pagedllm.entrypoints.cli import main
+
+    inp, local, remote = tmp_path / "in.jsonl", tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    lines = [{"id": i, "prompt": f"def f{i}(x):"} for i in range(40)] + [
+        {"id": "chat", "messages": [{"role": "user", "content": "def main():"}]},
+        {"id": ["a", 1], "prompt": "x = ", "response_format": {"type": "json_schema",
+                                                              "json_schema": {"schema": {"enum": ["up", "down"]}}}},
+        {"id": "empty", "prompt": ""}]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["--model", DEMO, "--input", str(inp), "--device", "cpu", "--temperature", "0", "--max-tokens", "6",
+              "--skip-bad-lines"]
+    assert main(["generate", *common, "--output", str(local)]) == 0
+    remote.write_text(json.dumps({"id": 3, "text": "kept", "finish_reason": "stop"}) + "\n")  # done before
+    assert main(["generate", *common, "--output", str(remote), "--ray", cluster.address, "--replicas", "2"]) == 0
+    got = [json.loads(line) for line in remote.read_text().splitlines()]
+    assert sorted(json.dumps(r["id"]) for r in got) == sorted(json.dumps(line["id"]) for line in lines[:-1])
+    expected = {json.dumps(r["id"]): r for r in map(json.loads, local.read_text().splitlines())}
+    for result in got[1:]:
+        assert result == expected[json.dumps(result["id"])]
+    assert json.loads(expected[json.dumps(["a", 1])]["text"]) in ("up", "down")
+    capsys.readouterr()  # without --skip-bad-lines the empty prompt stops the job, named
+    assert main(["generate", *common[:-1], "--output", str(tmp_path / "stop.jsonl"), "--ray", cluster.address]) != 0
+    assert "line 43" in capsys.readouterr().err

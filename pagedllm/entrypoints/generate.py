@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
     parser.add_argument("--json-schema", metavar="FILE", help="every output is JSON of this schema (a line's own "
                                                                "\"response_format\" overrides it)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run on a Ray cluster (pagedllm[ray]): its address, or none for a local Ray")
+    parser.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (Ray actors)")
     add_engine_args(parser, exclude=("seed",))
 
 
@@ -125,6 +128,10 @@ def params_of_line(item: dict, params: SamplingParams) -> SamplingParams:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        from pagedllm.entrypoints import generate_ray
+
+        return generate_ray.run(args)
     done = read_done(args.output)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
