@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "benchmarks"])
+@pytest.mark.parametrize("name", ["quickstart", "benchmarks", "ray_data"])
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.setenv("PAGEDLLM_LOGGING_LEVEL", "WARNING")
     notebook = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
