@@ -23,8 +23,6 @@ from pagedllm.inputs import encode_text, render_chat
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 ERROR_COLUMN = "__inference_error__"
-OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "num_input_tokens", "num_generated_tokens",
-                  "finish_reason")
 
 
 @dataclass

@@ -127,6 +127,7 @@ def test_generate_command_on_ray_resumes_and_equals_the_local_run(cluster, tmp_p
         {"id": "chat", "messages": [{"role": "user", "content": "def main():"}]},
         {"id": ["a", 1], "prompt": "x = ", "response_format": {"type": "json_schema",
                                                               "json_schema": {"schema": {"enum": ["up", "down"]}}}},
+        {"id": "both", "prompt": "?", "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
         {"id": "empty", "prompt": ""}]
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     common = ["--model", DEMO, "--input", str(inp), "--device", "cpu", "--temperature", "0", "--max-tokens", "6",
@@ -135,11 +136,14 @@ def test_generate_command_on_ray_resumes_and_equals_the_local_run(cluster, tmp_p
     remote.write_text(json.dumps({"id": 3, "text": "kept", "finish_reason": "stop"}) + "\n")  # done before
     assert main(["generate", *common, "--output", str(remote), "--ray", cluster.address, "--replicas", "2"]) == 0
     got = [json.loads(line) for line in remote.read_text().splitlines()]
-    assert sorted(json.dumps(r["id"]) for r in got) == sorted(json.dumps(line["id"]) for line in lines[:-1])
+    assert sorted(json.dumps(r["id"]) for r in got) == sorted(json.dumps(line["id"]) for line in lines[:-2])
     expected = {json.dumps(r["id"]): r for r in map(json.loads, local.read_text().splitlines())}
     for result in got[1:]:
         assert result == expected[json.dumps(result["id"])]
     assert json.loads(expected[json.dumps(["a", 1])]["text"]) in ("up", "down")
-    capsys.readouterr()  # without --skip-bad-lines the empty prompt stops the job, named
+    capsys.readouterr()  # without --skip-bad-lines a bad line stops the job, named: checked here, or in a replica
     assert main(["generate", *common[:-1], "--output", str(tmp_path / "stop.jsonl"), "--ray", cluster.address]) != 0
-    assert "line 43" in capsys.readouterr().err
+    assert "line 43: give response_format or structured_outputs, not both" in capsys.readouterr().err
+    inp.write_text("".join(json.dumps(line) + "\n" for line in [lines[0], lines[-1]]))
+    assert main(["generate", *common[:-1], "--output", str(tmp_path / "stop2.jsonl"), "--ray", cluster.address]) != 0
+    assert "line 2: the prompt is empty" in capsys.readouterr().err

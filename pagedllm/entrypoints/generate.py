@@ -110,32 +110,42 @@ def read_schema(path: str) -> StructuredOutputsParams:
         raise SystemExit(f"--json-schema {path}: {err}") from None
 
 
-def params_of_line(item: dict, params: SamplingParams) -> SamplingParams:
-    """The job's sampling parameters, with the line's own constraint if it has one: OpenAI's
-    ``response_format`` or vLLM's ``structured_outputs`` (StructuredOutputsParams' fields)."""
+def job_fields(args: argparse.Namespace) -> dict:
+    """The job's SamplingParams fields, from the command line (a line may add its own constraint)."""
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+            "max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop,
+            "structured_outputs": read_schema(args.json_schema) if args.json_schema else None}
+
+
+def line_fields(item: dict, fields: dict) -> dict:
+    """The job's fields, with the line's own constraint if it has one: OpenAI's ``response_format``
+    or vLLM's ``structured_outputs`` (StructuredOutputsParams' fields)."""
     given = [key for key in ("response_format", "structured_outputs") if key in item]
     if not given:
-        return params
+        return fields
     if len(given) > 1:
         raise ValueError("give response_format or structured_outputs, not both")
-    line_params = params.clone()
     if given[0] == "response_format":
-        line_params.structured_outputs = StructuredOutputsParams.from_response_format(item["response_format"])
-    else:
-        line_params.structured_outputs = StructuredOutputsParams.coerce(item["structured_outputs"],
-                                                                        "structured_outputs")
-    return line_params
+        return fields | {"structured_outputs": StructuredOutputsParams.from_response_format(item["response_format"])}
+    return fields | {"structured_outputs": StructuredOutputsParams.coerce(item["structured_outputs"],
+                                                                         "structured_outputs")}
+
+
+def skip_bad_line(args: argparse.Namespace, number: int, reason: str) -> None:
+    """Stop the job at a line that cannot run, or with --skip-bad-lines say that it is skipped."""
+    if not args.skip_bad_lines:
+        raise BadLine(f"{args.input} line {number}: {reason} (--skip-bad-lines skips such lines)")
+    tqdm.write(f"skipped line {number}: {reason}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
+    fields = job_fields(args)
+    params = SamplingParams(**fields)  # the job's own values, checked before any work
     if args.ray:
         from pagedllm.entrypoints import generate_ray
 
-        return generate_ray.run(args)
+        return generate_ray.run(args, fields)
     done = read_done(args.output)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
-                            structured_outputs=read_schema(args.json_schema) if args.json_schema else None)
     llm = LLM(**engine_kwargs(args))
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     skipped, failed, seen, pending = 0, 0, set(done), {}
@@ -144,10 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
     def bad(number: int, reason: str) -> None:
         nonlocal skipped
-        if not args.skip_bad_lines:
-            raise BadLine(f"{args.input} line {number}: {reason} (--skip-bad-lines skips such lines)")
+        skip_bad_line(args, number, reason)
         skipped += 1
-        tqdm.write(f"skipped line {number}: {reason}", file=sys.stderr)
 
     lines = read_prompts(args.input)
     with open(args.output, "a", encoding="utf-8") as out:
@@ -169,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
                         text, token_ids = render_chat(tokenizer, item["messages"])
                     else:
                         text, token_ids = item["prompt"], encode_text(tokenizer, item["prompt"])
-                    line_params = params_of_line(item, params)
+                    line = line_fields(item, fields)
+                    line_params = params if line is fields else SamplingParams(**line)
                     engine.validate_request(token_ids, line_params)
                 except ValueError as err:
                     bad(number, str(err))

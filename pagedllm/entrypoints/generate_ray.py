@@ -8,45 +8,39 @@ skipped and counted with ``--skip-bad-lines``, and otherwise stops the job with 
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from pagedllm.entrypoints.generate import BadLine, id_key, read_done, read_prompts
+from pagedllm.entrypoints.generate import BadLine, id_key, line_fields, read_done, read_prompts, skip_bad_line
 from pagedllm.entrypoints.server_args import engine_kwargs
 from pagedllm.ray import ERROR_COLUMN, PagedLLMProcessorConfig, build_processor
-from pagedllm.structured_outputs import StructuredOutputsParams
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, fields: dict) -> int:
+    """The job of ``generate.run`` on Ray; ``fields``: the job's SamplingParams fields."""
     import ray
 
     done = read_done(args.output)
-    fields = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
-              "max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop}
-    if args.json_schema:
-        with open(args.json_schema, encoding="utf-8") as f:
-            fields["structured_outputs"] = dataclasses.asdict(StructuredOutputsParams(json=json.load(f)))
     lines, numbers, seen, skipped = [], {}, set(done), 0
+
+    def bad(number: int, reason: str) -> None:
+        nonlocal skipped
+        skip_bad_line(args, number, reason)
+        skipped += 1
+
     for number, item in read_prompts(args.input):
-        reason = str(item) if isinstance(item, BadLine) else None
-        if reason is None:
-            key = id_key(item["id"])
-            if key in seen:
-                reason = None if key in done else f"duplicate id {key}"
-                if reason is None:
-                    continue
-        if reason is not None:
-            if not args.skip_bad_lines:
-                raise BadLine(f"{args.input} line {number}: {reason} (--skip-bad-lines skips such lines)")
-            skipped += 1
+        if isinstance(item, BadLine):
+            bad(number, str(item))
             continue
-        try:  # the line's own constraint, checked here (compiling it is the replica's work)
-            _request(json.dumps(item | {"key": key}), fields)
+        key = id_key(item["id"])
+        if key in seen:
+            if key not in done:
+                bad(number, f"duplicate id {key}")
+            continue
+        try:
+            line_fields(item, fields)  # the line's own constraint, checked here (compiling it is the replica's work)
         except ValueError as err:
-            if not args.skip_bad_lines:
-                raise BadLine(f"{args.input} line {number}: {err} (--skip-bad-lines skips such lines)") from None
-            skipped += 1
+            bad(number, str(err))
             continue
         seen.add(key)
         numbers[key] = number
@@ -65,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
         for row in processor(ray.data.from_items(lines)).iter_rows() if lines else ():
             result = json.loads(row["result"])
             if "bad" in result:  # the line could not run: skip it, or stop at it, as the local run does
-                if not args.skip_bad_lines:
-                    raise BadLine(f"{args.input} line {numbers[result['key']]}: {result['bad']} (--skip-bad-lines "
-                                  "skips such lines)")
-                skipped += 1
+                bad(numbers[result["key"]], result["bad"])
                 continue
             del result["key"]
             out.write(json.dumps(result) + "\n")
@@ -83,12 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def _request(line: str, fields: dict) -> dict:
     """A line's row for the replica: its prompt or messages, and its sampling fields."""
     item = json.loads(line)
-    params = dict(fields)
-    if "response_format" in item or "structured_outputs" in item:
-        spec = (StructuredOutputsParams.from_response_format(item["response_format"]) if "response_format" in item
-                else StructuredOutputsParams.coerce(item["structured_outputs"], "structured_outputs"))
-        params["structured_outputs"] = spec and dataclasses.asdict(spec)
-    row = {"key": item["key"], "id": item["id"], "sampling_params": params}
+    row = {"key": item["key"], "id": item["id"], "sampling_params": line_fields(item, fields)}
     return row | ({"messages": item["messages"]} if "messages" in item else {"prompt": item["prompt"]})
 
 
