@@ -126,23 +126,25 @@ class LLMEngine:
             if in_flight is None:
                 raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
             return self._finish_step(*in_flight)
-        read_back: list[list[RequestOutput]] = []  # the step in flight's outputs, once read back
+        outputs: list[RequestOutput] = []  # the step in flight's, once it is read back
 
         def finish_in_flight() -> None:  # a grammar's mask needs the step in flight's tokens accepted
-            read_back.append(self._finish_step(*in_flight))
+            nonlocal in_flight, outputs
+            outputs, in_flight = self._finish_step(*in_flight), None
 
         constrained = in_flight is not None and any(r.grammar is not None for r in out.requests)
         try:
             pending = self.executor.launch(out, finish_in_flight if constrained else None)
         except RequestError as err:  # one request's own code failed: it alone ends; the step runs again
-            self._in_flight = None if read_back else in_flight
+            self._in_flight = in_flight
             failed = next(r for r in out.requests if r.request_id == err.request_id)
             self._fail(failed, err.error)
-            return (read_back[0] if read_back else []) + self._outputs([failed])
+            return outputs + self._outputs([failed])
         except BaseException:
-            self._in_flight = None if read_back else in_flight
+            self._in_flight = in_flight
             raise
-        outputs = read_back[0] if read_back else self._finish_step(*in_flight) if in_flight is not None else []
+        if in_flight is not None:
+            outputs = self._finish_step(*in_flight)
         self.scheduler.commit_step(out)
         if self.async_scheduling:
             self._in_flight = out, pending
