@@ -32,7 +32,7 @@ class StructuredOutputsParams:
             raise ValueError("SamplingParams.structured_outputs is invalid: give exactly one of json, json_object, "
                              f"regex, choice, grammar (got {given or 'none'})")
         checks = {
-            "json": isinstance(self.json, (str, dict)),
+            "json": self.json is None or isinstance(self.json, (str, dict)),
             "json_object": self.json_object in (None, True, False),
             "regex": self.regex is None or isinstance(self.regex, str),
             "choice": self.choice is None or (isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
@@ -46,7 +46,7 @@ class StructuredOutputsParams:
                  "grammar": "must be a string (EBNF)", "disable_any_whitespace": "must be True or False",
                  "backend": "must be 'xgrammar', 'auto' or None (xgrammar is the one backend here)"}
         for name, ok in checks.items():
-            if not ok and (name != "json" or self.json is not None):
+            if not ok:
                 raise ValueError(f"SamplingParams.structured_outputs.{name}={getattr(self, name)!r} is invalid: "
                                  f"it {rules[name]}")
         if self.choice is not None:
