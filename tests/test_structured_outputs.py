@@ -26,6 +26,9 @@ SCHEMA = {
     "required": ["name", "age", "role", "address"],
     "additionalProperties": False,
 }
+NESTED_101 = {"type": "string"}
+for _ in range(50):  # each level of object is two levels of JSON: the schema, and its properties
+    NESTED_101 = {"type": "object", "properties": {"a": NESTED_101}}
 GRAMMAR = 'root ::= greeting " " name "!"\ngreeting ::= "hello" | "hi"\nname ::= [a-z] [a-z]? [a-z]? [a-z]?'
 
 
@@ -100,6 +103,8 @@ def test_a_mixed_batch_under_preemption_equals_each_request_alone(llm):
     ({"choice": ["a", 5]}, "structured_outputs.choice"),
     ({"regex": "a", "backend": "outlines"}, "structured_outputs.backend"),
     ({"schema": "a"}, "no field 'schema'"),
+    ({"json": '{"a":' * 5000 + "1" + "}" * 5000}, "not JSON"),
+    ({"json": NESTED_101}, "nests deeper than 100 levels"),
 ])
 def test_a_spec_that_cannot_run_is_a_value_error_naming_its_field(llm, spec, field):
     with pytest.raises(ValueError, match=re.escape(field)):
