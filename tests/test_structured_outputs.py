@@ -54,6 +54,28 @@ def test_json_schema_outputs_parse_and_validate(llm):
     assert not any(o.outputs[0].text.startswith("{") for o in free)  # the model would not do it alone
 
 
+def test_masks_span_the_tokenizer_and_the_sampler_bans_the_models_padding_ids():
+    import torch
+    from transformers import AutoTokenizer
+
+    from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar, fill_masks
+    from pagedllm.layers.sampler import apply_grammar
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    compiler = GrammarCompiler(tokenizer, len(tokenizer) + 100, {tokenizer.eos_token_id})
+    assert compiler.vocab_size == len(tokenizer)  # the padding ids are not xgrammar's special tokens
+    grammar = SampleGrammar.new(compiler.compile(StructuredOutputsParams(regex="[ab]+")))
+    masks = fill_masks([None, grammar, None], pin=False)
+    assert masks.rows == [1] and masks.bitmask.shape == (3, (len(tokenizer) + 31) // 32)
+    logits = torch.zeros(3, len(tokenizer) + 100)
+    logits[:, len(tokenizer):] = 100.0  # the padding ids the model would pick
+    apply_grammar(logits, masks)
+    allowed = logits[1].isfinite().nonzero().flatten().tolist()
+    assert allowed and max(allowed) < len(tokenizer)
+    assert all(set(tokenizer.decode([t])) <= {"a", "b"} for t in allowed)
+    assert logits[[0, 2]].isfinite().all() and (logits[[0, 2], len(tokenizer):] == 100).all()  # free rows untouched
+
+
 def test_json_object_regex_choice_and_grammar_outputs_match(llm):
     spec = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
     outputs = [o.outputs[0] for o in llm.generate(["x"] * 10, sampled(spec, 10, 300), use_tqdm=False)]

@@ -13,7 +13,7 @@ from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.structured_output import GrammarCompiler, new_matcher
+from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
 from pagedllm.errors import RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
@@ -70,7 +70,7 @@ class LLMEngine:
         for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
-                              bad_words_token_ids=bad_words, grammar=grammar and new_matcher(grammar))
+                              bad_words_token_ids=bad_words, grammar=grammar and SampleGrammar.new(grammar))
             if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                              params.spaces_between_special_tokens)

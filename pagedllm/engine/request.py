@@ -3,10 +3,13 @@
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.engine.structured_output import SampleGrammar
 
 # Stands in ``token_ids`` for the token a step still running on the device is sampling; the
 # model runner feeds that step's sampled token in its place (see LLMEngine.step).
@@ -50,7 +53,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
-    grammar: Any = None  # structured outputs: its own xgrammar GrammarMatcher
+    grammar: "SampleGrammar | None" = None  # structured outputs: its own place in its grammar
     needs_its_tokens: bool = field(init=False)
     changes_its_logits: bool = field(init=False)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
@@ -128,10 +131,10 @@ class Request:
             self.cumulative_logprob += token_logprob
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        if self.grammar is not None and not self.grammar.accept_token(token_id):  # its mask allowed no token
+        if self.grammar is not None and not self.grammar.matcher.accept_token(token_id):  # its mask allowed no token
             self.error = f"structured outputs: no token could follow the output so far (sampled {token_id})"
             self.finish("error")
-        elif self.grammar is not None and self.grammar.is_terminated():  # it took a stop token where it may end
+        elif self.grammar is not None and self.grammar.matcher.is_terminated():  # it took a stop token where it may end
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)

@@ -1,10 +1,13 @@
 """Structured outputs through xgrammar: each request's spec compiles once per engine (xgrammar
 caches compiled grammars by their spec), each sample gets its own ``GrammarMatcher``. Before a
-step samples, every constrained row's matcher fills its row of a token bitmask on the host
-(``worker/sampling_inputs.py``); the sampler applies it to the whole batch's logits on their
-device at once; the sampled
-token is then accepted by the matcher on the host (``Request.append_output_token``), and a
-grammar that terminates ends its request.
+step samples, the constrained rows' matchers fill their rows of a token bitmask on the host, in
+xgrammar's threads (``fill_masks``); the sampler applies it to the whole batch's logits on their
+device at once; the sampled token is then accepted by the matcher on the host
+(``Request.append_output_token``), and a grammar that terminates ends its request.
+
+The masks span the tokenizer's ids, not the model's padded vocabulary: xgrammar treats ids past
+the tokenizer as special tokens and scans them on every accepted token (a 4k tokenizer under a
+152k vocabulary made each accept 70 us); the sampler bans the ids past the masks itself.
 
 A constrained request's next mask needs its last token accepted first. With async scheduling
 the overlap is kept: a step holding constrained requests launches its forward pass, then the
@@ -14,9 +17,14 @@ and only then are the masks filled and the step's sampling launched (``LLMEngine
 
 import json
 import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.layers.sampler import GrammarMasks
 from pagedllm.structured_outputs import StructuredOutputsParams
 
 
@@ -26,8 +34,9 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, stop_token_ids: set[int]):
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.stop_token_ids = sorted(stop_token_ids)
+        # the ids a mask spans: the tokenizer's (added tokens included), within the model's vocabulary
+        self.vocab_size = vocab_size if tokenizer is None else min(vocab_size, len(tokenizer))
+        self.stop_token_ids = sorted(t for t in stop_token_ids if t < self.vocab_size)
         self._compiler = None
         self._lock = threading.Lock()  # the server validates requests in threads
 
@@ -61,9 +70,38 @@ class GrammarCompiler:
 
 
 
-def new_matcher(compiled):
-    """A sample's own matcher over a compiled grammar: where its output is in the grammar."""
+@dataclass(eq=False)
+class SampleGrammar:
+    """One sample's place in its grammar (xgrammar's matcher) and the ids its masks span."""
+
+    matcher: Any
+    vocab_size: int
+
+    @classmethod
+    def new(cls, compiled) -> "SampleGrammar":
+        import xgrammar as xgr
+
+        return cls(xgr.GrammarMatcher(compiled), compiled.tokenizer_info.vocab_size)
+
+
+_fill_lock = threading.Lock()
+
+
+@cache
+def _batch_matcher():
     import xgrammar as xgr
 
-    return xgr.GrammarMatcher(compiled)
+    return xgr.BatchGrammarMatcher()  # a pool of half the host's hardware threads
+
+
+def fill_masks(grammars: list[SampleGrammar | None], pin: bool) -> GrammarMasks | None:
+    """The next-token masks of a step's rows (``None`` rows are free), filled in xgrammar's threads."""
+    rows = [row for row, g in enumerate(grammars) if g is not None]
+    if not rows:
+        return None
+    vocab_size = grammars[rows[0]].vocab_size  # one compiler per engine: one vocabulary
+    bitmask = torch.full((len(grammars), (vocab_size + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
+    with _fill_lock:  # engines in threads of one process share the pool
+        _batch_matcher().batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask, rows)
+    return GrammarMasks(bitmask, rows, vocab_size)
 

@@ -20,6 +20,17 @@ from pagedllm_kernels.reference import token_logprobs_ref
 
 
 @dataclass
+class GrammarMasks:
+    """Structured outputs' masks for a step: xgrammar's packed bitmask ``[rows, ceil(vocab_size / 32)]`` (all ones for
+    the rows without a grammar), the rows it constrains, and the ids it spans (the sampler bans
+    the ids past them on those rows)."""
+
+    bitmask: torch.Tensor
+    rows: list[int]
+    vocab_size: int
+
+
+@dataclass
 class PenaltyInputs:
     presence: torch.Tensor  # [rows]
     frequency: torch.Tensor  # [rows]
@@ -45,8 +56,7 @@ class SamplingMetadata:
     logit_bias: tuple[list[int], list[int], list[float]] | None = None  # rows, token ids, biases
     # (row, the request's processors, its prompt and output token ids)
     logits_processors: list[tuple[int, list[Callable], list[int], list[int]]] | None = None
-    # structured outputs: xgrammar's packed bitmask [num_rows, vocab / 32] of allowed tokens, and the rows it constrains
-    grammar: tuple[torch.Tensor, list[int]] | None = None
+    grammar: GrammarMasks | None = None  # structured outputs: the allowed tokens of the constrained rows
 
 
 @dataclass
@@ -68,7 +78,7 @@ class Sampler:
         has_ops = meta.allowed_token_ids or meta.banned_token_ids or meta.logit_bias or meta.logits_processors
         logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
         if meta.grammar is not None:
-            logits = apply_grammar(logits if has_ops else raw.clone(), *meta.grammar)
+            logits = apply_grammar(logits if has_ops else raw.clone(), meta.grammar)
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         token_ids = logits.argmax(dim=-1)
@@ -97,11 +107,14 @@ class Sampler:
         return torch.where(temperatures > 0, sampled, greedy)
 
 
-def apply_grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> torch.Tensor:
     """Structured outputs: -inf for every token a constrained row's grammar does not allow next."""
     import xgrammar as xgr
 
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    bitmask = masks.bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=masks.rows, vocab_size=masks.vocab_size)
+    if logits.shape[-1] > masks.vocab_size:  # the model's padding ids, past the tokenizer
+        logits[index_tensor(masks.rows, logits.device), masks.vocab_size :] = float("-inf")
     return logits
 
 

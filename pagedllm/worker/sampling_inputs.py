@@ -3,6 +3,7 @@
 import torch
 
 from pagedllm.engine.request import Request
+from pagedllm.engine.structured_output import fill_masks
 from pagedllm.layers.sampler import PenaltyInputs, SamplerOutput, SamplingMetadata
 
 # Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
@@ -42,23 +43,9 @@ def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict
         logit_bias=tuple(map(list, zip(*bias, strict=True))) if bias else None,
         logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
                            for row, r in own if r.sampling_params.logits_processors] or None,
-        grammar=grammar_inputs(requests, vocab_size, pin),
+        # (a request that the previous step ended samples once more here, free: its token is dropped)
+        grammar=fill_masks([None if r.is_finished else r.grammar for r in requests], pin),
     )
-
-
-def grammar_inputs(requests: list[Request], vocab_size: int, pin: bool) -> tuple[torch.Tensor, list[int]] | None:
-    """xgrammar's packed bitmask ``[rows, vocab / 32]`` of the tokens each constrained row may take
-    next (every token for the other rows), filled by its matcher, and the constrained rows."""
-    rows = [row for row, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
-    # (a request that the previous step ended samples once more here; its token is dropped)
-    if not rows:
-        return None
-    import xgrammar as xgr
-
-    bitmask = xgr.allocate_token_bitmask(len(requests), vocab_size)
-    for row in rows:
-        requests[row].grammar.fill_next_token_bitmask(bitmask, row)
-    return (bitmask.pin_memory() if pin else bitmask), rows
 
 
 def penalty_inputs(requests: list[Request]) -> PenaltyInputs:
