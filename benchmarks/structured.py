@@ -11,8 +11,9 @@ Random weights come without a tokenizer, and xgrammar's work per token grows wit
 vocabulary: a byte-level BPE tokenizer of Qwen's size (151,643 tokens and <|endoftext|>) is
 trained here on the Python sources of the machine it runs on (about 40 s on 2 cores) and stands
 in for Qwen3's. A constrained request ends where its JSON does, so the throughput counts the
-tokens each run generated. Recorded beside it: the host time spent filling masks and accepting
-tokens, against the wall time.
+tokens each run generated. Recorded beside it, per run: the host's time in each phase of the steps
+(scheduling, launching, reading back and waiting for the device, and of those, filling masks and
+accepting tokens), against the wall time.
 
 Usage: python benchmarks/structured.py [--workload W3] [--out DIR]
 """
@@ -72,12 +73,13 @@ class Timer:
     """Wraps a function and adds up the seconds spent in it."""
 
     def __init__(self, owner, name: str):
-        self.owner, self.name, self.seconds = owner, name, 0.0
+        self.owner, self.name, self.seconds, self.calls = owner, name, 0.0, 0
         self.inner = getattr(owner, name)
         setattr(owner, name, self)
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
+        self.calls += 1
         try:
             return self.inner(*args, **kwargs)
         finally:
@@ -91,24 +93,32 @@ def run(llm, prompts, output_lens, constrained: bool, schema: dict) -> dict:
     import xgrammar as xgr
 
     from pagedllm import SamplingParams, StructuredOutputsParams
-    from pagedllm.worker import sampling_inputs
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.engine.scheduler import Scheduler
+    from pagedllm.worker import executor, sampling_inputs
 
     spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True,
                              structured_outputs=spec if constrained and i % 2 == 0 else None)
               for i, n in enumerate(output_lens)]
-    fill, accept = Timer(sampling_inputs, "fill_masks"), Timer(xgr.GrammarMatcher, "accept_token")
+    timers = {"mask_fill_s": Timer(sampling_inputs, "fill_masks"),  # in xgrammar's threads
+              "accept_token_s": Timer(xgr.GrammarMatcher, "accept_token"),
+              "schedule_s": Timer(Scheduler, "schedule"),
+              "launch_s": Timer(executor.Executor, "launch"),  # inputs, forward and sampling launched (fill included)
+              "read_back_s": Timer(LLMEngine, "_finish_step"),  # wait, update (accept included), detokenize
+              "wait_for_device_s": Timer(executor.PendingOutput, "wait")}
     try:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
     finally:
-        sampling_inputs.fill_masks, xgr.GrammarMatcher.accept_token = fill.inner, accept.inner
+        for timer in timers.values():
+            setattr(timer.owner, timer.name, timer.inner)
     generated = [len(o.outputs[0].token_ids) for o in outputs]
     constrained = [o.outputs[0] for o, p in zip(outputs, params, strict=True) if p.structured_outputs is not None]
     return {"constrained_requests": len(constrained), "wall_s": wall, "output_tokens": sum(generated),
-            "output_tokens_per_s": sum(generated) / wall, "mask_fill_s": fill.seconds,
-            "accept_token_s": accept.seconds,
+            "output_tokens_per_s": sum(generated) / wall, "steps": timers["launch_s"].calls,
+            **{name: timer.seconds for name, timer in timers.items()},
             "constrained_finish_reasons": dict(Counter(c.finish_reason for c in constrained)),
             "constrained_stopped_as_valid_json": sum(c.finish_reason == "stop" and _is_json(c.text)
                                                      for c in constrained)}
