@@ -181,6 +181,28 @@ def scaling_section() -> list[str]:
     return lines
 
 
+def structured_section(name: str, data: dict) -> list[str]:
+    free, half = data["free"], data["half_constrained"]
+    lines = [
+        f"**Structured outputs** (`python benchmarks/structured.py`): {data['workload']} ({data['model_config']}, "
+        f"{data['num_requests']} requests) at temperature 1, run free and then with every second request under "
+        f"the JSON schema `{data['schema']}`, in one process; the tokenizer is a {data['tokenizer']} (random "
+        f"weights come without one). Host seconds per phase of the run's steps; the mask fill and the accepts "
+        f"are inside the launch and the read back. Target: >= 0.9 of the free run. {_source(data, name)}.",
+        "",
+        "| run | output tok/s | x free | wall s | steps | launch s | mask fill s | read back s | accept s | "
+        "waiting for the device s | constrained finish reasons |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in (("free", free), ("half constrained", half)):
+        reasons = ", ".join(f"{k} {v}" for k, v in run["constrained_finish_reasons"].items()) or "-"
+        lines.append(f"| {label} | {_rate(run['output_tokens_per_s'])} | "
+                     f"{run['output_tokens_per_s'] / free['output_tokens_per_s']:.2f} | {run['wall_s']:.1f} | "
+                     f"{run['steps']} | {run['launch_s']:.1f} | {run['mask_fill_s']:.1f} | {run['read_back_s']:.1f} | "
+                     f"{run['accept_token_s']:.1f} | {run['wait_for_device_s']:.1f} | {reasons} |")
+    return lines
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
@@ -223,6 +245,9 @@ def render() -> str:
     scaling = scaling_section()
     if scaling:
         sections.append("\n".join(scaling))
+    structured = latest("structured")
+    if structured:
+        sections.append("\n".join(structured_section(*structured)))
     serve = latest("serve")
     if serve:
         sections.append("\n".join(serve_section(*serve)))
