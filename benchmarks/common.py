@@ -9,8 +9,8 @@ import time
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# Measured peaks per GPU: device-to-device copy (bytes/s) and dense bf16 matmul (FLOP/s). H100:
-# ../shared/BENCHMARKS.md; H200: the device tool's KINDS.md (4.3 TB/s copy, 769-798 TFLOP/s).
+# Measured peaks per GPU: device-to-device copy (bytes/s) and dense bf16 matmul (FLOP/s), as seen on
+# the GPU machines (the H200's matmul peak measured 769-798 TFLOP/s).
 GPU_PEAKS = {"H100": {"hbm_bytes_per_s": 3.0e12, "bf16_flops": 7.9e14},
              "H200": {"hbm_bytes_per_s": 4.3e12, "bf16_flops": 7.9e14}}
 

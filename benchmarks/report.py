@@ -77,7 +77,7 @@ def _rate(tokens_per_s: float) -> str:
 def throughput_section() -> list[str]:
     lines = [
         "**Throughput** (`python benchmarks/throughput.py --workload W1`): output tokens/s, each workload with "
-        "its HF peers in the same run on the same prompts (workloads: `../shared/BENCHMARKS.md`; random "
+        "its HF peers in the same run on the same prompts (workloads: `benchmarks/README.md`; random "
         "weights from the real configs, EOS ignored). Roofline fraction: the least time the run's own steps "
         "could take on the run's GPU (weights + K/V read at its copy bandwidth, or FLOPs at its matmul peak: "
         "H100 3.0 TB/s and 790 TFLOP/s, H200 4.3 TB/s and 790 TFLOP/s) over the time taken. A peer still "
