@@ -66,7 +66,7 @@ def test_masks_span_the_tokenizer_and_the_sampler_bans_the_models_padding_ids():
     assert compiler.vocab_size == len(tokenizer)  # the padding ids are not xgrammar's special tokens
     grammar = SampleGrammar.new(compiler.compile(StructuredOutputsParams(regex="[ab]+")))
     masks = fill_masks([None, grammar, None], pin=False)
-    assert masks.rows == [1] and masks.bitmask.shape == (3, (len(tokenizer) + 31) // 32)
+    assert masks.rows == [1] and masks.bitmask.shape == (1, (len(tokenizer) + 31) // 32)
     logits = torch.zeros(3, len(tokenizer) + 100)
     logits[:, len(tokenizer):] = 100.0  # the padding ids the model would pick
     apply_grammar(logits, masks)

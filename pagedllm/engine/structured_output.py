@@ -95,13 +95,13 @@ def _batch_matcher():
 
 
 def fill_masks(grammars: list[SampleGrammar | None], pin: bool) -> GrammarMasks | None:
-    """The next-token masks of a step's rows (``None`` rows are free), filled in xgrammar's threads."""
+    """The next-token masks of a step's constrained rows (``None`` rows are free), filled in
+    xgrammar's threads into a buffer no one has to clear: each row is written whole."""
     rows = [row for row, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
     vocab_size = grammars[rows[0]].vocab_size  # one compiler per engine: one vocabulary
-    bitmask = torch.full((len(grammars), (vocab_size + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
+    bitmask = torch.empty((len(rows), (vocab_size + 31) // 32), dtype=torch.int32, pin_memory=pin)
     with _fill_lock:  # engines in threads of one process share the pool
-        _batch_matcher().batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask, rows)
+        _batch_matcher().batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask)
     return GrammarMasks(bitmask, rows, vocab_size)
-

@@ -21,9 +21,9 @@ from pagedllm_kernels.reference import token_logprobs_ref
 
 @dataclass
 class GrammarMasks:
-    """Structured outputs' masks for a step: xgrammar's packed bitmask ``[rows, ceil(vocab_size / 32)]`` (all ones for
-    the rows without a grammar), the rows it constrains, and the ids it spans (the sampler bans
-    the ids past them on those rows)."""
+    """Structured outputs' masks for a step: xgrammar's packed bitmask ``[len(rows),
+    ceil(vocab_size / 32)]`` of the tokens each constrained row may take next, those rows, and the
+    ids the masks span (the sampler bans the ids past them)."""
 
     bitmask: torch.Tensor
     rows: list[int]
@@ -111,10 +111,12 @@ def apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> torch.Tensor:
     """Structured outputs: -inf for every token a constrained row's grammar does not allow next."""
     import xgrammar as xgr
 
+    rows = index_tensor(masks.rows, logits.device)
+    constrained = logits[rows]
     bitmask = masks.bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=masks.rows, vocab_size=masks.vocab_size)
-    if logits.shape[-1] > masks.vocab_size:  # the model's padding ids, past the tokenizer
-        logits[index_tensor(masks.rows, logits.device), masks.vocab_size :] = float("-inf")
+    xgr.apply_token_bitmask_inplace(constrained, bitmask, vocab_size=masks.vocab_size)
+    constrained[:, masks.vocab_size :] = float("-inf")  # the model's padding ids, past the tokenizer
+    logits[rows] = constrained
     return logits
 
 
