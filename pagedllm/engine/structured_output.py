@@ -1,8 +1,8 @@
 """Structured outputs through xgrammar: each request's spec compiles once per engine (xgrammar
 caches compiled grammars by their spec), each sample gets its own ``GrammarMatcher``. Before a
 step samples, the constrained rows' matchers fill their rows of a token bitmask on the host, in
-xgrammar's threads (``fill_masks``); the sampler applies it to the whole batch's logits on their
-device at once; the sampled token is then accepted by the matcher on the host
+xgrammar's threads (``fill_masks``); the sampler applies it to those rows' logits on their device
+in one kernel; the sampled token is then accepted by the matcher on the host
 (``Request.append_output_token``), and a grammar that terminates ends its request.
 
 The masks span the tokenizer's ids, not the model's padded vocabulary: xgrammar treats ids past
