@@ -113,3 +113,38 @@ def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.T
     """Each row's ``token_ids[row]`` log-probability under its logits, in float32."""
     logits = logits.float()
     return logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values held in
+    int64 ``b``, in 16-bit halves so that no int64 product overflows."""
+    low_part, high_part = a * (b & 0xFFFF), a * (b >> 16)
+    carried = high_part + (low_part >> 16)
+    return carried >> 16, ((carried & 0xFFFF) << 16) | (low_part & 0xFFFF)
+
+
+def philox_ref(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """The first uint32 output (held in int64) of Philox4x32-10 for the 64-bit key ``seed`` and the
+    counter ``(c0, c1, 0, 0)``, as Triton's ``tl.randint`` computes it."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0
+
+
+def seeded_exponential_ref(noise: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor,
+                           positions: torch.Tensor) -> torch.Tensor:
+    """``noise[rows[i], t] = -log(u)`` with ``u`` uniform in (0, 1) on a 2**-23 grid (never 0 or 1),
+    drawn by Philox keyed by ``seeds[i]`` at counter ``(t, positions[i])``."""
+    token_ids = torch.arange(noise.shape[1], dtype=torch.int64, device=noise.device)
+    bits = philox_ref(seeds.long().unsqueeze(1), token_ids.unsqueeze(0), positions.long().unsqueeze(1) & _MASK32)
+    uniform = ((bits >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+    noise[rows.long()] = -torch.log(uniform)
+    return noise

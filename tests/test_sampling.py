@@ -11,6 +11,7 @@ from pagedllm.layers.sampler import (
     PenaltyInputs,
     Sampler,
     SamplingMetadata,
+    SeededRows,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
@@ -53,12 +54,18 @@ def test_penalties_change_logits_as_vllm_and_openai_define_them():
     assert out == pytest.approx([2.0, 0.5 - 0.25 * 2 - 0.5, 0.5, -2.0 - 0.25 - 0.5, -6.0, 0.0])
 
 
-def test_temperature_sampling_follows_the_softmax():
-    """Chi-square goodness of fit over 40,000 draws (df 5; 20.5 is the 0.001 critical value)."""
+@pytest.mark.parametrize("noise", ["sampler's generator", "seeds", "one seed at many positions"])
+def test_temperature_sampling_follows_the_softmax(noise):
+    """Chi-square goodness of fit over 40,000 draws (df 5; 20.5 is the 0.001 critical value), with
+    the batch's noise and with seeded rows' own (Philox keyed by seed, counted by position)."""
     n, temperature = 40_000, 0.7
     logits = LOGITS.repeat(n, 1)
+    rows = torch.arange(n)
+    seeded = {"sampler's generator": None,
+              "seeds": SeededRows(rows, rows * 7919 - 2**40, torch.zeros(n, dtype=torch.int64)),
+              "one seed at many positions": SeededRows(rows, torch.full((n,), 5), rows)}[noise]
     meta = SamplingMetadata(temperatures=torch.full((n,), temperature), top_ks=None, top_ps=None,
-                            generators={}, all_greedy=False)
+                            all_greedy=False, seeded=seeded)
     tokens = Sampler(torch.Generator().manual_seed(0))(logits, meta).token_ids
     observed = torch.bincount(tokens, minlength=6).double()
     expected = (LOGITS[0] / temperature).softmax(-1).double() * n

@@ -175,3 +175,19 @@ def test_token_logprobs_match_log_softmax(dtype, vocab):
     got = token_logprobs(logits.to(DEVICE), tokens.to(DEVICE)).cpu()
     expected = token_logprobs_ref(logits, tokens)
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_seeded_exponential_matches_its_reference():
+    """Seeded rows' noise: the kernel's Philox (Triton's tl.randint) equals the torch one, for
+    negative and 64-bit seeds and a vocabulary past one block; rows without a seed keep theirs."""
+    from pagedllm_kernels.reference import seeded_exponential_ref
+    from pagedllm_kernels.sampling_ops import seeded_exponential_
+
+    noise = torch.full((6, 2500), -1.0)
+    rows, seeds = torch.tensor([4, 0, 2]), torch.tensor([-3, 123_456_789_012_345, 2**63 - 1])
+    positions = torch.tensor([0, 7, 100_000])
+    got = seeded_exponential_(noise.to(DEVICE), rows.to(DEVICE), seeds.to(DEVICE), positions.to(DEVICE)).cpu()
+    expected = seeded_exponential_ref(noise.clone(), rows, seeds, positions)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert (got[[1, 3, 5]] == -1).all() and (got[rows] > 0).all()
+    assert not torch.equal(got[4], got[2]) and 0.9 < got[rows].mean() < 1.1  # Exponential(1)

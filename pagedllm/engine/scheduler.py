@@ -14,7 +14,6 @@ class SchedulerOutput:
 
     requests: list[Request] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
 
     @property
     def total_num_tokens(self) -> int:
@@ -41,7 +40,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens run through the model, over the scheduler's life
-        self._finished_ids: list[str] = []
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -50,8 +48,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
-        self._finished_ids = []
+        out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         preempted = False
         index = 0
@@ -143,7 +140,7 @@ class Scheduler:
             for request in finished:
                 if request in self.waiting:  # preempted while its last token was being sampled
                     self.waiting.remove(request)
-                self._release(request)
+                self.block_manager.free(request)
         return finished
 
     def abort_request(self, request_id: str) -> Request | None:
@@ -159,7 +156,7 @@ class Scheduler:
         """End a request the engine decided is done (a stop string, an abort) and free its blocks."""
         (self.running if request in self.running else self.waiting).remove(request)
         request.finish(reason, stop_reason)
-        self._release(request)
+        self.block_manager.free(request)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -167,7 +164,3 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
-
-    def _release(self, request: Request) -> None:
-        self.block_manager.free(request)
-        self._finished_ids.append(request.request_id)

@@ -3,8 +3,9 @@ tokens before min_tokens, bad words), logit bias and per-request logits processo
 then greedy argmax, or temperature, min-p, top-k/top-p and a random draw.
 
 Random choice uses ``argmax(probs / q)`` with ``q ~ Exponential(1)`` (an exact draw from
-``probs``, as gpt-fast does), so each row needs only its own noise: a seeded request draws
-its noise from its own generator and samples the same tokens whatever else is in the batch.
+``probs``, as gpt-fast does), so each row needs only its own noise: a seeded request's noise is
+a function of its seed and the position it samples (Philox, one kernel for all seeded rows), so
+it samples the same tokens whatever else is in the batch, and again after a preemption.
 Log-probabilities are those of the model's raw logits (vLLM's default).
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from pagedllm.errors import RequestError
 from pagedllm.layers import triton_ops
-from pagedllm_kernels.reference import token_logprobs_ref
+from pagedllm_kernels.reference import seeded_exponential_ref, token_logprobs_ref
 
 
 @dataclass
@@ -28,6 +29,15 @@ class GrammarMasks:
     bitmask: torch.Tensor
     rows: list[int]
     vocab_size: int
+
+
+@dataclass
+class SeededRows:
+    """The rows of seeded requests: each one's seed and the position of the token it samples."""
+
+    rows: torch.Tensor  # [n] int64
+    seeds: torch.Tensor  # [n] int64
+    positions: torch.Tensor  # [n] int64
 
 
 @dataclass
@@ -46,8 +56,8 @@ class SamplingMetadata:
     temperatures: torch.Tensor  # [num_rows] float; 0 means greedy
     top_ks: torch.Tensor | None  # [num_rows] int; 0 means off; None when no row uses it
     top_ps: torch.Tensor | None  # [num_rows] float; 1 means off; None when no row uses it
-    generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded requests)
     all_greedy: bool
+    seeded: SeededRows | None = None  # rows that draw their own noise
     banned_token_ids: list[list[int]] | None = None  # per row, e.g. EOS before min_tokens
     min_ps: torch.Tensor | None = None  # [num_rows] float; 0 means off
     penalties: PenaltyInputs | None = None
@@ -71,7 +81,7 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, generator: torch.Generator):
-        self.generator = generator  # noise for rows without a seed of their own
+        self.generator = generator  # noise for the rows without a seed of their own
 
     def __call__(self, model_logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw = model_logits.float()  # kept as it is, for logprobs
@@ -101,8 +111,10 @@ class Sampler:
         logits = apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, generator in meta.generators.items():
-            noise[row].exponential_(generator=generator)
+        if meta.seeded is not None:
+            seeded = meta.seeded
+            fill = triton_ops.seeded_exponential_ if triton_ops.fused_on(noise) else seeded_exponential_ref
+            fill(noise, *(t.to(noise.device, non_blocking=True) for t in (seeded.rows, seeded.seeds, seeded.positions)))
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(temperatures > 0, sampled, greedy)
 

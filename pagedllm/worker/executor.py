@@ -3,7 +3,7 @@ rank 0 samples and the sampled tokens come back to the host as they arrive.
 
 The driver holds rank 0's ModelRunner and, with ``tensor_parallel_size`` > 1, the WorkerGroup of
 the other ranks. It alone turns the scheduler's output into a ``StepBatch`` (the one message the
-ranks get), samples, keeps the seeded requests' generators, and reads results back. With async
+ranks get), samples, and reads results back. With async
 scheduling a step's decode inputs may be tokens the previous step is still sampling: each rank
 takes them from its own copy of those tokens on the device (rank 0 broadcasts them).
 """
@@ -96,7 +96,6 @@ class Executor:
         else:
             generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
-        self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
         self._last_sample_rows: dict[str, int] = {}  # request id -> its row of the last sampled tokens
         self._num_last_sampled = 0
         # Also when the script just ends: rank 0 must free its graphs before the ranks can leave together.
@@ -109,7 +108,6 @@ class Executor:
     def shutdown(self) -> None:
         """Free rank 0's model and cache, then stop the other ranks (each frees its own first)."""
         self._finalizer()
-        self.generators.clear()
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, before_sampling: Callable[[], None] | None = None) -> PendingOutput:
@@ -119,8 +117,6 @@ class Executor:
         host is the token the previous launch sampled for that request, taken on the device.
         ``before_sampling`` runs once the forward pass is launched, before the sampling inputs are
         built (the engine reads the previous step back there, for grammars' masks)."""
-        for request_id in out.finished_request_ids:
-            self.generators.pop(request_id, None)
         chunks, pending_rows, flat_rows = [], [], 0
         for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
             chunk = SeqChunk(r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n], r.num_computed_tokens,
@@ -146,7 +142,8 @@ class Executor:
             return PendingOutput(result, rows, requests, None, None, 0)
         vocab_size = logits.shape[-1]
         pin = self.runner.device.type == "cuda"
-        meta = sampling_metadata(requests, vocab_size, self._generators(requests), pin=pin)
+        positions = [chunks[i].start + len(chunks[i].token_ids) for i in rows]  # of the tokens sampled
+        meta = sampling_metadata(requests, positions, vocab_size, pin=pin)
         try:
             sampled = self.sampler(logits, meta)
         except RequestError as err:  # the step is not committed: the other requests run it again
@@ -176,19 +173,6 @@ class Executor:
                         targets.append((index, request.prompt_token_ids[position + 1]))
             start += len(chunk.token_ids)
         return rows, targets
-
-    def _generators(self, requests: list[Request]) -> dict[int, torch.Generator]:
-        """Row -> the generator of each seeded request (sample i of a group draws from seed + i),
-        kept until the request finishes."""
-        generators = {}
-        for row, request in enumerate(requests):
-            seed = request.sampling_params.seed
-            if seed is not None and not request.sampling_params.greedy:
-                if request.request_id not in self.generators:
-                    generator = torch.Generator(device=self.runner.device).manual_seed(seed + request.sample_index)
-                    self.generators[request.request_id] = generator
-                generators[row] = self.generators[request.request_id]
-        return generators
 
 
 def _stop_ranks(runner: ModelRunner, workers: WorkerGroup | None) -> None:

@@ -4,7 +4,7 @@ import torch
 
 from pagedllm.engine.request import Request
 from pagedllm.engine.structured_output import fill_masks
-from pagedllm.layers.sampler import PenaltyInputs, SamplerOutput, SamplingMetadata
+from pagedllm.layers.sampler import PenaltyInputs, SamplerOutput, SamplingMetadata, SeededRows
 
 # Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
 TokenLogprobs = dict[int, tuple[float, int]]
@@ -15,11 +15,12 @@ def num_logprobs(k: int | None, vocab_size: int) -> int | None:
     return None if k is None else vocab_size if k == -1 else min(k, vocab_size)
 
 
-def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict[int, torch.Generator],
-                      pin: bool) -> SamplingMetadata:
-    """The rows' settings as (pinned, with ``pin``) host tensors and lists. Values are clamped to
-    the vocabulary, so that no row can break the batch's sampling even if it slipped past validation."""
+def sampling_metadata(requests: list[Request], positions: list[int], vocab_size: int, pin: bool) -> SamplingMetadata:
+    """The rows' settings as (pinned, with ``pin``) host tensors and lists; ``positions``: the
+    position of the token each row samples. Values are clamped to the vocabulary, so that no row
+    can break the batch's sampling even if it slipped past validation."""
     params = [r.sampling_params for r in requests]
+    seeded = [row for row, p in enumerate(params) if p.seed is not None and not p.greedy]
     banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
@@ -32,8 +33,10 @@ def sampling_metadata(requests: list[Request], vocab_size: int, generators: dict
         temperatures=host([p.temperature for p in params], True, torch.float32),
         top_ks=host([min(p.top_k, vocab_size) for p in params], any(p.top_k > 0 for p in params)),
         top_ps=host([p.top_p for p in params], any(p.top_p < 1 for p in params)),
-        generators=generators,
         all_greedy=all(p.greedy for p in params),
+        seeded=SeededRows(host(seeded, True, torch.int64),  # sample i of a group draws from seed + i
+                          host([params[row].seed + requests[row].sample_index for row in seeded], True, torch.int64),
+                          host([positions[row] for row in seeded], True, torch.int64)) if seeded else None,
         banned_token_ids=banned if any(banned) else None,
         min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
         penalties=penalty_inputs(requests) if any(p.penalized for p in params) else None,
