@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -47,6 +48,13 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
     "mistral": MistralConfig(num_key_value_heads=1, sliding_window=48, **_LLAMA_LIKE),
     "qwen2": Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_LIKE),
     "qwen3": Qwen3Config(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **_LLAMA_LIKE),
+    # Phi-3.5/Phi-4-mini-like: fused q/k/v and gate/up, three quarters of each head rotating, LongRoPE
+    # (its short factors here: no context passes the original length; the long ones: test_models_match_hf)
+    "phi3": Phi3Config(num_key_value_heads=2, original_max_position_embeddings=256, sliding_window=48,
+                       rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                        "short_factor": [1.0 + i / 16 for i in range(6)],
+                                        "long_factor": [2.0 + i for i in range(6)]},
+                       **_LLAMA_LIKE),
 }
 
 

@@ -48,6 +48,23 @@ def test_greedy_matches_hf(kind, scenario, tiny_checkpoint, hf_reference):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_longrope_takes_its_long_factors_when_contexts_may_pass_the_original_length(tmp_path, tokenizer):
+    """Phi-3's LongRoPE with max_model_len past original_max_position_embeddings (32) uses the long
+    factors throughout, as HF does once a sequence passes 32: equal to HF on prompts longer than 32.
+    Within 32 (max_model_len=32) the short factors, as HF."""
+    config = TINY_CONFIGS["phi3"].__class__(**{**TINY_CONFIGS["phi3"].to_dict(), "original_max_position_embeddings": 32})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf = hf.float().eval()
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for max_model_len, prompts in ((256, random_prompts([33, 60, 120])), (32, random_prompts([1, 9, 16]))):
+        outputs = LLM(str(tmp_path), device="cpu", max_model_len=max_model_len).generate(prompts, params,
+                                                                                         use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+
+
 def test_stop_token_ends_output_where_hf_produced_it(tiny_checkpoint, hf_reference):
     prompt = random_prompts(PROMPT_LENGTHS)[3]
     expected = hf_reference("llama")[3]
@@ -71,7 +88,7 @@ def test_min_tokens_bans_stop_tokens_until_reached(tiny_checkpoint, hf_reference
     assert len(out.token_ids) >= 3
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "phi3"])
 def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference, monkeypatch):
     """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill included."""
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")

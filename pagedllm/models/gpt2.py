@@ -1,5 +1,7 @@
 """GPT-2: learned positions, pre-LayerNorm, HF's Conv1D weights (stored ``[in, out]``, and q/k/v as one)."""
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from transformers import PretrainedConfig
@@ -8,6 +10,9 @@ from transformers.activations import ACT2FN
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 
 class GPT2Attention(nn.Module):
@@ -70,8 +75,9 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, engine_config: "EngineConfig"):
         super().__init__()
+        config = engine_config.hf_config
         self.transformer = GPT2Model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:

@@ -1,4 +1,7 @@
-"""Llama and its close kin: Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm)."""
+"""Llama and its close kin: Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Phi-3
+and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE)."""
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -12,6 +15,9 @@ from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm_kernels.reference import silu_and_mul_ref
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 # HF projections we run merged: checkpoint name -> (our merged module, part).
 _MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -29,12 +35,16 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding):
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.head_dim = head_dim_of(config)
         qwen2 = config.model_type == "qwen2"
         bias = bool(getattr(config, "attention_bias", False))
         # This rank's heads: query heads split evenly, KV heads split or, when fewer than the
@@ -48,7 +58,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
                               sliding_window)
 
@@ -63,15 +73,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, activation: str):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         shard = shard_units(config.intermediate_size)
         self.intermediate_size = shard.size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias)
-        self.silu = config.hidden_act == "silu"
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = activation == "silu"
+        self.act_fn = ACT2FN[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -82,10 +92,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(config, sliding_window)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, sliding_window, rotary_emb)
+        self.mlp = LlamaMLP(config, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,10 +113,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, max_model_len: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in sliding_windows(config))
+        rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_model_len)  # one table for every layer
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, rotary_emb) for w in sliding_windows(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -117,9 +128,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, engine_config: "EngineConfig"):
         super().__init__()
-        self.model = LlamaModel(config)
+        config = engine_config.hf_config
+        self.model = LlamaModel(config, engine_config.max_model_len)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

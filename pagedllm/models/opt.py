@@ -1,5 +1,7 @@
 """OPT: learned positions (offset 2), pre- or post-LayerNorm, optional input/output projections."""
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from transformers import PretrainedConfig
@@ -8,6 +10,9 @@ from transformers.activations import ACT2FN
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 _POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
@@ -91,8 +96,9 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, engine_config: "EngineConfig"):
         super().__init__()
+        config = engine_config.hf_config
         self.model = OPTModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
         if config.tie_word_embeddings:

@@ -16,6 +16,7 @@ def _registry() -> dict[str, type[nn.Module]]:
         "MistralForCausalLM": LlamaForCausalLM,
         "Qwen2ForCausalLM": LlamaForCausalLM,
         "Qwen3ForCausalLM": LlamaForCausalLM,
+        "Phi3ForCausalLM": LlamaForCausalLM,
     }
 
 

@@ -22,7 +22,7 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
     torch.set_default_dtype(config.dtype)
     try:
         with device, sharded_as(rank, config.tensor_parallel_size):
-            model = model_class(config.hf_config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default_dtype)
     reads = [0]
