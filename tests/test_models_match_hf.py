@@ -52,7 +52,8 @@ def test_longrope_takes_its_long_factors_when_contexts_may_pass_the_original_len
     """Phi-3's LongRoPE with max_model_len past original_max_position_embeddings (32) uses the long
     factors throughout, as HF does once a sequence passes 32: equal to HF on prompts longer than 32.
     Within 32 (max_model_len=32) the short factors, as HF."""
-    config = TINY_CONFIGS["phi3"].__class__(**{**TINY_CONFIGS["phi3"].to_dict(), "original_max_position_embeddings": 32})
+    phi3 = TINY_CONFIGS["phi3"]
+    config = type(phi3)(**{**phi3.to_dict(), "original_max_position_embeddings": 32})
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config)
     hf.save_pretrained(tmp_path)
