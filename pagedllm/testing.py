@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -55,6 +56,15 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                                         "short_factor": [1.0 + i / 16 for i in range(6)],
                                         "long_factor": [2.0 + i for i in range(6)]},
                        **_LLAMA_LIKE),
+    # Gemma 3: two sliding layers then a global one, local and global rotary (global scaled as 4B+'s),
+    # query_pre_attn_scalar apart from head_dim, soft-capped logits
+    "gemma3": Gemma3TextConfig(num_key_value_heads=2, head_dim=32, sliding_window=24,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+                               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 1000000.0}},
+                               **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
 }
 
 

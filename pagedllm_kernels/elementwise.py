@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
-                     n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -22,12 +22,12 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = w * h.to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = w * (h if SCALE_IN_FLOAT32 else h.to(out_ptr.dtype.element_ty).to(tl.float32))
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             scale_in_float32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``rms_norm_ref`` over the last dimension of a 2-D or 3-D ``x``."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -39,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     r2 = residual.reshape(-1, n) if residual is not None else x2
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
-                                         n, eps, HAS_RESIDUAL=residual is not None,
+                                         n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
                                          BLOCK=triton.next_power_of_2(n))
     out = out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))

@@ -75,17 +75,18 @@ def paged_attention_ref(
     return out
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """HF's RMSNorm (float32 statistics, scaled in the input dtype). With ``residual``: first
-    ``x + residual`` (rounded to the dtype, as HF adds), which is returned too as the new residual."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 scale_in_float32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF's RMSNorm (float32 statistics, scaled in the input dtype; ``scale_in_float32``: scaled
+    before rounding, as Gemma's). With ``residual``: first ``x + residual`` (rounded to the dtype,
+    as HF adds), which is returned too as the new residual."""
     if residual is not None:
         x = x + residual
         residual = x
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(dtype)
+    out = (weight.float() * h).to(dtype) if scale_in_float32 else weight * h.to(dtype)
     return out if residual is None else (out, residual)
 
 

@@ -89,8 +89,9 @@ def test_greedy_with_repetition_penalty_matches_hf(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature):
-    path = tiny_checkpoint("qwen2")
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])  # gemma3: soft-capped logits
+def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature, kind):
+    path = tiny_checkpoint(kind)
     prompt = random_prompts([12], seed=4)[0]
     llm = LLM(path, device="cpu")
     params = SamplingParams(temperature=temperature, max_tokens=6, ignore_eos=True, logprobs=3, seed=7)

@@ -113,16 +113,18 @@ def test_decode_block_size_32():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("width", [64, 96])
-def test_rms_norm_matches_reference(dtype, with_residual, width):
+@pytest.mark.parametrize("scale_in_float32", [False, True])  # Llama's rounding, Gemma's (a float32 weight)
+def test_rms_norm_matches_reference(dtype, with_residual, width, scale_in_float32):
     from pagedllm_kernels.elementwise import rms_norm
     from pagedllm_kernels.reference import rms_norm_ref
 
     g = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(5, width, generator=g).to(dtype) for _ in range(2))
-    weight = torch.randn(width, generator=g).to(dtype)
+    weight = torch.randn(width, generator=g).to(torch.float32 if scale_in_float32 else dtype)
     res = residual if with_residual else None
-    expected = rms_norm_ref(x, weight, 1e-5, res)
-    got = rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-5, res.to(DEVICE) if with_residual else None)
+    expected = rms_norm_ref(x, weight, 1e-5, res, scale_in_float32)
+    got = rms_norm(x.to(DEVICE), weight.to(DEVICE), 1e-5, res.to(DEVICE) if with_residual else None,
+                   scale_in_float32)
     for e, o in zip(expected if with_residual else [expected], got if with_residual else [got], strict=True):
         torch.testing.assert_close(o.cpu().float(), e.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 

@@ -1,13 +1,17 @@
-"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it."""
+"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it; and
+Gemma's, which scales by ``1 + weight`` in float32 before rounding."""
 
 import torch
 import torch.nn as nn
 
+from pagedllm.layers.linear import copy_checked
 from pagedllm.layers.triton_ops import fused_on, rms_norm
 from pagedllm_kernels.reference import rms_norm_ref
 
 
 class RMSNorm(nn.Module):
+    scale_in_float32 = False
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -15,4 +19,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
-        return (rms_norm if fused_on(x) else rms_norm_ref)(x, self.weight, self.eps, residual)
+        return (rms_norm if fused_on(x) else rms_norm_ref)(x, self.weight, self.eps, residual, self.scale_in_float32)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's checkpoints hold ``weight`` for a scale of ``1 + weight``: the 1 is added once, at
+    load, into a float32 parameter (in bfloat16 the sum would lose the weight's low bits)."""
+
+    scale_in_float32 = True
+
+    def __init__(self, size: int, eps: float):
+        super().__init__(size, eps)
+        self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32))
+        self.weight.weight_loader = lambda param, loaded, part: copy_checked(param, loaded[:].float() + 1)

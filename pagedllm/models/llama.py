@@ -10,7 +10,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
-from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -54,13 +54,14 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.q_size // self.head_dim, self.kv_size // self.head_dim
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_shard, kv_shard, kv_shard], bias or qwen2)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias, unit_size=self.head_dim)
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "gemma3_text")
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            norm = GemmaRMSNorm if config.model_type == "gemma3_text" else RMSNorm
+            self.q_norm = norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
-                              sliding_window)
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5  # Gemma's own
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -5,6 +5,7 @@ from transformers import PretrainedConfig
 
 
 def _registry() -> dict[str, type[nn.Module]]:
+    from pagedllm.models.gemma3 import Gemma3ForCausalLM
     from pagedllm.models.gpt2 import GPT2LMHeadModel
     from pagedllm.models.llama import LlamaForCausalLM
     from pagedllm.models.opt import OPTForCausalLM
@@ -17,6 +18,7 @@ def _registry() -> dict[str, type[nn.Module]]:
         "Qwen2ForCausalLM": LlamaForCausalLM,
         "Qwen3ForCausalLM": LlamaForCausalLM,
         "Phi3ForCausalLM": LlamaForCausalLM,
+        "Gemma3ForCausalLM": Gemma3ForCausalLM,
     }
 
 

@@ -1,0 +1,83 @@
+"""Gemma 3's text model (``Gemma3ForCausalLM``, model_type ``gemma3_text``): Llama's attention and
+gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), ``1 + weight`` RMSNorms
+(in float32) on both sides of attention and MLP, q/k norms, ``query_pre_attn_scalar``, GELU-tanh,
+sliding-window and global layers (``layer_types``) each with their own rotary parameters, and
+the final logits soft-capped where the config says."""
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from transformers import PretrainedConfig
+
+from pagedllm.layers.norm import GemmaRMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_type: str, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        window = config.sliding_window if layer_type == "sliding_attention" else None
+        self.self_attn = LlamaAttention(config, window, rotary_emb)
+        self.mlp = LlamaMLP(config, config.hidden_activation)
+        eps = config.rms_norm_eps
+        self.input_layernorm, self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps), \
+            GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps), \
+            GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As Llama's layer: takes the previous layer's output and the residual stream before it,
+        each residual add fused into the norm after it; the outputs of attention and MLP are
+        normed before they are added."""
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.post_attention_layernorm(self.self_attn(positions, hidden_states))
+        hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: PretrainedConfig, max_model_len: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # HF multiplies by the scale rounded to the model's dtype
+        self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.get_default_dtype()).item()
+        rotary = {t: RotaryEmbedding(config, head_dim_of(config), max_model_len, t) for t in set(config.layer_types)}
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, t, rotary[t]) for t in config.layer_types)
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids) * self.embed_scale, None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return self.norm(hidden_states, residual)[0]
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Llama's head and checkpoint names, Gemma's body and soft-capped logits."""
+
+    def __init__(self, engine_config: "EngineConfig"):
+        nn.Module.__init__(self)
+        config = engine_config.hf_config
+        if config.attn_logit_softcapping is not None:
+            raise ValueError(f"attn_logit_softcapping={config.attn_logit_softcapping} in config.json is not "
+                             "supported (Gemma 3's checkpoints leave it unset)")
+        self.model = Gemma3Model(config, engine_config.max_model_len)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.final_logit_softcapping = config.final_logit_softcapping
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden_states)
+        cap = self.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
