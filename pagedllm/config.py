@@ -185,7 +185,8 @@ def _check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     mlp = next((v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(hf_config, k, None))),
                4 * hf_config.hidden_size)
-    for what, count in (("attention heads", heads), ("MLP width", mlp)):
+    experts = getattr(hf_config, "moe_intermediate_size", None) or mlp  # each expert's width is split too
+    for what, count in (("attention heads", heads), ("MLP width", mlp), ("expert MLP width", experts)):
         if count % tp_size:
             raise ValueError(f"tensor_parallel_size={tp_size} is invalid for this model: its {count} {what} "
                              f"do not split evenly over {tp_size} ranks")

@@ -16,12 +16,14 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB_SIZE = 512
@@ -56,6 +58,12 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                                         "short_factor": [1.0 + i / 16 for i in range(6)],
                                         "long_factor": [2.0 + i for i in range(6)]},
                        **_LLAMA_LIKE),
+    # mixtures of experts: Mixtral (every layer, top-2 renormalised), Qwen3-MoE (a dense layer among
+    # sparse ones, top-3 of 6 without renormalising)
+    "mixtral": MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **_LLAMA_LIKE),
+    "qwen3-moe": Qwen3MoeConfig(num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=3,
+                                moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+                                **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
     # Gemma 3: two sliding layers then a global one, local and global rotary (global scaled as 4B+'s),
     # query_pre_attn_scalar apart from head_dim, soft-capped logits
     "gemma3": Gemma3TextConfig(num_key_value_heads=2, head_dim=32, sliding_window=24,

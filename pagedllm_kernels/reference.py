@@ -6,6 +6,8 @@ A token at position p of a sequence lives in block ``block_table[p // block_size
 slot ``p % block_size``; its flat slot is ``block * block_size + p % block_size``.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -149,3 +151,17 @@ def seeded_exponential_ref(noise: torch.Tensor, rows: torch.Tensor, seeds: torch
     uniform = ((bits >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
     noise[rows.long()] = -torch.log(uniform)
     return noise
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mixture of experts as HF computes it, expert by expert: each token's ``top_k`` experts
+    ``w2[e] @ (act(gate) * up)`` with ``gate, up = w13[e] @ x`` (``w13 [E, 2I, H]``, ``w2 [E, H, I]``),
+    weighted by ``topk_weights`` (float32) and summed in x's dtype."""
+    out = torch.zeros_like(x)
+    for expert in topk_ids.unique().tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(activation(gate) * up, w2[expert])
+        out.index_add_(0, tokens, (expert_out * topk_weights[tokens, slots, None]).to(x.dtype))
+    return out

@@ -39,7 +39,7 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
     llm.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "opt", "gemma3", "qwen3-moe"])
 def test_cuda_graph_decode_equals_eager(kind, tiny_checkpoint):
     # 5 and 19 sequences run in graphs of 8 and 32 rows: the padding must not change any output
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

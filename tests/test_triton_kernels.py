@@ -193,3 +193,33 @@ def test_seeded_exponential_matches_its_reference():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert (got[[1, 3, 5]] == -1).all() and (got[rows] > 0).all()
     assert not torch.equal(got[4], got[2]) and 0.9 < got[rows].mean() < 1.1  # Exponential(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 2), (37, 6, 2), (60, 4, 2), (200, 8, 3), (9, 16, 1)])
+def test_fused_moe_matches_reference(dtype, num_tokens, num_experts, top_k):
+    """The grouped GEMMs over tokens sorted by expert equal the expert-by-expert reference: one
+    token, experts left without tokens, blocks of 16, 32 and 64 rows, widths off the block sizes."""
+    from pagedllm_kernels.fused_moe import fused_moe
+    from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
+
+    g = torch.Generator().manual_seed(num_tokens)
+    hidden, intermediate = 48, 40
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=g) / 7).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, intermediate, generator=g) / 7).to(dtype)
+    weights, ids = torch.randn(num_tokens, num_experts, generator=g).softmax(-1).topk(top_k)
+    expected = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, torch.nn.functional.silu)
+    got = fused_moe(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)), silu_and_mul_ref).cpu()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_sort_by_expert_groups_pairs_in_whole_blocks():
+    from pagedllm_kernels.fused_moe import sort_by_expert
+
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]])  # pairs 0..5: experts 2, 0, 2, 1, 0, 2
+    sorted_pairs, block_experts = sort_by_expert(ids, num_experts=4, block_m=2)
+    assert sorted_pairs.tolist()[:8] == [1, 4, 3, 6, 0, 2, 5, 6]  # 6 pads expert 1's and 2's groups
+    assert block_experts.tolist()[:4] == [0, 1, 2, 2] and set(block_experts.tolist()[4:]) == {-1}
+    assert len(sorted_pairs) == 2 * len(block_experts) >= 6 + 4 * (2 - 1)

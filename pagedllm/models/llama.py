@@ -1,5 +1,6 @@
 """Llama and its close kin: Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Phi-3
-and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE)."""
+and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE), and the mixtures of
+experts Mixtral and Qwen3-MoE (a sparse MoE block in place of the MLP)."""
 
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
+from pagedllm.layers.moe import SparseMoeBlock
 from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
@@ -22,6 +24,22 @@ if TYPE_CHECKING:
 # HF projections we run merged: checkpoint name -> (our merged module, part).
 _MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# An expert's projection (Mixtral's names, Qwen3-MoE's) -> (our stacked weight, part of expert e: a * e + b).
+_EXPERT_PARTS = {"w1": ("w13", 2, 0), "gate_proj": ("w13", 2, 0), "w3": ("w13", 2, 1), "up_proj": ("w13", 2, 1),
+                 "w2": ("w2", 1, 0), "down_proj": ("w2", 1, 0)}
+
+
+def moe_block(config: PretrainedConfig, layer_index: int) -> SparseMoeBlock | None:
+    """The layer's mixture of experts, or None for a dense MLP (Qwen3-MoE's ``mlp_only_layers``
+    and the layers ``decoder_sparse_step`` skips)."""
+    if config.model_type == "mixtral":  # every layer
+        return SparseMoeBlock(config.hidden_size, config.intermediate_size, config.num_local_experts,
+                              config.num_experts_per_tok, True, config.hidden_act)
+    num_experts = getattr(config, "num_experts", None) if config.model_type == "qwen3_moe" else None
+    if not num_experts or layer_index in config.mlp_only_layers or (layer_index + 1) % config.decoder_sparse_step:
+        return None
+    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, num_experts, config.num_experts_per_tok,
+                          config.norm_topk_prob, config.hidden_act)
 
 
 def sliding_windows(config: PretrainedConfig) -> list[int | None]:
@@ -54,7 +72,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.q_size // self.head_dim, self.kv_size // self.head_dim
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_shard, kv_shard, kv_shard], bias or qwen2)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias, unit_size=self.head_dim)
-        self.qk_norm = config.model_type in ("qwen3", "gemma3_text")
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")
         if self.qk_norm:
             norm = GemmaRMSNorm if config.model_type == "gemma3_text" else RMSNorm
             self.q_norm = norm(self.head_dim, config.rms_norm_eps)
@@ -93,10 +111,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding,
+                 layer_index: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, sliding_window, rotary_emb)
-        self.mlp = LlamaMLP(config, config.hidden_act)
+        self.mlp = moe_block(config, layer_index) or LlamaMLP(config, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,7 +137,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_model_len)  # one table for every layer
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, rotary_emb) for w in sliding_windows(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, window, rotary_emb, i)
+                                    for i, window in enumerate(sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -144,8 +164,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def map_weight_name(self, name: str) -> tuple[str, int | None]:
-        parts = name.split(".")
+        parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral's name for the MoE block
+        if len(parts) >= 4 and parts[-4] == "experts" and parts[-2] in _EXPERT_PARTS:  # experts.{e}.{proj}.weight
+            stacked, a, b = _EXPERT_PARTS[parts[-2]]
+            return ".".join(parts[:-4] + [stacked]), a * int(parts[-3]) + b
         if len(parts) >= 2 and parts[-2] in _MERGED:
             merged, part = _MERGED[parts[-2]]
             return ".".join(parts[:-2] + [merged, parts[-1]]), part
-        return name, None
+        return ".".join(parts), None

@@ -1,0 +1,75 @@
+"""A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks each token's top_k
+experts; the experts' gated MLPs run as one fused kernel over their stacked weights. Under
+tensor parallelism every rank holds every expert's slice of the intermediate width (as a column-
+then row-parallel MLP) and one all-reduce sums the ranks' outputs."""
+
+import torch
+import torch.nn as nn
+from transformers.activations import ACT2FN
+
+from pagedllm.distributed import all_reduce, tp_world_size
+from pagedllm.layers.linear import check_full_shape, copy_checked, shard_units
+from pagedllm.layers.triton_ops import fused_moe, fused_on, silu_and_mul
+from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top_k experts and their weights (float32): softmax over all experts, then
+    the top_k, rescaled to sum to 1 where the checkpoint says (Mixtral always, Qwen3-MoE with
+    ``norm_topk_prob``)."""
+    weights, ids = torch.softmax(router_logits.float(), dim=-1).topk(top_k, dim=-1)
+    return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), ids
+
+
+class SparseMoeBlock(nn.Module):
+    """``gate`` (the router, whole on every rank) and the experts: ``w13 [E, 2 * I_rank, H]`` (each
+    expert's gate rows, then its up rows) and ``w2 [E, H, I_rank]``. A checkpoint's expert tensor
+    arrives with ``part``: ``2e`` (gate) or ``2e + 1`` (up) of w13, ``e`` of w2."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
+                 activation: str):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.shard = shard_units(intermediate_size)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard.size))
+        self.w13.weight_loader, self.w13.num_parts = self._load_w13, 2 * num_experts
+        self.w2.weight_loader, self.w2.num_parts = self._load_w2, num_experts
+        self.w13.full_shape = (num_experts, 2 * intermediate_size, hidden_size)
+        self.w2.full_shape = (num_experts, hidden_size, intermediate_size)
+        self.silu = activation == "silu"
+        self.activation = ACT2FN[activation]
+        self.tp_size = tp_world_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if fused_on(x):
+            out = fused_moe(x, self.w13, self.w2, weights, ids, silu_and_mul if self.silu else self._activation_and_mul)
+        else:
+            out = fused_moe_ref(x, self.w13, self.w2, weights, ids, self.activation)
+        return all_reduce(out) if self.tp_size > 1 else out
+
+    def _activation_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.activation(gate) * up
+
+    def _load_w13(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        s, full = self.shard, self.w13.full_shape
+        if part is None:  # all experts at once (random weights): [E, 2I, H]
+            check_full_shape(loaded, full)
+            copy_checked(param[:, : s.size], loaded[:, s.start : s.start + s.size])
+            copy_checked(param[:, s.size :], loaded[:, s.full_size + s.start : s.full_size + s.start + s.size])
+            return
+        expert, up = divmod(part, 2)
+        check_full_shape(loaded, (s.full_size, full[2]), f"expert {expert}'s {'up' if up else 'gate'} ")
+        copy_checked(param[expert, up * s.size : (up + 1) * s.size], loaded[s.start : s.start + s.size])
+
+    def _load_w2(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        s, full = self.shard, self.w2.full_shape
+        if part is None:
+            check_full_shape(loaded, full)
+            copy_checked(param, loaded[:, :, s.start : s.start + s.size])
+            return
+        check_full_shape(loaded, full[1:], f"expert {part}'s down ")
+        copy_checked(param[part], loaded[:, s.start : s.start + s.size])

@@ -1,0 +1,91 @@
+"""Mixture of experts in two grouped GEMMs (reference: fused_moe_ref). The (token, expert) pairs
+are sorted by expert and each expert's group padded to whole blocks of rows, so that one program
+multiplies a block of rows by one expert's weights: the gate/up projection of every pair, the
+activation, then the down projection scaled by the routing weight, and each token's top_k rows
+summed. The sort is done with fixed-shape torch ops (no host sync), so decode steps can run in
+CUDA graphs."""
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, n, k,
+                         top_k, stride_a, stride_we, stride_wn, stride_out, ROW_PER_PAIR: tl.constexpr,
+                         MUL_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block).to(tl.int64)
+    if expert < 0:  # a block past the last expert's rows
+        return
+    pairs = tl.load(sorted_pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs  # the rest pads the expert's group to whole blocks
+    rows = (pairs if ROW_PER_PAIR else pairs // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + offs_k[None, :], mask=valid[:, None] & (offs_k[None, :] < k),
+                    other=0.0)
+        w = tl.load(w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
+                    mask=(cols[None, :] < n) & (offs_k[:, None] < k), other=0.0)
+        acc += tl.dot(a, w)
+    if MUL_WEIGHTS:
+        acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < n))
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs (flat indices into ``topk_ids``) grouped by expert, each group padded with
+    ``num_pairs`` to a multiple of ``block_m``, in a buffer of the largest size any routing
+    needs; and each block's expert (-1 past the last group)."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    experts = flat[order]
+    rank_in_group = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[experts]
+    num_slots = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    sorted_pairs = torch.full((num_slots,), num_pairs, dtype=torch.int64, device=flat.device)
+    sorted_pairs[(ends - padded)[experts] + rank_in_group] = order
+    block_experts = torch.searchsorted(ends, torch.arange(0, num_slots, block_m, device=flat.device), right=True)
+    return sorted_pairs, torch.where(block_experts < num_experts, block_experts, -1)
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
+                  block_experts: torch.Tensor, top_k: int, block_m: int, row_per_pair: bool,
+                  weights: torch.Tensor | None = None) -> None:
+    """``out[pair] = a[row] @ w[expert].T`` (times the pair's weight), where row is the pair's
+    token, or with ``row_per_pair`` the pair itself."""
+    num_pairs, (n, k) = out.shape[0], w.shape[1:]
+    block_n, block_k = min(64, max(16, triton.next_power_of_2(n))), min(64, max(16, triton.next_power_of_2(k)))
+    grid = (len(block_experts), triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](a, w, out, weights if weights is not None else out, sorted_pairs, block_experts,
+                               num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                               ROW_PER_PAIR=row_per_pair,
+                               MUL_WEIGHTS=weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation_and_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Same result as ``fused_moe_ref`` (``activation_and_mul`` maps ``[rows, 2I]`` gate|up to
+    ``[rows, I]``), with x ``[tokens, H]`` contiguous in its last dimension."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    num_pairs = num_tokens * top_k
+    # rows per expert on average decide the block height: 16 for decode batches, more for prefill
+    block_m = 16 if num_pairs <= 16 * num_experts else 32 if num_pairs <= 64 * num_experts else 64
+    sorted_pairs, block_experts = sort_by_expert(topk_ids, num_experts, block_m)
+    gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
+    hidden = activation_and_mul(gate_up)
+    down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_gemm(hidden, w2, down, sorted_pairs, block_experts, top_k, block_m, row_per_pair=True,
+                  weights=topk_weights.flatten())
+    return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
