@@ -45,7 +45,8 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
     needs; and each block's expert (-1 past the last group)."""
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # (bincount would read its size back from the device)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     order = flat.argsort(stable=True)

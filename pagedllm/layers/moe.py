@@ -10,7 +10,7 @@ from transformers.activations import ACT2FN
 from pagedllm.distributed import all_reduce, tp_world_size
 from pagedllm.layers.linear import check_full_shape, copy_checked, shard_units
 from pagedllm.layers.triton_ops import fused_moe, fused_on, silu_and_mul
-from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
+from pagedllm_kernels.reference import fused_moe_ref
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
