@@ -15,8 +15,8 @@ import triton.language as tl
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, n, k,
                          top_k, stride_a, stride_we, stride_wn, stride_out, ROW_PER_PAIR: tl.constexpr,
-                         MUL_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         MUL_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:  # a block past the last expert's rows
@@ -32,7 +32,7 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, b
                     other=0.0)
         w = tl.load(w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
                     mask=(cols[None, :] < n) & (offs_k[:, None] < k), other=0.0)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
     if MUL_WEIGHTS:
         acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :],
@@ -65,12 +65,17 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pa
     """``out[pair] = a[row] @ w[expert].T`` (times the pair's weight), where row is the pair's
     token, or with ``row_per_pair`` the pair itself."""
     num_pairs, (n, k) = out.shape[0], w.shape[1:]
-    block_n, block_k = min(64, max(16, triton.next_power_of_2(n))), min(64, max(16, triton.next_power_of_2(k)))
+    big = block_m >= 64  # prefill: larger tiles, more warps
+    block_n = min(128 if big else 64, max(16, triton.next_power_of_2(n)))
+    block_k = min(64, max(16, triton.next_power_of_2(k)))
     grid = (len(block_experts), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](a, w, out, weights if weights is not None else out, sorted_pairs, block_experts,
                                num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
                                ROW_PER_PAIR=row_per_pair,
-                               MUL_WEIGHTS=weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                               MUL_WEIGHTS=weights is not None,  # float32 stays float32 (no TF32)
+                               PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if big else 4,
+                               num_stages=3)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -81,7 +86,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_experts = w13.shape[0]
     num_pairs = num_tokens * top_k
     # rows per expert on average decide the block height: 16 for decode batches, more for prefill
-    block_m = 16 if num_pairs <= 16 * num_experts else 32 if num_pairs <= 64 * num_experts else 64
+    per_expert = num_pairs / num_experts
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
     sorted_pairs, block_experts = sort_by_expert(topk_ids, num_experts, block_m)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
