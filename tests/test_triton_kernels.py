@@ -196,7 +196,8 @@ def test_seeded_exponential_matches_its_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 2), (37, 6, 2), (60, 4, 2), (200, 8, 3), (300, 2, 2), (9, 16, 1)])
+@pytest.mark.parametrize("num_tokens, num_experts, top_k",
+                         [(1, 4, 2), (37, 6, 2), (60, 4, 2), (200, 8, 3), (300, 2, 2), (9, 16, 1)])
 def test_fused_moe_matches_reference(dtype, num_tokens, num_experts, top_k):
     """The grouped GEMMs over tokens sorted by expert equal the expert-by-expert reference: one
     token, experts left without tokens, blocks of 16, 32 and 64 rows, widths off the block sizes."""
