@@ -66,6 +66,23 @@ def kernels_section(name: str, data: dict) -> list[str]:
     return lines
 
 
+def moe_section(name: str, data: dict) -> list[str]:
+    lines = [
+        "**Fused-MoE kernel** (`python benchmarks/moe.py`): one MoE layer of each model, bf16, random weights "
+        "and routing; the fraction of the roofline is the larger of compute and weight-read time at the GPU's "
+        f"peaks over the kernel's time; HF's expert-by-expert loop on the same inputs as the peer. "
+        f"{_source(data, name)}.",
+        "",
+        "| layer | tokens | fused µs | TFLOP/s | TB/s | of the roofline | HF loop µs | x HF loop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        lines.append(f"| {r['model']} ({r['experts']} experts, top {r['top_k']}) | {r['tokens']} | "
+                     f"{r['fused_ms'] * 1e3:,.0f} | {r['tflops']:.0f} | {r['tb_per_s']:.2f} | "
+                     f"{r['roofline_fraction']:.2f} | {r['hf_loop_ms'] * 1e3:,.0f} | {r['speedup_over_hf_loop']:.1f} |")
+    return lines
+
+
 PEERS = ("hf-static-bs64", "hf-static-bs256", "hf-continuous-batching")
 WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "L1")
 
@@ -260,6 +277,9 @@ def render() -> str:
     kernels = latest("kernels")
     if kernels:
         sections.append("\n".join(kernels_section(*kernels)))
+    moe = latest("moe")
+    if moe:
+        sections.append("\n".join(moe_section(*moe)))
     return "\n\n".join(sections) if sections else "No benchmark results yet."
 
 

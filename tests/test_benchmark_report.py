@@ -47,3 +47,14 @@ def test_serve_rows_come_from_the_latest_result():
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[:3] == [f"{run['rate']:g}", engine, report._rate(run["output_tokens_per_s"])]
         assert cells[-1] == f"{run['completed']} / {run['failed']} / {run['stopped']}"
+
+
+def test_moe_section_has_a_row_per_measured_layer():
+    data = {"environment": {"gpu": "NVIDIA H200", "date": "2026-12-02", "torch": "t", "triton": "t",
+                            "git_commit": "abc"},
+            "results": [{"model": "qwen3-30b-a3b", "experts": 128, "top_k": 8, "tokens": n, "fused_ms": 0.4,
+                         "tflops": 46.5, "tb_per_s": 2.9, "roofline_fraction": 0.68, "hf_loop_ms": 22.0,
+                         "speedup_over_hf_loop": 55.0} for n in (1, 256)]}
+    rows = [line for line in report.moe_section("moe-h200-2026-12-02.json", data) if line.startswith("| qwen3")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "256"]
+    assert "| 400 | 46 | 2.90 | 0.68 | 22,000 | 55.0 |" in rows[1]
