@@ -8,6 +8,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedllm.models.loader import load_hf_config, resolve_model_path
+from pagedllm.models.fp8_checkpoint import fp8_checkpoint
 from pagedllm.models.registry import get_model_class
 from pagedllm.sampling_params import is_int, is_real
 
@@ -45,7 +46,8 @@ class EngineConfig:
     dtype: str | torch.dtype = option("auto", "auto (the checkpoint's; float32 runs as float16 on a GPU), float16, "
                                               "bfloat16 or float32")
     load_format: str = option("auto", "auto (safetensors, else bin), safetensors, pt, or dummy (random weights)")
-    quantization: str | None = option(None, "weight quantization: none yet")
+    quantization: str | None = option(None, "fp8: linear weights in FP8 (quantized at load), activations "
+                                              "per token; an FP8 checkpoint sets it itself")
     kv_cache_dtype: str = option("auto", "the KV cache's dtype: auto (the model's)")
     task: str = option("auto", "auto or generate: pagedllm generates text")
     generation_config: str = option("auto", "where generate() takes its default sampling settings from when given "
@@ -104,8 +106,8 @@ class EngineConfig:
         _require(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no limit)")
         _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
         _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
-        _require(self.quantization is None, "quantization", self.quantization,
-                 "None: pagedllm runs weights in dtype (quantized weights are not supported yet)")
+        _require(self.quantization in (None, "fp8"), "quantization", self.quantization,
+                 "None or 'fp8' (FP8 weights, activations quantized per token; other methods are not supported)")
         _require(self.kv_cache_dtype == "auto", "kv_cache_dtype", self.kv_cache_dtype,
                  "'auto' (the model's dtype): an fp8 KV cache is not supported yet")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")
@@ -127,6 +129,8 @@ class EngineConfig:
         for key, value in (self.hf_overrides or {}).items():
             setattr(self.hf_config, key, value)
         get_model_class(self.hf_config)  # unknown architectures fail here, before loading
+        if fp8_checkpoint(self.hf_config):  # an FP8 checkpoint runs in FP8 (as vLLM reads its quantization_config)
+            self.quantization = "fp8"
         _check_tensor_parallel(self.hf_config, self.tensor_parallel_size)
         if self.tokenizer is None and self.tokenizer_revision in (None, self.revision):
             self.tokenizer = self.model_path

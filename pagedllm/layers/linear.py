@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pagedllm.distributed import all_reduce, tp_rank, tp_world_size
+from pagedllm.layers.quantization import fp8_linear
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ def check_full_shape(loaded, expected: tuple[int, ...], what: str = "") -> None:
         raise ValueError(f"{what}has shape {tuple(loaded.shape)}, but config.json implies {tuple(expected)}")
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           weight_scale: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or its FP8 form once ``quantize_linears`` gave the layer a weight scale."""
+    return F.linear(x, weight, bias) if weight_scale is None else fp8_linear(x, weight, weight_scale, bias)
+
+
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str = "") -> None:
     """Copy checkpoint values into a parameter (or rows of it) of the same shape; the ValueError
     names ``what`` part of the checkpoint tensor did not fit."""
@@ -65,7 +72,9 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str = "") -> N
 class ColumnParallelLinear(nn.Module):
     """One or more HF projections sharing an input (q/k/v, gate/up), stacked along the output and
     each cut to this rank's ``shards``. The checkpoint keeps them apart (``part`` = their index)
-    or already stacked (``part`` None, GPT-2's c_attn)."""
+    or already stacked (``part`` None, GPT-2's c_attn, Phi-3's qkv_proj)."""
+
+    weight_scale: torch.Tensor | None = None  # [out, 1] once quantized to FP8
 
     def __init__(self, in_features: int, shards: list[Shard], bias: bool, transposed: bool = False):
         super().__init__()
@@ -82,7 +91,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias.full_shape = (full_size,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
     def _load(self, param: nn.Parameter, loaded, part: int | None) -> None:
         parts = range(len(self.shards)) if part is None else [part]
@@ -102,6 +111,8 @@ class RowParallelLinear(nn.Module):
     """A projection whose input columns are split across ranks (attention output, MLP down):
     each rank multiplies its slice, one all-reduce sums them, then the bias is added once."""
 
+    weight_scale: torch.Tensor | None = None  # [out, 1] once quantized to FP8
+
     def __init__(self, in_features: int, out_features: int, bias: bool, transposed: bool = False,
                  unit_size: int = 1):
         super().__init__()
@@ -115,8 +126,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self.weight_scale)
+        out = all_reduce(linear(x, self.weight, None, self.weight_scale))
         return out + self.bias if self.bias is not None else out
 
     def _load_weight(self, param: nn.Parameter, loaded, part: int | None) -> None:

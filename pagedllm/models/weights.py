@@ -10,6 +10,8 @@ import torch.nn as nn
 from pagedllm.config import EngineConfig
 from pagedllm.distributed import sharded_as
 from pagedllm.layers.linear import copy_checked
+from pagedllm.layers.quantization import quantize_linears
+from pagedllm.models.fp8_checkpoint import dequantize, fp8_checkpoint
 from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
 from pagedllm.models.registry import get_model_class
 
@@ -29,7 +31,11 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed or 0)
     else:
-        load_weights(model, iter_checkpoint(config.model_path, config.load_format, reads))
+        weights = iter_checkpoint(config.model_path, config.load_format, reads)
+        fp8 = fp8_checkpoint(config.hf_config)
+        load_weights(model, dequantize(weights, fp8) if fp8 else weights)
+    if config.quantization == "fp8":
+        quantize_linears(model)
     return model.eval().requires_grad_(False), reads[0]
 
 

@@ -1,0 +1,54 @@
+"""FP8 (e4m3) linear layers: weights with one scale per output row, activations quantized per
+token as they come (dynamic), the product on Hopper through ``torch._scaled_mm`` with both scales
+applied in its epilogue; elsewhere its reference, which dequantizes and multiplies in float32.
+
+A bf16/fp16 checkpoint is quantized once its weights are loaded (``quantize_linears``); an FP8
+checkpoint is dequantized by the loader as it is read (``models/fp8_checkpoint.py``) and quantized
+again here, per row, whatever its own scale layout (per tensor, per row or in blocks)."""
+
+import torch
+import torch.nn as nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [rows, cols]`` as FP8 and one float32 scale per row ``[rows, 1]``: ``x ~ q * scale``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``fp8_linear`` computes: x quantized per token, both operands dequantized, multiplied
+    in float32, rounded to x's dtype."""
+    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
+    out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (weight * weight_scale).T + bias`` with FP8 ``weight [out, in]`` and float32
+    ``weight_scale [out, 1]``; on CUDA one ``torch._scaled_mm`` (row-wise scales need a bf16
+    output: an fp16 model's is converted after)."""
+    if not x.is_cuda:
+        return fp8_linear_ref(x, weight, weight_scale, bias)
+    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
+    out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
+
+
+def quantize_linears(model: nn.Module) -> None:
+    """Quantize every tensor-parallel linear layer's weight (this rank's slice) to FP8 with a
+    scale per output row, in place; embeddings, the LM head, norms and experts keep the dtype."""
+    from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            weight, scale = quantize_rows(module.weight.data)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.weight_scale = scale

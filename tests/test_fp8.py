@@ -1,0 +1,135 @@
+"""FP8: linear weights quantized per row at load (``quantization="fp8"``) or read from FP8
+checkpoints (compressed-tensors per channel, ``fp8`` per tensor and in blocks), activations per
+token. On the CPU the reference runs (dequantize, multiply); on CUDA ``torch._scaled_mm``."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.layers.quantization import FP8, fp8_linear, fp8_linear_ref, quantize_rows
+from pagedllm.models.fp8_checkpoint import DequantizedTensor
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_rows_quantize_within_fp8s_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 200, generator=g) * torch.logspace(-3, 2, 9).unsqueeze(1)  # rows of very different size
+    q, scale = quantize_rows(x)
+    assert q.dtype == FP8 and scale.shape == (9, 1) and q.float().abs().max() <= 448
+    error = (q.float() * scale - x).abs() / x.abs().amax(dim=1, keepdim=True)
+    assert error.max() <= 2**-4  # e4m3: 3 mantissa bits, relative to each row's largest value
+
+
+@pytest.mark.parametrize("block", [None, (32, 16)])
+def test_a_dequantized_checkpoint_tensor_reads_the_same_from_any_slice(block):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(100, 70, generator=g).to(FP8)
+    shape = (1, 1) if block is None else (-(-100 // block[0]), -(-70 // block[1]))
+    scale = torch.rand(*shape, generator=g) + 0.5
+    whole = weight.float() * (scale if block is None else
+                              scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:100, :70])
+    t = DequantizedTensor(weight, scale, block)
+    assert torch.equal(t[:], whole) and torch.equal(t[33:71], whole[33:71]) and torch.equal(t[:, 5:47], whole[:, 5:47])
+    per_row = DequantizedTensor(weight, scale.flatten()[:1].repeat(100, 1) * torch.arange(1, 101).unsqueeze(1), None)
+    assert torch.equal(per_row[10:20], weight[10:20].float() * per_row.scale[10:20])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (Hopper)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_mm_equals_the_reference(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(33, 256, device="cuda", generator=g).to(dtype)
+    weight, scale = quantize_rows(torch.randn(96, 256, device="cuda", generator=g))
+    bias = torch.randn(96, device="cuda", generator=g).to(dtype)
+    got, expected = fp8_linear(x, weight, scale, bias), fp8_linear_ref(x.cpu(), weight.cpu(), scale.cpu(), bias.cpu())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def text_loss(llm: LLM) -> float:
+    """Mean negative log-likelihood of a page of Python the demo model did not train on."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fp8.py")) as f:
+        ids = llm.get_tokenizer()(f.read())["input_ids"][:400]
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    return -sum(entry[t].logprob for t, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)) / (len(ids) - 1)
+
+
+@pytest.fixture(scope="module")
+def demo_loss():
+    return text_loss(LLM(DEMO, device="cpu"))
+
+
+def test_quantized_at_load_the_demo_model_keeps_its_loss(demo_loss):
+    llm = LLM(DEMO, device="cpu", quantization="fp8")
+    linear = llm.llm_engine.executor.runner.model.model.layers[0].self_attn.qkv_proj
+    assert linear.weight.dtype == FP8 and linear.weight_scale.shape == (linear.weight.shape[0], 1)
+    assert abs(text_loss(llm) - demo_loss) < 0.02 * demo_loss
+
+
+def fp8_checkpoint(path: str, layout: str) -> str:
+    """The demo model saved as an FP8 checkpoint: compressed-tensors per channel, or quant_method
+    fp8 per tensor (with static input scales) or in 64 x 32 blocks."""
+    shutil.copytree(DEMO, path)
+    state = load_file(os.path.join(DEMO, "model.safetensors"))
+    for name in [n for n in state if n.split(".")[-2] in LINEARS]:
+        weight = state.pop(name).float()
+        if layout == "channel":
+            q, scale = quantize_rows(weight)
+            state[name], state[f"{name}_scale"] = q, scale
+        elif layout == "tensor":
+            scale = weight.abs().max() / 448
+            state[name], state[f"{name}_scale"] = (weight / scale).to(FP8), scale.reshape(())
+            state[name.replace(".weight", ".input_scale")] = torch.tensor(0.05)
+        else:
+            blocks = weight.reshape(weight.shape[0] // 64, 64, weight.shape[1] // 32, 32)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            expanded = scale.repeat_interleave(64, 0).repeat_interleave(32, 1)
+            state[name], state[f"{name}_scale_inv"] = (weight / expanded).to(FP8), scale
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}},
+        "tensor": {"quant_method": "fp8", "activation_scheme": "static"},
+        "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 32]},
+    }[layout]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["channel", "tensor", "block"])
+def test_fp8_checkpoints_load_as_saved_and_keep_the_loss(layout, tmp_path, demo_loss):
+    llm = LLM(fp8_checkpoint(str(tmp_path / layout), layout), device="cpu")
+    assert llm.llm_engine.config.quantization == "fp8"  # read from the checkpoint's quantization_config
+    assert abs(text_loss(llm) - demo_loss) < 0.03 * demo_loss
+
+
+def test_fp8_checkpoints_split_over_two_ranks_as_over_one(tmp_path):
+    path = fp8_checkpoint(str(tmp_path / "block"), "block")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    one = LLM(path, device="cpu").generate(["def main():"], params, use_tqdm=False)[0].outputs[0].token_ids
+    with LLM(path, device="cpu", tensor_parallel_size=2) as two:
+        assert two.generate(["def main():"], params, use_tqdm=False)[0].outputs[0].token_ids == one
+
+
+@pytest.mark.parametrize("quant_method", ["gptq", "awq", "bitsandbytes"])
+def test_other_quantized_checkpoints_are_refused_by_name(quant_method, tmp_path):
+    shutil.copytree(DEMO, tmp_path / "q")
+    with open(tmp_path / "q" / "config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": quant_method, "bits": 4}
+    with open(tmp_path / "q" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=f"quant_method='{quant_method}' is not supported"):
+        LLM(str(tmp_path / "q"), device="cpu")
