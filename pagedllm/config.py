@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import PretrainedConfig
 
-from pagedllm.models.loader import load_hf_config, resolve_model_path
 from pagedllm.models.fp8_checkpoint import fp8_checkpoint
+from pagedllm.models.loader import load_hf_config, resolve_model_path
 from pagedllm.models.registry import get_model_class
 from pagedllm.sampling_params import is_int, is_real
 
