@@ -48,7 +48,7 @@ class EngineConfig:
     load_format: str = option("auto", "auto (safetensors, else bin), safetensors, pt, or dummy (random weights)")
     quantization: str | None = option(None, "fp8: linear weights in FP8 (quantized at load), activations "
                                               "per token; an FP8 checkpoint sets it itself")
-    kv_cache_dtype: str = option("auto", "the KV cache's dtype: auto (the model's)")
+    kv_cache_dtype: str = option("auto", "the KV cache's dtype: auto (the model's), or fp8 (e4m3: twice the tokens)")
     task: str = option("auto", "auto or generate: pagedllm generates text")
     generation_config: str = option("auto", "where generate() takes its default sampling settings from when given "
                                             "none: auto (the model's generation_config.json), vllm (pagedllm's "
@@ -108,8 +108,8 @@ class EngineConfig:
         _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
         _require(self.quantization in (None, "fp8"), "quantization", self.quantization,
                  "None or 'fp8' (FP8 weights, activations quantized per token; other methods are not supported)")
-        _require(self.kv_cache_dtype == "auto", "kv_cache_dtype", self.kv_cache_dtype,
-                 "'auto' (the model's dtype): an fp8 KV cache is not supported yet")
+        _require(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
+                 "'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (e4m3; 'fp8_e5m2' is not supported)")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")
         _require(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                  "a dict of config.json values")
@@ -147,6 +147,10 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype.startswith("fp8") else self.dtype
 
     def _check_types(self) -> None:
         """Each option has its field's type (a bool is no int; an int may stand for a float)."""

@@ -1,4 +1,5 @@
-"""Triton kernel: write the step's new K/V rows into the paged cache (reference: store_kv_cache_ref)."""
+"""Triton kernel: write the step's new K/V rows into the paged cache, divided by the layer's scales
+and clamped to e4m3's range when the cache is FP8 (reference: store_kv_cache_ref)."""
 
 import torch
 import triton
@@ -6,8 +7,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _to_cache(x, scale, cache_ptr):
+    if cache_ptr.dtype.element_ty != x.dtype:  # an FP8 cache
+        x = tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_kv_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                           stride_key, stride_value,
+                           stride_key, stride_value, k_scale, v_scale,
                            ROW: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token)
@@ -16,12 +24,14 @@ def _store_kv_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ma
     offs = tl.arange(0, BLOCK)
     mask = offs < ROW
     dst = slot.to(tl.int64) * ROW + offs
-    tl.store(k_cache_ptr + dst, tl.load(key_ptr + token * stride_key + offs, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(value_ptr + token * stride_value + offs, mask=mask), mask=mask)
+    key = tl.load(key_ptr + token * stride_key + offs, mask=mask)
+    value = tl.load(value_ptr + token * stride_value + offs, mask=mask)
+    tl.store(k_cache_ptr + dst, _to_cache(key, k_scale, k_cache_ptr), mask=mask)
+    tl.store(v_cache_ptr + dst, _to_cache(value, v_scale, v_cache_ptr), mask=mask)
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """key/value ``[num_tokens, num_kv_heads, head_dim]`` (rows may be strided, each row dense)
     into caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` at flat slots; -1 skips."""
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -30,7 +40,7 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     row = num_kv_heads * head_dim
     key, value = _rows_dense(key), _rows_dense(value)
     _store_kv_cache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0), k_scale, v_scale,
         ROW=row, BLOCK=triton.next_power_of_2(row),
     )
 

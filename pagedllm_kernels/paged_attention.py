@@ -27,16 +27,20 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                  stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr):
-    """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``."""
+                  stride_bt, stride_cb, stride_cs, stride_ch, scale, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``, in
+    ``out_ty`` (an FP8 cache's values times the layer's ``scale``)."""
     page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
     offs = page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-    return tl.load(cache_ptr + offs[:, None] + d[None, :], mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+    x = tl.load(cache_ptr + offs[:, None] + d[None, :], mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+    if cache_ptr.dtype.element_ty != out_ty:
+        x = (x.to(tl.float32) * scale).to(out_ty)
+    return x
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window,
+                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window, k_scale, v_scale,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -67,7 +71,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < hi
         k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+                          stride_bt, stride_cb, stride_cs, stride_ch, k_scale, q.dtype, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
@@ -75,7 +79,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         p = tl.exp2(s - row_max_new[:, None])
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+                          stride_bt, stride_cb, stride_cs, stride_ch, v_scale, q.dtype, BLOCK_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = row_max_new
 
@@ -107,14 +111,14 @@ def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride
 
 @triton.jit
 def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
+                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
                   stride_bt, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
     k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, k_scale, q.dtype, BLOCK_SIZE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
@@ -127,14 +131,14 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     p = tl.exp2(s - row_max_safe[:, None])
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
     v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, v_scale, q.dtype, BLOCK_SIZE)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, row_max_new, row_sum
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-                    out_ptr, scale_log2, sliding_window, num_seqs,
+                    out_ptr, scale_log2, sliding_window, k_scale, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,12 +187,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
         for n0 in range(0, masked_from, BLOCK_N):
             acc, row_max, row_sum = _prefill_tile(
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, stride_bt, stride_cb, stride_cs, stride_ch,
+                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
+                stride_bt, stride_cb, stride_cs, stride_ch,
                 BLOCK_SIZE, BLOCK_N, PRECISION, False)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, stride_bt, stride_cb, stride_cs, stride_ch,
+            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
+            stride_bt, stride_cb, stride_cs, stride_ch,
             BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
@@ -210,8 +216,8 @@ def decode_config(head_dim: int) -> dict:
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    scale: float, sliding_window: int | None = None, *, max_query_len: int,
-                    max_context_len: int, num_splits: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0, *,
+                    max_query_len: int, max_context_len: int, num_splits: int | None = None) -> torch.Tensor:
     """Same contract as ``paged_attention_ref``; ``max_query_len``/``max_context_len`` are host
     ints (no device sync). ``num_splits`` forces the decode split count (tests)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -233,7 +239,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         config = prefill_config(head_dim, common["GROUP_PAD"])
         grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
-            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window, num_seqs,
+            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window,
+            k_scale, v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
             **config, **common,
         )
@@ -253,6 +260,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window,
+        k_scale, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         NUM_SPLITS=num_splits, **decode_config(head_dim), **common,
     )

@@ -11,6 +11,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest value
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """K or V rows as the cache holds them: as they are, or in an FP8 cache ``x / scale`` clamped
+    to e4m3's range (a value past it would become NaN)."""
+    if cache.dtype == x.dtype:
+        return x
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cached K or V in the compute ``dtype`` (an FP8 cache's values times its scale)."""
+    return x if x.dtype == dtype else (x.float() * scale).to(dtype)
+
 
 def store_kv_cache_ref(
     key: torch.Tensor,
@@ -18,15 +33,18 @@ def store_kv_cache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write the step's new K/V rows ``[num_tokens, num_kv_heads, head_dim]`` at their flat slots.
+    """Write the step's new K/V rows ``[num_tokens, num_kv_heads, head_dim]`` at their flat slots
+    (into an FP8 cache divided by the layer's scales).
 
     Slots marked -1 (padding tokens) are skipped.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(key[keep], k_cache, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(value[keep], v_cache, v_scale)
 
 
 def paged_attention_ref(
@@ -38,6 +56,8 @@ def paged_attention_ref(
     cu_seqlens_q: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of a flat, unpadded batch of new tokens against their paged context.
 
@@ -46,7 +66,8 @@ def paged_attention_ref(
     K/V (the new ones included) are already in the cache: ``context_lens[i]`` tokens through
     ``block_tables[i]``. A decode is a sequence with one query row; a prefill chunk over a
     cached prefix has several. ``sliding_window`` w lets a query see only the last w
-    positions (itself included), as Mistral does.
+    positions (itself included), as Mistral does. An FP8 cache is read times ``k_scale`` and
+    ``v_scale``.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -58,8 +79,8 @@ def paged_attention_ref(
             continue
         num_blocks = -(-context_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
+        k = from_cache(k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len], query.dtype, k_scale)
+        v = from_cache(v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len], query.dtype, v_scale)
         q_pos = torch.arange(context_len - (end - start), context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         mask = k_pos[None, :] <= q_pos[:, None]

@@ -133,3 +133,23 @@ def test_other_quantized_checkpoints_are_refused_by_name(quant_method, tmp_path)
         json.dump(config, f)
     with pytest.raises(ValueError, match=f"quant_method='{quant_method}' is not supported"):
         LLM(str(tmp_path / "q"), device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_fp8_kv_cache_keeps_the_demo_models_loss(backend, demo_loss, monkeypatch):
+    """kv_cache_dtype="fp8": K/V stored in e4m3 (scale 1), through the reference or the Triton
+    kernels (under the interpreter on the CPU)."""
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", backend)
+    llm = LLM(DEMO, device="cpu", kv_cache_dtype="fp8", dtype="float32")
+    assert llm.llm_engine.executor.runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert abs(text_loss(llm) - demo_loss) < 0.01 * demo_loss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_fp8_kv_cache_holds_twice_the_blocks():
+    blocks = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        llm = LLM(DEMO, kv_cache_dtype=kv_cache_dtype, dtype="bfloat16", gpu_memory_utilization=0.3)
+        blocks[kv_cache_dtype] = llm.llm_engine.block_manager.num_blocks
+        llm.llm_engine.shutdown()
+    assert blocks["fp8"] > 1.9 * blocks["auto"]

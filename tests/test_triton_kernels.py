@@ -224,3 +224,35 @@ def test_sort_by_expert_groups_pairs_in_whole_blocks():
     assert sorted_pairs.tolist()[:8] == [1, 4, 3, 6, 0, 2, 5, 6]  # 6 pads expert 1's and 2's groups
     assert block_experts.tolist()[:4] == [0, 1, 2, 2] and set(block_experts.tolist()[4:]) == {-1}
     assert len(sorted_pairs) == 2 * len(block_experts) >= 6 + 4 * (2 - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 30, 1]], ids=["decode", "prefill"])
+def test_fp8_cache_is_read_times_its_scales(dtype, query_lens):
+    """kv_cache_dtype="fp8": the kernels (and the reference) read e4m3 K/V times each layer's
+    scale: equal to attention over the dequantized cache."""
+    context_lens, k_scale, v_scale = [20, 45, 70], 0.05, 0.02
+    k_cache, v_cache, tables, _, _, cu = paged_batch(context_lens, query_lens, 2, 64, 16, 0)
+    k8 = (k_cache / k_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    v8 = (v_cache / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    query = torch.randn(sum(query_lens), 4, 64, generator=torch.Generator().manual_seed(3))
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    expected = paged_attention_ref(query, k8.float() * k_scale, v8.float() * v_scale, tables, lens, cu, 0.125)
+    ref = paged_attention_ref(query.to(dtype), k8, v8, tables, lens, cu, 0.125, None, k_scale, v_scale)
+    out = paged_attention(*(t.to(DEVICE) for t in (query.to(dtype), k8, v8, tables, lens, cu)), 0.125, None,
+                          k_scale, v_scale, max_query_len=max(query_lens), max_context_len=max(context_lens))
+    for got in (ref, out.cpu()):
+        torch.testing.assert_close(got.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_store_into_an_fp8_cache_divides_by_the_scale_and_clamps():
+    key = torch.tensor([[[0.55, -3.0, 10.0, 0.003]]]).repeat(3, 2, 8)  # 10 / 0.01 is past e4m3's 448
+    value = -key
+    slots = torch.tensor([2, -1, 7])
+    caches = [torch.zeros(2, 4, 2, 32, dtype=torch.float8_e4m3fn) for _ in range(4)]
+    store_kv_cache_ref(key, value, caches[0], caches[1], slots, 0.01, 0.02)
+    k_dev, v_dev = caches[2].to(DEVICE), caches[3].to(DEVICE)
+    store_kv_cache(key.to(DEVICE), value.to(DEVICE), k_dev, v_dev, slots.to(DEVICE), 0.01, 0.02)
+    assert torch.equal(k_dev.cpu().float(), caches[0].float()) and torch.equal(v_dev.cpu().float(), caches[1].float())
+    stored = caches[0].view(-1, 2, 32)[2, 0, :4].float()
+    assert stored.tolist() == [56.0, -288.0, 448.0, 0.3125]  # e4m3 of 55, -300, 448 (clamped), 0.3

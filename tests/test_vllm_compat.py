@@ -135,7 +135,7 @@ def test_chat_prefix_cache_metrics_and_progress(results):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"quantization": "awq"}, "quantization='awq' is invalid"),
-    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is invalid"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype='fp8_e5m2' is invalid"),
     ({"task": "embed"}, "task='embed' is invalid"),
     ({"tokenizer_mode": "mistral"}, "tokenizer_mode='mistral' is invalid"),
     ({"num_kv_blocks": 32, "num_gpu_blocks_override": 64}, "num_gpu_blocks_override=64 is invalid"),

@@ -40,6 +40,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = 1.0  # an FP8 cache holds K / k_scale and V / v_scale
         self.backend = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -48,12 +49,12 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.backend == "triton":
-            store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                  meta.cu_seqlens_q, self.scale, self.sliding_window,
+                                  meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
                                   max_query_len=meta.max_query_len, max_context_len=meta.max_context_len)
         else:
-            store_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            store_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                      meta.cu_seqlens_q, self.scale, self.sliding_window)
+                                      meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale)
         return out.view(-1, self.num_heads * self.head_dim)

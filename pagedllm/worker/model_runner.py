@@ -46,7 +46,7 @@ class ModelRunner:
         self.attention_backend = select_attention_backend(self.device)
         for attn in attention_layers(self.model):
             attn.backend = self.attention_backend
-        self.geometry = cache_geometry(self.model, config.block_size, config.dtype)
+        self.geometry = cache_geometry(self.model, config.block_size, config.kv_cache_torch_dtype)
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
                                  max_blocks_per_seq, config.block_size, self.device)
