@@ -66,6 +66,28 @@ def test_longrope_takes_its_long_factors_when_contexts_may_pass_the_original_len
         assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
 
 
+def test_gemma3_image_and_text_checkpoints_run_their_language_model(tmp_path, tokenizer):
+    """gemma-3-4b and up are Gemma3ForConditionalGeneration checkpoints: text prompts run their
+    language model, equal to HF's whole model on the same ids; the vision tower is not loaded."""
+    from transformers import AutoModelForImageTextToText, Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=TINY_CONFIGS["gemma3"].to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=509, boi_token_index=510, eoi_token_index=511)
+    torch.manual_seed(0)
+    hf = AutoModelForImageTextToText.from_config(config)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf = hf.float().eval()
+    prompts = random_prompts([1, 17, 64], high=500)
+    llm = LLM(str(tmp_path), device="cpu")
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                           use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+    assert not any("vision" in name for name, _ in llm.llm_engine.executor.runner.model.named_parameters())
+
+
 def test_stop_token_ends_output_where_hf_produced_it(tiny_checkpoint, hf_reference):
     prompt = random_prompts(PROMPT_LENGTHS)[3]
     expected = hf_reference("llama")[3]

@@ -1,4 +1,5 @@
-"""Gemma 3's text model (``Gemma3ForCausalLM``, model_type ``gemma3_text``): Llama's attention and
+"""Gemma 3's text model (``Gemma3ForCausalLM``, model_type ``gemma3_text``, and the language model of
+the image-and-text ``Gemma3ForConditionalGeneration`` checkpoints, 4B and up): Llama's attention and
 gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), ``1 + weight`` RMSNorms
 (in float32) on both sides of attention and MLP, q/k norms, ``query_pre_attn_scalar``, GELU-tanh,
 sliding-window and global layers (``layer_types``) each with their own rotary parameters, and
@@ -76,6 +77,15 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.final_logit_softcapping = config.final_logit_softcapping
+
+    def map_weight_name(self, name: str) -> tuple[str, int | None]:
+        """Also the language model's tensors of an image-and-text checkpoint (its vision tower's
+        are left out: they name no parameter)."""
+        for prefix in ("language_model.", "model.language_model."):  # as saved by transformers 4, and 5
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                name = rest if rest.startswith(("model.", "lm_head.")) else f"model.{rest}"
+        return super().map_weight_name(name)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)

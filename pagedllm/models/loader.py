@@ -23,14 +23,26 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
     return download_model(model, revision, download_dir, weights)
 
 
+# Image-and-text checkpoints whose language model runs alone here (prompts are text only).
+TEXT_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration"}
+
+
 def load_hf_config(model_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The checkpoint's config; for an image-and-text checkpoint of TEXT_OF_MULTIMODAL, its
+    language model's (keeping the checkpoint's architecture and dtype)."""
     config_file = os.path.join(model_path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{model_path} has no config.json: it is not a Hugging Face model directory")
     try:
-        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {config_file}: {err}") from None
+    text = getattr(config, "text_config", None)
+    if text is None or not TEXT_OF_MULTIMODAL & set(config.architectures or []):
+        return config
+    text.architectures = list(config.architectures)
+    text.dtype = text.dtype or config.dtype
+    return text
 
 
 def weight_files(model_path: str, load_format: str) -> tuple[str, list[str]]:

@@ -21,6 +21,7 @@ def _registry() -> dict[str, type[nn.Module]]:
         "MixtralForCausalLM": LlamaForCausalLM,
         "Qwen3MoeForCausalLM": LlamaForCausalLM,
         "Gemma3ForCausalLM": Gemma3ForCausalLM,
+        "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,  # its language model, for text prompts
     }
 
 
