@@ -49,3 +49,30 @@ def test_freed_blocks_return_and_are_never_owned_twice():
         manager.free(r)
     assert sorted(manager.free_block_ids) == list(range(6))
     assert manager.ref_counts == [0] * 6
+
+
+def test_blocks_that_slide_out_of_every_layers_window_are_released_once():
+    manager = BlockManager(num_blocks=10, block_size=4, sliding_window=6)
+    request = make_request(prompt_len=30)
+    assert manager.allocate_slots(request, 30)  # 8 blocks
+    request.num_computed_tokens = 17  # the next position, 17, sees positions 12..17: blocks 0-2 are out
+    manager.release_outside_window(request)
+    assert request.block_table[:4] == [-1, -1, -1, 3] and manager.num_free_blocks == 5
+    manager.release_outside_window(request)  # nothing twice
+    assert manager.num_free_blocks == 5 and request.num_released_blocks == 3
+    manager.free(request)
+    assert manager.num_free_blocks == 10 and request.num_released_blocks == 0
+
+
+def test_a_released_block_stays_in_the_prefix_cache_and_waits_for_its_key():
+    manager = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=True, sliding_window=4)
+    first = make_request("a", prompt_len=20)
+    assert manager.allocate_slots(first, 20)
+    first.num_computed_tokens = 20
+    manager.release_outside_window(first)  # no block is keyed yet: none released
+    assert -1 not in first.block_table
+    manager.cache_full_blocks(first)
+    manager.release_outside_window(first)  # next position 20 sees 17..20: blocks 0-3 are out
+    assert first.block_table[:4] == [-1] * 4
+    second = make_request("b", prompt_len=20)
+    assert manager.take_cached_prefix(second) == 16  # the released blocks still hold the prompt's prefix

@@ -88,6 +88,27 @@ def test_gemma3_image_and_text_checkpoints_run_their_language_model(tmp_path, to
     assert not any("vision" in name for name, _ in llm.llm_engine.executor.runner.model.named_parameters())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_models_release_the_blocks_that_slide_out(backend, tiny_checkpoint, monkeypatch):
+    """Mistral's every layer sees the last 48 positions: a 200-token prompt in chunks of 16 and 40
+    tokens more hold at most a window's blocks (and a chunk's), not the whole sequence's, and the
+    output is still HF's."""
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", backend)
+    path = tiny_checkpoint("mistral")
+    prompt = random_prompts([200], seed=9)[0]
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=False)
+    engine = llm.llm_engine
+    assert engine.block_manager.sliding_window == 48
+    engine.add_request("0", prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    peak, outputs = 0, []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        peak = max(peak, engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
+    assert peak <= -(-(48 + 16) // 16) + 1 < -(-240 // 16)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert outputs[-1].outputs[0].token_ids == hf_greedy(hf, prompt, 40)
+
+
 def test_stop_token_ends_output_where_hf_produced_it(tiny_checkpoint, hf_reference):
     prompt = random_prompts(PROMPT_LENGTHS)[3]
     expected = hf_reference("llama")[3]

@@ -20,10 +20,12 @@ class BlockManager:
     blocks are full and never written again, so they are shared without copying.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 sliding_window: int | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # when every layer sees only the last this many positions
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_keys: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks  # (hash, tokens)
@@ -50,12 +52,28 @@ class BlockManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks (finished or preempted). Its tail blocks go first into the
         free queue, so they are evicted before the prefix blocks that others may share."""
-        for block_id in reversed(request.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_block_ids[block_id] = None
+        for block_id in reversed(request.block_table[request.num_released_blocks :]):
+            self._release(block_id)
         request.block_table.clear()
         request.block_hashes.clear()
+        request.num_released_blocks = 0
+
+    def release_outside_window(self, request: Request) -> None:
+        """With every layer sliding over the last ``sliding_window`` positions, release the blocks
+        wholly before the window of the next position to compute: no step reads them again (one
+        in flight reads them before any later step can write them: the device runs steps in
+        order). Their table entries become -1. A released block keeps its prefix-cache key, so
+        blocks are released only once keyed."""
+        if self.sliding_window is None:
+            return
+        first_needed = max(request.num_computed_tokens - self.sliding_window + 1, 0)
+        end = first_needed // self.block_size
+        if self.enable_prefix_caching:
+            end = min(end, len(request.block_hashes))
+        for i in range(request.num_released_blocks, end):
+            self._release(request.block_table[i])
+            request.block_table[i] = -1
+        request.num_released_blocks = max(request.num_released_blocks, end)
 
     def take_cached_prefix(self, request: Request) -> int:
         """Give a request with no blocks the cached blocks of its longest cached prefix; returns
@@ -101,6 +119,11 @@ class BlockManager:
             if key not in self.cached_blocks:
                 self.cached_blocks[key] = block_id
                 self.block_keys[block_id] = (key, tokens)
+
+    def _release(self, block_id: int) -> None:
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            self.free_block_ids[block_id] = None
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_block_ids.popitem(last=False)

@@ -38,7 +38,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.executor = Executor(config)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, self.executor.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life

@@ -40,7 +40,8 @@ class Request:
     prompt: str | None = None
     token_ids: list[int] = field(init=False)  # prompt then output
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # -1: released, out of every layer's sliding window
+    num_released_blocks: int = 0  # its leading blocks released so (sliding-window models)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
     status: RequestStatus = RequestStatus.WAITING

@@ -58,6 +58,7 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            self.block_manager.release_outside_window(request)
             while not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -83,6 +84,7 @@ class Scheduler:
                 if request.num_cached_tokens is None:
                     request.num_cached_tokens = request.num_computed_tokens
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            self.block_manager.release_outside_window(request)
             if not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
                 self.block_manager.free(request)
                 request.num_computed_tokens = 0

@@ -105,6 +105,10 @@ class Executor:
     def num_kv_blocks(self) -> int:
         return self.runner.num_kv_blocks
 
+    @property
+    def sliding_window(self) -> int | None:
+        return self.runner.sliding_window
+
     def shutdown(self) -> None:
         """Free rank 0's model and cache, then stop the other ranks (each frees its own first)."""
         self._finalizer()

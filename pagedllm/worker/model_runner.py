@@ -44,8 +44,12 @@ class ModelRunner:
             enable_symmetric_all_reduce(config.dtype, self.device)  # before the graphs capture the all-reduces
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
+        windows = set()
         for attn in attention_layers(self.model):
             attn.backend = self.attention_backend
+            windows.add(attn.sliding_window)
+        # one window for every layer: blocks that slide out of it can be released (Mistral, Phi-3)
+        self.sliding_window = windows.pop() if len(windows) == 1 else None
         self.geometry = cache_geometry(self.model, config.block_size, config.kv_cache_torch_dtype)
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
