@@ -13,10 +13,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, n, k,
-                         top_k, stride_a, stride_we, stride_wn, stride_out, ROW_PER_PAIR: tl.constexpr,
-                         MUL_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
+                         num_pairs, n, k, top_k, stride_a, stride_we, stride_wn, stride_out,
+                         ROW_PER_PAIR: tl.constexpr, MUL_WEIGHTS: tl.constexpr, W_SCALED: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:  # a block past the last expert's rows
@@ -32,7 +33,9 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, b
                     other=0.0)
         w = tl.load(w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
                     mask=(cols[None, :] < n) & (offs_k[:, None] < k), other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # FP8 weights widen to a's dtype
+    if W_SCALED:  # one scale per expert and output row
+        acc *= tl.load(w_scale_ptr + expert * n + cols, mask=cols < n, other=0.0)[None, :]
     if MUL_WEIGHTS:
         acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :],
@@ -59,29 +62,33 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
     return sorted_pairs, torch.where(block_experts < num_experts, block_experts, -1)
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor,
-                  block_experts: torch.Tensor, top_k: int, block_m: int, row_per_pair: bool,
-                  weights: torch.Tensor | None = None) -> None:
-    """``out[pair] = a[row] @ w[expert].T`` (times the pair's weight), where row is the pair's
-    token, or with ``row_per_pair`` the pair itself."""
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, out: torch.Tensor,
+                  sorted_pairs: torch.Tensor, block_experts: torch.Tensor, top_k: int, block_m: int,
+                  row_per_pair: bool, weights: torch.Tensor | None = None) -> None:
+    """``out[pair] = a[row] @ (w[expert] * w_scale[expert]).T`` (times the pair's weight), where row
+    is the pair's token, or with ``row_per_pair`` the pair itself."""
     num_pairs, (n, k) = out.shape[0], w.shape[1:]
     big = block_m >= 64  # prefill: larger tiles, more warps
     block_n = min(128 if big else 64, max(16, triton.next_power_of_2(n)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
     grid = (len(block_experts), triton.cdiv(n, block_n))
-    _grouped_gemm_kernel[grid](a, w, out, weights if weights is not None else out, sorted_pairs, block_experts,
+    _grouped_gemm_kernel[grid](a, w, w_scale if w_scale is not None else out, out,
+                               weights if weights is not None else out, sorted_pairs, block_experts,
                                num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                               ROW_PER_PAIR=row_per_pair,
-                               MUL_WEIGHTS=weights is not None,  # float32 stays float32 (no TF32)
+                               ROW_PER_PAIR=row_per_pair, MUL_WEIGHTS=weights is not None,
+                               W_SCALED=w_scale is not None,  # float32 stays float32 below (no TF32)
                                PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if big else 4,
                                num_stages=3)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, activation_and_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+              topk_ids: torch.Tensor, activation_and_mul: Callable[[torch.Tensor], torch.Tensor],
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Same result as ``fused_moe_ref`` (``activation_and_mul`` maps ``[rows, 2I]`` gate|up to
-    ``[rows, I]``), with x ``[tokens, H]`` contiguous in its last dimension."""
+    ``[rows, I]``), with x ``[tokens, H]`` contiguous in its last dimension. FP8 weights come with
+    float32 scales per expert and row (``[E, 2I, 1]``, ``[E, H, 1]``): they are read as FP8 (half
+    the bytes, which decode batches are bound by) and widened to x's dtype for the products."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     num_pairs = num_tokens * top_k
@@ -90,9 +97,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
     sorted_pairs, block_experts = sort_by_expert(topk_ids, num_experts, block_m)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
+    _grouped_gemm(x, w13, w13_scale, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
     hidden = activation_and_mul(gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(hidden, w2, down, sorted_pairs, block_experts, top_k, block_m, row_per_pair=True,
+    _grouped_gemm(hidden, w2, w2_scale, down, sorted_pairs, block_experts, top_k, block_m, row_per_pair=True,
                   weights=topk_weights.flatten())
     return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)

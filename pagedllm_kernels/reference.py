@@ -175,10 +175,14 @@ def seeded_exponential_ref(noise: torch.Tensor, rows: torch.Tensor, seeds: torch
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                  topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor],
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Mixture of experts as HF computes it, expert by expert: each token's ``top_k`` experts
     ``w2[e] @ (act(gate) * up)`` with ``gate, up = w13[e] @ x`` (``w13 [E, 2I, H]``, ``w2 [E, H, I]``),
-    weighted by ``topk_weights`` (float32) and summed in x's dtype."""
+    weighted by ``topk_weights`` (float32) and summed in x's dtype. FP8 weights are dequantized
+    with their scales per expert and row first."""
+    if w13_scale is not None:
+        w13, w2 = (w13.float() * w13_scale).to(x.dtype), (w2.float() * w2_scale).to(x.dtype)
     out = torch.zeros_like(x)
     for expert in topk_ids.unique().tolist():
         tokens, slots = torch.where(topk_ids == expert)

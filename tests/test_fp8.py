@@ -153,3 +153,19 @@ def test_an_fp8_kv_cache_holds_twice_the_blocks():
         blocks[kv_cache_dtype] = llm.llm_engine.block_manager.num_blocks
         llm.llm_engine.shutdown()
     assert blocks["fp8"] > 1.9 * blocks["auto"]
+
+
+def test_experts_are_quantized_too_and_keep_the_outputs_close(tiny_checkpoint):
+    """quantization="fp8" on a mixture of experts: every expert's weights in FP8 with row scales,
+    read by the MoE kernel (its reference on the CPU); the prompt's logprobs stay within a few
+    percent (a tiny random model's large logits magnify FP8's rounding: the dense qwen3 moves as much)."""
+    path = tiny_checkpoint("qwen3-moe")
+    prompt = list(range(3, 60))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    base, fp8 = (LLM(path, device="cpu", quantization=q) for q in (None, "fp8"))
+    block = fp8.llm_engine.executor.runner.model.model.layers[0].mlp
+    assert block.w13.dtype == block.w2.dtype == FP8 and block.w13_scale.shape == (*block.w13.shape[:2], 1)
+    logprobs = [[entry[t].logprob for t, entry in zip(prompt[1:], llm.generate([prompt], params, use_tqdm=False)[0]
+                                                     .prompt_logprobs[1:], strict=True)] for llm in (base, fp8)]
+    change = sum(abs(a - b) for a, b in zip(*logprobs, strict=True)) / len(prompt[1:])
+    assert change < 0.05 * sum(abs(a) for a in logprobs[0]) / len(prompt[1:])

@@ -38,16 +38,19 @@ class SparseMoeBlock(nn.Module):
         self.w2.weight_loader, self.w2.num_parts = self._load_w2, num_experts
         self.w13.full_shape = (num_experts, 2 * intermediate_size, hidden_size)
         self.w2.full_shape = (num_experts, hidden_size, intermediate_size)
+        self.w13_scale = self.w2_scale = None  # [E, 2I, 1] and [E, H, 1] once quantized to FP8
         self.silu = activation == "silu"
         self.activation = ACT2FN[activation]
         self.tp_size = tp_world_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        scales = (self.w13_scale, self.w2_scale)
         if fused_on(x):
-            out = fused_moe(x, self.w13, self.w2, weights, ids, silu_and_mul if self.silu else self._activation_and_mul)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, silu_and_mul if self.silu else self._activation_and_mul,
+                            *scales)
         else:
-            out = fused_moe_ref(x, self.w13, self.w2, weights, ids, self.activation)
+            out = fused_moe_ref(x, self.w13, self.w2, weights, ids, self.activation, *scales)
         return all_reduce(out) if self.tp_size > 1 else out
 
     def _activation_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

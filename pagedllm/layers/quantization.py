@@ -43,12 +43,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 
 def quantize_linears(model: nn.Module) -> None:
-    """Quantize every tensor-parallel linear layer's weight (this rank's slice) to FP8 with a
-    scale per output row, in place; embeddings, the LM head, norms and experts keep the dtype."""
+    """Quantize every tensor-parallel linear layer's weight (this rank's slice) and every expert's
+    to FP8 with a scale per output row, in place; embeddings, the LM head, norms and routers keep
+    the dtype. Experts keep their activations in the dtype (their kernel widens the weights)."""
     from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from pagedllm.layers.moe import SparseMoeBlock
 
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            weight, scale = quantize_rows(module.weight.data)
+            weight, module.weight_scale = quantize_rows(module.weight.data)
             module.weight = nn.Parameter(weight, requires_grad=False)
-            module.weight_scale = scale
+        elif isinstance(module, SparseMoeBlock):
+            for name in ("w13", "w2"):
+                stacked = getattr(module, name).data
+                weight, scale = quantize_rows(stacked.reshape(-1, stacked.shape[-1]))
+                setattr(module, name, nn.Parameter(weight.view(stacked.shape), requires_grad=False))
+                setattr(module, f"{name}_scale", scale.view(*stacked.shape[:2], 1))
