@@ -96,6 +96,37 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
         LLM(tiny_checkpoint("opt"), **kwargs)
 
 
+@pytest.mark.parametrize("kind, overrides, match", [
+    # Qwen3-MoE's experts are 48 wide: not a multiple of 5 ranks, where heads and dense MLP would split
+    ("qwen3-moe", {"num_attention_heads": 5, "num_key_value_heads": 5, "intermediate_size": 160},
+     "its 48 expert MLP width"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 in config.json is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_type 'dynamic' is not supported"),
+])
+def test_model_configs_pagedllm_cannot_run_are_refused_by_name(kind, overrides, match, tiny_checkpoint):
+    tp = {"tensor_parallel_size": 5} if kind == "qwen3-moe" else {}
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny_checkpoint(kind), device="cpu", hf_overrides=overrides, **tp)
+
+
+def test_an_fp8_checkpoint_weight_without_its_scale_is_named(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
+    shutil.copytree(demo, tmp_path / "m")
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name] = state[name].to(torch.float8_e4m3fn)  # and no weight_scale
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"FP8 checkpoint weights without their scale.*{name}"):
+        LLM(str(tmp_path / "m"), device="cpu")
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -0.5}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
