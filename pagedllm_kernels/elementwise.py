@@ -46,6 +46,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
+def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
+                       stride_o, n, eps, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * n + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    mean = tl.sum(h, axis=0) / n
+    centred = tl.where(mask, h - mean, 0.0)
+    out = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / n + eps)
+    if HAS_WEIGHT:
+        out = out * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``layer_norm_ref`` over the last dimension of ``x`` (OPT's and GPT-2's
+    norms, each fused with the residual add before it)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    rows, n = x2.shape
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if residual is not None else out
+    r2 = residual.reshape(-1, n) if residual is not None else x2
+    if rows:
+        _layer_norm_kernel[(rows,)](x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+                                    out, residual_out, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
+                                    HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+                                    HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n))
+    out = out.view(shape)
+    return out if residual is None else (out, residual_out.view(shape))
+
+
+@triton.jit
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr):

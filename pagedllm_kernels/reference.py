@@ -113,6 +113,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return out if residual is None else (out, residual)
 
 
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF's LayerNorm (``F.layer_norm`` in x's dtype); with ``residual``: of ``x + residual`` (rounded
+    to the dtype, as HF adds), which is returned too as the new residual."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return out if residual is None else (out, residual)
+
+
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding of q ``[tokens, heads, head_dim]`` and k, computed in float32;

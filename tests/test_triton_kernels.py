@@ -277,3 +277,22 @@ def test_store_into_an_fp8_cache_divides_by_the_scale_and_clamps():
     assert torch.equal(k_dev.cpu().float(), caches[0].float()) and torch.equal(v_dev.cpu().float(), caches[1].float())
     stored = caches[0].view(-1, 2, 32)[2, 0, :4].float()
     assert stored.tolist() == [56.0, -288.0, 448.0, 0.3125]  # e4m3 of 55, -300, 448 (clamped), 0.3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])  # OPT's layer_norm_elementwise_affine=False
+@pytest.mark.parametrize("width", [64, 96])
+def test_layer_norm_matches_reference(dtype, with_residual, affine, width):
+    from pagedllm_kernels.elementwise import layer_norm
+    from pagedllm_kernels.reference import layer_norm_ref
+
+    g = torch.Generator().manual_seed(width)
+    x, residual = (torch.randn(5, width, generator=g).to(dtype) * 3 + 1 for _ in range(2))
+    weight, bias = ((torch.randn(width, generator=g).to(dtype) for _ in range(2)) if affine else (None, None))
+    res = residual if with_residual else None
+    expected = layer_norm_ref(x, weight, bias, 1e-5, res)
+    on = (lambda t: None if t is None else t.to(DEVICE))
+    got = layer_norm(x.to(DEVICE), on(weight), on(bias), 1e-5, on(res))
+    for e, o in zip(expected if with_residual else [expected], got if with_residual else [got], strict=True):
+        torch.testing.assert_close(o.cpu().float(), e.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

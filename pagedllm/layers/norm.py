@@ -1,12 +1,13 @@
-"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it; and
-Gemma's, which scales by ``1 + weight`` in float32 before rounding."""
+"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it; Gemma's,
+which scales by ``1 + weight`` in float32 before rounding; and LayerNorm (OPT, GPT-2), fused the
+same way."""
 
 import torch
 import torch.nn as nn
 
 from pagedllm.layers.linear import copy_checked
-from pagedllm.layers.triton_ops import fused_on, rms_norm
-from pagedllm_kernels.reference import rms_norm_ref
+from pagedllm.layers.triton_ops import fused_on, layer_norm, rms_norm
+from pagedllm_kernels.reference import layer_norm_ref, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -32,3 +33,17 @@ class GemmaRMSNorm(RMSNorm):
         super().__init__(size, eps)
         self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32))
         self.weight.weight_loader = lambda param, loaded, part: copy_checked(param, loaded[:].float() + 1)
+
+
+class LayerNorm(nn.Module):
+    """HF's ``nn.LayerNorm`` (same parameter names), optionally fused with the residual add before
+    it: ``(norm(x + residual), x + residual)``."""
+
+    def __init__(self, size: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(size)) if elementwise_affine else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return (layer_norm if fused_on(x) else layer_norm_ref)(x, self.weight, self.bias, self.eps, residual)

@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
+from pagedllm.layers.norm import LayerNorm
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 if TYPE_CHECKING:
@@ -49,14 +50,21 @@ class GPT2MLP(nn.Module):
 class GPT2Block(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_1 = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_2 = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states))
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+    def forward(self, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous block's output and the residual stream before it; each residual add
+        is fused into the LayerNorm after it."""
+        if residual is None:
+            residual, hidden_states = hidden_states, self.ln_1(hidden_states)
+        else:
+            hidden_states, residual = self.ln_1(hidden_states, residual)
+        hidden_states, residual = self.ln_2(self.attn(hidden_states), residual)
+        return self.mlp(hidden_states), residual
 
 
 class GPT2Model(nn.Module):
@@ -65,13 +73,13 @@ class GPT2Model(nn.Module):
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.wte(input_ids) + self.wpe(positions)
+        hidden_states, residual = self.wte(input_ids) + self.wpe(positions), None
         for block in self.h:
-            hidden_states = block(hidden_states)
-        return self.ln_f(hidden_states)
+            hidden_states, residual = block(hidden_states, residual)
+        return self.ln_f(hidden_states, residual)[0]
 
 
 class GPT2LMHeadModel(nn.Module):

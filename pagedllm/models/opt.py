@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
+from pagedllm.layers.norm import LayerNorm
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 if TYPE_CHECKING:
@@ -18,8 +19,8 @@ _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 _POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
 
-def _layer_norm(config: PretrainedConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine)
+def _layer_norm(config: PretrainedConfig) -> LayerNorm:
+    return LayerNorm(config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine)
 
 
 class OPTAttention(nn.Module):
@@ -50,16 +51,23 @@ class OPTDecoderLayer(nn.Module):
         self.activation_fn = ACT2FN[config.activation_function]
         self.final_layer_norm = _layer_norm(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.self_attn_layer_norm(hidden_states) if self.pre_norm else hidden_states
-        hidden_states = hidden_states + self.self_attn(x)
+    def forward(self, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As Llama's layer: takes the previous layer's output and the residual stream before it,
+        each residual add fused into the LayerNorm after it. Post-LayerNorm (opt-350m) norms each
+        sum, which is then the stream itself (no residual is carried)."""
         if not self.pre_norm:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-        x = self.final_layer_norm(hidden_states) if self.pre_norm else hidden_states
-        hidden_states = hidden_states + self.fc2(self.activation_fn(self.fc1(x)))
-        if not self.pre_norm:
-            hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states
+            hidden_states = self.self_attn_layer_norm(self.self_attn(hidden_states), hidden_states)[0]
+            return self.final_layer_norm(self._mlp(hidden_states), hidden_states)[0], None
+        if residual is None:
+            residual, hidden_states = hidden_states, self.self_attn_layer_norm(hidden_states)
+        else:
+            hidden_states, residual = self.self_attn_layer_norm(hidden_states, residual)
+        hidden_states, residual = self.final_layer_norm(self.self_attn(hidden_states), residual)
+        return self._mlp(hidden_states), residual
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(x)))
 
 
 class OPTDecoder(nn.Module):
@@ -79,11 +87,13 @@ class OPTDecoder(nn.Module):
         hidden_states = self.embed_tokens(input_ids)
         if self.project_in is not None:
             hidden_states = self.project_in(hidden_states)
-        hidden_states = hidden_states + self.embed_positions(positions + _POSITION_OFFSET)
+        hidden_states, residual = hidden_states + self.embed_positions(positions + _POSITION_OFFSET), None
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states, residual = layer(hidden_states, residual)
         if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
+            hidden_states = self.final_layer_norm(hidden_states, residual)[0]
+        elif residual is not None:  # pre-LayerNorm without a final norm
+            hidden_states = hidden_states + residual
         if self.project_out is not None:
             hidden_states = self.project_out(hidden_states)
         return hidden_states
