@@ -66,6 +66,25 @@ def kernels_section(name: str, data: dict) -> list[str]:
     return lines
 
 
+def fp8_section(name: str, data: dict) -> list[str]:
+    lines = [
+        "**FP8** (`python benchmarks/fp8.py`): each workload run by pagedllm in its dtype and in FP8, in one "
+        f"process on the same prompts. {_source(data, name)}.",
+        "",
+        "| workload | FP8 setting | dtype tok/s | FP8 tok/s | speed-up | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in data["pairs"]:
+        setting = ", ".join(f"`{k}={v!r}`" for k, v in p["fp8_args"].items())
+        rates = [_rate(p[run]["output_tokens_per_s"]) for run in ("dtype_run", "fp8_run")]
+        lines.append(f"| {p['workload']} {p['model_config']} | {setting} | {rates[0]} | {rates[1]} | "
+                     f"{p['speedup']:.2f} | >= {p['target']} |")
+    lines += ["", "Greedy agreement with the dtype's run (first 64 tokens of 16 prompts): " + "; ".join(
+        f"{model}: {a['mean_shared']:.1f} tokens shared on average before they part, {a['identical']}/16 identical"
+        for model, a in data["greedy_agreement"].items()) + "."]
+    return lines
+
+
 def moe_section(name: str, data: dict) -> list[str]:
     lines = [
         "**Fused-MoE kernel** (`python benchmarks/moe.py`): one MoE layer of each model, bf16, random weights "
@@ -280,6 +299,9 @@ def render() -> str:
     moe = latest("moe")
     if moe:
         sections.append("\n".join(moe_section(*moe)))
+    fp8 = latest("fp8")
+    if fp8:
+        sections.append("\n".join(fp8_section(*fp8)))
     return "\n\n".join(sections) if sections else "No benchmark results yet."
 
 

@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     write_result,
 )
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.layers.moe import SparseMoeBlock  # noqa: E402
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
@@ -56,6 +57,7 @@ WORKLOADS = {w.name: w for w in [
     Workload("W3", "qwen3-0.6b", torch.bfloat16, 256, (100, 1024), (100, 1024)),
     Workload("W4", "llama-3-8b", torch.bfloat16, 32, 8192, 512, (32,)),
     Workload("L1", "llama-3-8b", torch.bfloat16, 1, 128, 512, (1,)),
+    Workload("W5", "qwen3-30b-a3b", torch.bfloat16, 256, 256, 256),  # bf16 fits an H200; an H100 needs FP8
 ]}
 
 
@@ -167,6 +169,9 @@ def _model_stats(llm: LLM) -> dict:
     matmul_params = sum(p.numel() for p in runner.model.parameters()) - sum(w.numel() for w in embeddings)
     if any(w is lm_head for w in embeddings):
         matmul_params += lm_head.numel()  # tied: counted once as embedding, but used as a matmul
+    for moe in (m for m in runner.model.modules() if isinstance(m, SparseMoeBlock)):  # a token uses top_k experts
+        experts = moe.w13.numel() + moe.w2.numel()
+        matmul_params -= experts - experts * moe.top_k // moe.w13.shape[0]
     num_heads = llm.llm_engine.config.hf_config.num_attention_heads
     return {"weight_bytes": runner.weight_bytes, "matmul_params": matmul_params, "num_layers": g.num_layers,
             "num_heads": num_heads, "head_dim": g.head_dim,

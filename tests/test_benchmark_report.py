@@ -58,3 +58,15 @@ def test_moe_section_has_a_row_per_measured_layer():
     rows = [line for line in report.moe_section("moe-h200-2026-12-02.json", data) if line.startswith("| qwen3")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "256"]
     assert "| 400 | 46 | 2.90 | 0.68 | 22,000 | 55.0 |" in rows[1]
+
+
+def test_fp8_section_has_a_row_per_pair_and_the_agreement():
+    run = {"output_tokens_per_s": 10000.0}
+    data = {"environment": {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-03", "torch": "t", "triton": "t",
+                            "git_commit": "abc"},
+            "pairs": [{"workload": "W2", "model_config": "llama-3-8b", "fp8_args": {"quantization": "fp8"},
+                       "target": 1.3, "speedup": 1.45, "dtype_run": run, "fp8_run": {"output_tokens_per_s": 14500.0}}],
+            "greedy_agreement": {"demo": {"mean_shared": 41.5, "identical": 7}}}
+    lines = report.fp8_section("fp8-h100-2026-12-03.json", data)
+    assert "| W2 llama-3-8b | `quantization='fp8'` | 10,000 | 14,500 | 1.45 | >= 1.3 |" in lines
+    assert "demo: 41.5 tokens shared on average before they part, 7/16 identical" in lines[-1]
