@@ -109,6 +109,21 @@ def test_sliding_window_models_release_the_blocks_that_slide_out(backend, tiny_c
     assert outputs[-1].outputs[0].token_ids == hf_greedy(hf, prompt, 40)
 
 
+def test_a_sliding_window_model_takes_a_request_longer_than_its_cache(tiny_checkpoint):
+    """8 blocks hold 128 tokens; a 240-token request of Mistral (window 48) never holds more than a
+    window's and two chunks' blocks, so it is accepted and runs, equal to HF. Llama, whose layers
+    see everything, is refused the same request, by name."""
+    prompt = random_prompts([200], seed=9)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    path = tiny_checkpoint("mistral")
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=8, max_num_batched_tokens=16)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == hf_greedy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), prompt, 40)
+    llama = LLM(tiny_checkpoint("llama"), device="cpu", num_kv_blocks=8, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="needs 15 KV cache blocks of 16 tokens, but the cache has only 8"):
+        llama.generate([prompt], params, use_tqdm=False)
+
+
 def test_stop_token_ends_output_where_hf_produced_it(tiny_checkpoint, hf_reference):
     prompt = random_prompts(PROMPT_LENGTHS)[3]
     expected = hf_reference("llama")[3]

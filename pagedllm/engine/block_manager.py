@@ -1,8 +1,28 @@
 """The pool of KV cache blocks: who owns which block, which are free, and which hold a cached prefix."""
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pagedllm.engine.request import Request
+
+
+@dataclass(frozen=True)
+class CacheCapacity:
+    """What the KV cache can give one request, checked before the request is accepted."""
+
+    num_blocks: int
+    block_size: int
+    sliding_window: int | None  # every layer's, when they share one (BlockManager.release_outside_window)
+    max_num_batched_tokens: int
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """The most blocks a request of ``num_tokens`` holds at once: all of them; or, where every
+        layer slides, a window's and two steps' chunks' (the last chunk's blocks are released
+        only once keyed, a step later), and one partial block at each end."""
+        whole = -(-num_tokens // self.block_size)
+        if self.sliding_window is None:
+            return whole
+        return min(whole, -(-(self.sliding_window + 2 * self.max_num_batched_tokens) // self.block_size) + 2)
 
 
 class BlockManager:

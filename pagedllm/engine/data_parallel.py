@@ -17,6 +17,7 @@ from collections import deque
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.llm_engine import LLMEngine, eos_token_ids, generation_defaults, load_tokenizer
 from pagedllm.engine.request_checks import validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
@@ -43,7 +44,7 @@ class DataParallelEngine:
         self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
         self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
         try:
-            self.num_blocks = min(replica.wait_ready() for replica in self.replicas)
+            self.cache_capacity = min((replica.wait_ready() for replica in self.replicas), key=lambda c: c.num_blocks)
         except BaseException:
             self.shutdown()
             raise
@@ -58,7 +59,7 @@ class DataParallelEngine:
         return self.tokenizer
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.config, self.tokenizer, self.num_blocks, self.grammars, prompt_token_ids, params)
+        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -163,8 +164,8 @@ class _Replica:
         self.process.start()
         theirs.close()
 
-    def wait_ready(self) -> int:
-        """The replica's KV blocks, once its engine is built."""
+    def wait_ready(self) -> CacheCapacity:
+        """What the replica's KV cache can give a request, once its engine is built."""
         ready = mp.connection.wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
         message = self.conn.recv() if self.conn in ready and self.conn.poll() else None
         if message is None or message[0] != "ready":
@@ -208,7 +209,7 @@ def _replica_main(config: EngineConfig, index: int, replicas: int, conn) -> None
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
         engine = LLMEngine(config)
-        conn.send(("ready", engine.block_manager.num_blocks))
+        conn.send(("ready", engine.cache_capacity))
         _serve(engine, conn)
     except (EOFError, KeyboardInterrupt):
         pass

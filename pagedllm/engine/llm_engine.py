@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.block_manager import BlockManager, CacheCapacity
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
@@ -39,6 +39,8 @@ class LLMEngine:
         self.executor = Executor(config)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching, self.executor.sliding_window)
+        self.cache_capacity = CacheCapacity(self.executor.num_kv_blocks, config.block_size,
+                                            self.executor.sliding_window, config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
@@ -48,7 +50,7 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run, naming the field; nothing is changed."""
-        validate_request(self.config, self.tokenizer, self.block_manager.num_blocks, self.grammars, prompt_token_ids,
+        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, prompt_token_ids,
                          params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -4,6 +4,7 @@ SamplingParams' own checks, a request that passes cannot fail in the engine."""
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.sampling_params import SamplingParams
 
@@ -16,18 +17,18 @@ def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mo
     return prompt_token_ids[-(max_model_len if keep == -1 else keep):]
 
 
-def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
+def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, cache: CacheCapacity,
                      grammars: GrammarCompiler, prompt_token_ids: list[int], params: SamplingParams) -> None:
     """Raise ValueError if the request could never run, naming the field; nothing is changed."""
     ids = truncated_prompt(prompt_token_ids, params, config.max_model_len)
-    check_request(config, tokenizer, num_blocks, ids, params)
+    check_request(config, tokenizer, cache, ids, params)
     if params.bad_words:
         bad_word_token_ids(tokenizer, params.bad_words)
     if params.structured_outputs is not None:
         grammars.compile(params.structured_outputs)  # a schema, regex or grammar that does not compile
 
 
-def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int,
+def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, cache: CacheCapacity,
                   prompt_token_ids: list[int], params: SamplingParams) -> None:
     """Raise ValueError naming the prompt or the field if the request could never run."""
     ids = prompt_token_ids
@@ -57,10 +58,10 @@ def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
     if len(ids) + wanted > max_len:
         raise ValueError(f"the prompt has {len(ids)} tokens and asks for up to {wanted} more, {len(ids) + wanted} "
                          f"in all, but max_model_len is {max_len}: shorten the prompt or lower max_tokens")
-    needed = -(-(len(ids) + max_output_tokens(ids, params, max_len)) // config.block_size)
-    if needed > num_blocks:
+    needed = cache.blocks_needed(len(ids) + max_output_tokens(ids, params, max_len))
+    if needed > cache.num_blocks:
         raise ValueError(f"the request needs {needed} KV cache blocks of {config.block_size} tokens, but the cache "
-                         f"has only {num_blocks}: shorten it or give the cache more blocks")
+                         f"has only {cache.num_blocks}: shorten it or give the cache more blocks")
 
 
 def max_output_tokens(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> int:
