@@ -287,21 +287,11 @@ def render() -> str:
     scaling = scaling_section()
     if scaling:
         sections.append("\n".join(scaling))
-    structured = latest("structured")
-    if structured:
-        sections.append("\n".join(structured_section(*structured)))
-    serve = latest("serve")
-    if serve:
-        sections.append("\n".join(serve_section(*serve)))
-    kernels = latest("kernels")
-    if kernels:
-        sections.append("\n".join(kernels_section(*kernels)))
-    moe = latest("moe")
-    if moe:
-        sections.append("\n".join(moe_section(*moe)))
-    fp8 = latest("fp8")
-    if fp8:
-        sections.append("\n".join(fp8_section(*fp8)))
+    for benchmark, section in (("structured", structured_section), ("serve", serve_section),
+                               ("kernels", kernels_section), ("moe", moe_section), ("fp8", fp8_section)):
+        result = latest(benchmark)
+        if result:
+            sections.append("\n".join(section(*result)))
     return "\n\n".join(sections) if sections else "No benchmark results yet."
 
 

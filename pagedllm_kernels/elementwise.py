@@ -9,16 +9,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
-                     n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr, BLOCK: tl.constexpr):
+def _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n, out_ty,
+                       HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's row of x, or of ``x + residual`` rounded to the output dtype (stored as the
+    new residual); with its columns and their mask."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(out_ptr.dtype.element_ty)
+        x = x.to(out_ty)
         tl.store(residual_out_ptr + row * n + cols, x, mask=mask)
+    return row, cols, mask, x
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
+                     n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr, BLOCK: tl.constexpr):
+    row, cols, mask, x = _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n,
+                                            out_ptr.dtype.element_ty, HAS_RESIDUAL, BLOCK)
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -49,14 +59,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
                        stride_o, n, eps, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(out_ptr.dtype.element_ty)
-        tl.store(residual_out_ptr + row * n + cols, x, mask=mask)
+    row, cols, mask, x = _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n,
+                                            out_ptr.dtype.element_ty, HAS_RESIDUAL, BLOCK)
     h = x.to(tl.float32)
     mean = tl.sum(h, axis=0) / n
     centred = tl.where(mask, h - mean, 0.0)
