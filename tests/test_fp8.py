@@ -145,6 +145,22 @@ def test_an_fp8_kv_cache_keeps_the_demo_models_loss(backend, demo_loss, monkeypa
     assert abs(text_loss(llm) - demo_loss) < 0.01 * demo_loss
 
 
+def test_an_fp8_checkpoints_calibrated_kv_scales_are_used(tmp_path, demo_loss):
+    """llm-compressor's kv_cache_scheme saves each layer's ``self_attn.k_scale``/``v_scale``: an FP8
+    KV cache divides by them (without an FP8 cache they are ignored, as in vLLM)."""
+    path = fp8_checkpoint(str(tmp_path / "kv"), "channel")
+    state = load_file(os.path.join(path, "model.safetensors"))
+    for layer in range(4):
+        state[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.1)
+        state[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor([0.05])
+    save_file(state, os.path.join(path, "model.safetensors"))
+    attention = lambda llm: llm.llm_engine.executor.runner.model.model.layers[3].self_attn.attn  # noqa: E731
+    llm = LLM(path, device="cpu", kv_cache_dtype="fp8")
+    assert (attention(llm).k_scale, attention(llm).v_scale) == pytest.approx((0.1, 0.05))
+    assert abs(text_loss(llm) - demo_loss) < 0.03 * demo_loss
+    assert attention(LLM(path, device="cpu")).k_scale == 1.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_an_fp8_kv_cache_holds_twice_the_blocks():
     blocks = {}

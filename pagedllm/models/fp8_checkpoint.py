@@ -12,6 +12,9 @@ from transformers import PretrainedConfig
 from pagedllm.layers.quantization import FP8
 
 _SCALES = (".weight_scale", ".weight_scale_inv")  # a weight's dequantizing factor, whatever its name
+# a layer's calibrated KV cache scales: llm-compressor's names, and AutoFP8's on the projections
+_KV_SCALES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
+              ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
 
 
 def fp8_checkpoint(hf_config: PretrainedConfig) -> dict | None:
@@ -65,11 +68,13 @@ class DequantizedTensor:
         return values * scale[r0 % b0 : r0 % b0 + r1 - r0, c0 % b1 : c0 % b1 + c1 - c0]
 
 
-def dequantize(weights: Iterator[tuple[str, object]], qc: dict) -> Iterator[tuple[str, object]]:
+def dequantize(weights: Iterator[tuple[str, object]], qc: dict,
+               kv_scales: dict[str, dict[str, float]]) -> Iterator[tuple[str, object]]:
     """The checkpoint's tensors with each FP8 weight paired with its scale (whichever comes first
     waits for the other: a weight is read whole then, which happens when a scale sorts into
     another file); input scales (static activation scales) are dropped: activations are
-    quantized per token as they come."""
+    quantized per token as they come. Calibrated KV cache scales go into ``kv_scales``
+    (``{"<layer>.self_attn": {"k_scale": s, "v_scale": s}}``) instead."""
     block = block_size(qc)
     weights_waiting: dict[str, torch.Tensor] = {}
     scales_waiting: dict[str, torch.Tensor] = {}
@@ -82,6 +87,9 @@ def dequantize(weights: Iterator[tuple[str, object]], qc: dict) -> Iterator[tupl
                 scales_waiting[scaled] = tensor[...]
         elif name.endswith(".input_scale"):
             continue
+        elif kv := next(((suffix, which) for suffix, which in _KV_SCALES.items() if name.endswith(suffix)), None):
+            layer = name[: -len(kv[0])] + ".self_attn"
+            kv_scales.setdefault(layer, {})[kv[1]] = float(tensor[...].float().reshape(-1)[0])
         elif _dtype(tensor) != FP8:
             yield name, tensor
         elif name in scales_waiting:
@@ -98,3 +106,14 @@ def _dtype(tensor) -> torch.dtype | None:
     source = getattr(tensor, "_source", tensor)
     dtype = source.get_dtype() if hasattr(source, "get_dtype") else getattr(source, "dtype", None)
     return {"F8_E4M3": FP8}.get(dtype, dtype) if isinstance(dtype, str) else dtype
+
+
+def set_kv_scales(model: torch.nn.Module, kv_scales: dict[str, dict[str, float]]) -> None:
+    """Give each attention layer its checkpoint's KV cache scales (an FP8 cache divides by them)."""
+    from pagedllm.layers.attention import Attention
+
+    for layer, scales in kv_scales.items():
+        module = model.get_submodule(model.map_weight_name(f"{layer}.weight")[0].rsplit(".", 1)[0])
+        attention = next(m for m in module.modules() if isinstance(m, Attention))
+        for which, value in scales.items():
+            setattr(attention, which, value)

@@ -11,7 +11,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed import sharded_as
 from pagedllm.layers.linear import copy_checked
 from pagedllm.layers.quantization import quantize_linears
-from pagedllm.models.fp8_checkpoint import dequantize, fp8_checkpoint
+from pagedllm.models.fp8_checkpoint import dequantize, fp8_checkpoint, set_kv_scales
 from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
 from pagedllm.models.registry import get_model_class
 
@@ -32,8 +32,10 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
         init_dummy_weights(model, config.seed or 0)
     else:
         weights = iter_checkpoint(config.model_path, config.load_format, reads)
-        fp8 = fp8_checkpoint(config.hf_config)
-        load_weights(model, dequantize(weights, fp8) if fp8 else weights)
+        fp8, kv_scales = fp8_checkpoint(config.hf_config), {}
+        load_weights(model, dequantize(weights, fp8, kv_scales) if fp8 else weights)
+        if config.kv_cache_dtype != "auto":  # an FP8 cache, with the checkpoint's calibrated scales if any
+            set_kv_scales(model, kv_scales)
     if config.quantization == "fp8":
         quantize_linears(model)
     return model.eval().requires_grad_(False), reads[0]
