@@ -9,6 +9,8 @@ again here, per row, whatever its own scale layout (per tensor, per row or in bl
 import torch
 import torch.nn as nn
 
+from pagedllm.layers import triton_ops
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -32,11 +34,13 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (weight * weight_scale).T + bias`` with FP8 ``weight [out, in]`` and float32
-    ``weight_scale [out, 1]``; on CUDA one ``torch._scaled_mm`` (row-wise scales need a bf16
-    output: an fp16 model's is converted after)."""
+    ``weight_scale [out, 1]``; on CUDA the activations are quantized in one kernel, then one
+    ``torch._scaled_mm`` (row-wise scales need a bf16 output: an fp16 model's is converted after)."""
     if not x.is_cuda:
         return fp8_linear_ref(x, weight, weight_scale, bias)
-    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    rows = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = (triton_ops.quantize_rows if triton_ops.fused_on(x) else quantize_rows)(
+        rows if rows.stride(-1) == 1 else rows.contiguous())
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
     out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
