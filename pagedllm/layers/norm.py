@@ -47,3 +47,12 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return (layer_norm if fused_on(x) else layer_norm_ref)(x, self.weight, self.bias, self.eps, residual)
+
+
+def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's first norm and the residual stream after it: the first layer's input starts the
+    stream; later layers add the previous layer's output to it, fused into the norm."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from transformers import PretrainedConfig
 
-from pagedllm.layers.norm import GemmaRMSNorm
+from pagedllm.layers.norm import GemmaRMSNorm, add_and_norm
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
@@ -26,21 +26,18 @@ class Gemma3DecoderLayer(nn.Module):
         window = config.sliding_window if layer_type == "sliding_attention" else None
         self.self_attn = LlamaAttention(config, window, rotary_emb)
         self.mlp = LlamaMLP(config, config.hidden_activation)
-        eps = config.rms_norm_eps
-        self.input_layernorm, self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps), \
-            GemmaRMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps), \
-            GemmaRMSNorm(config.hidden_size, eps)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """As Llama's layer: takes the previous layer's output and the residual stream before it,
         each residual add fused into the norm after it; the outputs of attention and MLP are
         normed before they are added."""
-        if residual is None:
-            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.post_attention_layernorm(self.self_attn(positions, hidden_states))
         hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual

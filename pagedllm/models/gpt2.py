@@ -9,7 +9,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
-from pagedllm.layers.norm import LayerNorm
+from pagedllm.layers.norm import LayerNorm, add_and_norm
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ class GPT2Block(nn.Module):
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous block's output and the residual stream before it; each residual add
         is fused into the LayerNorm after it."""
-        if residual is None:
-            residual, hidden_states = hidden_states, self.ln_1(hidden_states)
-        else:
-            hidden_states, residual = self.ln_1(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.ln_1, hidden_states, residual)
         hidden_states, residual = self.ln_2(self.attn(hidden_states), residual)
         return self.mlp(hidden_states), residual
 

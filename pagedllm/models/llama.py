@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.moe import SparseMoeBlock
-from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm
+from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm, add_and_norm
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -123,10 +123,7 @@ class LlamaDecoderLayer(nn.Module):
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous layer's output and the residual stream before it; each residual add
         is fused into the RMSNorm that follows it."""
-        if residual is None:
-            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual

@@ -9,7 +9,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
-from pagedllm.layers.norm import LayerNorm
+from pagedllm.layers.norm import LayerNorm, add_and_norm
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             hidden_states = self.self_attn_layer_norm(self.self_attn(hidden_states), hidden_states)[0]
             return self.final_layer_norm(self._mlp(hidden_states), hidden_states)[0], None
-        if residual is None:
-            residual, hidden_states = hidden_states, self.self_attn_layer_norm(hidden_states)
-        else:
-            hidden_states, residual = self.self_attn_layer_norm(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.self_attn_layer_norm, hidden_states, residual)
         hidden_states, residual = self.final_layer_norm(self.self_attn(hidden_states), residual)
         return self._mlp(hidden_states), residual
 
