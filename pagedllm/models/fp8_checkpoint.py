@@ -9,8 +9,6 @@ from collections.abc import Iterator
 import torch
 from transformers import PretrainedConfig
 
-from pagedllm.layers.quantization import FP8
-
 _SCALES = (".weight_scale", ".weight_scale_inv")  # a weight's dequantizing factor, whatever its name
 # a layer's calibrated KV cache scales: llm-compressor's names, and AutoFP8's on the projections
 _KV_SCALES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
@@ -90,7 +88,7 @@ def dequantize(weights: Iterator[tuple[str, object]], qc: dict,
         elif kv := next(((suffix, which) for suffix, which in _KV_SCALES.items() if name.endswith(suffix)), None):
             layer = name[: -len(kv[0])] + ".self_attn"
             kv_scales.setdefault(layer, {})[kv[1]] = float(tensor[...].float().reshape(-1)[0])
-        elif _dtype(tensor) != FP8:
+        elif not tensor.is_fp8:
             yield name, tensor
         elif name in scales_waiting:
             yield name, DequantizedTensor(tensor, scales_waiting.pop(name), block)
@@ -100,12 +98,6 @@ def dequantize(weights: Iterator[tuple[str, object]], qc: dict,
         names = sorted(weights_waiting) + sorted(f"the scale of {n}" for n in scales_waiting)
         raise ValueError(f"FP8 checkpoint weights without their scale (or scales without their weight): "
                          f"{', '.join(names[:5])}")
-
-
-def _dtype(tensor) -> torch.dtype | None:
-    source = getattr(tensor, "_source", tensor)
-    dtype = source.get_dtype() if hasattr(source, "get_dtype") else getattr(source, "dtype", None)
-    return {"F8_E4M3": FP8}.get(dtype, dtype) if isinstance(dtype, str) else dtype
 
 
 def set_kv_scales(model: torch.nn.Module, kv_scales: dict[str, dict[str, float]]) -> None:

@@ -74,10 +74,11 @@ def weight_files(model_path: str, load_format: str) -> tuple[str, list[str]]:
 
 class CheckpointTensor:
     """One checkpoint tensor, read only where it is indexed (``t[a:b]``, ``t[:, a:b]``, ``t[:]``): a
-    tensor-parallel rank reads just its slices. ``reads`` counts the bytes read, per checkpoint."""
+    tensor-parallel rank reads just its slices. ``reads`` counts the bytes read, per checkpoint;
+    ``is_fp8``: stored as float8 e4m3 (an FP8 checkpoint's weight, to be read with its scale)."""
 
-    def __init__(self, source, shape: tuple[int, ...], reads: list[int]):
-        self._source, self.shape, self._reads = source, tuple(shape), reads
+    def __init__(self, source, shape: tuple[int, ...], reads: list[int], is_fp8: bool):
+        self._source, self.shape, self._reads, self.is_fp8 = source, tuple(shape), reads, is_fp8
 
     def __getitem__(self, index) -> torch.Tensor:
         tensor = self._source[index]
@@ -96,9 +97,9 @@ def iter_checkpoint(model_path: str, load_format: str,
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     tensor = f.get_slice(name)
-                    yield name, CheckpointTensor(tensor, tensor.get_shape(), reads)
+                    yield name, CheckpointTensor(tensor, tensor.get_shape(), reads, tensor.get_dtype() == "F8_E4M3")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():
-                yield name, CheckpointTensor(tensor, tensor.shape, reads)
+                yield name, CheckpointTensor(tensor, tensor.shape, reads, tensor.dtype == torch.float8_e4m3fn)
             del state
