@@ -1,10 +1,12 @@
-"""FP8 activations, per token, in one kernel (reference: ``pagedllm.layers.quantization.quantize_rows``):
+"""FP8 activations, per token, in one kernel (reference: quantize_rows_ref):
 each row's largest magnitude sets its scale, then the row is divided, clamped to e4m3's range and
 stored as FP8. In torch this is five kernels per linear layer, each a pass over the activations."""
 
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm_kernels.reference import FP8_MAX
 
 
 @triton.jit
@@ -32,6 +34,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         _quantize_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0),
-                                       FP8_MAX=torch.finfo(torch.float8_e4m3fn).max,
+                                       FP8_MAX=FP8_MAX,
                                        BLOCK=min(1024, triton.next_power_of_2(n)))
     return q, scale

@@ -22,6 +22,12 @@ def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
 
 
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [rows, cols]`` as float8 e4m3 and one float32 scale per row ``[rows, 1]``: ``x ~ q * scale``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """Cached K or V in the compute ``dtype`` (an FP8 cache's values times its scale)."""
     return x if x.dtype == dtype else (x.float() * scale).to(dtype)

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.quantization import FP8, fp8_linear, fp8_linear_ref, quantize_rows
+from pagedllm.layers.quantization import FP8, fp8_linear, fp8_linear_ref
 from pagedllm.models.fp8_checkpoint import DequantizedTensor
+from pagedllm_kernels.reference import quantize_rows_ref
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -21,7 +22,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def test_rows_quantize_within_fp8s_step():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 200, generator=g) * torch.logspace(-3, 2, 9).unsqueeze(1)  # rows of very different size
-    q, scale = quantize_rows(x)
+    q, scale = quantize_rows_ref(x)
     assert q.dtype == FP8 and scale.shape == (9, 1) and q.float().abs().max() <= 448
     error = (q.float() * scale - x).abs() / x.abs().amax(dim=1, keepdim=True)
     assert error.max() <= 2**-4  # e4m3: 3 mantissa bits, relative to each row's largest value
@@ -46,7 +47,7 @@ def test_a_dequantized_checkpoint_tensor_reads_the_same_from_any_slice(block):
 def test_scaled_mm_equals_the_reference(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(33, 256, device="cuda", generator=g).to(dtype)
-    weight, scale = quantize_rows(torch.randn(96, 256, device="cuda", generator=g))
+    weight, scale = quantize_rows_ref(torch.randn(96, 256, device="cuda", generator=g))
     bias = torch.randn(96, device="cuda", generator=g).to(dtype)
     got, expected = fp8_linear(x, weight, scale, bias), fp8_linear_ref(x.cpu(), weight.cpu(), scale.cpu(), bias.cpu())
     assert got.dtype == dtype
@@ -82,7 +83,7 @@ def fp8_checkpoint(path: str, layout: str) -> str:
     for name in [n for n in state if n.split(".")[-2] in LINEARS]:
         weight = state.pop(name).float()
         if layout == "channel":
-            q, scale = quantize_rows(weight)
+            q, scale = quantize_rows_ref(weight)
             state[name], state[f"{name}_scale"] = q, scale
         elif layout == "tensor":
             scale = weight.abs().max() / 448
@@ -189,7 +190,7 @@ def test_experts_are_quantized_too_and_keep_the_outputs_close(tiny_checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width", [5, 1000, 2500])  # within one block, past it
-def test_the_row_quantizing_kernel_equals_quantize_rows(dtype, width):
+def test_the_row_quantizing_kernel_equals_quantize_rows_ref(dtype, width):
     from pagedllm_kernels import fp8_ops
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,7 +198,7 @@ def test_the_row_quantizing_kernel_equals_quantize_rows(dtype, width):
     x = (torch.randn(7, width, generator=g) * torch.logspace(-2, 2, 7).unsqueeze(1)).to(dtype)
     x[3] = 0  # an all-zero row keeps a tiny scale, not a division by zero
     q, scale = fp8_ops.quantize_rows(x.to(device))
-    expected_q, expected_scale = quantize_rows(x)
+    expected_q, expected_scale = quantize_rows_ref(x)
     assert torch.equal(scale.cpu(), expected_scale)
     got, expected = q.cpu().float(), expected_q.float()
     wrong = got != expected

@@ -218,14 +218,13 @@ def test_fused_moe_matches_reference(dtype, num_tokens, num_experts, top_k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_moe_reads_fp8_experts_with_their_row_scales(dtype):
-    from pagedllm.layers.quantization import quantize_rows
     from pagedllm_kernels.fused_moe import fused_moe
-    from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
+    from pagedllm_kernels.reference import fused_moe_ref, quantize_rows_ref, silu_and_mul_ref
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 48, generator=g).to(dtype)
     experts = [(torch.randn(6, rows, cols, generator=g) / 7) for rows, cols in ((80, 48), (48, 40))]
-    (w13, s13), (w2, s2) = (tuple(t.view(*w.shape[:2], -1) for t in quantize_rows(w.reshape(-1, w.shape[-1])))
+    (w13, s13), (w2, s2) = (tuple(t.view(*w.shape[:2], -1) for t in quantize_rows_ref(w.reshape(-1, w.shape[-1])))
                             for w in experts)
     weights, ids = torch.randn(40, 6, generator=g).softmax(-1).topk(2)
     silu = torch.nn.functional.silu

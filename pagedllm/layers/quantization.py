@@ -10,22 +10,16 @@ import torch
 import torch.nn as nn
 
 from pagedllm.layers import triton_ops
+from pagedllm_kernels.reference import quantize_rows_ref
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [rows, cols]`` as FP8 and one float32 scale per row ``[rows, 1]``: ``x ~ q * scale``."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """What ``fp8_linear`` computes: x quantized per token, both operands dequantized, multiplied
     in float32, rounded to x's dtype."""
-    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = quantize_rows_ref(x.reshape(-1, x.shape[-1]))
     out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
     out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
@@ -39,7 +33,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if not x.is_cuda:
         return fp8_linear_ref(x, weight, weight_scale, bias)
     rows = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = (triton_ops.quantize_rows if triton_ops.fused_on(x) else quantize_rows)(
+    x_q, x_scale = (triton_ops.quantize_rows if triton_ops.fused_on(x) else quantize_rows_ref)(
         rows if rows.stride(-1) == 1 else rows.contiguous())
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
     out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -55,11 +49,11 @@ def quantize_linears(model: nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            weight, module.weight_scale = quantize_rows(module.weight.data)
+            weight, module.weight_scale = quantize_rows_ref(module.weight.data)
             module.weight = nn.Parameter(weight, requires_grad=False)
         elif isinstance(module, SparseMoeBlock):
             for name in ("w13", "w2"):
                 stacked = getattr(module, name).data
-                weight, scale = quantize_rows(stacked.reshape(-1, stacked.shape[-1]))
+                weight, scale = quantize_rows_ref(stacked.reshape(-1, stacked.shape[-1]))
                 setattr(module, name, nn.Parameter(weight.view(stacked.shape), requires_grad=False))
                 setattr(module, f"{name}_scale", scale.view(*stacked.shape[:2], 1))
