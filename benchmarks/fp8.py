@@ -12,23 +12,14 @@ import os
 import shutil
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, warm_up_gpu, write_result  # noqa: E402
-from benchmarks.throughput import WORKLOADS, make_requests, model_dir, run_pagedllm  # noqa: E402
+from benchmarks.throughput import WORKLOADS, _free_gpu, make_requests, model_dir, run_pagedllm  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
 PAIRS = [("W2", {"quantization": "fp8"}, 1.3), ("L1", {"quantization": "fp8"}, 1.6),
          ("W4", {"kv_cache_dtype": "fp8"}, 1.2)]
-
-
-def _free() -> None:
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def throughput_pair(name: str, fp8_args: dict, target: float) -> dict:
@@ -41,7 +32,7 @@ def throughput_pair(name: str, fp8_args: dict, target: float) -> dict:
         runs = {}
         for label, args in (("dtype", {}), ("fp8", fp8_args)):
             runs[label] = run_pagedllm(path, workload, prompts, output_lens, args)
-            _free()
+            _free_gpu()
             print(f"{name} {label} {args}: {runs[label]['output_tokens_per_s']:.0f} output tok/s", flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -59,7 +50,7 @@ def agreement(path: str, dtype: str, prompts: list, **llm_args) -> dict:
         tokens[label] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.llm_engine.shutdown()
         del llm
-        _free()
+        _free_gpu()
     shared = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), 64)
               for x, y in zip(tokens["dtype"], tokens["fp8"], strict=True)]
     return {"prompts": len(prompts), "tokens_shared_before_parting": shared, "mean_shared": sum(shared) / len(shared),
