@@ -64,9 +64,13 @@ def main() -> None:
     warm_up_gpu()
     from transformers import AutoConfig
 
-    pairs = [throughput_pair(*pair) for pair in PAIRS]
+    payload = {"benchmark": "fp8", "environment": environment(), "pairs": [], "greedy_agreement": {}}
+    for pair in PAIRS:  # written after each part, so a run cut short keeps what it measured
+        payload["pairs"].append(throughput_pair(*pair))
+        write_result("fp8", payload, args.out)
     text = [f"def f{i}(x):\n    " if i % 2 else f"The {i}th thing about the city is" for i in range(16)]
-    agree = {"demo": agreement(DEMO, "bfloat16", text)}
+    agree = payload["greedy_agreement"]
+    agree["demo"] = agreement(DEMO, "bfloat16", text)
     path = model_dir(WORKLOADS["W2"])
     try:
         ids = [p[:32] for p in make_requests(WORKLOADS["W2"], AutoConfig.from_pretrained(path).vocab_size)[0][:16]]
@@ -76,7 +80,6 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
     for name, a in agree.items():
         print(f"agreement {name}: {a['mean_shared']:.1f} of 64 tokens shared on average, {a['identical']}/16 identical")
-    payload = {"benchmark": "fp8", "environment": environment(), "pairs": pairs, "greedy_agreement": agree}
     print(f"wrote {write_result('fp8', payload, args.out)}")
 
 

@@ -9,7 +9,7 @@ import triton.language as tl
 @triton.jit
 def _to_cache(x, scale, cache_ptr):
     if cache_ptr.dtype.element_ty != x.dtype:  # an FP8 cache
-        x = tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0)  # IEEE division, as torch
     return x.to(cache_ptr.dtype.element_ty)
 
 

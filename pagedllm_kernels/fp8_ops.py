@@ -18,12 +18,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n, stride_x, stride_q, FP8_MA
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
         largest = tl.maximum(largest, tl.abs(x))
-    scale = tl.maximum(tl.max(largest, axis=0), 1e-12) / FP8_MAX
+    scale = tl.math.div_rn(tl.maximum(tl.max(largest, axis=0), 1e-12), FP8_MAX)  # IEEE, as torch: `/` is approximate
     tl.store(scale_ptr + row, scale)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
 
 
