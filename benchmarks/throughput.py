@@ -108,14 +108,14 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
     blocks_used, tokens_held = [], []
     launch = engine.executor.launch
 
-    def recording_launch(out):
+    def recording_launch(out, *rest):
         launch_times.append(time.perf_counter())
         steps.append([(n, r.num_computed_tokens + n)
                       for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)])
         manager = engine.block_manager
         blocks_used.append(manager.num_blocks - manager.num_free_blocks)
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
-        return launch(out)
+        return launch(out, *rest)
 
     engine.executor.launch = recording_launch
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
