@@ -315,6 +315,16 @@ def _free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def print_ours(name: str, ours: dict) -> None:
+    print(f"{name}: pagedllm {ours['output_tokens_per_s']:.0f} output tok/s in {ours['wall_s']:.1f} s "
+          f"(start-up {ours['startup_s']:.1f} s, roofline fraction {ours['roofline_fraction']:.2f}, "
+          f"KV waste {100 * ours['kv_waste_fraction']:.2f}%, steps {ours['num_steps']})")
+    split = ours["time_split"]
+    print("    " + ", ".join(f"{k} {split[k]['steps']} steps {split[k]['measured_s']:.2f} s (least "
+                              f"{split[k]['least_s']:.2f} s)" for k in ("decode", "prefill"))
+          + f", before the first step {split['before_first_step_s']:.2f} s", flush=True)
+
+
 def run_workload(workload: Workload, peers: bool, out_dir: str | None, engine_args: dict,
                  peer_time_limit_s: float) -> dict:
     path = model_dir(workload)
@@ -325,6 +335,7 @@ def run_workload(workload: Workload, peers: bool, out_dir: str | None, engine_ar
         ours = run_pagedllm(path, workload, prompts, output_lens, engine_args)
         _free_gpu()  # each engine's memory goes with its function's frame
         ours["roofline_fraction"] = ours["roofline"]["least_time_s"] / ours["wall_s"]
+        print_ours(workload.name, ours)  # before the peers, which can take their whole time limit each
         peer_results = []
         if peers:
             for bs in workload.hf_static_batch_sizes:
@@ -360,19 +371,12 @@ def main() -> None:
     warm_up_gpu()
     for name in args.workload:
         payload = run_workload(WORKLOADS[name], not args.no_peers, args.out, engine_args, args.peer_time_limit)
-        ours = payload["pagedllm"]
-        print(f"{name}: pagedllm {ours['output_tokens_per_s']:.0f} output tok/s in {ours['wall_s']:.1f} s "
-              f"(start-up {ours['startup_s']:.1f} s, roofline fraction {ours['roofline_fraction']:.2f}, "
-              f"KV waste {100 * ours['kv_waste_fraction']:.2f}%, steps {ours['num_steps']})")
-        split = ours["time_split"]
-        print("    " + ", ".join(f"{k} {split[k]['steps']} steps {split[k]['measured_s']:.2f} s (least "
-                                  f"{split[k]['least_s']:.2f} s)" for k in ("decode", "prefill"))
-              + f", before the first step {split['before_first_step_s']:.2f} s")
         for peer in payload["peers"]:
             figure = peer["error"] if "error" in peer else f"{peer['output_tokens_per_s']:.0f} output tok/s"
             print(f"    {peer['engine']}: {figure}")
-        if ours["ratio_vs_best_hf"]:
-            print(f"    ratio vs best HF: {ours['ratio_vs_best_hf']:.2f}")
+        ratio = payload["pagedllm"]["ratio_vs_best_hf"]
+        if ratio:
+            print(f"    ratio vs best HF: {ratio:.2f}")
 
 
 if __name__ == "__main__":

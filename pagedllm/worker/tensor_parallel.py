@@ -59,7 +59,7 @@ class WorkerGroup:
     def __init__(self, config, world_size: int):
         check_no_group()
         self.world_size = world_size
-        self.start_method = start_method(config.device)
+        self.start_method = start_method()
         try:
             self._start(config)
         except _ForkUnusable:  # this process touched CUDA before: a forked child cannot use it
@@ -167,13 +167,14 @@ class WorkerGroup:
             abort_tensor_parallel()
 
 
-def start_method(device: str) -> str:
+def start_method() -> str:
     """Fork where it is safe, as vLLM does: on Linux, while this process has not initialised CUDA (a
-    forked child could not use it; a worker that finds it so anyway says so, and the group is
-    started again, spawned). Otherwise spawn: the script then needs a main guard."""
+    forked child could not use it, and CUDA's own threads may hold locks the child would wait on
+    forever, even for workers on the CPU; a worker that finds CUDA unusable anyway says so, and the
+    group is started again, spawned). Otherwise spawn: the script then needs a main guard."""
     if sys.platform != "linux":
         return "spawn"
-    if device.startswith("cuda") and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         logger.warning("CUDA is already initialised in this process, so tensor-parallel workers are spawned, "
                        "not forked: the script needs an `if __name__ == \"__main__\":` guard")
         return "spawn"
