@@ -18,6 +18,8 @@ class AttentionMetadata:
     block_tables: ``[num_seqs, max_blocks]`` block ids of each sequence (padded with 0).
     context_lens: ``[num_seqs]`` tokens in each sequence's context after this step.
     cu_seqlens_q: ``[num_seqs + 1]`` start of each sequence's new tokens in the flat batch.
+    window_slot_mapping, window_block_tables: the same in the sliding layers' own pool, for a
+    model whose layers mix sliding windows with full attention (Gemma 3); None otherwise.
     """
 
     slot_mapping: torch.Tensor
@@ -26,6 +28,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     max_query_len: int
     max_context_len: int
+    window_slot_mapping: torch.Tensor | None = None
+    window_block_tables: torch.Tensor | None = None
 
 
 _metadata: AttentionMetadata | None = None

@@ -1,4 +1,4 @@
-from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.block_manager import BlockManager, HybridBlockManager
 from pagedllm.engine.request import Request
 from pagedllm.sampling_params import SamplingParams
 
@@ -76,3 +76,36 @@ def test_a_released_block_stays_in_the_prefix_cache_and_waits_for_its_key():
     assert first.block_table[:4] == [-1] * 4
     second = make_request("b", prompt_len=20)
     assert manager.take_cached_prefix(second) == 16  # the released blocks still hold the prompt's prefix
+
+
+def test_two_pools_give_a_request_room_in_both_or_in_neither():
+    """Gemma 3's pools: the full layers' keeps every block, the sliding layers' (window 6) releases
+    those out of the window; a request that one pool cannot grow gets nothing from the other."""
+    full, window = BlockManager(num_blocks=10, block_size=4), BlockManager(num_blocks=4, block_size=4,
+                                                                          sliding_window=6)
+    manager = HybridBlockManager(full, window)
+    request = make_request(prompt_len=30)
+    assert manager.allocate_slots(request, 16) and len(request.block_table) == 4
+    assert request.window_blocks.block_table == [0, 1, 2, 3] and window.num_free_blocks == 0
+    assert not manager.allocate_slots(request, 17)  # the sliding pool is out: the full pool gives nothing
+    assert full.num_free_blocks == 6 and len(request.block_table) == 4
+    request.num_computed_tokens = 16  # the next position, 16, sees 11..16: blocks 0-1 slide out
+    manager.release_outside_window(request)
+    assert request.window_blocks.block_table == [-1, -1, 2, 3] and request.block_table == [0, 1, 2, 3]
+    assert manager.allocate_slots(request, 24) and len(request.block_table) == 6
+    assert manager.num_free_blocks == 4 and window.num_free_blocks == 0
+    manager.free(request)
+    assert full.num_free_blocks == 10 and window.num_free_blocks == 4 and not request.window_blocks.block_table
+
+
+def test_the_budget_is_split_between_the_pools_by_what_the_sliding_one_can_use():
+    import torch
+
+    from pagedllm.worker.kv_cache import CacheGeometry, KVPools, split_between_pools
+
+    pools = KVPools([], CacheGeometry(1, 16, 2, 64, torch.float16), [], CacheGeometry(5, 16, 2, 64, torch.float16),
+                    512)
+    main, sliding = pools.geometry.bytes_per_block, pools.window_geometry.bytes_per_block
+    assert split_between_pools(1000 * main + 100 * sliding, pools, 1 << 62, 100) == (1000, 100)
+    assert split_between_pools(1000 * main + 100 * sliding, pools, 600, 100) == (600, 100)  # no more than useful
+    assert split_between_pools(50 * (main + sliding), pools, 1 << 62, 100) == (50, 50)  # too small: even

@@ -109,6 +109,36 @@ def test_sliding_window_models_release_the_blocks_that_slide_out(backend, tiny_c
     assert outputs[-1].outputs[0].token_ids == hf_greedy(hf, prompt, 40)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma3s_sliding_layers_keep_only_their_windows_blocks(backend, tiny_checkpoint, monkeypatch):
+    """Gemma 3 mixes sliding layers (window 24) with a full one: the sliding layers get a pool of
+    their own whose blocks are released as they slide out, while the full layer's pool keeps the
+    whole sequence. A 200-token prompt in chunks of 16 and 40 tokens more: greedy output is HF's,
+    the sliding pool never holds more than a window's and a chunk's blocks."""
+    from pagedllm.engine.block_manager import HybridBlockManager
+
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", backend)
+    path = tiny_checkpoint("gemma3")
+    prompt = random_prompts([200], seed=9)[0]
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=16, max_num_seqs=4)
+    engine, runner = llm.llm_engine, llm.llm_engine.executor.runner
+    manager = engine.block_manager
+    assert isinstance(manager, HybridBlockManager) and manager.window.sliding_window == 24
+    assert len(runner.pools.window_layers) == 2 and len(runner.pools.layers) == 1
+    assert runner.window_kv_cache.shape[:3] == (2, 2, runner.num_window_kv_blocks)
+    assert runner.num_window_kv_blocks == 4 * (-(-24 // 16) + 2) + 2  # four requests' windows, two steps' chunks
+    engine.add_request("0", prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    window_peak, full_peak, outputs = 0, 0, []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        window_peak = max(window_peak, manager.window.num_blocks - manager.window.num_free_blocks)
+        full_peak = max(full_peak, manager.num_blocks - manager.num_free_blocks)
+    assert window_peak <= -(-(24 + 16) // 16) + 1 and full_peak == -(-240 // 16)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert outputs[-1].outputs[0].token_ids == hf_greedy(hf, prompt, 40)
+    assert manager.num_free_blocks == manager.num_blocks and manager.window.num_free_blocks == manager.window.num_blocks
+
+
 def test_a_sliding_window_model_takes_a_request_longer_than_its_cache(tiny_checkpoint):
     """8 blocks hold 128 tokens; a 240-token request of Mistral (window 48) never holds more than a
     window's and two chunks' blocks, so it is accepted and runs, equal to HF. Llama, whose layers

@@ -3,26 +3,41 @@
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pagedllm.engine.request import Request
+from pagedllm.engine.request import Request, WindowBlocks
 
 
 @dataclass(frozen=True)
 class CacheCapacity:
-    """What the KV cache can give one request, checked before the request is accepted."""
+    """What the KV cache can give one request, checked before the request is accepted. Its pools:
+    one; or the full-attention layers' and the sliding layers' (models that mix them, Gemma 3),
+    each as (blocks, the window outside which its blocks are released: None, kept)."""
 
-    num_blocks: int
+    pools: tuple[tuple[int, int | None], ...]
     block_size: int
-    sliding_window: int | None  # every layer's, when they share one (BlockManager.release_outside_window)
     max_num_batched_tokens: int
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        """The most blocks a request of ``num_tokens`` holds at once: all of them; or, where every
-        layer slides, a window's and two steps' chunks' (the last chunk's blocks are released
-        only once keyed, a step later), and one partial block at each end."""
+    def blocks_needed(self, num_tokens: int, sliding_window: int | None) -> int:
+        """The most blocks a request of ``num_tokens`` holds at once in a pool: all of them; or,
+        where its layers slide, a window's and two steps' chunks' (the last chunk's blocks are
+        released only once keyed, a step later), and one partial block at each end."""
         whole = -(-num_tokens // self.block_size)
-        if self.sliding_window is None:
+        if sliding_window is None:
             return whole
-        return min(whole, -(-(self.sliding_window + 2 * self.max_num_batched_tokens) // self.block_size) + 2)
+        return min(whole, -(-(sliding_window + 2 * self.max_num_batched_tokens) // self.block_size) + 2)
+
+    def shortfall(self, num_tokens: int) -> tuple[int, int] | None:
+        """(blocks needed, blocks there) in the first pool too small for a request of ``num_tokens``."""
+        for num_blocks, sliding_window in self.pools:
+            needed = self.blocks_needed(num_tokens, sliding_window)
+            if needed > num_blocks:
+                return needed, num_blocks
+        return None
+
+
+def window_pool_blocks(sliding_window: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """The most blocks the sliding layers' own pool can hold at once: each running request a
+    window's (and a partial block at each end), and two steps' chunks over all of them."""
+    return max_num_seqs * (-(-sliding_window // block_size) + 2) + -(-2 * max_num_batched_tokens // block_size)
 
 
 class BlockManager:
@@ -154,3 +169,56 @@ class BlockManager:
             self.block_keys[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id
+
+
+class HybridBlockManager:
+    """The two pools of a model whose layers mix one sliding window with full attention (Gemma 3):
+    the full layers' blocks, kept for the whole sequence, and the sliding layers' (a request's
+    ``window_blocks``), released as they slide out of the window. A request gets room in both or
+    in neither; the full pool is the one reported. No prefix is cached: a cached prefix would need
+    the sliding pool's blocks of its window too."""
+
+    enable_prefix_caching = False
+
+    def __init__(self, full: BlockManager, window: BlockManager):
+        assert not full.enable_prefix_caching and window.sliding_window is not None
+        self.full, self.window = full, window
+        self.num_cache_hits = self.num_cache_queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.full.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.full.num_free_blocks
+
+    def allocate_slots(self, request: Request, num_tokens: int) -> bool:
+        window = self._window_blocks(request)
+        if (self.full.blocks_for(num_tokens) - len(request.block_table) > self.full.num_free_blocks
+                or self.window.blocks_for(num_tokens) - len(window.block_table) > self.window.num_free_blocks):
+            return False
+        return self.full.allocate_slots(request, num_tokens) and self.window.allocate_slots(window, num_tokens)
+
+    def free(self, request: Request) -> None:
+        self.full.free(request)
+        if request.window_blocks is not None:
+            self.window.free(request.window_blocks)
+
+    def release_outside_window(self, request: Request) -> None:
+        self.window.release_outside_window(self._window_blocks(request))
+
+    def take_cached_prefix(self, request: Request) -> int:
+        return 0
+
+    def cache_full_blocks(self, request: Request) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> bool:
+        return self.full.num_free_blocks == self.full.num_blocks
+
+    @staticmethod
+    def _window_blocks(request: Request) -> WindowBlocks:
+        if request.window_blocks is None:
+            request.window_blocks = WindowBlocks(request)
+        return request.window_blocks

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.block_manager import BlockManager, CacheCapacity
+from pagedllm.engine.block_manager import BlockManager, CacheCapacity, HybridBlockManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, SampleGroup
@@ -37,10 +37,9 @@ class LLMEngine:
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.executor = Executor(config)
-        self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching, self.executor.sliding_window)
-        self.cache_capacity = CacheCapacity(self.executor.num_kv_blocks, config.block_size,
-                                            self.executor.sliding_window, config.max_num_batched_tokens)
+        self.block_manager, self.cache_capacity = block_pools(config, self.executor.num_kv_blocks,
+                                                             self.executor.num_window_kv_blocks,
+                                                             self.executor.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
@@ -281,3 +280,20 @@ def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return ids
+
+
+def block_pools(config: EngineConfig, num_blocks: int, num_window_blocks: int,
+                sliding_window: int | None) -> tuple[BlockManager | HybridBlockManager, CacheCapacity]:
+    """The block manager of the KV cache the executor allocated, and what it can give one request:
+    one pool (its blocks released outside ``sliding_window`` where every layer slides); or, with
+    ``num_window_blocks``, the full layers' pool beside the sliding layers' own."""
+    bs, budget = config.block_size, config.max_num_batched_tokens
+    if not num_window_blocks:
+        return (BlockManager(num_blocks, bs, config.enable_prefix_caching, sliding_window),
+                CacheCapacity(((num_blocks, sliding_window),), bs, budget))
+    if config.enable_prefix_caching:
+        logger.info("prefix caching is off: this model mixes sliding-window and full-attention layers")
+    window_pool = BlockManager(num_window_blocks, bs, False, sliding_window)
+    return (HybridBlockManager(BlockManager(num_blocks, bs), window_pool),
+            CacheCapacity(((num_blocks, None), (num_window_blocks, sliding_window)), bs, budget))
+

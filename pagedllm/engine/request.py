@@ -43,6 +43,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)  # -1: released, out of every layer's sliding window
     num_released_blocks: int = 0  # its leading blocks released so (sliding-window models)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
+    window_blocks: "WindowBlocks | None" = None  # its blocks in the sliding layers' own pool, where there is one
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -161,3 +162,19 @@ class SampleGroup:
     @property
     def is_finished(self) -> bool:
         return all(m.is_finished for m in self.members)
+
+
+@dataclass(eq=False)
+class WindowBlocks:
+    """A request's blocks in the sliding layers' own pool (models that mix sliding and full
+    layers), with the fields a ``BlockManager`` reads of a request, so that the pool's manager
+    handles it as one. That pool caches no prefixes: ``block_hashes`` stays empty."""
+
+    request: Request
+    block_table: list[int] = field(default_factory=list)  # -1: released, out of the window
+    num_released_blocks: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.request.num_computed_tokens

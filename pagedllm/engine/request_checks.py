@@ -58,10 +58,10 @@ def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
     if len(ids) + wanted > max_len:
         raise ValueError(f"the prompt has {len(ids)} tokens and asks for up to {wanted} more, {len(ids) + wanted} "
                          f"in all, but max_model_len is {max_len}: shorten the prompt or lower max_tokens")
-    needed = cache.blocks_needed(len(ids) + max_output_tokens(ids, params, max_len))
-    if needed > cache.num_blocks:
-        raise ValueError(f"the request needs {needed} KV cache blocks of {config.block_size} tokens, but the cache "
-                         f"has only {cache.num_blocks}: shorten it or give the cache more blocks")
+    short = cache.shortfall(len(ids) + max_output_tokens(ids, params, max_len))
+    if short:
+        raise ValueError(f"the request needs {short[0]} KV cache blocks of {config.block_size} tokens, but the cache "
+                         f"has only {short[1]}: shorten it or give the cache more blocks")
 
 
 def max_output_tokens(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> int:

@@ -48,13 +48,16 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        slots, tables = meta.slot_mapping, meta.block_tables
+        if self.sliding_window is not None and meta.window_block_tables is not None:  # its own pool
+            slots, tables = meta.window_slot_mapping, meta.window_block_tables
         if self.backend == "triton":
-            store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-            out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+            store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
+            out = paged_attention(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                   meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
                                   max_query_len=meta.max_query_len, max_context_len=meta.max_context_len)
         else:
-            store_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-            out = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+            store_kv_cache_ref(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
+            out = paged_attention_ref(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                       meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale)
         return out.view(-1, self.num_heads * self.head_dim)

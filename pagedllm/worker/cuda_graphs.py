@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn as nn
 
-from pagedllm.forward_context import AttentionMetadata, forward_metadata
+from pagedllm.forward_context import forward_metadata
 from pagedllm.worker.step_inputs import StepInputs, fill_decode_padding
 
 logger = logging.getLogger("pagedllm")
@@ -35,9 +35,7 @@ class DecodeGraphs:
         for batch_size in reversed(self.batch_sizes):  # largest first, so smaller ones reuse its memory
             fill_decode_padding(inputs, batch_size)
             # The split count of decode attention is fixed at capture: size it for the longest context.
-            metadata = AttentionMetadata(gpu["slot_mapping"][:batch_size], gpu["block_tables"][:batch_size],
-                                         gpu["context_lens"][:batch_size], gpu["cu_seqlens_q"][: batch_size + 1],
-                                         max_query_len=1, max_context_len=max_model_len)
+            metadata = inputs.decode_metadata(batch_size, max_context_len=max_model_len)
             with forward_metadata(metadata):
                 model.compute_logits(model(gpu["input_ids"][:batch_size], gpu["positions"][:batch_size]))
                 torch.cuda.synchronize()

@@ -109,6 +109,11 @@ class Executor:
     def sliding_window(self) -> int | None:
         return self.runner.sliding_window
 
+    @property
+    def num_window_kv_blocks(self) -> int:
+        """Blocks of the sliding layers' own pool (0: they have none)."""
+        return self.runner.num_window_kv_blocks
+
     def shutdown(self) -> None:
         """Free rank 0's model and cache, then stop the other ranks (each frees its own first)."""
         self._finalizer()
@@ -124,7 +129,8 @@ class Executor:
         chunks, pending_rows, flat_rows = [], [], 0
         for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
             chunk = SeqChunk(r.token_ids[r.num_computed_tokens : r.num_computed_tokens + n], r.num_computed_tokens,
-                             r.block_table, r.num_computed_tokens + n == r.num_tokens)
+                             r.block_table, r.num_computed_tokens + n == r.num_tokens,
+                             r.window_blocks.block_table if r.window_blocks is not None else None)
             chunks.append(chunk)
             flat_rows += n
             if chunk.token_ids[-1] == PENDING_TOKEN:

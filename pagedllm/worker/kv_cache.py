@@ -31,23 +31,47 @@ def attention_layers(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def cache_geometry(model: nn.Module, block_size: int, dtype: torch.dtype) -> CacheGeometry:
+@dataclass(frozen=True)
+class KVPools:
+    """Which attention layers keep their K/V in which pool. One pool serves every layer; except
+    where layers sliding over one window sit beside layers that see everything (Gemma 3): the
+    sliding ones then get a pool of their own, whose blocks the engine releases as they slide out
+    of the window, so that a long sequence holds only a window's worth of them."""
+
+    layers: list[Attention]  # the main pool's: every layer, or the full-attention ones
+    geometry: CacheGeometry
+    window_layers: list[Attention]  # the sliding layers with a pool of their own; [] without one
+    window_geometry: CacheGeometry | None
+    sliding_window: int | None  # of the sliding pool's layers, or of every layer when all slide alike
+
+
+def kv_pools(model: nn.Module, block_size: int, dtype: torch.dtype) -> KVPools:
     layers = attention_layers(model)
     shapes = {(a.num_kv_heads, a.head_dim) for a in layers}
     if len(shapes) != 1:
         raise ValueError(f"layers with different KV head shapes {shapes} are not supported")
     (num_kv_heads, head_dim), = shapes
-    return CacheGeometry(len(layers), block_size, num_kv_heads, head_dim, dtype)
+    windows = {a.sliding_window for a in layers}
+    sliding = [a for a in layers if a.sliding_window is not None]
+
+    def geometry(num_layers: int) -> CacheGeometry:
+        return CacheGeometry(num_layers, block_size, num_kv_heads, head_dim, dtype)
+
+    if len(windows) == 2 and None in windows:  # one window beside full attention: a pool for each
+        full = [a for a in layers if a.sliding_window is None]
+        return KVPools(full, geometry(len(full)), sliding, geometry(len(sliding)), sliding[0].sliding_window)
+    # every layer slides over one window (its blocks are released), or none does (or windows differ: kept)
+    return KVPools(layers, geometry(len(layers)), [], None, windows.pop() if len(windows) == 1 else None)
 
 
-def allocate_kv_cache(model: nn.Module, geometry: CacheGeometry, num_blocks: int,
+def allocate_kv_cache(layers: list[Attention], geometry: CacheGeometry, num_blocks: int,
                       device: torch.device) -> torch.Tensor:
-    """One tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``; each attention
-    layer gets views of its K and V planes."""
+    """One tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``; each of ``layers``
+    gets views of its K and V planes."""
     g = geometry
     cache = torch.zeros(g.num_layers, 2, num_blocks, g.block_size, g.num_kv_heads, g.head_dim,
                         dtype=g.dtype, device=device)
-    for layer, attn in enumerate(attention_layers(model)):
+    for layer, attn in enumerate(layers):
         attn.k_cache, attn.v_cache = cache[layer, 0], cache[layer, 1]
     return cache
 
@@ -57,21 +81,35 @@ def release_kv_cache(model: nn.Module) -> None:
         attn.k_cache = attn.v_cache = torch.empty(0)
 
 
-def cpu_num_blocks(geometry: CacheGeometry, max_useful_blocks: int) -> int:
-    """Blocks that fit in PAGEDLLM_CPU_KVCACHE_SPACE GiB (default 4), but no more than can ever be used."""
+def split_between_pools(budget_bytes: float, pools: KVPools, max_useful_blocks: int,
+                        max_useful_window_blocks: int) -> tuple[int, int]:
+    """Blocks of the main pool and of the sliding layers' pool from one budget: the sliding pool
+    gets the most its requests can hold at once, the main pool the rest (up to what it can use);
+    a budget too small for that gives both the same count."""
+    if pools.window_geometry is None:
+        return min(int(budget_bytes // pools.geometry.bytes_per_block), max_useful_blocks), 0
+    main, window = pools.geometry.bytes_per_block, pools.window_geometry.bytes_per_block
+    even = int(budget_bytes // (main + window))
+    if max_useful_window_blocks >= even:
+        return even, even
+    rest = int((budget_bytes - max_useful_window_blocks * window) // main)
+    return min(rest, max_useful_blocks), max_useful_window_blocks
+
+
+def cpu_kv_budget() -> tuple[float, str]:
+    """Bytes for the KV cache on the CPU: PAGEDLLM_CPU_KVCACHE_SPACE GiB (default 4)."""
     space = float(os.environ.get(CPU_KV_CACHE_SPACE_ENV, "4")) * GiB
-    return max(1, min(int(space // geometry.bytes_per_block), max_useful_blocks))
+    return space, f"{space / GiB:.2f} GiB of host memory"
 
 
-def gpu_num_blocks(geometry: CacheGeometry, gpu_memory_utilization: float, weight_bytes: int,
-                   activation_peak: int) -> tuple[int, str]:
-    """Blocks that fill ``gpu_memory_utilization`` of the device after the weights, the activation
+def gpu_kv_budget(gpu_memory_utilization: float, weight_bytes: int, activation_peak: int) -> tuple[float, str]:
+    """Bytes that fill ``gpu_memory_utilization`` of the device after the weights, the activation
     peak of the profiling run, and memory held outside torch's allocator; and how that was decided."""
     free, total = torch.cuda.mem_get_info()
     outside_torch = max(total - free - torch.cuda.memory_reserved(), 0)
     allowed = total * gpu_memory_utilization
-    budget = allowed - weight_bytes - activation_peak - outside_torch
+    budget = max(allowed - weight_bytes - activation_peak - outside_torch, 0)
     explained = (f"{total / GiB:.1f} GiB x gpu_memory_utilization {gpu_memory_utilization} = {allowed / GiB:.1f} GiB, "
                  f"less weights {weight_bytes / GiB:.2f} GiB, activation peak {activation_peak / GiB:.2f} GiB, "
-                 f"outside torch {outside_torch / GiB:.2f} GiB = {max(budget, 0) / GiB:.2f} GiB")
-    return max(int(budget // geometry.bytes_per_block), 0), explained
+                 f"outside torch {outside_torch / GiB:.2f} GiB = {budget / GiB:.2f} GiB")
+    return budget, explained

@@ -7,19 +7,20 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed import broadcast_from_driver, enable_symmetric_all_reduce, min_over_ranks, rank_device
+from pagedllm.engine.block_manager import window_pool_blocks
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
 from pagedllm.layers.sampler import index_tensor
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
-    GiB,
     allocate_kv_cache,
     attention_layers,
-    cache_geometry,
-    cpu_num_blocks,
-    gpu_num_blocks,
+    cpu_kv_budget,
+    gpu_kv_budget,
+    kv_pools,
     release_kv_cache,
+    split_between_pools,
 )
 from pagedllm.worker.step_inputs import SeqChunk, StepBatch, StepInputs
 
@@ -44,19 +45,24 @@ class ModelRunner:
             enable_symmetric_all_reduce(config.dtype, self.device)  # before the graphs capture the all-reduces
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attention_backend = select_attention_backend(self.device)
-        windows = set()
         for attn in attention_layers(self.model):
             attn.backend = self.attention_backend
-            windows.add(attn.sliding_window)
-        # one window for every layer: blocks that slide out of it can be released (Mistral, Phi-3)
-        self.sliding_window = windows.pop() if len(windows) == 1 else None
-        self.geometry = cache_geometry(self.model, config.block_size, config.kv_cache_torch_dtype)
+        self.pools = kv_pools(self.model, config.block_size, config.kv_cache_torch_dtype)
+        self.geometry = self.pools.geometry
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
-                                 max_blocks_per_seq, config.block_size, self.device)
+                                 max_blocks_per_seq, config.block_size, self.device,
+                                 window_pool=bool(self.pools.window_layers))
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
-        self.num_kv_blocks = config.num_kv_blocks or self._profile_num_blocks()
-        self.kv_cache = allocate_kv_cache(self.model, self.geometry, self.num_kv_blocks, self.device)
+        if config.num_kv_blocks:
+            self.num_kv_blocks = config.num_kv_blocks
+            self.num_window_kv_blocks = min(self._max_useful_window_blocks(), config.num_kv_blocks)
+        else:
+            self.num_kv_blocks, self.num_window_kv_blocks = self._profile_num_blocks()
+        self.kv_cache = allocate_kv_cache(self.pools.layers, self.geometry, self.num_kv_blocks, self.device)
+        self.window_kv_cache = (allocate_kv_cache(self.pools.window_layers, self.pools.window_geometry,
+                                                  self.num_window_kv_blocks, self.device)
+                                if self.pools.window_layers else None)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, config.max_model_len)
 
@@ -68,7 +74,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         release_kv_cache(self.model)
-        self.kv_cache = self.model = self.inputs = self.last_sampled = None
+        self.kv_cache = self.window_kv_cache = self.model = self.inputs = self.last_sampled = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -111,14 +117,27 @@ class ModelRunner:
             sampled = self.last_sampled[index_tensor(sampled_rows, self.device)]
             self.inputs.gpu["input_ids"][index_tensor(flat_rows, self.device)] = sampled
 
-    def _profile_num_blocks(self) -> int:
-        """KV blocks that fit beside the weights and the largest step's activations; says how it
-        decided, and fails if not even one sequence of max_model_len fits."""
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the layers whose blocks the engine releases as they slide out of it."""
+        return self.pools.sliding_window
+
+    def _max_useful_window_blocks(self) -> int:
+        cfg = self.config
+        if not self.pools.window_layers:
+            return 0
+        return window_pool_blocks(self.pools.sliding_window, self.block_size, cfg.max_num_seqs,
+                                  cfg.max_num_batched_tokens)
+
+    def _profile_num_blocks(self) -> tuple[int, int]:
+        """KV blocks that fit beside the weights and the largest step's activations (and of the
+        sliding layers' pool, where they have one); says how it decided, and fails if not even
+        one sequence of max_model_len fits."""
         cfg = self.config
         blocks_per_seq = -(-cfg.max_model_len // self.block_size)
         if self.device.type == "cpu":
-            num_blocks = cpu_num_blocks(self.geometry, cfg.max_num_seqs * blocks_per_seq)
-            budget = f"{num_blocks * self.geometry.bytes_per_block / GiB:.2f} GiB of host memory"
+            budget_bytes, budget = cpu_kv_budget()
+            max_useful = cfg.max_num_seqs * blocks_per_seq  # host memory is not reserved past use
         else:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -126,21 +145,26 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             activation_peak = torch.cuda.max_memory_allocated(self.device) - self.weight_bytes - temporary_cache_bytes
             torch.cuda.empty_cache()
-            num_blocks, budget = gpu_num_blocks(self.geometry, cfg.gpu_memory_utilization, self.weight_bytes,
-                                                max(activation_peak, 0))
+            budget_bytes, budget = gpu_kv_budget(cfg.gpu_memory_utilization, self.weight_bytes, max(activation_peak, 0))
+            max_useful = 1 << 62
+        num_blocks, num_window_blocks = split_between_pools(budget_bytes, self.pools, max_useful,
+                                                            self._max_useful_window_blocks())
         num_blocks = min_over_ranks(num_blocks, cfg.tensor_parallel_size)
+        num_window_blocks = min_over_ranks(num_window_blocks, cfg.tensor_parallel_size)
         fits = num_blocks // blocks_per_seq
         per_rank = f" (on each of {cfg.tensor_parallel_size} ranks)" if cfg.tensor_parallel_size > 1 else ""
+        window = (f"; the {len(self.pools.window_layers)} sliding layers' own pool {num_window_blocks} blocks "
+                  f"(window {self.pools.sliding_window})" if self.pools.window_layers else "")
         logger.info("KV cache%s: %s -> %d blocks of %d tokens (%d tokens); %d sequences of max_model_len %d fit at "
-                    "once", per_rank, budget, num_blocks, self.block_size, num_blocks * self.block_size, fits,
-                    cfg.max_model_len)
+                    "once%s", per_rank, budget, num_blocks, self.block_size, num_blocks * self.block_size, fits,
+                    cfg.max_model_len, window)
         if fits < 1:
             raise ValueError(
                 f"the KV cache holds {num_blocks * self.block_size} tokens, fewer than one sequence of "
                 f"max_model_len={cfg.max_model_len}: lower max_model_len, or give the cache more memory "
                 "(gpu_memory_utilization, or PAGEDLLM_CPU_KVCACHE_SPACE on the CPU)"
             )
-        return num_blocks
+        return num_blocks, num_window_blocks
 
     @torch.inference_mode()
     def _dummy_run(self) -> int:
@@ -154,12 +178,16 @@ class ModelRunner:
         chunks, next_block = [], 0
         for length in lengths:
             blocks = -(-length // self.block_size)
-            chunks.append(SeqChunk([0] * length, 0, list(range(next_block, next_block + blocks)), True))
+            table = list(range(next_block, next_block + blocks))
+            chunks.append(SeqChunk([0] * length, 0, table, True, table if self.pools.window_layers else None))
             next_block += blocks
-        cache = allocate_kv_cache(self.model, self.geometry, next_block, self.device)
+        caches = [allocate_kv_cache(self.pools.layers, self.geometry, next_block, self.device)]
+        if self.pools.window_layers:
+            caches.append(allocate_kv_cache(self.pools.window_layers, self.pools.window_geometry, next_block,
+                                            self.device))
         try:
             self._forward(chunks)
         finally:
             release_kv_cache(self.model)
-        return cache.numel() * cache.element_size()
+        return sum(cache.numel() * cache.element_size() for cache in caches)
 

@@ -20,6 +20,7 @@ class SeqChunk:
     start: int
     block_table: list[int]
     wants_logits: bool  # the chunk reaches the sequence's end, so its last token is sampled
+    window_block_table: list[int] | None = None  # in the sliding layers' own pool (models that mix)
 
 
 @dataclass
@@ -46,9 +47,10 @@ class StepInputs:
     """Host (pinned) and device buffers for up to ``max_num_tokens`` tokens of ``max_num_seqs`` sequences."""
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 device: torch.device):
+                 device: torch.device, window_pool: bool = False):
         self.block_size = block_size
         self.device = device
+        self.window_pool = window_pool  # the sliding layers have their own pool, tables and slots
         pin = device.type == "cuda"
         shapes = {
             "input_ids": ((max_num_tokens,), torch.int64),
@@ -59,6 +61,9 @@ class StepInputs:
             "logits_indices": ((max_num_seqs,), torch.int64),
             "block_tables": ((max_num_seqs, max_blocks_per_seq), torch.int32),
         }
+        if window_pool:
+            shapes["window_slot_mapping"] = shapes["slot_mapping"]
+            shapes["window_block_tables"] = shapes["block_tables"]
         self.host_sets = [{k: torch.zeros(shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()}
                           for _ in range(2)]
         self.host_np_sets = [{k: v.numpy() for k, v in host.items()} for host in self.host_sets]
@@ -74,23 +79,25 @@ class StepInputs:
         self.host, h = self.host_sets[turn], self.host_np_sets[turn]
         bs = self.block_size
         input_ids, positions, slots, context_lens, cu, logits_indices = [], [], [], [], [0], []
+        window_slots = []
         np_tables = h["block_tables"]
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
             end = chunk.start + n
-            table = chunk.block_table
             input_ids += chunk.token_ids
             if n == 1:
                 positions.append(chunk.start)
-                slots.append(table[chunk.start // bs] * bs + chunk.start % bs)
             else:
                 positions += range(chunk.start, end)
-                slots += [table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
+            slots += _slots(chunk.block_table, chunk.start, end, bs)
             context_lens.append(end)
             cu.append(cu[-1] + n)
             if chunk.wants_logits:
                 logits_indices.append(cu[-1] - 1)
-            np_tables[i, : len(table)] = table
+            np_tables[i, : len(chunk.block_table)] = chunk.block_table
+            if self.window_pool:
+                window_slots += _slots(chunk.window_block_table, chunk.start, end, bs)
+                h["window_block_tables"][i, : len(chunk.window_block_table)] = chunk.window_block_table
         num_seqs = len(chunks)
         num_tokens = cu[-1]
         padded = max(pad_seqs_to or num_seqs, num_seqs)
@@ -99,6 +106,7 @@ class StepInputs:
             input_ids += [0] * extra
             positions += [0] * extra
             slots += [-1] * extra
+            window_slots += [-1] * extra
             context_lens += [1] * extra
             cu += list(range(cu[-1] + 1, cu[-1] + 1 + extra))
             num_tokens = padded
@@ -111,19 +119,37 @@ class StepInputs:
         sizes = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
                  "context_lens": padded, "cu_seqlens_q": padded + 1, "logits_indices": len(logits_indices),
                  "block_tables": padded}
+        if self.window_pool:
+            h["window_slot_mapping"][:num_tokens] = window_slots
+            sizes |= {"window_slot_mapping": num_tokens, "window_block_tables": padded}
         dev = {k: self.gpu[k][:n].copy_(self.host[k][:n], non_blocking=True) for k, n in sizes.items()}
-        metadata = AttentionMetadata(
-            slot_mapping=dev["slot_mapping"], block_tables=dev["block_tables"], context_lens=dev["context_lens"],
-            cu_seqlens_q=dev["cu_seqlens_q"], max_query_len=max(len(c.token_ids) for c in chunks),
-            max_context_len=max_context_len or max(context_lens),
-        )
+        metadata = attention_metadata(dev, max(len(c.token_ids) for c in chunks), max_context_len or max(context_lens))
         return PreparedStep(dev["input_ids"], dev["positions"], metadata, dev["logits_indices"], num_seqs)
+
+    def decode_metadata(self, batch_size: int, max_context_len: int) -> AttentionMetadata:
+        """The metadata of a decode batch of ``batch_size`` over the device buffers (a graph's capture)."""
+        return attention_metadata({k: v[:batch_size + (k == "cu_seqlens_q")] for k, v in self.gpu.items()}, 1,
+                                  max_context_len)
+
+
+def attention_metadata(dev: dict[str, torch.Tensor], max_query_len: int, max_context_len: int) -> AttentionMetadata:
+    return AttentionMetadata(dev["slot_mapping"], dev["block_tables"], dev["context_lens"], dev["cu_seqlens_q"],
+                             max_query_len, max_context_len, dev.get("window_slot_mapping"),
+                             dev.get("window_block_tables"))
+
+
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of positions [start, end) through a block table."""
+    if end - start == 1:
+        return [table[start // block_size] * block_size + start % block_size]
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def fill_decode_padding(inputs: StepInputs, batch_size: int) -> None:
     """Make rows [0, batch_size) harmless decode inputs (used before capturing a graph)."""
     for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("context_lens", 1),
-                        ("block_tables", 0)):
-        inputs.gpu[name][:batch_size].fill_(value)
+                        ("block_tables", 0), ("window_slot_mapping", -1), ("window_block_tables", 0)):
+        if name in inputs.gpu:
+            inputs.gpu[name][:batch_size].fill_(value)
     inputs.gpu["cu_seqlens_q"][: batch_size + 1].copy_(torch.arange(batch_size + 1, dtype=torch.int32))
 
