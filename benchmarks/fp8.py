@@ -2,7 +2,8 @@
 bf16 run is the baseline). W2 and L1 with ``quantization="fp8"`` (targets on an H100: 1.3x and
 1.6x), W4 with ``kv_cache_dtype="fp8"`` (1.2x). Then greedy agreement: the first 64 tokens of 16
 prompts under FP8 against the dtype's, for the bundled demo model (trained weights) and W2's
-real-shape model (random weights: a weak signal, reported as asked).
+real-shape model (random weights: a weak signal, reported as asked); and the demo model's loss
+on a page it did not train on, in bf16, with FP8 weights and with an FP8 KV cache.
 
 Usage: python benchmarks/fp8.py [--out DIR]
 """
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, warm_up_gpu, write_result  # noqa: E402
 from benchmarks.throughput import WORKLOADS, _free_gpu, make_requests, model_dir, run_pagedllm  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.testing import held_out_loss  # noqa: E402
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
 PAIRS = [("W2", {"quantization": "fp8"}, 1.3), ("L1", {"quantization": "fp8"}, 1.6),
@@ -57,6 +59,20 @@ def agreement(path: str, dtype: str, prompts: list, **llm_args) -> dict:
             "identical": sum(s == 64 for s in shared)}
 
 
+def demo_losses() -> dict:
+    """The demo model's loss on a page of Python it did not train on (this file), in bf16, with FP8
+    weights, and with an FP8 KV cache."""
+    losses = {}
+    for label, args in (("bfloat16", {}), ("fp8 weights", {"quantization": "fp8"}),
+                        ("fp8 kv cache", {"kv_cache_dtype": "fp8"})):
+        llm = LLM(DEMO, dtype="bfloat16", **args)
+        losses[label] = held_out_loss(llm, os.path.abspath(__file__))
+        llm.llm_engine.shutdown()
+        del llm
+        _free_gpu()
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
@@ -78,6 +94,8 @@ def main() -> None:
                                                          load_format="dummy", max_model_len=256)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+    payload["demo_held_out_loss"] = demo_losses()
+    print("demo model's held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in payload["demo_held_out_loss"].items()))
     for name, a in agree.items():
         print(f"agreement {name}: {a['mean_shared']:.1f} of 64 tokens shared on average, {a['identical']}/16 identical")
     print(f"wrote {write_result('fp8', payload, args.out)}")

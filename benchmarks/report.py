@@ -82,6 +82,9 @@ def fp8_section(name: str, data: dict) -> list[str]:
     lines += ["", "Greedy agreement with the dtype's run (first 64 tokens of 16 prompts): " + "; ".join(
         f"{model}: {a['mean_shared']:.1f} tokens shared on average before they part, {a['identical']}/16 identical"
         for model, a in data["greedy_agreement"].items()) + "."]
+    if "demo_held_out_loss" in data:
+        lines += ["", "The demo model's loss on a page it did not train on: " + ", ".join(
+            f"{label} {loss:.4f}" for label, loss in data["demo_held_out_loss"].items()) + "."]
     return lines
 
 

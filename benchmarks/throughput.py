@@ -135,6 +135,7 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         "total_tokens_per_s": (output_tokens + sum(map(len, prompts))) / wall,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "kv_cache_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
+        "kv_cache_budget": engine.executor.runner.kv_cache_budget,
         "kv_peak_blocks_used": max(blocks_used),
         "kv_waste_fraction": 1 - sum(tokens_held) / allocated_slots if allocated_slots else 0.0,
         "num_steps": len(steps), "num_preemptions": engine.scheduler.num_preemptions,

@@ -104,3 +104,16 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0,
     model.save_pretrained(path)
     (tokenizer or build_tokenizer()).save_pretrained(path)
     return path
+
+
+def held_out_loss(llm, text_path: str, num_tokens: int = 400) -> float:
+    """Mean negative log-likelihood of the first ``num_tokens`` tokens of a text file, under an
+    ``LLM`` (its prompt logprobs): how much a change of precision costs a trained model."""
+    from pagedllm import SamplingParams
+
+    with open(text_path) as f:
+        ids = llm.get_tokenizer()(f.read())["input_ids"][:num_tokens]
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    return -sum(entry[t].logprob for t, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)) / (len(ids) - 1)
+

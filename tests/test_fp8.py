@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.quantization import FP8, fp8_linear, fp8_linear_ref
 from pagedllm.models.fp8_checkpoint import DequantizedTensor
+from pagedllm.testing import held_out_loss
 from pagedllm_kernels.reference import quantize_rows_ref
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
@@ -57,12 +58,8 @@ def test_scaled_mm_equals_the_reference(dtype):
 
 
 def text_loss(llm: LLM) -> float:
-    """Mean negative log-likelihood of a page of Python the demo model did not train on."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fp8.py")) as f:
-        ids = llm.get_tokenizer()(f.read())["input_ids"][:400]
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                       use_tqdm=False)[0]
-    return -sum(entry[t].logprob for t, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)) / (len(ids) - 1)
+    """The demo model's loss on a page of Python it did not train on (this file)."""
+    return held_out_loss(llm, os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")

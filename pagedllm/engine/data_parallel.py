@@ -44,7 +44,7 @@ class DataParallelEngine:
         self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
         self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
         try:
-            self.cache_capacity = min((replica.wait_ready() for replica in self.replicas), key=lambda c: c.num_blocks)
+            self.cache_capacity = min((replica.wait_ready() for replica in self.replicas), key=lambda c: c.pools)
         except BaseException:
             self.shutdown()
             raise

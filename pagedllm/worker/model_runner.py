@@ -54,6 +54,7 @@ class ModelRunner:
                                  max_blocks_per_seq, config.block_size, self.device,
                                  window_pool=bool(self.pools.window_layers))
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
+        self.kv_cache_budget: str | None = None  # how the profile sized the cache (benchmarks record it)
         if config.num_kv_blocks:
             self.num_kv_blocks = config.num_kv_blocks
             self.num_window_kv_blocks = min(self._max_useful_window_blocks(), config.num_kv_blocks)
@@ -152,6 +153,7 @@ class ModelRunner:
         num_blocks = min_over_ranks(num_blocks, cfg.tensor_parallel_size)
         num_window_blocks = min_over_ranks(num_window_blocks, cfg.tensor_parallel_size)
         fits = num_blocks // blocks_per_seq
+        self.kv_cache_budget = budget
         per_rank = f" (on each of {cfg.tensor_parallel_size} ranks)" if cfg.tensor_parallel_size > 1 else ""
         window = (f"; the {len(self.pools.window_layers)} sliding layers' own pool {num_window_blocks} blocks "
                   f"(window {self.pools.sliding_window})" if self.pools.window_layers else "")
