@@ -81,7 +81,7 @@ class PagedLLMStage:
         if config.device == "cpu":  # as many threads as CPUs Ray gave this replica, not the node's count
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, int(cpus)))
-        self.engine = AsyncLLM(config)
+        self.engine = AsyncLLM(config, engine_process=False)  # the actor is a process of its own
         self.tokenizer = self.engine.tokenizer
         self.should_continue_on_error = should_continue_on_error
         self.preprocess, self.postprocess = preprocess, postprocess

@@ -149,12 +149,16 @@ def test_client_that_disconnects_mid_stream_frees_its_request(live):
     response = connection.getresponse()
     assert response.readline().startswith(b"data: ")  # streaming has begun
     connection.close()
+    assert_all_freed(server)
+
+
+def assert_all_freed(server) -> None:
+    """The engine process reports no request left and no KV block held (its stats come after each
+    message it handles)."""
     deadline = time.time() + 10
-    while server.engine.num_unfinished_requests and time.time() < deadline:
+    while (server.engine.num_unfinished_requests or server.engine.stats.kv_blocks_in_use) and time.time() < deadline:
         time.sleep(0.05)
-    assert server.engine.num_unfinished_requests == 0
-    manager = server.engine.engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
+    assert server.engine.num_unfinished_requests == 0 and server.engine.stats.kv_blocks_in_use == 0
 
 
 def test_a_stream_read_late_gets_the_newest_output_not_a_backlog(live, offline):
@@ -239,8 +243,9 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_200_concurrent_requests_some_leaving_mid_stream(live):
-    """Half stream, a tenth of those leave after two chunks; the rest all complete, and
-    afterwards the server is healthy and holds no KV block."""
+    """Half stream, a tenth of those leave after the first chunk (a reader behind may get all that
+    is new in one); the rest all complete, and afterwards the server is healthy and holds no KV
+    block."""
     server, url, _ = live
 
     async def one(client, i):
@@ -254,7 +259,7 @@ def test_200_concurrent_requests_some_leaving_mid_stream(live):
         async for chunk in stream:
             chunks += 1
             finish = chunk.choices[0].finish_reason or finish
-            if i % 10 == 1 and chunks == 2:
+            if i % 10 == 1:
                 await stream.close()
                 return "left"
         return 8 if finish == "length" else finish
@@ -268,11 +273,7 @@ def test_200_concurrent_requests_some_leaving_mid_stream(live):
     results = asyncio.run(run())
     assert results.count("left") == 20
     assert all(r == 8 for r in results if r != "left")  # every other request completed its 8 tokens
-    deadline = time.time() + 10
-    while server.engine.num_unfinished_requests and time.time() < deadline:
-        time.sleep(0.05)
-    manager = server.engine.engine.block_manager
-    assert server.engine.num_unfinished_requests == 0 and manager.num_free_blocks == manager.num_blocks
+    assert_all_freed(server)
     assert call("GET", f"{url}/health")[0] == 200
 
 

@@ -2,13 +2,15 @@
 healthy request right after still gets the right text. Every row once broke the engine for good,
 hung, or answered with something other than OpenAI's error JSON."""
 
+import http.client
 import json
+import os
+import signal
 import socket
 import threading
 import time
 
 import pytest
-from conftest import break_text_of
 from test_openai_server import server_args, start_server
 
 from pagedllm import LLM, SamplingParams
@@ -247,55 +249,60 @@ def test_huge_prompt_does_not_stall_other_clients(server):
     assert slowest < 1.0
 
 
-def test_a_request_that_fails_in_the_engine_fails_alone(server, good_text, monkeypatch):
-    """An error pinned on one request (here its text breaks) ends it with OpenAI's error JSON, a 500
-    or a stream's error event; the requests beside it, and the next ones, are served."""
-    srv, url = server
-    break_text_of(srv.engine.engine, lambda r: r.prompt == "poison", RuntimeError("this request's text broke"),
-                  monkeypatch)
+def test_a_request_that_fails_in_the_engine_fails_alone(tiny_checkpoint, good_text, monkeypatch):
+    """An error pinned on one request (here its text breaks, in the engine process) ends it with
+    OpenAI's error JSON, a 500 or a stream's error event; the requests beside it, and the next
+    ones, are served."""
+    from pagedllm.engine.data_parallel import start_method
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    if start_method() != "fork":
+        pytest.skip("the engine process is spawned here (CUDA is initialised): it would not inherit the fault")
+    extend_text = LLMEngine._extend_text
+
+    def broken(self, request):
+        if request.prompt == "poison":
+            raise RuntimeError("this request's text broke")
+        return extend_text(self, request)
+
+    monkeypatch.setattr(LLMEngine, "_extend_text", broken)  # the engine process forked from here keeps it
+    srv, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "tiny")
+    monkeypatch.undo()
     results = {}
 
     def healthy(i):
         results[i] = send(url, "POST", "/v1/completions", GOOD)
 
-    neighbours = [threading.Thread(target=healthy, args=(i,)) for i in range(4)]
-    for thread in neighbours:
-        thread.start()
-    status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison"})
-    assert_openai_error(status, headers, body, 500)
-    assert "this request's text broke" in json.loads(body)["error"]["message"]
-    status, _, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": ["fine", "poison"], "stream": True})
-    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
-    assert status == 200 and events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["message"].startswith("the request failed in the engine: prompt 1")
-    for thread in neighbours:
-        thread.join()
-    assert all(r[0] == 200 and json.loads(r[2])["choices"][0]["text"] == good_text for r in results.values())
-    monkeypatch.undo()
-    assert_still_serving(url, good_text)
-    deadline = time.time() + 10
-    while srv.engine.num_unfinished_requests and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.engine.stats.kv_blocks_in_use == 0
+    try:
+        neighbours = [threading.Thread(target=healthy, args=(i,)) for i in range(4)]
+        for thread in neighbours:
+            thread.start()
+        status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison"})
+        assert_openai_error(status, headers, body, 500)
+        assert "this request's text broke" in json.loads(body)["error"]["message"]
+        status, _, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": ["fine", "poison"], "stream": True})
+        events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"].startswith("the request failed in the engine: prompt 1")
+        for thread in neighbours:
+            thread.join()
+        assert all(r[0] == 200 and json.loads(r[2])["choices"][0]["text"] == good_text for r in results.values())
+        assert_still_serving(url, good_text)
+        deadline = time.time() + 10
+        while (srv.engine.num_unfinished_requests or srv.engine.stats.kv_blocks_in_use) and time.time() < deadline:
+            time.sleep(0.05)
+        assert srv.engine.stats.kv_blocks_in_use == 0
+    finally:
+        uv.should_exit = True
+        srv.engine.shutdown()
 
 
-def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
-    """An error the engine cannot survive: running streams end with an error event, /health says
-    503 while the server stops, and serve() returns 1 so a supervisor restarts it."""
-    from pagedllm.engine.llm_engine import LLMEngine
+def serve_in_a_thread(model: str, monkeypatch) -> tuple:
+    """``api_server.serve`` as ``pagedllm serve`` runs it, in a thread: the server it built, the
+    thread, where its exit code goes, and its URL, once /health answers."""
     from pagedllm.entrypoints.openai import api_server
 
-    step = LLMEngine.step
-    calls = {"n": 0}
-
-    def dies_on_the_fifth_step(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("CUDA error: device lost (simulated)")
-        return step(self)
-
-    monkeypatch.setattr(LLMEngine, "step", dies_on_the_fifth_step)
-    args = server_args(tiny_checkpoint("llama"), "--served-model-name", "tiny")
+    args = server_args(model, "--served-model-name", "tiny")
     built = {}
     build_server = api_server.build_server
     monkeypatch.setattr(api_server, "build_server", lambda a: built.setdefault("server", build_server(a)))
@@ -310,14 +317,62 @@ def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoin
                 break
         except OSError:
             time.sleep(0.1)
+    return built["server"], thread, exit_code, url
+
+
+def test_a_killed_engine_process_ends_the_streams_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
+    """The engine process killed mid-stream (the OOM killer, a crashed driver): the stream ends
+    with an error event naming it, /health says 503, and serve() returns 1."""
+    server, thread, exit_code, url = serve_in_a_thread(tiny_checkpoint("llama"), monkeypatch)
+    process = server.engine.engine.replicas[0].process
+    assert process.pid != os.getpid() and process.is_alive()  # the engine core runs in a process of its own
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        connection.request("POST", "/v1/completions", json.dumps(GOOD | {"max_tokens": 200, "ignore_eos": True,
+                                                                         "stream": True}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.readline().startswith(b"data: ")  # streaming has begun
+        os.kill(process.pid, signal.SIGKILL)
+        events = [line.strip().removeprefix(b"data: ").decode() for line in response.read().split(b"\n\n")
+                  if line.strip()]
+        assert events[-1] == "[DONE]"
+        assert "the engine process died with exit code -9" in json.loads(events[-2])["error"]["message"]
+        thread.join(timeout=30)
+        assert not thread.is_alive() and exit_code["code"] == 1
+    finally:
+        server.engine.on_dead()
+        thread.join(timeout=30)
+
+
+def test_a_dead_engine_answers_what_it_can_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
+    """An error the engine cannot survive: running streams end with an error event, /health says
+    503 while the server stops, and serve() returns 1 so a supervisor restarts it."""
+    from pagedllm.engine.data_parallel import start_method
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    if start_method() != "fork":
+        pytest.skip("the engine process is spawned here (CUDA is initialised): it would not inherit the fault")
+
+    step = LLMEngine.step
+    calls = {"n": 0}
+
+    def dies_on_the_fifth_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("CUDA error: device lost (simulated)")
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", dies_on_the_fifth_step)  # the engine process forked from here keeps it
+    server, thread, exit_code, url = serve_in_a_thread(tiny_checkpoint("llama"), monkeypatch)
     health = {}
-    stop = built["server"].engine.on_dead
+    stop = server.engine.on_dead
 
     def stop_after_a_look():
         health["during"] = send(url, "GET", "/health")
         stop()
 
-    built["server"].engine.on_dead = stop_after_a_look
+    server.engine.on_dead = stop_after_a_look
     try:
         status, _, body = send(url, "POST", "/v1/completions", GOOD | {"max_tokens": 50, "ignore_eos": True,
                                                                         "stream": True})

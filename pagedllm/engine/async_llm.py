@@ -1,13 +1,20 @@
-"""The engine loop in a background thread, for servers: requests are added and aborted at any
-time from asyncio code, and each one's outputs arrive on its own queue as tokens are made."""
+"""The engine for servers: requests are added and aborted at any time from asyncio code, and each
+one's outputs arrive on its own queue as tokens are made. The engine core runs in a process of its
+own (as vLLM v1's), so that it never waits for the GIL while the HTTP side parses, frames and
+sends; a thread here passes requests to it and hands its outputs (only what is new) to the
+requests' queues, each summed up again for readers that want the whole output so far."""
 
 import asyncio
+import dataclasses
 import logging
+import multiprocessing.connection
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import PromptType, parse_prompt
@@ -19,20 +26,26 @@ logger = logging.getLogger("pagedllm")
 
 class AsyncLLM:
     """The engine for asyncio applications, as vLLM's ``AsyncLLM`` / ``AsyncLLMEngine``: requests
-    from any number of coroutines are batched together. It owns an LLMEngine; only its thread
-    touches it. ``generate`` is an async iterator of the request's outputs; leaving it early (a
-    client that disconnects) aborts the request and frees its blocks. An error pinned on one
-    request ends that request's iterator with ``RequestFailedError``; an error the engine cannot
-    survive ends every iterator with ``EngineDeadError``, and ``on_dead`` is called (the server
-    then exits, for a supervisor to restart it)."""
+    from any number of coroutines are batched together. The engine core runs in a process of its
+    own (``data_parallel_size`` of them, each on its own GPUs); with ``engine_process=False`` it
+    runs in a thread of this process instead (an actor that is a process of its own already, or a
+    test that reaches into the engine). Only that thread touches the engine. ``generate`` is an
+    async iterator of the request's outputs; leaving it early (a client that disconnects) aborts
+    the request and frees its blocks. An error pinned on one request ends that request's iterator
+    with ``RequestFailedError``; an error the engine cannot survive (or the engine process dying)
+    ends every iterator with ``EngineDeadError``, and ``on_dead`` is called (the server then exits,
+    for a supervisor to restart it)."""
 
-    def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None):
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None, engine_process: bool = True):
+        self.engine = DataParallelEngine(config) if engine_process or config.data_parallel_size > 1 else \
+            LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.config = config
         self.on_dead = on_dead
         self.stats = self.engine.stats()
         self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", id) / ("stop", None)
+        self._wake_read, self._wake_write = os.pipe()  # readable while commands wait (a byte per command)
+        os.set_blocking(self._wake_read, False)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
@@ -68,30 +81,43 @@ class AsyncLLM:
         if sampling_params.samples > sampling_params.n and sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
             raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it needs "
                              "output_kind=RequestOutputKind.FINAL_ONLY (the best samples are known only at the end)")
-        skip_to_newest = sampling_params.output_kind != RequestOutputKind.DELTA
+        cumulative = sampling_params.output_kind == RequestOutputKind.CUMULATIVE
+        if cumulative:  # the engine sends only what is new; it is summed up here
+            sampling_params = dataclasses.replace(sampling_params, output_kind=RequestOutputKind.DELTA)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(("add", (request_id, prompt_token_ids, sampling_params, text)))
-        finished = False
+        self._command("add", (request_id, prompt_token_ids, sampling_params, text))
+        finished, so_far = False, None
         try:
             while not finished:
                 output = await outputs.get()
-                while skip_to_newest and not outputs.empty() and not isinstance(output, BaseException):
-                    output = outputs.get_nowait()  # outputs are cumulative: a reader behind skips to the newest
+                while (cumulative and not outputs.empty() and not isinstance(output, BaseException)
+                       and output.error is None):
+                    so_far = add_delta(so_far, output)  # a reader behind gets all that is new at once
+                    output = outputs.get_nowait()
                 if isinstance(output, BaseException):
                     raise output
                 if output.error is not None:
                     finished = True
                     raise RequestFailedError(output.error)
                 finished = output.finished
+                if cumulative:
+                    so_far = add_delta(so_far, output)
+                    output = copy_output(so_far)
                 yield output
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._command("abort", request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._command("abort", request_id)
+
+    def _command(self, command: str, arg) -> None:
+        """Queue a command for the engine thread and wake it (it may be waiting on the engine)."""
+        self._commands.put((command, arg))
+        if self._thread.is_alive() and self._wake_write is not None:
+            os.write(self._wake_write, b"\0")
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -99,32 +125,42 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         """Stop the engine thread and free the engine; streams still open end with EngineDeadError."""
-        self._commands.put(("stop", None))
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._command("stop", None)
+            self._thread.join(timeout=30)
         self._deliver([(request_id, EngineDeadError("the engine was shut down")) for request_id in list(self._streams)])
         self.engine.shutdown()
+        if not self._thread.is_alive() and self._wake_write is not None:  # (kept for a thread that did not end)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_write = None
 
     def _loop(self) -> None:
         engine = self.engine
+        in_process = isinstance(engine, LLMEngine)
         try:
             while True:
-                # block for a command only when there is nothing to run
-                block = not engine.has_unfinished_requests()
+                if in_process and not engine.has_unfinished_requests():  # nothing to run: wait for a command
+                    multiprocessing.connection.wait([self._wake_read])
+                _drain(self._wake_read)
                 while True:
                     try:
-                        command, arg = self._commands.get(block=block)
+                        command, arg = self._commands.get_nowait()
                     except queue.Empty:
                         break
-                    block = False
                     if command == "stop":
                         return
                     if command == "add":
                         self._add(*arg)
                     else:
                         engine.abort_request(arg)
-                if engine.has_unfinished_requests():
+                if not in_process:  # waits for the engine process's next message, or a command
+                    self._deliver([(output.request_id, output) for output in engine.step(self._wake_read)])
+                elif engine.has_unfinished_requests():
                     self._deliver([(output.request_id, output) for output in engine.step()])
                 self.stats = engine.stats()
+                if not in_process and not engine.alive:
+                    raise RuntimeError("the engine process died (the error is above)")
         except BaseException as err:  # the engine is broken: every waiting client gets the error
             logger.exception("the engine loop failed; the server stops")
             self.error = err
@@ -158,3 +194,44 @@ class AsyncLLM:
 def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
     for outputs, item in puts:
         outputs.put_nowait(item)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def add_delta(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """A request's output so far, with a delta output (``RequestOutputKind.DELTA``) added: text,
+    tokens and logprobs appended, the rest the newest."""
+    if so_far is None:
+        return copy_output(delta)
+    so_far.finished, so_far.metrics, so_far.error = delta.finished, delta.metrics, delta.error
+    so_far.num_cached_tokens = delta.num_cached_tokens
+    if delta.prompt_logprobs is not None:
+        so_far.prompt_logprobs = delta.prompt_logprobs
+    completions = {c.index: c for c in so_far.outputs}
+    for new in delta.outputs:
+        old = completions.get(new.index)
+        if old is None:
+            so_far.outputs.append(dataclasses.replace(new, token_ids=list(new.token_ids)))
+            continue
+        old.text += new.text
+        old.token_ids += new.token_ids
+        if new.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + new.logprobs
+        old.finish_reason, old.stop_reason, old.cumulative_logprob = \
+            new.finish_reason, new.stop_reason, new.cumulative_logprob
+    so_far.outputs.sort(key=lambda c: c.index)
+    return so_far
+
+
+def copy_output(output: RequestOutput) -> RequestOutput:
+    """A copy whose completions' lists a later ``add_delta`` does not change."""
+    return dataclasses.replace(output, outputs=[
+        dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
+        for c in output.outputs])
+

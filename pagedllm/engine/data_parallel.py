@@ -1,7 +1,9 @@
-"""Data parallelism: N engine replicas, each a process of its own on its own GPUs (or the CPU),
-behind the engine interface ``LLM`` and ``pagedllm generate`` drive. Requests wait here and go
+"""Engines in processes of their own: N replicas for data parallelism, each on its own GPUs (or
+the CPU), behind the engine interface ``LLM`` and ``pagedllm generate`` drive; and, with N = 1,
+the server's engine core, apart from the HTTP process (``AsyncLLM``). Requests wait here and go
 to whichever replica has room, as replicas free up (not a fixed split: lengths differ); outputs
-come back as each replica makes them. A replica that dies fails its requests, with the reason.
+come back as each replica makes them, without the prompts this side already holds. A replica
+that dies fails its requests, with the reason.
 """
 
 import copy
@@ -9,6 +11,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import sys
 import traceback
 import weakref
@@ -19,7 +22,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.llm_engine import LLMEngine, eos_token_ids, generation_defaults, load_tokenizer
-from pagedllm.engine.request_checks import validate_request
+from pagedllm.engine.request_checks import truncated_prompt, validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -40,7 +43,7 @@ class DataParallelEngine:
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.num_generated_tokens = 0
-        ctx = mp.get_context("fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn")
+        ctx = mp.get_context(start_method())
         self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
         self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
         try:
@@ -52,6 +55,7 @@ class DataParallelEngine:
         self.capacity = 2 * config.max_num_seqs
         self.waiting: deque[tuple] = deque()  # add_request's arguments, not yet given to a replica
         self.placed: dict[str, _Replica] = {}  # request id -> the replica running it
+        self.prompts: dict[str, tuple[str | None, list[int]]] = {}  # request id -> its prompt, for its outputs
         logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
                     config.tensor_parallel_size)
 
@@ -60,14 +64,22 @@ class DataParallelEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, prompt_token_ids, params)
+        try:  # it travels to a replica's process
+            pickle.dumps(params)
+        except Exception as err:
+            raise ValueError(f"SamplingParams.logits_processors={params.logits_processors!r} is invalid: the engine "
+                             f"runs in another process, so they must be picklable (module-level functions or "
+                             f"objects, not lambdas or closures): {err}") from None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
         self.validate_request(prompt_token_ids, params)
         self.waiting.append((request_id, prompt_token_ids, params, prompt, stream))
+        self.prompts[request_id] = (prompt, truncated_prompt(prompt_token_ids, params, self.config.max_model_len))
 
     def abort_request(self, request_id: str) -> None:
         self.waiting = deque(r for r in self.waiting if r[0] != request_id)
+        self.prompts.pop(request_id, None)
         replica = self.placed.pop(request_id, None)
         if replica is not None:
             replica.load -= 1
@@ -77,19 +89,30 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.placed)
 
-    def step(self) -> list[RequestOutput]:
-        """Give waiting requests to replicas with room, then return the outputs that came back
-        (waiting for the first, if any request is out)."""
+    @property
+    def alive(self) -> bool:
+        return any(r.alive for r in self.replicas)
+
+    def step(self, wake: int | None = None) -> list[RequestOutput]:
+        """Give waiting requests to replicas with room, then return the outputs that came back,
+        waiting for the first if any request is out. With ``wake`` (a file descriptor: readable
+        when the caller has new commands for the replicas), wait for a message of any kind, or a
+        replica's death, or ``wake``, even with no request out: the replicas' stats stay fresh."""
         self._place_waiting()
         if self.waiting and not self.placed:
             raise RuntimeError("no data-parallel replica took the waiting requests")  # would spin otherwise
         live = [r for r in self.replicas if r.alive]
         outputs = []
-        if self.placed:
-            ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live])
+        if self.placed or wake is not None:
+            ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live] +
+                                       ([wake] if wake is not None else []))
             for replica in live:
                 if replica.conn in ready or replica.process.sentinel in ready:
                     outputs += self._receive(replica)
+        for output in outputs:  # the replicas send no prompts back: this side has them
+            output.prompt, output.prompt_token_ids = self.prompts.get(output.request_id, (None, []))
+            if output.finished:
+                self.prompts.pop(output.request_id, None)
         return outputs
 
     def reset_prefix_cache(self) -> bool:
@@ -122,28 +145,32 @@ class DataParallelEngine:
             raise RuntimeError("every data-parallel replica has died: create a new LLM")
 
     def _receive(self, replica: "_Replica") -> list[RequestOutput]:
-        try:
-            message = replica.conn.recv() if replica.conn.poll() else None
-        except (EOFError, OSError):
-            message = None
-        if message is None:
-            if replica.process.is_alive():
-                return []
-            return self._lost(replica, f"died with exit code {replica.process.exitcode}")
-        if message[0] == "error":
-            return self._lost(replica, f"failed:\n{message[1]}")
-        _, outputs, generated, replica.stats = message
-        self.num_generated_tokens += generated - replica.generated
-        replica.generated = generated
-        for output in outputs:
-            if output.finished and self.placed.pop(output.request_id, None) is replica:
-                replica.load -= 1
-        return outputs
+        """Every message the replica has sent since the last look: outputs, or how it died."""
+        outputs = []
+        while True:
+            try:
+                message = replica.conn.recv() if replica.conn.poll() else None
+            except (EOFError, OSError):
+                message = None
+            if message is None:
+                if replica.process.is_alive():
+                    return outputs
+                return outputs + self._lost(replica, f"died with exit code {replica.process.exitcode}")
+            if message[0] == "error":
+                return outputs + self._lost(replica, f"failed:\n{message[1]}")
+            _, new, generated, replica.stats = message
+            self.num_generated_tokens += generated - replica.generated
+            replica.generated = generated
+            for output in new:
+                if output.finished and self.placed.pop(output.request_id, None) is replica:
+                    replica.load -= 1
+            outputs += new
 
     def _lost(self, replica: "_Replica", why: str) -> list[RequestOutput]:
         """A replica that died fails the requests it held (never silently); the others go on."""
         replica.alive, replica.load = False, 0
-        message = f"data-parallel replica {replica.index} {why}"
+        name = f"data-parallel replica {replica.index}" if len(self.replicas) > 1 else "the engine process"
+        message = f"{name} {why}"
         logger.error(message)
         failed = [request_id for request_id, r in self.placed.items() if r is replica]
         for request_id in failed:
@@ -159,7 +186,8 @@ class _Replica:
         self.index, self.alive, self.load, self.generated, self.stats = index, True, 0, 0, EngineStats()
         self.conn, theirs = ctx.Pipe()
         self.process = ctx.Process(target=_replica_main,
-                                   args=(_replica_config(config), index, config.data_parallel_size, theirs),
+                                   args=(_replica_config(config), index, config.data_parallel_size, theirs,
+                                         self.conn, ctx.get_start_method() == "fork"),
                                    name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
         self.process.start()
         theirs.close()
@@ -169,8 +197,10 @@ class _Replica:
         ready = mp.connection.wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
         message = self.conn.recv() if self.conn in ready and self.conn.poll() else None
         if message is None or message[0] != "ready":
-            detail = message[1] if message and message[0] == "error" else f"exit code {self.process.exitcode}"
-            raise RuntimeError(f"data-parallel replica {self.index} did not start: {detail}")
+            detail = message[1] if message and message[0] == "error" else (
+                f"exit code {self.process.exitcode}; a spawned process imports the main script again, so it needs "
+                "an `if __name__ == \"__main__\":` guard (the error is above)")
+            raise RuntimeError(f"engine process {self.index} did not start: {detail}")
         return message[1]
 
     def send(self, message: tuple) -> None:
@@ -180,10 +210,19 @@ class _Replica:
             logger.warning("cannot reach data-parallel replica %d: %s", self.index, err)
 
     def call(self, message: tuple):
-        """Something an idle replica answers (it sends nothing else while idle)."""
+        """Something an idle replica answers (before the answer it may still send its stats)."""
         self.send(message)
-        answer = self.conn.recv()
+        while (answer := self.conn.recv())[0] == "outputs":
+            self.stats = answer[3]
         return answer[1] if answer[0] == "answer" else None
+
+
+def start_method() -> str:
+    """Fork where it is safe (fast, and scripts need no main guard, as with vLLM): on Linux, while
+    this process has not initialised CUDA (a forked child could not use it). A forked child runs
+    its CPU work on one thread: once this process has run torch's OpenMP threads, a child's first
+    parallel op on more threads would wait for them forever."""
+    return "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
 
 
 def _replica_config(config: EngineConfig) -> EngineConfig:
@@ -194,23 +233,29 @@ def _replica_config(config: EngineConfig) -> EngineConfig:
     return replica
 
 
-def _replica_main(config: EngineConfig, index: int, replicas: int, conn) -> None:
-    """A replica process: build an engine on this replica's GPUs, then run what the driver sends."""
+def _replica_main(config: EngineConfig, index: int, replicas: int, conn, drivers_end, forked: bool) -> None:
+    """A replica process: build an engine on this replica's GPUs, then run what the driver sends.
+    It ends when the driver says so, or is gone (its pipe closes, or, as a driver that forked
+    later replicas left them its end, the process that started this one is no longer its parent)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    logging.getLogger("pagedllm").setLevel(logging.WARNING)
+    drivers_end.close()  # so that the pipe closes when the driver dies
+    driver = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a stop are the driver's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if replicas > 1:  # one replica's account of its start-up is enough
+        logging.getLogger("pagedllm").setLevel(logging.WARNING)
     try:
         if config.device.startswith("cuda"):
             tp = config.tensor_parallel_size
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+        # a forked child's inherited OpenMP pool is unusable (start_method)
+        torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // replicas))
         engine = LLMEngine(config)
         conn.send(("ready", engine.cache_capacity))
-        _serve(engine, conn)
+        _serve(engine, conn, driver)
     except (EOFError, KeyboardInterrupt):
         pass
     except BaseException:
@@ -221,12 +266,20 @@ def _replica_main(config: EngineConfig, index: int, replicas: int, conn) -> None
         os._exit(1)
 
 
-def _serve(engine: LLMEngine, conn) -> None:
+def _serve(engine: LLMEngine, conn, driver: int) -> None:
     while True:
-        idle = not engine.has_unfinished_requests()
-        while conn.poll(None if idle else 0):  # block for a command only when there is nothing to run
+        commanded = False
+        while True:  # the commands that came; waiting for one only while there is nothing to do
+            idle = not commanded and not engine.has_unfinished_requests()
+            if not conn.poll(1.0 if idle else 0):
+                if not idle:
+                    break
+                if os.getppid() != driver:  # the driver is gone
+                    engine.shutdown()
+                    return
+                continue
             command = conn.recv()
-            idle = False
+            commanded = True
             if command[0] == "stop":
                 engine.shutdown()
                 return
@@ -237,10 +290,11 @@ def _serve(engine: LLMEngine, conn) -> None:
                 engine.abort_request(command[1])
             elif command[0] == "reset_prefix_cache":
                 conn.send(("answer", engine.block_manager.reset_prefix_cache()))
-        if engine.has_unfinished_requests():
-            outputs = engine.step()
-            if outputs:
-                conn.send(("outputs", outputs, engine.num_generated_tokens, engine.stats()))
+        outputs = engine.step() if engine.has_unfinished_requests() else []
+        for output in outputs:  # the driver has the prompts: not sent back at every token
+            output.prompt, output.prompt_token_ids = None, []
+        if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
+            conn.send(("outputs", outputs, engine.num_generated_tokens, engine.stats()))
 
 
 def _stop_all(replicas: list[_Replica]) -> None:

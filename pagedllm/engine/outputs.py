@@ -28,9 +28,11 @@ class OutputBuilder:
         output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
                                first.prompt_token_ids, completions, finished,
                                num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
-        if params.prompt_logprobs is not None and error is None:
+        delta = params.output_kind == RequestOutputKind.DELTA and first.stream
+        first_report = not any(m.num_reported_tokens for m in members)
+        if params.prompt_logprobs is not None and error is None and (first_report or not delta):
             output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs, params.detokenize)
-        if params.output_kind == RequestOutputKind.DELTA and first.stream:
+        if delta:  # (the prompt's logprobs come with the first output only)
             for member, completion in zip(members, output.outputs, strict=True):
                 _only_what_is_new(member, completion)
         return output

@@ -76,7 +76,8 @@ class WorkerGroup:
         self.procs, self.conns = [], []
         for rank in range(1, self.world_size):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(config, rank, self.world_size, store.port, theirs),
+            proc = ctx.Process(target=_worker_main, args=(config, rank, self.world_size, store.port, theirs,
+                                                          self.start_method == "fork"),
                                name=f"pagedllm-tp{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -217,17 +218,18 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def _worker_main(config, rank: int, world_size: int, store_port: int, conn) -> None:
-    """A worker process: join the group, build this rank's ModelRunner, run what the driver sends."""
+def _worker_main(config, rank: int, world_size: int, store_port: int, conn, forked: bool) -> None:
+    """A worker process: join the group, build this rank's ModelRunner, run what the driver sends.
+    A forked worker runs its CPU work on one thread: torch's OpenMP pool does not survive a fork
+    (once the driver has used it, a child's first parallel op on more threads waits forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     logging.getLogger("pagedllm").setLevel(logging.WARNING)
     device = rank_device(config.device, rank)
     if device.type == "cuda" and torch.cuda._is_in_bad_fork():
         conn.send(("fork-unusable",))
         return
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    else:
+    torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // world_size))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
         conn.send(("joining",))
