@@ -1,0 +1,99 @@
+"""AsyncLLM with its engine core in a process of its own: what its iterators give is what the
+offline LLM gives, for every output kind (the engine process sends only what is new; cumulative
+outputs are summed up again here), with logprobs, prompt logprobs, n > 1, stop strings and two
+replicas; what cannot travel to the engine process is refused by name."""
+
+import asyncio
+import dataclasses
+import os
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineConfig
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.sampling_params import RequestOutputKind
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
+PROMPTS = ["def main():", "import os\n", "class A:", "x = [i for i in", "The city"]
+PARAMS = [
+    SamplingParams(temperature=0, max_tokens=12, logprobs=2),
+    SamplingParams(temperature=0, max_tokens=9, prompt_logprobs=1, stop=["\n\n"]),
+    SamplingParams(temperature=0.9, n=2, seed=7, max_tokens=10),
+    SamplingParams(temperature=0, max_tokens=16, stop=[")"], include_stop_str_in_output=True),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=14, logprobs=0),
+]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return LLM(DEMO, device="cpu").generate(PROMPTS, PARAMS, use_tqdm=False)
+
+
+def summary(output):
+    """What a caller reads of a final output: the completions' text, tokens, logprobs, reason."""
+    completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                    None if c.logprobs is None else [{t: round(lp.logprob, 4) for t, lp in e.items()}
+                                                     for e in c.logprobs]) for c in output.outputs]
+    prompt_logprobs = None if output.prompt_logprobs is None else [
+        None if e is None else {t: round(lp.logprob, 4) for t, lp in e.items()} for e in output.prompt_logprobs]
+    return output.prompt_token_ids, completions, prompt_logprobs
+
+
+async def collect(engine: AsyncLLM, kind: RequestOutputKind) -> list[list]:
+    """Every output of each request, the requests run at once."""
+    async def one(i: int) -> list:
+        params = dataclasses.replace(PARAMS[i], output_kind=kind)
+        return [o async for o in engine.generate(PROMPTS[i], params, request_id=f"r{kind.name}{i}")]
+
+    return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+
+
+def from_deltas(outputs: list) -> tuple:
+    """A request's final output put together from its delta outputs."""
+    from pagedllm.engine.async_llm import add_delta
+
+    total = None
+    for output in outputs:
+        total = add_delta(total, output)
+    return summary(total)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_every_output_kind_gives_the_offline_outputs(expected, replicas):
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu", data_parallel_size=replicas, max_num_seqs=4))
+    try:
+        assert [r.process.pid != os.getpid() for r in engine.engine.replicas] == [True] * replicas
+        want = [summary(o) for o in expected]
+        cumulative = asyncio.run(collect(engine, RequestOutputKind.CUMULATIVE))
+        assert [summary(outputs[-1]) for outputs in cumulative] == want
+        for outputs in cumulative:  # each output holds everything so far: text only grows
+            texts = [o.outputs[0].text for o in outputs]
+            assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+        assert [from_deltas(outputs) for outputs in asyncio.run(collect(engine, RequestOutputKind.DELTA))] == want
+        finals = asyncio.run(collect(engine, RequestOutputKind.FINAL_ONLY))
+        assert [len(outputs) for outputs in finals] == [1] * len(PROMPTS)
+        assert [summary(outputs[0]) for outputs in finals] == want
+        assert engine.num_unfinished_requests == 0
+    finally:
+        engine.shutdown()
+
+
+def _keep_all(token_ids, logits):
+    return logits
+
+
+def test_what_cannot_reach_the_engine_process_is_refused_by_name():
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"))
+    try:
+        with pytest.raises(ValueError, match="SamplingParams.logits_processors=.* must be picklable"):
+            engine.validate([1, 2, 3], SamplingParams(max_tokens=2, logits_processors=[lambda ids, logits: logits]))
+        engine.validate([1, 2, 3], SamplingParams(max_tokens=2, logits_processors=[_keep_all]))  # a module's function
+
+        async def run():
+            return [o async for o in engine.generate("def f():", SamplingParams(max_tokens=3, temperature=0,
+                                                                                logits_processors=[_keep_all]),
+                                                     request_id="ok")]
+        assert asyncio.run(run())[-1].finished
+    finally:
+        engine.shutdown()
