@@ -45,6 +45,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
         self.async_scheduling = config.async_scheduling
+        self._step = self._step_pipelined if config.async_scheduling else self._step_plain
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -111,14 +112,25 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests that finished, and the streaming requests that got a
-        token.
+        token. The plain step or the pipelined one (``async_scheduling``), chosen once."""
+        return self._step()
 
-        With async scheduling, the step is launched before the previous one's sampled tokens are
-        read back, so the host schedules and prepares while the device computes: a decode input
-        still pending on the host is fed from the device. The outputs returned are then the
-        previous step's. A request that a stop token ends computes one token too many, which is
-        dropped.
-        """
+    def _step_plain(self) -> list[RequestOutput]:
+        """Schedule a batch, run it, read its sampled tokens back."""
+        out = self.scheduler.schedule()
+        if not out.requests:
+            raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
+        launched = self._launch(out)
+        if isinstance(launched, list):  # a request failed alone: its output
+            return launched
+        self.scheduler.commit_step(out)
+        return self._finish_step(out, launched)
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """Launch a batch before the previous one's sampled tokens are read back, so the host
+        schedules and prepares while the device computes: a decode input still pending on the host
+        is fed from the device. The outputs returned are then the previous step's. A request that
+        a stop token ends computes one token too many, which is dropped."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and any(_needs_results_first(r) for r in in_flight[0].requests):
             return self._finish_step(*in_flight)
@@ -135,22 +147,28 @@ class LLMEngine:
 
         constrained = in_flight is not None and any(r.grammar is not None for r in out.requests)
         try:
-            pending = self.executor.launch(out, finish_in_flight if constrained else None)
-        except RequestError as err:  # one request's own code failed: it alone ends; the step runs again
-            self._in_flight = in_flight
-            failed = next(r for r in out.requests if r.request_id == err.request_id)
-            self._fail(failed, err.error)
-            return outputs + self._outputs([failed])
+            launched = self._launch(out, finish_in_flight if constrained else None)
         except BaseException:
             self._in_flight = in_flight
             raise
+        if isinstance(launched, list):  # a request failed alone; the step in flight stays
+            self._in_flight = in_flight
+            return outputs + launched
         if in_flight is not None:
             outputs = self._finish_step(*in_flight)
         self.scheduler.commit_step(out)
-        if self.async_scheduling:
-            self._in_flight = out, pending
-            return outputs
-        return outputs + self._finish_step(out, pending)
+        self._in_flight = out, launched
+        return outputs
+
+    def _launch(self, out: SchedulerOutput, before_sampling=None) -> "PendingOutput | list[RequestOutput]":
+        """Start the batch on the device; or, where one request's own code failed (a logits
+        processor), end that request alone and return its output: the step runs again without it."""
+        try:
+            return self.executor.launch(out, before_sampling)
+        except RequestError as err:
+            failed = next(r for r in out.requests if r.request_id == err.request_id)
+            self._fail(failed, err.error)
+            return self._outputs([failed])
 
     def _finish_step(self, out: SchedulerOutput, pending: "PendingOutput") -> list[RequestOutput]:
         """Read a committed step's sampled tokens back and update its requests (those that ended
