@@ -44,8 +44,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
-        self.async_scheduling = config.async_scheduling
-        self._step = self._step_pipelined if config.async_scheduling else self._step_plain
+        self.async_scheduling = config.async_scheduling  # fixed: which of the two steps runs
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -112,8 +111,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the requests that finished, and the streaming requests that got a
-        token. The plain step or the pipelined one (``async_scheduling``), chosen once."""
-        return self._step()
+        token. The plain step or the pipelined one, as ``async_scheduling`` says (no bound method
+        kept on the engine: that cycle would keep a dropped engine, and its workers, alive)."""
+        return self._step_pipelined() if self.async_scheduling else self._step_plain()
 
     def _step_plain(self) -> list[RequestOutput]:
         """Schedule a batch, run it, read its sampled tokens back."""
