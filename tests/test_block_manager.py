@@ -109,3 +109,33 @@ def test_the_budget_is_split_between_the_pools_by_what_the_sliding_one_can_use()
     assert split_between_pools(1000 * main + 100 * sliding, pools, 1 << 62, 100) == (1000, 100)
     assert split_between_pools(1000 * main + 100 * sliding, pools, 600, 100) == (600, 100)  # no more than useful
     assert split_between_pools(50 * (main + sliding), pools, 1 << 62, 100) == (50, 50)  # too small: even
+
+
+def test_a_cached_prefix_needs_only_its_last_window_in_the_sliding_pool():
+    """Gemma 3's pools with prefix caching: a second request with the same 20-token prompt takes
+    the full pool's 4 prefix blocks and, of the sliding pool (window 6), only the blocks the next
+    position sees (positions 11..16 for position 16: blocks 2-3); once those are evicted from the
+    sliding pool, nothing is cached."""
+    full = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    window = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True, sliding_window=6)
+    manager = HybridBlockManager(full, window)
+    first = make_request("a", prompt_len=20)
+    assert manager.allocate_slots(first, 20)
+    first.num_computed_tokens = 20
+    manager.cache_full_blocks(first)
+    manager.release_outside_window(first)  # position 20 sees 15..20: blocks 0-2 of the sliding pool go
+    assert first.window_blocks.block_table[:3] == [-1, -1, -1]
+    shared = first.block_table[:4]
+    manager.free(first)
+    second = make_request("b", prompt_len=20)
+    assert manager.take_cached_prefix(second) == 16  # 4 blocks (one token is always left to compute)
+    assert second.block_table == shared and manager.num_cache_hits == 4
+    assert second.window_blocks.block_table[:2] == [-1, -1] and -1 not in second.window_blocks.block_table[2:]
+    assert second.window_blocks.num_released_blocks == 2 and len(second.window_blocks.block_hashes) == 4
+    manager.free(second)
+    other = make_request("c", prompt_len=30)  # fills the sliding pool: its cached blocks are evicted
+    assert manager.allocate_slots(other, 30)
+    manager.free(other)
+    third = make_request("d", prompt_len=20)
+    assert manager.take_cached_prefix(third) == 0 and not third.block_table
+    assert full.num_free_blocks == 16 and window.num_free_blocks == 8

@@ -139,6 +139,22 @@ def test_gemma3s_sliding_layers_keep_only_their_windows_blocks(backend, tiny_che
     assert manager.num_free_blocks == manager.num_blocks and manager.window.num_free_blocks == manager.window.num_blocks
 
 
+def test_gemma3_reuses_a_cached_prefix_across_its_two_pools(tiny_checkpoint):
+    """Prefix caching with Gemma 3's two pools: requests sharing a 120-token prefix (well past the
+    window of 24) take it from the cache, and their greedy outputs are HF's."""
+    path = tiny_checkpoint("gemma3")
+    prefix = random_prompts([120], seed=5)[0]
+    prompts = [prefix + tail for tail in random_prompts([7, 13, 2], seed=6)]
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=32, enable_prefix_caching=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = llm.generate([prompts[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    rest = [o.outputs[0].token_ids for o in llm.generate(prompts[1:], params, use_tqdm=False)]
+    manager = llm.llm_engine.block_manager
+    assert manager.num_cache_hits >= 2 * (120 // 16)  # each later request took the prefix's full blocks
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert [first, *rest] == [hf_greedy(hf, p, 12) for p in prompts]
+
+
 def test_a_sliding_window_model_takes_a_request_longer_than_its_cache(tiny_checkpoint):
     """8 blocks hold 128 tokens; a 240-token request of Mistral (window 48) never holds more than a
     window's and two chunks' blocks, so it is accepted and runs, equal to HF. Llama, whose layers

@@ -120,18 +120,33 @@ class BlockManager:
         for i in range((request.num_tokens - 1) // self.block_size):
             tokens = tuple(request.token_ids[i * self.block_size : (i + 1) * self.block_size])
             key = hash((parent, tokens))
-            block_id = self.cached_blocks.get(key)
+            block_id = self.cached_block(key, tokens)
             self.num_cache_queries += 1
-            if block_id is None or self.block_keys[block_id] != (key, tokens):
+            if block_id is None:
                 break
             self.num_cache_hits += 1
-            if self.ref_counts[block_id] == 0:
-                del self.free_block_ids[block_id]
-            self.ref_counts[block_id] += 1
+            self.share(block_id)
             request.block_table.append(block_id)
             request.block_hashes.append(key)
             parent = key
         return len(request.block_table) * self.block_size
+
+    def cached_block(self, key: int, tokens: tuple[int, ...]) -> int | None:
+        """The block that holds the prefix block keyed ``key``, if it is still cached."""
+        block_id = self.cached_blocks.get(key)
+        return block_id if block_id is not None and self.block_keys[block_id] == (key, tokens) else None
+
+    def share(self, block_id: int) -> None:
+        """Take one more reference to a cached block (out of the free queue if it was there)."""
+        if self.ref_counts[block_id] == 0:
+            del self.free_block_ids[block_id]
+        self.ref_counts[block_id] += 1
+
+    def give_back_tail(self, request: Request, num_blocks: int) -> None:
+        """Keep only the request's first ``num_blocks`` blocks (of a cached prefix it took)."""
+        for block_id in reversed(request.block_table[num_blocks:]):
+            self._release(block_id)
+        del request.block_table[num_blocks:], request.block_hashes[num_blocks:]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; refused (False) while requests hold blocks."""
@@ -175,15 +190,13 @@ class HybridBlockManager:
     """The two pools of a model whose layers mix one sliding window with full attention (Gemma 3):
     the full layers' blocks, kept for the whole sequence, and the sliding layers' (a request's
     ``window_blocks``), released as they slide out of the window. A request gets room in both or
-    in neither; the full pool is the one reported. No prefix is cached: a cached prefix would need
-    the sliding pool's blocks of its window too."""
-
-    enable_prefix_caching = False
+    in neither; the full pool is the one reported. A cached prefix needs its blocks in the full
+    pool and, in the sliding pool, only those of the window its next position sees."""
 
     def __init__(self, full: BlockManager, window: BlockManager):
-        assert not full.enable_prefix_caching and window.sliding_window is not None
+        assert window.sliding_window is not None and window.enable_prefix_caching == full.enable_prefix_caching
         self.full, self.window = full, window
-        self.num_cache_hits = self.num_cache_queries = 0
+        self.enable_prefix_caching = full.enable_prefix_caching
 
     @property
     def num_blocks(self) -> int:
@@ -192,6 +205,14 @@ class HybridBlockManager:
     @property
     def num_free_blocks(self) -> int:
         return self.full.num_free_blocks
+
+    @property
+    def num_cache_hits(self) -> int:
+        return self.full.num_cache_hits
+
+    @property
+    def num_cache_queries(self) -> int:
+        return self.full.num_cache_queries
 
     def allocate_slots(self, request: Request, num_tokens: int) -> bool:
         window = self._window_blocks(request)
@@ -209,13 +230,36 @@ class HybridBlockManager:
         self.window.release_outside_window(self._window_blocks(request))
 
     def take_cached_prefix(self, request: Request) -> int:
-        return 0
+        """The longest prefix cached in the full pool whose last window is cached in the sliding
+        pool too (the sliding blocks before it need not be: they would be released at once)."""
+        self.full.take_cached_prefix(request)
+        bs, window = self.full.block_size, self._window_blocks(request)
+        taken = len(request.block_table)
+        for n in range(taken, 0, -1):  # blocks of the prefix, longest first
+            first = max(n * bs - self.window.sliding_window + 1, 0) // bs  # the first the next position sees
+            ids = [self.window.cached_block(request.block_hashes[i], tuple(request.token_ids[i * bs:(i + 1) * bs]))
+                   for i in range(first, n)]
+            if None not in ids:
+                break
+        else:
+            n, first, ids = 0, 0, []
+        self.full.num_cache_hits -= taken - n
+        self.full.give_back_tail(request, n)
+        for block_id in ids:
+            self.window.share(block_id)
+        window.block_table[:] = [-1] * first + ids
+        window.block_hashes[:] = request.block_hashes
+        window.num_released_blocks = first
+        return n * bs
 
     def cache_full_blocks(self, request: Request) -> None:
-        pass
+        self.full.cache_full_blocks(request)
+        self.window.cache_full_blocks(self._window_blocks(request))
 
     def reset_prefix_cache(self) -> bool:
-        return self.full.num_free_blocks == self.full.num_blocks
+        if self.full.num_free_blocks < self.full.num_blocks or self.window.num_free_blocks < self.window.num_blocks:
+            return False
+        return self.full.reset_prefix_cache() and self.window.reset_prefix_cache()
 
     @staticmethod
     def _window_blocks(request: Request) -> WindowBlocks:

@@ -309,9 +309,7 @@ def block_pools(config: EngineConfig, num_blocks: int, num_window_blocks: int,
     if not num_window_blocks:
         return (BlockManager(num_blocks, bs, config.enable_prefix_caching, sliding_window),
                 CacheCapacity(((num_blocks, sliding_window),), bs, budget))
-    if config.enable_prefix_caching:
-        logger.info("prefix caching is off: this model mixes sliding-window and full-attention layers")
-    window_pool = BlockManager(num_window_blocks, bs, False, sliding_window)
-    return (HybridBlockManager(BlockManager(num_blocks, bs), window_pool),
+    window_pool = BlockManager(num_window_blocks, bs, config.enable_prefix_caching, sliding_window)
+    return (HybridBlockManager(BlockManager(num_blocks, bs, config.enable_prefix_caching), window_pool),
             CacheCapacity(((num_blocks, None), (num_window_blocks, sliding_window)), bs, budget))
 

@@ -168,7 +168,7 @@ class SampleGroup:
 class WindowBlocks:
     """A request's blocks in the sliding layers' own pool (models that mix sliding and full
     layers), with the fields a ``BlockManager`` reads of a request, so that the pool's manager
-    handles it as one. That pool caches no prefixes: ``block_hashes`` stays empty."""
+    handles it as one (its prefix-cache keys are the request's own)."""
 
     request: Request
     block_table: list[int] = field(default_factory=list)  # -1: released, out of the window
@@ -178,3 +178,7 @@ class WindowBlocks:
     @property
     def num_computed_tokens(self) -> int:
         return self.request.num_computed_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.token_ids
