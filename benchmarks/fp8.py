@@ -48,10 +48,8 @@ def agreement(path: str, dtype: str, prompts: list, **llm_args) -> dict:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     tokens = {}
     for label, quantization in (("dtype", None), ("fp8", "fp8")):
-        llm = LLM(path, dtype=dtype, quantization=quantization, **llm_args)
-        tokens[label] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        llm.llm_engine.shutdown()
-        del llm
+        with LLM(path, dtype=dtype, quantization=quantization, **llm_args) as llm:
+            tokens[label] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         _free_gpu()
     shared = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), 64)
               for x, y in zip(tokens["dtype"], tokens["fp8"], strict=True)]
@@ -65,10 +63,8 @@ def demo_losses() -> dict:
     losses = {}
     for label, args in (("bfloat16", {}), ("fp8 weights", {"quantization": "fp8"}),
                         ("fp8 kv cache", {"kv_cache_dtype": "fp8"})):
-        llm = LLM(DEMO, dtype="bfloat16", **args)
-        losses[label] = held_out_loss(llm, os.path.abspath(__file__))
-        llm.llm_engine.shutdown()
-        del llm
+        with LLM(DEMO, dtype="bfloat16", **args) as llm:
+            losses[label] = held_out_loss(llm, os.path.abspath(__file__))
         _free_gpu()
     return losses
 

@@ -234,4 +234,3 @@ def copy_output(output: RequestOutput) -> RequestOutput:
     return dataclasses.replace(output, outputs=[
         dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
         for c in output.outputs])
-
