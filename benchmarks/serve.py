@@ -204,6 +204,26 @@ def benchmark_engine(name: str, command: list[str], url: str, model: str, extra:
             process.wait(timeout=60)
 
 
+def offline_throughput(path: str, dtype: str, device: str, prompts: list[str], output_len: int) -> dict:
+    """The in-process ``LLM`` on the same prompts as the server sees them (the chat template applied),
+    all at once: the ceiling that served throughput at rate inf is compared with."""
+    from transformers import AutoTokenizer
+
+    from pagedllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    with LLM(path, dtype=dtype, device=device) as llm:
+        llm.generate(rendered[:8], params, use_tqdm=False)  # warm up
+        start = time.perf_counter()
+        outputs = llm.generate(rendered, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="qwen3-0.6b", help="a name in benchmarks/model_configs, or a path")
@@ -226,6 +246,9 @@ def main() -> None:
 
     pool = multiprocessing.get_context("spawn").Pool(args.client_processes)
     pool.map(time.sleep, [0.5] * args.client_processes, chunksize=1)  # every client process up and imported
+    with multiprocessing.get_context("spawn").Pool(1) as offline_pool:  # its GPU memory freed after
+        offline = offline_pool.apply(offline_throughput, (path, args.dtype, args.device, prompts, args.output_len))
+    print(f"{'offline LLM':>22}           : {offline['output_tokens_per_s']:8.0f} out tok/s", flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ours = benchmark_engine(
@@ -246,11 +269,17 @@ def main() -> None:
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "client_processes": args.client_processes,
-               "time_limit_s": args.time_limit, "environment": environment(), "engines": engines}
+               "time_limit_s": args.time_limit, "environment": environment(), "offline": offline,
+               "engines": engines}
+    served = [r for r in ours.get("runs", []) if r["rate"] == float("inf")]
+    if served:
+        payload["served_over_offline_at_rate_inf"] = served[0]["output_tokens_per_s"] / offline["output_tokens_per_s"]
+        print(f"served / offline at rate inf: {payload['served_over_offline_at_rate_inf']:.2f}")
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")
-    else:
-        print(json.dumps(payload, indent=1)[:3000])
+    elif args.out:  # without its peer it is not a result, but the device tool still brings it back
+        with open(os.path.join(args.out, "serve-no-peer.json"), "w") as f:
+            json.dump(payload, f, indent=2)
 
 
 if __name__ == "__main__":
