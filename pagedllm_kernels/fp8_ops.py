@@ -1,6 +1,12 @@
-"""FP8 activations, per token, in one kernel (reference: quantize_rows_ref):
-each row's largest magnitude sets its scale, then the row is divided, clamped to e4m3's range and
-stored as FP8. In torch this is five kernels per linear layer, each a pass over the activations."""
+"""FP8 linear layers' kernels, each beside its reference in ``reference.py``.
+
+- ``quantize_rows`` (``quantize_rows_ref``): activations per token in one kernel: each row's
+  largest magnitude sets its scale, then the row is divided, clamped to e4m3's range and stored as
+  FP8. In torch this is five kernels per linear layer, each a pass over the activations.
+- ``fp8_weight_matmul`` (``fp8_weight_matmul_ref``): a few rows of activations, as they are, times
+  FP8 weights widened in registers. With one to a few tokens a step (one stream's decode) the
+  product is a read of the weights; ``torch._scaled_mm`` tiles such a product poorly, and the
+  activations' own quantization costs a launch per layer."""
 
 import torch
 import triton
@@ -37,3 +43,48 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                        FP8_MAX=FP8_MAX,
                                        BLOCK=min(1024, triton.next_power_of_2(n)))
     return q, scale
+
+
+@triton.jit
+def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, stride_xm, stride_wn,
+                              stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(split * K_PER_SPLIT, tl.minimum(k, (split + 1) * K_PER_SPLIT), BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                    mask=(rows < m)[:, None] & (ks < k)[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                    mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+    acc = acc * tl.load(scale_ptr + cols, mask=cols < n, other=0.0)[None, :]
+    if x_ptr.dtype.element_ty == tl.float8e4nv:  # quantized activations: each row's own scale
+        acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
+    out = out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < m)[:, None] & (cols < n)[None, :])
+
+
+def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *, block_n: int = 32,
+                      block_k: int = 256, split_k: int = 1, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """``x [m, k] @ (weight [n, k] * weight_scale [n, 1]).T``, x's rows dense: x as it is (FP8
+    weights widened to its dtype), or FP8 with ``x_scale [m, 1]`` (then both operands stay FP8).
+    Each program reads ``block_n`` weight rows over ``k / split_k`` columns; split-K's partial
+    sums are added in a fixed order, so results do not vary from run to run."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out_dtype = out_dtype or x.dtype
+    block_m = 16  # tl.dot's least; a single row pads to it in registers, costing no reads
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty(split_k, m, n, dtype=out_dtype if split_k == 1 else torch.float32, device=x.device)
+    if m:
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+        _fp8_weight_matmul_kernel[grid](x, weight_scale if x_scale is None else x_scale, weight, weight_scale, out,
+                                        m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+                                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
+                                        num_warps=num_warps, num_stages=num_stages)
+    return out[0] if split_k == 1 else out.sum(0).to(out_dtype)

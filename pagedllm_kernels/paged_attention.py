@@ -27,20 +27,29 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                  stride_bt, stride_cb, stride_cs, stride_ch, scale, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``, in
-    ``out_ty`` (an FP8 cache's values times the layer's ``scale``)."""
+    ``out_ty``. An FP8 cache's values convert exactly, unscaled: the callers apply the layer's
+    K scale to the scores and its V scale to the output, one multiply per row, not per element."""
     page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
     offs = page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
     x = tl.load(cache_ptr + offs[:, None] + d[None, :], mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
-    if cache_ptr.dtype.element_ty != out_ty:
-        x = (x.to(tl.float32) * scale).to(out_ty)
-    return x
+    return x.to(out_ty)
+
+
+@triton.jit
+def _in_compute_dtype(q, cache_ptr):
+    """Queries in the dtype the products run in: theirs, except bf16 over an FP8 cache, which runs
+    in fp16: e4m3 widens to fp16 in one instruction per pair (to bf16 it takes four), exactly, and
+    queries past fp16's range (none a real model makes) are clamped rather than made infinite."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv and q.dtype == tl.bfloat16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window, k_scale, v_scale,
+                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window, v_scale,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -63,6 +72,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     d_mask = d < HEAD_DIM
     row_mask = (g < GROUP)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
+    q = _in_compute_dtype(q, k_cache_ptr)
 
     row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -71,7 +81,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < hi
         k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, k_scale, q.dtype, BLOCK_SIZE)
+                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
@@ -79,11 +89,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         p = tl.exp2(s - row_max_new[:, None])
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, v_scale, q.dtype, BLOCK_SIZE)
+                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = row_max_new
 
-    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     if NUM_SPLITS > 1:
@@ -111,14 +121,14 @@ def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride
 
 @triton.jit
 def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
+                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                   stride_bt, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
     k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, k_scale, q.dtype, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
@@ -131,14 +141,14 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     p = tl.exp2(s - row_max_safe[:, None])
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
     v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, v_scale, q.dtype, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, row_max_new, row_sum
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-                    out_ptr, scale_log2, sliding_window, k_scale, v_scale, num_seqs,
+                    out_ptr, scale_log2, sliding_window, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -174,6 +184,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     io_mask = row_valid[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
+    q = _in_compute_dtype(q, k_cache_ptr)
 
     row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
@@ -187,17 +198,17 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
         for n0 in range(0, masked_from, BLOCK_N):
             acc, row_max, row_sum = _prefill_tile(
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
+                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                 stride_bt, stride_cb, stride_cs, stride_ch,
                 BLOCK_SIZE, BLOCK_N, PRECISION, False)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, k_scale, v_scale,
+            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
             stride_bt, stride_cb, stride_cs, stride_ch,
             BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
-    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -232,7 +243,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and query.stride(2) == 1
     window = sliding_window or 0
-    scale_log2 = scale * _LOG2E
+    scale_log2 = scale * k_scale * _LOG2E  # scores in base 2, from the FP8 cache's unscaled K
     num_seqs = block_tables.shape[0]
 
     if max_query_len > 1:
@@ -240,7 +251,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
             query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window,
-            k_scale, v_scale, num_seqs,
+            v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
             **config, **common,
         )
@@ -259,8 +270,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window,
-        k_scale, v_scale,
+        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         NUM_SPLITS=num_splits, **decode_config(head_dim), **common,
     )

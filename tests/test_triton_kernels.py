@@ -246,7 +246,7 @@ def test_sort_by_expert_groups_pairs_in_whole_blocks():
     assert len(sorted_pairs) == 2 * len(block_experts) >= 6 + 4 * (2 - 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # bf16 runs in fp16
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 30, 1]], ids=["decode", "prefill"])
 def test_fp8_cache_is_read_times_its_scales(dtype, query_lens):
     """kv_cache_dtype="fp8": the kernels (and the reference) read e4m3 K/V times each layer's
