@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.quantization import FP8, fp8_linear, fp8_linear_ref
+from pagedllm.layers.quantization import FP8, fp8_linear
 from pagedllm.models.fp8_checkpoint import DequantizedTensor
 from pagedllm.testing import held_out_loss
 from pagedllm_kernels.reference import quantize_rows_ref
@@ -45,16 +45,42 @@ def test_a_dequantized_checkpoint_tensor_reads_the_same_from_any_slice(block):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (Hopper)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scaled_mm_equals_the_reference(dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(33, 256, device="cuda", generator=g).to(dtype)
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])  # fp8_weight_matmul up to FEW_ROWS, torch._scaled_mm past it
+def test_fp8_linear_equals_the_reference(dtype, rows):
+    from pagedllm_kernels import fp8_ops
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 256, device="cuda", generator=g).to(dtype)
     weight, scale = quantize_rows_ref(torch.randn(96, 256, device="cuda", generator=g))
     bias = torch.randn(96, device="cuda", generator=g).to(dtype)
-    # the reference on the same device: the CPU's float -> e4m3 conversion differs from the GPU's in a few ties,
-    # and one activation a step apart moves its whole output row
-    got, expected = fp8_linear(x, weight, scale, bias), fp8_linear_ref(x, weight, scale, bias)
+    got = fp8_linear(x, weight, scale, bias)
+    # against the product of the activations as the kernel quantized them: its e4m3 rounding may
+    # differ from torch's in a tie (its own test), and one activation a step apart moves its whole row
+    x_q, x_scale = fp8_ops.quantize_rows(x)
+    expected = ((x_q.float() * x_scale) @ (weight.float() * scale).t()).to(dtype) + bias
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2), (17, 3)])
+def test_the_few_rows_fp8_kernel_equals_its_reference(dtype, rows, split_k):
+    """fp8_weight_matmul, with activations as they are and as FP8 with row scales (under the
+    interpreter on the CPU)."""
+    from pagedllm_kernels import fp8_ops
+    from pagedllm_kernels.reference import fp8_weight_matmul_ref
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 300, generator=g).to(dtype)
+    weight, scale = quantize_rows_ref(torch.randn(70, 300, generator=g))
+    got = fp8_ops.fp8_weight_matmul(x.to(device), weight.to(device), scale.to(device), block_k=64, split_k=split_k)
+    torch.testing.assert_close(got.cpu(), fp8_weight_matmul_ref(x, weight, scale), rtol=2e-3, atol=2e-3)
+    x_q, x_scale = quantize_rows_ref(x)
+    got = fp8_ops.fp8_weight_matmul(*(t.to(device) for t in (x_q, weight, scale, x_scale)), dtype, block_k=64,
+                                    split_k=split_k)
+    torch.testing.assert_close(got.cpu(), fp8_weight_matmul_ref(x_q.float() * x_scale, weight, scale).to(dtype),
+                               rtol=2e-3, atol=2e-3)
 
 
 def text_loss(llm: LLM) -> float:
