@@ -2,6 +2,7 @@
 update) and GPU kernels, from the torch profiler over steady-state decode steps.
 
 Usage: python benchmarks/profile_step.py --config llama-3-8b --batch 1 [--context 256] [--eager]
+       [--quantization fp8] [--kv-cache-dtype fp8]
 """
 
 import argparse
@@ -38,13 +39,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--quantization", choices=["fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
     path = tempfile.mkdtemp()
     shutil.copy(os.path.join(CONFIGS, f"{args.config}.json"), os.path.join(path, "config.json"))
     warm_up_gpu()
     llm = LLM(path, load_format="dummy", dtype=args.dtype, enforce_eager=args.eager,
               max_model_len=args.context + 4 * args.steps + 64, max_num_seqs=max(args.batch, 256),
-              async_scheduling=not args.no_async_scheduling)
+              async_scheduling=not args.no_async_scheduling, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     runner = engine.executor.runner
     g = torch.Generator().manual_seed(0)
@@ -77,7 +81,8 @@ def main() -> None:
         torch.cuda.synchronize()
     print(f"\n{args.config} batch {args.batch} context ~{args.context}: {per_step * 1e3:.2f} ms per decode step "
           f"({args.batch / per_step:.0f} output tok/s), {'eager' if args.eager else 'CUDA graphs'}, "
-          f"{'async' if engine.async_scheduling else 'synchronous'} scheduling")
+          f"{'async' if engine.async_scheduling else 'synchronous'} scheduling, quantization {args.quantization}, "
+          f"KV cache {args.kv_cache_dtype}")
     events = prof.key_averages()
     print("\nhost phases (ms per step):")
     for e in events:
