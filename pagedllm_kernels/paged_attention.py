@@ -220,8 +220,11 @@ def prefill_config(head_dim: int, group_pad: int) -> dict:
     return dict(BLOCK_Q=max(1, 64 // group_pad), BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def decode_config(head_dim: int) -> dict:
-    """Launch settings of the decode kernel."""
+def decode_config(head_dim: int, fp8_cache: bool = False) -> dict:
+    """Launch settings of the decode kernel (an FP8 cache: twice the tokens a tile, the same bytes;
+    best of a sweep on an H200, batch 32 at 8.7k tokens)."""
+    if fp8_cache and head_dim <= 128:
+        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
     return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4 if head_dim <= 128 else 2)
 
 
@@ -272,7 +275,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        NUM_SPLITS=num_splits, **decode_config(head_dim), **common,
+        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
