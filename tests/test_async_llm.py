@@ -51,7 +51,7 @@ async def collect(engine: AsyncLLM, kind: RequestOutputKind) -> list[list]:
 
 def from_deltas(outputs: list) -> tuple:
     """A request's final output put together from its delta outputs."""
-    from pagedllm.engine.async_llm import add_delta
+    from pagedllm.engine.outputs import add_delta
 
     total = None
     for output in outputs:
@@ -97,3 +97,35 @@ def test_what_cannot_reach_the_engine_process_is_refused_by_name():
         assert asyncio.run(run())[-1].finished
     finally:
         engine.shutdown()
+
+
+def test_a_busy_reader_gets_the_engine_processs_outputs_merged_and_nothing_lost():
+    """The engine process steps on while its reader (the HTTP process under load) does not read:
+    what waits meanwhile comes merged per request (more tokens an output), adding up to the
+    offline outputs; a reader that held the engine to its pace would get one output per token."""
+    import time
+
+    from pagedllm.engine.data_parallel import DataParallelEngine
+    from pagedllm.engine.outputs import add_delta
+
+    params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True, logprobs=20,
+                            output_kind=RequestOutputKind.DELTA)  # ~3 KB a step's message: the pipe fills soon
+    want = LLM(DEMO, device="cpu").generate(PROMPTS[:4], params, use_tqdm=False)
+    engine = DataParallelEngine(EngineConfig(model=DEMO, device="cpu"))
+    outputs = {i: [] for i in range(4)}
+    try:
+        for i, prompt in enumerate(PROMPTS[:4]):
+            engine.add_request(str(i), engine.tokenizer.encode(prompt), params, prompt=prompt, stream=True)
+        engine.step()  # sends them to the engine process
+        time.sleep(8)  # the reader is busy
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[int(output.request_id)].append(output)
+    finally:
+        engine.shutdown()
+    for i, deltas in outputs.items():
+        total = None
+        for output in deltas:
+            total = add_delta(total, output)
+        assert summary(total) == summary(want[i])
+        assert len(deltas) < 160 and max(len(o.outputs[0].token_ids) for o in deltas) > 1

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.outputs import add_delta, copy_output
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import PromptType, parse_prompt
 from pagedllm.outputs import RequestOutput
@@ -202,35 +203,3 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
-
-
-def add_delta(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """A request's output so far, with a delta output (``RequestOutputKind.DELTA``) added: text,
-    tokens and logprobs appended, the rest the newest."""
-    if so_far is None:
-        return copy_output(delta)
-    so_far.finished, so_far.metrics, so_far.error = delta.finished, delta.metrics, delta.error
-    so_far.num_cached_tokens = delta.num_cached_tokens
-    if delta.prompt_logprobs is not None:
-        so_far.prompt_logprobs = delta.prompt_logprobs
-    completions = {c.index: c for c in so_far.outputs}
-    for new in delta.outputs:
-        old = completions.get(new.index)
-        if old is None:
-            so_far.outputs.append(dataclasses.replace(new, token_ids=list(new.token_ids)))
-            continue
-        old.text += new.text
-        old.token_ids += new.token_ids
-        if new.logprobs is not None:
-            old.logprobs = (old.logprobs or []) + new.logprobs
-        old.finish_reason, old.stop_reason, old.cumulative_logprob = \
-            new.finish_reason, new.stop_reason, new.cumulative_logprob
-    so_far.outputs.sort(key=lambda c: c.index)
-    return so_far
-
-
-def copy_output(output: RequestOutput) -> RequestOutput:
-    """A copy whose completions' lists a later ``add_delta`` does not change."""
-    return dataclasses.replace(output, outputs=[
-        dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
-        for c in output.outputs])
