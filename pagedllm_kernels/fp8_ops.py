@@ -3,10 +3,9 @@
 - ``quantize_rows`` (``quantize_rows_ref``): activations per token in one kernel: each row's
   largest magnitude sets its scale, then the row is divided, clamped to e4m3's range and stored as
   FP8. In torch this is five kernels per linear layer, each a pass over the activations.
-- ``fp8_weight_matmul`` (``fp8_weight_matmul_ref``): a few rows of activations, as they are, times
-  FP8 weights widened in registers. With one to a few tokens a step (one stream's decode) the
-  product is a read of the weights; ``torch._scaled_mm`` tiles such a product poorly, and the
-  activations' own quantization costs a launch per layer."""
+- ``fp8_weight_matmul`` (``fp8_weight_matmul_ref``): a few rows of FP8 activations times FP8
+  weights, each with its row scales. With one to a few tokens a step (one stream's decode) the
+  product is a read of the weights, which ``torch._scaled_mm`` tiles poorly at that size."""
 
 import torch
 import triton
@@ -72,10 +71,9 @@ def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, m, 
                     mask=(rows < m)[:, None] & (ks < k)[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        acc = tl.dot(x, tl.trans(w), acc)
     acc = acc * tl.load(scale_ptr + cols, mask=cols < n, other=0.0)[None, :]
-    if x_ptr.dtype.element_ty == tl.float8e4nv:  # quantized activations: each row's own scale
-        acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
+    acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
     out = out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < m)[:, None] & (cols < n)[None, :])
 
@@ -89,28 +87,25 @@ def few_rows_config(n: int, k: int) -> dict:
                 num_stages=4 if split_k > 1 else 3)
 
 
-def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-                      block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                      num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
-    """``x [m, k] @ (weight [n, k] * weight_scale [n, 1]).T``, x's rows dense: x as it is (FP8
-    weights widened to its dtype), or FP8 with ``x_scale [m, 1]`` (then both operands stay FP8).
-    Each program reads ``block_n`` weight rows over ``k / split_k`` columns (by default
-    ``few_rows_config``'s); split-K's partial sums are added in a fixed order, so results do not
-    vary from run to run."""
+def fp8_weight_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      out_dtype: torch.dtype, *, block_n: int | None = None, block_k: int | None = None,
+                      split_k: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """``(x [m, k] * x_scale [m, 1]) @ (weight [n, k] * weight_scale [n, 1]).T`` in ``out_dtype``,
+    both operands FP8, x's rows dense. Each program reads ``block_n`` weight rows over
+    ``k / split_k`` columns (by default ``few_rows_config``'s); split-K's partial sums are added in
+    a fixed order, so results do not vary from run to run."""
     m, k = x.shape
     n = weight.shape[0]
     tiles = few_rows_config(n, k)
     block_n, block_k = block_n or tiles["block_n"], block_k or tiles["block_k"]
     split_k, num_stages = split_k or tiles["split_k"], num_stages or tiles["num_stages"]
-    out_dtype = out_dtype or x.dtype
     block_m = 16  # tl.dot's least; a single row pads to it in registers, costing no reads
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty(split_k, m, n, dtype=out_dtype if split_k == 1 else torch.float32, device=x.device)
     if m:
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-        _fp8_weight_matmul_kernel[grid](x, weight_scale if x_scale is None else x_scale, weight, weight_scale, out,
+        _fp8_weight_matmul_kernel[grid](x, x_scale, weight, weight_scale, out,
                                         m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
                                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
                                         num_warps=num_warps, num_stages=num_stages)

@@ -28,10 +28,11 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def fp8_weight_matmul_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (weight * weight_scale).T`` in float32, rounded to x's dtype: FP8 weights, activations
-    as they are (not quantized)."""
-    return (x.float() @ (weight.float() * weight_scale).t()).to(x.dtype)
+def fp8_weight_matmul_ref(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 activations times FP8 weights, each with its row scales: both dequantized, multiplied in
+    float32, rounded to ``out_dtype``."""
+    return ((x.float() * x_scale) @ (weight.float() * weight_scale).t()).to(out_dtype)
 
 
 def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:

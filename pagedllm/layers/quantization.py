@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from pagedllm.layers import triton_ops
-from pagedllm_kernels.reference import quantize_rows_ref
+from pagedllm_kernels.reference import fp8_weight_matmul_ref, quantize_rows_ref
 
 FP8 = torch.float8_e4m3fn
 FEW_ROWS = 16  # up to here fp8_weight_matmul beats torch._scaled_mm (H200, Llama-3-8B's layers)
@@ -23,8 +23,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     """What ``fp8_linear`` computes: x quantized per token, both operands dequantized, multiplied
     in float32, rounded to x's dtype."""
     x_q, x_scale = quantize_rows_ref(x.reshape(-1, x.shape[-1]))
-    out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
-    out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    out = fp8_weight_matmul_ref(x_q, x_scale, weight, weight_scale, x.dtype).reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
 
 
@@ -41,7 +40,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x_q, x_scale = (triton_ops.quantize_rows if fused else quantize_rows_ref)(
         rows if rows.stride(-1) == 1 else rows.contiguous())
     if fused and len(rows) <= FEW_ROWS:
-        out = triton_ops.fp8_weight_matmul(x_q, weight, weight_scale, x_scale, x.dtype)
+        out = triton_ops.fp8_weight_matmul(x_q, x_scale, weight, weight_scale, x.dtype)
     else:
         out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                                out_dtype=torch.bfloat16).to(x.dtype)
