@@ -6,12 +6,14 @@ replicas; what cannot travel to the engine process is refused by name."""
 import asyncio
 import dataclasses
 import os
+import time
 
 import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.data_parallel import start_method
 from pagedllm.sampling_params import RequestOutputKind
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
@@ -103,8 +105,6 @@ def test_a_busy_reader_gets_the_engine_processs_outputs_merged_and_nothing_lost(
     """The engine process steps on while its reader (the HTTP process under load) does not read:
     what waits meanwhile comes merged per request (more tokens an output), adding up to the
     offline outputs; a reader that held the engine to its pace would get one output per token."""
-    import time
-
     from pagedllm.engine.data_parallel import DataParallelEngine
     from pagedllm.engine.outputs import add_delta
 
@@ -129,3 +129,24 @@ def test_a_busy_reader_gets_the_engine_processs_outputs_merged_and_nothing_lost(
             total = add_delta(total, output)
         assert summary(total) == summary(want[i])
         assert len(deltas) < 160 and max(len(o.outputs[0].token_ids) for o in deltas) > 1
+
+
+@pytest.mark.skipif(start_method() != "fork", reason="the patch reaches the engine process by fork")
+def test_an_output_the_engine_process_cannot_send_fails_its_requests_not_hangs(monkeypatch):
+    from pagedllm.engine.data_parallel import DataParallelEngine
+    from pagedllm.outputs import RequestOutput
+
+    def refuse(self, protocol):
+        raise TypeError(f"cannot pickle the output of {self.request_id}")
+
+    monkeypatch.setattr(RequestOutput, "__reduce_ex__", refuse)  # before the fork: the engine process has it
+    engine = DataParallelEngine(EngineConfig(model=DEMO, device="cpu"))
+    try:
+        engine.add_request("r", engine.tokenizer.encode("def f():"), SamplingParams(max_tokens=4), stream=True)
+        outputs, deadline = [], time.monotonic() + 60
+        while not outputs and time.monotonic() < deadline:
+            outputs = engine.step()  # returns when a message comes, or the engine process dies
+    finally:
+        monkeypatch.undo()
+        engine.shutdown()
+    assert outputs[0].finished and "cannot pickle the output of r" in outputs[0].error

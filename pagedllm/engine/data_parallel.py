@@ -337,6 +337,12 @@ class _Outbox:
                 self.send(("outputs", outputs, generated, stats))
             except (OSError, ValueError):  # the driver is gone: the engine loop sees its pipe close
                 return
+            except BaseException:  # (an output that cannot be pickled) the replica fails, as if its loop had
+                try:
+                    self.send(("error", traceback.format_exc()))
+                except (OSError, ValueError):
+                    pass
+                os._exit(1)
 
 
 def _serve(engine: LLMEngine, conn, outbox: _Outbox, driver: int) -> None:
