@@ -10,11 +10,8 @@ import copy
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
-import os
 import pickle
 import sys
-import threading
-import traceback
 import weakref
 from collections import deque
 
@@ -22,13 +19,13 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import CacheCapacity
-from pagedllm.engine.llm_engine import LLMEngine, eos_token_ids, generation_defaults, load_tokenizer
-from pagedllm.engine.outputs import add_delta, copy_output
+from pagedllm.engine.engine_process import run_engine_process
+from pagedllm.engine.llm_engine import eos_token_ids, generation_defaults, load_tokenizer
 from pagedllm.engine.request_checks import truncated_prompt, validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 STARTUP_TIMEOUT_S = 900
@@ -187,7 +184,7 @@ class _Replica:
     def __init__(self, ctx, config: EngineConfig, index: int):
         self.index, self.alive, self.load, self.generated, self.stats = index, True, 0, 0, EngineStats()
         self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=_replica_main,
+        self.process = ctx.Process(target=run_engine_process,
                                    args=(_replica_config(config), index, config.data_parallel_size, theirs,
                                          self.conn, ctx.get_start_method() == "fork"),
                                    name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
@@ -233,150 +230,6 @@ def _replica_config(config: EngineConfig) -> EngineConfig:
     replica = copy.copy(config)
     replica.data_parallel_size = 1
     return replica
-
-
-def _replica_main(config: EngineConfig, index: int, replicas: int, conn, drivers_end, forked: bool) -> None:
-    """A replica process: build an engine on this replica's GPUs, then run what the driver sends.
-    It ends when the driver says so, or is gone (its pipe closes, or, as a driver that forked
-    later replicas left them its end, the process that started this one is no longer its parent)."""
-    import signal
-
-    outbox = None
-    drivers_end.close()  # so that the pipe closes when the driver dies
-    driver = os.getppid()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a stop are the driver's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if replicas > 1:  # one replica's account of its start-up is enough
-        logging.getLogger("pagedllm").setLevel(logging.WARNING)
-    try:
-        if config.device.startswith("cuda"):
-            tp = config.tensor_parallel_size
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
-        # a forked child's inherited OpenMP pool is unusable (start_method)
-        torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // replicas))
-        engine = LLMEngine(config)
-        conn.send(("ready", engine.cache_capacity))
-        outbox = _Outbox(conn)
-        _serve(engine, conn, outbox, driver)
-    except (EOFError, KeyboardInterrupt):
-        pass
-    except BaseException:
-        try:
-            (outbox.send if outbox is not None else conn.send)(("error", traceback.format_exc()))
-        except OSError:
-            pass
-        os._exit(1)
-
-
-class _Outbox:
-    """What a replica sends its driver, sent by a thread of its own, so that the engine steps on
-    while the driver is busy (a server's HTTP process under load) instead of slowing to its pace.
-    Outputs that wait meanwhile are merged per request (deltas added up, other kinds replaced by
-    the newest): a busy driver gets fewer, larger messages, as vLLM's output collector gives a
-    slow reader."""
-
-    def __init__(self, conn):
-        self.conn = conn
-        self.sending = threading.Lock()  # the thread's messages and the engine loop's answers, whole
-        self.changed = threading.Condition()
-        self.outputs: dict[str, RequestOutput] = {}  # waiting to go, by request
-        self.copied: set[str] = set()  # waiting outputs that are this side's copies (merged into)
-        self.deltas: set[str] = set()  # the requests whose outputs are deltas
-        self.counts: tuple[int, EngineStats] | None = None  # tokens generated and stats, when there is news
-        self.closed = False
-        self.thread = threading.Thread(target=self._run, name="pagedllm-outbox", daemon=True)
-        self.thread.start()
-
-    def track(self, request_id: str, params: SamplingParams, stream: bool) -> None:
-        if params.output_kind == RequestOutputKind.DELTA and stream:
-            self.deltas.add(request_id)
-
-    def untrack(self, request_id: str) -> None:
-        self.deltas.discard(request_id)
-
-    def put(self, outputs: list[RequestOutput], generated: int, stats: EngineStats) -> None:
-        with self.changed:
-            for output in outputs:
-                request_id = output.request_id
-                waiting = self.outputs.get(request_id)
-                if waiting is not None and request_id in self.deltas:
-                    if request_id not in self.copied:  # the engine's own output is not changed
-                        waiting = copy_output(waiting)
-                        self.copied.add(request_id)
-                    output = add_delta(waiting, output)
-                self.outputs[request_id] = output
-                if output.finished:
-                    self.deltas.discard(request_id)
-            self.counts = (generated, stats)
-            self.changed.notify()
-
-    def send(self, message: tuple) -> None:
-        with self.sending:
-            self.conn.send(message)
-
-    def close(self) -> None:
-        """Send what waits, then stop the thread."""
-        with self.changed:
-            self.closed = True
-            self.changed.notify()
-        self.thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            with self.changed:
-                while self.counts is None and not self.closed:
-                    self.changed.wait()
-                if self.counts is None:
-                    return
-                outputs, (generated, stats) = list(self.outputs.values()), self.counts
-                self.outputs, self.counts = {}, None
-                self.copied.clear()
-            try:
-                self.send(("outputs", outputs, generated, stats))
-            except (OSError, ValueError):  # the driver is gone: the engine loop sees its pipe close
-                return
-            except BaseException:  # (an output that cannot be pickled) the replica fails, as if its loop had
-                try:
-                    self.send(("error", traceback.format_exc()))
-                except (OSError, ValueError):
-                    pass
-                os._exit(1)
-
-
-def _serve(engine: LLMEngine, conn, outbox: _Outbox, driver: int) -> None:
-    while True:
-        commanded = False
-        while True:  # the commands that came; waiting for one only while there is nothing to do
-            idle = not commanded and not engine.has_unfinished_requests()
-            if not conn.poll(1.0 if idle else 0):
-                if not idle:
-                    break
-                if os.getppid() != driver:  # the driver is gone
-                    engine.shutdown()
-                    return
-                continue
-            command = conn.recv()
-            commanded = True
-            if command[0] == "stop":
-                outbox.close()
-                engine.shutdown()
-                return
-            if command[0] == "add":
-                request_id, prompt_token_ids, params, prompt, stream = command[1]
-                engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
-                outbox.track(request_id, params, stream)
-            elif command[0] == "abort":
-                engine.abort_request(command[1])
-                outbox.untrack(command[1])
-            elif command[0] == "reset_prefix_cache":
-                outbox.send(("answer", engine.block_manager.reset_prefix_cache()))
-        outputs = engine.step() if engine.has_unfinished_requests() else []
-        for output in outputs:  # the driver has the prompts: not sent back at every token
-            output.prompt, output.prompt_token_ids = None, []
-        if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
-            outbox.put(outputs, engine.num_generated_tokens, engine.stats())
 
 
 def _stop_all(replicas: list[_Replica]) -> None:

@@ -1,0 +1,162 @@
+"""What runs in an engine process (a data-parallel replica, or the server's engine core): build
+an ``LLMEngine`` on this replica's GPUs, run the driver's commands (add, abort, reset the prefix
+cache, stop), step, and send the outputs back from a thread of their own (``_Outbox``). It ends
+when the driver says so or is gone; an error it cannot survive goes to the driver, then it exits.
+"""
+
+import logging
+import os
+import signal
+import threading
+import traceback
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.outputs import add_delta, copy_output
+from pagedllm.metrics import EngineStats
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+def run_engine_process(config: EngineConfig, index: int, replicas: int, conn, drivers_end, forked: bool) -> None:
+    """A replica process: build an engine on this replica's GPUs, then run what the driver sends.
+    It ends when the driver says so, or is gone (its pipe closes, or, as a driver that forked
+    later replicas left them its end, the process that started this one is no longer its parent)."""
+    outbox = None
+    drivers_end.close()  # so that the pipe closes when the driver dies
+    driver = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a stop are the driver's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if replicas > 1:  # one replica's account of its start-up is enough
+        logging.getLogger("pagedllm").setLevel(logging.WARNING)
+    try:
+        if config.device.startswith("cuda"):
+            tp = config.tensor_parallel_size
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
+        # a forked child's inherited OpenMP pool is unusable (data_parallel.start_method)
+        torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // replicas))
+        engine = LLMEngine(config)
+        conn.send(("ready", engine.cache_capacity))
+        outbox = _Outbox(conn)
+        _serve(engine, conn, outbox, driver)
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        try:
+            (outbox.send if outbox is not None else conn.send)(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+class _Outbox:
+    """What a replica sends its driver, sent by a thread of its own, so that the engine steps on
+    while the driver is busy (a server's HTTP process under load) instead of slowing to its pace.
+    Outputs that wait meanwhile are merged per request (deltas added up, other kinds replaced by
+    the newest): a busy driver gets fewer, larger messages, as vLLM's output collector gives a
+    slow reader."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.sending = threading.Lock()  # the thread's messages and the engine loop's answers, whole
+        self.changed = threading.Condition()
+        self.outputs: dict[str, RequestOutput] = {}  # waiting to go, by request
+        self.copied: set[str] = set()  # waiting outputs that are this side's copies (merged into)
+        self.deltas: set[str] = set()  # the requests whose outputs are deltas
+        self.counts: tuple[int, EngineStats] | None = None  # tokens generated and stats, when there is news
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="pagedllm-outbox", daemon=True)
+        self.thread.start()
+
+    def track(self, request_id: str, params: SamplingParams, stream: bool) -> None:
+        if params.output_kind == RequestOutputKind.DELTA and stream:
+            self.deltas.add(request_id)
+
+    def untrack(self, request_id: str) -> None:
+        self.deltas.discard(request_id)
+
+    def put(self, outputs: list[RequestOutput], generated: int, stats: EngineStats) -> None:
+        with self.changed:
+            for output in outputs:
+                request_id = output.request_id
+                waiting = self.outputs.get(request_id)
+                if waiting is not None and request_id in self.deltas:
+                    if request_id not in self.copied:  # the engine's own output is not changed
+                        waiting = copy_output(waiting)
+                        self.copied.add(request_id)
+                    output = add_delta(waiting, output)
+                self.outputs[request_id] = output
+                if output.finished:
+                    self.deltas.discard(request_id)
+            self.counts = (generated, stats)
+            self.changed.notify()
+
+    def send(self, message: tuple) -> None:
+        with self.sending:
+            self.conn.send(message)
+
+    def close(self) -> None:
+        """Send what waits, then stop the thread."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                while self.counts is None and not self.closed:
+                    self.changed.wait()
+                if self.counts is None:
+                    return
+                outputs, (generated, stats) = list(self.outputs.values()), self.counts
+                self.outputs, self.counts = {}, None
+                self.copied.clear()
+            try:
+                self.send(("outputs", outputs, generated, stats))
+            except (OSError, ValueError):  # the driver is gone: the engine loop sees its pipe close
+                return
+            except BaseException:  # (an output that cannot be pickled) the replica fails, as if its loop had
+                try:
+                    self.send(("error", traceback.format_exc()))
+                except (OSError, ValueError):
+                    pass
+                os._exit(1)
+
+
+def _serve(engine: LLMEngine, conn, outbox: _Outbox, driver: int) -> None:
+    while True:
+        commanded = False
+        while True:  # the commands that came; waiting for one only while there is nothing to do
+            idle = not commanded and not engine.has_unfinished_requests()
+            if not conn.poll(1.0 if idle else 0):
+                if not idle:
+                    break
+                if os.getppid() != driver:  # the driver is gone
+                    engine.shutdown()
+                    return
+                continue
+            command = conn.recv()
+            commanded = True
+            if command[0] == "stop":
+                outbox.close()
+                engine.shutdown()
+                return
+            if command[0] == "add":
+                request_id, prompt_token_ids, params, prompt, stream = command[1]
+                engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
+                outbox.track(request_id, params, stream)
+            elif command[0] == "abort":
+                engine.abort_request(command[1])
+                outbox.untrack(command[1])
+            elif command[0] == "reset_prefix_cache":
+                outbox.send(("answer", engine.block_manager.reset_prefix_cache()))
+        outputs = engine.step() if engine.has_unfinished_requests() else []
+        for output in outputs:  # the driver has the prompts: not sent back at every token
+            output.prompt, output.prompt_token_ids = None, []
+        if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
+            outbox.put(outputs, engine.num_generated_tokens, engine.stats())
