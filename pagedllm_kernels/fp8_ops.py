@@ -16,32 +16,23 @@ from pagedllm_kernels.reference import FP8_MAX
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n, stride_x, stride_q, FP8_MAX: tl.constexpr,
-                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if ONE_PASS:  # the row fits in registers: read once
-        cols = tl.arange(0, BLOCK)
+    largest = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-        largest = tl.abs(x)
-    else:
-        largest = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-            largest = tl.maximum(largest, tl.abs(x))
+        largest = tl.maximum(largest, tl.abs(x))
     scale = tl.math.div_rn(tl.maximum(tl.max(largest, axis=0), 1e-12), FP8_MAX)  # IEEE, as torch: `/` is approximate
     tl.store(scale_ptr + row, scale)
-    if ONE_PASS:
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
         q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
-    else:
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
-            tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
 
 
-_ONE_PASS_WIDTH = 16384  # rows up to this wide (every hidden and MLP width of the supported models) are read once
+_WIDEST_BLOCK = 16384  # a row up to this wide (every hidden and MLP width of the supported models) in one block
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +41,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        one_pass = n <= _ONE_PASS_WIDTH
-        block = triton.next_power_of_2(n) if one_pass else 1024
+        block = min(_WIDEST_BLOCK, triton.next_power_of_2(n))
         _quantize_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, BLOCK=block,
-                                       ONE_PASS=one_pass, num_warps=min(16, max(4, block // 1024)))
+                                       num_warps=min(16, max(4, block // 1024)))
     return q, scale
 
 

@@ -212,7 +212,7 @@ def test_experts_are_quantized_too_and_keep_the_outputs_close(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("width", [5, 1000, 2500, 17000])  # read once (up to 16384), or in two passes
+@pytest.mark.parametrize("width", [5, 1000, 2500, 17000])  # one block (up to 16384), or several
 def test_the_row_quantizing_kernel_equals_quantize_rows_ref(dtype, width):
     from pagedllm_kernels import fp8_ops
 
