@@ -160,6 +160,7 @@ def run_load(pool, processes: int, url: str, model: str, prompts: list[str], out
             "no_text_examples": [{k: r[k] for k in ("chunks", "tokens", "finish_reason", "echoed")}
                                  for r in streams if not r["times"]][:5],
             "output_tokens": output_tokens, "output_tokens_per_s": output_tokens / wall,
+            "content_chunks": sum(len(r["times"]) for r in done),  # fewer than tokens: a busy server merged some
             "requests_per_s": len(done) / wall, "prompt_echoed": sum(r["echoed"] for r in done),
             **{f"ttft_p{q}_ms": pct(ttft, q) for q in (50, 90, 99)},
             **{f"itl_p{q}_ms": pct(itl, q) for q in (50, 90, 99)}}

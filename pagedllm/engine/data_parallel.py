@@ -21,6 +21,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.engine_process import run_engine_process
 from pagedllm.engine.llm_engine import eos_token_ids, generation_defaults, load_tokenizer
+from pagedllm.engine.outputs import unpack_output
 from pagedllm.engine.request_checks import truncated_prompt, validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
@@ -157,7 +158,8 @@ class DataParallelEngine:
                 return outputs + self._lost(replica, f"died with exit code {replica.process.exitcode}")
             if message[0] == "error":
                 return outputs + self._lost(replica, f"failed:\n{message[1]}")
-            _, new, generated, replica.stats = message
+            _, packed, generated, replica.stats = message
+            new = [unpack_output(p) for p in packed]
             self.num_generated_tokens += generated - replica.generated
             replica.generated = generated
             for output in new:

@@ -14,7 +14,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.outputs import add_delta, copy_output
+from pagedllm.engine.outputs import add_delta, copy_output, pack_output
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -117,7 +117,7 @@ class _Outbox:
                 self.outputs, self.counts = {}, None
                 self.copied.clear()
             try:
-                self.send(("outputs", outputs, generated, stats))
+                self.send(("outputs", [pack_output(o) for o in outputs], generated, stats))
             except (OSError, ValueError):  # the driver is gone: the engine loop sees its pipe close
                 return
             except BaseException:  # (an output that cannot be pickled) the replica fails, as if its loop had
@@ -156,7 +156,5 @@ def _serve(engine: LLMEngine, conn, outbox: _Outbox, driver: int) -> None:
             elif command[0] == "reset_prefix_cache":
                 outbox.send(("answer", engine.block_manager.reset_prefix_cache()))
         outputs = engine.step() if engine.has_unfinished_requests() else []
-        for output in outputs:  # the driver has the prompts: not sent back at every token
-            output.prompt, output.prompt_token_ids = None, []
         if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
             outbox.put(outputs, engine.num_generated_tokens, engine.stats())

@@ -2,6 +2,7 @@
 together (the n best of ``best_of``); only what is new for ``RequestOutputKind.DELTA``."""
 
 import dataclasses
+from operator import attrgetter
 
 from transformers import PreTrainedTokenizerBase
 
@@ -119,3 +120,24 @@ def copy_output(output: RequestOutput) -> RequestOutput:
     return dataclasses.replace(output, outputs=[
         dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
         for c in output.outputs])
+
+
+_completion_fields = attrgetter(*(f.name for f in dataclasses.fields(CompletionOutput)))
+_metrics_fields = attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))
+
+
+def pack_output(output: RequestOutput) -> tuple:
+    """An engine process's output for the pipe, as tuples of its fields (without the prompt, which
+    the driver holds): pickling a tree of dataclasses costs ten times as much at both ends, per
+    request and step, and the server's HTTP process unpickles every token."""
+    metrics = output.metrics
+    return (output.request_id, [_completion_fields(c) for c in output.outputs], output.finished,
+            output.num_cached_tokens, output.prompt_logprobs, None if metrics is None else _metrics_fields(metrics),
+            output.error)
+
+
+def unpack_output(packed: tuple) -> RequestOutput:
+    request_id, completions, finished, num_cached_tokens, prompt_logprobs, metrics, error = packed
+    return RequestOutput(request_id, None, [], [CompletionOutput(*c) for c in completions], finished,
+                         num_cached_tokens, prompt_logprobs, None if metrics is None else RequestMetrics(*metrics),
+                         error)
