@@ -19,7 +19,7 @@ from pagedllm.entrypoints.openai.errors import (
     install_error_handlers,
     openai_errors_in_schema,
 )
-from pagedllm.entrypoints.openai.guards import ApiKeyCheck, BodyLimits, h11_with_head_timeout
+from pagedllm.entrypoints.openai.guards import ApiKeyCheck, BodyLimits, http_with_head_timeout
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -118,7 +118,7 @@ def uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: str = 
     engine dies."""
     import uvicorn
 
-    config = uvicorn.Config(server.app(), host=host, port=port, log_level=log_level, http=h11_with_head_timeout(
+    config = uvicorn.Config(server.app(), host=host, port=port, log_level=log_level, http=http_with_head_timeout(
         server.read_timeout), timeout_keep_alive=5, timeout_graceful_shutdown=10)
     uv = uvicorn.Server(config)
 
