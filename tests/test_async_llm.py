@@ -174,3 +174,25 @@ def test_an_output_crosses_the_pipe_whole_but_for_the_prompt():
         metrics=RequestMetrics(1.0, 2.0, 1.5, 1.75, 0.5, 2.0), error="boom")
     assert unpack_output(pack_output(output)) == dataclasses.replace(output, prompt=None, prompt_token_ids=[])
     assert unpack_output(pack_output(dataclasses.replace(output, metrics=None))).metrics is None
+
+
+def test_a_delta_reader_that_falls_behind_gets_the_waiting_deltas_added_up():
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1,
+                            output_kind=RequestOutputKind.DELTA)
+    want = LLM(DEMO, device="cpu").generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
+
+    async def read_slowly():
+        stream = engine.generate(PROMPTS[0], params, request_id="slow")
+        outputs = [await anext(stream)]
+        await asyncio.sleep(3)  # the engine goes on meanwhile
+        return outputs + [o async for o in stream]
+
+    try:
+        outputs = asyncio.run(read_slowly())
+    finally:
+        engine.shutdown()
+    assert len(outputs) < 40 and max(len(o.outputs[0].token_ids) for o in outputs) > 1
+    assert "".join(o.outputs[0].text for o in outputs) == want.text
+    assert [t for o in outputs for t in o.outputs[0].token_ids] == want.token_ids
+    assert [e.keys() for o in outputs for e in o.outputs[0].logprobs] == [e.keys() for e in want.logprobs]

@@ -111,6 +111,24 @@ def test_chat_streamed_and_not_equals_llm_chat_with_the_builtin_template(live, o
     assert chunks[-1].usage.completion_tokens == 10
 
 
+def test_streamed_samples_add_up_to_the_unstreamed_ones_and_each_finishes_once(live):
+    """n=2 samples that stop at different tokens: each sample's chunks add up to its text and its
+    logprobs, and a sample that finished first sends no more chunks."""
+    _, _, client = live
+    kwargs = dict(model="tiny", prompt="def main():", max_tokens=24, temperature=1.0, n=2, seed=5, stop=["e"],
+                  logprobs=1)
+    done = client.completions.create(**kwargs)
+    assert len({len(c.logprobs.tokens) for c in done.choices}) == 2  # they stop at different tokens
+    chunks = [c for c in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+              if c.choices]
+    for choice in done.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [t for c in mine for t in c.logprobs.tokens] == choice.logprobs.tokens
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        assert mine[-1].finish_reason == choice.finish_reason
+
+
 def test_async_client(live):
     _, url, _ = live
 

@@ -66,7 +66,8 @@ class AsyncLLM:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine makes them (vLLM's signature): cumulative, so a reader
         that falls behind gets the newest; with ``RequestOutputKind.DELTA`` each output holds only
-        what is new and none is skipped. A text prompt is tokenized in a worker thread."""
+        what is new since the last one (all of it: a reader that falls behind gets the deltas that
+        waited added up). A text prompt is tokenized in a worker thread."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
         if request_id in self._streams:
@@ -85,6 +86,7 @@ class AsyncLLM:
         cumulative = sampling_params.output_kind == RequestOutputKind.CUMULATIVE
         if cumulative:  # the engine sends only what is new; it is summed up here
             sampling_params = dataclasses.replace(sampling_params, output_kind=RequestOutputKind.DELTA)
+        merged = sampling_params.output_kind == RequestOutputKind.DELTA  # a reader behind gets all that is new at once
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._command("add", (request_id, prompt_token_ids, sampling_params, text))
@@ -92,9 +94,9 @@ class AsyncLLM:
         try:
             while not finished:
                 output = await outputs.get()
-                while (cumulative and not outputs.empty() and not isinstance(output, BaseException)
+                while (merged and not outputs.empty() and not isinstance(output, BaseException)
                        and output.error is None):
-                    so_far = add_delta(so_far, output)  # a reader behind gets all that is new at once
+                    so_far = add_delta(so_far, output)
                     output = outputs.get_nowait()
                 if isinstance(output, BaseException):
                     raise output
@@ -105,6 +107,8 @@ class AsyncLLM:
                 if cumulative:
                     so_far = add_delta(so_far, output)
                     output = copy_output(so_far)
+                elif so_far is not None:  # deltas that waited, added up
+                    output, so_far = add_delta(so_far, output), None
                 yield output
         finally:
             self._streams.pop(request_id, None)

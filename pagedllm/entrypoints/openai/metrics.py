@@ -55,8 +55,10 @@ class ServerMetrics:
         self.success = PrometheusCounter("pagedllm:request_success", "Requests that ended, by finish reason.",
                                ["finished_reason"], registry=self.registry)
 
-    def observe_request(self, arrival: float, token_times: list[float], final: RequestOutput | None) -> None:
-        """A request's arrival and the times its outputs grew (time.monotonic()), and its last output."""
+    def observe_request(self, arrival: float, token_times: list[float], final: RequestOutput | None,
+                        generated_tokens: int) -> None:
+        """A request's arrival, the times its outputs grew (time.monotonic()), its last output and
+        the tokens it generated."""
         if token_times:
             self.ttft.observe(token_times[0] - arrival)
             self.e2e.observe(token_times[-1] - arrival)
@@ -66,7 +68,7 @@ class ServerMetrics:
             self.success.labels(finished_reason="abort").inc()
             return
         self.prompt_tokens.observe(len(final.prompt_token_ids))
-        self.generation_tokens.observe(sum(len(c.token_ids) for c in final.outputs))
+        self.generation_tokens.observe(generated_tokens)
         if final.metrics is not None and final.metrics.time_in_queue is not None:
             self.queue.observe(final.metrics.time_in_queue)
         for completion in final.outputs:

@@ -3,6 +3,7 @@ server-sent events. Tokenizing and chat templates run in worker threads, so that
 never stalls the event loop (and every other client with it)."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +65,8 @@ class OpenAIServing:
         params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs, body.best_of)
         if params.samples > params.n:  # the n best are known only at the end
             params.output_kind = RequestOutputKind.FINAL_ONLY
+        elif body.stream:
+            params.output_kind = RequestOutputKind.DELTA
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
         request_id = random_id("cmpl")
         streams = self._start(request_id, prompts, params)
@@ -84,6 +87,8 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                               body.prompt_logprobs)
+        if body.stream:
+            params.output_kind = RequestOutputKind.DELTA
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt)
         request_id = random_id("chatcmpl")
         streams = self._start(request_id, [prompt], params)
@@ -168,19 +173,22 @@ class OpenAIServing:
                 raise bad_value(err, index) from None
         prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
                    for text, ids in prompts]
-        return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"))
+        delta = params.output_kind == RequestOutputKind.DELTA
+        return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"), delta)
                 for i, prompt in enumerate(prompts)]
 
-    async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def _observed(self, stream: AsyncIterator[RequestOutput], delta: bool) -> AsyncIterator[RequestOutput]:
         """The stream, its latencies and its end observed for /metrics."""
-        arrival, token_times, last = time.monotonic(), [], None
+        arrival, token_times, last, generated = time.monotonic(), [], None, 0
         try:
             async for output in stream:
                 token_times.append(time.monotonic())
                 last = output
+                new = sum(len(c.token_ids) for c in output.outputs)
+                generated = generated + new if delta else new
                 yield output
         finally:
-            self.metrics.observe_request(arrival, token_times, last)
+            self.metrics.observe_request(arrival, token_times, last, generated)
             await stream.aclose()
 
     # responses
@@ -213,41 +221,35 @@ class OpenAIServing:
 
     async def _completion_events(self, request_id, body: CompletionRequest, prompts: list[Prompt], streams,
                                  echo_only: bool) -> AsyncIterator[str]:
-        sent_chars: dict[tuple[int, int], int] = {}
-        sent_tokens: dict[tuple[int, int], int] = {}
-        finals: dict[int, RequestOutput] = {}
+        deltas = _Deltas()
+        echoed: set[tuple[int, int]] = set()
+        sent_chars: dict[tuple[int, int], int] = {}  # text offsets of the logprobs
         async for prompt_index, output in merge(streams):
-            if output.finished:
-                finals[prompt_index] = output
-            for c in output.outputs:
-                key = (prompt_index, c.index)
-                first = key not in sent_chars
-                if first and body.echo:
-                    choice = self._completion_choice(prompt_index * body.n + c.index, body, prompts[prompt_index],
-                                                     output, c, echo_only=True)
-                    choice.finish_reason = choice.stop_reason = None
-                    sent_chars[key], sent_tokens[key] = 0, 0
-                    yield self._chunk(request_id, choice)
+            if body.echo:
+                for c in output.outputs:
+                    if (prompt_index, c.index) not in echoed:
+                        echoed.add((prompt_index, c.index))
+                        choice = self._completion_choice(prompt_index * body.n + c.index, body, prompts[prompt_index],
+                                                         output, c, echo_only=True)
+                        choice.finish_reason = choice.stop_reason = None
+                        yield self._chunk(request_id, choice)
+            for c in deltas.ready(prompt_index, output):
+                index = prompt_index * body.n + c.index
                 if echo_only:
-                    if output.finished:
-                        yield self._chunk(request_id, CompletionChoice(index=prompt_index * body.n + c.index,
-                                                                       text="", finish_reason="length"))
+                    if c.finish_reason:
+                        yield self._chunk(request_id, CompletionChoice(index=index, text="", finish_reason="length"))
                     continue
-                text = c.text[sent_chars.get(key, 0):]
-                if not text and not c.finish_reason:
-                    continue  # no new text yet (half a character): its tokens go with the next chunk
-                new_tokens = sent_tokens.get(key, 0)
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = CompletionLogprobs()
-                    add_completion_logprobs(logprobs, c.token_ids[new_tokens:], (c.logprobs or [])[new_tokens:],
-                                             None, sent_chars.get(key, 0))
-                sent_chars[key], sent_tokens[key] = len(c.text), len(c.token_ids)
-                yield self._chunk(request_id, CompletionChoice(
-                    index=prompt_index * body.n + c.index, text=text, logprobs=logprobs,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None,
+                                            sent_chars.get((prompt_index, c.index), 0))
+                sent_chars[prompt_index, c.index] = sent_chars.get((prompt_index, c.index), 0) + len(c.text)
+                yield self._chunk(request_id, CompletionChoice(index=index, text=c.text, logprobs=logprobs,
+                                                               finish_reason=c.finish_reason,
+                                                               stop_reason=c.stop_reason))
         if body.stream_options and body.stream_options.include_usage:
-            usage = _usage([finals[i] for i in sorted(finals)], echo_only)
+            usage = deltas.usage(echo_only)
             yield CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump_json()
 
     def _chunk(self, request_id: str, choice: CompletionChoice) -> str:
@@ -260,23 +262,53 @@ class OpenAIServing:
 
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(body.n)])
-        sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        final = None
+        deltas = _Deltas()
         async for _, output in merge(streams):
-            for c in output.outputs:
-                text = c.text[sent_chars.get(c.index, 0):]
-                if not text and not c.finish_reason:
-                    continue  # no new text yet (half a character): its tokens go with the next chunk
-                new = sent_tokens.get(c.index, 0)
-                sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs[new:], c.token_ids[new:],
+            for c in deltas.ready(0, output):
+                logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
-                yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text or None),
                                              finish_reason=c.finish_reason, logprobs=logprobs)])
-            final = output
-        if body.stream_options and body.stream_options.include_usage and final is not None:
-            yield chunk([], _usage([final]))
+        if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
+            yield chunk([], deltas.usage())
+
+
+class _Deltas:
+    """A streamed request's delta outputs as its chunks send them: each sample's new tokens with
+    what was held back before (tokens whose text is not out yet, as half a character), a finished
+    sample once, and the tokens counted for the usage."""
+
+    def __init__(self):
+        self.held: dict[tuple[int, int], CompletionOutput] = {}
+        self.finished: set[tuple[int, int]] = set()
+        self.prompt_tokens: dict[int, int] = {}  # by prompt
+        self.completion_tokens = 0
+
+    def ready(self, prompt_index: int, output: RequestOutput) -> list[CompletionOutput]:
+        self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        ready = []
+        for c in output.outputs:
+            key = (prompt_index, c.index)
+            if key in self.finished:
+                continue
+            self.completion_tokens += len(c.token_ids)
+            before = self.held.pop(key, None)
+            if before is not None:
+                c = dataclasses.replace(c, text=before.text + c.text, token_ids=before.token_ids + c.token_ids,
+                                        logprobs=None if c.logprobs is None else before.logprobs + c.logprobs)
+            if not c.text and not c.finish_reason:
+                self.held[key] = c
+                continue
+            if c.finish_reason:
+                self.finished.add(key)
+            ready.append(c)
+        return ready
+
+    def usage(self, echo_only: bool = False) -> Usage:
+        prompt_tokens = sum(self.prompt_tokens.values())
+        completion_tokens = 0 if echo_only else self.completion_tokens
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
 
 
 def _usage(finals: list[RequestOutput], echo_only: bool = False) -> Usage:
