@@ -156,3 +156,30 @@ def test_block_pool_bookkeeping_holds_under_any_sequence(operations, num_blocks,
                 for _ in range(request.max_tokens):
                     expected.append(fake_next_token(expected))
                 assert request.token_ids == expected  # preemption and shared prefixes change nothing
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_id=st.text(), model=st.text(), text=st.text(), index=st.integers(0, 2**40),
+       finish_reason=st.sampled_from([None, "stop", "length"]), stop_reason=st.one_of(st.none(), st.text()))
+def test_a_streamed_chunk_is_the_whole_chunk_models_json(request_id, model, text, index, finish_reason, stop_reason):
+    """ChunkFrame serializes a stream's envelope once and each chunk's choices into it: the same JSON
+    as the whole chunk model, for any text (quotes, escapes, "choices":[] itself) and names."""
+    import json
+
+    from pagedllm.entrypoints.openai.protocol import (
+        ChatChunkChoice,
+        ChatCompletionChunk,
+        ChatDelta,
+        ChunkFrame,
+        CompletionChoice,
+        CompletionResponse,
+    )
+
+    chat = [ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason)]
+    frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=model, choices=[]))
+    whole = ChatCompletionChunk(id=request_id, model=model, created=frame.created, choices=chat)
+    assert json.loads(frame(chat)) == json.loads(whole.model_dump_json())
+    completion = [CompletionChoice(index=index, text=text, finish_reason=finish_reason, stop_reason=stop_reason)] * 2
+    frame = ChunkFrame(CompletionResponse(id=request_id, model=model, choices=[]))
+    whole = CompletionResponse(id=request_id, model=model, created=frame.created, choices=completion)
+    assert json.loads(frame(completion)) == json.loads(whole.model_dump_json())

@@ -23,6 +23,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatResponseMessage,
+    ChunkFrame,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -221,6 +222,7 @@ class OpenAIServing:
 
     async def _completion_events(self, request_id, body: CompletionRequest, prompts: list[Prompt], streams,
                                  echo_only: bool) -> AsyncIterator[str]:
+        chunk = ChunkFrame(CompletionResponse(id=request_id, model=self.model_name, choices=[]))
         deltas = _Deltas()
         echoed: set[tuple[int, int]] = set()
         sent_chars: dict[tuple[int, int], int] = {}  # text offsets of the logprobs
@@ -232,12 +234,12 @@ class OpenAIServing:
                         choice = self._completion_choice(prompt_index * body.n + c.index, body, prompts[prompt_index],
                                                          output, c, echo_only=True)
                         choice.finish_reason = choice.stop_reason = None
-                        yield self._chunk(request_id, choice)
+                        yield chunk([choice])
             for c in deltas.ready(prompt_index, output):
                 index = prompt_index * body.n + c.index
                 if echo_only:
                     if c.finish_reason:
-                        yield self._chunk(request_id, CompletionChoice(index=index, text="", finish_reason="length"))
+                        yield chunk([CompletionChoice(index=index, text="", finish_reason="length")])
                     continue
                 logprobs = None
                 if body.logprobs is not None:
@@ -245,21 +247,14 @@ class OpenAIServing:
                     add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None,
                                             sent_chars.get((prompt_index, c.index), 0))
                 sent_chars[prompt_index, c.index] = sent_chars.get((prompt_index, c.index), 0) + len(c.text)
-                yield self._chunk(request_id, CompletionChoice(index=index, text=c.text, logprobs=logprobs,
-                                                               finish_reason=c.finish_reason,
-                                                               stop_reason=c.stop_reason))
+                yield chunk([CompletionChoice(index=index, text=c.text, logprobs=logprobs,
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if body.stream_options and body.stream_options.include_usage:
-            usage = deltas.usage(echo_only)
-            yield CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump_json()
-
-    def _chunk(self, request_id: str, choice: CompletionChoice) -> str:
-        return CompletionResponse(id=request_id, model=self.model_name, choices=[choice]).model_dump_json()
+            yield CompletionResponse(id=request_id, model=self.model_name, created=chunk.created, choices=[],
+                                     usage=deltas.usage(echo_only)).model_dump_json()
 
     async def _chat_events(self, request_id, body: ChatCompletionRequest, streams) -> AsyncIterator[str]:
-        def chunk(choices, usage=None):
-            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices,
-                                       usage=usage).model_dump_json()
-
+        chunk = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(body.n)])
         deltas = _Deltas()
@@ -270,7 +265,8 @@ class OpenAIServing:
                 yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text or None),
                                              finish_reason=c.finish_reason, logprobs=logprobs)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
-            yield chunk([], deltas.usage())
+            yield ChatCompletionChunk(id=request_id, model=self.model_name, created=chunk.created, choices=[],
+                                      usage=deltas.usage()).model_dump_json()
 
 
 class _Deltas:
