@@ -1,5 +1,7 @@
 """Incremental detokenization and stop strings, across token boundaries and multi-byte characters."""
 
+import copy
+
 import pytest
 from conftest import random_prompts
 
@@ -17,6 +19,19 @@ def test_incremental_text_equals_full_decode_and_never_shows_half_a_character(to
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == detokenizer.text == tokenizer.decode(ids) == TEXT
     assert "" in deltas  # some tokens completed no character on their own
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+@pytest.mark.parametrize("skip_special_tokens", [False, True])
+def test_incremental_text_equals_the_tokenizers_decode_with_its_options(tokenizer, clean_up, skip_special_tokens):
+    """The fast path (the Rust tokenizer's decode) and the tokenizer's own decode (taken where it
+    cleans up spaces) give what ``tokenizer.decode`` gives, special tokens skipped or not."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    ids = tokenizer.encode("a , b . c ' d") + [tokenizer.eos_token_id] + tokenizer.encode(TEXT)
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    deltas = [detokenizer.update(ids[: i + 1]) for i in range(len(ids))]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def test_find_stop_string_only_looks_at_what_is_new():

@@ -78,6 +78,12 @@ def _only_what_is_new(request: Request, completion: CompletionOutput) -> None:
 
 def _metrics(members: list[Request]) -> RequestMetrics:
     """The group's times: the earliest first ones and the latest last ones of its samples."""
+    if len(members) == 1:  # (every streamed request, at every step)
+        r = members[0]
+        scheduled = r.first_scheduled_time
+        return RequestMetrics(r.arrival_time, r.last_token_time, scheduled, r.first_token_time,
+                              None if scheduled is None else scheduled - r.arrival_time, r.finished_time)
+
     def known(name: str) -> list[float]:
         return [t for m in members if (t := getattr(m, name)) is not None]
 
