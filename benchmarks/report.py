@@ -272,7 +272,17 @@ def serve_section(name: str, data: dict) -> list[str]:
                          f"{_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | {_ms(r['itl_p50_ms'])} | "
                          f"{_ms(r['itl_p99_ms'])} | {r['completed']} / {r['failed']} / {r['stopped']} |")
     notes = []
+    if "served_over_offline_at_rate_inf" in data:
+        offline = _rate(data["offline"]["output_tokens_per_s"])
+        notes.append(f"The offline `LLM` on the same prompts in the same run: {offline} output tok/s; served at "
+                     f"rate inf: **{data['served_over_offline_at_rate_inf']:.2f}** of it")
     for engine in data["engines"]:
+        flood = [r for r in engine.get("runs", []) if r["rate"] == float("inf") and r.get("content_chunks")]
+        if flood:
+            notes.append(f"{engine['engine']} at rate inf: {flood[0]['content_chunks']:,} content chunks for "
+                         f"{flood[0]['output_tokens']:,} tokens (a chunk carries the tokens that waited while the "
+                         "server was busy, and a token that completes no character goes with the next; ITL is "
+                         "between chunks)")
         if "error" in engine:
             notes.append(f"{engine['engine']} failed: {engine['error']}")
         no_text = [r["no_text"] for r in engine.get("runs", [])]
