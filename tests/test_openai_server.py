@@ -376,6 +376,30 @@ def test_streamed_completion_carries_logprobs(live, offline):
                                                                           strict=True)], abs=1e-5)
 
 
+@pytest.mark.parametrize("max_tokens", [4, 0])
+def test_streamed_echo_with_logprobs_adds_up_to_the_unstreamed_response(live, max_tokens):
+    """The prompt's chunk first (its tokens scored), then the generated ones: joined, the same text,
+    tokens, logprobs and offsets as without streaming; max_tokens=0 streams the prompt alone."""
+    _, url, _ = live
+    request = {"model": "tiny", "prompt": "def main():", "max_tokens": max_tokens, "logprobs": 1, "echo": True,
+               "temperature": 0}
+    status, body = call("POST", f"{url}/v1/completions", request)
+    assert status == 200
+    whole = json.loads(body)
+    status, body = call("POST", f"{url}/v1/completions", request | {"stream": True,
+                                                                    "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = [json.loads(line[len("data: "):]) for line in body.decode().splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    want = whole["choices"][0]
+    assert "".join(c["text"] for c in choices) == want["text"]
+    for field in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for c in choices if c["logprobs"] for x in c["logprobs"][field]] == want["logprobs"][field]
+    assert [c["finish_reason"] for c in choices if c["finish_reason"]] == [want["finish_reason"]]
+    assert events[-1]["usage"] == whole["usage"]
+
+
 def test_chat_logprobs_as_openai_returns_them(live, offline):
     _, _, client = live
     tokenizer = offline.get_tokenizer()

@@ -225,7 +225,7 @@ class OpenAIServing:
         chunk = ChunkFrame(CompletionResponse(id=request_id, model=self.model_name, choices=[]))
         deltas = _Deltas()
         echoed: set[tuple[int, int]] = set()
-        sent_chars: dict[tuple[int, int], int] = {}  # text offsets of the logprobs
+        sent_chars: dict[tuple[int, int], int] = {}  # text sent, for the logprobs' offsets
         async for prompt_index, output in merge(streams):
             if body.echo:
                 for c in output.outputs:
@@ -234,6 +234,7 @@ class OpenAIServing:
                         choice = self._completion_choice(prompt_index * body.n + c.index, body, prompts[prompt_index],
                                                          output, c, echo_only=True)
                         choice.finish_reason = choice.stop_reason = None
+                        sent_chars[prompt_index, c.index] = len(choice.text)  # offsets go on after the prompt
                         yield chunk([choice])
             for c in deltas.ready(prompt_index, output):
                 index = prompt_index * body.n + c.index
