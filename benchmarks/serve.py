@@ -176,6 +176,24 @@ def make_client(url: str, timeout: float = 3600) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
 
 
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) a process has used so far, and those its live children have (Linux)."""
+    def cpu(p: int) -> float:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # (not Linux, or the process is gone)
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return cpu(pid), sum(cpu(c) for c in children)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,12 +207,20 @@ def benchmark_engine(name: str, command: list[str], url: str, model: str, extra:
         process = start(command, url, os.path.join(tempfile.gettempdir(), f"serve-{name}.log"))
         runs = []
         for rate in args.rates:
+            before = process_cpu_s(process.pid)
             run = run_load(pool, args.client_processes, url, model, prompts, args.output_len, rate, extra,
                            args.time_limit)
+            after = process_cpu_s(process.pid)
+            # CPU seconds of the server's process (HTTP) and of its children (pagedllm's engine process), against
+            # wall_s: a process near 1 CPU-second a second is what holds the rest back
+            run["server_process_cpu_s"] = after[0] - before[0]
+            run["child_processes_cpu_s"] = after[1] - before[1]
             print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
                   f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
                   f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}, "
-                  f"no text {run['no_text']}, stopped {run['stopped']}", flush=True)
+                  f"no text {run['no_text']}, stopped {run['stopped']}, server CPU "
+                  f"{run['server_process_cpu_s'] / run['wall_s']:.2f} s/s (children "
+                  f"{run['child_processes_cpu_s'] / run['wall_s']:.2f})", flush=True)
             runs.append(run)
         return {"engine": name, "runs": runs}
     except Exception as err:
@@ -279,6 +305,7 @@ def main() -> None:
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")
     elif args.out:  # without its peer it is not a result, but the device tool still brings it back
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "serve-no-peer.json"), "w") as f:
             json.dump(payload, f, indent=2)
 
