@@ -207,20 +207,23 @@ def benchmark_engine(name: str, command: list[str], url: str, model: str, extra:
         process = start(command, url, os.path.join(tempfile.gettempdir(), f"serve-{name}.log"))
         runs = []
         for rate in args.rates:
-            before = process_cpu_s(process.pid)
+            clients = [worker.pid for worker in pool._pool]  # (multiprocessing.Pool keeps its processes there)
+            before, clients_before = process_cpu_s(process.pid), [process_cpu_s(c)[0] for c in clients]
             run = run_load(pool, args.client_processes, url, model, prompts, args.output_len, rate, extra,
                            args.time_limit)
-            after = process_cpu_s(process.pid)
-            # CPU seconds of the server's process (HTTP) and of its children (pagedllm's engine process), against
-            # wall_s: a process near 1 CPU-second a second is what holds the rest back
+            after, clients_after = process_cpu_s(process.pid), [process_cpu_s(c)[0] for c in clients]
+            # CPU seconds of the server's process (HTTP), of its children (pagedllm's engine process) and of the
+            # busiest client process, against wall_s: a process near 1 CPU-second a second holds the rest back
             run["server_process_cpu_s"] = after[0] - before[0]
             run["child_processes_cpu_s"] = after[1] - before[1]
+            run["busiest_client_process_cpu_s"] = max(b - a for a, b in zip(clients_before, clients_after, strict=True))
             print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
                   f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
                   f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}, "
                   f"no text {run['no_text']}, stopped {run['stopped']}, server CPU "
                   f"{run['server_process_cpu_s'] / run['wall_s']:.2f} s/s (children "
-                  f"{run['child_processes_cpu_s'] / run['wall_s']:.2f})", flush=True)
+                  f"{run['child_processes_cpu_s'] / run['wall_s']:.2f}, busiest client "
+                  f"{run['busiest_client_process_cpu_s'] / run['wall_s']:.2f})", flush=True)
             runs.append(run)
         return {"engine": name, "runs": runs}
     except Exception as err:
