@@ -228,6 +228,25 @@ def test_connection_that_never_sends_a_request_is_closed(server):
     assert 1 <= time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("head", [b"X-Big: " + b"a" * (4 << 20), b"".join(b"X-%d: y\r\n" % i for i in range(400_000))])
+def test_an_endless_request_head_is_refused_not_kept(server, head):
+    """One header growing without end, or headers without end: 400 and a closed connection once the
+    head passes its cap, not the server's memory filling up; the others are served meanwhile."""
+    _, url = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + head)
+        except OSError:  # the server closed the connection while it was still being sent
+            pass
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 4")
+    status, _, _ = send(url, "GET", "/health")
+    assert status == 200
+
+
 def test_huge_prompt_does_not_stall_other_clients(server):
     """Tokenizing runs off the event loop: /health answers while a 2.5 MB prompt is tokenized."""
     _, url = server

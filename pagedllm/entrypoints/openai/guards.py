@@ -8,12 +8,36 @@ import hmac
 
 from starlette.exceptions import HTTPException
 
+from pagedllm.entrypoints.openai.errors import error_response
+
+MAX_HEAD_BYTES = 64 << 10  # a request line and headers; real clients send about 1 KiB
+
 try:  # uvicorn's own choice: the C parser where it is installed (the server extra installs it)
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as HTTPProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HTTPProtocol(HttpToolsProtocol):
+        """httptools' protocol with a cap on the request head: the parser keeps whatever a header
+        grows to (a client streaming one endless header filled memory), where h11 stops at 16 KiB."""
+
+        head_bytes, reading_head = 0, True
+
+        def data_received(self, data: bytes) -> None:
+            in_head = self.reading_head
+            super().data_received(data)
+            if in_head and self.reading_head:  # all of it went to a head that is not complete yet
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                    self.send_400_response(f"The request head is larger than {MAX_HEAD_BYTES} bytes.")
+
+        def on_headers_complete(self) -> None:
+            self.reading_head, self.head_bytes = False, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self.reading_head = True  # the next request's head, on a kept-alive connection
 except ImportError:
     from uvicorn.protocols.http.h11_impl import H11Protocol as HTTPProtocol
-
-from pagedllm.entrypoints.openai.errors import error_response
 
 # Routes anyone may call without the key, as in vLLM: probes and scrapes.
 OPEN_ROUTES = ("/health", "/metrics")
@@ -77,11 +101,11 @@ class BodyLimits:
 
 
 def http_with_head_timeout(timeout: float) -> type[HTTPProtocol]:
-    """uvicorn's HTTP/1.1 protocol (httptools where installed: its sends cost a third of h11's, and a
-    streamed server sends a chunk per token), closing a connection whose next request head has not arrived
-    within ``timeout`` seconds of opening it or of the last response (uvicorn's own keep-alive
-    timer stops at the first byte, so a client sending its headers a byte at a time, or nothing
-    at all, would hold the connection forever)."""
+    """uvicorn's HTTP/1.1 protocol (httptools where installed: its sends cost a third of h11's,
+    and a streamed server sends a chunk per token; its head capped as h11 caps it), closing a
+    connection whose next request head has not arrived within ``timeout`` seconds of opening it or
+    of the last response (uvicorn's own keep-alive timer stops at the first byte, so a client
+    sending its headers a byte at a time, or nothing at all, would hold the connection forever)."""
 
     class WithHeadTimeout(HTTPProtocol):
         def connection_made(self, transport) -> None:
