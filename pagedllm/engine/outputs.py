@@ -128,7 +128,6 @@ def copy_output(output: RequestOutput) -> RequestOutput:
         for c in output.outputs])
 
 
-_completion_fields = attrgetter(*(f.name for f in dataclasses.fields(CompletionOutput)))
 _metrics_fields = attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))
 
 
@@ -137,13 +136,28 @@ def pack_output(output: RequestOutput) -> tuple:
     the driver holds): pickling a tree of dataclasses costs ten times as much at both ends, per
     request and step, and the server's HTTP process unpickles every token."""
     metrics = output.metrics
-    return (output.request_id, [_completion_fields(c) for c in output.outputs], output.finished,
-            output.num_cached_tokens, output.prompt_logprobs, None if metrics is None else _metrics_fields(metrics),
+    completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.cumulative_logprob,
+                    _pack_logprobs(c.logprobs)) for c in output.outputs]
+    return (output.request_id, completions, output.finished, output.num_cached_tokens,
+            _pack_logprobs(output.prompt_logprobs), None if metrics is None else _metrics_fields(metrics),
             output.error)
 
 
 def unpack_output(packed: tuple) -> RequestOutput:
     request_id, completions, finished, num_cached_tokens, prompt_logprobs, metrics, error = packed
-    return RequestOutput(request_id, None, [], [CompletionOutput(*c) for c in completions], finished,
-                         num_cached_tokens, prompt_logprobs, None if metrics is None else RequestMetrics(*metrics),
-                         error)
+    return RequestOutput(request_id, None, [], [CompletionOutput(*c[:6], _unpack_logprobs(c[6])) for c in completions],
+                         finished, num_cached_tokens, _unpack_logprobs(prompt_logprobs),
+                         None if metrics is None else RequestMetrics(*metrics), error)
+
+
+def _pack_logprobs(entries: list[dict[int, Logprob] | None] | None) -> list[dict[int, tuple] | None] | None:
+    if entries is None:
+        return None
+    return [None if e is None else {t: (lp.logprob, lp.rank, lp.decoded_token) for t, lp in e.items()}
+            for e in entries]
+
+
+def _unpack_logprobs(entries: list[dict[int, tuple] | None] | None) -> list[dict[int, Logprob] | None] | None:
+    if entries is None:
+        return None
+    return [None if e is None else {t: Logprob(*v) for t, v in e.items()} for e in entries]
