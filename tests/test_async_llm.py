@@ -196,3 +196,24 @@ def test_a_delta_reader_that_falls_behind_gets_the_waiting_deltas_added_up():
     assert "".join(o.outputs[0].text for o in outputs) == want.text
     assert [t for o in outputs for t in o.outputs[0].token_ids] == want.token_ids
     assert [e.keys() for o in outputs for e in o.outputs[0].logprobs] == [e.keys() for e in want.logprobs]
+
+
+def test_a_delta_stream_builds_each_tokens_logprobs_once():
+    """Each delta output takes its tokens and logprobs from where the last one ended: a stream's
+    logprobs are built once each, not all of them again at every token (quadratic in its length)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2,
+                            output_kind=RequestOutputKind.DELTA)
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
+    builder, built = engine.engine.outputs, []
+    build = builder._logprobs
+    builder._logprobs = lambda entries, detokenize: built.append(len(entries)) or build(entries, detokenize)
+
+    async def run():
+        return [o async for o in engine.generate(PROMPTS[1], params, request_id="long")]
+
+    try:
+        outputs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert sum(len(o.outputs[0].logprobs) for o in outputs) == 40
+    assert sum(built) == 40

@@ -25,16 +25,18 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # tokens before this are in self.text for good
         self._read_offset = 0  # tokens before this have been turned into text
 
-    def update(self, token_ids: list[int]) -> str:
-        """Take the output tokens so far; return the text they add (empty while a character is
-        still incomplete)."""
-        prefix_text = self.decode(token_ids[self._prefix_offset : self._read_offset])
-        new_text = self.decode(token_ids[self._prefix_offset :])
+    def update(self, token_ids: list[int], start: int = 0) -> str:
+        """Take the tokens so far (the output's, from ``start``: a request passes all its tokens
+        rather than copy its output's at every token); return the text they add (empty while a
+        character is still incomplete)."""
+        prefix, read = start + self._prefix_offset, start + self._read_offset
+        prefix_text = self.decode(token_ids[prefix:read])
+        new_text = self.decode(token_ids[prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""  # nothing new yet, or a multi-byte character is not complete
         delta = new_text[len(prefix_text) :]
         self.text += delta
-        self._read_offset = len(token_ids)
+        self._read_offset = len(token_ids) - start
         self._prefix_offset = max(self._read_offset - _CONTEXT_TOKENS, 0)
         return delta
 

@@ -226,7 +226,7 @@ class LLMEngine:
         """Decode the request's new token; on a stop string, cut the text there and end the request
         (if a stop token or length did not end it first). True if a stop string newly ended it."""
         detokenizer = request.detokenizer
-        num_new_chars = len(detokenizer.update(request.output_token_ids))
+        num_new_chars = len(detokenizer.update(request.token_ids, request.num_prompt_tokens))
         params = request.sampling_params
         if not params.stop or not num_new_chars or request.num_output_tokens < params.min_tokens:
             return False

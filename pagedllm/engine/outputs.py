@@ -23,7 +23,11 @@ class OutputBuilder:
         params = first.sampling_params
         error = next((m.error for m in members if m.error is not None), None)
         finished = group.is_finished if group else request.is_finished
-        completions = [self._completion(m, error is None) for m in members]
+        delta = params.output_kind == RequestOutputKind.DELTA and first.stream
+        first_report = not any(m.num_reported_tokens for m in members)
+        # a delta's tokens and logprobs are taken from where the last one ended, not cut from all of them: a long
+        # stream would copy its whole output (and build every logprob again) at each token
+        completions = [self._completion(m, error is None, m.num_reported_tokens if delta else 0) for m in members]
         if finished and params.samples > params.n and error is None:  # best_of: the n most likely, re-indexed
             completions = sorted(completions, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
             for index, completion in enumerate(completions):
@@ -31,17 +35,19 @@ class OutputBuilder:
         output = RequestOutput(group.request_id if group else request.request_id, first.prompt,
                                first.prompt_token_ids, completions, finished,
                                num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
-        delta = params.output_kind == RequestOutputKind.DELTA and first.stream
-        first_report = not any(m.num_reported_tokens for m in members)
         if params.prompt_logprobs is not None and error is None and (first_report or not delta):
             output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs, params.detokenize)
-        if delta:  # (the prompt's logprobs come with the first output only)
+        if delta:  # only what is new (the prompt's logprobs come with the first output only)
             for member, completion in zip(members, output.outputs, strict=True):
-                _only_what_is_new(member, completion)
+                chars = member.num_reported_chars
+                member.num_reported_tokens += len(completion.token_ids)
+                member.num_reported_chars = len(completion.text)
+                completion.text = completion.text[chars:]
         return output
 
-    def _completion(self, request: Request, with_text: bool) -> CompletionOutput:
-        token_ids = request.output_token_ids
+    def _completion(self, request: Request, with_text: bool, start: int) -> CompletionOutput:
+        """The sample's completion: its whole text, its tokens and logprobs from output token ``start``."""
+        token_ids = request.token_ids[request.num_prompt_tokens + start:]
         if not with_text:  # a failed request: its tokens and reason only
             return CompletionOutput(request.sample_index, "", token_ids, request.finish_reason)
         params = request.sampling_params
@@ -53,27 +59,18 @@ class OutputBuilder:
                 # so far: hold back what a later token could still turn into a stop string
                 text = text[: max(len(text) - max(map(len, params.stop)) + 1, 0)]
         elif self.tokenizer is not None and params.detokenize:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens,
+            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
                                       request.stop_reason, cumulative_logprob=request.cumulative_logprob)
         if params.logprobs is not None:
-            completion.logprobs = self._logprobs(request.output_logprobs, params.detokenize)
+            completion.logprobs = self._logprobs(request.output_logprobs[start:], params.detokenize)
         return completion
 
     def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool) -> list[dict[int, Logprob]]:
         decode = self.tokenizer is not None and detokenize
         return [{t: Logprob(lp, rank, self.tokenizer.decode([t]) if decode else None)
                  for t, (lp, rank) in entry.items()} for entry in entries]
-
-
-def _only_what_is_new(request: Request, completion: CompletionOutput) -> None:
-    """Cut a cumulative completion down to the tokens and text not reported before."""
-    tokens, chars = request.num_reported_tokens, request.num_reported_chars
-    request.num_reported_tokens, request.num_reported_chars = len(completion.token_ids), len(completion.text)
-    completion.token_ids, completion.text = completion.token_ids[tokens:], completion.text[chars:]
-    if completion.logprobs is not None:
-        completion.logprobs = completion.logprobs[tokens:]
 
 
 def _metrics(members: list[Request]) -> RequestMetrics:
