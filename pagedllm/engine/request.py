@@ -111,10 +111,10 @@ class Request:
         of a bad word whose other tokens the output ends with."""
         banned = sorted(self.stop_token_ids) if self.num_output_tokens < self.sampling_params.min_tokens else []
         if self.bad_words_token_ids:
-            output = self.output_token_ids
+            num_output, end = self.num_output_tokens, len(self.token_ids)
             for word in self.bad_words_token_ids:
                 head = word[:-1]  # the tokens the output must end with for the word's last to complete it
-                if not head or output[len(output) - len(head):] == head:
+                if not head or (len(head) <= num_output and self.token_ids[end - len(head):] == head):
                     banned.append(word[-1])
         return banned
 
