@@ -217,3 +217,17 @@ def test_a_delta_stream_builds_each_tokens_logprobs_once():
         engine.shutdown()
     assert sum(len(o.outputs[0].logprobs) for o in outputs) == 40
     assert sum(built) == 40
+
+
+def test_a_cumulative_stream_builds_each_tokens_logprobs_once():
+    """LLM.generate_stream's cumulative outputs share the logprobs built for the earlier ones."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    llm = LLM(DEMO, device="cpu")
+    want = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    builder, built = llm._engine().outputs, []
+    build = builder._logprobs
+    builder._logprobs = lambda entries, detokenize: built.append(len(entries)) or build(entries, detokenize)
+    outputs = list(llm.generate_stream(PROMPTS[1], params))
+    assert len(outputs) == 40 and [len(o.outputs[0].logprobs) for o in outputs] == list(range(1, 41))
+    assert sum(built) == 40
+    assert outputs[-1].outputs[0].logprobs == want.logprobs

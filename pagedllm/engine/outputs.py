@@ -26,7 +26,7 @@ class OutputBuilder:
         delta = params.output_kind == RequestOutputKind.DELTA and first.stream
         first_report = not any(m.num_reported_tokens for m in members)
         # a delta's tokens and logprobs are taken from where the last one ended, not cut from all of them: a long
-        # stream would copy its whole output (and build every logprob again) at each token
+        # stream would copy its whole output at each token
         completions = [self._completion(m, error is None, m.num_reported_tokens if delta else 0) for m in members]
         if finished and params.samples > params.n and error is None:  # best_of: the n most likely, re-indexed
             completions = sorted(completions, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
@@ -64,7 +64,9 @@ class OutputBuilder:
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
                                       request.stop_reason, cumulative_logprob=request.cumulative_logprob)
         if params.logprobs is not None:
-            completion.logprobs = self._logprobs(request.output_logprobs[start:], params.detokenize)
+            reported = request.reported_logprobs  # (a stream's outputs would build them all again at each token)
+            reported += self._logprobs(request.output_logprobs[len(reported):], params.detokenize)
+            completion.logprobs = reported[start:]
         return completion
 
     def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool) -> list[dict[int, Logprob]]:

@@ -10,6 +10,7 @@ from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.structured_output import SampleGrammar
+    from pagedllm.outputs import Logprob
 
 # Stands in ``token_ids`` for the token a step still running on the device is sampling; the
 # model runner feeds that step's sampled token in its place (see LLMEngine.step).
@@ -60,6 +61,8 @@ class Request:
     changes_its_logits: bool = field(init=False)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
+    reported_logprobs: "list[dict[int, Logprob]]" = field(default_factory=list)  # output_logprobs as outputs give
+    # them, each built once
     error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
     sample_index: int = 0  # its place in the group; a seeded sample draws from seed + sample_index
