@@ -109,15 +109,21 @@ def add_delta(so_far: RequestOutput | None, delta: RequestOutput) -> RequestOutp
         old = completions.get(new.index)
         if old is None:
             so_far.outputs.append(dataclasses.replace(new, token_ids=list(new.token_ids)))
-            continue
-        old.text += new.text
-        old.token_ids += new.token_ids
-        if new.logprobs is not None:
-            old.logprobs = (old.logprobs or []) + new.logprobs
-        old.finish_reason, old.stop_reason, old.cumulative_logprob = \
-            new.finish_reason, new.stop_reason, new.cumulative_logprob
+        else:
+            add_completion_delta(old, new)
     so_far.outputs.sort(key=lambda c: c.index)
     return so_far
+
+
+def add_completion_delta(so_far: CompletionOutput, delta: CompletionOutput) -> None:
+    """One sample's completion so far, with its delta added in place: text, tokens and logprobs
+    appended, the rest the newest."""
+    so_far.text += delta.text
+    so_far.token_ids += delta.token_ids
+    if delta.logprobs is not None:
+        so_far.logprobs = (so_far.logprobs or []) + delta.logprobs
+    so_far.finish_reason, so_far.stop_reason, so_far.cumulative_logprob = \
+        delta.finish_reason, delta.stop_reason, delta.cumulative_logprob
 
 
 def copy_output(output: RequestOutput) -> RequestOutput:

@@ -3,7 +3,6 @@ server-sent events. Tokenizing and chat templates run in worker threads, so that
 never stalls the event loop (and every other client with it)."""
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.outputs import add_completion_delta
 from pagedllm.entrypoints.openai.errors import ApiError, bad_value
 from pagedllm.entrypoints.openai.logprobs import add_completion_logprobs, chat_logprobs, vllm_prompt_logprobs
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -290,9 +290,9 @@ class _Deltas:
                 continue
             self.completion_tokens += len(c.token_ids)
             before = self.held.pop(key, None)
-            if before is not None:
-                c = dataclasses.replace(c, text=before.text + c.text, token_ids=before.token_ids + c.token_ids,
-                                        logprobs=None if c.logprobs is None else before.logprobs + c.logprobs)
+            if before is not None:  # (the stream's own outputs: added to in place)
+                add_completion_delta(before, c)
+                c = before
             if not c.text and not c.finish_reason:
                 self.held[key] = c
                 continue
@@ -302,14 +302,14 @@ class _Deltas:
         return ready
 
     def usage(self, echo_only: bool = False) -> Usage:
-        prompt_tokens = sum(self.prompt_tokens.values())
-        completion_tokens = 0 if echo_only else self.completion_tokens
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return _usage_of(sum(self.prompt_tokens.values()), 0 if echo_only else self.completion_tokens)
 
 
 def _usage(finals: list[RequestOutput], echo_only: bool = False) -> Usage:
-    prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
-    completion_tokens = 0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
+    return _usage_of(sum(len(f.prompt_token_ids) for f in finals),
+                     0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs))
+
+
+def _usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
