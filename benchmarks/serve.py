@@ -176,22 +176,23 @@ def make_client(url: str, timeout: float = 3600) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
 
 
-def process_cpu_s(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) a process has used so far, and those its live children have (Linux)."""
-    def cpu(p: int) -> float:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # (not Linux, or the process is gone)
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux; 0 elsewhere, or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def children_cpu_s(pid: int) -> float:
+    """The CPU seconds of a process's live children (pagedllm's engine process, for its server)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
+            return sum(cpu_s(int(c)) for c in f.read().split())
     except OSError:
-        children = []
-    return cpu(pid), sum(cpu(c) for c in children)
+        return 0.0
 
 
 def free_port() -> int:
@@ -208,15 +209,15 @@ def benchmark_engine(name: str, command: list[str], url: str, model: str, extra:
         runs = []
         for rate in args.rates:
             clients = [worker.pid for worker in pool._pool]  # (multiprocessing.Pool keeps its processes there)
-            before, clients_before = process_cpu_s(process.pid), [process_cpu_s(c)[0] for c in clients]
+            before = (cpu_s(process.pid), children_cpu_s(process.pid), [cpu_s(c) for c in clients])
             run = run_load(pool, args.client_processes, url, model, prompts, args.output_len, rate, extra,
                            args.time_limit)
-            after, clients_after = process_cpu_s(process.pid), [process_cpu_s(c)[0] for c in clients]
+            after = (cpu_s(process.pid), children_cpu_s(process.pid), [cpu_s(c) for c in clients])
             # CPU seconds of the server's process (HTTP), of its children (pagedllm's engine process) and of the
             # busiest client process, against wall_s: a process near 1 CPU-second a second holds the rest back
             run["server_process_cpu_s"] = after[0] - before[0]
             run["child_processes_cpu_s"] = after[1] - before[1]
-            run["busiest_client_process_cpu_s"] = max(b - a for a, b in zip(clients_before, clients_after, strict=True))
+            run["busiest_client_process_cpu_s"] = max(b - a for a, b in zip(before[2], after[2], strict=True))
             print(f"{name:>22} rate {rate:>5}: {run['output_tokens_per_s']:8.0f} out tok/s, "
                   f"TTFT p50 {run['ttft_p50_ms'] or 0:7.1f} ms p99 {run['ttft_p99_ms'] or 0:7.1f} ms, "
                   f"ITL p50 {run['itl_p50_ms'] or 0:6.1f} ms, failed {run['failed']}, "
