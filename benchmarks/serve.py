@@ -41,6 +41,7 @@ def build_checkpoint(config_path: str, dtype: torch.dtype, path: str) -> None:
     from pagedllm.testing import build_tokenizer
 
     config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)  # the same weights, so the same streams, in every run: runs compare
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tokenizer = build_tokenizer()

@@ -4,6 +4,7 @@ cache, stop), step, and send the outputs back from a thread of their own (``_Out
 when the driver says so or is gone; an error it cannot survive goes to the driver, then it exits.
 """
 
+import gc
 import logging
 import os
 import signal
@@ -40,6 +41,8 @@ def run_engine_process(config: EngineConfig, index: int, replicas: int, conn, dr
         # a forked child's inherited OpenMP pool is unusable (data_parallel.start_method)
         torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // replicas))
         engine = LLMEngine(config)
+        gc.collect()  # the start-up heap stays out of the collector's full passes (as in the server's process)
+        gc.freeze()
         conn.send(("ready", engine.cache_capacity))
         outbox = _Outbox(conn)
         _serve(engine, conn, outbox, driver)
