@@ -274,10 +274,10 @@ def serve_section(name: str, data: dict) -> list[str]:
     notes = []
     if "served_over_offline_at_rate_inf" in data:
         offline = _rate(data["offline"]["output_tokens_per_s"])
+        runs = data.get("served_over_offline_at_rate_inf_runs", [])
+        each = f" (the median of {len(runs)} floods: {', '.join(f'{r:.2f}' for r in runs)})" if len(runs) > 1 else ""
         notes.append(f"The offline `LLM` on the same prompts in the same run: {offline} output tok/s; served at "
-                     f"rate inf: **{data['served_over_offline_at_rate_inf']:.2f}** of it"
-                     + (f" (the median of {len(runs)} floods: {', '.join(f'{r:.2f}' for r in runs)})"
-                        if len(runs := data.get("served_over_offline_at_rate_inf_runs", [])) > 1 else ""))
+                     f"rate inf: **{data['served_over_offline_at_rate_inf']:.2f}** of it{each}")
     for engine in data["engines"]:
         flood = [r for r in engine.get("runs", []) if r["rate"] == float("inf") and r.get("content_chunks")]
         if flood:

@@ -237,7 +237,7 @@ class OpenAIServing:
                         sent_chars[prompt_index, c.index] = len(choice.text)  # offsets go on after the prompt
                         yield chunk([choice])
             for c in deltas.ready(prompt_index, output):
-                index = prompt_index * body.n + c.index
+                index, key = prompt_index * body.n + c.index, (prompt_index, c.index)
                 if echo_only:
                     if c.finish_reason:
                         yield chunk([CompletionChoice(index=index, text="", finish_reason="length")])
@@ -245,9 +245,8 @@ class OpenAIServing:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = CompletionLogprobs()
-                    add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None,
-                                            sent_chars.get((prompt_index, c.index), 0))
-                sent_chars[prompt_index, c.index] = sent_chars.get((prompt_index, c.index), 0) + len(c.text)
+                    add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None, sent_chars.get(key, 0))
+                sent_chars[key] = sent_chars.get(key, 0) + len(c.text)
                 yield chunk([CompletionChoice(index=index, text=c.text, logprobs=logprobs,
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if body.stream_options and body.stream_options.include_usage:
