@@ -2,6 +2,7 @@
 healthy request right after still gets the right text. Every row once broke the engine for good,
 hung, or answered with something other than OpenAI's error JSON."""
 
+import gc
 import http.client
 import json
 import os
@@ -342,7 +343,9 @@ def serve_in_a_thread(model: str, monkeypatch) -> tuple:
 def test_a_killed_engine_process_ends_the_streams_and_the_server_exits_1(tiny_checkpoint, monkeypatch):
     """The engine process killed mid-stream (the OOM killer, a crashed driver): the stream ends
     with an error event naming it, /health says 503, and serve() returns 1."""
+    assert gc.get_freeze_count() == 0
     server, thread, exit_code, url = serve_in_a_thread(tiny_checkpoint("llama"), monkeypatch)
+    assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's full passes while it serves
     process = server.engine.engine.replicas[0].process
     assert process.pid != os.getpid() and process.is_alive()  # the engine core runs in a process of its own
     try:
@@ -359,6 +362,7 @@ def test_a_killed_engine_process_ends_the_streams_and_the_server_exits_1(tiny_ch
         assert "the engine process died with exit code -9" in json.loads(events[-2])["error"]["message"]
         thread.join(timeout=30)
         assert not thread.is_alive() and exit_code["code"] == 1
+        assert gc.get_freeze_count() == 0  # and back in them once it is done: this process goes on
     finally:
         server.engine.on_dead()
         thread.join(timeout=30)

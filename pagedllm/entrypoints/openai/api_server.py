@@ -136,14 +136,15 @@ def serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach it may use it (set %s)",
                        args.host, "PAGEDLLM_API_KEY")
-    # the start-up heap (torch, transformers, the tokenizer: ~400k objects) is there for good: kept out of
-    # the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
+    # the start-up heap (torch, transformers, the tokenizer: ~400k objects) is there while the server is: kept
+    # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()
     gc.freeze()
     try:
         uvicorn_server(server, args.host, args.port).run()
     finally:
         server.engine.shutdown()
+        gc.unfreeze()  # (a process that goes on, as a test's, collects its objects again)
     if server.engine.error is not None:
         logger.error("exiting with status 1: the engine stopped (%r)", server.engine.error)
         return 1
