@@ -163,3 +163,21 @@ def test_shutdown_frees_the_model_and_refuses_more_work(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate([[5, 6]], GREEDY, use_tqdm=False)
     llm.shutdown()  # a second shutdown does nothing
+
+
+def test_an_llm_in_a_reference_cycle_frees_its_weights_in_one_collection(tiny_checkpoint):
+    """A notebook's history or a closure can put the LLM in a cycle: the collector then runs its
+    shutdown, and the weights must go in that same collection (they stayed until the next one, and
+    a benchmark's next LLM found them still allocated)."""
+    import gc
+    import weakref
+
+    def make() -> weakref.ref:
+        llm = LLM(tiny_checkpoint("llama"), device="cpu")
+        llm.generate([[5, 6]], GREEDY, use_tqdm=False)
+        llm.itself = llm
+        return weakref.ref(next(llm.llm_engine.executor.runner.model.parameters()))
+
+    weight = make()
+    gc.collect()
+    assert weight() is None or weight().numel() == 0

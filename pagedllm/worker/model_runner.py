@@ -1,6 +1,7 @@
 """One rank's model over its paged KV cache: turns a step's batch into tensors and runs the forward pass."""
 
 import gc
+import itertools
 import logging
 
 import torch
@@ -69,12 +70,17 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Release the graphs, the KV cache and the weights, and return the memory to the device.
-        The graphs go first: NCCL cannot tear down a communicator that captured graphs still use."""
+        The graphs go first: NCCL cannot tear down a communicator that captured graphs still use.
+        The weights' storage is freed here, not left to the collector: an engine in a reference
+        cycle is shut down by the collector itself (its finalizer), and a model freed then would
+        wait for the next collection, holding its memory from the next ``LLM``."""
         self.decode_graphs = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         release_kv_cache(self.model)
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         self.kv_cache = self.window_kv_cache = self.model = self.inputs = self.last_sampled = None
         gc.collect()
         if self.device.type == "cuda":
