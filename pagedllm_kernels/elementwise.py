@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, empty_fp8_rows, quantize_rows, store_row_as_fp8
+from pagedllm_kernels.reference import FP8_MAX
+
 
 @triton.jit
 def _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n, out_ty,
@@ -25,33 +28,40 @@ def _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
-                     n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, stride_x, stride_r,
+                     stride_o, n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr,
+                     QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
     row, cols, mask, x = _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n,
-                                            out_ptr.dtype.element_ty, HAS_RESIDUAL, BLOCK)
+                                            dtype, HAS_RESIDUAL, BLOCK)
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = w * (h if SCALE_IN_FLOAT32 else h.to(out_ptr.dtype.element_ty).to(tl.float32))
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = (w * (h if SCALE_IN_FLOAT32 else h.to(dtype).to(tl.float32))).to(dtype)
+    if QUANTIZE:
+        store_row_as_fp8(out.to(tl.float32), out_ptr, scale_ptr, row, stride_o, cols, mask, FP8_MAX)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             scale_in_float32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``rms_norm_ref`` over the last dimension of a 2-D or 3-D ``x``."""
+             scale_in_float32: bool = False, quantize: bool = False):
+    """Same contract as ``rms_norm_ref`` over the last dimension of a 2-D or 3-D ``x`` (quantized:
+    of a 2-D ``x``)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    n = shape[-1]
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    residual_out = torch.empty_like(out) if residual is not None else out
+    rows, n = x2.shape
+    out, scale = empty_fp8_rows(rows, n, x.device) if quantize else (torch.empty(rows, n, dtype=x.dtype,
+                                                                                 device=x.device), None)
+    residual_out = torch.empty(rows, n, dtype=x.dtype, device=x.device) if residual is not None else x2
     r2 = residual.reshape(-1, n) if residual is not None else x2
-    if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
-                                         n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
-                                         BLOCK=triton.next_power_of_2(n))
-    out = out.view(shape)
+    if rows:
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, scale, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
+                                  n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
+                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n))
+    out = (out, scale) if quantize else out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))
 
 
@@ -132,21 +142,32 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, stride_in, n, QUANTIZE: tl.constexpr,
+                         FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + n + cols, mask=mask, other=0.0)
     act = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
+    out = (act * up.to(tl.float32)).to(up.dtype)
+    if QUANTIZE:  # (the whole row in this program)
+        store_row_as_fp8(out.to(tl.float32), out_ptr, scale_ptr, row, n, cols, mask, FP8_MAX)
+    else:
+        tl.store(out_ptr + row * n + cols, out, mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
+    """Same contract as ``silu_and_mul_ref``."""
     num_tokens, width = gate_up.shape
     n = width // 2
-    out = torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device)
+    if quantize and n > WIDEST_BLOCK:  # a row too wide for one program's registers
+        return quantize_rows(silu_and_mul(gate_up))
+    out, scale = empty_fp8_rows(num_tokens, n, gate_up.device) if quantize else (
+        torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device), None)
     if num_tokens:
-        block = min(1024, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block)
-    return out
+        block = triton.next_power_of_2(n) if quantize else min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n,
+                                                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
+                                                                  num_warps=min(16, max(4, block // 1024)))
+    return (out, scale) if quantize else out

@@ -32,25 +32,41 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n, stride_x, stride_q, FP8_MA
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < n)
 
 
-_WIDEST_BLOCK = 16384  # a row up to this wide (every hidden and MLP width of the supported models) in one block
+@triton.jit
+def store_row_as_fp8(values, q_ptr, scale_ptr, row, stride_q, cols, mask, FP8_MAX: tl.constexpr):
+    """A row held whole in registers (float32 values, as rounded to the model's dtype), stored as
+    ``quantize_rows_ref`` quantizes it: for a kernel whose output only an FP8 linear layer reads
+    (a norm, the MLP's activation), which then needs no quantizing kernel of its own."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.where(mask, tl.abs(values), 0.0), axis=0), 1e-12), FP8_MAX)
+    tl.store(scale_ptr + row, scale)
+    q = tl.clamp(tl.math.div_rn(values, scale), -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def empty_fp8_rows(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for ``rows`` quantized rows of ``n`` and their scales."""
+    return (torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(rows, 1, dtype=torch.float32, device=device))
+
+
+WIDEST_BLOCK = 16384  # a row up to this wide (every hidden and MLP width of the supported models) in one block
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [rows, cols]`` (each row dense) as FP8 and one float32 scale per row ``[rows, 1]``."""
     rows, n = x.shape
-    q = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    q, scale = empty_fp8_rows(rows, n, x.device)
     if rows:
-        block = min(_WIDEST_BLOCK, triton.next_power_of_2(n))
+        block = min(WIDEST_BLOCK, triton.next_power_of_2(n))
         _quantize_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, BLOCK=block,
                                        num_warps=min(16, max(4, block // 1024)))
     return q, scale
 
 
 @triton.jit
-def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, stride_xm, stride_wn,
-                              stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, arrivals_ptr, m, n, k,
+                              stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -62,10 +78,33 @@ def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, m, 
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    mask = (rows < m)[:, None] & (cols < n)[None, :]
+    if SPLIT_K > 1:  # each split leaves its partial sum; the last to arrive adds them up, in split order
+        tile = rows[:, None] * n + cols[None, :]
+        tl.store(partial_ptr + split * m * n + tile, acc, mask=mask)
+        counter = arrivals_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(counter, 1) == SPLIT_K - 1:  # (acq_rel: the other splits' stores are seen)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for other in range(SPLIT_K):
+                acc += tl.load(partial_ptr + other * m * n + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(counter, 0)  # ready for the next call
+        else:
+            return
     acc = acc * tl.load(scale_ptr + cols, mask=cols < n, other=0.0)[None, :]
     acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
-    out = out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < m)[:, None] & (cols < n)[None, :])
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_arrivals: dict[torch.device, torch.Tensor] = {}  # per device: split-K's arrival counters, zero between calls
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Counters that every call leaves at zero, so one set serves every layer (their kernels run one
+    after another); made once, before any CUDA graph captures the kernel (the warm-up runs first)."""
+    counters = _arrivals.get(device)
+    if counters is None or len(counters) < tiles:
+        counters = _arrivals[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def few_rows_config(n: int, k: int) -> dict:
@@ -82,8 +121,9 @@ def fp8_weight_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
                       split_k: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``(x [m, k] * x_scale [m, 1]) @ (weight [n, k] * weight_scale [n, 1]).T`` in ``out_dtype``,
     both operands FP8, x's rows dense. Each program reads ``block_n`` weight rows over
-    ``k / split_k`` columns (by default ``few_rows_config``'s); split-K's partial sums are added in
-    a fixed order, so results do not vary from run to run."""
+    ``k / split_k`` columns (by default ``few_rows_config``'s); split-K's partial sums are added by
+    the last program of each tile to finish, in split order (no kernel after it, and results that do
+    not vary from run to run)."""
     m, k = x.shape
     n = weight.shape[0]
     tiles = few_rows_config(n, k)
@@ -92,11 +132,13 @@ def fp8_weight_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
     block_m = 16  # tl.dot's least; a single row pads to it in registers, costing no reads
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(split_k, m, n, dtype=out_dtype if split_k == 1 else torch.float32, device=x.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m:
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-        _fp8_weight_matmul_kernel[grid](x, x_scale, weight, weight_scale, out,
-                                        m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-                                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
+        partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+        arrivals = _arrival_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
+        _fp8_weight_matmul_kernel[grid](x, x_scale, weight, weight_scale, out, partial, arrivals, m, n, k,
+                                        x.stride(0), weight.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                                        BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLIT_K=split_k,
                                         num_warps=num_warps, num_stages=num_stages)
-    return out[0] if split_k == 1 else out.sum(0).to(out_dtype)
+    return out

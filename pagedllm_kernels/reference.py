@@ -112,10 +112,11 @@ def paged_attention_ref(
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                 scale_in_float32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 scale_in_float32: bool = False, quantize: bool = False):
     """HF's RMSNorm (float32 statistics, scaled in the input dtype; ``scale_in_float32``: scaled
     before rounding, as Gemma's). With ``residual``: first ``x + residual`` (rounded to the dtype,
-    as HF adds), which is returned too as the new residual."""
+    as HF adds), which is returned too as the new residual. ``quantize``: the output of a 2-D ``x``
+    as ``quantize_rows_ref`` returns it, for an FP8 linear layer."""
     if residual is not None:
         x = x + residual
         residual = x
@@ -123,6 +124,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     out = (weight.float() * h).to(dtype) if scale_in_float32 else weight * h.to(dtype)
+    if quantize:
+        out = quantize_rows_ref(out)
     return out if residual is None else (out, residual)
 
 
@@ -151,10 +154,12 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: t
     return rotate(q), rotate(k)
 
 
-def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``[tokens, 2 * n]`` holding gate then up, rounded as HF's two ops round."""
+def silu_and_mul_ref(gate_up: torch.Tensor, quantize: bool = False):
+    """``silu(gate) * up`` for ``[tokens, 2 * n]`` holding gate then up, rounded as HF's two ops round
+    (``quantize``: as ``quantize_rows_ref`` returns it, for an FP8 linear layer)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    out = torch.nn.functional.silu(gate) * up
+    return quantize_rows_ref(out) if quantize else out
 
 
 def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

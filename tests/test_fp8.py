@@ -65,7 +65,7 @@ def test_fp8_linear_equals_the_reference(dtype, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2), (17, 3)])
 def test_the_few_rows_fp8_kernel_equals_its_reference(dtype, rows, split_k):
-    """fp8_weight_matmul (under the interpreter on the CPU), split-K included."""
+    """fp8_weight_matmul (under the interpreter on the CPU), split-K included, twice."""
     from pagedllm_kernels import fp8_ops
     from pagedllm_kernels.reference import fp8_weight_matmul_ref
 
@@ -73,9 +73,11 @@ def test_the_few_rows_fp8_kernel_equals_its_reference(dtype, rows, split_k):
     g = torch.Generator().manual_seed(rows)
     x_q, x_scale = quantize_rows_ref(torch.randn(rows, 300, generator=g))
     weight, scale = quantize_rows_ref(torch.randn(70, 300, generator=g))
-    got = fp8_ops.fp8_weight_matmul(*(t.to(device) for t in (x_q, x_scale, weight, scale)), dtype, block_k=64,
-                                    split_k=split_k)
+    args = [t.to(device) for t in (x_q, x_scale, weight, scale)]
+    got = fp8_ops.fp8_weight_matmul(*args, dtype, block_k=64, split_k=split_k)
     assert got.dtype == dtype
+    # the last split of each tile to arrive adds the partial sums up and resets its counter for the next call
+    assert torch.equal(fp8_ops.fp8_weight_matmul(*args, dtype, block_k=64, split_k=split_k), got)
     torch.testing.assert_close(got.cpu(), fp8_weight_matmul_ref(x_q, x_scale, weight, scale, dtype),
                                rtol=2e-3 if dtype != torch.bfloat16 else 1e-2, atol=2e-3)
 
@@ -211,6 +213,20 @@ def test_experts_are_quantized_too_and_keep_the_outputs_close(tiny_checkpoint):
     assert change < 0.05 * sum(abs(a) for a in logprobs[0]) / len(prompt[1:])
 
 
+def assert_same_fp8(q: torch.Tensor, expected_q: torch.Tensor) -> None:
+    """Equal e4m3 values, but for the interpreter's own e4m3 rounding on the CPU: triton's (3.6)
+    makes the exponent one too small where rounding carries into the next power of two (124.3 ->
+    64, not 128) and rounds ties away from even (168 -> 176); GPUs convert in hardware, round to
+    nearest even, as torch."""
+    got, expected = q.cpu().float(), expected_q.cpu().float()
+    wrong = got != expected
+    if q.device.type == "cpu":
+        carried = (expected.abs().log2() == expected.abs().log2().round()) & (got == expected / 2)
+        next_to = (got - expected).abs() <= (expected.abs() / 8).clamp(min=2**-9)  # one e4m3 step (subnormal: 2**-9)
+        wrong &= ~(carried | next_to)
+    assert not wrong.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width", [5, 1000, 2500, 17000])  # one block (up to 16384), or several
 def test_the_row_quantizing_kernel_equals_quantize_rows_ref(dtype, width):
@@ -223,12 +239,72 @@ def test_the_row_quantizing_kernel_equals_quantize_rows_ref(dtype, width):
     q, scale = fp8_ops.quantize_rows(x.to(device))
     expected_q, expected_scale = quantize_rows_ref(x)
     assert torch.equal(scale.cpu(), expected_scale)
-    got, expected = q.cpu().float(), expected_q.float()
-    wrong = got != expected
-    if device == "cpu":  # triton's interpreter (3.6) rounds to e4m3 its own way: the exponent one too small where
-        # rounding carries into the next power of two (124.3 -> 64, not 128), ties away from even (168 -> 176);
-        # GPUs convert in hardware, round to nearest even, as torch
-        carried = (expected.abs().log2() == expected.abs().log2().round()) & (got == expected / 2)
-        next_to = (got - expected).abs() <= (expected.abs() / 8).clamp(min=2**-9)  # one e4m3 step (subnormal: 2**-9)
-        wrong &= ~(carried | next_to)
-    assert not wrong.any()
+    assert_same_fp8(q, expected_q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + [torch.bfloat16] * torch.cuda.is_available())
+@pytest.mark.parametrize("width", [96, 3000])
+def test_norm_and_activation_kernels_quantize_what_they_make_as_quantize_rows_ref(dtype, width):
+    """rms_norm and silu_and_mul with ``quantize``: their own output (unquantized) as
+    quantize_rows_ref quantizes it, in the same kernel; and the references say the same."""
+    from pagedllm_kernels.elementwise import rms_norm, silu_and_mul
+    from pagedllm_kernels.reference import rms_norm_ref, silu_and_mul_ref
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(width)
+    x, residual = ((torch.randn(5, width, generator=g) * torch.logspace(-2, 2, 5).unsqueeze(1)).to(dtype).to(device)
+                   for _ in range(2))
+    weight = torch.randn(width, generator=g).to(dtype).to(device)
+    gate_up = torch.randn(5, 2 * width, generator=g).to(dtype).to(device)
+    for made, (q, scale) in [(rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5, quantize=True)),
+                             (silu_and_mul(gate_up), silu_and_mul(gate_up, quantize=True))]:
+        expected_q, expected_scale = quantize_rows_ref(made)
+        assert q.dtype == FP8 and torch.equal(scale, expected_scale)
+        assert_same_fp8(q, expected_q)
+    (q, scale), new_residual = rms_norm(x, weight, 1e-5, residual, quantize=True)
+    assert torch.equal(new_residual, rms_norm(x, weight, 1e-5, residual)[1])
+    assert torch.equal(scale, quantize_rows_ref(rms_norm(x, weight, 1e-5, residual)[0])[1])
+    x, weight, gate_up = x.cpu(), weight.cpu(), gate_up.cpu()
+    for got, expected in [(rms_norm_ref(x, weight, 1e-5, quantize=True),
+                           quantize_rows_ref(rms_norm_ref(x, weight, 1e-5))),
+                          (silu_and_mul_ref(gate_up, True), quantize_rows_ref(silu_and_mul_ref(gate_up)))]:
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, expected, strict=True))
+
+
+def test_an_activation_too_wide_for_one_program_is_quantized_after():
+    from pagedllm_kernels.elementwise import silu_and_mul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gate_up = torch.randn(2, 2 * 17000, generator=torch.Generator().manual_seed(0)).to(device)
+    q, scale = silu_and_mul(gate_up, quantize=True)
+    expected_q, expected_scale = quantize_rows_ref(silu_and_mul(gate_up))
+    assert torch.equal(scale, expected_scale)
+    assert_same_fp8(q, expected_q)
+
+
+def test_norms_hand_fp8_activations_to_the_linear_layers_they_feed():
+    """A quantized Llama's norms before q/k/v and gate/up, and its MLP activation, quantize their own
+    outputs (the final norm, read by the bf16 LM head, does not); the model computes what it did
+    with a quantizing kernel before each layer: the same logprobs."""
+    from pagedllm.models import llama
+
+    llm = LLM(DEMO, device="cpu", quantization="fp8")
+    model = llm.llm_engine.executor.runner.model.model
+    assert all(layer.input_layernorm.fp8_out and layer.post_attention_layernorm.fp8_out for layer in model.layers)
+    assert not model.norm.fp8_out
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=3)
+    prompts = ["def main():", "import numpy as np\n"]
+    fused = llm.generate(prompts, params, use_tqdm=False)
+    for layer in model.layers:
+        layer.input_layernorm.fp8_out = layer.post_attention_layernorm.fp8_out = False
+    original = llama.LlamaMLP.forward
+    llama.LlamaMLP.forward = lambda self, x: self.down_proj(
+        llama.silu_and_mul_ref(self.gate_up_proj(x)))  # the activation unquantized: fp8_linear quantizes it
+    try:
+        unfused = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llama.LlamaMLP.forward = original
+    for a, b in zip(fused, unfused, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: p.logprob for t, p in e.items()} for e in a.outputs[0].logprobs] == \
+            [{t: p.logprob for t, p in e.items()} for e in b.outputs[0].logprobs]

@@ -6,12 +6,14 @@ import torch
 import torch.nn as nn
 
 from pagedllm.layers.linear import copy_checked
+from pagedllm.layers.quantization import FP8Rows
 from pagedllm.layers.triton_ops import fused_on, layer_norm, rms_norm
 from pagedllm_kernels.reference import layer_norm_ref, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
     scale_in_float32 = False
+    fp8_out = False  # set when the one layer that reads the output is FP8: it comes quantized (FP8Rows)
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -20,7 +22,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
-        return (rms_norm if fused_on(x) else rms_norm_ref)(x, self.weight, self.eps, residual, self.scale_in_float32)
+        out = (rms_norm if fused_on(x) else rms_norm_ref)(x, self.weight, self.eps, residual, self.scale_in_float32,
+                                                          self.fp8_out)
+        if not self.fp8_out:
+            return out
+        return FP8Rows(*out, x.dtype) if residual is None else (FP8Rows(*out[0], x.dtype), out[1])
 
 
 class GemmaRMSNorm(RMSNorm):

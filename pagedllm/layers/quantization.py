@@ -8,6 +8,8 @@ A bf16/fp16 checkpoint is quantized once its weights are loaded (``quantize_line
 checkpoint is dequantized by the loader as it is read (``models/fp8_checkpoint.py``) and quantized
 again here, per row, whatever its own scale layout (per tensor, per row or in blocks)."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -18,40 +20,52 @@ FP8 = torch.float8_e4m3fn
 FEW_ROWS = 16  # up to here fp8_weight_matmul beats torch._scaled_mm (H200, Llama-3-8B's layers)
 
 
-def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """What ``fp8_linear`` computes: x quantized per token, both operands dequantized, multiplied
-    in float32, rounded to x's dtype."""
-    x_q, x_scale = quantize_rows_ref(x.reshape(-1, x.shape[-1]))
-    out = fp8_weight_matmul_ref(x_q, x_scale, weight, weight_scale, x.dtype).reshape(*x.shape[:-1], -1)
-    return out if bias is None else out + bias
+@dataclass
+class FP8Rows:
+    """Activations quantized per token by the kernel that made them (a norm, the MLP's activation),
+    for the one FP8 linear layer that reads them: a kernel less per layer, and at one stream a
+    launch costs about what the quantizing itself does."""
+
+    q: torch.Tensor  # [tokens, in] e4m3
+    scale: torch.Tensor  # [tokens, 1] float32
+    dtype: torch.dtype  # the model's: the product's
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def quantized_rows(x: torch.Tensor | FP8Rows) -> FP8Rows:
+    """x's rows quantized per token (in one kernel on CUDA), or x as it came if it already is."""
+    if isinstance(x, FP8Rows):
+        return x
+    rows = x.reshape(-1, x.shape[-1])
+    quantize = triton_ops.quantize_rows if triton_ops.fused_on(x) else quantize_rows_ref
+    return FP8Rows(*quantize(rows if rows.stride(-1) == 1 else rows.contiguous()), x.dtype)
+
+
+def fp8_linear(x: torch.Tensor | FP8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (weight * weight_scale).T + bias`` with FP8 ``weight [out, in]`` and float32
-    ``weight_scale [out, 1]``; on CUDA the activations are quantized in one kernel, then one
+    ``weight_scale [out, 1]``, x quantized per token (``quantized_rows``). On CUDA one
     ``torch._scaled_mm`` (row-wise scales need a bf16 output: an fp16 model's is converted after)
-    or, for up to ``FEW_ROWS`` rows, ``fp8_weight_matmul``."""
-    if not x.is_cuda:
-        return fp8_linear_ref(x, weight, weight_scale, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    fused = triton_ops.fused_on(x)
-    x_q, x_scale = (triton_ops.quantize_rows if fused else quantize_rows_ref)(
-        rows if rows.stride(-1) == 1 else rows.contiguous())
-    if fused and len(rows) <= FEW_ROWS:
-        out = triton_ops.fp8_weight_matmul(x_q, x_scale, weight, weight_scale, x.dtype)
+    or, for up to ``FEW_ROWS`` rows, ``fp8_weight_matmul``; elsewhere both operands dequantized
+    and multiplied in float32 (``fp8_weight_matmul_ref``)."""
+    rows = quantized_rows(x)
+    if not rows.q.is_cuda:
+        out = fp8_weight_matmul_ref(rows.q, rows.scale, weight, weight_scale, rows.dtype)
+    elif triton_ops.fp8_weight_matmul is not None and len(rows.q) <= FEW_ROWS:
+        out = triton_ops.fp8_weight_matmul(rows.q, rows.scale, weight, weight_scale, rows.dtype)
     else:
-        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
-                               out_dtype=torch.bfloat16).to(x.dtype)
-    out = out.reshape(*x.shape[:-1], -1)
+        out = torch._scaled_mm(rows.q, weight.t(), scale_a=rows.scale, scale_b=weight_scale.t(),
+                               out_dtype=torch.bfloat16).to(rows.dtype)
+    if isinstance(x, torch.Tensor):
+        out = out.reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
 
 
 def quantize_linears(model: nn.Module) -> None:
     """Quantize every tensor-parallel linear layer's weight (this rank's slice) and every expert's
     to FP8 with a scale per output row, in place; embeddings, the LM head, norms and routers keep
-    the dtype. Experts keep their activations in the dtype (their kernel widens the weights)."""
+    the dtype. Experts keep their activations in the dtype (their kernel widens the weights).
+    A layer that knows which norms feed only its linear layers has them quantize their outputs
+    (``hand_fp8_to_linears``)."""
     from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
     from pagedllm.layers.moe import SparseMoeBlock
 
@@ -65,3 +79,5 @@ def quantize_linears(model: nn.Module) -> None:
                 weight, scale = quantize_rows_ref(stacked.reshape(-1, stacked.shape[-1]))
                 setattr(module, name, nn.Parameter(weight.view(stacked.shape), requires_grad=False))
                 setattr(module, f"{name}_scale", scale.view(*stacked.shape[:2], 1))
+        if hasattr(module, "hand_fp8_to_linears"):
+            module.hand_fp8_to_linears()

@@ -13,6 +13,7 @@ from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.moe import SparseMoeBlock
 from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm, add_and_norm
+from pagedllm.layers.quantization import FP8Rows
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -105,7 +106,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.silu:
-            return self.down_proj((silu_and_mul if fused_on(gate_up) else silu_and_mul_ref)(gate_up))
+            fp8 = self.down_proj.weight_scale is not None  # then the activation comes quantized
+            act = (silu_and_mul if fused_on(gate_up) else silu_and_mul_ref)(gate_up, fp8)
+            return self.down_proj(FP8Rows(*act, gate_up.dtype) if fp8 else act)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -118,6 +121,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = moe_block(config, layer_index) or LlamaMLP(config, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def hand_fp8_to_linears(self) -> None:
+        """Called once the linear layers are FP8: the norms whose output only one of them reads
+        quantize it (a MoE block's router reads its input in the dtype)."""
+        self.input_layernorm.fp8_out = True
+        self.post_attention_layernorm.fp8_out = isinstance(self.mlp, LlamaMLP)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
