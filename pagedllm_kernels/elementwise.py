@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, empty_fp8_rows, quantize_rows, store_row_as_fp8
+from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, empty_fp8_rows, quantize_rows, quantizing_warps, store_row_as_fp8
 from pagedllm_kernels.reference import FP8_MAX
 
 
@@ -60,7 +60,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if rows:
         _rms_norm_kernel[(rows,)](x2, r2, weight, out, scale, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
                                   n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
-                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n))
+                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=quantizing_warps(triton.next_power_of_2(n)) if quantize else 4)
     out = (out, scale) if quantize else out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))
 
@@ -169,5 +170,5 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
         block = triton.next_power_of_2(n) if quantize else min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n,
                                                                   QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
-                                                                  num_warps=min(16, max(4, block // 1024)))
+                                                                  num_warps=quantizing_warps(block) if quantize else 4)
     return (out, scale) if quantize else out

@@ -23,9 +23,13 @@ def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [rows, cols]`` as float8 e4m3 and one float32 scale per row ``[rows, 1]``: ``x ~ q * scale``."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """``x [rows, cols]`` as float8 e4m3 and one float32 scale per row ``[rows, 1]``: ``x ~ q * scale``,
+    the scale a row's largest magnitude / FP8_MAX, its values multiplied by the inverse (FP8_MAX /
+    largest: one division a row, as the kernels do it). On CUDA torch divides by a Python number
+    as a product by its inverse: the kernels are compared with this on the CPU."""
+    largest = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    inverse = torch.full_like(largest, FP8_MAX) / largest
+    return (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), largest / FP8_MAX
 
 
 def fp8_weight_matmul_ref(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

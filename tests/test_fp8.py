@@ -141,11 +141,14 @@ def test_fp8_checkpoints_load_as_saved_and_keep_the_loss(layout, tmp_path, demo_
 
 
 def test_fp8_checkpoints_split_over_two_ranks_as_over_one(tmp_path):
+    """Each rank reads its slices of the 64 x 32 blocks and their scales. Not token for token: a
+    row-parallel layer's rank quantizes its own columns (weights and activations, each row with the
+    scale of its slice), so two ranks round differently from one, as in vLLM; the loss says whether
+    the slices were read right (a misread block would move it by far more)."""
     path = fp8_checkpoint(str(tmp_path / "block"), "block")
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    one = LLM(path, device="cpu").generate(["def main():"], params, use_tqdm=False)[0].outputs[0].token_ids
+    one = text_loss(LLM(path, device="cpu"))
     with LLM(path, device="cpu", tensor_parallel_size=2) as two:
-        assert two.generate(["def main():"], params, use_tqdm=False)[0].outputs[0].token_ids == one
+        assert abs(text_loss(two) - one) < 0.005 * one
 
 
 @pytest.mark.parametrize("quant_method", ["gptq", "awq", "bitsandbytes"])
@@ -256,14 +259,15 @@ def test_norm_and_activation_kernels_quantize_what_they_make_as_quantize_rows_re
                    for _ in range(2))
     weight = torch.randn(width, generator=g).to(dtype).to(device)
     gate_up = torch.randn(5, 2 * width, generator=g).to(dtype).to(device)
+    # (the references quantize on the CPU: torch on CUDA divides by a Python number as a product by its inverse)
     for made, (q, scale) in [(rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5, quantize=True)),
                              (silu_and_mul(gate_up), silu_and_mul(gate_up, quantize=True))]:
-        expected_q, expected_scale = quantize_rows_ref(made)
-        assert q.dtype == FP8 and torch.equal(scale, expected_scale)
+        expected_q, expected_scale = quantize_rows_ref(made.cpu())
+        assert q.dtype == FP8 and torch.equal(scale.cpu(), expected_scale)
         assert_same_fp8(q, expected_q)
     (q, scale), new_residual = rms_norm(x, weight, 1e-5, residual, quantize=True)
     assert torch.equal(new_residual, rms_norm(x, weight, 1e-5, residual)[1])
-    assert torch.equal(scale, quantize_rows_ref(rms_norm(x, weight, 1e-5, residual)[0])[1])
+    assert torch.equal(scale.cpu(), quantize_rows_ref(rms_norm(x, weight, 1e-5, residual)[0].cpu())[1])
     x, weight, gate_up = x.cpu(), weight.cpu(), gate_up.cpu()
     for got, expected in [(rms_norm_ref(x, weight, 1e-5, quantize=True),
                            quantize_rows_ref(rms_norm_ref(x, weight, 1e-5))),
@@ -277,8 +281,8 @@ def test_an_activation_too_wide_for_one_program_is_quantized_after():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gate_up = torch.randn(2, 2 * 17000, generator=torch.Generator().manual_seed(0)).to(device)
     q, scale = silu_and_mul(gate_up, quantize=True)
-    expected_q, expected_scale = quantize_rows_ref(silu_and_mul(gate_up))
-    assert torch.equal(scale, expected_scale)
+    expected_q, expected_scale = quantize_rows_ref(silu_and_mul(gate_up).cpu())
+    assert torch.equal(scale.cpu(), expected_scale)
     assert_same_fp8(q, expected_q)
 
 
