@@ -249,7 +249,9 @@ def test_the_row_quantizing_kernel_equals_quantize_rows_ref(dtype, width):
 @pytest.mark.parametrize("width", [96, 3000])
 def test_norm_and_activation_kernels_quantize_what_they_make_as_quantize_rows_ref(dtype, width):
     """rms_norm and silu_and_mul with ``quantize``: their own output (unquantized) as
-    quantize_rows_ref quantizes it, in the same kernel; and the references say the same."""
+    quantize_rows_ref quantizes it, in the same kernel, within a rounding of the dtype (a row
+    quantized runs in more warps, which sum the norm's squares in another order); and the
+    references say the same."""
     from pagedllm_kernels.elementwise import rms_norm, silu_and_mul
     from pagedllm_kernels.reference import rms_norm_ref, silu_and_mul_ref
 
@@ -259,15 +261,21 @@ def test_norm_and_activation_kernels_quantize_what_they_make_as_quantize_rows_re
                    for _ in range(2))
     weight = torch.randn(width, generator=g).to(dtype).to(device)
     gate_up = torch.randn(5, 2 * width, generator=g).to(dtype).to(device)
+    rounding = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    (q_res, scale_res), new_residual = rms_norm(x, weight, 1e-5, residual, quantize=True)
+    assert torch.equal(new_residual, rms_norm(x, weight, 1e-5, residual)[1])
     # (the references quantize on the CPU: torch on CUDA divides by a Python number as a product by its inverse)
     for made, (q, scale) in [(rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5, quantize=True)),
+                             (rms_norm(x, weight, 1e-5, residual)[0], (q_res, scale_res)),
                              (silu_and_mul(gate_up), silu_and_mul(gate_up, quantize=True))]:
         expected_q, expected_scale = quantize_rows_ref(made.cpu())
-        assert q.dtype == FP8 and torch.equal(scale.cpu(), expected_scale)
-        assert_same_fp8(q, expected_q)
-    (q, scale), new_residual = rms_norm(x, weight, 1e-5, residual, quantize=True)
-    assert torch.equal(new_residual, rms_norm(x, weight, 1e-5, residual)[1])
-    assert torch.equal(scale.cpu(), quantize_rows_ref(rms_norm(x, weight, 1e-5, residual)[0].cpu())[1])
+        assert q.dtype == FP8
+        torch.testing.assert_close(scale.cpu(), expected_scale, rtol=rounding, atol=0)
+        if device == "cpu":  # the interpreter sums in one order whatever the warps: the same values
+            assert_same_fp8(q, expected_q)
+        else:  # each value within one e4m3 step (1/16 of its row's largest, at most) of the dtype's output
+            step = made.cpu().float().abs().amax(dim=1, keepdim=True) / 16
+            assert ((q.cpu().float() * scale.cpu() - made.cpu().float()).abs() <= step * (1 + rounding)).all()
     x, weight, gate_up = x.cpu(), weight.cpu(), gate_up.cpu()
     for got, expected in [(rms_norm_ref(x, weight, 1e-5, quantize=True),
                            quantize_rows_ref(rms_norm_ref(x, weight, 1e-5))),
