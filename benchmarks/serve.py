@@ -7,7 +7,8 @@ percentiles. The load comes from several client processes, so the client is not 
 The checkpoint is the real config with random weights, saved once with a trained
 byte-level tokenizer and a plain chat template (no hub is reachable).
 
-Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 4 16 64 inf inf inf] [--peer transformers] [--out DIR]
+Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 4 16 64 inf inf inf] [--peer transformers]
+       [--api-server-count N] [--out DIR]
 """
 
 import argparse
@@ -269,6 +270,9 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300,
                         help="seconds per engine and rate; requests still running then are stopped and reported")
     parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="pagedllm's HTTP processes (its --api-server-count; past 1 the server's own process only "
+                             "watches them, and their CPU counts with the engine process's as its children's)")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
@@ -286,7 +290,7 @@ def main() -> None:
     ours = benchmark_engine(
         "pagedllm", [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host",
                      "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype,
-                     "--device", args.device],
+                     "--device", args.device, "--api-server-count", str(args.api_server_count)],
         url, "bench", {"ignore_eos": True}, args, pool, prompts)
     engines = [ours]
     if args.peer == "transformers":
@@ -301,6 +305,7 @@ def main() -> None:
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "client_processes": args.client_processes,
+               "api_server_count": args.api_server_count,
                "time_limit_s": args.time_limit, "environment": environment(), "offline": offline,
                "engines": engines}
     served = [r["output_tokens_per_s"] / offline["output_tokens_per_s"]

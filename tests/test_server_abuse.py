@@ -325,7 +325,7 @@ def serve_in_a_thread(model: str, monkeypatch) -> tuple:
     args = server_args(model, "--served-model-name", "tiny")
     built = {}
     build_server = api_server.build_server
-    monkeypatch.setattr(api_server, "build_server", lambda a: built.setdefault("server", build_server(a)))
+    monkeypatch.setattr(api_server, "build_server", lambda *a: built.setdefault("server", build_server(*a)))
     exit_code = {}
     thread = threading.Thread(target=lambda: exit_code.setdefault("code", api_server.serve(args)))
     thread.start()

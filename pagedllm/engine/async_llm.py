@@ -37,9 +37,12 @@ class AsyncLLM:
     ends every iterator with ``EngineDeadError``, and ``on_dead`` is called (the server then exits,
     for a supervisor to restart it)."""
 
-    def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None, engine_process: bool = True):
-        self.engine = DataParallelEngine(config) if engine_process or config.data_parallel_size > 1 else \
-            LLMEngine(config)
+    def __init__(self, config: EngineConfig, on_dead: Callable[[], None] | None = None, engine_process: bool = True,
+                 engine_connections: list | None = None):
+        """``engine_connections``: pipes to engine processes another process started (one API-server
+        process of several: ``data_parallel.start_replicas``)."""
+        self.engine = DataParallelEngine(config, engine_connections) if engine_process or \
+            config.data_parallel_size > 1 else LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.config = config
         self.on_dead = on_dead

@@ -36,16 +36,18 @@ class DataParallelEngine:
     """``config.data_parallel_size`` replicas of ``LLMEngine``; replica i runs on GPUs
     [i * tp, (i + 1) * tp) with tp = ``config.tensor_parallel_size``."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, connections: list | None = None):
+        """``connections``: drive replicas another process started (``start_replicas``), through
+        these pipes, one per replica, instead of starting them (an API-server process)."""
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         self.num_generated_tokens = 0
-        ctx = mp.get_context(start_method())
-        self.replicas = [_Replica(ctx, config, i) for i in range(config.data_parallel_size)]
-        self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
+        self.replicas = ([_Replica(i, conn) for i, conn in enumerate(connections)] if connections is not None
+                         else start_replicas(config)[0])
+        self._finalizer = weakref.finalize(self, stop_replicas, list(self.replicas))
         try:
             self.cache_capacity = min((replica.wait_ready() for replica in self.replicas), key=lambda c: c.pools)
         except BaseException:
@@ -104,10 +106,10 @@ class DataParallelEngine:
         live = [r for r in self.replicas if r.alive]
         outputs = []
         if self.placed or wake is not None:
-            ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live] +
+            ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live if r.process] +
                                        ([wake] if wake is not None else []))
             for replica in live:
-                if replica.conn in ready or replica.process.sentinel in ready:
+                if replica.conn in ready or (replica.process and replica.process.sentinel in ready):
                     outputs += self._receive(replica)
         for output in outputs:  # the replicas send no prompts back: this side has them
             output.prompt, output.prompt_token_ids = self.prompts.get(output.request_id, (None, []))
@@ -151,9 +153,11 @@ class DataParallelEngine:
             try:
                 message = replica.conn.recv() if replica.conn.poll() else None
             except (EOFError, OSError):
+                if replica.process is None:  # started by another process: its pipe closing is all this one sees
+                    return outputs + self._lost(replica, "exited")
                 message = None
             if message is None:
-                if replica.process.is_alive():
+                if replica.process is None or replica.process.is_alive():
                     return outputs
                 return outputs + self._lost(replica, f"died with exit code {replica.process.exitcode}")
             if message[0] == "error":
@@ -181,28 +185,32 @@ class DataParallelEngine:
 
 
 class _Replica:
-    """One replica's process and pipe, and what the driver knows of it."""
+    """One replica's pipe (and process, if this one started it), and what the driver knows of it."""
 
-    def __init__(self, ctx, config: EngineConfig, index: int):
-        self.index, self.alive, self.load, self.generated, self.stats = index, True, 0, 0, EngineStats()
-        self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=run_engine_process,
-                                   args=(_replica_config(config), index, config.data_parallel_size, theirs,
-                                         self.conn, ctx.get_start_method() == "fork"),
-                                   name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
-        self.process.start()
-        theirs.close()
+    def __init__(self, index: int, conn, process=None):
+        self.index, self.conn, self.process = index, conn, process
+        self.alive, self.load, self.generated, self.stats = True, 0, 0, EngineStats()
+        self.capacity: CacheCapacity | None = None  # what its KV cache can give a request, once it said
+
 
     def wait_ready(self) -> CacheCapacity:
         """What the replica's KV cache can give a request, once its engine is built."""
-        ready = mp.connection.wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
-        message = self.conn.recv() if self.conn in ready and self.conn.poll() else None
+        if self.capacity is not None:
+            return self.capacity
+        ready = mp.connection.wait([self.conn] + ([self.process.sentinel] if self.process else []),
+                                   timeout=STARTUP_TIMEOUT_S)
+        try:
+            message = self.conn.recv() if self.conn in ready and self.conn.poll() else None
+        except EOFError:
+            message = None
         if message is None or message[0] != "ready":
-            detail = message[1] if message and message[0] == "error" else (
+            detail = message[1] if message and message[0] == "error" else "it exited (the error is above)" if \
+                self.process is None else (
                 f"exit code {self.process.exitcode}; a spawned process imports the main script again, so it needs "
                 "an `if __name__ == \"__main__\":` guard (the error is above)")
             raise RuntimeError(f"engine process {self.index} did not start: {detail}")
-        return message[1]
+        self.capacity = message[1]
+        return self.capacity
 
     def send(self, message: tuple) -> None:
         try:
@@ -216,6 +224,35 @@ class _Replica:
         while (answer := self.conn.recv())[0] == "outputs":
             self.stats = answer[3]
         return answer[1] if answer[0] == "answer" else None
+
+
+def start_replicas(config: EngineConfig, other_drivers: int = 0) -> tuple[list[_Replica], list[list]]:
+    """Start the replicas' processes, each with a pipe for this process and one for each of
+    ``other_drivers`` more (a server's API-server processes), and wait until their engines are
+    built. Returns this process's replicas and, per other driver, its pipes (one per replica)."""
+    ctx = mp.get_context(start_method())
+    replicas, others = [], [[] for _ in range(other_drivers)]
+    for index in range(config.data_parallel_size):
+        pipes = [ctx.Pipe() for _ in range(1 + other_drivers)]
+        process = ctx.Process(target=run_engine_process,
+                              args=(_replica_config(config), index, config.data_parallel_size,
+                                    [theirs for _, theirs in pipes], [ours for ours, _ in pipes],
+                                    ctx.get_start_method() == "fork"),
+                              name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
+        process.start()
+        for (ours, theirs), mine in zip(pipes, [replicas] + others, strict=True):
+            theirs.close()
+            if mine is replicas:
+                replicas.append(_Replica(index, ours, process))
+            else:
+                mine.append(ours)
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+    except BaseException:
+        stop_replicas(replicas)
+        raise
+    return replicas, others
 
 
 def start_method() -> str:
@@ -234,13 +271,16 @@ def _replica_config(config: EngineConfig) -> EngineConfig:
     return replica
 
 
-def _stop_all(replicas: list[_Replica]) -> None:
+def stop_replicas(replicas: list[_Replica]) -> None:
+    """Stop the replicas this process started; of others', only close the pipes (their requests
+    are aborted; the process that started them stops them)."""
     for replica in replicas:
-        if replica.alive and replica.process.is_alive():
+        if replica.process is not None and replica.alive and replica.process.is_alive():
             replica.send(("stop",))
     for replica in replicas:
-        replica.process.join(timeout=30)
-        if replica.process.is_alive():
-            replica.process.kill()
-            replica.process.join()
+        if replica.process is not None:
+            replica.process.join(timeout=30)
+            if replica.process.is_alive():
+                replica.process.kill()
+                replica.process.join()
         replica.conn.close()

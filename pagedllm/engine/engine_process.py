@@ -1,11 +1,15 @@
 """What runs in an engine process (a data-parallel replica, or the server's engine core): build
-an ``LLMEngine`` on this replica's GPUs, run the driver's commands (add, abort, reset the prefix
-cache, stop), step, and send the outputs back from a thread of their own (``_Outbox``). It ends
-when the driver says so or is gone; an error it cannot survive goes to the driver, then it exits.
+an ``LLMEngine`` on this replica's GPUs, run its drivers' commands (add, abort, reset the prefix
+cache, stop), step, and send each driver the outputs of its own requests from a thread of its own
+(``_Outbox``). A server with several API-server processes gives each its own pipe here, beside the
+one of the process that started it. It ends when that process says so or is gone; a driver that
+goes away alone has its requests aborted. An error it cannot survive goes to every driver, then it
+exits.
 """
 
 import gc
 import logging
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -21,12 +25,15 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
-def run_engine_process(config: EngineConfig, index: int, replicas: int, conn, drivers_end, forked: bool) -> None:
-    """A replica process: build an engine on this replica's GPUs, then run what the driver sends.
-    It ends when the driver says so, or is gone (its pipe closes, or, as a driver that forked
-    later replicas left them its end, the process that started this one is no longer its parent)."""
-    outbox = None
-    drivers_end.close()  # so that the pipe closes when the driver dies
+def run_engine_process(config: EngineConfig, index: int, replicas: int, conns: list, drivers_ends: list,
+                       forked: bool) -> None:
+    """A replica process: build an engine on this replica's GPUs, then run what its drivers send
+    (``conns``: the pipe of the process that started it first, then the other drivers'). It ends
+    when that process says so, or is gone (its pipe closes, or, as a driver that forked later
+    replicas left them its end, the process that started this one is no longer its parent)."""
+    outboxes: list[_Outbox] = []
+    for end in drivers_ends:
+        end.close()  # so that a pipe closes when its driver dies
     driver = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a stop are the driver's to handle
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -43,16 +50,19 @@ def run_engine_process(config: EngineConfig, index: int, replicas: int, conn, dr
         engine = LLMEngine(config)
         gc.collect()  # the start-up heap stays out of the collector's full passes (as in the server's process)
         gc.freeze()
-        conn.send(("ready", engine.cache_capacity))
-        outbox = _Outbox(conn)
-        _serve(engine, conn, outbox, driver)
+        for conn in conns:
+            conn.send(("ready", engine.cache_capacity))
+        outboxes = [_Outbox(conn) for conn in conns]
+        _serve(engine, outboxes, driver)
     except (EOFError, KeyboardInterrupt):
         pass
     except BaseException:
-        try:
-            (outbox.send if outbox is not None else conn.send)(("error", traceback.format_exc()))
-        except OSError:
-            pass
+        message = ("error", traceback.format_exc())
+        for send in [outbox.send for outbox in outboxes] or [conn.send for conn in conns]:
+            try:
+                send(message)
+            except OSError:
+                pass
         os._exit(1)
 
 
@@ -131,33 +141,56 @@ class _Outbox:
                 os._exit(1)
 
 
-def _serve(engine: LLMEngine, conn, outbox: _Outbox, driver: int) -> None:
+def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
+    owners: dict[str, _Outbox] = {}  # request id -> the driver that added it
     while True:
         commanded = False
         while True:  # the commands that came; waiting for one only while there is nothing to do
             idle = not commanded and not engine.has_unfinished_requests()
-            if not conn.poll(1.0 if idle else 0):
+            ready = multiprocessing.connection.wait([d.conn for d in drivers], 1.0 if idle else 0)
+            if not ready:
                 if not idle:
                     break
                 if os.getppid() != driver:  # the driver is gone
                     engine.shutdown()
                     return
                 continue
-            command = conn.recv()
-            commanded = True
-            if command[0] == "stop":
-                outbox.close()
-                engine.shutdown()
-                return
-            if command[0] == "add":
-                request_id, prompt_token_ids, params, prompt, stream = command[1]
-                engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
-                outbox.track(request_id, params, stream)
-            elif command[0] == "abort":
-                engine.abort_request(command[1])
-                outbox.untrack(command[1])
-            elif command[0] == "reset_prefix_cache":
-                outbox.send(("answer", engine.block_manager.reset_prefix_cache()))
+            for sender in [d for d in drivers if d.conn in ready]:
+                try:
+                    command = sender.conn.recv()
+                except (EOFError, OSError):
+                    if sender is drivers[0]:  # the process that started this one
+                        raise EOFError from None
+                    drivers.remove(sender)  # an API-server process gone: its requests go with it
+                    sender.close()
+                    for request_id in [r for r, owner in owners.items() if owner is sender]:
+                        engine.abort_request(request_id)
+                        del owners[request_id]
+                    continue
+                commanded = True
+                if command[0] == "stop":
+                    for outbox in drivers:
+                        outbox.close()
+                    engine.shutdown()
+                    return
+                if command[0] == "add":
+                    request_id, prompt_token_ids, params, prompt, stream = command[1]
+                    engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
+                    sender.track(request_id, params, stream)
+                    owners[request_id] = sender
+                elif command[0] == "abort":
+                    engine.abort_request(command[1])
+                    sender.untrack(command[1])
+                    owners.pop(command[1], None)
+                elif command[0] == "reset_prefix_cache":
+                    sender.send(("answer", engine.block_manager.reset_prefix_cache()))
         outputs = engine.step() if engine.has_unfinished_requests() else []
         if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
-            outbox.put(outputs, engine.num_generated_tokens, engine.stats())
+            own: dict[_Outbox, list[RequestOutput]] = {outbox: [] for outbox in drivers}
+            for output in outputs:
+                owner = owners.pop(output.request_id) if output.finished else owners.get(output.request_id)
+                if owner in own:
+                    own[owner].append(output)
+            stats = engine.stats()
+            for outbox, theirs in own.items():  # each driver its own requests, and every driver the stats
+                outbox.put(theirs, engine.num_generated_tokens, stats)

@@ -40,6 +40,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
                         help="largest request body accepted, in bytes (default 8 MiB; larger ones get 413)")
+    parser.add_argument("--api-server-count", type=_positive_int, default=1,
+                        help="HTTP processes sharing the port and the engine (default 1): a busy server's HTTP "
+                             "work (parsing, framing, sending each streamed token) spread over cores")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request's head, or pause while sending its body "
                              "(default 30)")
@@ -70,3 +73,10 @@ def _value_type(annotation) -> type:
 
 def _shown_default(default) -> str:
     return "" if default is None else f" (default {default})"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

@@ -21,7 +21,7 @@ from pagedllm.entrypoints.openai.errors import (
     openai_errors_in_schema,
 )
 from pagedllm.entrypoints.openai.guards import ApiKeyCheck, BodyLimits, http_with_head_timeout
-from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, MULTIPROCESS_DIR_ENV, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -104,12 +104,14 @@ class OpenAIServer:
         return app
 
 
-def build_server(args: argparse.Namespace) -> OpenAIServer:
+def build_server(args: argparse.Namespace, engine_connections: list | None = None) -> OpenAIServer:
+    """The server of ``args``; with ``engine_connections``, over engine processes already started
+    (one API-server process of several)."""
     chat_template = args.chat_template
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template) as f:
             chat_template = f.read()
-    engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
+    engine = AsyncLLM(EngineConfig(**engine_kwargs(args)), engine_connections=engine_connections)
     return OpenAIServer(engine, args.served_model_name or args.model, args.api_key, chat_template,
                         args.max_request_bytes, args.read_timeout)
 
@@ -132,16 +134,24 @@ def uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: str = 
 
 def serve(args: argparse.Namespace) -> int:
     """Run until stopped; non-zero if the engine died, so that a supervisor restarts the server."""
-    server = build_server(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach it may use it (set %s)",
                        args.host, "PAGEDLLM_API_KEY")
+    if args.api_server_count > 1:
+        return serve_in_processes(args)
+    return _serve_here(args)
+
+
+def _serve_here(args: argparse.Namespace, engine_connections: list | None = None, sock=None) -> int:
+    """The server in this process (with ``sock``: listening on a socket shared with other API-server
+    processes)."""
+    server = build_server(args, engine_connections)
     # the start-up heap (torch, transformers, the tokenizer: ~400k objects) is there while the server is: kept
     # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()
     gc.freeze()
     try:
-        uvicorn_server(server, args.host, args.port).run()
+        uvicorn_server(server, args.host, args.port).run(sockets=None if sock is None else [sock])
     finally:
         server.engine.shutdown()
         gc.unfreeze()  # (a process that goes on, as a test's, collects its objects again)
@@ -149,6 +159,73 @@ def serve(args: argparse.Namespace) -> int:
         logger.error("exiting with status 1: the engine stopped (%r)", server.engine.error)
         return 1
     return 0
+
+
+def serve_in_processes(args: argparse.Namespace) -> int:
+    """``--api-server-count N``: the engine processes, then N API-server processes accepting on one
+    listening socket, each with its own pipe to every engine process (as vLLM's
+    ``--api-server-count``); their Prometheus metrics are summed through a shared directory. This
+    process watches them: a stop (Ctrl-C, SIGTERM) stops them all, status 0; any of them dying
+    stops the rest, status 1."""
+    import multiprocessing as mp
+    import multiprocessing.connection
+    import shutil
+    import signal
+    import tempfile
+
+    import uvicorn
+
+    from pagedllm.engine.data_parallel import start_replicas, stop_replicas
+
+    config = EngineConfig(**engine_kwargs(args))
+    sock = uvicorn.Config(None, host=args.host, port=args.port).bind_socket()
+    metrics_dir = tempfile.mkdtemp(prefix="pagedllm-metrics-")
+    replicas, servers = [], []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    status = 0
+    try:
+        replicas, pipes = start_replicas(config, args.api_server_count)
+        ctx = mp.get_context("spawn")  # a fresh interpreter each: nothing of this process's threads or state
+        os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir  # (for them alone: prometheus_client reads it on import)
+        try:
+            for index, theirs in enumerate(pipes):
+                servers.append(ctx.Process(target=_api_server_process, args=(args, theirs, sock),
+                                           name=f"pagedllm-api{index}"))
+                servers[-1].start()
+        finally:
+            del os.environ[MULTIPROCESS_DIR_ENV]
+            for conn in [conn for theirs in pipes for conn in theirs]:
+                conn.close()  # theirs alone now: a pipe closes when its API server dies
+        watched = {p.sentinel: p.name for p in servers} | {r.process.sentinel: f"engine process {r.index}"
+                                                            for r in replicas}
+        gone = mp.connection.wait(list(watched))  # (a sentinel closes a moment before its process can be reaped)
+        logger.error("%s exited: stopping the server, status 1", ", ".join(watched[s] for s in gone))
+        status = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in servers:
+            if process.is_alive():
+                process.terminate()  # uvicorn's graceful shutdown: each answers what it can
+        for process in servers:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        stop_replicas(replicas)
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _api_server_process(args: argparse.Namespace, engine_connections: list, sock) -> None:
+    os.setpgrp()  # Ctrl-C in a terminal reaches the watching process alone, which stops each of us once
+    sys.exit(_serve_here(args, engine_connections, sock))
 
 
 def main(argv: list[str] | None = None) -> None:

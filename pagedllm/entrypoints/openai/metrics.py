@@ -6,6 +6,8 @@ HTTP thread never reads the scheduler); per-request histograms and the finish-re
 observed as each request ends.
 """
 
+import os
+
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,6 +21,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set for API-server processes: prometheus_client then keeps
+# each process's values in files there, summed at a scrape
 
 
 class EngineCollector(Collector):
@@ -38,7 +42,8 @@ class ServerMetrics:
 
     def __init__(self, engine: AsyncLLM):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        self.engine_collector = EngineCollector(engine)
+        self.registry.register(self.engine_collector)
 
         def histogram(name: str, help_text: str, buckets: tuple) -> Histogram:
             return Histogram(f"pagedllm:{name}", help_text, buckets=buckets, registry=self.registry)
@@ -75,4 +80,13 @@ class ServerMetrics:
             self.success.labels(finished_reason=completion.finish_reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This registry's metrics; in an API-server process of several, every process's requests
+        summed (the engine's gauges and counters are the same in each: its stats reach them all)."""
+        if MULTIPROCESS_DIR_ENV not in os.environ:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(self.engine_collector)
+        return generate_latest(registry)

@@ -1,0 +1,162 @@
+"""``--api-server-count N``: N HTTP processes on one port, each with its own pipe to the engine
+process, watched by the process that started them (the server as a user runs it: a subprocess)."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pagedllm-demo")
+PROMPTS = [f"def f{i}(x):" for i in range(8)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _any_left(pids: set[int]) -> list[int]:
+    """Those still running after a few seconds (spawn's resource tracker leaves when it sees its
+    parent gone, a moment after)."""
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def server():
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pagedllm", "serve", DEMO, "--device", "cpu", "--port", str(port),
+                                "--api-server-count", "2", "--max-model-len", "256"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not start: {process.stderr.read()[-3000:]}")
+            time.sleep(1)
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _post(url: str, body: dict) -> bytes:
+    request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read()
+
+
+def test_two_api_server_processes_serve_one_engine_and_stop_together(server):
+    process, url = server
+    children = _descendants(process.pid)
+    assert len(children) >= 3  # the engine process and the two API servers (and spawn's resource tracker)
+
+    def complete(i: int) -> str:
+        body = {"model": DEMO, "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0}
+        if i % 2:  # streamed
+            events = _post(url, body | {"stream": True}).decode().split("\n\n")
+            assert events[-2] == "data: [DONE]"
+            return "".join(json.loads(e[len("data: "):])["choices"][0]["text"] for e in events[:-2])
+        return json.loads(_post(url, body))["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(complete, range(8)))
+    with LLM(DEMO, device="cpu", max_model_len=256) as llm:
+        expected = [o.outputs[0].text for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12),
+                                                            use_tqdm=False)]
+    assert texts == expected
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:  # both processes' requests, summed
+        metrics = response.read().decode()
+    assert 'pagedllm:request_success_total{finished_reason="length"} 8.0' in metrics
+    assert "pagedllm:generation_tokens_total 96.0" in metrics  # the engine's own count, as each process has it
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert not _any_left(children)
+
+
+def test_an_api_server_process_that_dies_stops_the_server_with_status_1(server):
+    process, url = server
+    children = _descendants(process.pid)
+    with urllib.request.urlopen(url + "/metrics", timeout=10):
+        pass
+    api_servers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()
+                   and b"resource_tracker" not in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(api_servers) == 2
+    os.kill(api_servers[0], signal.SIGKILL)
+    assert process.wait(timeout=60) == 1
+    assert "exited: stopping the server, status 1" in process.stderr.read()
+    assert not _any_left(children)
+
+
+def test_a_killed_engine_process_stops_every_api_server_with_status_1(server):
+    process, url = server
+    children = _descendants(process.pid)
+    own_cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read()
+    engines = [pid for pid in children if open(f"/proc/{pid}/cmdline", "rb").read() == own_cmdline]
+    assert len(engines) == 1  # forked from the server's process
+    os.kill(engines[0], signal.SIGKILL)
+    assert process.wait(timeout=60) == 1
+    assert "engine process 0 exited" in process.stderr.read()
+    assert not _any_left(children)
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_request_in_the_engine(server):
+    process, url = server
+    request = urllib.request.Request(url + "/v1/completions", json.dumps(
+        {"model": DEMO, "prompt": "def f(", "max_tokens": 200, "stream": True, "ignore_eos": True}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.readline()  # the first event: then hang up
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as metrics:
+            text = metrics.read().decode()
+        if "pagedllm:num_requests_running 0.0" in text and 'finished_reason="abort"} 1.0' in text:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.5)
+    assert json.loads(_post(url, {"model": DEMO, "prompt": "x", "max_tokens": 3}))["choices"][0]["text"]
