@@ -4,6 +4,7 @@ process, watched by the process that started them (the server as a user runs it:
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,29 +119,19 @@ def test_two_api_server_processes_serve_one_engine_and_stop_together(server):
     assert not _any_left(children)
 
 
-def test_an_api_server_process_that_dies_stops_the_server_with_status_1(server):
+@pytest.mark.parametrize("killed", ["api server", "engine"])
+def test_a_killed_process_stops_the_others_and_the_server_exits_1(server, killed):
     process, url = server
     children = _descendants(process.pid)
-    with urllib.request.urlopen(url + "/metrics", timeout=10):
-        pass
-    api_servers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()
-                   and b"resource_tracker" not in open(f"/proc/{pid}/cmdline", "rb").read()]
-    assert len(api_servers) == 2
-    os.kill(api_servers[0], signal.SIGKILL)
-    assert process.wait(timeout=60) == 1
-    assert "exited: stopping the server, status 1" in process.stderr.read()
-    assert not _any_left(children)
-
-
-def test_a_killed_engine_process_stops_every_api_server_with_status_1(server):
-    process, url = server
-    children = _descendants(process.pid)
+    cmdlines = {pid: open(f"/proc/{pid}/cmdline", "rb").read() for pid in children}
     own_cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read()
-    engines = [pid for pid in children if open(f"/proc/{pid}/cmdline", "rb").read() == own_cmdline]
-    assert len(engines) == 1  # forked from the server's process
-    os.kill(engines[0], signal.SIGKILL)
+    api_servers = [pid for pid, c in cmdlines.items() if b"spawn_main" in c and b"resource_tracker" not in c]
+    engines = [pid for pid, c in cmdlines.items() if c == own_cmdline]  # forked from the server's process
+    assert len(api_servers) == 2 and len(engines) == 1
+    os.kill((api_servers if killed == "api server" else engines)[0], signal.SIGKILL)
     assert process.wait(timeout=60) == 1
-    assert "engine process 0 exited" in process.stderr.read()
+    gone = "pagedllm-api[01]" if killed == "api server" else "engine process 0"
+    assert re.search(f"ERROR .*pagedllm: {gone} exited: stopping the server, status 1", process.stderr.read())
     assert not _any_left(children)
 
 
