@@ -151,3 +151,11 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_request_in_the_engine(serve
         assert time.monotonic() < deadline, text
         time.sleep(0.5)
     assert json.loads(_post(url, {"model": DEMO, "prompt": "x", "max_tokens": 3}))["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("value, error", [("0", "must be at least 1, not 0"), ("-3", "must be at least 1, not -3"),
+                                          ("two", "invalid count value: 'two'")])
+def test_a_bad_api_server_count_is_refused_by_name(value, error):
+    run = subprocess.run([sys.executable, "-m", "pagedllm", "serve", DEMO, "--api-server-count", value],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"argument --api-server-count: {error}" in run.stderr

@@ -40,7 +40,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
                         help="largest request body accepted, in bytes (default 8 MiB; larger ones get 413)")
-    parser.add_argument("--api-server-count", type=_positive_int, default=1,
+    parser.add_argument("--api-server-count", type=count, default=1,
                         help="HTTP processes sharing the port and the engine (default 1): a busy server's HTTP "
                              "work (parsing, framing, sending each streamed token) spread over cores")
     parser.add_argument("--read-timeout", type=float, default=30.0,
@@ -75,7 +75,7 @@ def _shown_default(default) -> str:
     return "" if default is None else f" (default {default})"
 
 
-def _positive_int(text: str) -> int:
+def count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
