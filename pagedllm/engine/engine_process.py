@@ -188,7 +188,7 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
         if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
             own: dict[_Outbox, list[RequestOutput]] = {outbox: [] for outbox in drivers}
             for output in outputs:
-                owner = owners.pop(output.request_id) if output.finished else owners.get(output.request_id)
+                owner = owners.pop(output.request_id, None) if output.finished else owners.get(output.request_id)
                 if owner in own:
                     own[owner].append(output)
             stats = engine.stats()
