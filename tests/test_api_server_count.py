@@ -64,7 +64,7 @@ def _alive(pid: int) -> bool:
 def server():
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "pagedllm", "serve", DEMO, "--device", "cpu", "--port", str(port),
-                                "--api-server-count", "2", "--max-model-len", "256"],
+                                "--api-server-count", "2", "--max-model-len", "512"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -105,7 +105,7 @@ def test_two_api_server_processes_serve_one_engine_and_stop_together(server):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(complete, range(8)))
-    with LLM(DEMO, device="cpu", max_model_len=256) as llm:
+    with LLM(DEMO, device="cpu", max_model_len=512) as llm:
         expected = [o.outputs[0].text for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12),
                                                             use_tqdm=False)]
     assert texts == expected
@@ -159,3 +159,16 @@ def test_a_bad_api_server_count_is_refused_by_name(value, error):
     run = subprocess.run([sys.executable, "-m", "pagedllm", "serve", DEMO, "--api-server-count", value],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and f"argument --api-server-count: {error}" in run.stderr
+
+
+def test_a_long_running_server_stops_at_once(server):
+    """Every engine step sends its stats to every driver, the watching process too (which has no
+    requests): it must keep reading them, or after a few hundred steps its full pipe holds the
+    engine's stop up (the engine would be killed 30 s later)."""
+    process, url = server
+    for _ in range(3):  # ~1,200 steps
+        _post(url, {"model": DEMO, "prompt": "x", "max_tokens": 400, "ignore_eos": True})
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert time.monotonic() - start < 15

@@ -198,7 +198,19 @@ def serve_in_processes(args: argparse.Namespace) -> int:
                 conn.close()  # theirs alone now: a pipe closes when its API server dies
         watched = {p.sentinel: p.name for p in servers} | {r.process.sentinel: f"engine process {r.index}"
                                                             for r in replicas}
-        gone = mp.connection.wait(list(watched))  # (a sentinel closes a moment before its process can be reaped)
+        # each step's stats come to this process too: read them, or its full pipe holds the engine up (a stop
+        # would then wait, and kill it 30 s later)
+        pipes = [r.conn for r in replicas]
+        while True:
+            ready = mp.connection.wait(list(watched) + pipes)
+            gone = [s for s in ready if s in watched]  # (a sentinel closes a moment before its process can be reaped)
+            if gone:
+                break
+            for conn in ready:
+                try:
+                    conn.recv()
+                except (EOFError, OSError):  # its process's sentinel follows
+                    pipes.remove(conn)
         logger.error("%s exited: stopping the server, status 1", ", ".join(watched[s] for s in gone))
         status = 1
     except KeyboardInterrupt:
