@@ -172,3 +172,17 @@ def test_a_long_running_server_stops_at_once(server):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert time.monotonic() - start < 15
+
+
+def test_a_killed_watching_process_leaves_no_process_behind(server):
+    """SIGKILL for the process a supervisor started: its engine process sees its first driver's pipe
+    close and ends; the API servers (in a process group of their own) then see the engine's pipes
+    close and stop."""
+    process, url = server
+    children = _descendants(process.pid)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 60
+    while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
