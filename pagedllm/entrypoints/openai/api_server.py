@@ -168,7 +168,6 @@ def serve_in_processes(args: argparse.Namespace) -> int:
     process watches them: a stop (Ctrl-C, SIGTERM) stops them all, status 0; any of them dying
     stops the rest, status 1."""
     import multiprocessing as mp
-    import multiprocessing.connection
     import shutil
     import signal
     import tempfile
@@ -196,22 +195,7 @@ def serve_in_processes(args: argparse.Namespace) -> int:
             del os.environ[MULTIPROCESS_DIR_ENV]
             for conn in [conn for theirs in pipes for conn in theirs]:
                 conn.close()  # theirs alone now: a pipe closes when its API server dies
-        watched = {p.sentinel: p.name for p in servers} | {r.process.sentinel: f"engine process {r.index}"
-                                                            for r in replicas}
-        # each step's stats come to this process too: read them, or its full pipe holds the engine up (a stop
-        # would then wait, and kill it 30 s later)
-        pipes = [r.conn for r in replicas]
-        while True:
-            ready = mp.connection.wait(list(watched) + pipes)
-            gone = [s for s in ready if s in watched]  # (a sentinel closes a moment before its process can be reaped)
-            if gone:
-                break
-            for conn in ready:
-                try:
-                    conn.recv()
-                except (EOFError, OSError):  # its process's sentinel follows
-                    pipes.remove(conn)
-        logger.error("%s exited: stopping the server, status 1", ", ".join(watched[s] for s in gone))
+        logger.error("%s exited: stopping the server, status 1", ", ".join(_first_to_exit(servers, replicas)))
         status = 1
     except KeyboardInterrupt:
         pass
@@ -229,6 +213,28 @@ def serve_in_processes(args: argparse.Namespace) -> int:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _first_to_exit(servers: list, replicas: list) -> list[str]:
+    """Wait until an API server or an engine process exits; name those that did. Meanwhile read
+    what the engine processes send this one (each step's stats): unread, its full pipe would hold
+    an engine up (a stop would then wait for it, and kill it 30 s later)."""
+    import multiprocessing.connection
+
+    watched = {p.sentinel: p.name for p in servers} | {r.process.sentinel: f"engine process {r.index}"
+                                                        for r in replicas}
+    pipes = [r.conn for r in replicas]
+    while True:
+        ready = multiprocessing.connection.wait(list(watched) + pipes)
+        # by sentinel, not is_alive(): a process is reaped a moment after its sentinel closes
+        gone = [watched[s] for s in ready if s in watched]
+        if gone:
+            return gone
+        for conn in ready:
+            try:
+                conn.recv()
+            except (EOFError, OSError):  # its process's sentinel follows
+                pipes.remove(conn)
 
 
 def _interrupt(signum, frame) -> None:
