@@ -53,15 +53,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows, n = x2.shape
-    out, scale = empty_fp8_rows(rows, n, x.device) if quantize else (torch.empty(rows, n, dtype=x.dtype,
-                                                                                 device=x.device), None)
+    if quantize:
+        out, scale = empty_fp8_rows(rows, n, x.device)
+    else:
+        out, scale = torch.empty(rows, n, dtype=x.dtype, device=x.device), None
     residual_out = torch.empty(rows, n, dtype=x.dtype, device=x.device) if residual is not None else x2
     r2 = residual.reshape(-1, n) if residual is not None else x2
+    block = triton.next_power_of_2(n)
     if rows:
         _rms_norm_kernel[(rows,)](x2, r2, weight, out, scale, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
                                   n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
-                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n),
-                                  num_warps=quantizing_warps(triton.next_power_of_2(n)) if quantize else 4)
+                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
+                                  num_warps=quantizing_warps(block) if quantize else 4)
     out = (out, scale) if quantize else out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))
 
@@ -164,8 +167,10 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
     n = width // 2
     if quantize and n > WIDEST_BLOCK:  # a row too wide for one program's registers
         return quantize_rows(silu_and_mul(gate_up))
-    out, scale = empty_fp8_rows(num_tokens, n, gate_up.device) if quantize else (
-        torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device), None)
+    if quantize:
+        out, scale = empty_fp8_rows(num_tokens, n, gate_up.device)
+    else:
+        out, scale = torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device), None
     if num_tokens:
         block = triton.next_power_of_2(n) if quantize else min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n,

@@ -192,7 +192,6 @@ class _Replica:
         self.alive, self.load, self.generated, self.stats = True, 0, 0, EngineStats()
         self.capacity: CacheCapacity | None = None  # what its KV cache can give a request, once it said
 
-
     def wait_ready(self) -> CacheCapacity:
         """What the replica's KV cache can give a request, once its engine is built."""
         if self.capacity is not None:
@@ -204,10 +203,13 @@ class _Replica:
         except EOFError:
             message = None
         if message is None or message[0] != "ready":
-            detail = message[1] if message and message[0] == "error" else "it exited (the error is above)" if \
-                self.process is None else (
-                f"exit code {self.process.exitcode}; a spawned process imports the main script again, so it needs "
-                "an `if __name__ == \"__main__\":` guard (the error is above)")
+            if message and message[0] == "error":
+                detail = message[1]
+            elif self.process is None:  # started by another process, which says why
+                detail = "it exited (the error is above)"
+            else:
+                detail = (f"exit code {self.process.exitcode}; a spawned process imports the main script again, so "
+                          "it needs an `if __name__ == \"__main__\":` guard (the error is above)")
             raise RuntimeError(f"engine process {self.index} did not start: {detail}")
         self.capacity = message[1]
         return self.capacity
@@ -240,12 +242,11 @@ def start_replicas(config: EngineConfig, other_drivers: int = 0) -> tuple[list[_
                                     ctx.get_start_method() == "fork"),
                               name=f"pagedllm-dp{index}")  # not a daemon: a replica may start TP workers
         process.start()
-        for (ours, theirs), mine in zip(pipes, [replicas] + others, strict=True):
+        for _, theirs in pipes:
             theirs.close()
-            if mine is replicas:
-                replicas.append(_Replica(index, ours, process))
-            else:
-                mine.append(ours)
+        replicas.append(_Replica(index, pipes[0][0], process))
+        for driver, (ours, _) in zip(others, pipes[1:], strict=True):
+            driver.append(ours)
     try:
         for replica in replicas:
             replica.wait_ready()
