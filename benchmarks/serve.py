@@ -208,6 +208,10 @@ def benchmark_engine(name: str, command: list[str], url: str, model: str, extra:
     process = None
     try:
         process = start(command, url, os.path.join(tempfile.gettempdir(), f"serve-{name}.log"))
+        # One untimed flood of every prompt first: a fresh server compiles and tunes kernels for the shapes
+        # its first batches bring (seconds, on a 2 s flood), as the offline run's first pass does
+        run_load(pool, args.client_processes, url, model, prompts, args.output_len, float("inf"), extra,
+                 args.time_limit)
         runs = []
         for rate in args.rates:
             clients = [worker.pid for worker in pool._pool]  # (multiprocessing.Pool keeps its processes there)
@@ -249,7 +253,7 @@ def offline_throughput(path: str, dtype: str, device: str, prompts: list[str], o
                                               add_generation_prompt=True) for p in prompts]
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     with LLM(path, dtype=dtype, device=device) as llm:
-        llm.generate(rendered[:8], params, use_tqdm=False)  # warm up
+        llm.generate(rendered, params, use_tqdm=False)  # warm: the server's timed runs follow its own warm-up flood
         start = time.perf_counter()
         outputs = llm.generate(rendered, params, use_tqdm=False)
         wall = time.perf_counter() - start
