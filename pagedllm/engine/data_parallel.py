@@ -1,9 +1,9 @@
 """Engines in processes of their own: N replicas for data parallelism, each on its own GPUs (or
 the CPU), behind the engine interface ``LLM`` and ``pagedllm generate`` drive; and, with N = 1,
 the server's engine core, apart from the HTTP process (``AsyncLLM``). Requests wait here and go
-to whichever replica has room, as replicas free up (not a fixed split: lengths differ); outputs
-come back as each replica makes them, without the prompts this side already holds. A replica
-that dies fails its requests, with the reason.
+to whichever replica has room, as replicas free up (not a fixed split: lengths differ); each
+replica reports its requests' new tokens as it makes them, and their text and outputs are made
+here (``progress``). A replica that dies fails its requests, with the reason.
 """
 
 import copy
@@ -21,11 +21,11 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.engine_process import run_engine_process
 from pagedllm.engine.llm_engine import eos_token_ids, generation_defaults, load_tokenizer
-from pagedllm.engine.outputs import unpack_output
+from pagedllm.engine.progress import RequestCopies
 from pagedllm.engine.request_checks import truncated_prompt, validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
-from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -57,7 +57,7 @@ class DataParallelEngine:
         self.capacity = 2 * config.max_num_seqs
         self.waiting: deque[tuple] = deque()  # add_request's arguments, not yet given to a replica
         self.placed: dict[str, _Replica] = {}  # request id -> the replica running it
-        self.prompts: dict[str, tuple[str | None, list[int]]] = {}  # request id -> its prompt, for its outputs
+        self.copies = RequestCopies(self.tokenizer)  # the requests out, whose outputs are built here
         logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
                     config.tensor_parallel_size)
 
@@ -77,11 +77,12 @@ class DataParallelEngine:
                     prompt: str | None = None, stream: bool = False) -> None:
         self.validate_request(prompt_token_ids, params)
         self.waiting.append((request_id, prompt_token_ids, params, prompt, stream))
-        self.prompts[request_id] = (prompt, truncated_prompt(prompt_token_ids, params, self.config.max_model_len))
+        self.copies.add(request_id, truncated_prompt(prompt_token_ids, params, self.config.max_model_len), params,
+                        prompt, stream)
 
     def abort_request(self, request_id: str) -> None:
         self.waiting = deque(r for r in self.waiting if r[0] != request_id)
-        self.prompts.pop(request_id, None)
+        self.copies.drop(request_id)
         replica = self.placed.pop(request_id, None)
         if replica is not None:
             replica.load -= 1
@@ -111,10 +112,6 @@ class DataParallelEngine:
             for replica in live:
                 if replica.conn in ready or (replica.process and replica.process.sentinel in ready):
                     outputs += self._receive(replica)
-        for output in outputs:  # the replicas send no prompts back: this side has them
-            output.prompt, output.prompt_token_ids = self.prompts.get(output.request_id, (None, []))
-            if output.finished:
-                self.prompts.pop(output.request_id, None)
         return outputs
 
     def reset_prefix_cache(self) -> bool:
@@ -162,14 +159,19 @@ class DataParallelEngine:
                 return outputs + self._lost(replica, f"died with exit code {replica.process.exitcode}")
             if message[0] == "error":
                 return outputs + self._lost(replica, f"failed:\n{message[1]}")
-            _, packed, generated, replica.stats = message
-            new = [unpack_output(p) for p in packed]
+            _, reports, generated, replica.stats = message
             self.num_generated_tokens += generated - replica.generated
             replica.generated = generated
-            for output in new:
-                if output.finished and self.placed.pop(output.request_id, None) is replica:
-                    replica.load -= 1
-            outputs += new
+            for report in reports:
+                output = self.copies.output(report)
+                if output is None:  # aborted here meanwhile
+                    continue
+                if report[1]:  # finished there
+                    if self.placed.pop(output.request_id, None) is replica:
+                        replica.load -= 1
+                elif output.finished:  # failed here (its text): the replica stops it
+                    self.abort_request(output.request_id)
+                outputs.append(output)
 
     def _lost(self, replica: "_Replica", why: str) -> list[RequestOutput]:
         """A replica that died fails the requests it held (never silently); the others go on."""
@@ -180,8 +182,8 @@ class DataParallelEngine:
         failed = [request_id for request_id, r in self.placed.items() if r is replica]
         for request_id in failed:
             del self.placed[request_id]
-        return [RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], True, error=message)
-                for request_id in failed]
+        outputs = [self.copies.failed(request_id, message) for request_id in failed]
+        return [output for output in outputs if output is not None]
 
 
 class _Replica:

@@ -50,3 +50,21 @@ def find_stop_string(text: str, num_new_chars: int, stop: list[str]) -> tuple[st
         if start != -1 and (best is None or start < best[1]):
             best = (s, start)
     return best
+
+
+def stop_string_hit(request) -> str | None:
+    """Decode the request's newest token into its text; if a stop string now ends there (and
+    ``min_tokens`` are out), cut the text at it (keeping it with ``include_stop_str_in_output``)
+    and return it. The engine then ends the request; a driver's copy of it (``progress``), fed the
+    same tokens one by one, cuts its text the same way."""
+    detokenizer = request.detokenizer
+    num_new_chars = len(detokenizer.update(request.token_ids, request.num_prompt_tokens))
+    params = request.sampling_params
+    if not params.stop or not num_new_chars or request.num_output_tokens < params.min_tokens:
+        return None
+    hit = find_stop_string(detokenizer.text, num_new_chars, params.stop)
+    if hit is None:
+        return None
+    stop, start = hit
+    detokenizer.text = detokenizer.text[: start + (len(stop) if params.include_stop_str_in_output else 0)]
+    return stop

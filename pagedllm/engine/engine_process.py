@@ -1,10 +1,10 @@
 """What runs in an engine process (a data-parallel replica, or the server's engine core): build
 an ``LLMEngine`` on this replica's GPUs, run its drivers' commands (add, abort, reset the prefix
-cache, stop), step, and send each driver the outputs of its own requests from a thread of its own
-(``_Outbox``). A server with several API-server processes gives each its own pipe here, beside the
-one of the process that started it. It ends when that process says so or is gone; a driver that
-goes away alone has its requests aborted. An error it cannot survive goes to every driver, then it
-exits.
+cache, stop), step, and send each driver the progress of its own requests (``progress``: new
+tokens, not outputs: the driver decodes and builds those) from a thread of its own (``_Outbox``).
+A server with several API-server processes gives each its own pipe here, beside the one of the
+process that started it. It ends when that process says so or is gone; a driver that goes away
+alone has its requests aborted. An error it cannot survive goes to every driver, then it exits.
 """
 
 import gc
@@ -19,10 +19,8 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.outputs import add_delta, copy_output, pack_output
+from pagedllm.engine.progress import ProgressReport, merge_reports
 from pagedllm.metrics import EngineStats
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 def run_engine_process(config: EngineConfig, index: int, replicas: int, conns: list, drivers_ends: list,
@@ -48,6 +46,7 @@ def run_engine_process(config: EngineConfig, index: int, replicas: int, conns: l
         # a forked child's inherited OpenMP pool is unusable (data_parallel.start_method)
         torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // replicas))
         engine = LLMEngine(config)
+        engine.outputs = ProgressReport(engine.tokenizer)
         gc.collect()  # the start-up heap stays out of the collector's full passes (as in the server's process)
         gc.freeze()
         for conn in conns:
@@ -69,42 +68,24 @@ def run_engine_process(config: EngineConfig, index: int, replicas: int, conns: l
 class _Outbox:
     """What a replica sends its driver, sent by a thread of its own, so that the engine steps on
     while the driver is busy (a server's HTTP process under load) instead of slowing to its pace.
-    Outputs that wait meanwhile are merged per request (deltas added up, other kinds replaced by
-    the newest): a busy driver gets fewer, larger messages, as vLLM's output collector gives a
-    slow reader."""
+    Reports that wait meanwhile are merged per request: a busy driver gets fewer, larger messages,
+    as vLLM's output collector gives a slow reader."""
 
     def __init__(self, conn):
         self.conn = conn
         self.sending = threading.Lock()  # the thread's messages and the engine loop's answers, whole
         self.changed = threading.Condition()
-        self.outputs: dict[str, RequestOutput] = {}  # waiting to go, by request
-        self.copied: set[str] = set()  # waiting outputs that are this side's copies (merged into)
-        self.deltas: set[str] = set()  # the requests whose outputs are deltas
+        self.reports: dict[str, tuple] = {}  # waiting to go, by request
         self.counts: tuple[int, EngineStats] | None = None  # tokens generated and stats, when there is news
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="pagedllm-outbox", daemon=True)
         self.thread.start()
 
-    def track(self, request_id: str, params: SamplingParams, stream: bool) -> None:
-        if params.output_kind == RequestOutputKind.DELTA and stream:
-            self.deltas.add(request_id)
-
-    def untrack(self, request_id: str) -> None:
-        self.deltas.discard(request_id)
-
-    def put(self, outputs: list[RequestOutput], generated: int, stats: EngineStats) -> None:
+    def put(self, reports: list[tuple], generated: int, stats: EngineStats) -> None:
         with self.changed:
-            for output in outputs:
-                request_id = output.request_id
-                waiting = self.outputs.get(request_id)
-                if waiting is not None and request_id in self.deltas:
-                    if request_id not in self.copied:  # the engine's own output is not changed
-                        waiting = copy_output(waiting)
-                        self.copied.add(request_id)
-                    output = add_delta(waiting, output)
-                self.outputs[request_id] = output
-                if output.finished:
-                    self.deltas.discard(request_id)
+            for report in reports:
+                waiting = self.reports.get(report[0])
+                self.reports[report[0]] = report if waiting is None else merge_reports(waiting, report)
             self.counts = (generated, stats)
             self.changed.notify()
 
@@ -126,14 +107,13 @@ class _Outbox:
                     self.changed.wait()
                 if self.counts is None:
                     return
-                outputs, (generated, stats) = list(self.outputs.values()), self.counts
-                self.outputs, self.counts = {}, None
-                self.copied.clear()
+                reports, (generated, stats) = list(self.reports.values()), self.counts
+                self.reports, self.counts = {}, None
             try:
-                self.send(("outputs", [pack_output(o) for o in outputs], generated, stats))
+                self.send(("outputs", reports, generated, stats))
             except (OSError, ValueError):  # the driver is gone: the engine loop sees its pipe close
                 return
-            except BaseException:  # (an output that cannot be pickled) the replica fails, as if its loop had
+            except BaseException:  # (a report that cannot be pickled) the replica fails, as if its loop had
                 try:
                     self.send(("error", traceback.format_exc()))
                 except (OSError, ValueError):
@@ -176,21 +156,20 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
                 if command[0] == "add":
                     request_id, prompt_token_ids, params, prompt, stream = command[1]
                     engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
-                    sender.track(request_id, params, stream)
                     owners[request_id] = sender
                 elif command[0] == "abort":
                     engine.abort_request(command[1])
-                    sender.untrack(command[1])
                     owners.pop(command[1], None)
                 elif command[0] == "reset_prefix_cache":
                     sender.send(("answer", engine.block_manager.reset_prefix_cache()))
-        outputs = engine.step() if engine.has_unfinished_requests() else []
-        if outputs or commanded:  # (after commands alone, for the stats: an abort frees blocks)
-            own: dict[_Outbox, list[RequestOutput]] = {outbox: [] for outbox in drivers}
-            for output in outputs:
-                owner = owners.pop(output.request_id, None) if output.finished else owners.get(output.request_id)
+        reports = engine.step() if engine.has_unfinished_requests() else []
+        if reports or commanded:  # (after commands alone, for the stats: an abort frees blocks)
+            own: dict[_Outbox, list[tuple]] = {outbox: [] for outbox in drivers}
+            for report in reports:
+                request_id, finished = report[0], report[1]
+                owner = owners.pop(request_id, None) if finished else owners.get(request_id)
                 if owner in own:
-                    own[owner].append(output)
+                    own[owner].append(report)
             stats = engine.stats()
             for outbox, theirs in own.items():  # each driver its own requests, and every driver the stats
                 outbox.put(theirs, engine.num_generated_tokens, stats)

@@ -8,8 +8,9 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import BlockManager, CacheCapacity, HybridBlockManager
-from pagedllm.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from pagedllm.engine.detokenizer import stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
+from pagedllm.engine.progress import ProgressReport
 from pagedllm.engine.request import Request, SampleGroup
 from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
@@ -32,7 +33,9 @@ class LLMEngine:
 
         self.config = config
         self.tokenizer = load_tokenizer(config)
-        self.outputs = OutputBuilder(self.tokenizer)
+        # What a step reports of a request: its RequestOutput; an engine process's driver builds those
+        # itself, from the progress reports (pagedllm.engine.progress) its engine process swaps in here
+        self.outputs: OutputBuilder | ProgressReport = OutputBuilder(self.tokenizer)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
@@ -72,9 +75,7 @@ class LLMEngine:
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
                               bad_words_token_ids=bad_words, grammar=grammar and SampleGrammar.new(grammar))
-            if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
-                request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
-                                                             params.spaces_between_special_tokens)
+            request.detokenizer = self.outputs.detokenizer(params, stream)
             if group is not None:
                 group.members.append(request)
             self.scheduler.add_request(request)
@@ -182,14 +183,16 @@ class LLMEngine:
         reported = self.scheduler.update_from_output(out, result.sampled_token_ids, result.logprobs,
                                                      result.token_logprobs)
         for request, token_id, ended in zip(out.requests, result.sampled_token_ids, ended_before, strict=True):
-            if ended or token_id is None or request.detokenizer is None:
+            if ended or token_id is None:
                 continue
-            try:
-                ended_by_stop_string = self._extend_text(request)
-            except Exception as err:
-                self._fail(request, err)
-                ended_by_stop_string = True
-            if ended_by_stop_string or (request.stream and not request.is_finished):
+            ended_by_stop_string = False
+            if request.detokenizer is not None:
+                try:
+                    ended_by_stop_string = self._extend_text(request)
+                except Exception as err:
+                    self._fail(request, err)
+                    ended_by_stop_string = True
+            if ended_by_stop_string or (request.stream and not request.is_finished):  # (streams: also without text)
                 reported.append(request)
         return self._outputs(reported)
 
@@ -225,16 +228,9 @@ class LLMEngine:
     def _extend_text(self, request: Request) -> bool:
         """Decode the request's new token; on a stop string, cut the text there and end the request
         (if a stop token or length did not end it first). True if a stop string newly ended it."""
-        detokenizer = request.detokenizer
-        num_new_chars = len(detokenizer.update(request.token_ids, request.num_prompt_tokens))
-        params = request.sampling_params
-        if not params.stop or not num_new_chars or request.num_output_tokens < params.min_tokens:
+        stop = stop_string_hit(request)
+        if stop is None:
             return False
-        hit = find_stop_string(detokenizer.text, num_new_chars, params.stop)
-        if hit is None:
-            return False
-        stop, start = hit
-        detokenizer.text = detokenizer.text[: start + (len(stop) if params.include_stop_str_in_output else 0)]
         if request.is_finished:  # a stop token or max_tokens ended it in this step: the text is still cut
             request.finish_reason, request.stop_reason = "stop", stop
             return False

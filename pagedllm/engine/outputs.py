@@ -2,18 +2,25 @@
 together (the n best of ``best_of``); only what is new for ``RequestOutputKind.DELTA``."""
 
 import dataclasses
-from operator import attrgetter
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.request import Request
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pagedllm.sampling_params import RequestOutputKind
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class OutputBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
         self.tokenizer = tokenizer
+
+    def detokenizer(self, params: SamplingParams, stream: bool) -> IncrementalDetokenizer | None:
+        """A request's text as it goes: for its stop strings, and for the outputs of a stream."""
+        if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
+            return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                          params.spaces_between_special_tokens)
+        return None
 
     def output(self, request: Request) -> RequestOutput:
         """The request's output; for one of n samples, the whole group's, samples in index order."""
@@ -131,38 +138,3 @@ def copy_output(output: RequestOutput) -> RequestOutput:
     return dataclasses.replace(output, outputs=[
         dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
         for c in output.outputs])
-
-
-_metrics_fields = attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))
-
-
-def pack_output(output: RequestOutput) -> tuple:
-    """An engine process's output for the pipe, as tuples of its fields (without the prompt, which
-    the driver holds): pickling a tree of dataclasses costs ten times as much at both ends, per
-    request and step, and the server's HTTP process unpickles every token."""
-    metrics = output.metrics
-    completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.cumulative_logprob,
-                    _pack_logprobs(c.logprobs)) for c in output.outputs]
-    return (output.request_id, completions, output.finished, output.num_cached_tokens,
-            _pack_logprobs(output.prompt_logprobs), None if metrics is None else _metrics_fields(metrics),
-            output.error)
-
-
-def unpack_output(packed: tuple) -> RequestOutput:
-    request_id, completions, finished, num_cached_tokens, prompt_logprobs, metrics, error = packed
-    return RequestOutput(request_id, None, [], [CompletionOutput(*c[:6], _unpack_logprobs(c[6])) for c in completions],
-                         finished, num_cached_tokens, _unpack_logprobs(prompt_logprobs),
-                         None if metrics is None else RequestMetrics(*metrics), error)
-
-
-def _pack_logprobs(entries: list[dict[int, Logprob] | None] | None) -> list[dict[int, tuple] | None] | None:
-    if entries is None:
-        return None
-    return [None if e is None else {t: (lp.logprob, lp.rank, lp.decoded_token) for t, lp in e.items()}
-            for e in entries]
-
-
-def _unpack_logprobs(entries: list[dict[int, tuple] | None] | None) -> list[dict[int, Logprob] | None] | None:
-    if entries is None:
-        return None
-    return [None if e is None else {t: Logprob(*v) for t, v in e.items()} for e in entries]
