@@ -270,9 +270,11 @@ def test_huge_prompt_does_not_stall_other_clients(server):
 
 
 def test_a_request_that_fails_in_the_engine_fails_alone(tiny_checkpoint, good_text, monkeypatch):
-    """An error pinned on one request (here its text breaks, in the engine process) ends it with
-    OpenAI's error JSON, a 500 or a stream's error event; the requests beside it, and the next
-    ones, are served."""
+    """An error pinned on one request (here its text breaks: in the engine process, which decodes
+    what stop strings need, or in this one, which decodes the rest) ends it with OpenAI's error
+    JSON, a 500 or a stream's error event, and frees its blocks; the requests beside it, and the
+    next ones, are served."""
+    from pagedllm.engine import progress
     from pagedllm.engine.data_parallel import start_method
     from pagedllm.engine.llm_engine import LLMEngine
 
@@ -288,6 +290,15 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_checkpoint, good_te
     monkeypatch.setattr(LLMEngine, "_extend_text", broken)  # the engine process forked from here keeps it
     srv, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "tiny")
     monkeypatch.undo()
+    extend = progress._extend
+
+    def broken_here(copy, tokens):
+        if copy.prompt == "poison here":
+            raise RuntimeError("this request's text broke here")
+        extend(copy, tokens)
+
+    monkeypatch.setattr(progress, "_extend", broken_here)  # the driver's copies: this process
+    poison = {"prompt": "poison", "stop": ["never in the text"]}  # stop strings: decoded in the engine process
     results = {}
 
     def healthy(i):
@@ -297,10 +308,16 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_checkpoint, good_te
         neighbours = [threading.Thread(target=healthy, args=(i,)) for i in range(4)]
         for thread in neighbours:
             thread.start()
-        status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison"})
+        status, headers, body = send(url, "POST", "/v1/completions", GOOD | poison)
         assert_openai_error(status, headers, body, 500)
         assert "this request's text broke" in json.loads(body)["error"]["message"]
-        status, _, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": ["fine", "poison"], "stream": True})
+        status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison here", "stream": True})
+        assert status == 200 and "this request's text broke here" in body.decode()
+        status, headers, body = send(url, "POST", "/v1/completions", GOOD | {"prompt": "poison here"})
+        assert_openai_error(status, headers, body, 500)
+        assert "this request's text broke here" in json.loads(body)["error"]["message"]
+        status, _, body = send(url, "POST", "/v1/completions", GOOD | poison | {"prompt": ["fine", "poison"],
+                                                                              "stream": True})
         events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
         assert status == 200 and events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["message"].startswith("the request failed in the engine: prompt 1")
