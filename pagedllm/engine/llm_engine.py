@@ -111,8 +111,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()  # a request in flight is running (or preempted)
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the requests that finished, and the streaming requests that got a
-        token. The plain step or the pipelined one, as ``async_scheduling`` says (no bound method
+        """Run one batch; return the outputs of the requests that finished, and of the streaming
+        requests that got a token (an engine process's ``ProgressReport`` makes reports of them
+        instead). The plain step or the pipelined one, as ``async_scheduling`` says (no bound method
         kept on the engine: that cycle would keep a dropped engine, and its workers, alive)."""
         return self._step_pipelined() if self.async_scheduling else self._step_plain()
 
