@@ -272,12 +272,14 @@ def serve_section(name: str, data: dict) -> list[str]:
                          f"{_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | {_ms(r['itl_p50_ms'])} | "
                          f"{_ms(r['itl_p99_ms'])} | {r['completed']} / {r['failed']} / {r['stopped']} |")
     notes = []
-    if "served_over_offline_at_rate_inf" in data:
+    # the ratio is the file's (one pagedllm server, older results) or each pagedllm server's
+    for source in [s for s in [data] + engines if "served_over_offline_at_rate_inf" in s]:
         offline = _rate(data["offline"]["output_tokens_per_s"])
-        runs = data.get("served_over_offline_at_rate_inf_runs", [])
+        runs = source.get("served_over_offline_at_rate_inf_runs", [])
         each = f" (the median of {len(runs)} floods: {', '.join(f'{r:.2f}' for r in runs)})" if len(runs) > 1 else ""
-        notes.append(f"The offline `LLM` on the same prompts in the same run: {offline} output tok/s; served at "
-                     f"rate inf: **{data['served_over_offline_at_rate_inf']:.2f}** of it{each}")
+        notes.append(f"The offline `LLM` on the same prompts in the same run: {offline} output tok/s; "
+                     f"{source.get('engine', 'pagedllm')} served at rate inf: "
+                     f"**{source['served_over_offline_at_rate_inf']:.2f}** of it{each}")
     for engine in data["engines"]:
         flood = [r for r in engine.get("runs", []) if r["rate"] == float("inf") and r.get("content_chunks")]
         if flood:

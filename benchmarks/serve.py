@@ -8,7 +8,7 @@ The checkpoint is the real config with random weights, saved once with a trained
 byte-level tokenizer and a plain chat template (no hub is reachable).
 
 Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 4 16 64 inf inf inf] [--peer transformers]
-       [--api-server-count N] [--out DIR]
+       [--api-server-count N [N ...]] [--out DIR]
 """
 
 import argparse
@@ -274,9 +274,10 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300,
                         help="seconds per engine and rate; requests still running then are stopped and reported")
     parser.add_argument("--client-processes", type=int, default=4)
-    parser.add_argument("--api-server-count", type=int, default=1,
-                        help="pagedllm's HTTP processes (its --api-server-count; past 1 the server's own process only "
-                             "watches them, and their CPU counts with the engine process's as its children's)")
+    parser.add_argument("--api-server-count", type=int, nargs="+", default=[1],
+                        help="pagedllm's HTTP processes (its --api-server-count), one server per value, in turn; past "
+                             "1 the server's own process only watches them, and their CPU counts with the engine "
+                             "process's as its children's")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
@@ -289,14 +290,25 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as offline_pool:  # its GPU memory freed after
         offline = offline_pool.apply(offline_throughput, (path, args.dtype, args.device, prompts, args.output_len))
     print(f"{'offline LLM':>22}           : {offline['output_tokens_per_s']:8.0f} out tok/s", flush=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    ours = benchmark_engine(
-        "pagedllm", [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host",
-                     "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype,
-                     "--device", args.device, "--api-server-count", str(args.api_server_count)],
-        url, "bench", {"ignore_eos": True}, args, pool, prompts)
-    engines = [ours]
+    engines = []
+    for count in args.api_server_count:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        ours = benchmark_engine(
+            "pagedllm" if count == 1 else f"pagedllm ({count} API servers)",
+            [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1",
+             "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype, "--device", args.device,
+             "--api-server-count", str(count)],
+            url, "bench", {"ignore_eos": True}, args, pool, prompts)
+        ours["api_server_count"] = count
+        served = [r["output_tokens_per_s"] / offline["output_tokens_per_s"]
+                  for r in ours.get("runs", []) if r["rate"] == float("inf")]
+        if served:  # one flood of 200 streams lasts ~1.5 s on an H200 and varies by a third: give it as "inf inf inf"
+            ours["served_over_offline_at_rate_inf"] = statistics.median(served)
+            ours["served_over_offline_at_rate_inf_runs"] = served
+            print(f"{ours['engine']}: served / offline at rate inf: {statistics.median(served):.2f} (median of "
+                  f"{len(served)}: {', '.join(f'{s:.2f}' for s in served)})")
+        engines.append(ours)
     if args.peer == "transformers":
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -309,16 +321,8 @@ def main() -> None:
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "client_processes": args.client_processes,
-               "api_server_count": args.api_server_count,
                "time_limit_s": args.time_limit, "environment": environment(), "offline": offline,
                "engines": engines}
-    served = [r["output_tokens_per_s"] / offline["output_tokens_per_s"]
-              for r in ours.get("runs", []) if r["rate"] == float("inf")]
-    if served:  # one flood of 200 streams lasts ~1.5 s on an H200 and varies by a third: give it as "inf inf inf"
-        payload["served_over_offline_at_rate_inf"] = statistics.median(served)
-        payload["served_over_offline_at_rate_inf_runs"] = served
-        print(f"served / offline at rate inf: {statistics.median(served):.2f} (median of {len(served)}: "
-              f"{', '.join(f'{s:.2f}' for s in served)})")
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")
     elif args.out:  # without its peer it is not a result, but the device tool still brings it back

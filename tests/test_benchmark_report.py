@@ -49,6 +49,20 @@ def test_serve_rows_come_from_the_latest_result():
         assert cells[-1] == f"{run['completed']} / {run['failed']} / {run['stopped']}"
 
 
+def test_serve_notes_give_each_api_server_counts_ratio():
+    name, data = report.latest("serve")
+    data = dict(data)
+    engines = [e for e in data["engines"] if "runs" in e]
+    data.pop("served_over_offline_at_rate_inf", None)
+    data["engines"] = [dict(engines[0], engine="pagedllm", served_over_offline_at_rate_inf=0.61),
+                       dict(engines[0], engine="pagedllm (2 API servers)", served_over_offline_at_rate_inf=0.83,
+                            served_over_offline_at_rate_inf_runs=[0.8, 0.83, 0.9])]
+    notes = "\n".join(report.serve_section(name, data))
+    assert "pagedllm served at rate inf: **0.61** of it." in notes
+    assert "pagedllm (2 API servers) served at rate inf: **0.83** of it (the median of 3 floods: 0.80, 0.83, 0.90)" \
+        in notes
+
+
 def test_moe_section_has_a_row_per_measured_layer():
     data = {"environment": {"gpu": "NVIDIA H200", "date": "2026-12-02", "torch": "t", "triton": "t",
                             "git_commit": "abc"},
