@@ -162,11 +162,13 @@ class AsyncLLM:
                         self._add(*arg)
                     else:
                         engine.abort_request(arg)
+                outputs = []
                 if not in_process:  # waits for the engine process's next message, or a command
-                    self._deliver([(output.request_id, output) for output in engine.step(self._wake_read)])
+                    outputs = engine.step(self._wake_read)
                 elif engine.has_unfinished_requests():
-                    self._deliver([(output.request_id, output) for output in engine.step()])
-                self.stats = engine.stats()
+                    outputs = engine.step()
+                self.stats = engine.stats()  # first: a caller that got a request's last output sees it counted
+                self._deliver([(output.request_id, output) for output in outputs])
                 if not in_process and not engine.alive:
                     raise RuntimeError("the engine process died (the error is above)")
         except BaseException as err:  # the engine is broken: every waiting client gets the error
