@@ -109,7 +109,9 @@ def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature, k
         for rank, (tid, value) in enumerate(zip(top_ids.tolist(), top_values.tolist(), strict=True), 1):
             assert entry[tid].logprob == pytest.approx(value, abs=1e-4) and entry[tid].rank == rank
         assert set(entry) <= set(top_ids.tolist()) | {token_id}
-        assert entry[token_id].decoded_token == llm.get_tokenizer().decode([token_id])
+        assert all(lp.decoded_token == llm.get_tokenizer().decode([t]) for t, lp in entry.items())
+    again = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]  # the tokens' texts, looked up this time
+    assert again.logprobs == completion.logprobs
     expected_sum = sum(reference[i, t].item() for i, t in enumerate(completion.token_ids))
     assert completion.cumulative_logprob == pytest.approx(expected_sum, abs=1e-3)
 
