@@ -6,6 +6,8 @@ from functools import partial
 import tokenizers
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.sampling_params import SamplingParams
+
 # Tokens of context re-decoded before the unread ones, so that merges across steps come out right.
 _CONTEXT_TOKENS = 6
 
@@ -39,6 +41,14 @@ class IncrementalDetokenizer:
         self._read_offset = len(token_ids) - start
         self._prefix_offset = max(self._read_offset - _CONTEXT_TOKENS, 0)
         return delta
+
+
+def incremental_detokenizer(tokenizer: PreTrainedTokenizerBase | None,
+                            params: SamplingParams) -> IncrementalDetokenizer | None:
+    """A request's text as it goes, where it has text (a tokenizer, and ``detokenize``)."""
+    if tokenizer is None or not params.detokenize:
+        return None
+    return IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
 
 
 def find_stop_string(text: str, num_new_chars: int, stop: list[str]) -> tuple[str, int] | None:

@@ -5,7 +5,7 @@ import dataclasses
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer
 from pagedllm.engine.request import Request
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -20,10 +20,7 @@ class OutputBuilder:
 
     def detokenizer(self, params: SamplingParams, stream: bool) -> IncrementalDetokenizer | None:
         """A request's text as it goes: for its stop strings, and for the outputs of a stream."""
-        if (params.stop or stream) and params.detokenize and self.tokenizer is not None:
-            return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
-                                          params.spaces_between_special_tokens)
-        return None
+        return incremental_detokenizer(self.tokenizer, params) if params.stop or stream else None
 
     def output(self, request: Request) -> RequestOutput:
         """The request's output; for one of n samples, the whole group's, samples in index order."""

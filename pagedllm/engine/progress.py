@@ -14,7 +14,7 @@ first_scheduled_time, first_token_time, last_token_time, finished_time)``.
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.engine.detokenizer import IncrementalDetokenizer, stop_string_hit
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer, stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.request import Request, RequestStatus, SampleGroup
 from pagedllm.outputs import RequestOutput
@@ -26,11 +26,11 @@ class ProgressReport:
     requests (streams at each token, the rest when done), each as a report."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
-        self.builder = OutputBuilder(tokenizer)
+        self.tokenizer = tokenizer
 
     def detokenizer(self, params: SamplingParams, stream: bool) -> IncrementalDetokenizer | None:
         """Text only where the engine must judge it (stop strings): the driver makes what it reports."""
-        return self.builder.detokenizer(params, stream=False)
+        return incremental_detokenizer(self.tokenizer, params) if params.stop else None
 
     def output(self, request: Request) -> tuple:
         group = request.group
