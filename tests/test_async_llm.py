@@ -219,3 +219,20 @@ def test_a_cumulative_stream_builds_each_tokens_logprobs_once():
     assert len(outputs) == 40 and [len(o.outputs[0].logprobs) for o in outputs] == list(range(1, 41))
     assert sum(built) == 40
     assert outputs[-1].outputs[0].logprobs == want.logprobs
+
+
+def test_on_dead_set_after_the_engine_died_is_called_at_once():
+    """A server wires ``on_dead`` up once the engine is built; an engine process that dies in between
+    must still stop it (a killed supervisor's API server kept serving a dead engine otherwise)."""
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"))
+    try:
+        engine.engine.replicas[0].process.kill()
+        deadline = time.monotonic() + 30
+        while engine.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.error is not None
+        called = []
+        engine.on_dead = lambda: called.append(True)
+        assert called == [True]
+    finally:
+        engine.shutdown()

@@ -45,7 +45,7 @@ class AsyncLLM:
             config.data_parallel_size > 1 else LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.config = config
-        self.on_dead = on_dead
+        self._on_dead = on_dead
         self.stats = self.engine.stats()
         self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", id) / ("stop", None)
         self._wake_read, self._wake_write = os.pipe()  # readable while commands wait (a byte per command)
@@ -54,6 +54,18 @@ class AsyncLLM:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def on_dead(self) -> Callable[[], None] | None:
+        return self._on_dead
+
+    @on_dead.setter
+    def on_dead(self, callback: Callable[[], None] | None) -> None:
+        """Set after the engine died (a server wires it up once the engine is built, and the engine
+        process may die first), the callback is called at once: otherwise nothing would ever call it."""
+        self._on_dead = callback
+        if callback is not None and self.error is not None:
+            callback()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineConfig) -> "AsyncLLM":
@@ -176,8 +188,8 @@ class AsyncLLM:
             self.error = err
             self._deliver([(request_id, EngineDeadError(f"the engine stopped: {err!r}"))
                            for request_id in list(self._streams)])
-            if self.on_dead is not None:
-                self.on_dead()
+            if self._on_dead is not None:
+                self._on_dead()
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
         if request_id not in self._streams:  # its client left before it got here
