@@ -97,22 +97,43 @@ class DataParallelEngine:
         return any(r.alive for r in self.replicas)
 
     def step(self, wake: int | None = None) -> list[RequestOutput]:
-        """Give waiting requests to replicas with room, then return the outputs that came back,
-        waiting for the first if any request is out. With ``wake`` (a file descriptor: readable
-        when the caller has new commands for the replicas), wait for a message of any kind, or a
-        replica's death, or ``wake``, even with no request out: the replicas' stats stay fresh."""
+        """``step_reports``, each report built into its request's output here."""
+        outputs = []
+        for item in self.step_reports(wake):
+            output = self.output(item)
+            if output is None:  # aborted here meanwhile
+                continue
+            if isinstance(item, tuple) and output.finished and not item[1]:  # failed here (its text)
+                self.abort_request(output.request_id)  # its replica stops it
+            outputs.append(output)
+        return outputs
+
+    def step_reports(self, wake: int | None = None) -> list[tuple | RequestOutput]:
+        """Give waiting requests to replicas with room, then return what came back: the requests'
+        reports (``progress``; ``output`` builds them, several of one request merged first for a
+        reader that fell behind) and the failed outputs of a replica that died, waiting for the
+        first if any request is out. With ``wake`` (a file descriptor: readable when the caller
+        has new commands for the replicas), wait for a message of any kind, or a replica's death,
+        or ``wake``, even with no request out: the replicas' stats stay fresh."""
         self._place_waiting()
         if self.waiting and not self.placed:
             raise RuntimeError("no data-parallel replica took the waiting requests")  # would spin otherwise
         live = [r for r in self.replicas if r.alive]
-        outputs = []
+        items = []
         if self.placed or wake is not None:
             ready = mp.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live if r.process] +
                                        ([wake] if wake is not None else []))
             for replica in live:
                 if replica.conn in ready or (replica.process and replica.process.sentinel in ready):
-                    outputs += self._receive(replica)
-        return outputs
+                    items += self._receive(replica)
+        return items
+
+    def output(self, item: tuple | RequestOutput) -> RequestOutput | None:
+        """A report's output (None if the request was dropped here meanwhile), or a failed output as
+        it came. Safe beside the thread that steps (an ``AsyncLLM`` reader builds its own). A text
+        that fails here ends the request with its error while its replica still runs it: the caller
+        aborts it there."""
+        return item if isinstance(item, RequestOutput) else self.copies.output(item)
 
     def reset_prefix_cache(self) -> bool:
         """Each replica forgets its cached prefixes; False, and nothing forgotten, while requests run."""
@@ -143,35 +164,30 @@ class DataParallelEngine:
         if self.waiting and not any(r.alive for r in self.replicas):
             raise RuntimeError("every data-parallel replica has died: create a new LLM")
 
-    def _receive(self, replica: "_Replica") -> list[RequestOutput]:
-        """Every message the replica has sent since the last look: outputs, or how it died."""
-        outputs = []
+    def _receive(self, replica: "_Replica") -> list[tuple | RequestOutput]:
+        """Every message the replica has sent since the last look: reports, or how it died."""
+        items = []
         while True:
             try:
                 message = replica.conn.recv() if replica.conn.poll() else None
             except (EOFError, OSError):
                 if replica.process is None:  # started by another process: its pipe closing is all this one sees
-                    return outputs + self._lost(replica, "exited")
+                    return items + self._lost(replica, "exited")
                 message = None
             if message is None:
                 if replica.process is None or replica.process.is_alive():
-                    return outputs
-                return outputs + self._lost(replica, f"died with exit code {replica.process.exitcode}")
+                    return items
+                return items + self._lost(replica, f"died with exit code {replica.process.exitcode}")
             if message[0] == "error":
-                return outputs + self._lost(replica, f"failed:\n{message[1]}")
+                return items + self._lost(replica, f"failed:\n{message[1]}")
             _, reports, generated, replica.stats = message
             self.num_generated_tokens += generated - replica.generated
             replica.generated = generated
             for report in reports:
-                output = self.copies.output(report)
-                if output is None:  # aborted here meanwhile
-                    continue
-                if report[1]:  # finished there
-                    if self.placed.pop(output.request_id, None) is replica:
-                        replica.load -= 1
-                elif output.finished:  # failed here (its text): the replica stops it
-                    self.abort_request(output.request_id)
-                outputs.append(output)
+                if report[1] and self.placed.get(report[0]) is replica:  # finished there
+                    del self.placed[report[0]]
+                    replica.load -= 1
+            items += reports
 
     def _lost(self, replica: "_Replica", why: str) -> list[RequestOutput]:
         """A replica that died fails the requests it held (never silently); the others go on."""

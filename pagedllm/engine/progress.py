@@ -12,6 +12,8 @@ A report: ``(request_id, finished, samples, num_cached_tokens, prompt_logprobs)`
 first_scheduled_time, first_token_time, last_token_time, finished_time)``.
 """
 
+import threading
+
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer, stop_string_hit
@@ -63,15 +65,23 @@ def merge_reports(so_far: tuple, new: tuple) -> tuple:
 
 class RequestCopies:
     """A driver's copies of the requests its engine processes run, brought up to date by their
-    reports: their text is decoded, and their outputs built, here."""
+    reports: their text is decoded, and their outputs built, here. Thread-safe: an ``AsyncLLM``
+    builds each request's output in the thread that reads it, while its engine thread adds,
+    drops and fails requests."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
         self.builder = OutputBuilder(tokenizer)
         self.requests: dict[str, Request] = {}  # request id -> its (first sample's) copy
+        self._lock = threading.Lock()
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
             stream: bool) -> None:
         """``prompt_token_ids`` as the engine runs them (truncated)."""
+        with self._lock:
+            self._add(request_id, prompt_token_ids, params, prompt, stream)
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
+             stream: bool) -> None:
         group = SampleGroup(request_id) if params.samples > 1 else None
         for index in range(params.samples):
             copy = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
@@ -82,11 +92,16 @@ class RequestCopies:
         self.requests[request_id] = group.members[0] if group else copy
 
     def drop(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        with self._lock:
+            self.requests.pop(request_id, None)
 
     def output(self, report: tuple) -> RequestOutput | None:
         """The request's output for a report (None if it was dropped here meanwhile). An error in its
         text fails it here (finished, with the error): its engine process is then told to abort it."""
+        with self._lock:
+            return self._output(report)
+
+    def _output(self, report: tuple) -> RequestOutput | None:
         request_id, finished, samples, num_cached_tokens, prompt_logprobs = report
         first = self.requests.get(request_id)
         if first is None:
@@ -107,13 +122,17 @@ class RequestCopies:
                     copy.status, copy.finish_reason, copy.stop_reason = RequestStatus.FINISHED, reason, stop_reason
             output = self.builder.output(first)
         except Exception as err:
-            return self.failed(request_id, f"{type(err).__name__}: {err}")
+            return self._failed(request_id, f"{type(err).__name__}: {err}")
         if output.finished:
             del self.requests[request_id]
         return output
 
     def failed(self, request_id: str, error: str) -> RequestOutput | None:
         """The request's last output, failed with ``error`` (its engine process died, or its text did)."""
+        with self._lock:
+            return self._failed(request_id, error)
+
+    def _failed(self, request_id: str, error: str) -> RequestOutput | None:
         first = self.requests.pop(request_id, None)
         if first is None:
             return None
