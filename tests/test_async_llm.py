@@ -186,6 +186,36 @@ def test_a_delta_reader_that_falls_behind_gets_the_waiting_deltas_added_up():
     assert [e.keys() for o in outputs for e in o.outputs[0].logprobs] == [e.keys() for e in want.logprobs]
 
 
+@pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE])
+def test_a_reader_behind_the_engine_process_builds_one_output_for_all_that_waited(kind):
+    """The engine process's reports wait for the reader merged, and are built into an output when
+    it reads (once for all their tokens), not one output a token in the engine thread."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1, output_kind=kind)
+    want = LLM(DEMO, device="cpu").generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"))
+    copies, built = engine.engine.copies, []
+    build = copies.output
+    copies.output = lambda report: built.append(len(report[2][0][1])) or build(report)
+
+    async def read_slowly():
+        stream = engine.generate(PROMPTS[0], params, request_id="slow")
+        outputs = [await anext(stream)]
+        await asyncio.sleep(3)  # the engine process goes on meanwhile
+        return outputs + [o async for o in stream]
+
+    try:
+        outputs = asyncio.run(read_slowly())
+    finally:
+        engine.shutdown()
+    assert len(built) == len(outputs) < 40 and max(built) > 1 and sum(built) == 40
+    final = outputs[-1].outputs[0] if kind == RequestOutputKind.CUMULATIVE else from_deltas(outputs)[1][0]
+    if kind == RequestOutputKind.CUMULATIVE:
+        assert (final.text, final.token_ids, [e.keys() for e in final.logprobs]) == (
+            want.text, want.token_ids, [e.keys() for e in want.logprobs])
+    else:
+        assert final[1:3] == (want.text, want.token_ids)
+
+
 def test_a_delta_stream_builds_each_tokens_logprobs_once():
     """Each delta output takes its tokens and logprobs from where the last one ended: a stream's
     logprobs are built once each, not all of them again at every token (quadratic in its length)."""
