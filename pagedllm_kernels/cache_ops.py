@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.pdl import pdl, wait_for_previous
+
 
 @triton.jit
 def _to_cache(x, scale, cache_ptr):
@@ -16,7 +18,8 @@ def _to_cache(x, scale, cache_ptr):
 @triton.jit
 def _store_kv_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                            stride_key, stride_value, k_scale, v_scale,
-                           ROW: tl.constexpr, BLOCK: tl.constexpr):
+                           ROW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token)
     if slot < 0:
@@ -41,7 +44,7 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     key, value = _rows_dense(key), _rows_dense(value)
     _store_kv_cache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0), k_scale, v_scale,
-        ROW=row, BLOCK=triton.next_power_of_2(row),
+        ROW=row, BLOCK=triton.next_power_of_2(row), **pdl(key),
     )
 
 

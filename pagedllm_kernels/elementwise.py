@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, empty_fp8_rows, quantize_rows, quantizing_warps, store_row_as_fp8
+from pagedllm_kernels.pdl import pdl, wait_for_previous
 from pagedllm_kernels.reference import FP8_MAX
 
 
@@ -30,7 +31,8 @@ def _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, stride_x, stride_r,
                      stride_o, n, eps, HAS_RESIDUAL: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr,
-                     QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                     QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     dtype = x_ptr.dtype.element_ty
     row, cols, mask, x = _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n,
                                             dtype, HAS_RESIDUAL, BLOCK)
@@ -64,7 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(rows,)](x2, r2, weight, out, scale, residual_out, x2.stride(0), r2.stride(0), out.stride(0),
                                   n, eps, HAS_RESIDUAL=residual is not None, SCALE_IN_FLOAT32=scale_in_float32,
                                   QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
-                                  num_warps=quantizing_warps(block) if quantize else 4)
+                                  num_warps=quantizing_warps(block) if quantize else 4, **pdl(x2))
     out = (out, scale) if quantize else out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))
 
@@ -72,7 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 @triton.jit
 def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
                        stride_o, n, eps, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row, cols, mask, x = _row_with_residual(x_ptr, residual_ptr, residual_out_ptr, stride_x, stride_r, n,
                                             out_ptr.dtype.element_ty, HAS_RESIDUAL, BLOCK)
     h = x.to(tl.float32)
@@ -101,7 +104,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         _layer_norm_kernel[(rows,)](x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
                                     out, residual_out, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
                                     HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-                                    HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n))
+                                    HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n), **pdl(x2))
     out = out.view(shape)
     return out if residual is None else (out, residual_out.view(shape))
 
@@ -109,7 +112,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 @triton.jit
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
     d = tl.arange(0, BLOCK_D)
@@ -141,13 +145,14 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
         _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0),
                                       k.stride(1), cos.stride(0), num_q_heads, k.shape[1], HALF=half,
                                       BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
-                                      BLOCK_D=triton.next_power_of_2(half))
+                                      BLOCK_D=triton.next_power_of_2(half), **pdl(q))
     return q, k
 
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, stride_in, n, QUANTIZE: tl.constexpr,
-                         FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                         FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -175,5 +180,6 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
         block = triton.next_power_of_2(n) if quantize else min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n,
                                                                   QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
-                                                                  num_warps=quantizing_warps(block) if quantize else 4)
+                                                                  num_warps=quantizing_warps(block) if quantize else 4,
+                                                                  **pdl(gate_up))
     return (out, scale) if quantize else out

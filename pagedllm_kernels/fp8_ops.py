@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.pdl import pdl, wait_for_previous
 from pagedllm_kernels.reference import FP8_MAX
 
 
@@ -27,7 +28,8 @@ def _row_scales(largest, scale_ptr, row, FP8_MAX: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n, stride_x, stride_q, FP8_MAX: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     largest = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n, BLOCK):
@@ -73,14 +75,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         block = min(WIDEST_BLOCK, triton.next_power_of_2(n))
         _quantize_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, BLOCK=block,
-                                       num_warps=quantizing_warps(block))
+                                       num_warps=quantizing_warps(block), **pdl(x))
     return q, scale
 
 
 @triton.jit
 def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, arrivals_ptr, m, n, k,
                               stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr):
+                              BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+                              PDL: tl.constexpr):
+    wait_for_previous(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -154,5 +158,5 @@ def fp8_weight_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
         _fp8_weight_matmul_kernel[grid](x, x_scale, weight, weight_scale, out, partial, arrivals, m, n, k,
                                         x.stride(0), weight.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
                                         BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLIT_K=split_k,
-                                        num_warps=num_warps, num_stages=num_stages)
+                                        num_warps=num_warps, num_stages=num_stages, **pdl(x))
     return out

@@ -11,13 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.pdl import pdl, wait_for_previous
+
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
                          num_pairs, n, k, top_k, stride_a, stride_we, stride_wn, stride_out,
                          ROW_PER_PAIR: tl.constexpr, MUL_WEIGHTS: tl.constexpr, W_SCALED: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:  # a block past the last expert's rows
@@ -79,7 +82,7 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
                                W_SCALED=w_scale is not None,  # float32 stays float32 below (no TF32)
                                PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if big else 4,
-                               num_stages=3)
+                               num_stages=3, **pdl(a))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

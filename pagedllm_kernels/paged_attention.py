@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.pdl import pdl, wait_for_previous
+
 _LOG2E = 1.4426950408889634
 # Decode split-K settings, best of a sweep on an H100 (Llama-3-8B layout, batch 1-256, context 512-32k).
 _MIN_TOKENS_PER_SPLIT = 128
@@ -54,7 +56,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -104,7 +107,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
 
 @triton.jit
 def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -152,7 +156,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Sequence i owns program ids [cu[i] // BLOCK_Q + i, cu[i + 1] // BLOCK_Q + i + 1): enough for its blocks.
@@ -256,7 +261,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window,
             v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
-            **config, **common,
+            **config, **common, **pdl(query),
         )
         return out
 
@@ -275,12 +280,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common,
+        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common, **pdl(query),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             partial, row_max, row_sum, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], **pdl(query),
         )
     return out
 

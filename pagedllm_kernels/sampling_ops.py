@@ -7,9 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.pdl import pdl, wait_for_previous
+
 
 @triton.jit
-def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, vocab, stride, BLOCK: tl.constexpr):
+def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, vocab, stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     running_max = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -34,12 +37,14 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _token_logprobs_kernel[(rows,)](logits, token_ids, out, vocab, logits.stride(0), BLOCK=1024)
+        _token_logprobs_kernel[(rows,)](logits, token_ids, out, vocab, logits.stride(0), BLOCK=1024, **pdl(logits))
     return out
 
 
 @triton.jit
-def _seeded_exponential_kernel(noise_ptr, rows_ptr, seeds_ptr, positions_ptr, vocab, stride, BLOCK: tl.constexpr):
+def _seeded_exponential_kernel(noise_ptr, rows_ptr, seeds_ptr, positions_ptr, vocab, stride, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr):
+    wait_for_previous(PDL)
     i = tl.program_id(0)
     row = tl.load(rows_ptr + i)
     seed = tl.load(seeds_ptr + i)
@@ -58,5 +63,6 @@ def seeded_exponential_(noise: torch.Tensor, rows: torch.Tensor, seeds: torch.Te
     costs a launch per row and step). Reference: seeded_exponential_ref."""
     if len(rows):
         grid = (len(rows), triton.cdiv(noise.shape[1], 1024))
-        _seeded_exponential_kernel[grid](noise, rows, seeds, positions, noise.shape[1], noise.stride(0), BLOCK=1024)
+        _seeded_exponential_kernel[grid](noise, rows, seeds, positions, noise.shape[1], noise.stride(0), BLOCK=1024,
+                                         **pdl(noise))
     return noise

@@ -1,0 +1,39 @@
+"""Programmatic dependent launch (Hopper and newer): a kernel launched with it is scheduled while
+the kernel before it in the stream finishes, and waits at its start (``griddepcontrol.wait``)
+until that kernel has ended and its writes are visible. A decode step of one stream is ~360
+kernels of a few microseconds each, and each otherwise pays its launch and ramp after the last
+one's tail: on an H200, Llama-3-8B's 128 FP8 linears at one row with their quantizing kernels
+took 2.28 ms in a CUDA graph with it against 2.45 without.
+
+Every kernel here starts with ``wait_for_previous(PDL)`` and is launched with ``**pdl(x)``:
+both or neither, since a kernel launched early that did not wait would read its inputs before
+they are written. A kernel launched without it (torch's, cuBLAS's) waits for the whole of the
+one before, as ever."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+ENABLED = os.environ.get("PAGEDLLM_PDL", "1") != "0"  # (benchmarks compare without it)
+_on_device: dict[int, bool] = {}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()  # the kernel before has ended, its writes visible
+        gdc_launch_dependents()  # the next may be scheduled now: it waits for this one likewise
+
+
+def pdl(x: torch.Tensor) -> dict:
+    """Launch options of a kernel over ``x``'s device: dependent launch on a GPU that has it."""
+    if not x.is_cuda or not ENABLED:
+        return {"PDL": False}
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    on = _on_device.get(index)
+    if on is None:
+        on = _on_device[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
