@@ -112,6 +112,8 @@ def test_two_api_server_processes_serve_one_engine_and_stop_together(server):
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:  # both processes' requests, summed
         metrics = response.read().decode()
     assert 'pagedllm:request_success_total{finished_reason="length"} 8.0' in metrics
+    for reason in ("stop", "abort", "error"):  # made at start, so that no process makes its file as another reads
+        assert f'pagedllm:request_success_total{{finished_reason="{reason}"}} 0.0' in metrics
     assert "pagedllm:generation_tokens_total 96.0" in metrics  # the engine's own count, as each process has it
 
     process.send_signal(signal.SIGTERM)

@@ -54,7 +54,8 @@ def test_serve_notes_give_each_api_server_counts_ratio():
     data = dict(data)
     engines = [e for e in data["engines"] if "runs" in e]
     data.pop("served_over_offline_at_rate_inf", None)
-    data["engines"] = [dict(engines[0], engine="pagedllm", served_over_offline_at_rate_inf=0.61),
+    data["engines"] = [dict(engines[0], engine="pagedllm", served_over_offline_at_rate_inf=0.61,
+                            served_over_offline_at_rate_inf_runs=[0.61]),
                        dict(engines[0], engine="pagedllm (2 API servers)", served_over_offline_at_rate_inf=0.83,
                             served_over_offline_at_rate_inf_runs=[0.8, 0.83, 0.9])]
     notes = "\n".join(report.serve_section(name, data))

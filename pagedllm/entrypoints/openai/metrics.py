@@ -20,6 +20,7 @@ from pagedllm.outputs import RequestOutput
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+FINISH_REASONS = ("stop", "length", "abort", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # set for several API-server processes: prometheus_client then keeps each one's values in files there, summed at a
 # scrape
@@ -60,6 +61,11 @@ class ServerMetrics:
                                            TOKEN_BUCKETS)
         self.success = PrometheusCounter("pagedllm:request_success", "Requests that ended, by finish reason.",
                                ["finished_reason"], registry=self.registry)
+        # At 0 from the start. And with several API-server processes each one's counter file is made now: a file
+        # is empty for a moment as it is made, and a scrape by another process then failed with a 500
+        # (prometheus/client_python#1199; seen here when a client's hang-up made the first "abort")
+        for reason in FINISH_REASONS:
+            self.success.labels(finished_reason=reason)
 
     def observe_request(self, arrival: float, token_times: list[float], final: RequestOutput | None,
                         generated_tokens: int) -> None:
