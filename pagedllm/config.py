@@ -73,6 +73,8 @@ class EngineConfig:
               "NCCL beyond; faster, but a worker that dies mid-step leaves the others' GPUs waiting forever")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
     async_scheduling: bool = option(True, "schedule the next step while the device runs this one")
+    stream_interval: int = option(1, "a streamed request is reported at its first token, then every N tokens and "
+                                     "at its end: fewer, larger chunks for a server whose HTTP side is busy")
 
     # Accepted so that vLLM scripts run unchanged; each says what it does here.
     num_gpu_blocks_override: int | None = option(None, "vLLM's name for num_kv_blocks",
@@ -98,6 +100,7 @@ class EngineConfig:
         _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                  "block_size", self.block_size, "a power of two")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
         _require(0 < self.gpu_memory_utilization <= 1,
                  "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,

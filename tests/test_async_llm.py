@@ -216,6 +216,26 @@ def test_a_reader_behind_the_engine_process_builds_one_output_for_all_that_waite
         assert final[1:3] == (want.text, want.token_ids)
 
 
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_stream_interval_reports_the_first_token_then_every_n(engine_process):
+    """``stream_interval=4``: a stream's outputs hold its first token, then four at a time, then
+    what is left at its end; together the offline text (the engine process's reports as well)."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    want = LLM(DEMO, device="cpu").generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu", stream_interval=4), engine_process=engine_process)
+
+    async def read():
+        return [o async for o in engine.generate(PROMPTS[0], params, request_id="every-4")]
+
+    try:
+        outputs = asyncio.run(read())
+    finally:
+        engine.shutdown()
+    counts = [len(o.outputs[0].token_ids) for o in outputs]  # [1, 4, 4, 1], or some merged for a reader behind
+    assert counts[0] == 1 and sum(counts) == 10 and all(c % 4 == 0 for c in counts[1:-1]) and len(counts) <= 4
+    assert "".join(o.outputs[0].text for o in outputs) == want.text
+
+
 def test_a_delta_stream_builds_each_tokens_logprobs_once():
     """Each delta output takes its tokens and logprobs from where the last one ended: a stream's
     logprobs are built once each, not all of them again at every token (quadratic in its length)."""

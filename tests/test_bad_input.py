@@ -85,6 +85,8 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
     ({"max_num_seqs": "8"}, "max_num_seqs='8' is invalid: it must be int"),
     ({"enforce_eager": 1}, "enforce_eager=1 is invalid: it must be bool"),
+    ({"stream_interval": 0}, "stream_interval=0"),
+    ({"stream_interval": 2.5}, "stream_interval=2.5 is invalid: it must be int"),
     ({"seed": 1.5}, "seed=1.5 is invalid: it must be int or None"),
     ({"swap_space": "lots"}, "swap_space='lots' is invalid: it must be float"),
     ({"hf_overrides": [1]}, r"hf_overrides=\[1\] is invalid: it must be dict or None"),

@@ -198,14 +198,17 @@ class LLMEngine:
         return self._outputs(reported)
 
     def _outputs(self, reported: list[Request]) -> list[RequestOutput]:
-        """One output per reported request, or per group once all its samples are done (or at
-        every token when it streams, unless it asked for the final output only)."""
+        """One output per reported request, or per group once all its samples are done (or, when
+        it streams, at its first token and every ``stream_interval`` tokens after, unless it asked for
+        the final output only)."""
         outputs, done = [], set()
+        interval = self.config.stream_interval
         for request in reported:
             group = request.group
             finished = group.is_finished if group else request.is_finished
-            every_token = request.stream and request.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY
-            if id(group or request) in done or not (finished or every_token):
+            streamed_now = (request.stream and request.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY
+                            and (request.num_output_tokens - 1) % interval == 0)
+            if id(group or request) in done or not (finished or streamed_now):
                 continue
             done.add(id(group or request))
             try:
