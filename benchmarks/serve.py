@@ -8,11 +8,12 @@ The checkpoint is the real config with random weights, saved once with a trained
 byte-level tokenizer and a plain chat template (no hub is reachable).
 
 Usage: python benchmarks/serve.py [--config qwen3-0.6b] [--rates 4 16 64 inf inf inf] [--peer transformers]
-       [--api-server-count N [N ...]] [--out DIR]
+       [--api-server-count N [N ...]] [--stream-interval N [N ...]] [--out DIR]
 """
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -278,6 +279,9 @@ def main() -> None:
                         help="pagedllm's HTTP processes (its --api-server-count), one server per value, in turn; past "
                              "1 the server's own process only watches them, and their CPU counts with the engine "
                              "process's as its children's")
+    parser.add_argument("--stream-interval", type=int, nargs="+", default=[1],
+                        help="pagedllm's --stream-interval (tokens a streamed chunk waits for after the first), one "
+                             "server per value and API-server count")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
@@ -291,15 +295,17 @@ def main() -> None:
         offline = offline_pool.apply(offline_throughput, (path, args.dtype, args.device, prompts, args.output_len))
     print(f"{'offline LLM':>22}           : {offline['output_tokens_per_s']:8.0f} out tok/s", flush=True)
     engines = []
-    for count in args.api_server_count:
+    for count, interval in itertools.product(args.api_server_count, args.stream_interval):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        settings = [f"{count} API servers"] * (count > 1) + [f"stream interval {interval}"] * (interval > 1)
         ours = benchmark_engine(
-            "pagedllm" if count == 1 else f"pagedllm ({count} API servers)",
+            "pagedllm" + (f" ({', '.join(settings)})" if settings else ""),
             [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1",
              "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype, "--device", args.device,
-             "--api-server-count", str(count)],
+             "--api-server-count", str(count), "--stream-interval", str(interval)],
             url, "bench", {"ignore_eos": True}, args, pool, prompts)
+        ours["stream_interval"] = interval
         ours["api_server_count"] = count
         served = [r["output_tokens_per_s"] / offline["output_tokens_per_s"]
                   for r in ours.get("runs", []) if r["rate"] == float("inf")]
