@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="seconds per engine and rate; requests still running then are stopped and reported")
-    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--client-processes", type=int, default=8)
     parser.add_argument("--api-server-count", type=int, nargs="+", default=[1],
                         help="pagedllm's HTTP processes (its --api-server-count), one server per value, in turn; past "
                              "1 the server's own process only watches them, and their CPU counts with the engine "
