@@ -92,6 +92,25 @@ def test_help_lists_the_commands():
     assert run.returncode == 0 and all(c in run.stdout for c in ("generate", "serve", "bench"))
 
 
+@pytest.mark.parametrize("args, error", [
+    (["serve", "{model}", "--stream-interval", "0"], "stream_interval=0 is invalid: it must be >= 1"),
+    (["serve", "/no/such/model"], "model directory '/no/such/model' does not exist"),
+    (["bench", "--model", "{model}", "--max-num-seqs", "0"], "max_num_seqs=0 is invalid"),
+    (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "out.jsonl", "--temperature", "-1"],
+     "SamplingParams.temperature=-1.0 is invalid"),
+])
+def test_a_setting_that_could_never_run_is_named_as_argparse_names_a_bad_flag(model, tmp_path, capsys, args, error):
+    """Status 2 and ``pagedllm CMD: error: ...`` before anything loads, not a traceback."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    argv = [a.format(model=model) if "{" in a else str(tmp_path / a) if a.endswith(".jsonl") else a
+            for a in args] + ["--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"pagedllm {args[0]}: error: " in err and error in err
+    assert "Traceback" not in err
+
+
 def test_resume_after_a_torn_last_line_generates_its_id_again(model, tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(inp, [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:3])])

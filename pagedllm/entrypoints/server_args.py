@@ -62,6 +62,18 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)} | overrides
 
 
+def engine_setting_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the parsed engine options (a value out of range, a model directory that
+    is not there), checked before anything loads, for a command to say as argparse says a bad flag."""
+    from pagedllm.config import EngineConfig
+
+    try:
+        EngineConfig(**engine_kwargs(args))
+    except (ValueError, OSError) as err:
+        return str(err)
+    return None
+
+
 def _value_type(annotation) -> type:
     """The type a flag's text becomes: the annotation without None (a dtype is given by name)."""
     members = [t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)]

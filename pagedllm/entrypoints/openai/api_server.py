@@ -36,7 +36,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from pagedllm.entrypoints.openai.serving import OpenAIServing
-from pagedllm.entrypoints.server_args import engine_args, engine_kwargs
+from pagedllm.entrypoints.server_args import engine_args, engine_kwargs, engine_setting_error
 
 logger = logging.getLogger("pagedllm")
 # For tokenizers without a chat template (OPT, GPT-2): "role: content" lines, then "assistant:".
@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory or hub id")
     engine_args(parser)
-    sys.exit(serve(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if error := engine_setting_error(args):
+        parser.error(error)
+    sys.exit(serve(args))
 
 
 if __name__ == "__main__":
