@@ -61,6 +61,21 @@ def from_deltas(outputs: list) -> tuple:
     return summary(total)
 
 
+def stream(engine: AsyncLLM, prompt: str, params: SamplingParams, request_id: str, away: float = 0.0) -> list:
+    """Every output of one request, its reader away for ``away`` s after the first (the engine goes
+    on meanwhile); the engine shut down after."""
+    async def read():
+        outputs = engine.generate(prompt, params, request_id=request_id)
+        got = [await anext(outputs)]
+        await asyncio.sleep(away)
+        return got + [o async for o in outputs]
+
+    try:
+        return asyncio.run(read())
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_every_output_kind_gives_the_offline_outputs(expected, replicas):
     engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu", data_parallel_size=replicas, max_num_seqs=4))
@@ -169,17 +184,7 @@ def test_a_delta_reader_that_falls_behind_gets_the_waiting_deltas_added_up():
                             output_kind=RequestOutputKind.DELTA)
     want = LLM(DEMO, device="cpu").generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
     engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
-
-    async def read_slowly():
-        stream = engine.generate(PROMPTS[0], params, request_id="slow")
-        outputs = [await anext(stream)]
-        await asyncio.sleep(3)  # the engine goes on meanwhile
-        return outputs + [o async for o in stream]
-
-    try:
-        outputs = asyncio.run(read_slowly())
-    finally:
-        engine.shutdown()
+    outputs = stream(engine, PROMPTS[0], params, "slow", away=3)
     assert len(outputs) < 40 and max(len(o.outputs[0].token_ids) for o in outputs) > 1
     assert "".join(o.outputs[0].text for o in outputs) == want.text
     assert [t for o in outputs for t in o.outputs[0].token_ids] == want.token_ids
@@ -196,17 +201,7 @@ def test_a_reader_behind_the_engine_process_builds_one_output_for_all_that_waite
     copies, built = engine.engine.copies, []
     build = copies.output
     copies.output = lambda report: built.append(len(report[2][0][1])) or build(report)
-
-    async def read_slowly():
-        stream = engine.generate(PROMPTS[0], params, request_id="slow")
-        outputs = [await anext(stream)]
-        await asyncio.sleep(3)  # the engine process goes on meanwhile
-        return outputs + [o async for o in stream]
-
-    try:
-        outputs = asyncio.run(read_slowly())
-    finally:
-        engine.shutdown()
+    outputs = stream(engine, PROMPTS[0], params, "slow", away=3)
     assert len(built) == len(outputs) < 40 and max(built) > 1 and sum(built) == 40
     final = outputs[-1].outputs[0] if kind == RequestOutputKind.CUMULATIVE else from_deltas(outputs)[1][0]
     if kind == RequestOutputKind.CUMULATIVE:
@@ -223,14 +218,7 @@ def test_stream_interval_reports_the_first_token_then_every_n(engine_process):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     want = LLM(DEMO, device="cpu").generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
     engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu", stream_interval=4), engine_process=engine_process)
-
-    async def read():
-        return [o async for o in engine.generate(PROMPTS[0], params, request_id="every-4")]
-
-    try:
-        outputs = asyncio.run(read())
-    finally:
-        engine.shutdown()
+    outputs = stream(engine, PROMPTS[0], params, "every-4")
     counts = [len(o.outputs[0].token_ids) for o in outputs]  # [1, 4, 4, 1], or some merged for a reader behind
     assert counts[0] == 1 and sum(counts) == 10 and all(c % 4 == 0 for c in counts[1:-1]) and len(counts) <= 4
     assert "".join(o.outputs[0].text for o in outputs) == want.text
@@ -245,14 +233,7 @@ def test_a_delta_stream_builds_each_tokens_logprobs_once():
     builder, built = engine.engine.outputs, []
     build = builder._logprobs
     builder._logprobs = lambda entries, detokenize: built.append(len(entries)) or build(entries, detokenize)
-
-    async def run():
-        return [o async for o in engine.generate(PROMPTS[1], params, request_id="long")]
-
-    try:
-        outputs = asyncio.run(run())
-    finally:
-        engine.shutdown()
+    outputs = stream(engine, PROMPTS[1], params, "long")
     assert sum(len(o.outputs[0].logprobs) for o in outputs) == 40
     assert sum(built) == 40
 

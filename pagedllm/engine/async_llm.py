@@ -213,7 +213,7 @@ class _Waiting:
     """What a request's reader has not read yet, as one item, so that a reader that fell behind
     gets all that waited at once. An engine process's reports are merged as they come and built
     into an output only when read: once for every token that waited, where building an output a
-    token cost ~7x as much per token (9.2 us against 1.9 on a 2-core x86 CPU, ten tokens a
+    token cost ~5x as much per token (9.2 us against 1.9 on a 2-core x86 CPU, ten tokens a
     build), and a streaming server's readers fall behind under load. An in-process engine's
     delta outputs are added up. An exception ends the stream once what waited is read."""
 
