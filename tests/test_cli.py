@@ -95,6 +95,9 @@ def test_help_lists_the_commands():
 @pytest.mark.parametrize("args, error", [
     (["serve", "{model}", "--stream-interval", "0"], "stream_interval=0 is invalid: it must be >= 1"),
     (["serve", "/no/such/model"], "model directory '/no/such/model' does not exist"),
+    (["serve", "{model}", "--api-server-count", "0"], "argument --api-server-count: must be at least 1, not 0"),
+    (["serve", "{model}", "--api-server-count", "-3"], "argument --api-server-count: must be at least 1, not -3"),
+    (["serve", "{model}", "--api-server-count", "two"], "argument --api-server-count: invalid count value: 'two'"),
     (["bench", "--model", "{model}", "--max-num-seqs", "0"], "max_num_seqs=0 is invalid"),
     (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "out.jsonl", "--temperature", "-1"],
      "SamplingParams.temperature=-1.0 is invalid"),
