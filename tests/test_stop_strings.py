@@ -91,3 +91,88 @@ def test_streamed_text_never_shows_what_a_stop_string_later_cuts(llm_and_free_ru
     final = streamed[-1]
     assert final == free.text[: free.text.find(stop)]
     assert all(final.startswith(text) for text in streamed)  # each partial text is a prefix of the final one
+
+
+def _sentencepiece_style_tokenizer():
+    """A tokenizer that marks word starts with "▁" and drops the space of the first token it
+    decodes, as Llama 2's, Mistral's, Gemma's and Phi-3's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pagedllm.testing import SPECIAL_TOKENS, VOCAB_SIZE, _corpus
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def test_an_outputs_text_continues_its_prompts_under_a_sentencepiece_tokenizer(tmp_path):
+    """prompt + text is the text of prompt and output tokens decoded together (as vLLM and HF's
+    pipeline give it): the space before the output's first word is kept, offline, streamed and
+    where stop strings are judged token by token."""
+    import asyncio
+
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.sampling_params import RequestOutputKind
+    from pagedllm.testing import build_tiny_checkpoint
+
+    tokenizer = _sentencepiece_style_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("in Paris")[1:]) == "Paris"  # the space the old text lost
+    path = build_tiny_checkpoint("llama", str(tmp_path), tokenizer=tokenizer)
+    prompts = [f"The {word} of the" for word in ("result", "value", "number", "string", "list", "random")]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(path, device="cpu") as llm:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        judged = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["\x00"]),
+                              use_tqdm=False)
+    for output, by_token in zip(outputs, judged, strict=True):
+        ids = output.prompt_token_ids + output.outputs[0].token_ids
+        assert output.prompt + output.outputs[0].text == tokenizer.decode(ids)
+        assert by_token.outputs[0].text == output.outputs[0].text
+    assert sum(o.outputs[0].text.startswith(" ") for o in outputs) >= 2  # (the test bites)
+
+    async def streamed(engine: AsyncLLM, prompt: str) -> str:
+        stream_params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                       output_kind=RequestOutputKind.DELTA)
+        return "".join([o.outputs[0].text async for o in engine.generate(prompt, stream_params, prompt)])
+
+
+    async def main() -> list[str]:
+        engine = AsyncLLM(EngineConfig(model=path, device="cpu"))  # the server's: outputs built from reports
+        try:
+            return list(await asyncio.gather(*(streamed(engine, prompt) for prompt in prompts)))
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(main()) == [o.outputs[0].text for o in outputs]
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_incremental_text_is_the_text_decoded_at_once_for_any_prompt_and_output(tokenizer, style):
+    """Token by token after any prompt (one that ends in half a character too), the text is what
+    ``output_text`` decodes at once, less a last half character still held back."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pagedllm.engine.detokenizer import output_text
+
+    tok = tokenizer if style == "byte-level" else _sentencepiece_style_tokenizer()
+    text_ids = tok.encode(TEXT)
+    token = st.integers(0, len(tok) - 1)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.integers(0, len(text_ids)), st.lists(token, max_size=8), st.lists(token, min_size=1, max_size=16))
+    def check(cut, prompt_tail, output):
+        prompt = text_ids[:cut] + prompt_tail
+        ids = prompt + output
+        detokenizer = IncrementalDetokenizer(tok, skip_special_tokens=True)
+        for i in range(len(output)):
+            detokenizer.update(ids[: len(prompt) + i + 1], len(prompt))
+        at_once = output_text(tok, SamplingParams(), ids, len(prompt))
+        assert at_once == detokenizer.text or (at_once.endswith("\ufffd") and at_once.startswith(detokenizer.text))
+
+    check()

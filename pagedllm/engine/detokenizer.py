@@ -1,6 +1,12 @@
 """Incremental detokenization: a request's text grows with each token, correct for multi-byte
-characters split across tokens and for tokens whose text depends on their neighbours."""
+characters split across tokens and for tokens whose text depends on their neighbours.
 
+An output's text continues its prompt's: the prompt's last tokens are decoded before the output's
+and their text taken off. A SentencePiece tokenizer (Llama 2, Mistral, Gemma, Phi-3) drops the
+space of the first token it decodes ("▁Paris" alone is "Paris", after "▁in" it is " Paris"), so
+``prompt + text`` would otherwise lose it; vLLM and HF's text-generation pipeline keep it too."""
+
+from collections.abc import Callable
 from functools import partial
 
 import tokenizers
@@ -8,29 +14,45 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.sampling_params import SamplingParams
 
-# Tokens of context re-decoded before the unread ones, so that merges across steps come out right.
+# Tokens of context re-decoded before the unread ones, so that merges across steps come out right;
+# as many of the prompt's before the output's first.
 _CONTEXT_TOKENS = 6
+
+
+def _decoder(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool,
+             spaces_between_special_tokens: bool) -> Callable[[list[int]], str]:
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if isinstance(backend, tokenizers.Tokenizer) and not tokenizer.clean_up_tokenization_spaces:
+        # what the fast tokenizer's decode comes to, without its argument handling (4x the time;
+        # a streamed request decodes twice a token)
+        return partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
+                   spaces_between_special_tokens=spaces_between_special_tokens)
+
+
+def _prompt_context(decode: Callable[[list[int]], str], token_ids: list[int], start: int) -> int:
+    """How many of the prompt's last tokens go before the output's: none where they end in half a
+    character (its text would change under the output's first token)."""
+    context = min(start, _CONTEXT_TOKENS)
+    return context if context and not decode(token_ids[start - context:start]).endswith("\ufffd") else 0
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool,
                  spaces_between_special_tokens: bool = True):
-        backend = getattr(tokenizer, "_tokenizer", None)
-        if isinstance(backend, tokenizers.Tokenizer) and not tokenizer.clean_up_tokenization_spaces:
-            # what the fast tokenizer's decode comes to, without its argument handling (4x the time;
-            # a streamed request decodes twice a token)
-            self.decode = partial(backend.decode, skip_special_tokens=skip_special_tokens)
-        else:
-            self.decode = partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
-                                  spaces_between_special_tokens=spaces_between_special_tokens)
+        self.decode = _decoder(tokenizer, skip_special_tokens, spaces_between_special_tokens)
         self.text = ""
-        self._prefix_offset = 0  # tokens before this are in self.text for good
+        self._context: int | None = None  # the prompt's tokens before the output's, set at the first update
+        self._prefix_offset = 0  # tokens before this are in self.text for good (or are the prompt's)
         self._read_offset = 0  # tokens before this have been turned into text
 
     def update(self, token_ids: list[int], start: int = 0) -> str:
-        """Take the tokens so far (the output's, from ``start``: a request passes all its tokens
-        rather than copy its output's at every token); return the text they add (empty while a
-        character is still incomplete)."""
+        """Take the tokens so far (the prompt's, then from ``start`` the output's: a request passes
+        all its tokens rather than copy its output's at every token); return the text they add
+        (empty while a character is still incomplete)."""
+        if self._context is None:
+            self._context = _prompt_context(self.decode, token_ids, start)
+            self._prefix_offset = -self._context
         prefix, read = start + self._prefix_offset, start + self._read_offset
         prefix_text = self.decode(token_ids[prefix:read])
         new_text = self.decode(token_ids[prefix:])
@@ -39,8 +61,17 @@ class IncrementalDetokenizer:
         delta = new_text[len(prefix_text) :]
         self.text += delta
         self._read_offset = len(token_ids) - start
-        self._prefix_offset = max(self._read_offset - _CONTEXT_TOKENS, 0)
+        self._prefix_offset = max(self._read_offset - _CONTEXT_TOKENS, -self._context)
         return delta
+
+
+def output_text(tokenizer: PreTrainedTokenizerBase, params: SamplingParams, token_ids: list[int], start: int) -> str:
+    """The text of the output tokens from ``start`` (after the prompt's), all at once: what an
+    incremental detokenizer fed them would hold, a last half character included."""
+    decode = _decoder(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
+    context = _prompt_context(decode, token_ids, start)
+    prompt_text = decode(token_ids[start - context:start]) if context else ""
+    return decode(token_ids[start - context:])[len(prompt_text):]
 
 
 def incremental_detokenizer(tokenizer: PreTrainedTokenizerBase | None,

@@ -5,7 +5,7 @@ import dataclasses
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer
+from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer, output_text
 from pagedllm.engine.request import Request
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -66,8 +66,7 @@ class OutputBuilder:
                 # so far: hold back what a later token could still turn into a stop string
                 text = text[: max(len(text) - max(map(len, params.stop)) + 1, 0)]
         elif self.tokenizer is not None and params.detokenize:
-            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens,
-                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
+            text = output_text(self.tokenizer, params, request.token_ids, request.num_prompt_tokens)
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
                                       request.stop_reason, cumulative_logprob=request.cumulative_logprob)
         if params.logprobs is not None:
