@@ -30,11 +30,12 @@ def _decoder(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool,
                    spaces_between_special_tokens=spaces_between_special_tokens)
 
 
-def _prompt_context(decode: Callable[[list[int]], str], token_ids: list[int], start: int) -> int:
-    """How many of the prompt's last tokens go before the output's: none where they end in half a
-    character (its text would change under the output's first token)."""
+def _prompt_context(decode: Callable[[list[int]], str], token_ids: list[int], start: int) -> tuple[int, str]:
+    """How many of the prompt's last tokens go before the output's, and their text: none where they
+    end in half a character (their text would change under the output's first token)."""
     context = min(start, _CONTEXT_TOKENS)
-    return context if context and not decode(token_ids[start - context:start]).endswith("\ufffd") else 0
+    text = decode(token_ids[start - context:start]) if context else ""
+    return (0, "") if text.endswith("\ufffd") else (context, text)
 
 
 class IncrementalDetokenizer:
@@ -51,7 +52,7 @@ class IncrementalDetokenizer:
         all its tokens rather than copy its output's at every token); return the text they add
         (empty while a character is still incomplete)."""
         if self._context is None:
-            self._context = _prompt_context(self.decode, token_ids, start)
+            self._context = _prompt_context(self.decode, token_ids, start)[0]
             self._prefix_offset = -self._context
         prefix, read = start + self._prefix_offset, start + self._read_offset
         prefix_text = self.decode(token_ids[prefix:read])
@@ -69,8 +70,7 @@ def output_text(tokenizer: PreTrainedTokenizerBase, params: SamplingParams, toke
     """The text of the output tokens from ``start`` (after the prompt's), all at once: what an
     incremental detokenizer fed them would hold, a last half character included."""
     decode = _decoder(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
-    context = _prompt_context(decode, token_ids, start)
-    prompt_text = decode(token_ids[start - context:start]) if context else ""
+    context, prompt_text = _prompt_context(decode, token_ids, start)
     return decode(token_ids[start - context:])[len(prompt_text):]
 
 
