@@ -10,6 +10,7 @@ both or neither, since a kernel launched early that did not wait would read its 
 they are written. A kernel launched without it (torch's, cuBLAS's) waits for the whole of the
 one before, as ever."""
 
+import functools
 import os
 
 import torch
@@ -18,7 +19,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("PAGEDLLM_PDL", "1") != "0"  # (benchmarks compare without it)
-_on_device: dict[int, bool] = {}
 
 
 @triton.jit
@@ -33,7 +33,9 @@ def pdl(x: torch.Tensor) -> dict:
     if not x.is_cuda or not ENABLED:
         return {"PDL": False}
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    on = _on_device.get(index)
-    if on is None:
-        on = _on_device[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if _has_pdl(index) else {"PDL": False}
+
+
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9

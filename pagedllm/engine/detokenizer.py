@@ -51,12 +51,12 @@ class IncrementalDetokenizer:
         """Take the tokens so far (the prompt's, then from ``start`` the output's: a request passes
         all its tokens rather than copy its output's at every token); return the text they add
         (empty while a character is still incomplete)."""
-        if self._context is None:
-            self._context = _prompt_context(self.decode, token_ids, start)[0]
+        if self._context is None:  # the first: what is read so far is the prompt's context
+            self._context, prefix_text = _prompt_context(self.decode, token_ids, start)
             self._prefix_offset = -self._context
-        prefix, read = start + self._prefix_offset, start + self._read_offset
-        prefix_text = self.decode(token_ids[prefix:read])
-        new_text = self.decode(token_ids[prefix:])
+        else:
+            prefix_text = self.decode(token_ids[start + self._prefix_offset:start + self._read_offset])
+        new_text = self.decode(token_ids[start + self._prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""  # nothing new yet, or a multi-byte character is not complete
         delta = new_text[len(prefix_text) :]
