@@ -6,7 +6,8 @@ bandwidth (benchmarks/common.py: 3.0 TB/s on the H100, 4.3 TB/s on the H200).
 The dense peer holds the same K/V contiguously ``[batch, kv_heads, context, head_dim]`` and runs
 SDPA with each KV head's 4 query heads as 4 query rows (the same arithmetic, K/V read once).
 Prefill: causal attention over 1k-8k new tokens; achieved FLOP/s against the bf16 matmul peak,
-beside SDPA's causal flash attention on the same tokens. Every time is the median of CUDA-graph
+beside SDPA's causal attention on the same tokens through each of its fused backends: flash
+(FlashAttention-2) and cuDNN (its default on Hopper, FlashAttention-3-like). Every time is the median of CUDA-graph
 replays, so Python launch overhead stays out of the kernel figures. Usage: python benchmarks/kernels.py [--out DIR]
 """
 
@@ -16,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,17 +107,26 @@ def bench_prefill(num_tokens: int, generator: torch.Generator) -> dict:
     v_dense = dense_kv(v_cache, tables, num_tokens).repeat_interleave(group, dim=1)
     q_dense = query.transpose(0, 1).unsqueeze(0)
 
-    def dense():
-        return F.scaled_dot_product_attention(q_dense, k_dense, v_dense, is_causal=True, scale=scale)
+    def dense(backend):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q_dense, k_dense, v_dense, is_causal=True, scale=scale)
 
-    torch.testing.assert_close(paged().float(), dense()[0].transpose(0, 1).float(), rtol=2e-2, atol=2e-2)
     flops = 4 * NUM_HEADS * HEAD_DIM * num_tokens * (num_tokens + 1) / 2  # two matmuls, causal half
-    paged_ms, dense_ms = gpu_time_ms(paged), gpu_time_ms(dense)
-    return {"kind": "prefill", "tokens": num_tokens, "flops": flops, "paged_ms": paged_ms, "sdpa_dense_ms": dense_ms,
-            "paged_flops_per_s": flops / paged_ms * 1e3, "sdpa_flops_per_s": flops / dense_ms * 1e3,
-            "paged_peak_fraction": flops / paged_ms * 1e3 / gpu_peaks()["bf16_flops"],
-            "sdpa_peak_fraction": flops / dense_ms * 1e3 / gpu_peaks()["bf16_flops"],
-            "paged_over_sdpa_time": paged_ms / dense_ms}
+    paged_ms = gpu_time_ms(paged)
+    row = {"kind": "prefill", "tokens": num_tokens, "flops": flops, "paged_ms": paged_ms,
+           "paged_flops_per_s": flops / paged_ms * 1e3,
+           "paged_peak_fraction": flops / paged_ms * 1e3 / gpu_peaks()["bf16_flops"]}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            want = dense(backend)
+        except RuntimeError as e:  # a backend this GPU or build lacks
+            row[f"sdpa_{name}_error"] = str(e).splitlines()[0]
+            continue
+        torch.testing.assert_close(paged().float(), want[0].transpose(0, 1).float(), rtol=2e-2, atol=2e-2)
+        ms = gpu_time_ms(lambda backend=backend: dense(backend))
+        row.update({f"sdpa_{name}_ms": ms, f"sdpa_{name}_flops_per_s": flops / ms * 1e3,
+                    f"paged_over_{name}_time": paged_ms / ms})
+    return row
 
 
 def main() -> None:
@@ -141,14 +152,14 @@ def main() -> None:
                   f"{r['sdpa_bytes_per_s'] / 1e9:>6.0f} {100 * r['sdpa_hbm_fraction']:>4.0f}% | "
                   f"{r['paged_over_sdpa_time']:.2f}")
     print(f"\n{'prefill':>8} {'tokens':>6} | {'paged ms':>9} {'TFLOP/s':>7} {'peak%':>5} | "
-          f"{'sdpa ms':>9} {'TFLOP/s':>7} {'peak%':>5} | paged/sdpa")
+          f"{'flash ms':>9} paged/flash | {'cudnn ms':>9} paged/cudnn")
     for tokens in (1024, 2048, 4096, 8192):
         r = bench_prefill(tokens, generator)
         rows.append(r)
         print(f"{'':>8} {tokens:>6} | {r['paged_ms']:>9.3f} {r['paged_flops_per_s'] / 1e12:>7.0f} "
-              f"{100 * r['paged_peak_fraction']:>4.0f}% | {r['sdpa_dense_ms']:>9.3f} "
-              f"{r['sdpa_flops_per_s'] / 1e12:>7.0f} {100 * r['sdpa_peak_fraction']:>4.0f}% | "
-              f"{r['paged_over_sdpa_time']:.2f}")
+              f"{100 * r['paged_peak_fraction']:>4.0f}% | {r.get('sdpa_flash_ms', float('nan')):>9.3f} "
+              f"{r.get('paged_over_flash_time', float('nan')):>11.2f} | {r.get('sdpa_cudnn_ms', float('nan')):>9.3f} "
+              f"{r.get('paged_over_cudnn_time', float('nan')):.2f}")
     layout = {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
               "block_size": BLOCK_SIZE, "dtype": str(DTYPE)}
     path = write_result("kernels", {"benchmark": "kernels", "environment": environment(), "layout": layout,

@@ -29,13 +29,25 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                  stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False):
     """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``, in
     ``out_ty``. An FP8 cache's values convert exactly, unscaled: the callers apply the layer's
-    K scale to the scores and its V scale to the output, one multiply per row, not per element."""
-    page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
-    offs = page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-    x = tl.load(cache_ptr + offs[:, None] + d[None, :], mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+    K scale to the scores and its V scale to the output, one multiply per row, not per element.
+    ``ALL_TOKENS`` (every token of the tile exists) and ``FULL_D`` (no padded dims) drop the
+    loads' predicates, as the prefill kernel's fully visible tiles allow."""
+    if ALL_TOKENS:
+        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE)
+    else:
+        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
+    ptrs = cache_ptr + (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] \
+        + d[None, :]
+    if ALL_TOKENS and FULL_D:
+        x = tl.load(ptrs)
+    elif ALL_TOKENS:
+        x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
     return x.to(out_ty)
 
 
@@ -127,12 +139,13 @@ def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride
 def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
                   block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                   stride_bt, stride_cb, stride_cs, stride_ch,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                  FULL_D: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
     k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
@@ -145,7 +158,7 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     p = tl.exp2(s - row_max_safe[:, None])
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
     v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, row_max_new, row_sum
 
@@ -158,7 +171,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
-    q_block = tl.program_id(0)
+    # Last blocks first: a sequence's later query blocks see more keys, and starting the longest
+    # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     # Sequence i owns program ids [cu[i] // BLOCK_Q + i, cu[i + 1] // BLOCK_Q + i + 1): enough for its blocks.
     lo = 0
@@ -205,13 +220,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
                 block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                 stride_bt, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
             block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
             stride_bt, stride_cb, stride_cs, stride_ch,
-            BLOCK_SIZE, BLOCK_N, PRECISION, True)
+            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D)
 
     out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],

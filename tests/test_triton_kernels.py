@@ -57,9 +57,10 @@ def test_decode_head_dims(head_dim):
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("gqa", [1, 2, 4, 8])
 def test_prefill_over_paged_prefix_matches_reference(gqa, block_size):
-    # mixed batch: decodes, prefill chunks over cached prefixes, fresh prompts
-    context_lens = [1, 40, 17, 33, 90, 64]
-    query_lens = [1, 40, 1, 9, 25, 16]
+    # mixed batch: decodes, prefill chunks over cached prefixes, fresh prompts; the last two reach
+    # past the first key tile, so the prefill kernel's fully visible (unpredicated) tiles run too
+    context_lens = [1, 40, 17, 33, 90, 64, 300, 260]
+    query_lens = [1, 40, 1, 9, 25, 16, 150, 260]
     run_both(context_lens, query_lens, 2 * gqa, 2, 32, block_size, torch.float16)
 
 
@@ -102,8 +103,8 @@ def test_real_shapes_on_gpu(layout, dtype):
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 256])
-def test_prefill_head_dims(head_dim):
-    run_both([24, 50], [24, 20], 4, 2, head_dim, 16, torch.float16)
+def test_prefill_head_dims(head_dim):  # 300: fully visible key tiles with padded dims
+    run_both([24, 50, 300], [24, 20, 20], 4, 2, head_dim, 16, torch.float16)
 
 
 def test_decode_block_size_32():
