@@ -5,9 +5,10 @@ Decode: Llama-3-8B head layout (32 query heads, 8 KV heads, head_dim 128), bf16,
 bandwidth (benchmarks/common.py: 3.0 TB/s on the H100, 4.3 TB/s on the H200).
 The dense peer holds the same K/V contiguously ``[batch, kv_heads, context, head_dim]`` and runs
 SDPA with each KV head's 4 query heads as 4 query rows (the same arithmetic, K/V read once).
-Prefill: causal attention over 1k-8k new tokens; achieved FLOP/s against the bf16 matmul peak,
-beside SDPA's causal attention on the same tokens through each of its fused backends: flash
-(FlashAttention-2) and cuDNN (its default on Hopper, FlashAttention-3-like). Every time is the median of CUDA-graph
+Prefill: causal attention over one prompt of 1k-8k tokens and over 32 prompts of 256 (a prefill
+step of short prompts); achieved FLOP/s against the bf16 matmul peak, beside SDPA's causal
+attention on the same tokens through each of its fused backends: flash (FlashAttention-2) and
+cuDNN (its default on Hopper, FlashAttention-3-like). Every time is the median of CUDA-graph
 replays, so Python launch overhead stays out of the kernel figures. Usage: python benchmarks/kernels.py [--out DIR]
 """
 
@@ -91,11 +92,13 @@ def bench_decode(batch: int, context: int, generator: torch.Generator) -> dict:
             "paged_over_sdpa_time": paged_ms / dense_ms}
 
 
-def bench_prefill(num_tokens: int, generator: torch.Generator) -> dict:
-    k_cache, v_cache, tables = paged_cache([num_tokens], generator)
-    query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    context_lens = torch.tensor([num_tokens], dtype=torch.int32, device="cuda")
-    cu = torch.tensor([0, num_tokens], dtype=torch.int32, device="cuda")
+def bench_prefill(num_seqs: int, num_tokens: int, generator: torch.Generator) -> dict:
+    """``num_seqs`` prompts of ``num_tokens`` each in one flat batch (the engine's prefill steps of
+    short prompts are many at once)."""
+    k_cache, v_cache, tables = paged_cache([num_tokens] * num_seqs, generator)
+    query = torch.randn(num_seqs * num_tokens, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    context_lens = torch.full((num_seqs,), num_tokens, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * num_tokens
     scale = HEAD_DIM**-0.5
 
     def paged():
@@ -105,15 +108,15 @@ def bench_prefill(num_tokens: int, generator: torch.Generator) -> dict:
     group = NUM_HEADS // NUM_KV_HEADS
     k_dense = dense_kv(k_cache, tables, num_tokens).repeat_interleave(group, dim=1)
     v_dense = dense_kv(v_cache, tables, num_tokens).repeat_interleave(group, dim=1)
-    q_dense = query.transpose(0, 1).unsqueeze(0)
+    q_dense = query.view(num_seqs, num_tokens, NUM_HEADS, HEAD_DIM).transpose(1, 2)
 
     def dense(backend):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q_dense, k_dense, v_dense, is_causal=True, scale=scale)
 
-    flops = 4 * NUM_HEADS * HEAD_DIM * num_tokens * (num_tokens + 1) / 2  # two matmuls, causal half
+    flops = num_seqs * 4 * NUM_HEADS * HEAD_DIM * num_tokens * (num_tokens + 1) / 2  # two matmuls, causal half
     paged_ms = gpu_time_ms(paged)
-    row = {"kind": "prefill", "tokens": num_tokens, "flops": flops, "paged_ms": paged_ms,
+    row = {"kind": "prefill", "seqs": num_seqs, "tokens": num_tokens, "flops": flops, "paged_ms": paged_ms,
            "paged_flops_per_s": flops / paged_ms * 1e3,
            "paged_peak_fraction": flops / paged_ms * 1e3 / gpu_peaks()["bf16_flops"]}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -122,7 +125,7 @@ def bench_prefill(num_tokens: int, generator: torch.Generator) -> dict:
         except RuntimeError as e:  # a backend this GPU or build lacks
             row[f"sdpa_{name}_error"] = str(e).splitlines()[0]
             continue
-        torch.testing.assert_close(paged().float(), want[0].transpose(0, 1).float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(paged().float(), want.transpose(1, 2).flatten(0, 1).float(), rtol=2e-2, atol=2e-2)
         ms = gpu_time_ms(lambda backend=backend: dense(backend))
         row.update({f"sdpa_{name}_ms": ms, f"sdpa_{name}_flops_per_s": flops / ms * 1e3,
                     f"paged_over_{name}_time": paged_ms / ms})
@@ -153,10 +156,10 @@ def main() -> None:
                   f"{r['paged_over_sdpa_time']:.2f}")
     print(f"\n{'prefill':>8} {'tokens':>6} | {'paged ms':>9} {'TFLOP/s':>7} {'peak%':>5} | "
           f"{'flash ms':>9} paged/flash | {'cudnn ms':>9} paged/cudnn")
-    for tokens in (1024, 2048, 4096, 8192):
-        r = bench_prefill(tokens, generator)
+    for seqs, tokens in ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (32, 256)):
+        r = bench_prefill(seqs, tokens, generator)
         rows.append(r)
-        print(f"{'':>8} {tokens:>6} | {r['paged_ms']:>9.3f} {r['paged_flops_per_s'] / 1e12:>7.0f} "
+        print(f"{'':>8} {seqs:>3}x{tokens:<6} | {r['paged_ms']:>9.3f} {r['paged_flops_per_s'] / 1e12:>7.0f} "
               f"{100 * r['paged_peak_fraction']:>4.0f}% | {r.get('sdpa_flash_ms', float('nan')):>9.3f} "
               f"{r.get('paged_over_flash_time', float('nan')):>11.2f} | {r.get('sdpa_cudnn_ms', float('nan')):>9.3f} "
               f"{r.get('paged_over_cudnn_time', float('nan')):.2f}")

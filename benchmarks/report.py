@@ -55,13 +55,14 @@ def kernels_section(name: str, data: dict) -> list[str]:
             lines.append(f"| {r['batch']} x {r['context']} | {r['paged_ms'] * 1e3:.1f} | "
                          f"{r['paged_bytes_per_s'] / 1e9:.0f} | {100 * r['paged_hbm_fraction']:.0f}% | "
                          f"{r['sdpa_dense_ms'] * 1e3:.1f} | {r['paged_over_sdpa_time']:.2f} |")
-    lines += ["", f"| causal prefill tokens | paged ms | TFLOP/s | of {matmul} | SDPA flash ms | paged / flash time | "
-                  "SDPA cuDNN ms | paged / cuDNN time |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| causal prefill prompts x tokens | paged ms | TFLOP/s | of {matmul} | SDPA flash ms | "
+                  "paged / flash time | SDPA cuDNN ms | paged / cuDNN time |", "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         if r["kind"] == "prefill":
             peers = " | ".join(f"{r[f'sdpa_{b}_ms']:.3f} | {r[f'paged_over_{b}_time']:.2f}" if f"sdpa_{b}_ms" in r
                                else "- | -" for b in ("flash", "cudnn"))
-            lines.append(f"| {r['tokens']} | {r['paged_ms']:.3f} | {r['paged_flops_per_s'] / 1e12:.0f} | "
+            lines.append(f"| {r.get('seqs', 1)} x {r['tokens']} | {r['paged_ms']:.3f} | "
+                         f"{r['paged_flops_per_s'] / 1e12:.0f} | "
                          f"{100 * r['paged_peak_fraction']:.0f}% | {peers} |")
     for s in data.get("skipped", []):
         lines.append(f"\nNot run: decode {s['batch']} x {s['context']} ({s['reason']}).")

@@ -21,6 +21,7 @@ def test_kernel_table_rows_come_from_the_latest_result():
     decode_rows = [r for r in data["results"] if r["kind"] == "decode"]
     cells = [line.split("|")[1].strip() for line in lines if line.startswith("| ")]
     expected = [f"{r['batch']} x {r['context']}" for r in decode_rows]
+    expected += [f"{r.get('seqs', 1)} x {r['tokens']}" for r in data["results"] if r["kind"] == "prefill"]
     assert [c for c in cells if " x " in c and c[0].isdigit()] == expected
     assert name in lines[0]
 
