@@ -44,9 +44,9 @@ def server_args(model: str, *extra: str) -> argparse.Namespace:
 
 
 def start_server(model: str, *extra: str):
-    args = server_args(model, *extra)
+    args = server_args(model, "--uvicorn-log-level", "warning", *extra)
     server, port = build_server(args), args.port
-    uv = uvicorn_server(server, "127.0.0.1", port, log_level="warning")
+    uv = uvicorn_server(server, args)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -66,6 +66,17 @@ def live(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def offline(tiny_checkpoint):
     return LLM(tiny_checkpoint("llama"), device="cpu")
+
+
+def test_vllms_uvicorn_flags_set_uvicorns_log(live, tiny_checkpoint):
+    server, _, _ = live
+    default = uvicorn_server(server, server_args(tiny_checkpoint("llama"))).config
+    assert default.access_log and default.log_level == "info"
+    quiet = uvicorn_server(server, server_args(tiny_checkpoint("llama"), "--disable-uvicorn-access-log",
+                                               "--uvicorn-log-level", "error")).config
+    assert not quiet.access_log and quiet.log_level == "error"
+    with pytest.raises(SystemExit):  # argparse: not one of the levels
+        server_args(tiny_checkpoint("llama"), "--uvicorn-log-level", "loud")
 
 
 def test_models_lists_the_served_name(live):

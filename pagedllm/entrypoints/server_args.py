@@ -43,6 +43,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-server-count", type=count, default=1,
                         help="HTTP processes sharing the port and the engine (default 1): a busy server's HTTP "
                              "work (parsing, framing, sending each streamed token) spread over cores")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="uvicorn's log level (default info), as vLLM's flag")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="no log line per request (as vLLM's flag): less work per request in a busy server")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request's head, or pause while sending its body "
                              "(default 30)")

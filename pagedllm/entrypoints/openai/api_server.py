@@ -116,13 +116,15 @@ def build_server(args: argparse.Namespace, engine_connections: list | None = Non
                         args.max_request_bytes, args.read_timeout)
 
 
-def uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: str = "info"):
-    """uvicorn, with time limits on reading each request (head and body), and stopping when the
-    engine dies."""
+def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):
+    """uvicorn on ``args``' address and log settings, with time limits on reading each request
+    (head and body), and stopping when the engine dies."""
     import uvicorn
 
-    config = uvicorn.Config(server.app(), host=host, port=port, log_level=log_level, http=http_with_head_timeout(
-        server.read_timeout), timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_uvicorn_access_log,
+                            http=http_with_head_timeout(server.read_timeout), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=10)
     uv = uvicorn.Server(config)
 
     def stop() -> None:
@@ -151,7 +153,7 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     gc.collect()
     gc.freeze()
     try:
-        uvicorn_server(server, args.host, args.port).run(sockets=None if sock is None else [sock])
+        uvicorn_server(server, args).run(sockets=None if sock is None else [sock])
     finally:
         server.engine.shutdown()
         gc.unfreeze()  # (a process that goes on, as a test's, collects its objects again)
