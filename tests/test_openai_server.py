@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from conftest import random_prompts
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server, uvicorn_server
+from pagedllm.entrypoints.openai.serving import OpenAIServing
 from pagedllm.entrypoints.server_args import engine_args
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
@@ -77,6 +79,33 @@ def test_vllms_uvicorn_flags_set_uvicorns_log(live, tiny_checkpoint):
     assert not quiet.access_log and quiet.log_level == "error"
     with pytest.raises(SystemExit):  # argparse: not one of the levels
         server_args(tiny_checkpoint("llama"), "--uvicorn-log-level", "loud")
+
+
+@pytest.mark.parametrize("log_requests", [False, True])
+def test_enable_log_requests_logs_each_request_as_it_starts(log_requests):
+    class Engine:  # the two calls a request's start makes
+        def validate(self, token_ids, params):
+            pass
+
+        async def generate(self, prompt, params, request_id):
+            yield
+
+    serving = OpenAIServing(Engine(), "m", None, metrics=None, log_requests=log_requests)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger, level = logging.getLogger("pagedllm"), logging.getLogger("pagedllm").level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    logged = [r.getMessage() for r in records if "cmpl-1" in r.getMessage()]
+    assert logged == (["request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))]
+                      if log_requests else [])
+    assert "secret" not in "".join(logged)  # counts, not the prompt's text
 
 
 def test_models_lists_the_served_name(live):

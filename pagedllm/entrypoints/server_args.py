@@ -48,6 +48,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="uvicorn's log level (default info), as vLLM's flag")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no log line per request (as vLLM's flag): less work per request in a busy server")
+    parser.add_argument("--enable-log-requests", action="store_true",
+                        help="log each request as it starts: its id, prompt tokens and sampling parameters (not "
+                             "its text), as vLLM's flag")
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="accepted for vLLM commands: requests are logged only with --enable-log-requests")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request's head, or pause while sending its body "
                              "(default 30)")

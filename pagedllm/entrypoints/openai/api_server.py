@@ -49,7 +49,8 @@ STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or
 
 class OpenAIServer:
     def __init__(self, engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None, max_request_bytes: int = 8 << 20, read_timeout: float = 30.0):
+                 chat_template: str | None = None, max_request_bytes: int = 8 << 20, read_timeout: float = 30.0,
+                 log_requests: bool = False):
         self.engine = engine
         self.metrics = ServerMetrics(engine)
         self.model_name = served_model_name
@@ -60,7 +61,7 @@ class OpenAIServer:
             logger.warning("the tokenizer has no chat template: chat uses pagedllm's plain built-in one "
                            "(\"role: content\" lines, then \"assistant:\"); --chat-template FILE overrides it")
             chat_template = DEFAULT_CHAT_TEMPLATE
-        self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics)
+        self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics, log_requests)
 
     def app(self) -> FastAPI:
         app = FastAPI(title="pagedllm OpenAI-compatible server", responses=DOCUMENTED)
@@ -113,7 +114,7 @@ def build_server(args: argparse.Namespace, engine_connections: list | None = Non
             chat_template = f.read()
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)), engine_connections=engine_connections)
     return OpenAIServer(engine, args.served_model_name or args.model, args.api_key, chat_template,
-                        args.max_request_bytes, args.read_timeout)
+                        args.max_request_bytes, args.read_timeout, args.enable_log_requests)
 
 
 def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):

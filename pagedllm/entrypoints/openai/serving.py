@@ -45,11 +45,13 @@ Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None, metrics: ServerMetrics):
+    def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None, metrics: ServerMetrics,
+                 log_requests: bool = False):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.metrics = metrics
+        self.log_requests = log_requests
 
     # routes
 
@@ -172,6 +174,8 @@ class OpenAIServing:
                 self.engine.validate(token_ids, params)
             except ValueError as err:
                 raise bad_value(err, index) from None
+        if self.log_requests:
+            logger.info("request %s: %s prompt tokens, %s", request_id, [len(ids) for _, ids in prompts], params)
         prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
                    for text, ids in prompts]
         delta = params.output_kind == RequestOutputKind.DELTA
