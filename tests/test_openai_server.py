@@ -99,6 +99,7 @@ def test_enable_log_requests_logs_each_request_as_it_starts(log_requests):
     logger.setLevel(logging.INFO)
     try:
         serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5))
+        serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000]))  # a body's worth of values
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -106,6 +107,8 @@ def test_enable_log_requests_logs_each_request_as_it_starts(log_requests):
     assert logged == (["request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))]
                       if log_requests else [])
     assert "secret" not in "".join(logged)  # counts, not the prompt's text
+    long = [r.getMessage() for r in records if "cmpl-2" in r.getMessage()]
+    assert [(len(m), m[-3:]) for m in long] == ([(2003, "...")] if log_requests else [])
 
 
 def test_models_lists_the_served_name(live):

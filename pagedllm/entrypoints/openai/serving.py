@@ -41,6 +41,7 @@ from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
+_LOG_LINE_CHARS = 2000  # --enable-log-requests: the most of a request's line that is logged
 Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
 
 
@@ -174,8 +175,9 @@ class OpenAIServing:
                 self.engine.validate(token_ids, params)
             except ValueError as err:
                 raise bad_value(err, index) from None
-        if self.log_requests:
-            logger.info("request %s: %s prompt tokens, %s", request_id, [len(ids) for _, ids in prompts], params)
+        if self.log_requests:  # cut: a client's values (stop strings, logit biases) may be as long as its body
+            line = f"request {request_id}: {[len(ids) for _, ids in prompts]} prompt tokens, {params!r}"
+            logger.info("%s", line if len(line) <= _LOG_LINE_CHARS else line[:_LOG_LINE_CHARS] + "...")
         prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
                    for text, ids in prompts]
         delta = params.output_kind == RequestOutputKind.DELTA
