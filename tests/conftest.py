@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -38,6 +39,22 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def random_prompts(lengths: list[int], seed: int = 0, low: int = 3, high: int = 500) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture
+def pagedllm_log():
+    """The records the "pagedllm" logger emits at INFO and above during a test (its own handler
+    does not propagate to pytest's)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("pagedllm")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def break_text_of(engine, which, error: Exception, monkeypatch) -> None:

@@ -4,7 +4,6 @@ import argparse
 import asyncio
 import http.client
 import json
-import logging
 import socket
 import threading
 import time
@@ -82,7 +81,7 @@ def test_vllms_uvicorn_flags_set_uvicorns_log(live, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("log_requests", [False, True])
-def test_enable_log_requests_logs_each_request_as_it_starts(log_requests):
+def test_enable_log_requests_logs_each_request_as_it_starts(log_requests, pagedllm_log):
     class Engine:  # the two calls a request's start makes
         def validate(self, token_ids, params):
             pass
@@ -91,23 +90,13 @@ def test_enable_log_requests_logs_each_request_as_it_starts(log_requests):
             yield
 
     serving = OpenAIServing(Engine(), "m", None, metrics=None, log_requests=log_requests)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger, level = logging.getLogger("pagedllm"), logging.getLogger("pagedllm").level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5))
-        serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000]))  # a body's worth of values
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    logged = [r.getMessage() for r in records if "cmpl-1" in r.getMessage()]
+    serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5))
+    serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000]))  # a body's worth of values
+    logged = [r.getMessage() for r in pagedllm_log if "cmpl-1" in r.getMessage()]
     assert logged == (["request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))]
                       if log_requests else [])
     assert "secret" not in "".join(logged)  # counts, not the prompt's text
-    long = [r.getMessage() for r in records if "cmpl-2" in r.getMessage()]
+    long = [r.getMessage() for r in pagedllm_log if "cmpl-2" in r.getMessage()]
     assert [(len(m), m[-3:]) for m in long] == ([(2003, "...")] if log_requests else [])
 
 

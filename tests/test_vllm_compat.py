@@ -146,19 +146,9 @@ def test_options_pagedllm_cannot_honour_are_refused(kwargs, match):
         LLM(DEMO, device="cpu", **kwargs)
 
 
-def test_cpu_offload_is_a_warning_not_a_crash():
-    import logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("pagedllm")
-    logger.addHandler(handler)
-    try:
-        LLM(DEMO, device="cpu", cpu_offload_gb=4, swap_space=16)
-    finally:
-        logger.removeHandler(handler)
-    said = {r.getMessage(): r.levelname for r in records}
+def test_cpu_offload_is_a_warning_not_a_crash(pagedllm_log):
+    LLM(DEMO, device="cpu", cpu_offload_gb=4, swap_space=16)
+    said = {r.getMessage(): r.levelname for r in pagedllm_log}
     assert said["cpu_offload_gb=4: weights stay on the device here: the model must fit there"] == "WARNING"
     assert said["swap_space=16: preempted requests are recomputed here, never swapped to host memory"] == "INFO"
 
