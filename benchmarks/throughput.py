@@ -155,12 +155,21 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
 def time_split(steps: list, step_seconds: list[float], least: list[float]) -> dict:
     """Where the wall time went: decode-only steps and steps with prompt tokens, each timed from its
     launch to the next, against their least time."""
+    def totals(rows):
+        return {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
+                "least_s": sum(least[i] for i in rows)}
+
     split = {}
     for kind in ("decode", "prefill"):
-        rows = [i for i, step in enumerate(steps) if (kind == "decode") == all(n == 1 for n, _ in step)]
-        split[kind] = {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
-                       "least_s": sum(least[i] for i in rows)}
+        split[kind] = totals([i for i, step in enumerate(steps) if (kind == "decode") == all(n == 1 for n, _ in step)])
+    # Decode steps by batch size: a run's tail of shrinking batches is where each step's fixed cost shows.
+    decode = [i for i, step in enumerate(steps) if all(n == 1 for n, _ in step)]
+    split["decode_by_batch"] = {label: totals([i for i in decode if lo <= len(steps[i]) <= hi])
+                                for label, lo, hi in DECODE_BATCH_BUCKETS}
     return split
+
+
+DECODE_BATCH_BUCKETS = (("1-8", 1, 8), ("9-32", 9, 32), ("33-128", 33, 128), ("129+", 129, float("inf")))
 
 
 def _model_stats(llm: LLM) -> dict:
@@ -326,6 +335,9 @@ def print_ours(name: str, ours: dict) -> None:
     print("    " + ", ".join(f"{k} {split[k]['steps']} steps {split[k]['measured_s']:.2f} s (least "
                               f"{split[k]['least_s']:.2f} s)" for k in ("decode", "prefill"))
           + f", before the first step {split['before_first_step_s']:.2f} s", flush=True)
+    print("    decode by batch size: " + ", ".join(
+        f"{k} {v['steps']} steps {v['measured_s']:.2f} s (least {v['least_s']:.2f} s)"
+        for k, v in split["decode_by_batch"].items() if v["steps"]), flush=True)
 
 
 def run_workload(workload: Workload, peers: bool, out_dir: str | None, engine_args: dict,
