@@ -110,9 +110,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 @triton.jit
-def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, eps,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, num_q_heads, num_k_heads,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+                   SCALE_IN_FLOAT32: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
@@ -125,27 +126,43 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, str
         if which == 0:
             base = q_ptr + token * stride_qt + h[:, None] * stride_qh
             mask = (h < num_q_heads)[:, None] & d_mask[None, :]
+            weight_ptr = q_weight_ptr
         else:
             base = k_ptr + token * stride_kt + h[:, None] * stride_kh
             mask = (h < num_k_heads)[:, None] & d_mask[None, :]
+            weight_ptr = k_weight_ptr
         x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
         x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        if NORM:  # each head's RMSNorm first, rounded as rms_norm rounds its output
+            inv = tl.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)[:, None]
+            w1 = tl.load(weight_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            w2 = tl.load(weight_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            f1, f2 = f1 * inv, f2 * inv
+            if not SCALE_IN_FLOAT32:
+                f1, f2 = f1.to(x1.dtype).to(tl.float32), f2.to(x1.dtype).to(tl.float32)
+            f1, f2 = (w1 * f1).to(x1.dtype).to(tl.float32), (w2 * f2).to(x1.dtype).to(tl.float32)
         tl.store(base + d[None, :], (f1 * c - f2 * s).to(x1.dtype), mask=mask)
         tl.store(base + HALF + d[None, :], (f2 * c + f1 * s).to(x1.dtype), mask=mask)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same result as ``rotary_ref``, written in place into q and k (each row's head_dim dense)."""
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0,
+           scale_in_float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as ``rotary_ref``, written in place into q and k (each row's head_dim dense).
+    With ``norm_weights`` (q's and k's, QK-norm: Qwen3, Gemma 3), each head is RMS-normalized
+    first in the same pass, as ``rms_norm_ref(x, weight, eps, None, scale_in_float32)``: two
+    fewer kernels a layer, and q and k read and written once."""
     num_tokens, num_q_heads, head_dim = q.shape
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
+    q_weight, k_weight = norm_weights if norm_weights is not None else (q, k)
     if num_tokens:
         half = head_dim // 2
-        _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0),
-                                      k.stride(1), cos.stride(0), num_q_heads, k.shape[1], HALF=half,
+        _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q_weight, k_weight, eps, q.stride(0), q.stride(1),
+                                      k.stride(0), k.stride(1), cos.stride(0), num_q_heads, k.shape[1], HALF=half,
                                       BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
-                                      BLOCK_D=triton.next_power_of_2(half), **pdl(q))
+                                      BLOCK_D=triton.next_power_of_2(half), NORM=norm_weights is not None,
+                                      SCALE_IN_FLOAT32=scale_in_float32, **pdl(q))
     return q, k
 
 

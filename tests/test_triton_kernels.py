@@ -132,23 +132,31 @@ def test_rms_norm_matches_reference(dtype, with_residual, width, scale_in_float3
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
-def test_rotary_matches_reference_in_place_on_strided_views(dtype, heads):
+@pytest.mark.parametrize("qk_norm", [None, "rms", "gemma"])  # fused with QK-norm: as the norms then rotary
+def test_rotary_matches_reference_in_place_on_strided_views(dtype, heads, qk_norm):
     from pagedllm_kernels.elementwise import rotary
-    from pagedllm_kernels.reference import rotary_ref
+    from pagedllm_kernels.reference import rms_norm_ref, rotary_ref
 
     num_q, num_k = heads
-    head_dim, g = 32, torch.Generator().manual_seed(0)
-    qkv = torch.randn(6, (num_q + 2 * num_k) * head_dim, generator=g).to(dtype)
+    head_dim, g = 32 if qk_norm != "gemma" else 40, torch.Generator().manual_seed(0)
+    qkv = 3 * torch.randn(6, (num_q + 2 * num_k) * head_dim, generator=g).to(dtype)
     q = qkv[:, : num_q * head_dim].view(6, num_q, head_dim)
     k = qkv[:, num_q * head_dim : (num_q + num_k) * head_dim].view(6, num_k, head_dim)
     freqs = torch.randn(50, head_dim // 2, generator=g)
     cos, sin = freqs.cos(), freqs.sin()
     positions = torch.tensor([0, 7, 3, 49, 12, 1])
-    expected_q, expected_k = rotary_ref(positions, q, k, cos, sin)
+    weights, float32_scale, eps = None, qk_norm == "gemma", 1e-6
+    if qk_norm:
+        weights = [torch.randn(head_dim, generator=g).to(torch.float32 if float32_scale else dtype) for _ in "qk"]
+        expected_q, expected_k = rotary_ref(positions, rms_norm_ref(q, weights[0], eps, None, float32_scale),
+                                            rms_norm_ref(k, weights[1], eps, None, float32_scale), cos, sin)
+    else:
+        expected_q, expected_k = rotary_ref(positions, q, k, cos, sin)
     qkv_dev = qkv.to(DEVICE)
     q_dev = qkv_dev[:, : num_q * head_dim].view(6, num_q, head_dim)
     k_dev = qkv_dev[:, num_q * head_dim : (num_q + num_k) * head_dim].view(6, num_k, head_dim)
-    rotary(positions.to(DEVICE), q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE))
+    rotary(positions.to(DEVICE), q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE),
+           [w.to(DEVICE) for w in weights] if weights else None, eps, float32_scale)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(q_dev.cpu().float(), expected_q.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(k_dev.cpu().float(), expected_k.float(), rtol=tol, atol=tol)

@@ -50,9 +50,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scale).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotated q and k (on CUDA rotated in place: they are this step's own projections)."""
-        apply = rotary if fused_on(q) else rotary_ref
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+        """Rotated q and k (on CUDA rotated in place: they are this step's own projections). With
+        ``q_norm``/``k_norm`` (QK-norm's RMSNorms over each head), normalized first: on CUDA in
+        the same kernel, where the whole head rotates."""
+        fused = fused_on(q)
+        if q_norm is not None:
+            if fused and self.rotary_dim == self.head_dim:
+                return rotary(positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps,
+                              q_norm.scale_in_float32)
+            q, k = q_norm(q), k_norm(k)
+        apply = rotary if fused else rotary_ref
         if self.rotary_dim == self.head_dim:
             return apply(positions, q, k, self.cos, self.sin)
         d = self.rotary_dim
