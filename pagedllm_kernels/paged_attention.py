@@ -140,7 +140,7 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
                   block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                   stride_bt, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                  FULL_D: tl.constexpr, SLIDING: tl.constexpr):
+                  FULL_D: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
@@ -149,7 +149,7 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
-        if SLIDING:
+        if sliding_window > 0:
             allowed = allowed & (tok[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(allowed, s, float("-inf"))
     row_max_new = tl.maximum(row_max, tl.max(s, axis=1))
@@ -169,7 +169,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, PDL: tl.constexpr, SLIDING: tl.constexpr):
+                    PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     # Last blocks first: a sequence's later query blocks see more keys, and starting the longest
     # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
@@ -211,9 +211,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
     k_hi = prefix_len + tl.minimum(q_len, first_q + BLOCK_Q)
     masked_from = 0
-    # SLIDING is a compile-time switch, not ``sliding_window > 0``: with the unmasked loop under a
-    # run-time branch, ptxas serializes its wgmma and spills (Triton 3.6, sm_90a).
-    if SLIDING:
+    if sliding_window > 0:
         masked_from = tl.maximum(prefix_len + first_q - sliding_window + 1, 0)
     else:  # tiles ending at or before the block's first position are visible to every row
         masked_from = (prefix_len + first_q + 1) // BLOCK_N * BLOCK_N
@@ -222,13 +220,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
                 block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
                 stride_bt, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D, SLIDING)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
             block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
             stride_bt, stride_cb, stride_cs, stride_ch,
-            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D, SLIDING)
+            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D)
 
     out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -278,7 +276,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window,
             v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
-            SLIDING=window > 0, **config, **common, **pdl(query),
+            **config, **common, **pdl(query),
         )
         return out
 
