@@ -86,3 +86,15 @@ def test_fp8_section_has_a_row_per_pair_and_the_agreement():
     lines = report.fp8_section("fp8-h100-2026-12-03.json", data)
     assert "| W2 llama-3-8b | `quantization='fp8'` | 10,000 | 14,500 | 1.45 | >= 1.3 |" in lines
     assert "demo: 41.5 tokens shared on average before they part, 7/16 identical" in lines[-1]
+
+
+def test_time_split_counts_decode_steps_by_batch_size():
+    from benchmarks.throughput import time_split
+
+    steps = [[(1, 9)] * 3, [(1, 9)] * 200, [(1, 9)] * 8, [(16, 16), (1, 9)], [(1, 9)] * 40]
+    split = time_split(steps, [0.1, 0.2, 0.3, 0.4, 0.5], [0.01, 0.02, 0.03, 0.04, 0.05])
+    assert split["decode"] == {"steps": 4, "measured_s": 0.1 + 0.2 + 0.3 + 0.5, "least_s": 0.01 + 0.02 + 0.03 + 0.05}
+    assert split["prefill"] == {"steps": 1, "measured_s": 0.4, "least_s": 0.04}  # a prompt chunk: not decode
+    by_batch = split["decode_by_batch"]
+    assert {k: v["steps"] for k, v in by_batch.items()} == {"1-8": 2, "9-32": 0, "33-128": 1, "129+": 1}
+    assert by_batch["1-8"]["measured_s"] == 0.1 + 0.3 and by_batch["129+"]["least_s"] == 0.02
