@@ -159,11 +159,10 @@ def time_split(steps: list, step_seconds: list[float], least: list[float]) -> di
         return {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
                 "least_s": sum(least[i] for i in rows)}
 
-    split = {}
-    for kind in ("decode", "prefill"):
-        split[kind] = totals([i for i, step in enumerate(steps) if (kind == "decode") == all(n == 1 for n, _ in step)])
-    # Decode steps by batch size: a run's tail of shrinking batches is where each step's fixed cost shows.
     decode = [i for i, step in enumerate(steps) if all(n == 1 for n, _ in step)]
+    decode_set = set(decode)
+    split = {"decode": totals(decode), "prefill": totals([i for i in range(len(steps)) if i not in decode_set])}
+    # Decode steps by batch size: a run's tail of shrinking batches is where each step's fixed cost shows.
     split["decode_by_batch"] = {label: totals([i for i in decode if lo <= len(steps[i]) <= hi])
                                 for label, lo, hi in DECODE_BATCH_BUCKETS}
     return split
