@@ -9,7 +9,7 @@ from test_reference_attention import paged_batch
 
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 from pagedllm_kernels.cache_ops import store_kv_cache
-from pagedllm_kernels.paged_attention import paged_attention
+from pagedllm_kernels.paged_attention import paged_attention, prefill_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): bf16 is tested on the GPU only.
@@ -72,6 +72,14 @@ def test_prefill_dtypes_and_sliding_window(dtype, sliding_window):
 
 def test_prefill_non_power_of_two_group():  # Qwen2.5-0.5B: 14 query heads on 2 KV heads
     run_both([30, 9], [12, 9], 14, 2, 64, 16, torch.float16)
+
+
+def test_prefill_tile_settings_both_match_reference():
+    # 128-row tiles past 1,024 tokens of context; 64-row tiles there too where decode rows dominate
+    assert prefill_config(32, 2, 100, 1, 1100)["BLOCK_N"] == 128
+    assert prefill_config(32, 2, 100, 2, 1100)["BLOCK_N"] == 64
+    run_both([1100], [100], 4, 2, 32, 16, torch.float16)
+    run_both([1100, 1100], [99, 1], 4, 2, 32, 16, torch.float16)
 
 
 def test_store_kv_cache_matches_reference_and_skips_minus_one():
