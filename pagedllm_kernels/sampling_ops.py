@@ -1,44 +1,87 @@
 """The sampled token's log-probability under each row's logits, in one pass over the row (online
 max and sum of exponentials), instead of torch's several passes for logsumexp over a
 [rows, vocab] float32 copy (reference: token_logprobs_ref). Every step needs it, for
-cumulative_logprob."""
+cumulative_logprob. A row's vocabulary is split over several programs where rows are few: one
+program walking 152k logits alone took 62 us of a 1.4 ms decode step at batch 4 (H200)."""
 
 import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.paged_attention import num_sms
 from pagedllm_kernels.pdl import pdl, wait_for_previous
+
+_BLOCK = 1024
 
 
 @triton.jit
-def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, vocab, stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, vocab, stride, per_split,
+                           NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     row = tl.program_id(0)
+    split = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * stride
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, vocab)
     running_max = tl.full([BLOCK], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, vocab, BLOCK):
+    for start in range(lo, hi, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offsets, mask=offsets < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + offsets, mask=offsets < hi, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, x)
         scale = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
         running_sum = running_sum * scale + tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max))
         running_max = new_max
-    row_max = tl.max(running_max, axis=0)
-    total = tl.sum(running_sum * tl.exp(running_max - row_max), axis=0)
-    token = tl.load(token_ids_ptr + row)
-    logit = tl.load(base + token).to(tl.float32)
+    part_max = tl.max(running_max, axis=0)
+    part_sum = tl.sum(tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_max - part_max)), axis=0)
+    if NUM_SPLITS == 1:
+        logit = tl.load(base + tl.load(token_ids_ptr + row)).to(tl.float32)
+        tl.store(out_ptr + row, logit - part_max - tl.log(part_sum))
+    else:
+        tl.store(max_ptr + row * NUM_SPLITS + split, part_max)
+        tl.store(sum_ptr + row * NUM_SPLITS + split, part_sum)
+
+
+@triton.jit
+def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, stride,
+                                 NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
+    row = tl.program_id(0)
+    splits = row * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    part_max = tl.load(max_ptr + splits)
+    row_max = tl.max(part_max, axis=0)
+    total = tl.sum(tl.load(sum_ptr + splits) * tl.exp(part_max - row_max), axis=0)
+    logit = tl.load(logits_ptr + row.to(tl.int64) * stride + tl.load(token_ids_ptr + row)).to(tl.float32)
     tl.store(out_ptr + row, logit - row_max - tl.log(total))
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits.float())[row, token_ids[row]]`` for each row of a 2-D ``logits``."""
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+    """``log_softmax(logits.float())[row, token_ids[row]]`` for each row of a 2-D ``logits``.
+    ``num_splits`` (a power of two) forces how many programs share a row (tests)."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    if rows:
-        _token_logprobs_kernel[(rows,)](logits, token_ids, out, vocab, logits.stride(0), BLOCK=1024, **pdl(logits))
+    if not rows:
+        return out
+    splits = num_splits or _logprob_splits(rows, vocab, logits.device)
+    per_split = triton.cdiv(triton.cdiv(vocab, splits), _BLOCK) * _BLOCK
+    part_max, part_sum = (out, out) if splits == 1 else torch.empty(2, rows, splits, dtype=torch.float32,
+                                                                      device=logits.device)
+    _token_logprobs_kernel[(rows, splits)](logits, token_ids, out, part_max, part_sum, vocab, logits.stride(0),
+                                           per_split, NUM_SPLITS=splits, BLOCK=_BLOCK, **pdl(logits))
+    if splits > 1:
+        _merge_logprob_splits_kernel[(rows,)](logits, token_ids, out, part_max, part_sum, logits.stride(0),
+                                              NUM_SPLITS=splits, **pdl(logits))
     return out
+
+
+def _logprob_splits(rows: int, vocab: int, device: torch.device) -> int:
+    """Programs per row: enough for two a streaming multiprocessor, each with four blocks of logits at least."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    wanted = min(triton.cdiv(2 * num_sms(index), rows), triton.cdiv(vocab, 4 * _BLOCK))
+    return 1 << (wanted.bit_length() - 1)  # the largest power of two not above it
 
 
 @triton.jit

@@ -183,7 +183,8 @@ def test_silu_and_mul_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("vocab", [7, 1024, 2500])  # shorter than, equal to and beyond one block of 1024
-def test_token_logprobs_match_log_softmax(dtype, vocab):
+@pytest.mark.parametrize("num_splits", [None, 4])  # 4: rows shared by programs, some with no logits (vocab 7)
+def test_token_logprobs_match_log_softmax(dtype, vocab, num_splits):
     from pagedllm_kernels.reference import token_logprobs_ref
     from pagedllm_kernels.sampling_ops import token_logprobs
 
@@ -191,7 +192,7 @@ def test_token_logprobs_match_log_softmax(dtype, vocab):
     logits = (torch.randn(5, vocab, generator=g) * 8).to(dtype)
     logits[1, : vocab // 2] = float("-inf")  # masked tokens count for nothing
     tokens = torch.tensor([0, vocab - 1, vocab // 2, 3 % vocab, 1])
-    got = token_logprobs(logits.to(DEVICE), tokens.to(DEVICE)).cpu()
+    got = token_logprobs(logits.to(DEVICE), tokens.to(DEVICE), num_splits).cpu()
     expected = token_logprobs_ref(logits, tokens)
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
 
