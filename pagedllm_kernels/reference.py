@@ -172,6 +172,12 @@ def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.T
     return logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
 
 
+def greedy_sample_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (its first maximum) and that token's log-probability, in float32."""
+    token_ids = logits.float().argmax(dim=-1)
+    return token_ids, token_logprobs_ref(logits, token_ids)
+
+
 _MASK32 = 0xFFFFFFFF
 
 

@@ -1,8 +1,9 @@
 """The sampled token's log-probability under each row's logits, in one pass over the row (online
 max and sum of exponentials), instead of torch's several passes for logsumexp over a
 [rows, vocab] float32 copy (reference: token_logprobs_ref). Every step needs it, for
-cumulative_logprob. A row's vocabulary is split over several programs where rows are few: one
-program walking 152k logits alone took 62 us of a 1.4 ms decode step at batch 4 (H200)."""
+cumulative_logprob. Greedy rows take their argmax in the same pass (greedy_sample), so an
+all-greedy step reads its logits once. A row's vocabulary is split over several programs where
+rows are few: one program walking 152k logits alone took 62 us of a 1.4 ms decode step at batch 4 (H200)."""
 
 import torch
 import triton
@@ -15,8 +16,10 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, vocab, stride, per_split,
-                           NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride, per_split,
+                           NUM_SPLITS: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Per (row, split): max and sum of exponentials over the split's logits (and, with ARGMAX, the
+    first index of the max); with one split, the row's token (written with ARGMAX) and its logprob."""
     wait_for_previous(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -25,39 +28,64 @@ def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr,
     hi = tl.minimum(lo + per_split, vocab)
     running_max = tl.full([BLOCK], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.zeros([BLOCK], dtype=tl.int32)  # per lane, the first index of its max
     for start in range(lo, hi, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         x = tl.load(base + offsets, mask=offsets < hi, other=float("-inf")).to(tl.float32)
+        if ARGMAX:
+            best = tl.where(x > running_max, offsets, best)
         new_max = tl.maximum(running_max, x)
         scale = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
         running_sum = running_sum * scale + tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max))
         running_max = new_max
     part_max = tl.max(running_max, axis=0)
     part_sum = tl.sum(tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_max - part_max)), axis=0)
+    part_arg = tl.min(tl.where(running_max == part_max, best, vocab), axis=0)
     if NUM_SPLITS == 1:
-        logit = tl.load(base + tl.load(token_ids_ptr + row)).to(tl.float32)
+        if ARGMAX:
+            tl.store(token_ids_ptr + row, part_arg.to(tl.int64))
+            logit = part_max
+        else:
+            logit = tl.load(base + tl.load(token_ids_ptr + row)).to(tl.float32)
         tl.store(out_ptr + row, logit - part_max - tl.log(part_sum))
     else:
         tl.store(max_ptr + row * NUM_SPLITS + split, part_max)
         tl.store(sum_ptr + row * NUM_SPLITS + split, part_sum)
+        if ARGMAX:
+            tl.store(arg_ptr + row * NUM_SPLITS + split, part_arg)
 
 
 @triton.jit
-def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, stride,
-                                 NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride,
+                                 NUM_SPLITS: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     row = tl.program_id(0)
     splits = row * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     part_max = tl.load(max_ptr + splits)
     row_max = tl.max(part_max, axis=0)
     total = tl.sum(tl.load(sum_ptr + splits) * tl.exp(part_max - row_max), axis=0)
-    logit = tl.load(logits_ptr + row.to(tl.int64) * stride + tl.load(token_ids_ptr + row)).to(tl.float32)
+    if ARGMAX:  # splits hold increasing indices: the first split reaching the max has the first index
+        token = tl.min(tl.where(part_max == row_max, tl.load(arg_ptr + splits), vocab), axis=0)
+        tl.store(token_ids_ptr + row, token.to(tl.int64))
+        logit = row_max
+    else:
+        logit = tl.load(logits_ptr + row.to(tl.int64) * stride + tl.load(token_ids_ptr + row)).to(tl.float32)
     tl.store(out_ptr + row, logit - row_max - tl.log(total))
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
     """``log_softmax(logits.float())[row, token_ids[row]]`` for each row of a 2-D ``logits``.
     ``num_splits`` (a power of two) forces how many programs share a row (tests)."""
+    return _launch(logits, token_ids, False, num_splits)
+
+
+def greedy_sample(logits: torch.Tensor, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (the first, as torch's) and its logprob, in one pass: ``greedy_sample_ref``."""
+    token_ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return token_ids, _launch(logits, token_ids, True, num_splits)
+
+
+def _launch(logits: torch.Tensor, token_ids: torch.Tensor, argmax: bool, num_splits: int | None) -> torch.Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -65,13 +93,15 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_splits: in
         return out
     splits = num_splits or _logprob_splits(rows, vocab, logits.device)
     per_split = triton.cdiv(triton.cdiv(vocab, splits), _BLOCK) * _BLOCK
-    part_max, part_sum = (out, out) if splits == 1 else torch.empty(2, rows, splits, dtype=torch.float32,
-                                                                      device=logits.device)
-    _token_logprobs_kernel[(rows, splits)](logits, token_ids, out, part_max, part_sum, vocab, logits.stride(0),
-                                           per_split, NUM_SPLITS=splits, BLOCK=_BLOCK, **pdl(logits))
+    parts = (out, out, out)
     if splits > 1:
-        _merge_logprob_splits_kernel[(rows,)](logits, token_ids, out, part_max, part_sum, logits.stride(0),
-                                              NUM_SPLITS=splits, **pdl(logits))
+        stats = torch.empty(2, rows, splits, dtype=torch.float32, device=logits.device)
+        parts = (stats[0], stats[1], torch.empty(rows, splits, dtype=torch.int32, device=logits.device))
+    common = dict(NUM_SPLITS=splits, ARGMAX=argmax, **pdl(logits))
+    _token_logprobs_kernel[(rows, splits)](logits, token_ids, out, *parts, vocab, logits.stride(0), per_split,
+                                           BLOCK=_BLOCK, **common)
+    if splits > 1:
+        _merge_logprob_splits_kernel[(rows,)](logits, token_ids, out, *parts, vocab, logits.stride(0), **common)
     return out
 
 

@@ -54,6 +54,26 @@ def test_penalties_change_logits_as_vllm_and_openai_define_them():
     assert out == pytest.approx([2.0, 0.5 - 0.25 * 2 - 0.5, 0.5, -2.0 - 0.25 - 0.5, -6.0, 0.0])
 
 
+@pytest.mark.parametrize("max_num_logprobs", [None, 2])
+def test_fused_greedy_step_equals_the_torch_one(monkeypatch, max_num_logprobs):
+    """An all-greedy step takes its tokens and logprobs from one kernel (here under the interpreter):
+    the same as the torch path's, top logprobs included."""
+    from pagedllm.layers import triton_ops
+
+    logits = (torch.randn(5, 3000, generator=torch.Generator().manual_seed(0)) * 4).half()
+    logits[2, [7, 2000]] = 30.0  # a tie: the first wins
+    meta = SamplingMetadata(torch.zeros(5), None, None, all_greedy=True, max_num_logprobs=max_num_logprobs)
+    want = Sampler(torch.Generator())(logits, meta)
+    monkeypatch.setattr(triton_ops, "fused_on", lambda x: True)
+    got = Sampler(torch.Generator())(logits, meta)
+    assert got.token_ids.tolist() == want.token_ids.tolist() and got.token_ids[2] == 7
+    torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-4, rtol=1e-5)
+    for field in ("top_ids", "top_logprobs", "sampled_ranks"):
+        assert (getattr(got, field) is None) == (max_num_logprobs is None)
+        if max_num_logprobs:
+            torch.testing.assert_close(getattr(got, field), getattr(want, field))
+
+
 @pytest.mark.parametrize("noise", ["sampler's generator", "seeds", "one seed at many positions"])
 def test_temperature_sampling_follows_the_softmax(noise):
     """Chi-square goodness of fit over 40,000 draws (df 5; 20.5 is the 0.001 critical value), with

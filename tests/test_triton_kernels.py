@@ -197,6 +197,27 @@ def test_token_logprobs_match_log_softmax(dtype, vocab, num_splits):
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("vocab", [7, 2500])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_greedy_sample_matches_argmax_and_log_softmax(dtype, vocab, num_splits):
+    from pagedllm_kernels.reference import greedy_sample_ref
+    from pagedllm_kernels.sampling_ops import greedy_sample
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(6, vocab, generator=g) * 8).to(dtype)
+    logits[1, : vocab // 2] = float("-inf")
+    logits[2, [vocab - 1, vocab // 3, 2]] = 100.0  # tied maxima: the first one wins, as torch's argmax
+    logits[3, [vocab - 1, vocab // 2]] = 100.0  # tied across splits (vocab 2500, 4 splits)
+    logits[4, vocab - 1] = 100.0  # the last token, in the last block
+    logits[5, [min(1124, vocab - 1), 100 % vocab]] = 100.0  # tied in one lane of the 1,024-wide blocks
+    got_ids, got = greedy_sample(logits.to(DEVICE), num_splits)
+    want_ids, want = greedy_sample_ref(logits)
+    assert got_ids.dtype == torch.int64 and got_ids.tolist() == want_ids.tolist()
+    assert want_ids[2:].tolist() == [2, vocab // 2, vocab - 1, 100 % vocab]
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-5)
+
+
 def test_seeded_exponential_matches_its_reference():
     """Seeded rows' noise: the kernel's Philox (Triton's tl.randint) equals the torch one, for
     negative and 64-bit seeds and a vocabulary past one block; rows without a seed keep theirs."""

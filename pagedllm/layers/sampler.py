@@ -17,7 +17,7 @@ import torch
 
 from pagedllm.errors import RequestError
 from pagedllm.layers import triton_ops
-from pagedllm_kernels.reference import seeded_exponential_ref, token_logprobs_ref
+from pagedllm_kernels.reference import greedy_sample_ref, seeded_exponential_ref, token_logprobs_ref
 
 
 @dataclass
@@ -84,19 +84,26 @@ class Sampler:
         self.generator = generator  # noise for the rows without a seed of their own
 
     def __call__(self, model_logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        raw = model_logits.float()  # kept as it is, for logprobs
         has_ops = meta.allowed_token_ids or meta.banned_token_ids or meta.logit_bias or meta.logits_processors
-        logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
-        if meta.grammar is not None:
-            logits = apply_grammar(logits if has_ops else raw.clone(), meta.grammar)
-        if meta.penalties is not None:
-            logits = apply_penalties(logits, meta.penalties)
-        token_ids = logits.argmax(dim=-1)
-        if not meta.all_greedy:
-            token_ids = self._sample(logits, token_ids, meta)
-        token_logprobs = triton_ops.token_logprobs if triton_ops.fused_on(raw) else token_logprobs_ref
-        out = SamplerOutput(token_ids, token_logprobs(model_logits, token_ids))  # one pass, at the model's dtype
+        fused = triton_ops.fused_on(model_logits)
+        if meta.all_greedy and not (has_ops or meta.grammar is not None or meta.penalties is not None):
+            # argmax and its logprob in one pass over the logits, at the model's dtype
+            out = SamplerOutput(*(triton_ops.greedy_sample if fused else greedy_sample_ref)(model_logits))
+            raw = None
+        else:
+            raw = model_logits.float()  # kept as it is, for logprobs
+            logits = apply_request_logits_ops(raw.clone(), meta) if has_ops else raw
+            if meta.grammar is not None:
+                logits = apply_grammar(logits if has_ops else raw.clone(), meta.grammar)
+            if meta.penalties is not None:
+                logits = apply_penalties(logits, meta.penalties)
+            token_ids = logits.argmax(dim=-1)
+            if not meta.all_greedy:
+                token_ids = self._sample(logits, token_ids, meta)
+            token_logprobs = triton_ops.token_logprobs if fused else token_logprobs_ref
+            out = SamplerOutput(token_ids, token_logprobs(model_logits, token_ids))  # one pass, at the model's dtype
         if meta.max_num_logprobs is not None:
+            token_ids, raw = out.token_ids, model_logits.float() if raw is None else raw
             raw_logprobs = torch.log_softmax(raw, dim=-1)
             out.top_logprobs, out.top_ids = raw_logprobs.topk(max(meta.max_num_logprobs, 1), dim=-1)
             raw_token_logits = raw.gather(1, token_ids.unsqueeze(1))

@@ -8,9 +8,9 @@ try:
     from pagedllm_kernels.fp8_ops import fp8_weight_matmul, quantize_rows
     from pagedllm_kernels.fused_moe import fused_moe
     from pagedllm_kernels.paged_attention import paged_attention
-    from pagedllm_kernels.sampling_ops import seeded_exponential_, token_logprobs
+    from pagedllm_kernels.sampling_ops import greedy_sample, seeded_exponential_, token_logprobs
 except ImportError:
-    store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = token_logprobs = None
+    store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = token_logprobs = greedy_sample = None
     seeded_exponential_ = fused_moe = layer_norm = quantize_rows = fp8_weight_matmul = None
 
 
