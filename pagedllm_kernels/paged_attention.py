@@ -237,7 +237,7 @@ def prefill_config(head_dim: int, group_pad: int, num_tokens: int, num_seqs: int
     """Launch settings of the prefill kernel: rows (query tokens x group heads), key tile, warps.
     128-row tiles pay where sequences are long; 64-row tiles where they are short, and in steps of
     many decode rows beside a chunk, where each sequence takes a block of rows of its own. H200 sweep
-    (prof/prefill_tiles2.py, Llama-3-8B / Qwen3-0.6B / OPT-1.3B heads, bf16): 255 decodes + a 256-token
+    (Llama-3-8B / Qwen3-0.6B / OPT-1.3B heads, bf16, blocks of 16 in shuffled order): 255 decodes + a 256-token
     prompt 354/351/939 -> 210/206/426 us, 32 x 256 176/93/133 -> 138/74/80; 512 over 7,680 cached
     tokens 217/203/143 -> 232/222/178 (so long contexts keep 128 rows)."""
     if head_dim > 128:
