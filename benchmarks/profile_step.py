@@ -1,11 +1,16 @@
-"""Where a decode step's time goes: host phases (schedule, inputs, forward launch, sampling sync,
-update) and GPU kernels, from the torch profiler over steady-state decode steps.
+"""Where a decode step's time goes over steady-state decode steps: host phases (schedule, inputs,
+forward launch, sampling, waiting for the device, update) timed without the profiler (under it
+every torch op pays its tracing, which tripled some phases); the decode graph's GPU time alone
+(CUDA events over back-to-back replays); then GPU kernels from the torch profiler. Set
+``PAGEDLLM_PDL=0`` for per-kernel times: with dependent launch a kernel's time includes its wait
+for the one before.
 
 Usage: python benchmarks/profile_step.py --config llama-3-8b --batch 1 [--context 256] [--eager]
        [--quantization fp8] [--kv-cache-dtype fp8]
 """
 
 import argparse
+import collections
 import os
 import shutil
 import sys
@@ -23,11 +28,33 @@ from pagedllm.worker.executor import PendingOutput  # noqa: E402
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
 
+spent: collections.Counter = collections.Counter()  # host seconds per phase label
+
+
 def labelled(label: str, fn):
     def wrapper(*args, **kwargs):
-        with record_function(label):
-            return fn(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            with record_function(label):
+                return fn(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - start
     return wrapper
+
+
+def graph_gpu_ms(runner, batch: int, replays: int = 20) -> float | None:
+    """GPU time of one replay of the decode graph that serves ``batch`` (on the last step's inputs)."""
+    if not runner.decode_graphs or runner.decode_graphs.bucket(batch) is None:
+        return None
+    graph = runner.decode_graphs.graphs[runner.decode_graphs.bucket(batch)][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
@@ -70,11 +97,14 @@ def main() -> None:
     else:
         runner.model.forward = labelled("forward (eager launches)", runner.model.forward)
     torch.cuda.synchronize()
+    spent.clear()
     start = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / args.steps
+    host = {label: seconds / args.steps * 1e3 for label, seconds in spent.items()}
+    graph_ms = graph_gpu_ms(runner, args.batch)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()
@@ -83,19 +113,20 @@ def main() -> None:
           f"({args.batch / per_step:.0f} output tok/s), {'eager' if args.eager else 'CUDA graphs'}, "
           f"{'async' if engine.async_scheduling else 'synchronous'} scheduling, quantization {args.quantization}, "
           f"KV cache {args.kv_cache_dtype}")
-    events = prof.key_averages()
-    print("\nhost phases (ms per step):")
-    for e in events:
-        if e.key.startswith(("host:", "sample", "forward", "wait")):
-            print(f"  {e.key:<34} {e.cpu_time_total / 1e3 / args.steps:8.3f}")
-    print("\nGPU kernels (ms per step, top 15 by GPU time):")
+    print("\nhost phases (ms per step, timed without the profiler):")
+    for label, ms in host.items():
+        print(f"  {label:<34} {ms:8.3f}")
+    print(f"  {'(not in a phase)':<34} {per_step * 1e3 - sum(host.values()):8.3f}")
+    if graph_ms is not None:
+        print(f"\nthe decode graph alone: {graph_ms:.3f} ms of GPU time a replay")
+    print("\nGPU kernels (ms per step, top 15 by GPU time, under the profiler):")
     labels = ("host:", "sample", "forward", "wait", "aten::")
-    kernels = sorted((e for e in events if e.self_device_time_total > 0 and not e.key.startswith(labels)),
+    kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith(labels)),
                      key=lambda e: -e.self_device_time_total)
-    total_gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     for e in kernels[:15]:
         print(f"  {e.self_device_time_total / 1e3 / args.steps:8.3f}  x{e.count // args.steps:<4} {e.key[:90]}")
-    print(f"  GPU busy in total: {total_gpu:.3f} ms per step")
+    total_gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
+    print(f"  all kernels: {total_gpu:.3f} ms per step")
 
 
 if __name__ == "__main__":
