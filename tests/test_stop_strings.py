@@ -34,6 +34,28 @@ def test_incremental_text_equals_the_tokenizers_decode_with_its_options(tokenize
     assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+def test_incremental_text_goes_on_when_its_decode_stream_fails(tokenizer):
+    """A fast tokenizer's text comes from its DecodeStream; should that raise (its text before the
+    new tokens changed), the rest is re-decoded, and the text is still the whole decode's."""
+    ids = tokenizer.encode(TEXT)
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    deltas = [detokenizer.update(ids[:1])]
+    real, steps = detokenizer._stream, []
+    assert real is not None
+
+    class Failing:
+        def step(self, backend, token):
+            steps.append(token)
+            if len(steps) == 9:
+                raise Exception("DecodeStreamError: Invalid prefix encountered")
+            return real.step(backend, token)
+
+    detokenizer._stream = Failing()
+    deltas += [detokenizer.update(ids[: i + 1]) for i in range(1, len(ids))]
+    assert detokenizer._stream is None and len(steps) == 9
+    assert "".join(deltas) == detokenizer.text == TEXT
+
+
 def test_find_stop_string_only_looks_at_what_is_new():
     assert find_stop_string("abc日本語def", 3, ["語d", "zz"]) == ("語d", 5)
     assert find_stop_string("abc日本語def", 2, ["abc"]) is None  # ended before the new characters
