@@ -54,6 +54,24 @@ def test_penalties_change_logits_as_vllm_and_openai_define_them():
     assert out == pytest.approx([2.0, 0.5 - 0.25 * 2 - 0.5, 0.5, -2.0 - 0.25 - 0.5, -6.0, 0.0])
 
 
+@pytest.mark.parametrize("repetition", [3.4e307, 1e-300, 1e30, 1e-30])
+def test_extreme_repetition_penalties_keep_a_token_possible(repetition):
+    """Past float32's range a penalty would make a seen token -inf (or 0 / 0): where a grammar or
+    allowed_token_ids leaves only seen tokens, nothing could be sampled. Finite logits stay finite,
+    in the penalty's order; banned ones (-inf) stay banned."""
+    logits = torch.tensor([[3.0, -2.0, float("-inf"), 0.0, 1.0]])
+    penalties = PenaltyInputs(presence=torch.zeros(1), frequency=torch.zeros(1),
+                              repetition=torch.tensor([repetition]), output_token_ids=torch.tensor([[-1]]),
+                              seen_token_ids=torch.tensor([[0, 1, 2, 3]]))
+    out = apply_penalties(logits, penalties)[0]
+    assert out[2] == float("-inf") and out[[0, 1, 3, 4]].isfinite().all()
+    assert out[4] == 1.0  # not seen
+    if repetition > 1:
+        assert out[1] < out[3] <= out[0] < out[4]
+    else:
+        assert out[0] > out[4] and out[1] < out[3]
+
+
 @pytest.mark.parametrize("max_num_logprobs", [None, 2])
 def test_fused_greedy_step_equals_the_torch_one(monkeypatch, max_num_logprobs):
     """An all-greedy step takes its tokens and logprobs from one kernel (here under the interpreter):

@@ -135,6 +135,19 @@ def test_a_spec_that_cannot_run_is_a_value_error_naming_its_field(llm, spec, fie
     assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids  # still fine
 
 
+def test_a_huge_repetition_penalty_leaves_the_grammar_a_token(tiny_checkpoint):
+    """A penalty past float32's range made a seen token with a negative logit -inf, and where the
+    grammar allowed only such tokens the request failed ("no token could follow"). Found by
+    schemathesis against the server; the same request here."""
+    llm = LLM(tiny_checkpoint("llama"), device="cpu")
+    regex = "\x05\u00a8\U000e0fcf\u00aaV\U000dd814\u00c2\x05\x13\u00a2"
+    for temperature in (1.0, 1e-30):  # and a temperature that would take the penalized logits past float32's range
+        params = SamplingParams(temperature=temperature, seed=0, max_tokens=16, repetition_penalty=3.4e307,
+                                structured_outputs={"regex": regex})
+        outs = llm.generate(["ieee", "block_size"], params, use_tqdm=False)
+        assert all(out.error is None and regex.startswith(out.outputs[0].text) for out in outs)
+
+
 def test_older_vllm_guided_decoding_is_accepted(llm):
     params = SamplingParams(temperature=1.0, seed=0, guided_decoding=GuidedDecodingParams(choice=["alpha", "beta"]))
     assert params.structured_outputs.choice == ["alpha", "beta"] and params.guided_decoding is None

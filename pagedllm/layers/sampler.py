@@ -112,7 +112,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         temperatures = meta.temperatures.to(logits.device, non_blocking=True)
-        logits = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+        # (at most 1e5 times over: as greedy below that, and finite logits stay finite, as penalties keep them)
+        logits = logits / torch.where(temperatures > 0, temperatures.clamp(min=1e-5), 1.0).unsqueeze(1)
         if meta.min_ps is not None:
             logits = apply_min_p(logits, meta.min_ps.to(logits.device, non_blocking=True))
         logits = apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
@@ -171,6 +172,10 @@ def apply_request_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> to
     return logits
 
 
+_LEAST_PENALTY = 1e-20  # repetition penalties are clamped to [1e-20, 1e20]
+_LARGEST_LOGIT = 1e30  # and the logits they change to within +-1e30
+
+
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
     """Repetition penalty on every token seen (prompt and output), then frequency and presence
     penalties on the generated tokens, as vLLM applies them."""
@@ -182,9 +187,12 @@ def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
         counts = torch.zeros(rows, vocab + 1, device=device)
         return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
 
-    repetition = p.repetition.to(device).unsqueeze(1)
-    seen = one_hot_counts(p.seen_token_ids) > 0
-    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    # Within float32's range, and finite logits kept finite: a penalty of 1e308 (inf in float32) made a
+    # seen token -inf, 0 / 0 NaN, and a row whose grammar allows only seen tokens could sample nothing.
+    repetition = p.repetition.to(device).unsqueeze(1).clamp(_LEAST_PENALTY, 1 / _LEAST_PENALTY)
+    seen = (one_hot_counts(p.seen_token_ids) > 0) & logits.isfinite()
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition).clamp(-_LARGEST_LOGIT, _LARGEST_LOGIT)
+    logits = torch.where(seen, penalized, logits)
     counts = one_hot_counts(p.output_token_ids)
     return logits - p.frequency.to(device).unsqueeze(1) * counts - p.presence.to(device).unsqueeze(1) * (counts > 0)
 
