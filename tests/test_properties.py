@@ -83,6 +83,40 @@ def test_what_is_accepted_completes(llm, requests):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+EXTREME = {  # the ends of what SamplingParams accepts, where float32 overflows
+    "temperature": st.sampled_from([0.0, 1e-30, 1e-6, 0.7, 1e30, 3.4e38]),
+    "top_p": st.sampled_from([1e-300, 1e-8, 0.5, 1.0]),
+    "top_k": st.sampled_from([0, 1, 2]),
+    "min_p": st.sampled_from([0.0, 0.5, 1.0]),
+    "presence_penalty": st.sampled_from([-2.0, 0.0, 2.0]),
+    "frequency_penalty": st.sampled_from([-2.0, 0.0, 2.0]),
+    "repetition_penalty": st.sampled_from([1e-300, 1e-20, 1.0, 1e20, 3.4e307]),
+}
+CONSTRAINTS = st.sampled_from([{"allowed_token_ids": [5, 6, 7]}, {"structured_outputs": {"regex": "[ab]{3,6}"}},
+                               {"structured_outputs": {"choice": ["yes", "no"]}}])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.fixed_dictionaries({}, optional=EXTREME), constraint=CONSTRAINTS, seed=st.integers(0, 2**31))
+def test_extreme_sampling_values_keep_to_the_constraint(llm, fields, constraint, seed):
+    """A penalty of 3.4e307 once made every token a grammar allowed -inf, and the request failed (a 500
+    on the server): at any accepted values a constrained request completes within its constraint."""
+    try:
+        params = SamplingParams(max_tokens=6, seed=seed, **fields, **constraint)
+    except ValueError:
+        return  # (greedy with top_p < 1 and the like)
+    outputs = llm.generate(["ieee block", [5, 6, 6, 7]], params, use_tqdm=False)
+    for output in outputs:
+        assert output.error is None
+        completion = output.outputs[0]
+        if "allowed_token_ids" in constraint:
+            assert set(completion.token_ids) <= {5, 6, 7}
+        elif "choice" in constraint["structured_outputs"]:
+            assert completion.text in ("yes", "no") or completion.finish_reason == "length"
+        else:
+            assert set(completion.text) <= {"a", "b"}
+
+
 def check_pool(scheduler: Scheduler) -> None:
     """No block is both free and held; each block's reference count equals its holders."""
     manager = scheduler.block_manager
