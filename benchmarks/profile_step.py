@@ -44,9 +44,10 @@ def labelled(label: str, fn):
 
 def graph_gpu_ms(runner, batch: int, replays: int = 20) -> float | None:
     """GPU time of one replay of the decode graph that serves ``batch`` (on the last step's inputs)."""
-    if not runner.decode_graphs or runner.decode_graphs.bucket(batch) is None:
+    bucket = runner.decode_graphs.bucket(batch) if runner.decode_graphs else None
+    if bucket is None:
         return None
-    graph = runner.decode_graphs.graphs[runner.decode_graphs.bucket(batch)][0]
+    graph = runner.decode_graphs.graphs[bucket][0]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()

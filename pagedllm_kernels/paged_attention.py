@@ -318,12 +318,16 @@ def _decode_splits(num_programs: int, max_context_len: int, device: torch.device
     least _MIN_TOKENS_PER_SPLIT tokens; a power of two, so few kernel variants get compiled."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = min(triton.cdiv(_PROGRAMS_PER_SM * num_sms(index), num_programs),
+    wanted = min(triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), num_programs),
                  triton.cdiv(max_context_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS)
     return triton.next_power_of_2(wanted) if wanted > 1 else 1
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one where ``device`` names no index)."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def num_sms(device_index: int) -> int:
+def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

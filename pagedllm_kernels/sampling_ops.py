@@ -109,8 +109,7 @@ def _logprob_splits(rows: int, vocab: int, device: torch.device) -> int:
     """Programs per row: enough for two a streaming multiprocessor, each with four blocks of logits at least."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = min(triton.cdiv(2 * num_sms(index), rows), triton.cdiv(vocab, 4 * _BLOCK))
+    wanted = min(triton.cdiv(2 * num_sms(device), rows), triton.cdiv(vocab, 4 * _BLOCK))
     return 1 << (wanted.bit_length() - 1)  # the largest power of two not above it
 
 
