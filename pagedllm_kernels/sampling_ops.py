@@ -3,7 +3,9 @@ max and sum of exponentials), instead of torch's several passes for logsumexp ov
 [rows, vocab] float32 copy (reference: token_logprobs_ref). Every step needs it, for
 cumulative_logprob. Greedy rows take their argmax in the same pass (greedy_sample), so an
 all-greedy step reads its logits once. A row's vocabulary is split over several programs where
-rows are few: one program walking 152k logits alone took 62 us of a 1.4 ms decode step at batch 4 (H200)."""
+rows are few: one program walking 152k logits alone took 62 us of a 1.4 ms decode step at batch 4 (H200).
+The number of splits is a runtime value (at most _MAX_SPLITS), so that every batch size runs the
+same few compiled kernels: as a constant, each new power of two compiled mid-run (1.2 s of W3)."""
 
 import torch
 import triton
@@ -13,11 +15,13 @@ from pagedllm_kernels.paged_attention import num_sms
 from pagedllm_kernels.pdl import pdl, wait_for_previous
 
 _BLOCK = 1024
+_MAX_SPLITS = 64
 
 
 @triton.jit
 def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride, per_split,
-                           NUM_SPLITS: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                           num_splits, SPLIT: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
     """Per (row, split): max and sum of exponentials over the split's logits (and, with ARGMAX, the
     first index of the max); with one split, the row's token (written with ARGMAX) and its logprob."""
     wait_for_previous(PDL)
@@ -41,7 +45,7 @@ def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr,
     part_max = tl.max(running_max, axis=0)
     part_sum = tl.sum(tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_max - part_max)), axis=0)
     part_arg = tl.min(tl.where(running_max == part_max, best, vocab), axis=0)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         if ARGMAX:
             tl.store(token_ids_ptr + row, part_arg.to(tl.int64))
             logit = part_max
@@ -49,23 +53,26 @@ def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr,
             logit = tl.load(base + tl.load(token_ids_ptr + row)).to(tl.float32)
         tl.store(out_ptr + row, logit - part_max - tl.log(part_sum))
     else:
-        tl.store(max_ptr + row * NUM_SPLITS + split, part_max)
-        tl.store(sum_ptr + row * NUM_SPLITS + split, part_sum)
+        tl.store(max_ptr + row * num_splits + split, part_max)
+        tl.store(sum_ptr + row * num_splits + split, part_sum)
         if ARGMAX:
-            tl.store(arg_ptr + row * NUM_SPLITS + split, part_arg)
+            tl.store(arg_ptr + row * num_splits + split, part_arg)
 
 
 @triton.jit
 def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride,
-                                 NUM_SPLITS: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+                                 num_splits, ARGMAX: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     row = tl.program_id(0)
-    splits = row * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
-    part_max = tl.load(max_ptr + splits)
+    lanes = tl.arange(0, MAX_SPLITS)
+    splits = row * num_splits + lanes
+    part_max = tl.load(max_ptr + splits, mask=lanes < num_splits, other=float("-inf"))
     row_max = tl.max(part_max, axis=0)
-    total = tl.sum(tl.load(sum_ptr + splits) * tl.exp(part_max - row_max), axis=0)
+    part_sum = tl.load(sum_ptr + splits, mask=lanes < num_splits, other=0.0)
+    total = tl.sum(part_sum * tl.exp(part_max - row_max), axis=0)
     if ARGMAX:  # splits hold increasing indices: the first split reaching the max has the first index
-        token = tl.min(tl.where(part_max == row_max, tl.load(arg_ptr + splits), vocab), axis=0)
+        part_arg = tl.load(arg_ptr + splits, mask=lanes < num_splits, other=vocab)
+        token = tl.min(tl.where(part_max == row_max, part_arg, vocab), axis=0)
         tl.store(token_ids_ptr + row, token.to(tl.int64))
         logit = row_max
     else:
@@ -75,7 +82,7 @@ def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, su
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
     """``log_softmax(logits.float())[row, token_ids[row]]`` for each row of a 2-D ``logits``.
-    ``num_splits`` (a power of two) forces how many programs share a row (tests)."""
+    ``num_splits`` (at most _MAX_SPLITS) forces how many programs share a row (tests)."""
     return _launch(logits, token_ids, False, num_splits)
 
 
@@ -97,11 +104,12 @@ def _launch(logits: torch.Tensor, token_ids: torch.Tensor, argmax: bool, num_spl
     if splits > 1:
         stats = torch.empty(2, rows, splits, dtype=torch.float32, device=logits.device)
         parts = (stats[0], stats[1], torch.empty(rows, splits, dtype=torch.int32, device=logits.device))
-    common = dict(NUM_SPLITS=splits, ARGMAX=argmax, **pdl(logits))
-    _token_logprobs_kernel[(rows, splits)](logits, token_ids, out, *parts, vocab, logits.stride(0), per_split,
-                                           BLOCK=_BLOCK, **common)
+    common = dict(ARGMAX=argmax, **pdl(logits))
+    _token_logprobs_kernel[(rows, splits)](logits, token_ids, out, *parts, vocab, logits.stride(0), per_split, splits,
+                                           SPLIT=splits > 1, BLOCK=_BLOCK, **common)
     if splits > 1:
-        _merge_logprob_splits_kernel[(rows,)](logits, token_ids, out, *parts, vocab, logits.stride(0), **common)
+        _merge_logprob_splits_kernel[(rows,)](logits, token_ids, out, *parts, vocab, logits.stride(0), splits,
+                                              MAX_SPLITS=_MAX_SPLITS, **common)
     return out
 
 
@@ -109,8 +117,7 @@ def _logprob_splits(rows: int, vocab: int, device: torch.device) -> int:
     """Programs per row: enough for two a streaming multiprocessor, each with four blocks of logits at least."""
     if device.type != "cuda":
         return 1
-    wanted = min(triton.cdiv(2 * num_sms(device), rows), triton.cdiv(vocab, 4 * _BLOCK))
-    return 1 << (wanted.bit_length() - 1)  # the largest power of two not above it
+    return min(triton.cdiv(2 * num_sms(device), rows), triton.cdiv(vocab, 4 * _BLOCK), _MAX_SPLITS)
 
 
 @triton.jit

@@ -27,9 +27,15 @@ def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
-def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint):
+def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint, monkeypatch):
+    from pagedllm.worker import model_runner
+
+    sampled_rows, profile_sampler = [], model_runner.profile_sampler  # the profile run samples its logits,
+    monkeypatch.setattr(model_runner, "profile_sampler",  # so that the sampler's memory is counted
+                        lambda logits, k: sampled_rows.append(len(logits)) or profile_sampler(logits, k))
     total = torch.cuda.mem_get_info()[1]
     llm = LLM(tiny_checkpoint("llama"), device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
+    assert sampled_rows == [llm.llm_engine.config.max_num_seqs]
     runner = llm.llm_engine.executor.runner
     cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     assert 0.2 * total < cache_bytes < 0.3 * total

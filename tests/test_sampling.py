@@ -183,3 +183,46 @@ def test_prompt_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, budget)
         assert all(entry[t].logprob == pytest.approx(v, abs=1e-4) for t, v in zip(top_ids.tolist(),
                                                                                     top_values.tolist(), strict=True))
         assert set(entry) <= set(top_ids.tolist()) | {token}
+
+
+@pytest.mark.parametrize("max_logprobs", [20, -1])
+def test_profile_sampler_samples_the_costliest_step(max_logprobs):
+    """The profile run's sampling takes every path a step can (greedy, random with all filters,
+    penalties, seeded rows, the most logprobs) without error, and leaves the logits untouched."""
+    from pagedllm.layers.sampler import profile_sampler
+
+    logits = torch.randn(9, 300)
+    before = logits.clone()
+    profile_sampler(logits, max_logprobs)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's compiled kernels need CUDA")
+def test_profile_sampler_compiles_what_every_step_needs():
+    """After the profile run's sampling, steps of any size, greedy or random, seeded, with logprobs,
+    compile no sampling kernel mid-run (each compile costs a user ~0.2 s)."""
+    from pagedllm.layers.sampler import profile_sampler
+    from pagedllm_kernels import sampling_ops
+
+    kernels = [sampling_ops._token_logprobs_kernel, sampling_ops._merge_logprob_splits_kernel,
+               sampling_ops._seeded_exponential_kernel]
+
+    def compiled() -> list[int]:
+        return [sum(len(caches[0]) for caches in k.device_caches.values()) for k in kernels]
+
+    for kernel in kernels:
+        kernel.device_caches.clear()  # compiled again here (from triton's disk cache), as in a fresh process
+    logits = torch.randn(256, 50_000, device="cuda", dtype=torch.bfloat16)
+    profile_sampler(logits, 20)
+    after_profile = compiled()
+    assert all(after_profile)
+    sampler = Sampler(torch.Generator(device="cuda"))
+    for rows in (1, 2, 7, 100, 255, 256):
+        temperatures = torch.tensor([0.0, 0.7] * (rows // 2) + [0.7] * (rows % 2))
+        seeded = torch.arange(rows)[temperatures > 0]
+        for meta in (SamplingMetadata(torch.zeros(rows), None, None, all_greedy=True, max_num_logprobs=5),
+                     SamplingMetadata(torch.zeros(rows), None, None, all_greedy=True),
+                     SamplingMetadata(temperatures, None, torch.full((rows,), 0.9), all_greedy=False,
+                                      seeded=SeededRows(seeded, seeded, seeded))):
+            sampler(logits[:rows], meta)
+    assert compiled() == after_profile

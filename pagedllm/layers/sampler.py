@@ -127,6 +127,30 @@ class Sampler:
         return torch.where(temperatures > 0, sampled, greedy)
 
 
+def profile_sampler(logits: torch.Tensor, max_num_logprobs: int) -> None:
+    """Sample the profile run's logits as the costliest step could (greedy and random rows, top-k,
+    top-p, min-p, penalties, seeded rows, the most logprobs a request may ask for), and one row of
+    them greedily and at random: the cache's sizing then counts the sampler's float32 copies and
+    sort, and every sampling kernel a step can launch is compiled before the first request rather
+    than in the middle of a user's run (a compile takes ~0.2 s)."""
+    rows, vocab = logits.shape
+    half = torch.arange(rows) % 2 == 0  # every other row greedy, the rest at random, seeded
+    seeded = torch.nonzero(~half).flatten()
+    no_tokens = torch.full((rows, 1), -1, dtype=torch.int64)
+    meta = SamplingMetadata(
+        temperatures=torch.where(half, 0.0, 0.8), top_ks=torch.full((rows,), min(50, vocab)),
+        top_ps=torch.full((rows,), 0.9), all_greedy=False,
+        seeded=SeededRows(seeded, seeded, torch.zeros_like(seeded)), min_ps=torch.full((rows,), 0.05),
+        penalties=PenaltyInputs(*(torch.ones(rows) for _ in range(3)), no_tokens, no_tokens),
+        max_num_logprobs=vocab if max_num_logprobs == -1 else min(max_num_logprobs, vocab))
+    sampler = Sampler(torch.Generator(device=logits.device))
+    sampler(logits, meta)
+    sampler(logits, SamplingMetadata(torch.zeros(rows), None, None, all_greedy=True))
+    one_random = torch.tensor([0.8])
+    sampler(logits[:1], SamplingMetadata(one_random, None, None, all_greedy=False))
+    sampler(logits[:1], SamplingMetadata(torch.zeros(1), None, None, all_greedy=True))
+
+
 def apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> torch.Tensor:
     """Structured outputs: -inf for every token a constrained row's grammar does not allow next."""
     import xgrammar as xgr

@@ -11,7 +11,7 @@ from pagedllm.distributed import broadcast_from_driver, enable_symmetric_all_red
 from pagedllm.engine.block_manager import window_pool_blocks
 from pagedllm.forward_context import forward_metadata
 from pagedllm.layers.attention import select_attention_backend
-from pagedllm.layers.sampler import index_tensor
+from pagedllm.layers.sampler import index_tensor, profile_sampler
 from pagedllm.models.weights import build_model
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
@@ -177,8 +177,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _dummy_run(self) -> int:
         """The largest step the scheduler can build: max_num_batched_tokens prompt tokens over as
-        many sequences as may run (the most logits), over a cache just large enough. Returns the
-        temporary cache's bytes."""
+        many sequences as may run (the most logits), over a cache just large enough, and its
+        logits sampled as the costliest step could. Returns the temporary cache's bytes."""
         cfg = self.config
         num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         num_tokens = min(cfg.max_num_batched_tokens, num_seqs * cfg.max_model_len)
@@ -194,7 +194,9 @@ class ModelRunner:
             caches.append(allocate_kv_cache(self.pools.window_layers, self.pools.window_geometry, next_block,
                                             self.device))
         try:
-            self._forward(chunks)
+            logits, _ = self._forward(chunks)
+            if self.rank == 0:  # the one rank that samples
+                profile_sampler(logits, cfg.max_logprobs)
         finally:
             release_kv_cache(self.model)
         return sum(cache.numel() * cache.element_size() for cache in caches)
