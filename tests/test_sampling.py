@@ -80,10 +80,12 @@ def test_fused_greedy_step_equals_the_torch_one(monkeypatch, max_num_logprobs):
 
     logits = (torch.randn(5, 3000, generator=torch.Generator().manual_seed(0)) * 4).half()
     logits[2, [7, 2000]] = 30.0  # a tie: the first wins
+    logits = logits.to("cuda" if torch.cuda.is_available() else "cpu")
     meta = SamplingMetadata(torch.zeros(5), None, None, all_greedy=True, max_num_logprobs=max_num_logprobs)
-    want = Sampler(torch.Generator())(logits, meta)
+    monkeypatch.setattr(triton_ops, "fused_on", lambda x: False)
+    want = Sampler(torch.Generator(logits.device))(logits, meta)
     monkeypatch.setattr(triton_ops, "fused_on", lambda x: True)
-    got = Sampler(torch.Generator())(logits, meta)
+    got = Sampler(torch.Generator(logits.device))(logits, meta)
     assert got.token_ids.tolist() == want.token_ids.tolist() and got.token_ids[2] == 7
     torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, atol=1e-4, rtol=1e-5)
     for field in ("top_ids", "top_logprobs", "sampled_ranks"):
