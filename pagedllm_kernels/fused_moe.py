@@ -14,7 +14,7 @@ import triton.language as tl
 from pagedllm_kernels.pdl import pdl, wait_for_previous
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # num_pairs varies by step: one compiled kernel for all
 def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
                          num_pairs, n, k, top_k, stride_a, stride_we, stride_wn, stride_out,
                          ROW_PER_PAIR: tl.constexpr, MUL_WEIGHTS: tl.constexpr, W_SCALED: tl.constexpr,

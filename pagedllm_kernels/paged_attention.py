@@ -163,7 +163,7 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     return acc, row_max_new, row_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # num_seqs varies by step: one compiled kernel for all
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
                     out_ptr, scale_log2, sliding_window, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,

@@ -18,7 +18,7 @@ _BLOCK = 1024
 _MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # num_splits varies by step: one compiled kernel for all
 def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride, per_split,
                            num_splits, SPLIT: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr,
                            PDL: tl.constexpr):
@@ -59,7 +59,7 @@ def _token_logprobs_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr,
             tl.store(arg_ptr + row * num_splits + split, part_arg)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # num_splits varies by step: one compiled kernel for all
 def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, sum_ptr, arg_ptr, vocab, stride,
                                  num_splits, ARGMAX: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)

@@ -178,7 +178,8 @@ class ModelRunner:
     def _dummy_run(self) -> int:
         """The largest step the scheduler can build: max_num_batched_tokens prompt tokens over as
         many sequences as may run (the most logits), over a cache just large enough, and its
-        logits sampled as the costliest step could. Returns the temporary cache's bytes."""
+        logits sampled as the costliest step could; then the longest context's last chunk, so that
+        every kernel variant a step can choose is compiled. Returns the temporary cache's bytes."""
         cfg = self.config
         num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         num_tokens = min(cfg.max_num_batched_tokens, num_seqs * cfg.max_model_len)
@@ -197,6 +198,12 @@ class ModelRunner:
             logits, _ = self._forward(chunks)
             if self.rank == 0:  # the one rank that samples
                 profile_sampler(logits, cfg.max_logprobs)
+            # The last chunk of a max_model_len sequence (every block of it the same one): attention's
+            # kernels for long contexts compile now, not at a user's first long prompt.
+            length = min(cfg.max_model_len, cfg.max_num_batched_tokens, 512)
+            table = [0] * -(-cfg.max_model_len // self.block_size)
+            self._forward([SeqChunk([0] * length, cfg.max_model_len - length, table, True,
+                                    table if self.pools.window_layers else None)])
         finally:
             release_kv_cache(self.model)
         return sum(cache.numel() * cache.element_size() for cache in caches)
