@@ -79,7 +79,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@triton.jit(do_not_specialize=["m"])  # m varies by step: one compiled kernel for all
+@triton.jit
 def _fp8_weight_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, arrivals_ptr, m, n, k,
                               stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
