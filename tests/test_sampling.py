@@ -165,8 +165,12 @@ def test_cumulative_logprob_comes_without_asking_for_logprobs(tiny_checkpoint):
     assert plain.cumulative_logprob == pytest.approx(total, abs=1e-5) and total < 0
 
 
-@pytest.mark.parametrize("budget", [None, 7])  # 7 tokens a step: the prompt is scored over several chunks
-def test_prompt_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, budget):
+# 7 tokens a step: the prompt is scored over several chunks; 3 rows at once: each chunk in slices
+@pytest.mark.parametrize("budget, rows_at_once", [(None, 1024), (7, 1024), (None, 3)])
+def test_prompt_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, budget, rows_at_once, monkeypatch):
+    from pagedllm.worker import sampling_inputs
+
+    monkeypatch.setattr(sampling_inputs, "SCORED_ROWS_AT_ONCE", rows_at_once)
     path = tiny_checkpoint("qwen2")
     prompt = random_prompts([20], seed=6)[0]
     llm = LLM(path, device="cpu", max_num_batched_tokens=budget)
