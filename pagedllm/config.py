@@ -64,6 +64,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = option(
         None, f"token budget per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}); longer prompts prefill in chunks")
     max_logprobs: int = option(20, "the most logprobs / prompt_logprobs a request may ask for (-1: no limit)")
+    max_num_samples: int = option(4096, "the most sequences one request may draw (n, or best_of where larger)")
     enforce_eager: bool = option(False, "skip capturing decode CUDA graphs")
     tensor_parallel_size: int = option(1, "GPUs (or CPU processes) the model is split over")
     data_parallel_size: int = option(1, "engine replicas, each on tensor_parallel_size GPUs of its own (or a CPU "
@@ -107,6 +108,7 @@ class EngineConfig:
                  "num_kv_blocks", self.num_kv_blocks, ">= 1 or None")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         _require(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no limit)")
+        _require(self.max_num_samples >= 1, "max_num_samples", self.max_num_samples, ">= 1")
         _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
         _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
         _require(self.quantization in (None, "fp8"), "quantization", self.quantization,

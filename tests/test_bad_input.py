@@ -207,6 +207,8 @@ def test_cache_too_small_for_one_max_length_sequence(tiny_checkpoint, monkeypatc
     ({"prompt_logprobs": 5000}, "prompt_logprobs"),
     ({"logprobs": 21}, "logprobs"),  # max_logprobs is 20, as in vLLM
     ({"stop_token_ids": [512], "min_tokens": 1}, "stop_token_ids"),
+    ({"n": 3_783_894_413}, "n"),  # hypothesis found it: 3.8e9 samples made at once took the process's memory
+    ({"n": 2, "best_of": 5000}, "best_of"),  # more than max_num_samples (4,096)
 ])
 def test_values_only_the_model_can_check_are_named_before_any_work(llm, kwargs, field):
     """Each of these once passed validation and then broke the engine loop mid-run."""
@@ -217,6 +219,13 @@ def test_values_only_the_model_can_check_are_named_before_any_work(llm, kwargs, 
     assert not engine.has_unfinished_requests()
     ok = llm.generate(["hello"], SamplingParams(max_tokens=4, logprobs=20), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 4
+
+
+def test_max_num_samples_sets_the_limit(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), device="cpu", max_model_len=64, max_num_samples=3)
+    assert len(llm.generate(["hello"], SamplingParams(max_tokens=2, n=3), use_tqdm=False)[0].outputs) == 3
+    with pytest.raises(ValueError, match=r"SamplingParams\.n=4 is invalid: .* at most max_num_samples=3"):
+        llm.generate(["hello"], SamplingParams(max_tokens=2, n=4), use_tqdm=False)
 
 
 def test_max_logprobs_raises_the_limit(tiny_checkpoint):

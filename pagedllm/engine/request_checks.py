@@ -46,6 +46,10 @@ def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
         if bad:
             raise ValueError(f"SamplingParams.{name}={bad[:5]} is invalid: it must hold token ids of the "
                              f"vocabulary [0, {vocab_size})")
+    if params.samples > config.max_num_samples:  # each sample is a sequence of its own, made when the request is added
+        name = "best_of" if params.best_of else "n"
+        raise ValueError(f"SamplingParams.{name}={params.samples} is invalid: a request may draw at most "
+                         f"max_num_samples={config.max_num_samples} sequences")
     limit = vocab_size if config.max_logprobs == -1 else min(config.max_logprobs, vocab_size)
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
