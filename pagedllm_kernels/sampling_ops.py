@@ -66,12 +66,13 @@ def _merge_logprob_splits_kernel(logits_ptr, token_ids_ptr, out_ptr, max_ptr, su
     row = tl.program_id(0)
     lanes = tl.arange(0, MAX_SPLITS)
     splits = row * num_splits + lanes
-    part_max = tl.load(max_ptr + splits, mask=lanes < num_splits, other=float("-inf"))
+    used = lanes < num_splits
+    part_max = tl.load(max_ptr + splits, mask=used, other=float("-inf"))
     row_max = tl.max(part_max, axis=0)
-    part_sum = tl.load(sum_ptr + splits, mask=lanes < num_splits, other=0.0)
+    part_sum = tl.load(sum_ptr + splits, mask=used, other=0.0)
     total = tl.sum(part_sum * tl.exp(part_max - row_max), axis=0)
     if ARGMAX:  # splits hold increasing indices: the first split reaching the max has the first index
-        part_arg = tl.load(arg_ptr + splits, mask=lanes < num_splits, other=vocab)
+        part_arg = tl.load(arg_ptr + splits, mask=used, other=vocab)
         token = tl.min(tl.where(part_max == row_max, part_arg, vocab), axis=0)
         tl.store(token_ids_ptr + row, token.to(tl.int64))
         logit = row_max
