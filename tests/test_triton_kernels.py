@@ -335,3 +335,49 @@ def test_layer_norm_matches_reference(dtype, with_residual, affine, width):
     got = layer_norm(x.to(DEVICE), on(weight), on(bias), 1e-5, on(res))
     for e, o in zip(expected if with_residual else [expected], got if with_residual else [got], strict=True):
         torch.testing.assert_close(o.cpu().float(), e.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("fp8", [False, True])  # bf16/fp16 weights, or FP8 ones with row scales (any out dtype)
+@pytest.mark.parametrize("rows, split_k, bias", [(1, 1, False), (3, 2, True), (16, 3, False), (5, 4, True)])
+def test_few_rows_matmul_equals_its_reference(dtype, fp8, rows, split_k, bias):
+    """few_rows_matmul, split-K included (its last program to arrive adds the partial sums and resets
+    its counter: a second call gives the same), against F.linear or the FP8 reference."""
+    import torch.nn.functional as F
+
+    from pagedllm_kernels.few_rows import few_rows_matmul
+    from pagedllm_kernels.reference import fp8_weight_matmul_ref, quantize_rows_ref
+
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 300, generator=g), torch.randn(70, 300, generator=g) / 300**0.5
+    b = torch.randn(70, generator=g).to(dtype) if bias else None
+    if fp8:
+        (x, x_scale), (weight, scale) = quantize_rows_ref(x), quantize_rows_ref(weight)
+        expected = fp8_weight_matmul_ref(x, x_scale, weight, scale, dtype).float()
+        scales = [x_scale.to(DEVICE), scale.to(DEVICE)]
+    else:
+        x, weight = x.to(dtype), weight.to(dtype)
+        expected, scales = F.linear(x.float(), weight.float()), []
+    if bias:  # the product rounded to the dtype, then the bias added: as F.linear's separate add would
+        expected = expected.to(dtype).float() + b.float()
+    args = [x.to(DEVICE), weight.to(DEVICE), dtype, None if b is None else b.to(DEVICE), *scales]
+    got = few_rows_matmul(*args, block_k=64, split_k=split_k)
+    assert got.dtype == dtype and got.shape == (rows, 70)
+    assert torch.equal(few_rows_matmul(*args, block_k=64, split_k=split_k), got)
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_few_rows_matmul_takes_the_narrow_bf16_layers_and_every_fp8_one():
+    """The rule measured on an H200: Qwen3-0.6B's and OPT-1.3B's narrow layers go to the kernel;
+    a layer 4,096 deep (Llama-3-8B) or wider than the SMs' tiles (an LM head) stays with cuBLAS;
+    FP8 weights always take it (torch._scaled_mm tiles a few rows worse)."""
+    from pagedllm_kernels.few_rows import reads_faster
+
+    def weight(n, k, dtype=torch.bfloat16):
+        return torch.empty(n, k, dtype=dtype, device="meta")
+
+    assert all(reads_faster(weight(n, k)) for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072),
+                                                        (2048, 2048), (6144, 2048)])
+    assert not any(reads_faster(weight(n, k)) for n, k in [(4096, 4096), (6144, 4096), (4096, 14336),
+                                                            (151936, 1024), (28672, 4096)])
+    assert reads_faster(weight(28672, 4096, torch.float8_e4m3fn))

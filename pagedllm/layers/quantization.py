@@ -1,8 +1,8 @@
 """FP8 (e4m3) linear layers: weights with one scale per output row, activations quantized per
 token as they come (dynamic), the product on Hopper through ``torch._scaled_mm`` with both scales
-applied in its epilogue, or for a few rows (a decode step of a few streams) through a Triton
-kernel that reads the weights faster there; elsewhere their reference, which dequantizes and
-multiplies in float32.
+applied in its epilogue, or for a few rows (a decode step of a few streams) through the Triton
+kernel that reads the weights faster there (``few_rows_matmul``, as bf16 layers do); elsewhere
+their reference, which dequantizes and multiplies in float32.
 
 A bf16/fp16 checkpoint is quantized once its weights are loaded (``quantize_linears``); an FP8
 checkpoint is dequantized by the loader as it is read (``models/fp8_checkpoint.py``) and quantized
@@ -17,7 +17,7 @@ from pagedllm.layers import triton_ops
 from pagedllm_kernels.reference import fp8_weight_matmul_ref, quantize_rows_ref
 
 FP8 = torch.float8_e4m3fn
-FEW_ROWS = 16  # up to here fp8_weight_matmul beats torch._scaled_mm (H200, Llama-3-8B's layers)
+FEW_ROWS = 16  # up to here few_rows_matmul reads the weights faster than cuBLAS or torch._scaled_mm (H200)
 
 
 @dataclass
@@ -45,19 +45,19 @@ def fp8_linear(x: torch.Tensor | FP8Rows, weight: torch.Tensor, weight_scale: to
     """``x @ (weight * weight_scale).T + bias`` with FP8 ``weight [out, in]`` and float32
     ``weight_scale [out, 1]``, x quantized per token (``quantized_rows``). On CUDA one
     ``torch._scaled_mm`` (row-wise scales need a bf16 output: an fp16 model's is converted after)
-    or, for up to ``FEW_ROWS`` rows, ``fp8_weight_matmul``; elsewhere both operands dequantized
-    and multiplied in float32 (``fp8_weight_matmul_ref``)."""
+    or, for up to ``FEW_ROWS`` rows, ``few_rows_matmul`` (which beats it there: H200, Llama-3-8B's
+    layers); elsewhere both operands dequantized and multiplied in float32 (``fp8_weight_matmul_ref``)."""
     rows = quantized_rows(x)
-    if not rows.q.is_cuda:
-        out = fp8_weight_matmul_ref(rows.q, rows.scale, weight, weight_scale, rows.dtype)
-    elif triton_ops.fp8_weight_matmul is not None and len(rows.q) <= FEW_ROWS:
-        out = triton_ops.fp8_weight_matmul(rows.q, rows.scale, weight, weight_scale, rows.dtype)
+    if rows.q.is_cuda and triton_ops.few_rows_matmul is not None and len(rows.q) <= FEW_ROWS:
+        out = triton_ops.few_rows_matmul(rows.q, weight, rows.dtype, bias, rows.scale, weight_scale)
     else:
-        out = torch._scaled_mm(rows.q, weight.t(), scale_a=rows.scale, scale_b=weight_scale.t(),
-                               out_dtype=torch.bfloat16).to(rows.dtype)
-    if isinstance(x, torch.Tensor):
-        out = out.reshape(*x.shape[:-1], -1)
-    return out if bias is None else out + bias
+        if rows.q.is_cuda:
+            out = torch._scaled_mm(rows.q, weight.t(), scale_a=rows.scale, scale_b=weight_scale.t(),
+                                   out_dtype=torch.bfloat16).to(rows.dtype)
+        else:
+            out = fp8_weight_matmul_ref(rows.q, rows.scale, weight, weight_scale, rows.dtype)
+        out = out if bias is None else out + bias
+    return out.reshape(*x.shape[:-1], -1) if isinstance(x, torch.Tensor) else out
 
 
 def quantize_linears(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pagedllm.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
-from pagedllm.layers.linear import check_full_shape
+from pagedllm.layers.linear import check_full_shape, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -43,7 +43,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the whole vocabulary from this rank's rows (the weight may be the embedding's)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight, None, None)
         if self.tp_size == 1:
             return logits
         return all_gather_last_dim(logits)[:, : self.vocab_size]
