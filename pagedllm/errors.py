@@ -1,12 +1,20 @@
 """The errors pagedllm raises beyond ValueError (a bad argument, named, before any work)."""
 
 
-class RequestFailedError(RuntimeError):
-    """One request failed in the engine (an error pinned on it alone); the engine goes on."""
+class ClientFault(str):
+    """Why a request failed, where its own values caused it but only running it could tell (its
+    grammar allowed nothing that its bad_words let through). A str, so it goes wherever a request's
+    error goes (pickled between processes); the server answers it 400 where other failures are 500."""
 
-    def __init__(self, message: str, prompt_index: int | None = None):
+
+class RequestFailedError(RuntimeError):
+    """One request failed in the engine (an error pinned on it alone); the engine goes on.
+    ``status``: 400 where the request's own values caused it (a ``ClientFault``), else 500."""
+
+    def __init__(self, message: str, prompt_index: int | None = None, status: int | None = None):
         super().__init__(message)
         self.prompt_index = prompt_index
+        self.status = status or (400 if isinstance(message, ClientFault) else 500)
 
 
 class EngineDeadError(RuntimeError):

@@ -175,6 +175,39 @@ def test_async_scheduling_keeps_the_overlap_and_the_outputs_of_synchronous_steps
     assert [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)] == fast
 
 
+def test_min_tokens_gives_way_to_a_grammar_that_can_only_end(llm):
+    """A choice of one short word is done after it, and only a stop token may follow: min_tokens
+    banning the stop tokens left no token at all, and the request failed ("no token could follow").
+    As vLLM now does, the stop tokens stay allowed there and the request ends; where the grammar
+    can go on, min_tokens holds."""
+    params = SamplingParams(max_tokens=16, min_tokens=8, structured_outputs={"choice": ["yes"]})
+    done = llm.generate(["Answer:"], params, use_tqdm=False)[0]
+    assert done.error is None and done.outputs[0].text == "yes" and done.outputs[0].finish_reason == "stop"
+    for seed in range(3):
+        word = llm.generate(["Answer:"], SamplingParams(temperature=1.0, seed=seed, max_tokens=30, min_tokens=5,
+                                                        structured_outputs={"regex": "[a-z]{1,20}"}), use_tqdm=False)[0]
+        assert re.fullmatch("[a-z]{1,20}", word.outputs[0].text)
+        assert len(word.outputs[0].token_ids) >= 5 or len(word.outputs[0].text) == 20
+
+
+def test_bad_words_that_ban_all_the_grammar_allows_fail_that_request_naming_them(llm):
+    """The grammar allows one token and bad_words bans it (schemathesis sent this to the server,
+    which answered 500): that request fails alone, its error naming bad_words and marked as the
+    request's own fault (the server answers it 400); its neighbour completes."""
+    from pagedllm.errors import ClientFault
+
+    bad = SamplingParams(max_tokens=8, bad_words=["\x11"], structured_outputs={"choice": ["\x11"]})
+    engine, prompt = llm.llm_engine, llm.get_tokenizer().encode("Answer:")
+    engine.add_request("bad", prompt, bad)
+    engine.add_request("good", prompt, SamplingParams(max_tokens=8, structured_outputs={"choice": ["no"]}))
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert isinstance(finals["bad"].error, ClientFault) and "bad_words" in finals["bad"].error
+    assert finals["bad"].outputs[0].finish_reason == "error"
+    assert finals["good"].error is None and finals["good"].outputs[0].text == "no"
+
+
 @pytest.fixture(scope="module")
 def server():
     import openai
@@ -223,6 +256,23 @@ def test_server_answers_a_broken_constraint_with_400_naming_it(server, extra, na
     with pytest.raises(openai.BadRequestError) as caught:
         server.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=extra)
     assert named in json.dumps(caught.value.body)
+    assert server.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_answers_constraints_that_leave_no_token_with_400(server, stream):
+    """bad_words banning every token the grammar allows is found only while the request runs: the
+    request's own fault, answered 400 naming bad_words (it was a 500), as an SSE error when streamed;
+    the server goes on serving."""
+    import openai
+
+    extra = {"guided_choice": ["\x11"], "bad_words": ["\x11"]}
+    with pytest.raises(openai.APIError) as caught:
+        answer = server.completions.create(model="demo", prompt="x", max_tokens=4, stream=stream, extra_body=extra)
+        list(answer) if stream else None
+    assert "bad_words" in str(caught.value) and (stream or caught.value.status_code == 400)
+    if stream:
+        assert caught.value.body["code"] == 400
     assert server.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].text is not None
 
 

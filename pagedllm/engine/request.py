@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.errors import ClientFault
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -109,10 +110,15 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
 
-    def tokens_banned_now(self) -> list[int]:
-        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist; nor can the last token
-        of a bad word whose other tokens the output ends with."""
-        banned = sorted(self.stop_token_ids) if self.num_output_tokens < self.sampling_params.min_tokens else []
+    @property
+    def before_min_tokens(self) -> bool:
+        return self.num_output_tokens < self.sampling_params.min_tokens
+
+    def tokens_banned_now(self, grammar_must_end: bool = False) -> list[int]:
+        """Stop tokens cannot be sampled before ``min_tokens`` outputs exist, unless the request's
+        grammar allows nothing else (``grammar_must_end``: a short schema, done; it then ends, as
+        in vLLM); nor can the last token of a bad word whose other tokens the output ends with."""
+        banned = sorted(self.stop_token_ids) if self.before_min_tokens and not grammar_must_end else []
         if self.bad_words_token_ids:
             num_output, end = self.num_output_tokens, len(self.token_ids)
             for word in self.bad_words_token_ids:
@@ -137,7 +143,7 @@ class Request:
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         if self.grammar is not None and not self.grammar.matcher.accept_token(token_id):  # its mask allowed no token
-            self.error = f"structured outputs: no token could follow the output so far (sampled {token_id})"
+            self.error = self._grammar_dead_end(token_id)
             self.finish("error")
         elif self.grammar is not None and self.grammar.matcher.is_terminated():  # it took a stop token where it may end
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
@@ -145,6 +151,18 @@ class Request:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.max_tokens:
             self.finish("length")
+
+    def _grammar_dead_end(self, token_id: int) -> str:
+        """Why the grammar took no token: every token it allowed was banned by the request's other
+        values (a ``ClientFault`` naming them), or, with none set, a fault of the engine's."""
+        params = self.sampling_params
+        message = f"structured outputs: no token could follow the output so far (sampled {token_id})"
+        banning = [name for name, value in (("bad_words", self.bad_words_token_ids),
+                                            ("allowed_token_ids", params.allowed_token_ids),
+                                            ("logits_processors", params.logits_processors)) if value]
+        if not banning:
+            return message
+        return ClientFault(f"{message}: {' and '.join(banning)} banned every token its grammar allowed next")
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -105,3 +106,15 @@ def fill_masks(grammars: list[SampleGrammar | None], pin: bool) -> GrammarMasks 
     with _fill_lock:  # engines in threads of one process share the pool
         _batch_matcher().batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask)
     return GrammarMasks(bitmask, rows, vocab_size)
+
+
+def allows_only(masks: GrammarMasks, index: int, token_ids: frozenset[int]) -> bool:
+    """Whether the ``index``-th mask allows no token outside ``token_ids`` (a grammar that can only
+    end, where they are the stop tokens)."""
+    words = masks.bitmask[index].numpy().view(np.uint32).copy()
+    for token in token_ids:
+        if token < masks.vocab_size:
+            words[token >> 5] &= np.uint32(~(1 << (token & 31)) & 0xFFFFFFFF)
+    if masks.vocab_size % 32:  # bits past the vocabulary
+        words[-1] &= np.uint32((1 << (masks.vocab_size % 32)) - 1)
+    return not words.any()

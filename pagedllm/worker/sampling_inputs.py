@@ -3,7 +3,7 @@
 import torch
 
 from pagedllm.engine.request import Request
-from pagedllm.engine.structured_output import fill_masks
+from pagedllm.engine.structured_output import allows_only, fill_masks
 from pagedllm.layers.sampler import PenaltyInputs, SamplerOutput, SamplingMetadata, SeededRows
 
 # Per sampled token: {token id: (logprob, rank)} for the sampled token and the top alternatives.
@@ -21,7 +21,12 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
     can break the batch's sampling even if it slipped past validation."""
     params = [r.sampling_params for r in requests]
     seeded = [row for row, p in enumerate(params) if p.seed is not None and not p.greedy]
-    banned = [[t for t in r.tokens_banned_now() if t < vocab_size] for r in requests]
+    # (a request that the previous step ended samples once more here, free: its token is dropped)
+    masks = fill_masks([None if r.is_finished else r.grammar for r in requests], pin)
+    # min_tokens gives way to a grammar that can only end here: banning its stop tokens would leave no token
+    must_end = set() if masks is None else {row for i, row in enumerate(masks.rows) if requests[row].before_min_tokens
+                                            and allows_only(masks, i, requests[row].stop_token_ids)}
+    banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] for row, r in enumerate(requests)]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
     bias = [(row, t, b) for row, r in own for t, b in (r.sampling_params.logit_bias or {}).items() if t < vocab_size]
@@ -46,8 +51,7 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
         logit_bias=tuple(map(list, zip(*bias, strict=True))) if bias else None,
         logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
                            for row, r in own if r.sampling_params.logits_processors] or None,
-        # (a request that the previous step ended samples once more here, free: its token is dropped)
-        grammar=fill_masks([None if r.is_finished else r.grammar for r in requests], pin),
+        grammar=masks,
     )
 
 

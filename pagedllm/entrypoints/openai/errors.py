@@ -66,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(request: Request, exc: RequestFailedError):
-        return error_response(500, f"the request failed in the engine: {exc}")
+        return error_response(exc.status, f"the request failed in the engine: {exc}")
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, exc: EngineDeadError):

@@ -47,7 +47,7 @@ async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
                 remaining -= 1
             elif isinstance(item, BaseException):
                 if isinstance(item, RequestFailedError) and len(streams) > 1:
-                    raise RequestFailedError(f"prompt {index}: {item}") from item
+                    raise RequestFailedError(f"prompt {index}: {item}", status=item.status) from item
                 raise item
             else:
                 yield index, item
@@ -85,7 +85,7 @@ async def sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
         async for event in events:
             yield f"data: {event}\n\n"
     except RequestFailedError as err:
-        yield f"data: {json.dumps(error_body(500, f'the request failed in the engine: {err}'))}\n\n"
+        yield f"data: {json.dumps(error_body(err.status, f'the request failed in the engine: {err}'))}\n\n"
     except EngineDeadError as err:
         yield f"data: {json.dumps(error_body(503, str(err)))}\n\n"
     except Exception as err:  # a bug: the client still gets an answer, the server goes on
