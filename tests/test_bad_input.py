@@ -209,6 +209,8 @@ def test_cache_too_small_for_one_max_length_sequence(tiny_checkpoint, monkeypatc
     ({"stop_token_ids": [512], "min_tokens": 1}, "stop_token_ids"),
     ({"n": 3_783_894_413}, "n"),  # hypothesis found it: 3.8e9 samples made at once took the process's memory
     ({"n": 2, "best_of": 5000}, "best_of"),  # more than max_num_samples (4,096)
+    # every allowed token a stop token that min_tokens bans: the sampler took token 0 each step, silently
+    ({"allowed_token_ids": [7, 9], "stop_token_ids": [7, 9], "min_tokens": 1}, "allowed_token_ids"),
 ])
 def test_values_only_the_model_can_check_are_named_before_any_work(llm, kwargs, field):
     """Each of these once passed validation and then broke the engine loop mid-run."""
@@ -219,6 +221,12 @@ def test_values_only_the_model_can_check_are_named_before_any_work(llm, kwargs, 
     assert not engine.has_unfinished_requests()
     ok = llm.generate(["hello"], SamplingParams(max_tokens=4, logprobs=20), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 4
+
+
+def test_allowed_stop_tokens_without_min_tokens_end_the_request(llm):
+    params = SamplingParams(max_tokens=4, allowed_token_ids=[7, 9], stop_token_ids=[7, 9])
+    out = llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason in (7, 9) and out.token_ids in ([7], [9])
 
 
 def test_max_num_samples_sets_the_limit(tiny_checkpoint):

@@ -65,7 +65,8 @@ class DataParallelEngine:
         return self.tokenizer
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, prompt_token_ids, params)
+        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, self.eos_token_ids,
+                         prompt_token_ids, params)
         try:  # it travels to a replica's process
             pickle.dumps(params)
         except Exception as err:

@@ -52,8 +52,8 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request could never run, naming the field; nothing is changed."""
-        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, prompt_token_ids,
-                         params)
+        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, self.eos_token_ids,
+                         prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:

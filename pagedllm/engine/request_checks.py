@@ -18,12 +18,14 @@ def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mo
 
 
 def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, cache: CacheCapacity,
-                     grammars: GrammarCompiler, prompt_token_ids: list[int], params: SamplingParams) -> None:
+                     grammars: GrammarCompiler, eos_token_ids: set[int], prompt_token_ids: list[int],
+                     params: SamplingParams) -> None:
     """Raise ValueError if the request could never run, naming the field; nothing is changed."""
     ids = truncated_prompt(prompt_token_ids, params, config.max_model_len)
     check_request(config, tokenizer, cache, ids, params)
-    if params.bad_words:
-        bad_word_token_ids(tokenizer, params.bad_words)
+    bad_words = bad_word_token_ids(tokenizer, params.bad_words) if params.bad_words else []
+    if params.allowed_token_ids:
+        check_a_token_is_left(params, eos_token_ids, bad_words)
     if params.structured_outputs is not None:
         grammars.compile(params.structured_outputs)  # a schema, regex or grammar that does not compile
 
@@ -66,6 +68,21 @@ def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
     if short:
         raise ValueError(f"the request needs {short[0]} KV cache blocks of {config.block_size} tokens, but the cache "
                          f"has only {short[1]}: shorten it or give the cache more blocks")
+
+
+def check_a_token_is_left(params: SamplingParams, eos_token_ids: set[int], bad_words: list[list[int]]) -> None:
+    """allowed_token_ids that the request's other values ban from its first output token on (stop
+    tokens before min_tokens, one-token bad words) would leave the sampler nothing: it took token
+    0 (a padding id) each step, silently."""
+    allowed = set(params.allowed_token_ids)
+    by_bad_words = allowed & {word[0] for word in bad_words if len(word) == 1}
+    by_min_tokens = allowed & (set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+                               if params.min_tokens > 0 else set())
+    if by_bad_words | by_min_tokens == allowed:
+        why = [name for name, used in (("min_tokens", by_min_tokens), ("bad_words", by_bad_words)) if used]
+        verb = "ban" if len(why) > 1 else "bans"
+        raise ValueError(f"SamplingParams.allowed_token_ids={params.allowed_token_ids[:5]} is invalid: "
+                         f"{' and '.join(why)} {verb} every one of them, leaving no token to sample")
 
 
 def max_output_tokens(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> int:
