@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.errors import ClientFault
 from pagedllm.sampling_params import SamplingParams
@@ -60,6 +62,8 @@ class Request:
     grammar: "SampleGrammar | None" = None  # structured outputs: its own place in its grammar
     needs_its_tokens: bool = field(init=False)
     changes_its_logits: bool = field(init=False)
+    allowed_ids: torch.Tensor | None = field(init=False)  # sampling_params.allowed_token_ids
+    bias: tuple[torch.Tensor, torch.Tensor] | None = field(init=False)  # sampling_params.logit_bias: ids, biases
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
     reported_logprobs: "list[dict[int, Logprob]]" = field(default_factory=list)  # output_logprobs as outputs give
@@ -83,6 +87,10 @@ class Request:
         self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
             len(w) > 1 for w in self.bad_words_token_ids)
         self.changes_its_logits = bool(p.allowed_token_ids or p.logit_bias or p.logits_processors)
+        # as tensors once: a step took 181 ms over a logit_bias of 150,000 tokens as Python lists
+        self.allowed_ids = None if not p.allowed_token_ids else torch.tensor(p.allowed_token_ids, dtype=torch.int64)
+        self.bias = None if not p.logit_bias else (torch.tensor(list(p.logit_bias), dtype=torch.int64),
+                                                   torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -62,8 +62,8 @@ class SamplingMetadata:
     min_ps: torch.Tensor | None = None  # [num_rows] float; 0 means off
     penalties: PenaltyInputs | None = None
     max_num_logprobs: int | None = None  # top-k logprobs wanted by some row (None: no row wants any)
-    allowed_token_ids: list[tuple[int, list[int]]] | None = None  # (row, the only tokens it may sample)
-    logit_bias: tuple[list[int], list[int], list[float]] | None = None  # rows, token ids, biases
+    allowed_token_ids: list[tuple[int, torch.Tensor]] | None = None  # (row, the only tokens it may sample)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, biases (float32)
     # (row, the request's processors, its prompt and output token ids)
     logits_processors: list[tuple[int, list[Callable], list[int], list[int]]] | None = None
     grammar: GrammarMasks | None = None  # structured outputs: the allowed tokens of the constrained rows
@@ -164,9 +164,12 @@ def apply_grammar(logits: torch.Tensor, masks: GrammarMasks) -> torch.Tensor:
     return logits
 
 
-def index_tensor(values, device: torch.device) -> torch.Tensor:
-    """A small index tensor on ``device``, copied from pinned memory without waiting for the device."""
-    return torch.tensor(values, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+def index_tensor(values: list | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices (or values) from a list or a host tensor on ``device``, copied from pinned memory
+    without waiting for the device."""
+    if not isinstance(values, torch.Tensor):
+        return torch.tensor(values, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    return (values.pin_memory() if device.type == "cuda" else values).to(device, non_blocking=True)
 
 
 def apply_request_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -184,7 +187,7 @@ def apply_request_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> to
     if meta.logit_bias is not None:
         rows, token_ids, biases = meta.logit_bias
         logits.index_put_((index_tensor(rows, device), index_tensor(token_ids, device)),
-                          torch.tensor(biases, dtype=logits.dtype).to(device), accumulate=True)
+                          index_tensor(biases, device).to(logits.dtype), accumulate=True)
     for row, processors, prompt_ids, output_ids in meta.logits_processors or ():
         for processor in processors:
             try:  # vLLM's two forms: (output ids, logits) and (prompt ids, output ids, logits)

@@ -29,7 +29,7 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
     banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] for row, r in enumerate(requests)]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
-    bias = [(row, t, b) for row, r in own for t, b in (r.sampling_params.logit_bias or {}).items() if t < vocab_size]
+    biased = [(row, *in_vocabulary(vocab_size, *r.bias)) for row, r in own if r.bias is not None]
 
     def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
@@ -46,13 +46,23 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
         min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
         penalties=penalty_inputs(requests) if any(p.penalized for p in params) else None,
         max_num_logprobs=max(wanted) if wanted else None,
-        allowed_token_ids=[(row, [t for t in r.sampling_params.allowed_token_ids if t < vocab_size])
-                           for row, r in own if r.sampling_params.allowed_token_ids] or None,
-        logit_bias=tuple(map(list, zip(*bias, strict=True))) if bias else None,
+        allowed_token_ids=[(row, in_vocabulary(vocab_size, r.allowed_ids)[0])
+                           for row, r in own if r.allowed_ids is not None] or None,
+        logit_bias=(torch.cat([torch.full_like(ids, row) for row, ids, _ in biased]),
+                    torch.cat([ids for _, ids, _ in biased]), torch.cat([b for _, _, b in biased])) if biased else None,
         logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
                            for row, r in own if r.sampling_params.logits_processors] or None,
         grammar=masks,
     )
+
+
+def in_vocabulary(vocab_size: int, token_ids: torch.Tensor, *alongside: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Token ids (and values alongside) within the vocabulary: validation checked them, and no row
+    that slipped past it can break the batch's sampling."""
+    if int(token_ids.max()) < vocab_size:
+        return token_ids, *alongside
+    keep = token_ids < vocab_size
+    return token_ids[keep], *(values[keep] for values in alongside)
 
 
 def penalty_inputs(requests: list[Request]) -> PenaltyInputs:
