@@ -45,7 +45,7 @@ def test_min_p_drops_tokens_below_a_share_of_the_most_likely():
 
 
 def test_penalties_change_logits_as_vllm_and_openai_define_them():
-    penalties = PenaltyInputs(presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]),
+    penalties = PenaltyInputs(rows=torch.tensor([0]), presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]),
                               repetition=torch.tensor([2.0]),
                               output_token_ids=torch.tensor([[1, 1, 3, -1]]),
                               seen_token_ids=torch.tensor([[4, 1, 1, 3]]))
@@ -60,7 +60,7 @@ def test_extreme_repetition_penalties_keep_a_token_possible(repetition):
     allowed_token_ids leaves only seen tokens, nothing could be sampled. Finite logits stay finite,
     in the penalty's order; banned ones (-inf) stay banned."""
     logits = torch.tensor([[3.0, -2.0, float("-inf"), 0.0, 1.0]])
-    penalties = PenaltyInputs(presence=torch.zeros(1), frequency=torch.zeros(1),
+    penalties = PenaltyInputs(rows=torch.tensor([0]), presence=torch.zeros(1), frequency=torch.zeros(1),
                               repetition=torch.tensor([repetition]), output_token_ids=torch.tensor([[-1]]),
                               seen_token_ids=torch.tensor([[0, 1, 2, 3]]))
     out = apply_penalties(logits, penalties)[0]
@@ -124,8 +124,14 @@ def test_greedy_with_repetition_penalty_matches_hf(tiny_checkpoint):
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                                pad_token_id=0, repetition_penalty=1.8)[0, len(prompt):].tolist()
         assert output.outputs[0].token_ids == expected
-    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = llm.generate(prompts, free, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outputs]
+    # in one batch, penalized rows between free ones (the penalties are given to their rows alone)
+    mixed = llm.generate([prompts[0], prompts[0], prompts[1], prompts[1]], [free, params, free, params],
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed] == [o.outputs[0].token_ids for pair in zip(plain, outputs)
+                                                       for o in pair]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

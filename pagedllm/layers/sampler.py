@@ -42,11 +42,14 @@ class SeededRows:
 
 @dataclass
 class PenaltyInputs:
-    presence: torch.Tensor  # [rows]
-    frequency: torch.Tensor  # [rows]
-    repetition: torch.Tensor  # [rows]
-    output_token_ids: torch.Tensor  # [rows, n] the row's generated tokens, padded with -1
-    seen_token_ids: torch.Tensor  # [rows, m] prompt and generated tokens, padded with -1
+    """The penalized rows of a step, and theirs alone: one row's long prompt is no one else's cost."""
+
+    rows: torch.Tensor  # [k] the penalized rows
+    presence: torch.Tensor  # [k]
+    frequency: torch.Tensor  # [k]
+    repetition: torch.Tensor  # [k]
+    output_token_ids: torch.Tensor  # [k, n] each row's generated tokens, padded with -1
+    seen_token_ids: torch.Tensor  # [k, m] its prompt and generated tokens, padded with -1
 
 
 @dataclass
@@ -141,7 +144,7 @@ def profile_sampler(logits: torch.Tensor, max_num_logprobs: int) -> None:
         temperatures=torch.where(half, 0.0, 0.8), top_ks=torch.full((rows,), min(50, vocab)),
         top_ps=torch.full((rows,), 0.9), all_greedy=False,
         seeded=SeededRows(seeded, seeded, torch.zeros_like(seeded)), min_ps=torch.full((rows,), 0.05),
-        penalties=PenaltyInputs(*(torch.ones(rows) for _ in range(3)), no_tokens, no_tokens),
+        penalties=PenaltyInputs(torch.arange(rows), *(torch.ones(rows) for _ in range(3)), no_tokens, no_tokens),
         max_num_logprobs=vocab if max_num_logprobs == -1 else min(max_num_logprobs, vocab))
     sampler = Sampler(torch.Generator(device=logits.device))
     sampler(logits, meta)
@@ -205,23 +208,26 @@ _LARGEST_LOGIT = 1e30  # and the logits they change to within +-1e30
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
     """Repetition penalty on every token seen (prompt and output), then frequency and presence
-    penalties on the generated tokens, as vLLM applies them."""
-    rows, vocab = logits.shape
+    penalties on the generated tokens, as vLLM applies them, to the penalized rows (a new tensor)."""
+    vocab = logits.shape[1]
     device = logits.device
+    rows = index_tensor(p.rows, device)
+    sub = logits[rows]
 
     def one_hot_counts(ids: torch.Tensor) -> torch.Tensor:
         ids = torch.where(ids < 0, vocab, ids).to(device)  # padding lands in a dropped extra column
-        counts = torch.zeros(rows, vocab + 1, device=device)
+        counts = torch.zeros(len(sub), vocab + 1, device=device)
         return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
 
     # Within float32's range, and finite logits kept finite: a penalty of 1e308 (inf in float32) made a
     # seen token -inf, 0 / 0 NaN, and a row whose grammar allows only seen tokens could sample nothing.
     repetition = p.repetition.to(device).unsqueeze(1).clamp(_LEAST_PENALTY, 1 / _LEAST_PENALTY)
-    seen = (one_hot_counts(p.seen_token_ids) > 0) & logits.isfinite()
-    penalized = torch.where(logits > 0, logits / repetition, logits * repetition).clamp(-_LARGEST_LOGIT, _LARGEST_LOGIT)
-    logits = torch.where(seen, penalized, logits)
+    seen = (one_hot_counts(p.seen_token_ids) > 0) & sub.isfinite()
+    penalized = torch.where(sub > 0, sub / repetition, sub * repetition).clamp(-_LARGEST_LOGIT, _LARGEST_LOGIT)
+    sub = torch.where(seen, penalized, sub)
     counts = one_hot_counts(p.output_token_ids)
-    return logits - p.frequency.to(device).unsqueeze(1) * counts - p.presence.to(device).unsqueeze(1) * (counts > 0)
+    sub = sub - p.frequency.to(device).unsqueeze(1) * counts - p.presence.to(device).unsqueeze(1) * (counts > 0)
+    return logits.index_put((rows,), sub)
 
 
 def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
                           host([positions[row] for row in seeded], True, torch.int64)) if seeded else None,
         banned_token_ids=banned if any(banned) else None,
         min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
-        penalties=penalty_inputs(requests) if any(p.penalized for p in params) else None,
+        penalties=penalty_inputs(requests),
         max_num_logprobs=max(wanted) if wanted else None,
         allowed_token_ids=[(row, in_vocabulary(vocab_size, r.allowed_ids)[0])
                            for row, r in own if r.allowed_ids is not None] or None,
@@ -65,19 +65,31 @@ def in_vocabulary(vocab_size: int, token_ids: torch.Tensor, *alongside: torch.Te
     return token_ids[keep], *(values[keep] for values in alongside)
 
 
-def penalty_inputs(requests: list[Request]) -> PenaltyInputs:
-    def padded(token_lists: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(map(len, token_lists)))
-        return torch.tensor([t + [-1] * (width - len(t)) for t in token_lists], dtype=torch.int64)
-
-    params = [r.sampling_params for r in requests]
+def penalty_inputs(requests: list[Request]) -> PenaltyInputs | None:
+    """The penalized rows' penalties and tokens, each row's prompt a tensor made once (padding
+    every row to the longest, from Python lists, took 38 ms a step for one 1,000-token prompt in
+    a batch of 256, and 559 ms for a 30,000-token one)."""
+    rows = [row for row, r in enumerate(requests) if r.sampling_params.penalized]
+    if not rows:
+        return None
+    penalized = [requests[row] for row in rows]
+    params = [r.sampling_params for r in penalized]
+    outputs = [torch.tensor(r.output_token_ids, dtype=torch.int64) for r in penalized]
     return PenaltyInputs(
+        rows=torch.tensor(rows),
         presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
         frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
-        output_token_ids=padded([r.output_token_ids for r in requests]),
-        seen_token_ids=padded([r.token_ids for r in requests]),
+        output_token_ids=padded(outputs),
+        seen_token_ids=padded([torch.cat((r.prompt_ids, out)) for r, out in zip(penalized, outputs, strict=True)]),
     )
+
+
+def padded(token_ids: list[torch.Tensor]) -> torch.Tensor:
+    """``[rows, longest]``, padded with -1 (one column at least)."""
+    if not any(len(t) for t in token_ids):
+        return torch.full((len(token_ids), 1), -1, dtype=torch.int64)
+    return torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=-1)
 
 
 def logprobs_to_host(sampled: SamplerOutput, tokens: list[int], requests: list[Request],
