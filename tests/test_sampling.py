@@ -130,8 +130,8 @@ def test_greedy_with_repetition_penalty_matches_hf(tiny_checkpoint):
     # in one batch, penalized rows between free ones (the penalties are given to their rows alone)
     mixed = llm.generate([prompts[0], prompts[0], prompts[1], prompts[1]], [free, params, free, params],
                          use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in mixed] == [o.outputs[0].token_ids for pair in zip(plain, outputs, strict=True)
-                                                       for o in pair]
+    alone = [o.outputs[0].token_ids for pair in zip(plain, outputs, strict=True) for o in pair]
+    assert [o.outputs[0].token_ids for o in mixed] == alone
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
