@@ -146,3 +146,26 @@ def test_ids_are_json_values_and_bad_lines_never_crash(model, tmp_path, capsys):
     assert sorted(json.dumps(r["id"]) for r in read_results(out)) == sorted(['1', '1.0', 'true', '"1"', '["a"]'])
     assert generate(model, inp, out, "--skip-bad-lines") == 0  # resumes: nothing left to do
     assert len(read_results(out)) == 5
+
+
+def test_a_lines_own_sampling_params_override_the_command_lines(model, tmp_path, capsys):
+    """A line's "sampling_params" (SamplingParams' fields, as pagedllm.ray's rows carry them) over
+    the job's; bad ones name the line and the field. A max_tokens at the top of a line was ignored
+    without a word: it is said, once, and the line still runs with the job's values."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": "own", "prompt": "def main():", "sampling_params": {"max_tokens": 2, "ignore_eos": True}},
+                      {"id": "job", "prompt": "def main():", "sampling_params": {"max_tokens": None}},
+                      {"id": "top", "prompt": "def main():", "max_tokens": 2, "source": "kept for the user"},
+                      {"id": "zero", "prompt": "x", "sampling_params": {"max_tokens": 0}},
+                      {"id": "typo", "prompt": "x", "sampling_params": {"max_token": 3}},
+                      {"id": "list", "prompt": "x", "sampling_params": [3]}])
+    with pytest.warns(UserWarning, match=r"\['max_tokens'\] at the top"):
+        assert generate(model, inp, out, "--skip-bad-lines") == 0
+    results = {r["id"]: r for r in read_results(out)}
+    expected = LLM(model, device="cpu").generate(["def main():"], SamplingParams(temperature=0, max_tokens=6),
+                                                 use_tqdm=False)[0].outputs[0]
+    assert results["own"]["completion_tokens"] == 2 and expected.text.startswith(results["own"]["text"])
+    assert results["job"]["text"] == results["top"]["text"] == expected.text
+    err = capsys.readouterr().err
+    assert "skipped 3 bad lines" in err
+    assert "line 4: SamplingParams.max_tokens=0 is invalid" in err and "['max_token']" in err and "not list" in err

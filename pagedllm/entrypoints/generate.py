@@ -2,7 +2,7 @@
 
 Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role", "content"}, ...]}``,
 with an optional OpenAI ``"response_format"`` or vLLM ``"structured_outputs"`` (``--json-schema FILE``
-sets one for every line).
+sets one for every line) and ``"sampling_params"`` (SamplingParams' fields, over the command line's).
 Output lines: ``{"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}`` (or
 ``{"id", "error"}`` for a request that failed alone), written and flushed as each request
 finishes, so a crash or Ctrl-C loses nothing already generated; a rerun skips the ids already in
@@ -10,10 +10,12 @@ the output file (resume), after removing a last line that a crash cut short.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 from tqdm.auto import tqdm
@@ -117,9 +119,26 @@ def job_fields(args: argparse.Namespace) -> dict:
             "structured_outputs": read_schema(args.json_schema) if args.json_schema else None}
 
 
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams) if f.init)
+
+
 def line_fields(item: dict, fields: dict) -> dict:
-    """The job's fields, with the line's own constraint if it has one: OpenAI's ``response_format``
-    or vLLM's ``structured_outputs`` (StructuredOutputsParams' fields)."""
+    """The job's fields, with the line's own: its ``"sampling_params"`` (SamplingParams' fields over
+    the command line's, as ``pagedllm.ray``'s rows carry them; null is the job's value) and its
+    constraint, OpenAI's ``response_format`` or vLLM's ``structured_outputs``. Other keys of a line
+    are the user's own and ignored; those named as SamplingParams fields are said once."""
+    own = item.get("sampling_params")
+    if own is not None and not isinstance(own, dict):
+        raise ValueError(f'"sampling_params" must be an object of SamplingParams fields, not {type(own).__name__}')
+    unknown = sorted(set(own or ()) - SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f'"sampling_params" has keys that are not SamplingParams fields: {unknown}')
+    stray = sorted((SAMPLING_FIELDS & item.keys()) - {"structured_outputs"})
+    if stray:
+        warnings.warn(f"lines with {stray} at the top: a line's SamplingParams fields go under \"sampling_params\" "
+                      "(these are ignored)", stacklevel=2)
+    if own:
+        fields = fields | {key: value for key, value in own.items() if value is not None}
     given = [key for key in ("response_format", "structured_outputs") if key in item]
     if not given:
         return fields

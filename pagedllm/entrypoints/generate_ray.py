@@ -14,6 +14,7 @@ import sys
 from pagedllm.entrypoints.generate import BadLine, id_key, line_fields, read_done, read_prompts, skip_bad_line
 from pagedllm.entrypoints.server_args import engine_kwargs
 from pagedllm.ray import ERROR_COLUMN, PagedLLMProcessorConfig, build_processor
+from pagedllm.sampling_params import SamplingParams
 
 
 def run(args: argparse.Namespace, fields: dict) -> int:
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace, fields: dict) -> int:
                 bad(number, f"duplicate id {key}")
             continue
         try:
-            line_fields(item, fields)  # the line's own constraint, checked here (compiling it is the replica's work)
+            SamplingParams(**line_fields(item, fields))  # the line's own values, checked here (compiling a
+            # constraint is the replica's work)
         except ValueError as err:
             bad(number, str(err))
             continue
