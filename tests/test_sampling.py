@@ -241,14 +241,15 @@ def test_profile_sampler_compiles_what_every_step_needs():
 
 
 def test_a_requests_own_token_lists_become_tensors_once_and_stay_in_the_vocabulary():
-    """allowed_token_ids and logit_bias are tensors made when the request is (a step over a
-    150,000-token logit_bias as Python lists took 181 ms of host time, for the whole batch); each
-    step concatenates them, keeping ids within the vocabulary even past validation."""
-    from pagedllm.engine.request import Request
+    """allowed_token_ids and logit_bias are tensors made once when the request is added (a step
+    over a 150,000-token logit_bias as Python lists took 181 ms of host time, for the whole batch);
+    each step concatenates them, keeping ids within the vocabulary even past validation."""
+    from pagedllm.engine.request import Request, SamplingTensors
     from pagedllm.worker.sampling_inputs import sampling_metadata
 
     def request(**fields):
-        return Request("r", [1], SamplingParams(**fields), 8, frozenset())
+        params = SamplingParams(**fields)
+        return Request("r", [1], params, 8, frozenset(), tensors=SamplingTensors.of(params, [1]))
 
     rows = [request(), request(logit_bias={3: 1.5, 700: -2.0, 9: 100}), request(allowed_token_ids=[4, 600, 2]),
             request(logit_bias={5: -1.0})]

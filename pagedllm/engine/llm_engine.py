@@ -11,7 +11,7 @@ from pagedllm.engine.block_manager import BlockManager, CacheCapacity, HybridBlo
 from pagedllm.engine.detokenizer import stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.progress import ProgressReport
-from pagedllm.engine.request import Request, SampleGroup
+from pagedllm.engine.request import Request, SampleGroup, SamplingTensors
 from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
@@ -71,10 +71,12 @@ class LLMEngine:
         bad_words = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         group = SampleGroup(request_id) if params.samples > 1 else None
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        tensors = SamplingTensors.of(params, prompt_token_ids)
         for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
-                              bad_words_token_ids=bad_words, grammar=grammar and SampleGrammar.new(grammar))
+                              bad_words_token_ids=bad_words, grammar=grammar and SampleGrammar.new(grammar),
+                              tensors=tensors)
             request.detokenizer = self.outputs.detokenizer(params, stream)
             if group is not None:
                 group.members.append(request)

@@ -29,7 +29,8 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
     banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] for row, r in enumerate(requests)]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
-    biased = [(row, *in_vocabulary(vocab_size, *r.bias)) for row, r in own if r.bias is not None]
+    tensors = [(row, r.tensors) for row, r in enumerate(requests) if r.tensors is not None]
+    biased = [(row, *in_vocabulary(vocab_size, *t.bias)) for row, t in tensors if t.bias is not None]
 
     def host(values: list, used: bool, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return torch.tensor(values, dtype=dtype, pin_memory=pin) if used else None
@@ -46,8 +47,8 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
         min_ps=host([p.min_p for p in params], any(p.min_p > 0 for p in params)),
         penalties=penalty_inputs(requests),
         max_num_logprobs=max(wanted) if wanted else None,
-        allowed_token_ids=[(row, in_vocabulary(vocab_size, r.allowed_ids)[0])
-                           for row, r in own if r.allowed_ids is not None] or None,
+        allowed_token_ids=[(row, in_vocabulary(vocab_size, t.allowed_ids)[0])
+                           for row, t in tensors if t.allowed_ids is not None] or None,
         logit_bias=(torch.cat([torch.full_like(ids, row) for row, ids, _ in biased]),
                     torch.cat([ids for _, ids, _ in biased]), torch.cat([b for _, _, b in biased])) if biased else None,
         logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
@@ -81,7 +82,8 @@ def penalty_inputs(requests: list[Request]) -> PenaltyInputs | None:
         frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
         output_token_ids=padded(outputs),
-        seen_token_ids=padded([torch.cat((r.prompt_ids, out)) for r, out in zip(penalized, outputs, strict=True)]),
+        seen_token_ids=padded([torch.cat((r.tensors.prompt_ids, out))
+                               for r, out in zip(penalized, outputs, strict=True)]),
     )
 
 
