@@ -1,4 +1,4 @@
-"""End-to-end throughput of pagedllm against HF transformers on the workloads of BENCHMARKS.md.
+"""End-to-end throughput of pagedllm against HF transformers on the workloads of benchmarks/README.md.
 
 Every engine runs in this one process on the same prompts, after one short warm-up: pagedllm
 first (then freed), then HF static ``generate`` at batch 64 and 256 and HF continuous batching
@@ -57,6 +57,7 @@ WORKLOADS = {w.name: w for w in [
     Workload("W3", "qwen3-0.6b", torch.bfloat16, 256, (100, 1024), (100, 1024)),
     Workload("W4", "llama-3-8b", torch.bfloat16, 32, 8192, 512, (32,)),
     Workload("L1", "llama-3-8b", torch.bfloat16, 1, 128, 512, (1,)),
+    Workload("L2", "qwen3-0.6b", torch.bfloat16, 1, 128, 512, (1,)),  # one stream where a step's fixed cost shows
     Workload("W5", "qwen3-30b-a3b", torch.bfloat16, 256, 256, 256),  # bf16 fits an H200; an H100 needs FP8
 ]}
 
