@@ -162,6 +162,7 @@ def test_an_fp8_checkpoint_weight_without_its_scale_is_named(tmp_path):
     # each is matched at every token in the engine's thread: 100,000 slowed a batch of 8 four-fold
     ({"stop": [f"word {i}" for i in range(100_000)]}, "stop"),
     ({"bad_words": ["no"] * 1025}, "bad_words"),
+    ({"stop_token_ids": list(range(150_000))}, "stop_token_ids"),  # banned before min_tokens, every step
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid") as caught:
@@ -169,9 +170,10 @@ def test_invalid_sampling_values_name_the_field(kwargs, field):
     assert len(str(caught.value)) < 500  # a huge value is named, not repeated
 
 
-def test_a_thousand_stop_strings_and_bad_words_are_welcome():
-    params = SamplingParams(stop=[f"word {i}" for i in range(1024)], bad_words=["no"] * 1024)
-    assert len(params.stop) == len(params.bad_words) == 1024
+def test_a_thousand_stop_strings_stop_ids_and_bad_words_are_welcome():
+    params = SamplingParams(stop=[f"word {i}" for i in range(1024)], bad_words=["no"] * 1024,
+                            stop_token_ids=list(range(1024)))
+    assert len(params.stop) == len(params.bad_words) == len(params.stop_token_ids) == 1024
 
 
 @pytest.mark.parametrize("bad_prompt, match", [
