@@ -43,6 +43,9 @@ SAMPLING_FIELDS = {
     "ignore_eos": field(st.booleans()),
     "include_stop_str_in_output": field(st.booleans()),
     "skip_special_tokens": field(st.booleans()),
+    "allowed_token_ids": field(st.one_of(st.none(), st.lists(st.integers(0, 520), min_size=1, max_size=4))),
+    "logit_bias": field(st.one_of(st.none(), st.dictionaries(st.integers(0, 520), st.floats(-100, 100), max_size=3))),
+    "bad_words": field(st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=3), max_size=2))),
 }
 REQUEST = st.tuples(st.fixed_dictionaries({}, optional=SAMPLING_FIELDS),
                     st.one_of(st.lists(st.integers(0, 530), min_size=0, max_size=24), st.text(max_size=40)))
@@ -74,6 +77,8 @@ def test_what_is_accepted_completes(llm, requests):
         for completion in output.outputs:
             assert completion.finish_reason in ("stop", "length")
             assert len(completion.token_ids) <= (params.max_tokens or 64)
+            if params.allowed_token_ids:
+                assert set(completion.token_ids) <= set(params.allowed_token_ids)
             if params.logprobs is not None:
                 assert len(completion.logprobs) == len(completion.token_ids)
                 assert all(math.isfinite(e[t].logprob) or e[t].logprob == -math.inf
