@@ -16,6 +16,11 @@ class RequestFailedError(RuntimeError):
         self.prompt_index = prompt_index
         self.status = status or (400 if isinstance(message, ClientFault) else 500)
 
+    @classmethod
+    def of_prompt(cls, index: int, error: str) -> "RequestFailedError":
+        """Prompt ``index``'s failure, keeping whose fault it was."""
+        return cls(f"prompt {index} failed: {error}", index, 400 if isinstance(error, ClientFault) else None)
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed as a whole (device lost, a worker dead); no request can be served."""

@@ -101,7 +101,7 @@ class LLM:
                             pending.discard(output.request_id)
                         if output.error is not None:
                             index = request_ids.index(output.request_id)
-                            raise RequestFailedError(f"prompt {index} failed: {output.error}", index)
+                            raise RequestFailedError.of_prompt(index, output.error)
                         yield output
         finally:
             for request_id in pending:
@@ -194,7 +194,7 @@ class LLM:
                 for output in finished:
                     if output.error is not None and output.request_id in request_ids:
                         index = request_ids.index(output.request_id)
-                        raise RequestFailedError(f"prompt {index} failed: {output.error}", index)
+                        raise RequestFailedError.of_prompt(index, output.error)
                     outputs[output.request_id] = output
                 if finished and use_tqdm:
                     rate = (engine.num_generated_tokens - tokens_at_start) / (time.perf_counter() - start)

@@ -8,7 +8,7 @@ import re
 import jsonschema
 import pytest
 
-from pagedllm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+from pagedllm import LLM, GuidedDecodingParams, RequestFailedError, SamplingParams, StructuredOutputsParams
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
 SCHEMA = {
@@ -206,6 +206,9 @@ def test_bad_words_that_ban_all_the_grammar_allows_fail_that_request_naming_them
     assert isinstance(finals["bad"].error, ClientFault) and "bad_words" in finals["bad"].error
     assert finals["bad"].outputs[0].finish_reason == "error"
     assert finals["good"].error is None and finals["good"].outputs[0].text == "no"
+    with pytest.raises(RequestFailedError, match="prompt 1 failed: .*bad_words") as caught:  # and through LLM
+        llm.generate(["Answer:", "Answer:"], [SamplingParams(max_tokens=4), bad], use_tqdm=False)
+    assert caught.value.status == 400 and caught.value.prompt_index == 1
 
 
 @pytest.fixture(scope="module")
