@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.paged_attention import num_sms
 from pagedllm_kernels.pdl import pdl, wait_for_previous
 
+HOPPER_SMS = 132
 MAX_ROWS = 16  # tl.dot's least row tile: up to here one program's rows cover x, and the weights are read once
 
 
@@ -68,7 +70,7 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-def few_rows_config(n: int, k: int, element_size: int, num_sms: int = 132) -> dict:
+def few_rows_config(n: int, k: int, element_size: int, sms: int = HOPPER_SMS) -> dict:
     """Tiles for an ``[n, k]`` weight of ``element_size`` bytes, from sweeps on an H200 at 1-16 rows.
     FP8 (Llama-3-8B's layers): a wide layer wants wider tiles; a deep one, split-K. bf16/fp16
     (Qwen3-0.6B's, Llama-3-8B's and OPT-1.3B's layers): 64 rows of 256 bytes a step (128 rows from
@@ -80,7 +82,7 @@ def few_rows_config(n: int, k: int, element_size: int, num_sms: int = 132) -> di
         return dict(block_n=block_n, block_k=512 if block_n == 32 else 256, split_k=split_k,
                     num_stages=4 if split_k > 1 else 3)
     block_n, split_k = 128 if k >= 8192 else 64, 1
-    while split_k < 8 and triton.cdiv(n, block_n) * split_k * 2 <= num_sms:
+    while split_k < 8 and triton.cdiv(n, block_n) * split_k * 2 <= sms:
         split_k *= 2
     return dict(block_n=block_n, block_k=128, split_k=split_k, num_stages=4)
 
@@ -94,7 +96,7 @@ def reads_faster(weight: torch.Tensor) -> bool:
     attention and MLP output layers here, though each alone was faster."""
     if weight.element_size() == 1:
         return True
-    return triton.cdiv(weight.shape[0], 64) < _num_sms(weight.device) and weight.shape[1] < 4096
+    return triton.cdiv(weight.shape[0], 64) < _sms(weight.device) and weight.shape[1] < 4096
 
 
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
@@ -106,7 +108,7 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
     (``x_scale [m, 1]``, ``weight_scale [n, 1]``). Tiles by default ``few_rows_config``'s."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = few_rows_config(n, k, weight.element_size(), _num_sms(x.device))
+    tiles = few_rows_config(n, k, weight.element_size(), _sms(x.device))
     block_n, block_k = block_n or tiles["block_n"], block_k or tiles["block_k"]
     split_k, num_stages = split_k or tiles["split_k"], num_stages or tiles["num_stages"]
     block_m = MAX_ROWS  # a single row pads to it in registers, costing no reads
@@ -126,12 +128,6 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
     return out
 
 
-_sms: dict[torch.device, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    if device not in _sms:
-        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sms[device]
+def _sms(device: torch.device) -> int:
+    """The device's SMs, or an H100's and H200's where tiles are chosen off a GPU (the interpreter)."""
+    return num_sms(device) if device.type == "cuda" else HOPPER_SMS
