@@ -12,7 +12,13 @@ from pagedllm.engine.detokenizer import stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.progress import ProgressReport
 from pagedllm.engine.request import Request, SampleGroup, SamplingTensors
-from pagedllm.engine.request_checks import bad_word_token_ids, max_output_tokens, truncated_prompt, validate_request
+from pagedllm.engine.request_checks import (
+    bad_word_token_ids,
+    max_output_tokens,
+    stop_token_ids,
+    truncated_prompt,
+    validate_request,
+)
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
 from pagedllm.errors import RequestError
@@ -66,7 +72,7 @@ class LLMEngine:
                              "samples are known only at the end): use output_kind=RequestOutputKind.FINAL_ONLY")
         prompt_token_ids = truncated_prompt(prompt_token_ids, params, self.config.max_model_len)
         self.num_prompt_tokens += len(prompt_token_ids)
-        stops = frozenset(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
+        stops = stop_token_ids(params, self.eos_token_ids)
         max_tokens = max_output_tokens(prompt_token_ids, params, self.config.max_model_len)
         bad_words = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         group = SampleGroup(request_id) if params.samples > 1 else None

@@ -76,13 +76,17 @@ def check_a_token_is_left(params: SamplingParams, eos_token_ids: set[int], bad_w
     0 (a padding id) each step, silently."""
     allowed = set(params.allowed_token_ids)
     by_bad_words = allowed & {word[0] for word in bad_words if len(word) == 1}
-    by_min_tokens = allowed & (set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-                               if params.min_tokens > 0 else set())
+    by_min_tokens = allowed & stop_token_ids(params, eos_token_ids) if params.min_tokens > 0 else set()
     if by_bad_words | by_min_tokens == allowed:
         why = [name for name, used in (("min_tokens", by_min_tokens), ("bad_words", by_bad_words)) if used]
         verb = "ban" if len(why) > 1 else "bans"
         raise ValueError(f"SamplingParams.allowed_token_ids={params.allowed_token_ids[:5]} is invalid: "
                          f"{' and '.join(why)} {verb} every one of them, leaving no token to sample")
+
+
+def stop_token_ids(params: SamplingParams, eos_token_ids: set[int]) -> frozenset[int]:
+    """The tokens that end the request: its own stop_token_ids and, unless ignore_eos, the model's EOS."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
 def max_output_tokens(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> int:
