@@ -61,7 +61,6 @@ class Request:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
     grammar: "SampleGrammar | None" = None  # structured outputs: its own place in its grammar
     needs_its_tokens: bool = field(init=False)
-    changes_its_logits: bool = field(init=False)
     tensors: "SamplingTensors | None" = None  # what its sampling reads of its own, made once (the engine's)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
@@ -80,12 +79,10 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         p = self.sampling_params
-        # Decided once (each is asked at every step): sampling its next token reads its output tokens
-        # on the host (penalties, bad words of several tokens, logits processors); it changes its
-        # own row of logits (allowed tokens, logit bias, logits processors).
+        # Decided once (it is asked at every step): sampling its next token reads its output tokens
+        # on the host (penalties, bad words of several tokens, logits processors).
         self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
             len(w) > 1 for w in self.bad_words_token_ids)
-        self.changes_its_logits = bool(p.allowed_token_ids or p.logit_bias or p.logits_processors)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

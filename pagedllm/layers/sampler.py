@@ -180,9 +180,10 @@ def apply_request_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> to
     logits processors (an error in one of those is pinned on its row: ``RequestError``)."""
     device = logits.device
     for row, allowed in meta.allowed_token_ids or ():
-        kept = logits[row, index_tensor(allowed, device)]
+        ids = index_tensor(allowed, device)
+        kept = logits[row, ids]
         logits[row] = float("-inf")
-        logits[row, index_tensor(allowed, device)] = kept
+        logits[row, ids] = kept
     if meta.banned_token_ids:
         rows = [row for row, banned in enumerate(meta.banned_token_ids) for _ in banned]
         token_ids = [t for banned in meta.banned_token_ids for t in banned]

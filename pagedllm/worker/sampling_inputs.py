@@ -28,7 +28,6 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
                                             and allows_only(masks, i, requests[row].stop_token_ids)}
     banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] for row, r in enumerate(requests)]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
-    own = [(row, r) for row, r in enumerate(requests) if r.changes_its_logits]
     tensors = [(row, r.tensors) for row, r in enumerate(requests) if r.tensors is not None]
     biased = [(row, *in_vocabulary(vocab_size, *t.bias)) for row, t in tensors if t.bias is not None]
 
@@ -51,8 +50,8 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
                            for row, t in tensors if t.allowed_ids is not None] or None,
         logit_bias=(torch.cat([torch.full_like(ids, row) for row, ids, _ in biased]),
                     torch.cat([ids for _, ids, _ in biased]), torch.cat([b for _, _, b in biased])) if biased else None,
-        logits_processors=[(row, r.sampling_params.logits_processors, r.prompt_token_ids, r.output_token_ids)
-                           for row, r in own if r.sampling_params.logits_processors] or None,
+        logits_processors=[(row, p.logits_processors, requests[row].prompt_token_ids, requests[row].output_token_ids)
+                           for row, p in enumerate(params) if p.logits_processors] or None,
         grammar=masks,
     )
 
