@@ -14,21 +14,26 @@ import triton
 import triton.language as tl
 
 from pagedllm_kernels.paged_attention import num_sms
-from pagedllm_kernels.pdl import pdl, wait_for_previous
+from pagedllm_kernels.pdl import let_next_start, pdl, wait_for_previous
 
 HOPPER_SMS = 132
 MAX_ROWS = 16  # tl.dot's least row tile: up to here one program's rows cover x, and the weights are read once
+LATE_START = True
+PREFETCH_BYTES = 4 << 20  # under dependent launch, the weight bytes asked of L2 before the kernel before has ended
 
 
 @triton.jit
 def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
                             m, n, k, stride_xm, stride_wn, SCALED: tl.constexpr, BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)
+                            K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH_K: tl.constexpr,
+                            LINE: tl.constexpr, LATE_START: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
+    if PDL and PREFETCH_K > 0:  # the weights do not depend on the kernel before: read them into L2 while it ends
+        _prefetch_l2(w_ptr, cols, n, k, stride_wn, split * K_PER_SPLIT, PREFETCH_K, LINE)
+    wait_for_previous(PDL, LET_NEXT_START=not LATE_START)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * K_PER_SPLIT, tl.minimum(k, (split + 1) * K_PER_SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -37,6 +42,8 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    if LATE_START:
+        let_next_start(PDL)
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     if SPLIT_K > 1:  # each split leaves its partial sum; the last to arrive adds them up, in split order
         tile = rows[:, None] * n + cols[None, :]
@@ -58,6 +65,17 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _prefetch_l2(w_ptr, cols, n, k, stride_wn, k_start, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the first ``PREFETCH_K`` columns of this program's weight rows, a 128-byte line
+    (``LINE`` elements) an address; nothing waits for them."""
+    ks = k_start + tl.arange(0, PREFETCH_K // LINE) * LINE
+    inside = (cols < n)[:, None] & (ks < k)[None, :]
+    lines = w_ptr + tl.where(inside, cols[:, None].to(tl.int64) * stride_wn + ks[None, :], 0)
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 _arrivals: dict[torch.device, torch.Tensor] = {}  # per device: split-K's arrival counters, zero between calls
 
 
@@ -71,20 +89,23 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def few_rows_config(n: int, k: int, element_size: int, sms: int = HOPPER_SMS) -> dict:
-    """Tiles for an ``[n, k]`` weight of ``element_size`` bytes, from sweeps on an H200 at 1-16 rows.
-    FP8 (Llama-3-8B's layers): a wide layer wants wider tiles; a deep one, split-K. bf16/fp16
-    (Qwen3-0.6B's, Llama-3-8B's and OPT-1.3B's layers): 64 rows of 256 bytes a step (128 rows from
-    8,192 deep), split-K while the programs still fit the SMs at once: each of those layers within
-    7% of its best tiling."""
+    """Tiles for an ``[n, k]`` weight of ``element_size`` bytes, from sweeps on an H200 at 1-16 rows
+    (each product after a one-row kernel, as in a model, under dependent launch). FP8 (Llama-3-8B's
+    layers): 64 rows of 128 bytes a step (128 rows where 64-row tiles would be over three an SM),
+    split-K while the programs stay within three an SM: each layer within 2% of its best of 192
+    tilings. bf16/fp16 (Qwen3-0.6B's, Llama-3-8B's and OPT-1.3B's layers): 64 rows of 256 bytes a
+    step (128 rows from 8,192 deep), split-K while the programs still fit the SMs at once: each of
+    those layers within 7% of its best tiling."""
     if element_size == 1:
-        split_k = 4 if k > 2 * n else 1
-        block_n = 64 if n >= 16384 or split_k > 1 else 32
-        return dict(block_n=block_n, block_k=512 if block_n == 32 else 256, split_k=split_k,
-                    num_stages=4 if split_k > 1 else 3)
-    block_n, split_k = 128 if k >= 8192 else 64, 1
-    while split_k < 8 and triton.cdiv(n, block_n) * split_k * 2 <= sms:
+        block_n = 128 if triton.cdiv(n, 64) > 3 * sms else 64
+        programs = 3 * sms
+    else:
+        block_n = 128 if k >= 8192 else 64
+        programs = sms
+    split_k = 1
+    while split_k < 8 and triton.cdiv(n, block_n) * split_k * 2 <= programs:
         split_k *= 2
-    return dict(block_n=block_n, block_k=128, split_k=split_k, num_stages=4)
+    return dict(block_n=block_n, block_k=128, split_k=split_k, num_stages=5 if element_size == 1 and split_k > 1 else 4)
 
 
 def reads_faster(weight: torch.Tensor) -> bool:
@@ -120,12 +141,23 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
         partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
         arrivals = _arrival_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
         scaled = x_scale is not None
+        prefetch_k = _prefetch_columns(grid[0] * grid[2] * block_n * weight.element_size(), k_per_split,
+                                       weight.element_size())
         _few_rows_matmul_kernel[grid](x, x_scale if scaled else x, weight, weight_scale if scaled else weight,
                                       out if bias is None else bias, out, partial, arrivals, m, n, k, x.stride(0),
                                       weight.stride(0), SCALED=scaled, BIAS=bias is not None,
                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                      SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages, **pdl(x))
+                                      SPLIT_K=split_k, PREFETCH_K=prefetch_k,
+                                      LINE=128 // weight.element_size(), LATE_START=LATE_START, num_warps=num_warps, num_stages=num_stages, **pdl(x))
     return out
+
+
+def _prefetch_columns(bytes_per_column: int, k_per_split: int, element_size: int) -> int:
+    """Columns of each program's weight rows to prefetch: a power of two (the lines' arange) of
+    whole 128-byte lines, the grid's total within ``PREFETCH_BYTES``; 0 where not even a line fits."""
+    line = 128 // element_size
+    columns = min(PREFETCH_BYTES // bytes_per_column, k_per_split)
+    return 0 if columns < line else 1 << (columns.bit_length() - 1)
 
 
 def _sms(device: torch.device) -> int:

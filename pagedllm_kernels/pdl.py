@@ -22,10 +22,19 @@ ENABLED = os.environ.get("PAGEDLLM_PDL", "1") != "0"  # (benchmarks compare with
 
 
 @triton.jit
-def wait_for_previous(PDL: tl.constexpr):
+def wait_for_previous(PDL: tl.constexpr, LET_NEXT_START: tl.constexpr = True):
     if PDL:
         gdc_wait()  # the kernel before has ended, its writes visible
-        gdc_launch_dependents()  # the next may be scheduled now: it waits for this one likewise
+        if LET_NEXT_START:
+            gdc_launch_dependents()  # the next may be scheduled now: it waits for this one likewise
+
+
+@triton.jit
+def let_next_start(PDL: tl.constexpr):
+    """For a kernel that waited with ``LET_NEXT_START=False``: the next may be scheduled from here
+    (a program that ends without it counts as having let it)."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 def pdl(x: torch.Tensor) -> dict:
