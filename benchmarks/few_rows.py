@@ -105,8 +105,8 @@ def main() -> None:
                 cublas = chain_us(lambda x, w: F.linear(x, w), xs, weights)
                 kernel = chain_us(lambda x, w: few_rows_matmul(x, w, torch.bfloat16), xs, weights)
                 picked = "kernel" if reads_faster(weights[0]) else "cuBLAS"
-                rows.append({"model": model, "layer": layer, "dtype": "bf16", "n": n, "k": k, "rows": m, "cublas_us": cublas,
-                             "kernel_us": kernel, "picked": picked})
+                rows.append({"model": model, "layer": layer, "dtype": "bf16", "n": n, "k": k, "rows": m,
+                             "cublas_us": cublas, "kernel_us": kernel, "picked": picked})
                 print(f"{model + '.' + layer:>20} {f'{n}x{k}':>14} {m:>4} | {cublas:>9.2f} "
                       f"{n * k * 2 / cublas / 1e3:>5.0f} | {kernel:>9.2f} {n * k * 2 / kernel / 1e3:>5.0f} | {picked}")
             del weights

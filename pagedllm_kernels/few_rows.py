@@ -147,8 +147,8 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
                                       out if bias is None else bias, out, partial, arrivals, m, n, k, x.stride(0),
                                       weight.stride(0), SCALED=scaled, BIAS=bias is not None,
                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                      SPLIT_K=split_k, PREFETCH_K=prefetch_k,
-                                      LINE=128 // weight.element_size(), LATE_START=LATE_START, num_warps=num_warps, num_stages=num_stages, **pdl(x))
+                                      SPLIT_K=split_k, PREFETCH_K=prefetch_k, LINE=128 // weight.element_size(),
+                                      LATE_START=LATE_START, num_warps=num_warps, num_stages=num_stages, **pdl(x))
     return out
 
 
