@@ -381,3 +381,20 @@ def test_few_rows_matmul_takes_the_narrow_bf16_layers_and_every_fp8_one():
     assert not any(reads_faster(weight(n, k)) for n, k in [(4096, 4096), (6144, 4096), (4096, 14336),
                                                             (151936, 1024), (28672, 4096)])
     assert reads_faster(weight(28672, 4096, torch.float8_e4m3fn))
+
+
+def test_few_rows_prefetch_stays_within_its_budget_and_the_programs_columns():
+    """The prefetch asks for whole 128-byte lines, a power of two of them (the kernel's arange), never
+    past a program's own columns, and over the grid within PREFETCH_BYTES; none where a line would not fit."""
+    from pagedllm_kernels.few_rows import PREFETCH_BYTES, _prefetch_columns, few_rows_config
+
+    for n, k, size in [(6144, 4096, 1), (4096, 14336, 1), (28672, 4096, 1), (1024, 2048, 2), (151936, 1024, 2)]:
+        tiles = few_rows_config(n, k, size)
+        k_per_split = math.ceil(math.ceil(k / tiles["split_k"]) / tiles["block_k"]) * tiles["block_k"]
+        programs = math.ceil(n / tiles["block_n"]) * math.ceil(k / k_per_split)
+        columns = _prefetch_columns(programs * tiles["block_n"] * size, k_per_split, size)
+        if columns:
+            assert columns * size % 128 == 0 and columns & (columns - 1) == 0 and columns <= k_per_split
+            assert programs * tiles["block_n"] * columns * size <= PREFETCH_BYTES
+        assert (columns == 0) == (PREFETCH_BYTES // (programs * tiles["block_n"] * size) < 128 // size)
+    assert _prefetch_columns(PREFETCH_BYTES, 4096, 1) == 0  # the grid's rows alone use the budget up
