@@ -1,5 +1,8 @@
 """Triton kernel: write the step's new K/V rows into the paged cache, divided by the layer's scales
-and clamped to e4m3's range when the cache is FP8 (reference: store_kv_cache_ref)."""
+and clamped to e4m3's range when the cache is FP8 (reference: store_kv_cache_ref). A kernel that
+makes K itself (the rotary embedding's) can write both instead, given a ``KVWrite``."""
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -8,8 +11,22 @@ import triton.language as tl
 from pagedllm_kernels.pdl import pdl, wait_for_previous
 
 
+@dataclass(frozen=True)
+class KVWrite:
+    """Where this step's K/V go: the layer's caches ``[num_blocks, block_size, num_kv_heads,
+    head_dim]`` at flat slots (-1 skips), V as ``[num_tokens, num_kv_heads, head_dim]``."""
+
+    value: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    k_scale: float
+    v_scale: float
+
+
 @triton.jit
-def _to_cache(x, scale, cache_ptr):
+def as_cached(x, scale, cache_ptr):
+    """x as the cache holds it: divided by the scale and clamped into an FP8 cache, else as it is."""
     if cache_ptr.dtype.element_ty != x.dtype:  # an FP8 cache
         x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0)  # IEEE division, as torch
     return x.to(cache_ptr.dtype.element_ty)
@@ -29,8 +46,8 @@ def _store_kv_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ma
     dst = slot.to(tl.int64) * ROW + offs
     key = tl.load(key_ptr + token * stride_key + offs, mask=mask)
     value = tl.load(value_ptr + token * stride_value + offs, mask=mask)
-    tl.store(k_cache_ptr + dst, _to_cache(key, k_scale, k_cache_ptr), mask=mask)
-    tl.store(v_cache_ptr + dst, _to_cache(value, v_scale, v_cache_ptr), mask=mask)
+    tl.store(k_cache_ptr + dst, as_cached(key, k_scale, k_cache_ptr), mask=mask)
+    tl.store(v_cache_ptr + dst, as_cached(value, v_scale, v_cache_ptr), mask=mask)
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm_kernels.cache_ops import KVWrite, as_cached
 from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, empty_fp8_rows, quantize_rows, quantizing_warps, store_row_as_fp8
 from pagedllm_kernels.pdl import pdl, wait_for_previous
 from pagedllm_kernels.reference import FP8_MAX
@@ -112,8 +113,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 @triton.jit
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, eps,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, num_q_heads, num_k_heads,
+                   v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_vt, stride_vh, k_scale, v_scale,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-                   SCALE_IN_FLOAT32: tl.constexpr, PDL: tl.constexpr):
+                   SCALE_IN_FLOAT32: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
@@ -122,6 +124,15 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, 
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
     h = tl.arange(0, BLOCK_H)
+    k_mask = (h < num_k_heads)[:, None] & d_mask[None, :]
+    if WRITE_KV:  # the token's V (and K, below) at its slot, as store_kv_cache writes them
+        slot = tl.load(slot_mapping_ptr + token)
+        cached = slot.to(tl.int64) * num_k_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+        write_mask = k_mask & (tl.zeros_like(h) + slot >= 0)[:, None]  # a padding token (-1) writes nothing
+        v_row = v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :]
+        for part in tl.static_range(2):
+            v = tl.load(v_row + part * HALF, mask=write_mask, other=0.0)
+            tl.store(v_cache_ptr + cached + part * HALF, as_cached(v, v_scale, v_cache_ptr), mask=write_mask)
     for which in tl.static_range(2):
         if which == 0:
             base = q_ptr + token * stride_qt + h[:, None] * stride_qh
@@ -129,7 +140,7 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, 
             weight_ptr = q_weight_ptr
         else:
             base = k_ptr + token * stride_kt + h[:, None] * stride_kh
-            mask = (h < num_k_heads)[:, None] & d_mask[None, :]
+            mask = k_mask
             weight_ptr = k_weight_ptr
         x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
         x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0)
@@ -142,27 +153,38 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, 
             if not SCALE_IN_FLOAT32:
                 f1, f2 = f1.to(x1.dtype).to(tl.float32), f2.to(x1.dtype).to(tl.float32)
             f1, f2 = (w1 * f1).to(x1.dtype).to(tl.float32), (w2 * f2).to(x1.dtype).to(tl.float32)
-        tl.store(base + d[None, :], (f1 * c - f2 * s).to(x1.dtype), mask=mask)
-        tl.store(base + HALF + d[None, :], (f2 * c + f1 * s).to(x1.dtype), mask=mask)
+        out1, out2 = (f1 * c - f2 * s).to(x1.dtype), (f2 * c + f1 * s).to(x1.dtype)
+        tl.store(base + d[None, :], out1, mask=mask)
+        tl.store(base + HALF + d[None, :], out2, mask=mask)
+        if WRITE_KV and which == 1:
+            tl.store(k_cache_ptr + cached, as_cached(out1, k_scale, k_cache_ptr), mask=write_mask)
+            tl.store(k_cache_ptr + cached + HALF, as_cached(out2, k_scale, k_cache_ptr), mask=write_mask)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0,
-           scale_in_float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           scale_in_float32: bool = False, kv_write: KVWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as ``rotary_ref``, written in place into q and k (each row's head_dim dense).
     With ``norm_weights`` (q's and k's, QK-norm: Qwen3, Gemma 3), each head is RMS-normalized
     first in the same pass, as ``rms_norm_ref(x, weight, eps, None, scale_in_float32)``: two
-    fewer kernels a layer, and q and k read and written once."""
+    fewer kernels a layer, and q and k read and written once. With ``kv_write`` the rotated K and
+    the step's V go into the paged cache as well, as ``store_kv_cache`` writes them: a kernel less
+    a layer (the whole head rotates)."""
     num_tokens, num_q_heads, head_dim = q.shape
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
     q_weight, k_weight = norm_weights if norm_weights is not None else (q, k)
+    w = kv_write
+    if w is not None:
+        assert w.value.stride(2) == 1 and w.k_cache.is_contiguous() and w.v_cache.is_contiguous()
+    cache_args = ((w.value, w.k_cache, w.v_cache, w.slot_mapping, w.value.stride(0), w.value.stride(1), w.k_scale,
+                   w.v_scale) if w is not None else (k, k, k, positions, 0, 0, 1.0, 1.0))
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q_weight, k_weight, eps, q.stride(0), q.stride(1),
-                                      k.stride(0), k.stride(1), cos.stride(0), num_q_heads, k.shape[1], HALF=half,
-                                      BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
+                                      k.stride(0), k.stride(1), cos.stride(0), num_q_heads, k.shape[1], *cache_args,
+                                      HALF=half, BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
                                       BLOCK_D=triton.next_power_of_2(half), NORM=norm_weights is not None,
-                                      SCALE_IN_FLOAT32=scale_in_float32, **pdl(q))
+                                      SCALE_IN_FLOAT32=scale_in_float32, WRITE_KV=w is not None, **pdl(q))
     return q, k
 
 

@@ -193,10 +193,15 @@ def test_min_tokens_bans_stop_tokens_until_reached(tiny_checkpoint, hf_reference
     assert len(out.token_ids) >= 3
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "phi3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "phi3", "gemma3", "qwen3"])
 def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference, monkeypatch):
-    """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill included."""
+    """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill
+    included; the rotary kernel writes the KV cache wherever the whole head rotates, as on CUDA
+    (Gemma 3's sliding layers into their own pool; Phi-3's partial rotary stores apart)."""
+    from pagedllm.layers.rotary import RotaryEmbedding
+
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
+    monkeypatch.setattr(RotaryEmbedding, "writes_kv_cache", lambda self, q: self.rotary_dim == self.head_dim)
     llm = LLM(tiny_checkpoint(kind), max_num_batched_tokens=48, num_kv_blocks=64, dtype="float32")
     assert llm.llm_engine.executor.runner.attention_backend == "triton"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

@@ -139,6 +139,41 @@ def test_rms_norm_matches_reference(dtype, with_residual, width, scale_in_float3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp8_cache", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_writes_the_kv_cache_as_store_kv_cache_does(dtype, fp8_cache, qk_norm):
+    """rotary given a KVWrite: q and k as without it, and the caches bit for bit as store_kv_cache
+    writes the rotated K and V (into an FP8 cache divided by the scales), padding slots untouched."""
+    from pagedllm_kernels.cache_ops import KVWrite
+    from pagedllm_kernels.elementwise import rotary
+
+    num_q, num_k, head_dim, g = 4, 2, 32, torch.Generator().manual_seed(1)
+    qkv = (3 * torch.randn(6, (num_q + 2 * num_k) * head_dim, generator=g)).to(dtype).to(DEVICE)
+    freqs = torch.randn(50, head_dim // 2, generator=g)
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    positions, slots = torch.tensor([0, 7, 3, 49, 12, 1], device=DEVICE), torch.tensor([5, -1, 0, 17, 9, -1], device=DEVICE)
+    weights = [torch.randn(head_dim, generator=g).to(dtype).to(DEVICE) for _ in "qk"] if qk_norm else None
+    scales = (0.05, 0.02) if fp8_cache else (1.0, 1.0)
+    cache_dtype = torch.float8_e4m3fn if fp8_cache else dtype
+    caches = [torch.full((4, 8, num_k, head_dim), 7.0).to(cache_dtype).to(DEVICE) for _ in range(4)]
+
+    def split(t):
+        q, k, v = t.split([num_q * head_dim, num_k * head_dim, num_k * head_dim], dim=-1)
+        return q.view(6, num_q, head_dim), k.view(6, num_k, head_dim), v.view(6, num_k, head_dim)
+
+    apart, fused = qkv.clone(), qkv.clone()
+    q, k, v = split(apart)
+    rotary(positions, q, k, cos, sin, weights, 1e-6)
+    store_kv_cache(k, v, caches[0], caches[1], slots, *scales)
+    q, k, v = split(fused)
+    rotary(positions, q, k, cos, sin, weights, 1e-6, kv_write=KVWrite(v, caches[2], caches[3], slots, *scales))
+    assert torch.equal(apart, fused)
+    for expected, got in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(expected.float().cpu(), got.float().cpu())
+    assert (caches[2].float().view(-1, num_k * head_dim) != 7.0).sum(dim=1).gt(0).sum() == 4  # the 4 real slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
 @pytest.mark.parametrize("qk_norm", [None, "rms", "gemma"])  # fused with QK-norm: as the norms then rotary
 def test_rotary_matches_reference_in_place_on_strided_views(dtype, heads, qk_norm):

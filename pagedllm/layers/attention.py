@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: store the step's K/V, then attend through block tables."""
+"""Attention over the paged KV cache: store the step's K/V (rotating q and k first where given the
+rotary embedding), then attend through block tables."""
 
 import os
 
@@ -6,8 +7,10 @@ import torch
 import torch.nn as nn
 
 from pagedllm.forward_context import get_attention_metadata
+from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import paged_attention, store_kv_cache
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
+from pagedllm_kernels.cache_ops import KVWrite
 
 # "triton" (the default on CUDA) or "torch" (the reference; the default on CPU). Setting
 # "triton" on CPU runs the kernels under TRITON_INTERPRET=1, which is how CI tests them end to end.
@@ -43,7 +46,11 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0  # an FP8 cache holds K / k_scale and V / v_scale
         self.backend = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+                rotary_emb: RotaryEmbedding | None = None, q_norm: nn.Module | None = None,
+                k_norm: nn.Module | None = None) -> torch.Tensor:
+        """With ``rotary_emb``, q and k are rotated here first (QK-normed with ``q_norm``/``k_norm``):
+        on the Triton backend in the kernel that stores K/V, where it can."""
         meta = get_attention_metadata()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -51,8 +58,13 @@ class Attention(nn.Module):
         slots, tables = meta.slot_mapping, meta.block_tables
         if self.sliding_window is not None and meta.window_block_tables is not None:  # its own pool
             slots, tables = meta.window_slot_mapping, meta.window_block_tables
+        stored = self.backend == "triton" and rotary_emb is not None and rotary_emb.writes_kv_cache(q)
+        if rotary_emb is not None:
+            kv_write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if stored else None
+            q, k = rotary_emb(positions, q, k, q_norm, k_norm, kv_write)
         if self.backend == "triton":
-            store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
+            if not stored:
+                store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
             out = paged_attention(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                   meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
                                   max_query_len=meta.max_query_len, max_context_len=meta.max_context_len)
