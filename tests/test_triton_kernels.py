@@ -151,7 +151,8 @@ def test_rotary_writes_the_kv_cache_as_store_kv_cache_does(dtype, fp8_cache, qk_
     qkv = (3 * torch.randn(6, (num_q + 2 * num_k) * head_dim, generator=g)).to(dtype).to(DEVICE)
     freqs = torch.randn(50, head_dim // 2, generator=g)
     cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
-    positions, slots = torch.tensor([0, 7, 3, 49, 12, 1], device=DEVICE), torch.tensor([5, -1, 0, 17, 9, -1], device=DEVICE)
+    positions = torch.tensor([0, 7, 3, 49, 12, 1], device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 17, 9, -1], device=DEVICE)
     weights = [torch.randn(head_dim, generator=g).to(dtype).to(DEVICE) for _ in "qk"] if qk_norm else None
     scales = (0.05, 0.02) if fp8_cache else (1.0, 1.0)
     cache_dtype = torch.float8_e4m3fn if fp8_cache else dtype
