@@ -34,7 +34,7 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
                             m, n, k, stride_xm, stride_wn, SCALED: tl.constexpr, BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH_K: tl.constexpr,
-                            LINE: tl.constexpr, SILU_OF_GATE_UP: tl.constexpr, PDL: tl.constexpr):
+                            LINE: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -44,13 +44,8 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * K_PER_SPLIT, tl.minimum(k, (split + 1) * K_PER_SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (rows < m)[:, None] & (ks < k)[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=x_mask, other=0.0)
-        if SILU_OF_GATE_UP:  # x's rows hold gate then up: silu(gate) * up, rounded as silu_and_mul rounds it
-            up = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + k + ks[None, :], mask=x_mask, other=0.0)
-            gate = x.to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
-            x = (act * up.to(tl.float32)).to(up.dtype)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                    mask=(rows < m)[:, None] & (ks < k)[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -133,17 +128,13 @@ def reads_faster(weight: torch.Tensor) -> bool:
 
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                     x_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None, *,
-                    silu_of_gate_up: bool = False, block_n: int | None = None, block_k: int | None = None,
-                    split_k: int | None = None,
+                    block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``x [m, k] @ weight [n, k].T + bias`` in ``out_dtype`` for m up to ``MAX_ROWS`` (more rows read
     the weights again per 16), x's rows dense; with FP8 operands each times its row scales
-    (``x_scale [m, 1]``, ``weight_scale [n, 1]``). ``silu_of_gate_up``: x is an MLP's ``[m, 2k]``
-    gate/up output, and the product is of ``silu_and_mul(x)`` (bf16/fp16), read as the kernel goes:
-    no kernel and no round trip for the activation. Tiles by default ``few_rows_config``'s."""
-    m, k = x.shape[0], weight.shape[1]
+    (``x_scale [m, 1]``, ``weight_scale [n, 1]``). Tiles by default ``few_rows_config``'s."""
+    m, k = x.shape
     n = weight.shape[0]
-    assert x.shape[1] == (2 * k if silu_of_gate_up else k) and not (silu_of_gate_up and x_scale is not None)
     tiles = few_rows_config(n, k, weight.element_size(), _sms(x.device))
     block_n, block_k = block_n or tiles["block_n"], block_k or tiles["block_k"]
     split_k, num_stages = split_k or tiles["split_k"], num_stages or tiles["num_stages"]
@@ -163,8 +154,7 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
                                       weight.stride(0), SCALED=scaled, BIAS=bias is not None,
                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
                                       SPLIT_K=split_k, PREFETCH_K=prefetch_k, LINE=128 // weight.element_size(),
-                                      SILU_OF_GATE_UP=silu_of_gate_up, num_warps=num_warps, num_stages=num_stages,
-                                      **pdl(x))
+                                      num_warps=num_warps, num_stages=num_stages, **pdl(x))
     return out
 
 

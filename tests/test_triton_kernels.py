@@ -403,29 +403,6 @@ def test_few_rows_matmul_equals_its_reference(dtype, fp8, rows, split_k, bias):
     torch.testing.assert_close(got.float().cpu(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize("rows, split_k", [(1, 1), (5, 3), (16, 4)])
-def test_few_rows_matmul_of_silu_gate_up_equals_it_after_silu_and_mul(dtype, rows, split_k):
-    """The down projection taking an MLP's gate/up output: bit for bit the product of what
-    silu_and_mul makes of it (the kernel rounds the activation as that kernel does), and within
-    rounding of the reference; gate/up rows strided, as a wider buffer's columns."""
-    import torch.nn.functional as F
-
-    from pagedllm_kernels.elementwise import silu_and_mul
-    from pagedllm_kernels.few_rows import few_rows_matmul
-    from pagedllm_kernels.reference import silu_and_mul_ref
-
-    g = torch.Generator().manual_seed(rows)
-    wide = (2 * torch.randn(rows, 2 * 300 + 8, generator=g)).to(dtype).to(DEVICE)
-    gate_up = wide[:, : 2 * 300]
-    weight = (torch.randn(70, 300, generator=g) / 300**0.5).to(dtype).to(DEVICE)
-    got = few_rows_matmul(gate_up, weight, dtype, silu_of_gate_up=True, block_k=64, split_k=split_k)
-    assert torch.equal(got, few_rows_matmul(silu_and_mul(gate_up.contiguous()), weight, dtype, block_k=64,
-                                            split_k=split_k))
-    expected = F.linear(silu_and_mul_ref(gate_up.cpu()).float(), weight.cpu().float())
-    torch.testing.assert_close(got.float().cpu(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
-
-
 def test_few_rows_matmul_takes_the_narrow_bf16_layers_and_every_fp8_one():
     """The rule measured on an H200: Qwen3-0.6B's and OPT-1.3B's narrow layers go to the kernel;
     a layer 4,096 deep (Llama-3-8B) or wider than the SMs' tiles (an LM head) stays with cuBLAS;

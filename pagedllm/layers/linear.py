@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from pagedllm.distributed import all_reduce, tp_rank, tp_world_size
 from pagedllm.layers import triton_ops
 from pagedllm.layers.quantization import FEW_ROWS, fp8_linear
-from pagedllm_kernels.reference import silu_and_mul_ref
 
 
 @dataclass(frozen=True)
@@ -57,16 +56,7 @@ def check_full_shape(loaded, expected: tuple[int, ...], what: str = "") -> None:
         raise ValueError(f"{what}has shape {tuple(loaded.shape)}, but config.json implies {tuple(expected)}")
 
 
-@dataclass
-class GateUp:
-    """An MLP's gate/up output ``[tokens, 2 * n]``, of which the down projection multiplies
-    ``silu(gate) * up``: the few-rows kernel takes the activation as it reads it (a kernel less a
-    layer at a few streams); elsewhere ``silu_and_mul`` makes it first."""
-
-    gate_up: torch.Tensor
-
-
-def linear(x: torch.Tensor | GateUp, weight: torch.Tensor, bias: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            weight_scale: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``, or its FP8 form once ``quantize_linears`` gave the layer a weight scale. On
     CUDA a step of up to ``FEW_ROWS`` tokens in bf16/fp16 goes through ``few_rows_matmul`` where it
@@ -74,16 +64,11 @@ def linear(x: torch.Tensor | GateUp, weight: torch.Tensor, bias: torch.Tensor | 
     30.4)."""
     if weight_scale is not None:
         return fp8_linear(x, weight, weight_scale, bias)
-    gated = isinstance(x, GateUp)
-    x = x.gate_up if gated else x
     rows = x.reshape(-1, x.shape[-1])
     if (len(rows) <= FEW_ROWS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and triton_ops.few_rows_matmul is not None and triton_ops.reads_faster(weight)):
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        out = triton_ops.few_rows_matmul(rows, weight, x.dtype, bias, silu_of_gate_up=gated)
-        return out.reshape(*x.shape[:-1], -1)
-    if gated:
-        x = (triton_ops.silu_and_mul if triton_ops.fused_on(x) else silu_and_mul_ref)(x)
+        return triton_ops.few_rows_matmul(rows, weight, x.dtype, bias).reshape(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
 
@@ -150,7 +135,7 @@ class RowParallelLinear(nn.Module):
         self.weight.full_shape = (in_features, out_features) if transposed else (out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor | GateUp) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias, self.weight_scale)
         out = all_reduce(linear(x, self.weight, None, self.weight_scale))

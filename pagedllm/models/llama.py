@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.linear import ColumnParallelLinear, GateUp, RowParallelLinear, shard_units
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
 from pagedllm.layers.moe import SparseMoeBlock
 from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm, add_and_norm
 from pagedllm.layers.quantization import FP8Rows
@@ -103,11 +103,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.silu and self.down_proj.weight_scale is not None:  # FP8: the activation comes quantized
-            act = (silu_and_mul if fused_on(gate_up) else silu_and_mul_ref)(gate_up, True)
-            return self.down_proj(FP8Rows(*act, gate_up.dtype))
         if self.silu:
-            return self.down_proj(GateUp(gate_up))
+            fp8 = self.down_proj.weight_scale is not None  # then the activation comes quantized
+            act = (silu_and_mul if fused_on(gate_up) else silu_and_mul_ref)(gate_up, fp8)
+            return self.down_proj(FP8Rows(*act, gate_up.dtype) if fp8 else act)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
