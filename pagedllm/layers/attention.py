@@ -58,12 +58,12 @@ class Attention(nn.Module):
         slots, tables = meta.slot_mapping, meta.block_tables
         if self.sliding_window is not None and meta.window_block_tables is not None:  # its own pool
             slots, tables = meta.window_slot_mapping, meta.window_block_tables
-        stored = self.backend == "triton" and rotary_emb is not None and rotary_emb.writes_kv_cache(q)
+        rotary_stores = self.backend == "triton" and rotary_emb is not None and rotary_emb.writes_kv_cache(q)
         if rotary_emb is not None:
-            kv_write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if stored else None
+            kv_write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if rotary_stores else None
             q, k = rotary_emb(positions, q, k, q_norm, k_norm, kv_write)
         if self.backend == "triton":
-            if not stored:
+            if not rotary_stores:
                 store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
             out = paged_attention(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                   meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
