@@ -60,8 +60,8 @@ class Attention(nn.Module):
             slots, tables = meta.window_slot_mapping, meta.window_block_tables
         rotary_stores = self.backend == "triton" and rotary_emb is not None and rotary_emb.writes_kv_cache(q)
         if rotary_emb is not None:
-            kv_write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if rotary_stores else None
-            q, k = rotary_emb(positions, q, k, q_norm, k_norm, kv_write)
+            write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if rotary_stores else None
+            q, k = rotary_emb(positions, q, k, q_norm, k_norm, write)
         if self.backend == "triton":
             if not rotary_stores:
                 store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
