@@ -61,10 +61,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def server():
-    port = _free_port()
+def server(request):
+    """The server in a subprocess: ``--api-server-count 2``, or the count given as the fixture's param."""
+    port, count = _free_port(), getattr(request, "param", 2)
     process = subprocess.Popen([sys.executable, "-m", "pagedllm", "serve", DEMO, "--device", "cpu", "--port", str(port),
-                                "--api-server-count", "2", "--max-model-len", "512"],
+                                "--api-server-count", str(count), "--max-model-len", "512"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -175,3 +176,19 @@ def test_a_killed_watching_process_leaves_no_process_behind(server):
     while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left
+
+
+@pytest.mark.parametrize("server, stop", [(1, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGINT)],
+                         indirect=["server"], ids=["one process, Ctrl-C", "one process, SIGTERM", "two, Ctrl-C"])
+def test_a_server_stopped_after_serving_exits_0_without_a_traceback(server, stop):
+    """Ctrl-C is how a server is stopped: after it has served (a stream, here), it ends with status 0
+    and the engine process with it, and says nothing of a KeyboardInterrupt."""
+    process, url = server
+    children = _descendants(process.pid)
+    events = _post(url, {"model": DEMO, "prompt": PROMPTS[0], "max_tokens": 8, "stream": True}).decode()
+    assert events.endswith("data: [DONE]\n\n")
+    process.send_signal(stop)
+    assert process.wait(timeout=60) == 0
+    err = process.stderr.read()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert not _any_left(children)

@@ -7,7 +7,9 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -153,15 +155,28 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()
     gc.freeze()
+    previous = _stop_quietly()
     try:
         uvicorn_server(server, args).run(sockets=None if sock is None else [sock])
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         server.engine.shutdown()
         gc.unfreeze()  # (a process that goes on, as a test's, collects its objects again)
     if server.engine.error is not None:
         logger.error("exiting with status 1: the engine stopped (%r)", server.engine.error)
         return 1
     return 0
+
+
+def _stop_quietly() -> dict:
+    """Once uvicorn has stopped on Ctrl-C or SIGTERM it raises the signal again for the handler it
+    found, which would end the process with a KeyboardInterrupt's traceback (or killed by SIGTERM)
+    before the engine is shut down: a handler that lets ``serve`` return 0 instead, as a stop is
+    how a server ends. Returns the handlers it replaced (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, lambda *_: None) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def serve_in_processes(args: argparse.Namespace) -> int:
@@ -172,7 +187,6 @@ def serve_in_processes(args: argparse.Namespace) -> int:
     stops the rest, status 1."""
     import multiprocessing as mp
     import shutil
-    import signal
     import tempfile
 
     import uvicorn
