@@ -348,12 +348,27 @@ def test_async_client_streams_completions_and_chat(live, offline):
 
 
 def test_chat_template_file_overrides_the_builtin_one(tiny_checkpoint, tmp_path):
+    """The template given, and what a chat request hands it as vLLM does: tools (with tool_choice
+    "none"), chat_template_kwargs, and the last message left open (continue_final_message)."""
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    template.write_text("{% if tools %}tools: {{ tools | map(attribute='function.name') | join(',') }}|{% endif %}"
+                        "{% if think %}<think>{% endif %}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                        "{% if add_generation_prompt %}>{% endif %}")
     server, uv, url = start_server(tiny_checkpoint("opt"), "--chat-template", str(template))
     try:
         tokens = json.loads(call("POST", f"{url}/tokenize", {"messages": MESSAGES})[1])["tokens"]
-        assert server.engine.tokenizer.decode(tokens) == "[Hello!]"
+        assert server.engine.tokenizer.decode(tokens) == "[Hello!]>"
+        tool = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+        for extra, rendered in [({}, "[Hello!]>"),
+                                ({"tools": [tool], "tool_choice": "none"}, "tools: search|[Hello!]>"),
+                                ({"chat_template_kwargs": {"think": True}}, "<think>[Hello!]>"),
+                                # left open: HF cuts the text after the last message's content
+                                ({"continue_final_message": True, "add_generation_prompt": False}, "[Hello!")]:
+            status, body = call("POST", f"{url}/v1/chat/completions",
+                                {"model": server.model_name, "messages": MESSAGES, "max_tokens": 1} | extra)
+            assert status == 200, body
+            expected = len(server.engine.tokenizer.encode(rendered, add_special_tokens=False))
+            assert json.loads(body)["usage"]["prompt_tokens"] == expected, (extra, rendered)
     finally:
         uv.should_exit = True
         server.engine.shutdown()

@@ -81,6 +81,7 @@ def assert_still_serving(url: str, good_text: str):
     assert send(url, "GET", "/health")[0] == 200
 
 
+TOOL = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}
 ABUSE = [
     # values that passed validation and then killed the engine loop
     ("logprobs beyond the vocabulary", "/v1/completions", GOOD | {"logprobs": 5000}, 400, "logprobs"),
@@ -128,6 +129,24 @@ ABUSE = [
     ("no messages", "/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
     ("a message without a role", "/v1/chat/completions", CHAT | {"messages": [{"content": "hi"}]}, 400, "messages"),
     ("unknown model", "/v1/completions", GOOD | {"model": "gpt-4"}, 404, "model"),
+    # OpenAI fields pagedllm does not serve: refused by name, never answered as if absent
+    ("suffix (insertion)", "/v1/completions", GOOD | {"suffix": "}"}, 400, "suffix"),
+    ("tools with tool_choice auto", "/v1/chat/completions",
+     CHAT | {"tools": [TOOL], "tool_choice": "auto"}, 400, "tool_choice"),
+    ("tools with no tool_choice (OpenAI's auto)", "/v1/chat/completions", CHAT | {"tools": [TOOL]}, 400,
+     "tool_choice"),
+    ("tools with a named function", "/v1/chat/completions",
+     CHAT | {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "search"}}}, 400,
+     "tool_choice"),
+    ("tool_choice of another word", "/v1/chat/completions", CHAT | {"tools": [TOOL], "tool_choice": "any"}, 400,
+     "tool_choice"),
+    ("legacy functions", "/v1/chat/completions", CHAT | {"functions": [TOOL["function"]]}, 400, "functions"),
+    ("chat_template_kwargs naming the template's own arguments", "/v1/chat/completions",
+     CHAT | {"chat_template_kwargs": {"tokenize": True}}, 400, "messages"),
+    ("chat_template_kwargs as a list", "/v1/chat/completions", CHAT | {"chat_template_kwargs": [1]}, 400,
+     "chat_template_kwargs"),
+    ("continue_final_message with add_generation_prompt", "/v1/chat/completions",
+     CHAT | {"continue_final_message": True}, 400, "messages"),
     # bodies that are not what a route takes
     ("a body that is not UTF-8", "/v1/completions", b"\xff\xfe\x00{", 400, None),
     ("a body that is not JSON", "/v1/completions", b"{", 400, None),

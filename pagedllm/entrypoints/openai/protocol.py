@@ -118,6 +118,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="draw best_of, return the n most likely (no stream)")
+    suffix: str | None = Field(None, description="not supported: refused (as vLLM refuses it), never ignored")
 
 
 class TextPart(RequestBody):
@@ -139,6 +140,15 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     add_generation_prompt: bool = True
+    # vLLM's: the chat template's own arguments (Qwen3's enable_thinking), the last message left open
+    chat_template_kwargs: dict | None = None
+    continue_final_message: bool = False
+    # Tools go to the chat template with tool_choice "none"; pagedllm parses no tool calls, so any
+    # other choice (and the legacy functions) is refused rather than answered as plain chat.
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
 
 
 class TokenizeRequest(RequestBody):

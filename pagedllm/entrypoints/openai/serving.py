@@ -64,6 +64,8 @@ class OpenAIServing:
         prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
             prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+        if body.suffix is not None:
+            raise ApiError(400, "suffix (text to insert before) is not supported", "suffix")
         if body.stream and body.best_of is not None and body.best_of > body.n:
             raise ApiError(400, "best_of cannot be streamed: the best samples are known only at the end", "best_of")
         params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs, body.best_of)
@@ -88,12 +90,19 @@ class OpenAIServing:
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        for legacy in ("functions", "function_call"):
+            if getattr(body, legacy) is not None:
+                raise ApiError(400, f"{legacy} (OpenAI's legacy function calling) is not supported", legacy)
+        if body.tools and body.tool_choice != "none":
+            raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
+                                "template then shows the model the tools, as in vLLM)", "tool_choice")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                               body.prompt_logprobs)
         if body.stream:
             params.output_kind = RequestOutputKind.DELTA
-        prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt)
+        prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
+                                         body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
         streams = self._start(request_id, [prompt], params)
         if body.stream:
@@ -161,10 +170,12 @@ class OpenAIServing:
             raise ApiError(400, "prompt is empty", "prompt")
         return [(p, self._encode(p, "prompt")) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
-    def _chat_prompt(self, messages, add_generation_prompt: bool) -> Prompt:
+    def _chat_prompt(self, messages, add_generation_prompt: bool, continue_final_message: bool = False,
+                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> Prompt:
         plain = [m.model_dump(exclude_none=True) for m in messages]
         try:
-            return render_chat(self._tokenizer(), plain, self.chat_template, add_generation_prompt)
+            return render_chat(self._tokenizer(), plain, self.chat_template, add_generation_prompt,
+                               continue_final_message, tools, chat_template_kwargs)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
 
