@@ -507,3 +507,30 @@ def test_omitted_sampling_fields_take_the_models_generation_config(tiny_checkpoi
     finally:
         uv.should_exit = True
         server.engine.shutdown()
+
+
+def test_completions_add_special_tokens_as_asked(tiny_checkpoint, tmp_path):
+    """vLLM's add_special_tokens: a tokenizer that puts BOS before a text prompt does so by default,
+    and not with add_special_tokens false (a prompt that already carries its own template)."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "bos"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save_pretrained(path)
+    server, uv, url = start_server(str(path))
+    try:
+        counts = {}
+        for add in (True, False):
+            status, body = call("POST", f"{url}/v1/completions", {"model": server.model_name, "prompt": "def main():",
+                                                                  "max_tokens": 1, "add_special_tokens": add})
+            assert status == 200, body
+            counts[add] = json.loads(body)["usage"]["prompt_tokens"]
+        assert counts[True] == counts[False] + 1
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()

@@ -141,6 +141,8 @@ ABUSE = [
     ("tool_choice of another word", "/v1/chat/completions", CHAT | {"tools": [TOOL], "tool_choice": "any"}, 400,
      "tool_choice"),
     ("legacy functions", "/v1/chat/completions", CHAT | {"functions": [TOOL["function"]]}, 400, "functions"),
+    ("beam search", "/v1/completions", GOOD | {"use_beam_search": True}, 400, "use_beam_search"),
+    ("priority", "/v1/chat/completions", CHAT | {"priority": -1}, 400, "priority"),
     ("chat_template_kwargs naming the template's own arguments", "/v1/chat/completions",
      CHAT | {"chat_template_kwargs": {"tokenize": True}}, 400, "messages"),
     ("chat_template_kwargs as a list", "/v1/chat/completions", CHAT | {"chat_template_kwargs": [1]}, 400,

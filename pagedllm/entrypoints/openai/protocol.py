@@ -74,6 +74,9 @@ class SamplingFields(RequestBody):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     spaces_between_special_tokens: bool = True
+    # vLLM's, not served here: refused when asked for, rather than ignored
+    use_beam_search: bool = False
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs: its own field, and the older guided_* ones
     structured_outputs: dict | None = None
@@ -119,6 +122,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="draw best_of, return the n most likely (no stream)")
     suffix: str | None = Field(None, description="not supported: refused (as vLLM refuses it), never ignored")
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS (or other special tokens) before a text prompt
 
 
 class TextPart(RequestBody):

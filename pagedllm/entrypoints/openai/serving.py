@@ -73,7 +73,7 @@ class OpenAIServing:
             params.output_kind = RequestOutputKind.FINAL_ONLY
         elif body.stream:
             params.output_kind = RequestOutputKind.DELTA
-        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt, body.add_special_tokens)
         request_id = random_id("cmpl")
         streams = self._start(request_id, prompts, params)
         if body.stream:
@@ -151,6 +151,11 @@ class OpenAIServing:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`", "model")
 
     def _params(self, body, max_tokens, logprobs, prompt_logprobs, best_of=None):
+        if body.use_beam_search:
+            raise ApiError(400, "use_beam_search is not served (offline, LLM.beam_search is)", "use_beam_search")
+        if body.priority:
+            raise ApiError(400, "priority scheduling is not supported: requests are served first come, first "
+                                "served (priority 0)", "priority")
         try:
             return body.sampling_params(max_tokens, logprobs, prompt_logprobs,
                                         self.engine.engine.default_sampling_fields, best_of)
@@ -163,12 +168,13 @@ class OpenAIServing:
         except ValueError as err:
             raise ApiError(400, f"{field}: {err}", field) from None
 
-    def _completion_prompts(self, prompt) -> list[Prompt]:
+    def _completion_prompts(self, prompt, add_special_tokens: bool = True) -> list[Prompt]:
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             prompt = [prompt]
         if not prompt:
             raise ApiError(400, "prompt is empty", "prompt")
-        return [(p, self._encode(p, "prompt")) if isinstance(p, str) else (None, list(p)) for p in prompt]
+        return [(p, self._encode(p, "prompt", add_special_tokens)) if isinstance(p, str) else (None, list(p))
+                for p in prompt]
 
     def _chat_prompt(self, messages, add_generation_prompt: bool, continue_final_message: bool = False,
                      tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> Prompt:
