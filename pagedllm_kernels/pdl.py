@@ -7,8 +7,9 @@ took 2.28 ms in a CUDA graph with it against 2.45 without.
 
 Every kernel here starts with ``wait_for_previous(PDL)`` and is launched with ``**pdl(x)``:
 both or neither, since a kernel launched early that did not wait would read its inputs before
-they are written. A kernel launched without it (torch's, cuBLAS's) waits for the whole of the
-one before, as ever."""
+they are written. (The few-rows product reads nothing before it waits but its weights, which no
+kernel writes, into L2; and lets the next start only after its loop, with ``let_next_start``.) A
+kernel launched without it (torch's, cuBLAS's) waits for the whole of the one before, as ever."""
 
 import functools
 import os
