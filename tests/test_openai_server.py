@@ -161,6 +161,28 @@ def test_streamed_samples_add_up_to_the_unstreamed_ones_and_each_finishes_once(l
         assert mine[-1].finish_reason == choice.finish_reason
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(live):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the prompt's tokens and the
+    completion's so far (never falling, counting each sample's tokens), ending at the final usage."""
+    _, _, client = live
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    completion = list(client.completions.create(model="tiny", prompt="def main():", max_tokens=9, temperature=1,
+                                                n=2, seed=3, stream=True, stream_options=options))
+    chat = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=7, temperature=0,
+                                               stream=True, stream_options=options))
+    for chunks, total in ((completion, 2 * 9), (chat, 7)):
+        final = chunks[-1].usage
+        assert not chunks[-1].choices and final.completion_tokens == total
+        so_far = [c.usage.completion_tokens for c in chunks]
+        assert so_far == sorted(so_far) and so_far[-2] == total
+        assert {c.usage.prompt_tokens for c in chunks} == {final.prompt_tokens}
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    assert chat[0].usage.completion_tokens == 0  # the role chunk, before any token
+    plain = list(client.completions.create(model="tiny", prompt="x", max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 3
+
+
 def test_async_client(live):
     _, url, _ = live
 

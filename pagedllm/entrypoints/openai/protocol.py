@@ -30,6 +30,7 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class JsonSchemaFormat(RequestBody):
@@ -274,8 +275,9 @@ class ChunkFrame:
         self.created = envelope.created
         self.head, _, self.tail = envelope.model_dump_json().rpartition('"choices":[]')
 
-    def __call__(self, choices: list[BaseModel]) -> str:
-        return f'{self.head}"choices":[{",".join(c.model_dump_json() for c in choices)}]{self.tail}'
+    def __call__(self, choices: list[BaseModel], usage: Usage | None = None) -> str:
+        tail = self.tail if usage is None else self.tail.replace('"usage":null', f'"usage":{usage.model_dump_json()}')
+        return f'{self.head}"choices":[{",".join(c.model_dump_json() for c in choices)}]{tail}'
 
 
 class ModelCard(BaseModel):

@@ -106,7 +106,7 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         streams = self._start(request_id, [prompt], params)
         if body.stream:
-            return event_stream(self._chat_events(request_id, body, streams))
+            return event_stream(self._chat_events(request_id, body, len(prompt[1]), streams))
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
@@ -245,8 +245,12 @@ class OpenAIServing:
 
     async def _completion_events(self, request_id, body: CompletionRequest, prompts: list[Prompt], streams,
                                  echo_only: bool) -> AsyncIterator[str]:
-        chunk = ChunkFrame(CompletionResponse(id=request_id, model=self.model_name, choices=[]))
+        frame = ChunkFrame(CompletionResponse(id=request_id, model=self.model_name, choices=[]))
         deltas = _Deltas()
+
+        def chunk(choices):  # with the usage so far where the client asked for it on every chunk
+            return frame(choices, deltas.usage(echo_only) if _continuous_usage(body) else None)
+
         echoed: set[tuple[int, int]] = set()
         sent_chars: dict[tuple[int, int], int] = {}  # text sent, for the logprobs' offsets
         async for prompt_index, output in merge(streams):
@@ -273,14 +277,19 @@ class OpenAIServing:
                 yield chunk([CompletionChoice(index=index, text=c.text, logprobs=logprobs,
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if body.stream_options and body.stream_options.include_usage:
-            yield CompletionResponse(id=request_id, model=self.model_name, created=chunk.created, choices=[],
+            yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
 
-    async def _chat_events(self, request_id, body: ChatCompletionRequest, streams) -> AsyncIterator[str]:
-        chunk = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                     for i in range(body.n)])
+    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt_tokens: int,
+                           streams) -> AsyncIterator[str]:
+        frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas = _Deltas()
+        deltas.prompt_tokens[0] = prompt_tokens
+
+        def chunk(choices):  # with the usage so far where the client asked for it on every chunk
+            return frame(choices, deltas.usage() if _continuous_usage(body) else None)
+
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)])
         async for _, output in merge(streams):
             for c in deltas.ready(0, output):
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
@@ -288,8 +297,13 @@ class OpenAIServing:
                 yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text or None),
                                              finish_reason=c.finish_reason, logprobs=logprobs)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
-            yield ChatCompletionChunk(id=request_id, model=self.model_name, created=chunk.created, choices=[],
+            yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                       usage=deltas.usage()).model_dump_json()
+
+
+def _continuous_usage(body) -> bool:
+    options = body.stream_options
+    return options is not None and options.include_usage and options.continuous_usage_stats
 
 
 class _Deltas:
