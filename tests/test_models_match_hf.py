@@ -201,7 +201,7 @@ def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference,
     from pagedllm.layers.rotary import RotaryEmbedding
 
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
-    monkeypatch.setattr(RotaryEmbedding, "writes_kv_cache", lambda self, q: self.rotary_dim == self.head_dim)
+    monkeypatch.setattr(RotaryEmbedding, "one_kernel", lambda self, q: self.rotary_dim == self.head_dim)
     llm = LLM(tiny_checkpoint(kind), max_num_batched_tokens=48, num_kv_blocks=64, dtype="float32")
     assert llm.llm_engine.executor.runner.attention_backend == "triton"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         slots, tables = meta.slot_mapping, meta.block_tables
         if self.sliding_window is not None and meta.window_block_tables is not None:  # its own pool
             slots, tables = meta.window_slot_mapping, meta.window_block_tables
-        rotary_stores = self.backend == "triton" and rotary_emb is not None and rotary_emb.writes_kv_cache(q)
+        rotary_stores = self.backend == "triton" and rotary_emb is not None and rotary_emb.one_kernel(q)
         if rotary_emb is not None:
             write = KVWrite(v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale) if rotary_stores else None
             q, k = rotary_emb(positions, q, k, q_norm, k_norm, write)

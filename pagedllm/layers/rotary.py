@@ -51,24 +51,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scale).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
-    def writes_kv_cache(self, q: torch.Tensor) -> bool:
-        """Whether ``forward`` can take a ``kv_write`` for q: on CUDA, where the whole head rotates."""
+    def one_kernel(self, q: torch.Tensor) -> bool:
+        """Whether q and k rotate in one kernel over whole heads (on CUDA, where the whole head
+        rotates): the kernel that also QK-normalizes them first and can write the KV cache."""
         return fused_on(q) and self.rotary_dim == self.head_dim
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, kv_write: KVWrite | None = None):
         """Rotated q and k (on CUDA rotated in place: they are this step's own projections). With
         ``q_norm``/``k_norm`` (QK-norm's RMSNorms over each head), normalized first: on CUDA in
-        the same kernel, where the whole head rotates. With ``kv_write`` (where ``writes_kv_cache``)
+        the same kernel, where the whole head rotates. With ``kv_write`` (where ``one_kernel``)
         the same kernel writes the rotated K and the step's V into the paged cache."""
-        fused = fused_on(q)
-        if kv_write is not None or (q_norm is not None and fused and self.rotary_dim == self.head_dim):
+        if kv_write is not None or (q_norm is not None and self.one_kernel(q)):
             norms = (q_norm.weight, k_norm.weight) if q_norm is not None else None
             return rotary(positions, q, k, self.cos, self.sin, norms, q_norm.eps if norms else 0.0,
                           q_norm.scale_in_float32 if norms else False, kv_write)
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
-        apply = rotary if fused else rotary_ref
+        apply = rotary if fused_on(q) else rotary_ref
         if self.rotary_dim == self.head_dim:
             return apply(positions, q, k, self.cos, self.sin)
         d = self.rotary_dim

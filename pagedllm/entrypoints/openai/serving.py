@@ -246,10 +246,10 @@ class OpenAIServing:
     async def _completion_events(self, request_id, body: CompletionRequest, prompts: list[Prompt], streams,
                                  echo_only: bool) -> AsyncIterator[str]:
         frame = ChunkFrame(CompletionResponse(id=request_id, model=self.model_name, choices=[]))
-        deltas = _Deltas()
+        deltas, continuous = _Deltas(), _continuous_usage(body)
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
-            return frame(choices, deltas.usage(echo_only) if _continuous_usage(body) else None)
+            return frame(choices, deltas.usage(echo_only) if continuous else None)
 
         echoed: set[tuple[int, int]] = set()
         sent_chars: dict[tuple[int, int], int] = {}  # text sent, for the logprobs' offsets
@@ -283,11 +283,11 @@ class OpenAIServing:
     async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt_tokens: int,
                            streams) -> AsyncIterator[str]:
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
-        deltas = _Deltas()
+        deltas, continuous = _Deltas(), _continuous_usage(body)
         deltas.prompt_tokens[0] = prompt_tokens
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
-            return frame(choices, deltas.usage() if _continuous_usage(body) else None)
+            return frame(choices, deltas.usage() if continuous else None)
 
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)])
         async for _, output in merge(streams):
