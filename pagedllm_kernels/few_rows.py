@@ -4,14 +4,10 @@ is a read of the weights. cuBLAS and ``torch._scaled_mm`` tile it for many rows 
 layer, leave most SMs idle: on an H200 Qwen3-0.6B's 1,024 x 2,048 output projection took 12.6 us
 at one row through cuBLAS against 4.1 us here (split-K over 256 programs).
 
-Weights in bf16/fp16 (x in the same dtype) or FP8 with one scale per output row, x in FP8 with one
-scale per row, or in bf16/fp16, quantized per row by each program as it reads x (as ``quantize_rows``
-would: the same bits), where no kernel before made it FP8 (an attention output): at one stream the
-quantizing kernel that would otherwise come between cost about what the quantizing does.
-
-Each program reads ``block_n`` weight rows over ``k / split_k`` columns; split-K's partial sums
-are added by the last program of each tile to arrive, in split order (no kernel after it, and
-results that do not vary from run to run).
+Weights in bf16/fp16 (x in the same dtype) or FP8 with one scale per output row (x in FP8 with one
+scale per row). Each program reads ``block_n`` weight rows over ``k / split_k`` columns; split-K's
+partial sums are added by the last program of each tile to arrive, in split order (no kernel after
+it, and results that do not vary from run to run).
 
 Under dependent launch (``pdl.py``) the weights are the one input the kernel before does not
 write: each program asks L2 for its first lines of them before it waits, and lets the next kernel
@@ -22,10 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm_kernels.fp8_ops import WIDEST_BLOCK, quantize_rows, row_scale
 from pagedllm_kernels.paged_attention import num_sms
 from pagedllm_kernels.pdl import let_next_start, pdl, wait_for_previous
-from pagedllm_kernels.reference import FP8_MAX
 
 HOPPER_SMS = 132
 MAX_ROWS = 16  # tl.dot's least row tile: up to here one program's rows cover x, and the weights are read once
@@ -38,7 +32,6 @@ PREFETCH_BYTES = 4 << 20
 @triton.jit
 def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
                             m, n, k, stride_xm, stride_wn, SCALED: tl.constexpr, BIAS: tl.constexpr,
-                            QUANTIZE_X: tl.constexpr, X_BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH_K: tl.constexpr,
                             LINE: tl.constexpr, PDL: tl.constexpr):
@@ -48,15 +41,11 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
     if PDL and PREFETCH_K > 0:  # the weights do not depend on the kernel before: read them into L2 while it ends
         _prefetch_l2(w_ptr, cols, n, k, stride_wn, split * K_PER_SPLIT, PREFETCH_K, LINE)
     wait_for_previous(PDL, LET_NEXT_START=False)  # the next kernel starts after this one's reads (below)
-    if QUANTIZE_X:
-        x_scale, x_inverse = _x_row_scales(x_ptr, rows, m, k, stride_xm, BLOCK_M, X_BLOCK, FP8_MAX)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * K_PER_SPLIT, tl.minimum(k, (split + 1) * K_PER_SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
                     mask=(rows < m)[:, None] & (ks < k)[None, :], other=0.0)
-        if QUANTIZE_X:
-            x = tl.clamp(x.to(tl.float32) * x_inverse[:, None], -FP8_MAX, FP8_MAX).to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -75,30 +64,11 @@ def _few_rows_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_
             return
     if SCALED:
         acc = acc * tl.load(scale_ptr + cols, mask=cols < n, other=0.0)[None, :]
-        if QUANTIZE_X:
-            acc = acc * x_scale[:, None]
-        else:
-            acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
+        acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[:, None]
     if BIAS:  # rounded to the output's dtype first, as a product and then a bias added in torch would be
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _x_row_scales(x_ptr, rows, m, k, stride_xm, BLOCK_M: tl.constexpr, X_BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
-    """Each of this program's rows' FP8 scale and its inverse, from the whole row (``row_scale``, as
-    ``quantize_rows`` makes them); a row at a time, since x is a row or a few."""
-    x_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
-    x_inverse = tl.zeros([BLOCK_M], dtype=tl.float32)
-    cols = tl.arange(0, X_BLOCK)
-    first = tl.program_id(1) * BLOCK_M
-    for row in range(first, tl.minimum(m, first + BLOCK_M)):
-        values = tl.load(x_ptr + row * stride_xm + cols, mask=cols < k, other=0.0).to(tl.float32)
-        scale, inverse = row_scale(tl.max(tl.abs(values), axis=0), FP8_MAX)
-        x_scale = tl.where(rows == row, scale, x_scale)
-        x_inverse = tl.where(rows == row, inverse, x_inverse)
-    return x_scale, x_inverse
 
 
 @triton.jit
@@ -162,12 +132,8 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``x [m, k] @ weight [n, k].T + bias`` in ``out_dtype`` for m up to ``MAX_ROWS`` (more rows read
     the weights again per 16), x's rows dense; with FP8 operands each times its row scales
-    (``x_scale [m, 1]``, ``weight_scale [n, 1]``); x in bf16/fp16 with an FP8 weight (and no
-    ``x_scale``) is quantized per row on the way. Tiles by default ``few_rows_config``'s."""
+    (``x_scale [m, 1]``, ``weight_scale [n, 1]``). Tiles by default ``few_rows_config``'s."""
     m, k = x.shape
-    quantize_x = weight.element_size() == 1 and x.element_size() > 1
-    if quantize_x and k > WIDEST_BLOCK:  # past one block a row: quantized by a kernel of its own
-        (x, x_scale), quantize_x = quantize_rows(x), False
     n = weight.shape[0]
     tiles = few_rows_config(n, k, weight.element_size(), _sms(x.device))
     block_n, block_k = block_n or tiles["block_n"], block_k or tiles["block_k"]
@@ -180,13 +146,12 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtyp
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
         partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
         arrivals = _arrival_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
-        scaled = weight_scale is not None
+        scaled = x_scale is not None
         prefetch_k = _prefetch_columns(grid[0] * grid[2] * block_n * weight.element_size(), k_per_split,
                                        weight.element_size())
-        _few_rows_matmul_kernel[grid](x, x if x_scale is None else x_scale, weight, weight_scale if scaled else weight,
+        _few_rows_matmul_kernel[grid](x, x_scale if scaled else x, weight, weight_scale if scaled else weight,
                                       out if bias is None else bias, out, partial, arrivals, m, n, k, x.stride(0),
-                                      weight.stride(0), SCALED=scaled, BIAS=bias is not None, QUANTIZE_X=quantize_x,
-                                      X_BLOCK=triton.next_power_of_2(k) if quantize_x else 1, FP8_MAX=FP8_MAX,
+                                      weight.stride(0), SCALED=scaled, BIAS=bias is not None,
                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
                                       SPLIT_K=split_k, PREFETCH_K=prefetch_k, LINE=128 // weight.element_size(),
                                       num_warps=num_warps, num_stages=num_stages, **pdl(x))

@@ -4,8 +4,7 @@
   largest magnitude sets its scale, then the row is divided, clamped to e4m3's range and stored as
   FP8. In torch this is five kernels per linear layer, each a pass over the activations.
 - A few rows of FP8 activations times FP8 weights, each with its row scales, where
-  ``torch._scaled_mm`` tiles poorly: ``few_rows.few_rows_matmul``, the kernel that bf16 layers use too;
-  given rows in the model's dtype it quantizes them itself, as ``quantize_rows`` would."""
+  ``torch._scaled_mm`` tiles poorly: ``few_rows.few_rows_matmul``, the kernel that bf16 layers use too."""
 
 import torch
 import triton
@@ -16,21 +15,14 @@ from pagedllm_kernels.reference import FP8_MAX
 
 
 @triton.jit
-def row_scale(largest, FP8_MAX: tl.constexpr):
-    """A row's scale (its largest magnitude / FP8_MAX) and what its values are multiplied by
-    (FP8_MAX / largest), both divided once with IEEE rounding, as torch divides (``/`` is
+def _row_scales(largest, scale_ptr, row, FP8_MAX: tl.constexpr):
+    """Store a row's scale (its largest magnitude / FP8_MAX); return what its values are multiplied
+    by (FP8_MAX / largest), both divided once with IEEE rounding, as torch divides (``/`` is
     approximate in Triton): per value a product, since an IEEE division each took the kernel
     twice as long (H200)."""
     largest = tl.maximum(largest, 1e-12)
-    return tl.math.div_rn(largest, FP8_MAX), tl.math.div_rn(tl.zeros_like(largest) + FP8_MAX, largest)
-
-
-@triton.jit
-def _row_scales(largest, scale_ptr, row, FP8_MAX: tl.constexpr):
-    """Store a row's scale; return its inverse (``row_scale``)."""
-    scale, inverse = row_scale(largest, FP8_MAX)
-    tl.store(scale_ptr + row, scale)
-    return inverse
+    tl.store(scale_ptr + row, tl.math.div_rn(largest, FP8_MAX))
+    return tl.math.div_rn(tl.zeros_like(largest) + FP8_MAX, largest)
 
 
 @triton.jit

@@ -46,18 +46,11 @@ def fp8_linear(x: torch.Tensor | FP8Rows, weight: torch.Tensor, weight_scale: to
     ``weight_scale [out, 1]``, x quantized per token (``quantized_rows``). On CUDA one
     ``torch._scaled_mm`` (row-wise scales need a bf16 output: an fp16 model's is converted after)
     or, for up to ``FEW_ROWS`` rows, ``few_rows_matmul`` (which beats it there: H200, Llama-3-8B's
-    layers), which quantizes rows that come unquantized itself; elsewhere both operands dequantized
-    and multiplied in float32 (``fp8_weight_matmul_ref``)."""
-    flat = x if isinstance(x, FP8Rows) else x.reshape(-1, x.shape[-1])
-    values = flat.q if isinstance(flat, FP8Rows) else flat
-    if values.is_cuda and triton_ops.few_rows_matmul is not None and len(values) <= FEW_ROWS:
-        if isinstance(flat, FP8Rows):
-            out = triton_ops.few_rows_matmul(flat.q, weight, flat.dtype, bias, flat.scale, weight_scale)
-        else:  # quantized by the kernel as it reads them
-            out = triton_ops.few_rows_matmul(flat if flat.stride(-1) == 1 else flat.contiguous(), weight, x.dtype,
-                                             bias, None, weight_scale)
+    layers); elsewhere both operands dequantized and multiplied in float32 (``fp8_weight_matmul_ref``)."""
+    rows = quantized_rows(x)
+    if rows.q.is_cuda and triton_ops.few_rows_matmul is not None and len(rows.q) <= FEW_ROWS:
+        out = triton_ops.few_rows_matmul(rows.q, weight, rows.dtype, bias, rows.scale, weight_scale)
     else:
-        rows = quantized_rows(x)
         if rows.q.is_cuda:
             out = torch._scaled_mm(rows.q, weight.t(), scale_a=rows.scale, scale_b=weight_scale.t(),
                                    out_dtype=torch.bfloat16).to(rows.dtype)
