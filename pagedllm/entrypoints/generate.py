@@ -16,7 +16,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -157,6 +158,22 @@ def skip_bad_line(args: argparse.Namespace, number: int, reason: str) -> None:
     tqdm.write(f"skipped line {number}: {reason}", file=sys.stderr)
 
 
+def new_lines(path: str, done: set, seen: set, bad: Callable[[int, str], None]) -> Iterator[tuple[int, dict, Any]]:
+    """The input's lines as (line number, item, id key), less the malformed and those repeating an
+    id (each passed to ``bad``) and those already done (skipped quietly); the caller adds a line's
+    key to ``seen`` once it takes the line."""
+    for number, item in read_prompts(path):
+        if isinstance(item, BadLine):
+            bad(number, str(item))
+            continue
+        key = id_key(item["id"])
+        if key in seen:
+            if key not in done:
+                bad(number, f"duplicate id {key}")
+            continue
+        yield number, item, key
+
+
 def run(args: argparse.Namespace) -> int:
     fields = job_fields(args)
     params = SamplingParams(**fields)  # the job's own values, checked before any work
@@ -176,21 +193,13 @@ def run(args: argparse.Namespace) -> int:
         skip_bad_line(args, number, reason)
         skipped += 1
 
-    lines = read_prompts(args.input)
+    lines = new_lines(args.input, done, seen, bad)
     with open(args.output, "a", encoding="utf-8") as out:
         while True:
             while len(pending) < 4 * args.max_num_seqs:  # keep the queue bounded: read as requests finish
-                number, item = next(lines, (None, None))
+                number, item, key = next(lines, (None, None, None))
                 if item is None:
                     break
-                if isinstance(item, BadLine):
-                    bad(number, str(item))
-                    continue
-                key = id_key(item["id"])
-                if key in seen:
-                    if key not in done:
-                        bad(number, f"duplicate id {key}")
-                    continue
                 try:
                     if "messages" in item:
                         text, token_ids = render_chat(tokenizer, item["messages"])

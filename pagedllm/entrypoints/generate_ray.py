@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from pagedllm.entrypoints.generate import BadLine, id_key, line_fields, read_done, read_prompts, skip_bad_line
+from pagedllm.entrypoints.generate import line_fields, new_lines, read_done, skip_bad_line
 from pagedllm.entrypoints.server_args import engine_kwargs
 from pagedllm.ray import ERROR_COLUMN, PagedLLMProcessorConfig, build_processor
 from pagedllm.sampling_params import SamplingParams
@@ -29,15 +29,7 @@ def run(args: argparse.Namespace, fields: dict) -> int:
         skip_bad_line(args, number, reason)
         skipped += 1
 
-    for number, item in read_prompts(args.input):
-        if isinstance(item, BadLine):
-            bad(number, str(item))
-            continue
-        key = id_key(item["id"])
-        if key in seen:
-            if key not in done:
-                bad(number, f"duplicate id {key}")
-            continue
+    for number, item, key in new_lines(args.input, done, seen, bad):
         try:
             SamplingParams(**line_fields(item, fields))  # the line's own values, checked here (compiling a
             # constraint is the replica's work)
