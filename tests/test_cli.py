@@ -138,9 +138,10 @@ def test_ids_are_json_values_and_bad_lines_never_crash(model, tmp_path, capsys):
                       {"id": 10, "messages": [{"role": "user", "content": 5}]}])
     with open(inp, "ab") as f:
         f.write(b'{"id": 11, "prompt": "\xff\xfe"}\n')  # not UTF-8
+        f.write(b'{"id": 12, "prompt": "a", "source": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")  # json's recursion
     assert generate(model, inp, out, "--skip-bad-lines") == 0
     err = capsys.readouterr().err
-    assert "skipped 5 bad lines" in err
+    assert "skipped 6 bad lines" in err and "skipped line 11: JSON nested too deeply" in err
     for number in (6, 7, 8, 9, 10):
         assert f"skipped line {number}" in err
     assert sorted(json.dumps(r["id"]) for r in read_results(out)) == sorted(['1', '1.0', 'true', '"1"', '["a"]'])

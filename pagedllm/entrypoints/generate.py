@@ -63,6 +63,9 @@ def read_prompts(path: str) -> Iterator[tuple[int, dict | BadLine]]:
             except json.JSONDecodeError as err:
                 yield number, BadLine(f"not valid JSON ({err.msg})")
                 continue
+            except RecursionError:
+                yield number, BadLine("JSON nested too deeply")
+                continue
             if not isinstance(item, dict) or "id" not in item:
                 yield number, BadLine('needs an "id"')
             elif not isinstance(item.get("prompt"), str) and not isinstance(item.get("messages"), list):

@@ -5,37 +5,47 @@ side's time at 200 streams, py-spy on the H200)."""
 
 import asyncio
 import hmac
+import json
 
 from starlette.exceptions import HTTPException
 
-from pagedllm.entrypoints.openai.errors import error_response
+from pagedllm.entrypoints.openai.errors import error_body, error_response
 
 MAX_HEAD_BYTES = 64 << 10  # a request line and headers; real clients send about 1 KiB
 
 try:  # uvicorn's own choice: the C parser where it is installed (the server extra installs it)
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     class HTTPProtocol(HttpToolsProtocol):
         """httptools' protocol with a cap on the request head: the parser keeps whatever a header
-        grows to (a client streaming one endless header filled memory), where h11 stops at 16 KiB."""
+        grows to (a client streaming one endless header filled memory), where h11 stops at 16 KiB.
+        Its 400s (the cap, a request it cannot parse) are OpenAI's error JSON, as every other error."""
 
-        head_bytes, reading_head = 0, True
+        head_bytes, reading_head, head_ended = 0, True, False
 
         def data_received(self, data: bytes) -> None:
-            in_head = self.reading_head
+            in_head, self.head_ended = self.reading_head, False
             super().data_received(data)
-            if in_head and self.reading_head:  # all of it went to a head that is not complete yet
+            if in_head and not self.head_ended:  # all of it went to a head that is not complete yet
                 self.head_bytes += len(data)
                 if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
                     self.send_400_response(f"The request head is larger than {MAX_HEAD_BYTES} bytes.")
 
         def on_headers_complete(self) -> None:
-            self.reading_head, self.head_bytes = False, 0
+            self.reading_head, self.head_ended, self.head_bytes = False, True, 0
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self.reading_head = True  # the next request's head, on a kept-alive connection
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(error_body(400, msg)).encode()
+            head = [STATUS_LINE[400]] + [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
 except ImportError:
     from uvicorn.protocols.http.h11_impl import H11Protocol as HTTPProtocol
 
