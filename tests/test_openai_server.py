@@ -90,8 +90,8 @@ def test_enable_log_requests_logs_each_request_as_it_starts(log_requests, pagedl
             yield
 
     serving = OpenAIServing(Engine(), "m", None, metrics=None, log_requests=log_requests)
-    serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5))
-    serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000]))  # a body's worth of values
+    asyncio.run(serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5)))
+    asyncio.run(serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000])))  # a body's worth
     logged = [r.getMessage() for r in pagedllm_log if "cmpl-1" in r.getMessage()]
     assert logged == (["request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))]
                       if log_requests else [])

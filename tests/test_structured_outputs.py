@@ -211,6 +211,44 @@ def test_bad_words_that_ban_all_the_grammar_allows_fail_that_request_naming_them
     assert caught.value.status == 400 and caught.value.prompt_index == 1
 
 
+def test_a_grammar_compiling_holds_up_only_its_own_request(monkeypatch):
+    """The engine compiles in a worker thread and queues the request once its grammar is ready: while
+    one grammar compiles (held here until released; a regex of 50,000 alternatives took the server 12
+    s, and every request waited for it), the free requests run to the end, and one that does not
+    compile fails alone, as its own fault; aborting a request that is compiling drops it."""
+    import threading
+
+    from pagedllm.engine.structured_output import GrammarCompiler
+    from pagedllm.errors import ClientFault
+
+    release, compile_ = threading.Event(), GrammarCompiler.compile
+
+    def held(self, params):
+        if params.kind == "regex":
+            assert release.wait(60)
+        return compile_(self, params)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", held)
+    engine = LLM(DEMO, device="cpu").llm_engine
+    prompt = engine.tokenizer.encode("def main():")
+    engine.add_request("held", prompt, SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"}))
+    engine.add_request("dropped", prompt, SamplingParams(max_tokens=4, n=2, structured_outputs={"choice": ["a"]}))
+    engine.add_request("broken", prompt, SamplingParams(max_tokens=4, structured_outputs={"grammar": "root ::= ("}))
+    engine.add_request("free", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert engine.stats().num_waiting == 5
+    engine.abort_request("dropped")
+    finals = {}
+    while "free" not in finals or "broken" not in finals:
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert len(finals["free"].outputs[0].token_ids) == 8 and "held" not in finals
+    assert isinstance(finals["broken"].error, ClientFault) and "structured_outputs.grammar" in finals["broken"].error
+    assert engine.has_unfinished_requests() and engine.stats().num_waiting == 1
+    release.set()
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert re.fullmatch("[0-9]+", finals["held"].outputs[0].text) and "dropped" not in finals
+
+
 @pytest.fixture(scope="module")
 def server():
     import openai
@@ -241,6 +279,37 @@ def test_server_response_format_and_vllms_fields(server):
     regex = server.completions.create(model="demo", prompt="?", temperature=1.0, seed=4, max_tokens=10,
                                       extra_body={"guided_regex": "[0-9]{3}"})
     assert re.fullmatch("[0-9]{3}", regex.choices[0].text)
+
+
+def test_a_grammar_that_takes_seconds_to_compile_stalls_no_other_client(server):
+    """The server checks a structured output (which compiles its grammar) off its event loop, and
+    the engine compiles off its own loop: /health and a free completion answer while a regex of
+    40,000 alternatives compiles (a few seconds: it held both for the whole compile, twice)."""
+    import threading
+    import time
+    import urllib.request
+
+    base = str(server.base_url).rstrip("/").removesuffix("/v1")
+    slow = {}
+
+    def constrained():
+        slow["text"] = server.completions.create(
+            model="demo", prompt="a", max_tokens=16,
+            extra_body={"structured_outputs": {"regex": "|".join(f"x{i:05}" for i in range(40_000))}}).choices[0].text
+
+    thread = threading.Thread(target=constrained)
+    thread.start()
+    time.sleep(0.3)  # the body is in, the compile has begun
+    slowest, free_while_compiling = 0.0, False
+    while thread.is_alive():
+        start = time.monotonic()
+        urllib.request.urlopen(f"{base}/health", timeout=60).read()
+        if not free_while_compiling:
+            assert server.completions.create(model="demo", prompt="a", max_tokens=2).choices[0].text
+            free_while_compiling = thread.is_alive()
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.05)
+    assert re.fullmatch(r"x\d{5}", slow["text"]) and free_while_compiling and slowest < 1.0
 
 
 @pytest.mark.parametrize("extra, named", [

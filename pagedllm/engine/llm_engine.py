@@ -2,6 +2,7 @@
 
 import logging
 import os
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
@@ -21,7 +22,7 @@ from pagedllm.engine.request_checks import (
 )
 from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
-from pagedllm.errors import RequestError
+from pagedllm.errors import ClientFault, RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -50,6 +51,8 @@ class LLMEngine:
                                                              self.executor.num_window_kv_blocks,
                                                              self.executor.sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # Requests (a group's samples together) whose grammar compiles in a worker thread: queued once it has
+        self.compiling: list[tuple[Future, list[Request]]] = []
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
@@ -65,8 +68,10 @@ class LLMEngine:
                     prompt: str | None = None, stream: bool = False) -> None:
         """Queue a request. A streaming request is reported by every step that gives it a token.
         With ``n > 1`` (or ``best_of``) its samples are requests of one group (ids ``request_id#i``),
-        which wait for room like any others."""
-        self.validate_request(prompt_token_ids, params)
+        which wait for room like any others. A request with structured outputs is queued once its
+        grammar has compiled (off the engine loop); one that does not compile fails then, alone."""
+        validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, self.eos_token_ids,
+                         prompt_token_ids, params, compile_grammar=False)
         if stream and params.samples > params.n and params.output_kind != RequestOutputKind.FINAL_ONLY:
             raise ValueError(f"SamplingParams.best_of={params.best_of} is invalid: it cannot be streamed (the best "
                              "samples are known only at the end): use output_kind=RequestOutputKind.FINAL_ONLY")
@@ -76,35 +81,69 @@ class LLMEngine:
         max_tokens = max_output_tokens(prompt_token_ids, params, self.config.max_model_len)
         bad_words = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         group = SampleGroup(request_id) if params.samples > 1 else None
-        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         tensors = SamplingTensors.of(params, prompt_token_ids)
+        requests = []
         for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
-                              bad_words_token_ids=bad_words, grammar=grammar and SampleGrammar.new(grammar),
-                              tensors=tensors)
+                              bad_words_token_ids=bad_words, tensors=tensors)
             request.detokenizer = self.outputs.detokenizer(params, stream)
             if group is not None:
                 group.members.append(request)
-            self.scheduler.add_request(request)
+            requests.append(request)
+        if params.structured_outputs is not None:
+            self.compiling.append((self.grammars.compile_later(params.structured_outputs), requests))
+        else:
+            for request in requests:
+                self.scheduler.add_request(request)
+
+    def _queue_compiled(self, wait_s: float = 0.0) -> list[RequestOutput]:
+        """Queue the requests whose grammar has compiled (waiting up to ``wait_s`` for one); end those
+        whose grammar did not compile, and return their outputs."""
+        if wait_s and self.compiling:
+            wait([future for future, _ in self.compiling], wait_s, FIRST_COMPLETED)
+        failed = []
+        for entry in [e for e in self.compiling if e[0].done()]:
+            self.compiling.remove(entry)
+            future, requests = entry
+            try:
+                compiled = future.result()
+            except ValueError as err:  # its own values: a client's fault
+                for request in requests:
+                    request.error = ClientFault(f"{type(err).__name__}: {err}")
+                    request.finish("error")
+                failed.append(requests[0])
+                continue
+            for request in requests:
+                request.grammar = SampleGrammar.new(compiled)
+                self.scheduler.add_request(request)
+        return self._outputs(failed)
+
 
     def abort_request(self, request_id: str) -> None:
         """End a request (all its samples) wherever it is, freeing its blocks."""
+        for entry in [e for e in self.compiling if _group_id(e[1][0]) == request_id]:
+            self.compiling.remove(entry)
+            entry[0].cancel()
+            for request in entry[1]:
+                request.finish("abort")
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
-            group_id = request.group.request_id if request.group else request.request_id
-            if group_id == request_id:
+            if _group_id(request) == request_id:
                 self.scheduler.finish_request(request, "abort")
 
     def shutdown(self) -> None:
         """Drop every request and free the model runner's device memory."""
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort_request(request.request_id)
+        self.compiling.clear()
+        self.grammars.shutdown()
         self._in_flight = None
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         manager, scheduler = self.block_manager, self.scheduler
-        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+        compiling = sum(len(requests) for _, requests in self.compiling)
+        return EngineStats(len(scheduler.running), len(scheduler.waiting) + compiling,
                            manager.num_blocks - manager.num_free_blocks, manager.num_blocks, self.num_prompt_tokens,
                            self.num_generated_tokens, scheduler.num_preemptions, manager.num_cache_queries,
                            manager.num_cache_hits)
@@ -116,14 +155,21 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()  # a request in flight is running (or preempted)
+        # (a request in flight is running, or preempted)
+        return self.scheduler.has_unfinished_requests() or bool(self.compiling)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of the requests that finished, and of the streaming
         requests that got a token (an engine process's ``ProgressReport`` makes reports of them
         instead). The plain step or the pipelined one, as ``async_scheduling`` says (no bound method
-        kept on the engine: that cycle would keep a dropped engine, and its workers, alive)."""
-        return self._step_pipelined() if self.async_scheduling else self._step_plain()
+        kept on the engine: that cycle would keep a dropped engine, and its workers, alive). With
+        nothing to run but grammars compiling, it waits a little for one."""
+        outputs = self._queue_compiled()
+        if not self.scheduler.has_unfinished_requests():
+            outputs += self._queue_compiled(wait_s=0.01)
+            if not self.scheduler.has_unfinished_requests():
+                return outputs
+        return outputs + (self._step_pipelined() if self.async_scheduling else self._step_plain())
 
     def _step_plain(self) -> list[RequestOutput]:
         """Schedule a batch, run it, read its sampled tokens back."""
@@ -248,6 +294,11 @@ class LLMEngine:
             return False
         self.scheduler.finish_request(request, "stop", stop)
         return True
+
+
+def _group_id(request: Request) -> str:
+    """The id the request was added under (its group's, for a sample)."""
+    return request.group.request_id if request.group else request.request_id
 
 
 def _needs_results_first(request: Request) -> bool:

@@ -19,14 +19,15 @@ def truncated_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mo
 
 def validate_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None, cache: CacheCapacity,
                      grammars: GrammarCompiler, eos_token_ids: set[int], prompt_token_ids: list[int],
-                     params: SamplingParams) -> None:
-    """Raise ValueError if the request could never run, naming the field; nothing is changed."""
+                     params: SamplingParams, compile_grammar: bool = True) -> None:
+    """Raise ValueError if the request could never run, naming the field; nothing is changed.
+    ``compile_grammar=False`` leaves the structured output's compile to its caller."""
     ids = truncated_prompt(prompt_token_ids, params, config.max_model_len)
     check_request(config, tokenizer, cache, ids, params)
     bad_words = bad_word_token_ids(tokenizer, params.bad_words) if params.bad_words else []
     if params.allowed_token_ids:
         check_a_token_is_left(params, eos_token_ids, bad_words)
-    if params.structured_outputs is not None:
+    if params.structured_outputs is not None and compile_grammar:
         grammars.compile(params.structured_outputs)  # a schema, regex or grammar that does not compile
 
 

@@ -1,5 +1,8 @@
 """Structured outputs through xgrammar: each request's spec compiles once per engine (xgrammar
-caches compiled grammars by their spec), each sample gets its own ``GrammarMatcher``. Before a
+caches compiled grammars by their spec), each sample gets its own ``GrammarMatcher``. The engine
+compiles in worker threads (``compile_later``; xgrammar lets go of the GIL) and queues a request
+once its grammar is ready, as vLLM does: a regex of 50,000 alternatives took 12 s to compile, and
+every other request waited for it while the engine loop compiled it itself. Before a
 step samples, the constrained rows' matchers fill their rows of a token bitmask on the host, in
 xgrammar's threads (``fill_masks``); the sampler applies it to those rows' logits on their device
 in one kernel; the sampled token is then accepted by the matcher on the host
@@ -16,7 +19,9 @@ and only then are the masks filled and the step's sampling launched (``LLMEngine
 """
 
 import json
+import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -40,6 +45,20 @@ class GrammarCompiler:
         self.stop_token_ids = sorted(t for t in stop_token_ids if t < self.vocab_size)
         self._compiler = None
         self._lock = threading.Lock()  # the server validates requests in threads
+        self._workers: ThreadPoolExecutor | None = None  # compile_later's, made at its first call
+
+    def compile_later(self, params: StructuredOutputsParams) -> Future:
+        """``compile`` in a worker thread: the future's result, or its ValueError."""
+        with self._lock:
+            if self._workers is None:
+                # a few at least: one grammar that takes long holds up only the compiles queued behind it
+                self._workers = ThreadPoolExecutor(max(4, (os.cpu_count() or 2) // 2), "grammar-compiler")
+        return self._workers.submit(self.compile, params)
+
+    def shutdown(self) -> None:
+        """Stop the workers; compiles not yet begun are dropped."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar of ``params``; a ValueError naming the field if it does not compile."""

@@ -75,7 +75,7 @@ class OpenAIServing:
             params.output_kind = RequestOutputKind.DELTA
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt, body.add_special_tokens)
         request_id = random_id("cmpl")
-        streams = self._start(request_id, prompts, params)
+        streams = await self._start(request_id, prompts, params)
         if body.stream:
             return event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
         finals = await until_done_or_disconnect(raw, streams)
@@ -104,7 +104,7 @@ class OpenAIServing:
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
                                          body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
-        streams = self._start(request_id, [prompt], params)
+        streams = await self._start(request_id, [prompt], params)
         if body.stream:
             return event_stream(self._chat_events(request_id, body, len(prompt[1]), streams))
         finals = await until_done_or_disconnect(raw, streams)
@@ -185,13 +185,13 @@ class OpenAIServing:
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
 
-    def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
-        """Check every prompt, then start one engine request each (nothing starts if one is bad)."""
-        for index, (_, token_ids) in enumerate(prompts):
-            try:
-                self.engine.validate(token_ids, params)
-            except ValueError as err:
-                raise bad_value(err, index) from None
+    async def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
+        """Check every prompt, then start one engine request each (nothing starts if one is bad).
+        A structured output's check compiles its grammar, which may take seconds: not on the event loop."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self._check, prompts, params)
+        else:
+            self._check(prompts, params)
         if self.log_requests:  # cut: a client's values (stop strings, logit biases) may be as long as its body
             line = f"request {request_id}: {[len(ids) for _, ids in prompts]} prompt tokens, {params!r}"
             logger.info("%s", line if len(line) <= _LOG_LINE_CHARS else line[:_LOG_LINE_CHARS] + "...")
@@ -200,6 +200,13 @@ class OpenAIServing:
         delta = params.output_kind == RequestOutputKind.DELTA
         return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"), delta)
                 for i, prompt in enumerate(prompts)]
+
+    def _check(self, prompts: list[Prompt], params) -> None:
+        for index, (_, token_ids) in enumerate(prompts):
+            try:
+                self.engine.validate(token_ids, params)
+            except ValueError as err:
+                raise bad_value(err, index) from None
 
     async def _observed(self, stream: AsyncIterator[RequestOutput], delta: bool) -> AsyncIterator[RequestOutput]:
         """The stream, its latencies and its end observed for /metrics."""
