@@ -276,14 +276,9 @@ def test_a_large_body_that_arrives_at_once_is_not_taken_for_a_long_head(server, 
     """A request whose head and 100 KB body come in one read is served (the head cap counted the
     whole read when the request ended inside it, and refused it as a head past 64 KiB)."""
     _, url = server
-    host, port = url.removeprefix("http://").split(":")
     body = json.dumps(GOOD).encode()[:-1] + b" " * 100_000 + b"}"
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
+    reply = raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"] == good_text
 
@@ -291,13 +286,7 @@ def test_a_large_body_that_arrives_at_once_is_not_taken_for_a_long_head(server, 
 @pytest.mark.parametrize("request_bytes", [b"NOT HTTP AT ALL\r\n\r\n", b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n"])
 def test_a_request_that_is_not_http_gets_openai_error_json(server, request_bytes):
     _, url = server
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(request_bytes)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    head, body = reply.split(b"\r\n\r\n", 1)
+    head, body = raw_exchange(url, request_bytes).split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"]["code"] == 400
     assert send(url, "GET", "/health")[0] == 200
