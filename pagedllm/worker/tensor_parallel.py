@@ -71,12 +71,11 @@ class WorkerGroup:
         threading.Thread(target=self._monitor, name="pagedllm-tp-monitor", daemon=True).start()
 
     def _start(self, config) -> None:
-        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False)
         ctx = mp.get_context(self.start_method)
         self.procs, self.conns = [], []
         for rank in range(1, self.world_size):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(config, rank, self.world_size, store.port, theirs,
+            proc = ctx.Process(target=_worker_main, args=(config, rank, self.world_size, theirs,
                                                           self.start_method == "fork"),
                                name=f"pagedllm-tp{rank}", daemon=True)
             proc.start()
@@ -86,8 +85,13 @@ class WorkerGroup:
         self._stopping = threading.Event()  # set first thing when stopping: the monitor then stands down
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self._stopping)
         try:
+            # The rendezvous store's server thread starts once the workers are forked: a worker forked
+            # while it ran could inherit a lock it held, and hang (a full CPU test run once waited the
+            # whole collective timeout with rank 3 of 4 inside TCPStore's constructor).
+            store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False)
             for rank in range(1, self.world_size):
                 self._expect(rank, "joining")  # a worker that cannot even start fails here, not in a hang
+                self.conns[rank - 1].send(("store", store.port))
             init_tensor_parallel(0, self.world_size, rank_device(config.device, 0), store, COLLECTIVE_TIMEOUT_S)
         except BaseException:
             self.shutdown()
@@ -218,7 +222,7 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def _worker_main(config, rank: int, world_size: int, store_port: int, conn, forked: bool) -> None:
+def _worker_main(config, rank: int, world_size: int, conn, forked: bool) -> None:
     """A worker process: join the group, build this rank's ModelRunner, run what the driver sends.
     A forked worker runs its CPU work on one thread: torch's OpenMP pool does not survive a fork
     (once the driver has used it, a child's first parallel op on more threads waits forever)."""
@@ -233,6 +237,7 @@ def _worker_main(config, rank: int, world_size: int, store_port: int, conn, fork
         torch.cuda.set_device(device)
     try:
         conn.send(("joining",))
+        _, store_port = conn.recv()  # ("store", port): the driver's rendezvous store, started after the forks
         store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False)
         init_tensor_parallel(rank, world_size, device, store, COLLECTIVE_TIMEOUT_S)
         runner = ModelRunner(config, rank)
