@@ -108,9 +108,10 @@ class LLMEngine:
             future, requests = entry
             try:
                 compiled = future.result()
-            except ValueError as err:  # its own values: a client's fault
+            except Exception as err:  # a ValueError: its own values, a client's fault (400)
+                message = f"{type(err).__name__}: {err}"
                 for request in requests:
-                    request.error = ClientFault(f"{type(err).__name__}: {err}")
+                    request.error = ClientFault(message) if isinstance(err, ValueError) else message
                     request.finish("error")
                 failed.append(requests[0])
                 continue
@@ -118,7 +119,6 @@ class LLMEngine:
                 request.grammar = SampleGrammar.new(compiled)
                 self.scheduler.add_request(request)
         return self._outputs(failed)
-
 
     def abort_request(self, request_id: str) -> None:
         """End a request (all its samples) wherever it is, freeing its blocks."""
