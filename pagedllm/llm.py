@@ -104,8 +104,7 @@ class LLM:
                             raise RequestFailedError.of_prompt(index, output.error)
                         yield output
         finally:
-            for request_id in pending:
-                engine.abort_request(request_id)
+            engine.abort_request(pending)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -201,8 +200,7 @@ class LLM:
                     bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
                     bar.update(len(finished))
         except BaseException:
-            for request_id in request_ids:  # leave nothing of this call behind in the engine
-                engine.abort_request(request_id)
+            engine.abort_request(request_ids)  # leave nothing of this call behind in the engine
             raise
         finally:
             bar.close()

@@ -192,3 +192,35 @@ def test_a_server_stopped_after_serving_exits_0_without_a_traceback(server, stop
     err = process.stderr.read()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert not _any_left(children)
+
+
+@pytest.mark.parametrize("server", [1], indirect=True)
+def test_a_server_stopped_while_serving_tells_each_client_why_and_exits_0(server):
+    """Requests that cannot finish within the 10 s a stop allows (256 prompts of 500 tokens in one
+    request, and a stream) end with OpenAI's error JSON, 503 (the stream with an error event, then
+    [DONE]): uvicorn would cancel them, a plain-text 500 and a stream cut off, with a traceback."""
+    process, url = server
+    long = {"model": DEMO, "max_tokens": 500, "ignore_eos": True}
+    answers = {}
+
+    def ask(name: str, body: dict) -> None:
+        try:
+            answers[name] = (200, _post(url, body))
+        except urllib.error.HTTPError as err:
+            answers[name] = (err.code, err.read())
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pool.submit(ask, "batch", long | {"prompt": ["x"] * 256})
+        pool.submit(ask, "stream", long | {"prompt": "x", "stream": True})
+        time.sleep(3)
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert time.monotonic() - start < 25
+    status, body = answers["batch"]
+    assert status == 503 and json.loads(body)["error"]["message"] == "the server is shutting down"
+    status, body = answers["stream"]
+    events = body.decode().split("\n\n")
+    assert status == 200 and events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3][len("data: "):])["error"]["code"] == 503
+    assert "Traceback" not in process.stderr.read()

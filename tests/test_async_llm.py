@@ -267,3 +267,26 @@ def test_on_dead_set_after_the_engine_died_is_called_at_once():
         assert called == [True]
     finally:
         engine.shutdown()
+
+
+def test_a_request_id_used_again_right_after_its_abort_runs():
+    """Aborts reach the engine together, after the commands beside them: an id that a client
+    takes again at once (its first stream left) must not have its new request aborted with the old
+    (its stream waited forever). (A token of the old one may still reach the new stream: ids are
+    how outputs find their streams, here and in the engine process.)"""
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
+    prompt = {"prompt_token_ids": engine.tokenizer.encode(PROMPTS[0])}
+
+    async def run():
+        first = engine.generate(prompt, params, "x")
+        await anext(first)
+        await first.aclose()  # aborts "x"
+        again = [o async for o in engine.generate(prompt, dataclasses.replace(params, max_tokens=5), "x")]
+        return again[-1]
+
+    try:
+        final = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        engine.shutdown()
+    assert final.finished and final.outputs[0].finish_reason == "length"

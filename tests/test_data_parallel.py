@@ -61,6 +61,31 @@ def test_fewer_requests_than_a_replica_holds_are_still_shared(two):
     assert [r.generated - b for r, b in zip(two.llm_engine.replicas, before, strict=True)] == [15, 15]
 
 
+@pytest.mark.parametrize("engine", ["one", "two"])
+def test_many_requests_aborted_at_once_leave_the_others_as_they_were(engine, request, one):
+    """One call aborts 16 of 24 requests (a client that left, Ctrl-C): running on either replica,
+    waiting in one, or not yet given to one; the other 8 finish as they would have alone, and
+    nothing is left behind. (One pass over the queues for all: one a request, a client leaving
+    with 100,000 prompts held the server for minutes.)"""
+    engine = request.getfixturevalue(engine).llm_engine
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    for i, (prompt, params) in enumerate(zip(prompts, GREEDY, strict=True)):
+        engine.add_request(f"a{i}", prompt, params)
+    finals = {}
+    for _ in range(2):  # (a replica runs on meanwhile: what finished here counts too)
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    kept = list(range(0, 24, 3))
+    engine.abort_request(f"a{i}" for i in range(24) if i not in kept)
+    finals = {request_id: o for request_id, o in finals.items() if int(request_id[1:]) in kept}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(finals) == sorted(f"a{i}" for i in kept)
+    alone = one.generate([{"prompt_token_ids": prompts[i]} for i in kept], [GREEDY[i] for i in kept], use_tqdm=False)
+    assert [finals[f"a{i}"].outputs[0].token_ids for i in kept] == token_ids(alone)
+    for replica in getattr(engine, "replicas", []):
+        assert replica.load == 0
+
+
 def test_a_replica_that_dies_fails_its_requests_clearly(tmp_path):
     llm = LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=2)
     try:

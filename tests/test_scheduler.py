@@ -148,9 +148,23 @@ def test_abort_frees_blocks_wherever_the_request_is():
     scheduler.add_request(running)
     scheduler.add_request(waiting)
     scheduler.schedule()
-    assert scheduler.abort_request("r") is running and scheduler.abort_request("w") is waiting
-    assert running.finish_reason == "abort" and not scheduler.has_unfinished_requests()
+    scheduler.finish_requests([running, waiting], "abort")
+    assert running.finish_reason == waiting.finish_reason == "abort" and not scheduler.has_unfinished_requests()
     assert scheduler.block_manager.num_free_blocks == 8
+
+
+def test_finishing_many_requests_leaves_the_others_in_order():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=100)
+    requests = [make_request(str(i), 5, 4) for i in range(12)]
+    for request in requests:
+        scheduler.add_request(request)
+    scheduler.schedule()  # four run, eight wait
+    gone = requests[1:3] + requests[5:12:2]
+    scheduler.finish_requests(gone, "abort")
+    assert [r.request_id for r in scheduler.running] == ["0", "3"]
+    assert [r.request_id for r in scheduler.waiting] == ["4", "6", "8", "10"]
+    assert all(r.finish_reason == "abort" and not r.block_table for r in gone)
+    assert scheduler.block_manager.num_free_blocks == 64 - 4  # the two running hold two blocks each
 
 
 def test_scheduling_ahead_of_the_results_gives_the_same_tokens():

@@ -106,6 +106,10 @@ ABUSE = [
     ("token id outside the vocabulary", "/v1/completions", GOOD | {"prompt": [5, 600]}, 400, "prompt"),
     ("negative token id", "/v1/completions", GOOD | {"prompt": [[5, -1]]}, 400, "prompt"),
     ("n as a bool", "/v1/completions", GOOD | {"n": True}, 400, "n"),
+    ("16,385 prompts (700,000 in one body took the server's memory)", "/v1/completions",
+     GOOD | {"prompt": ["a"] * 16_385}, 400, "prompt"),
+    ("17 prompts x n=1,000", "/v1/completions", GOOD | {"prompt": ["a"] * 17, "n": 1000, "temperature": 1}, 400,
+     "prompt"),
     ("n of 3.8e9 (each sample made at once took the process's memory)", "/v1/completions",
      GOOD | {"n": 3_783_894_413}, 400, "n"),
     ("chat n beyond max_num_samples", "/v1/chat/completions", CHAT | {"n": 5000}, 400, "n"),
@@ -311,6 +315,33 @@ def test_huge_prompt_does_not_stall_other_clients(server):
         time.sleep(0.05)
     assert result["status"] == 400  # far longer than max_model_len
     assert slowest < 1.0
+
+
+def test_thousands_of_prompts_and_their_client_leaving_stall_nobody(server, good_text):
+    """A request of 16,384 prompts starts them a few at a time, checked off the event loop; its
+    client then leaves, and its requests are aborted in one pass over the queues (one pass each
+    took the engine's thread ~O(n^2): 100,000 held every other client for minutes, and a stop
+    hung behind them). /health answers throughout and the next request is served."""
+    _, url = server
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(GOOD | {"prompt": ["a"] * 16_384, "max_tokens": 50}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n" \
+           "Content-Type: application/json\r\n\r\n"
+    slowest, deadline = 0.0, time.monotonic() + 4
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + data)
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            assert send(url, "GET", "/health")[0] == 200
+            slowest = max(slowest, time.monotonic() - start)
+            time.sleep(0.05)
+    deadline = time.monotonic() + 2  # and as its requests are aborted
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        assert send(url, "GET", "/health")[0] == 200
+        slowest = max(slowest, time.monotonic() - start)
+    assert slowest < 1.0
+    assert_still_serving(url, good_text)
 
 
 def test_a_request_that_fails_in_the_engine_fails_alone(tiny_checkpoint, good_text, monkeypatch):

@@ -11,7 +11,7 @@ import multiprocessing.connection
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
@@ -48,7 +48,7 @@ class AsyncLLM:
         self.config = config
         self._on_dead = on_dead
         self.stats = self.engine.stats()
-        self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", id) / ("stop", None)
+        self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", ids) / ("stop", None)
         self._wake_read, self._wake_write = os.pipe()  # readable while commands wait (a byte per command)
         os.set_blocking(self._wake_read, False)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -124,10 +124,11 @@ class AsyncLLM:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._command("abort", request_id)
+                self._command("abort", [request_id])
 
-    def abort(self, request_id: str) -> None:
-        self._command("abort", request_id)
+    def abort(self, request_id: str | Iterable[str]) -> None:
+        """vLLM's: end a request, or many, wherever they are."""
+        self._command("abort", [request_id] if isinstance(request_id, str) else list(request_id))
 
     def _command(self, command: str, arg) -> None:
         """Queue a command for the engine thread and wake it (it may be waiting on the engine)."""
@@ -144,12 +145,17 @@ class AsyncLLM:
         if self._thread.is_alive():
             self._command("stop", None)
             self._thread.join(timeout=30)
-        self._deliver([(request_id, EngineDeadError("the engine was shut down")) for request_id in list(self._streams)])
+        self.end_streams("the engine was shut down")
         self.engine.shutdown()
         if not self._thread.is_alive() and self._wake_write is not None:  # (kept for a thread that did not end)
             os.close(self._wake_read)
             os.close(self._wake_write)
             self._wake_write = None
+
+    def end_streams(self, reason: str) -> None:
+        """End every open stream with ``EngineDeadError(reason)`` (a server stopping); their requests
+        are aborted as their readers leave."""
+        self._deliver([(request_id, EngineDeadError(reason)) for request_id in list(self._streams)])
 
     def _loop(self) -> None:
         engine = self.engine
@@ -159,17 +165,8 @@ class AsyncLLM:
                 if in_process and not engine.has_unfinished_requests():  # nothing to run: wait for a command
                     multiprocessing.connection.wait([self._wake_read])
                 _drain(self._wake_read)
-                while True:
-                    try:
-                        command, arg = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    if command == "stop":
-                        return
-                    if command == "add":
-                        self._add(*arg)
-                    else:
-                        engine.abort_request(arg)
+                if self._run_commands():
+                    return
                 items = []
                 if not in_process:  # waits for the engine process's next message, or a command
                     items = engine.step_reports(self._wake_read)
@@ -186,6 +183,29 @@ class AsyncLLM:
                            for request_id in list(self._streams)])
             if self._on_dead is not None:
                 self._on_dead()
+
+    def _run_commands(self) -> bool:
+        """Run the commands that wait; True on "stop". Aborts go to the engine together, in one
+        pass over its queues (a client leaving with many prompts sends one each)."""
+        aborts: dict[str, None] = {}
+        try:
+            while True:
+                try:
+                    command, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    return False
+                if command == "stop":
+                    return True
+                if command == "add":
+                    if arg[0] in aborts:  # an id used again after its abort: the abort first
+                        self.engine.abort_request(list(aborts))
+                        aborts.clear()
+                    self._add(*arg)
+                else:
+                    aborts.update(dict.fromkeys(arg))
+        finally:
+            if aborts:
+                self.engine.abort_request(list(aborts))
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
         if request_id not in self._streams:  # its client left before it got here

@@ -13,7 +13,8 @@ import multiprocessing.connection
 import pickle
 import sys
 import weakref
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 
@@ -55,7 +56,8 @@ class DataParallelEngine:
             raise
         # Each replica gets more than a batch's worth, so that its next batch is waiting when one ends.
         self.capacity = 2 * config.max_num_seqs
-        self.waiting: deque[tuple] = deque()  # add_request's arguments, not yet given to a replica
+        # add_request's arguments by request id, not yet given to a replica (in order; an abort takes one out at once)
+        self.waiting: OrderedDict[str, tuple] = OrderedDict()
         self.placed: dict[str, _Replica] = {}  # request id -> the replica running it
         self.copies = RequestCopies(self.tokenizer)  # the requests out, whose outputs are built here
         logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
@@ -67,6 +69,8 @@ class DataParallelEngine:
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, self.eos_token_ids,
                          prompt_token_ids, params)
+        if not params.logits_processors:  # (every other field is plain data)
+            return
         try:  # it travels to a replica's process
             pickle.dumps(params)
         except Exception as err:
@@ -77,18 +81,23 @@ class DataParallelEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
         self.validate_request(prompt_token_ids, params)
-        self.waiting.append((request_id, prompt_token_ids, params, prompt, stream))
+        self.waiting[request_id] = (request_id, prompt_token_ids, params, prompt, stream)
         self.copies.add(request_id, truncated_prompt(prompt_token_ids, params, self.config.max_model_len), params,
                         prompt, stream)
 
-    def abort_request(self, request_id: str) -> None:
-        self.waiting = deque(r for r in self.waiting if r[0] != request_id)
-        self.copies.drop(request_id)
-        replica = self.placed.pop(request_id, None)
-        if replica is not None:
-            replica.load -= 1
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """End a request, or many: each replica is told of its own in one message."""
+        by_replica: dict[_Replica, list[str]] = {}
+        for one in [request_id] if isinstance(request_id, str) else request_id:
+            self.waiting.pop(one, None)
+            self.copies.drop(one)
+            replica = self.placed.pop(one, None)
+            if replica is not None:
+                replica.load -= 1
+                by_replica.setdefault(replica, []).append(one)
+        for replica, ids in by_replica.items():
             if replica.alive:
-                replica.send(("abort", request_id))
+                replica.send(("abort", ids))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.placed)
@@ -158,7 +167,7 @@ class DataParallelEngine:
             replica = min(live, key=lambda r: r.load)
             if replica.load >= self.capacity:
                 break
-            request = self.waiting.popleft()
+            request = self.waiting.popitem(last=False)[1]
             replica.send(("add", request))
             replica.load += 1
             self.placed[request[0]] = replica

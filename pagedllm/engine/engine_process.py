@@ -143,8 +143,9 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
                         raise EOFError from None
                     drivers.remove(sender)  # an API-server process gone: its requests go with it
                     sender.close()
-                    for request_id in [r for r, owner in owners.items() if owner is sender]:
-                        engine.abort_request(request_id)
+                    theirs = [r for r, owner in owners.items() if owner is sender]
+                    engine.abort_request(theirs)
+                    for request_id in theirs:
                         del owners[request_id]
                     continue
                 commanded = True
@@ -157,9 +158,10 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
                     request_id, prompt_token_ids, params, prompt, stream = command[1]
                     engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
                     owners[request_id] = sender
-                elif command[0] == "abort":
+                elif command[0] == "abort":  # a list of request ids
                     engine.abort_request(command[1])
-                    owners.pop(command[1], None)
+                    for request_id in command[1]:
+                        owners.pop(request_id, None)
                 elif command[0] == "reset_prefix_cache":
                     sender.send(("answer", engine.block_manager.reset_prefix_cache()))
         reports = engine.step() if engine.has_unfinished_requests() else []

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING
 
@@ -120,21 +121,21 @@ class LLMEngine:
                 self.scheduler.add_request(request)
         return self._outputs(failed)
 
-    def abort_request(self, request_id: str) -> None:
-        """End a request (all its samples) wherever it is, freeing its blocks."""
-        for entry in [e for e in self.compiling if _group_id(e[1][0]) == request_id]:
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """End a request (all its samples), or many, wherever they are, freeing their blocks: many
+        in one pass over the queues (as vLLM's takes a list)."""
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        for entry in [e for e in self.compiling if _group_id(e[1][0]) in ids]:
             self.compiling.remove(entry)
             entry[0].cancel()
             for request in entry[1]:
                 request.finish("abort")
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if _group_id(request) == request_id:
-                self.scheduler.finish_request(request, "abort")
+        scheduler = self.scheduler
+        scheduler.finish_requests([r for r in (*scheduler.running, *scheduler.waiting) if _group_id(r) in ids], "abort")
 
     def shutdown(self) -> None:
         """Drop every request and free the model runner's device memory."""
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.abort_request(request.request_id)
+        self.scheduler.finish_requests([*self.scheduler.running, *self.scheduler.waiting], "abort")
         self.compiling.clear()
         self.grammars.shutdown()
         self._in_flight = None

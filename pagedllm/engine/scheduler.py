@@ -145,20 +145,21 @@ class Scheduler:
                 self.block_manager.free(request)
         return finished
 
-    def abort_request(self, request_id: str) -> Request | None:
-        """Remove a request wherever it is and free its blocks."""
-        for queue in (self.running, self.waiting):
-            for request in queue:
-                if request.request_id == request_id:
-                    self.finish_request(request, "abort")
-                    return request
-        return None
-
     def finish_request(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """End a request the engine decided is done (a stop string, an abort) and free its blocks."""
         (self.running if request in self.running else self.waiting).remove(request)
         request.finish(reason, stop_reason)
         self.block_manager.free(request)
+
+    def finish_requests(self, requests: list[Request], reason: str) -> None:
+        """``finish_request`` for many at once, in one pass over the queues: a client that leaves
+        with 100,000 requests waiting must not cost 100,000 passes (vLLM's ``finish_requests``)."""
+        gone = {id(request) for request in requests}
+        self.running = [r for r in self.running if id(r) not in gone]
+        self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+        for request in requests:
+            request.finish(reason)
+            self.block_manager.free(request)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)

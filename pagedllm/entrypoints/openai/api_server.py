@@ -4,6 +4,7 @@
 OpenAI sends them; every error is OpenAI's error JSON."""
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
@@ -41,6 +42,7 @@ from pagedllm.entrypoints.openai.serving import OpenAIServing
 from pagedllm.entrypoints.server_args import engine_args, engine_kwargs, engine_setting_error
 
 logger = logging.getLogger("pagedllm")
+SHUTDOWN_GRACE_S = 10  # a stopped server's running requests have this long to finish
 # For tokenizers without a chat template (OPT, GPT-2): "role: content" lines, then "assistant:".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -121,14 +123,26 @@ def build_server(args: argparse.Namespace, engine_connections: list | None = Non
 
 def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):
     """uvicorn on ``args``' address and log settings, with time limits on reading each request
-    (head and body), and stopping when the engine dies."""
+    (head and body), and stopping when the engine dies. Stopped, it gives the requests that run
+    ``SHUTDOWN_GRACE_S`` to finish, then ends the rest with a 503 (a stream with an error event),
+    so that every client is told why: uvicorn would cancel them, a plain-text 500 or a stream cut
+    short, with a traceback in the log."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, server.engine.end_streams,
+                                                          "the server is shutting down")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
     config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log,
                             http=http_with_head_timeout(server.read_timeout), timeout_keep_alive=5,
-                            timeout_graceful_shutdown=10)
-    uv = uvicorn.Server(config)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5)  # (the time to send those 503s)
+    uv = Server(config)
 
     def stop() -> None:
         uv.should_exit = True  # uvicorn polls it: answers what it can, then returns

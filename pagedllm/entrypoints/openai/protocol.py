@@ -17,6 +17,9 @@ from pagedllm.structured_outputs import StructuredOutputsParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
+# Sequences one request may start (prompts x samples): each costs the server memory and the event loop
+# work from the moment it arrives, so one body of many small prompts must not take the server down.
+MAX_REQUEST_SEQUENCES = 16384
 # Request fields that are SamplingParams fields of the same name and meaning.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "stop", "ignore_eos", "min_tokens", "skip_special_tokens",

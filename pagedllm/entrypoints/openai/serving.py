@@ -16,6 +16,7 @@ from pagedllm.entrypoints.openai.errors import ApiError, bad_value
 from pagedllm.entrypoints.openai.logprobs import add_completion_logprobs, chat_logprobs, vllm_prompt_logprobs
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
+    MAX_REQUEST_SEQUENCES,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -69,6 +70,11 @@ class OpenAIServing:
         if body.stream and body.best_of is not None and body.best_of > body.n:
             raise ApiError(400, "best_of cannot be streamed: the best samples are known only at the end", "best_of")
         params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs, body.best_of)
+        num_prompts = 1 if isinstance(body.prompt, str) or _is_token_ids(body.prompt) else len(body.prompt)
+        if num_prompts * params.samples > MAX_REQUEST_SEQUENCES:
+            raise ApiError(400, f"{num_prompts} prompts x {params.samples} samples is more than the "
+                                f"{MAX_REQUEST_SEQUENCES} sequences one request may start: send them in several "
+                                "requests (they run together)", "prompt")
         if params.samples > params.n:  # the n best are known only at the end
             params.output_kind = RequestOutputKind.FINAL_ONLY
         elif body.stream:
@@ -169,7 +175,7 @@ class OpenAIServing:
             raise ApiError(400, f"{field}: {err}", field) from None
 
     def _completion_prompts(self, prompt, add_special_tokens: bool = True) -> list[Prompt]:
-        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        if isinstance(prompt, str) or _is_token_ids(prompt):
             prompt = [prompt]
         if not prompt:
             raise ApiError(400, "prompt is empty", "prompt")
@@ -187,8 +193,9 @@ class OpenAIServing:
 
     async def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
         """Check every prompt, then start one engine request each (nothing starts if one is bad).
-        A structured output's check compiles its grammar, which may take seconds: not on the event loop."""
-        if params.structured_outputs is not None:
+        A structured output's check compiles its grammar, which may take seconds, and thousands of
+        prompts take a while too: not on the event loop."""
+        if params.structured_outputs is not None or len(prompts) > 1:
             await asyncio.to_thread(self._check, prompts, params)
         else:
             self._check(prompts, params)
@@ -306,6 +313,11 @@ class OpenAIServing:
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
             yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                       usage=deltas.usage()).model_dump_json()
+
+
+def _is_token_ids(prompt: str | list) -> bool:
+    """A completion's ``prompt`` that is one prompt's token ids (not a list of prompts)."""
+    return bool(prompt) and isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
 
 
 def _continuous_usage(body) -> bool:

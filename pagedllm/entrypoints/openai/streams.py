@@ -15,6 +15,9 @@ from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.outputs import RequestOutput
 
 logger = logging.getLogger("pagedllm")
+# Streams started in one turn of the event loop: each starts its engine request there (~0.1 ms), and a
+# request may bring thousands of prompts, which all at once would hold up every other client for seconds.
+_STARTS_PER_TURN = 64
 
 
 async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -38,8 +41,13 @@ async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
         finally:
             await queue.put((index, None))
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = []
     try:
+        for start in range(0, len(streams), _STARTS_PER_TURN):  # a turn of the event loop between each few
+            if start:
+                await asyncio.sleep(0)
+            tasks += [asyncio.create_task(pump(i, streams[i]))
+                      for i in range(start, min(start + _STARTS_PER_TURN, len(streams)))]
         remaining = len(tasks)
         while remaining:
             index, item = await queue.get()
