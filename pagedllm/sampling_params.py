@@ -188,12 +188,15 @@ class SamplingParams:
 
 
 def is_int(value: object) -> bool:
-    """An int (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An int (numpy's too), not a bool. (Plain ints first: the ABC check costs ~10x as much, and
+    a logit_bias may hold the whole vocabulary.)"""
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def is_real(value: object) -> bool:
     """An int or a float (numpy's too), not a bool, a string or NaN."""
+    if type(value) in (int, float):
+        return value == value
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
 
 
@@ -220,8 +223,8 @@ def _logit_bias(value: object) -> dict[int, float] | None:
     bias = {}
     for token, amount in value.items():
         token_id = int(token) if isinstance(token, str) and token.isdigit() else token
-        _check(is_int(token_id) and 0 <= token_id <= INT64_MAX and is_real(amount) and math.isfinite(amount),
-               "logit_bias", {token: amount}, "must map token ids (ints >= 0) to finite numbers")
+        if not (is_int(token_id) and 0 <= token_id <= INT64_MAX and is_real(amount) and math.isfinite(amount)):
+            _check(False, "logit_bias", {token: amount}, "must map token ids (ints >= 0) to finite numbers")
         bias[int(token_id)] = min(100.0, max(-100.0, float(amount)))
     return bias
 

@@ -224,3 +224,22 @@ def test_a_server_stopped_while_serving_tells_each_client_why_and_exits_0(server
     assert status == 200 and events[-2:] == ["data: [DONE]", ""]
     assert json.loads(events[-3][len("data: "):])["error"]["code"] == 503
     assert "Traceback" not in process.stderr.read()
+
+
+@pytest.mark.parametrize("server", [1], indirect=True)
+def test_a_killed_server_leaves_no_body_validating_process_behind(server):
+    """A body over 16 KB is validated in a worker process (started then): SIGKILL for the server
+    ends it too, and the engine process."""
+    process, url = server
+    with pytest.raises(urllib.error.HTTPError) as err:  # 3,000 prompts of 40 tokens: too long for max_model_len
+        _post(url, {"model": DEMO, "prompt": [list(range(40)) for _ in range(3000)], "max_tokens": 500})
+    assert err.value.code == 400
+    children = _descendants(process.pid)
+    cmdlines = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in children]
+    assert any(b"spawn_main" in c for c in cmdlines)  # the worker
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left

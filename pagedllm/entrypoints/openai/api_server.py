@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.bodies import BodyReader, documented_bodies, json_body
 from pagedllm.entrypoints.openai.errors import (
     DOCUMENTED,
     error_response,
@@ -66,6 +67,11 @@ class OpenAIServer:
                            "(\"role: content\" lines, then \"assistant:\"); --chat-template FILE overrides it")
             chat_template = DEFAULT_CHAT_TEMPLATE
         self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics, log_requests)
+        self.bodies = BodyReader()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self.bodies.shutdown()
 
     def app(self) -> FastAPI:
         app = FastAPI(title="pagedllm OpenAI-compatible server", responses=DOCUMENTED)
@@ -73,6 +79,7 @@ class OpenAIServer:
         if self.api_key:
             app.add_middleware(ApiKeyCheck, api_key=self.api_key)
         install_error_handlers(app)
+        documented_bodies(app, [TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest])
         openai_errors_in_schema(app)
         serving = self.serving
 
@@ -90,21 +97,23 @@ class OpenAIServer:
         async def models() -> ModelList:
             return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.config.max_model_len)])
 
-        @app.post("/tokenize", response_model=TokenizeResponse)
-        async def tokenize(body: TokenizeRequest):
-            return await serving.tokenize(body)
+        @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=json_body(TokenizeRequest))
+        async def tokenize(raw: Request):
+            return await serving.tokenize(await self.bodies.read(raw, TokenizeRequest))
 
-        @app.post("/detokenize", response_model=DetokenizeResponse)
-        async def detokenize(body: DetokenizeRequest):
-            return await serving.detokenize(body)
+        @app.post("/detokenize", response_model=DetokenizeResponse, openapi_extra=json_body(DetokenizeRequest))
+        async def detokenize(raw: Request):
+            return await serving.detokenize(await self.bodies.read(raw, DetokenizeRequest))
 
-        @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
-        async def completions(body: CompletionRequest, raw: Request):
-            return await serving.completions(body, raw)
+        @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED,
+                  openapi_extra=json_body(CompletionRequest))
+        async def completions(raw: Request):
+            return await serving.completions(await self.bodies.read(raw, CompletionRequest), raw)
 
-        @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
-        async def chat_completions(body: ChatCompletionRequest, raw: Request):
-            return await serving.chat(body, raw)
+        @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED,
+                  openapi_extra=json_body(ChatCompletionRequest))
+        async def chat_completions(raw: Request):
+            return await serving.chat(await self.bodies.read(raw, ChatCompletionRequest), raw)
 
         return app
 
@@ -175,7 +184,7 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        server.engine.shutdown()
+        server.shutdown()
         gc.unfreeze()  # (a process that goes on, as a test's, collects its objects again)
     if server.engine.error is not None:
         logger.error("exiting with status 1: the engine stopped (%r)", server.engine.error)

@@ -69,7 +69,8 @@ class OpenAIServing:
             raise ApiError(400, "suffix (text to insert before) is not supported", "suffix")
         if body.stream and body.best_of is not None and body.best_of > body.n:
             raise ApiError(400, "best_of cannot be streamed: the best samples are known only at the end", "best_of")
-        params = self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs, body.best_of)
+        params = await self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs,
+                                    body.best_of)
         num_prompts = 1 if isinstance(body.prompt, str) or _is_token_ids(body.prompt) else len(body.prompt)
         if num_prompts * params.samples > MAX_REQUEST_SEQUENCES:
             raise ApiError(400, f"{num_prompts} prompts x {params.samples} samples is more than the "
@@ -103,8 +104,8 @@ class OpenAIServing:
             raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
                                 "template then shows the model the tools, as in vLLM)", "tool_choice")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
-                              body.prompt_logprobs)
+        params = await self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                    body.prompt_logprobs)
         if body.stream:
             params.output_kind = RequestOutputKind.DELTA
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
@@ -156,7 +157,15 @@ class OpenAIServing:
         if model != self.model_name:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`", "model")
 
-    def _params(self, body, max_tokens, logprobs, prompt_logprobs, best_of=None):
+    async def _params(self, body, max_tokens, logprobs, prompt_logprobs, best_of=None):
+        """The body's SamplingParams; checking thousands of values (a logit_bias of the whole vocabulary:
+        ~0.2 s) in a worker thread, lest every other client wait."""
+        values = sum(len(v) for v in (body.stop, body.stop_token_ids, body.logit_bias, body.allowed_token_ids,
+                                      body.bad_words) if isinstance(v, (list, dict)))
+        args = (body, max_tokens, logprobs, prompt_logprobs, best_of)
+        return await asyncio.to_thread(self._make_params, *args) if values > 1024 else self._make_params(*args)
+
+    def _make_params(self, body, max_tokens, logprobs, prompt_logprobs, best_of):
         if body.use_beam_search:
             raise ApiError(400, "use_beam_search is not served (offline, LLM.beam_search is)", "use_beam_search")
         if body.priority:
@@ -194,8 +203,8 @@ class OpenAIServing:
     async def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
         """Check every prompt, then start one engine request each (nothing starts if one is bad).
         A structured output's check compiles its grammar, which may take seconds, and thousands of
-        prompts take a while too: not on the event loop."""
-        if params.structured_outputs is not None or len(prompts) > 1:
+        prompts, or a million tokens, take a while too: not on the event loop."""
+        if params.structured_outputs is not None or len(prompts) > 1 or len(prompts[0][1]) > 16384:
             await asyncio.to_thread(self._check, prompts, params)
         else:
             self._check(prompts, params)
@@ -316,8 +325,9 @@ class OpenAIServing:
 
 
 def _is_token_ids(prompt: str | list) -> bool:
-    """A completion's ``prompt`` that is one prompt's token ids (not a list of prompts)."""
-    return bool(prompt) and isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+    """A completion's ``prompt`` that is one prompt's token ids, not a list of prompts (the body's
+    validation made it all ints, all strings or all lists)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 def _continuous_usage(body) -> bool:
