@@ -140,6 +140,7 @@ OPERATION = st.one_of(
     st.tuples(st.just("step")),
     st.tuples(st.just("step")),
     st.tuples(st.just("abort"), st.integers(0, 50)),
+    st.tuples(st.just("abort many"), st.lists(st.integers(0, 50), max_size=5)),  # a client leaving with several
 )
 
 
@@ -180,6 +181,9 @@ def test_block_pool_bookkeeping_holds_under_any_sequence(operations, num_blocks,
             for request in groups[operation[1] % len(groups)]:
                 if not request.is_finished:
                     scheduler.finish_request(request, "abort")
+        elif operation[0] == "abort many" and groups:
+            chosen = {i % len(groups) for i in operation[1]}
+            scheduler.finish_requests([r for i in chosen for r in groups[i] if not r.is_finished], "abort")
         check_pool(scheduler)
     for _ in range(500):
         if not scheduler.has_unfinished_requests():
