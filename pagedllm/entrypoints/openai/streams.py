@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from pagedllm.engine.outputs import add_delta
 from pagedllm.entrypoints.openai.errors import error_body
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.outputs import RequestOutput
@@ -65,12 +66,14 @@ async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
 
 
 async def until_done_or_disconnect(raw: Request, streams) -> list[RequestOutput] | None:
+    """Each stream's whole output, its delta outputs (or its final one) summed up as they come (a
+    cumulative output copied what it held at each step: quadratic in a long request's logprobs);
+    None if the client left first."""
     finals: dict[int, RequestOutput] = {}
 
     async def collect():
         async for index, output in merge(streams):
-            if output.finished:
-                finals[index] = output
+            finals[index] = add_delta(finals.get(index), output)
 
     task = asyncio.create_task(collect())
     while not task.done():
