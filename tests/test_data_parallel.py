@@ -86,6 +86,20 @@ def test_many_requests_aborted_at_once_leave_the_others_as_they_were(engine, req
         assert replica.load == 0
 
 
+def test_stats_after_an_abort_of_everything_show_nothing_running(two):
+    """No step follows (Ctrl-C in LLM.generate aborts what is out): the replicas' stats after the
+    abort are read all the same."""
+    engine = two.llm_engine
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"s{i}", engine.tokenizer.encode(prompt), SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.step()
+    engine.abort_request(f"s{i}" for i in range(len(PROMPTS)))
+    deadline = time.monotonic() + 30
+    while (stats := engine.stats()).num_running + stats.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats.num_running == stats.num_waiting == stats.kv_blocks_in_use == 0
+
+
 def test_a_replica_that_dies_fails_its_requests_clearly(tmp_path):
     llm = LLM(DEMO, device="cpu", data_parallel_size=2, max_num_seqs=2)
     try:

@@ -152,7 +152,13 @@ class DataParallelEngine:
         return all([r.call(("reset_prefix_cache",)) for r in self.replicas if r.alive])
 
     def stats(self) -> EngineStats:
-        """The replicas' stats, summed, as they last reported them."""
+        """The replicas' stats, summed, as they last reported them. With no request out, what they
+        sent since is read first (reports of requests aborted here, and their stats after the
+        aborts): no step would read it, and an abort's requests seemed to run on."""
+        if not self.placed:
+            for replica in self.replicas:
+                if replica.alive:
+                    self._receive(replica)
         totals = [r.stats for r in self.replicas]
         return EngineStats(*(sum(getattr(s, f) for s in totals) for f in EngineStats.__dataclass_fields__))
 
