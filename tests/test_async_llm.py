@@ -270,10 +270,10 @@ def test_on_dead_set_after_the_engine_died_is_called_at_once():
 
 
 def test_a_request_id_used_again_right_after_its_abort_runs():
-    """Aborts reach the engine together, after the commands beside them: an id that a client
-    takes again at once (its first stream left) must not have its new request aborted with the old
-    (its stream waited forever). (A token of the old one may still reach the new stream: ids are
-    how outputs find their streams, here and in the engine process.)"""
+    """An id that a client takes again at once (its first stream left): its new request is not
+    aborted with the old one (aborts reach the engine together, after the commands beside them:
+    its stream waited forever), nor does it get the old one's outputs still on their way (a token
+    more than it asked for): the engine knows each request by an id never used before."""
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
     prompt = {"prompt_token_ids": engine.tokenizer.encode(PROMPTS[0])}
@@ -289,4 +289,4 @@ def test_a_request_id_used_again_right_after_its_abort_runs():
         final = asyncio.run(asyncio.wait_for(run(), 60))
     finally:
         engine.shutdown()
-    assert final.finished and final.outputs[0].finish_reason == "length"
+    assert final.request_id == "x" and final.finished and len(final.outputs[0].token_ids) == 5

@@ -6,6 +6,7 @@ requests' queues, each summed up again for readers that want the whole output so
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import multiprocessing.connection
 import os
@@ -51,7 +52,12 @@ class AsyncLLM:
         self._commands: queue.Queue = queue.Queue()  # ("add", args) / ("abort", ids) / ("stop", None)
         self._wake_read, self._wake_write = os.pipe()  # readable while commands wait (a byte per command)
         os.set_blocking(self._wake_read, False)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # by the engine's ids
+        # A running request's id -> the engine's id for it: the id and a number never used before, so that a
+        # request id used again at once (its first request aborted) never gets the old request's outputs
+        # that were still on their way (as vLLM v1's internal request ids).
+        self._engine_ids: dict[str, str] = {}
+        self._numbers = itertools.count()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
@@ -86,7 +92,7 @@ class AsyncLLM:
         waited added up). A text prompt is tokenized in a worker thread."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
-        if request_id in self._streams:
+        if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already running")
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
@@ -103,8 +109,9 @@ class AsyncLLM:
         if cumulative:  # the engine sends only what is new; it is summed up here
             sampling_params = dataclasses.replace(sampling_params, output_kind=RequestOutputKind.DELTA)
         waiting = _Waiting()
-        self._streams[request_id] = (asyncio.get_running_loop(), waiting)
-        self._command("add", (request_id, prompt_token_ids, sampling_params, text))
+        engine_id = self._engine_ids[request_id] = f"{request_id}@{next(self._numbers)}"
+        self._streams[engine_id] = (asyncio.get_running_loop(), waiting)
+        self._command("add", (engine_id, prompt_token_ids, sampling_params, text))
         finished, so_far = False, None
         try:
             while not finished:
@@ -112,6 +119,7 @@ class AsyncLLM:
                 output = item if isinstance(item, RequestOutput) else self.engine.output(item)
                 if output is None:  # dropped here: its engine process died, and its failure is next
                     continue
+                output.request_id = request_id
                 if output.error is not None:
                     # (its text failed here: its engine process still runs it, and is told to stop below)
                     finished = isinstance(item, RequestOutput) or item[1]
@@ -122,13 +130,15 @@ class AsyncLLM:
                     output = copy_output(so_far)
                 yield output
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
+            del self._engine_ids[request_id]
             if not finished:
-                self._command("abort", [request_id])
+                self._command("abort", [engine_id])
 
     def abort(self, request_id: str | Iterable[str]) -> None:
         """vLLM's: end a request, or many, wherever they are."""
-        self._command("abort", [request_id] if isinstance(request_id, str) else list(request_id))
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        self._command("abort", [self._engine_ids.get(i, i) for i in ids])
 
     def _command(self, command: str, arg) -> None:
         """Queue a command for the engine thread and wake it (it may be waiting on the engine)."""
@@ -197,9 +207,6 @@ class AsyncLLM:
                 if command == "stop":
                     return True
                 if command == "add":
-                    if arg[0] in aborts:  # an id used again after its abort: the abort first
-                        self.engine.abort_request(list(aborts))
-                        aborts.clear()
                     self._add(*arg)
                 else:
                     aborts.update(dict.fromkeys(arg))
