@@ -32,8 +32,7 @@ def _descendants(pid: int) -> set[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                parents[int(entry)] = _parent(int(entry))
             except (OSError, IndexError, ValueError):
                 pass
     found, frontier = set(), {pid}
@@ -41,6 +40,11 @@ def _descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _any_left(pids: set[int]) -> list[int]:
@@ -136,7 +140,8 @@ def test_a_killed_process_stops_the_others_and_the_server_exits_1(server, killed
     children = _descendants(process.pid)
     cmdlines = {pid: open(f"/proc/{pid}/cmdline", "rb").read() for pid in children}
     own_cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read()
-    api_servers = [pid for pid, c in cmdlines.items() if b"spawn_main" in c and b"resource_tracker" not in c]
+    api_servers = [pid for pid, c in cmdlines.items()  # (not their body-validating workers, spawned too)
+                   if b"spawn_main" in c and b"resource_tracker" not in c and _parent(pid) == process.pid]
     engines = [pid for pid, c in cmdlines.items() if c == own_cmdline]  # forked from the server's process
     assert len(api_servers) == 2 and len(engines) == 1
     os.kill((api_servers if killed == "api server" else engines)[0], signal.SIGKILL)
@@ -228,8 +233,8 @@ def test_a_server_stopped_while_serving_tells_each_client_why_and_exits_0(server
 
 @pytest.mark.parametrize("server", [1], indirect=True)
 def test_a_killed_server_leaves_no_body_validating_process_behind(server):
-    """A body over 16 KB is validated in a worker process (started then): SIGKILL for the server
-    ends it too, and the engine process."""
+    """A body over 16 KB is validated in a worker process (started with the server): SIGKILL for
+    the server ends it too, and the engine process."""
     process, url = server
     with pytest.raises(urllib.error.HTTPError) as err:  # 3,000 prompts of 40 tokens: too long for max_model_len
         _post(url, {"model": DEMO, "prompt": [list(range(40)) for _ in range(3000)], "max_tokens": 500})

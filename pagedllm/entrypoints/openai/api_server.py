@@ -174,6 +174,7 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     """The server in this process (with ``sock``: listening on a socket shared with other API-server
     processes)."""
     server = build_server(args, engine_connections)
+    server.bodies.start()
     # the start-up heap (torch, transformers, the tokenizer: ~400k objects) is there while the server is: kept
     # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()

@@ -29,12 +29,16 @@ _ERRORS_KEPT = 16  # (the 400 names the first four)
 
 
 class BodyReader:
-    """Validates bodies; those over ``INLINE_BYTES`` in a worker process, started at the first
-    (spawned: this process has threads; ~2 s and ~300 MB, which a server that gets no large body
-    never spends)."""
+    """Validates bodies; those over ``INLINE_BYTES`` in a worker process (spawned: this process
+    has threads), which takes ~2 s and ~300 MB to start: ``start`` starts it ahead (``pagedllm
+    serve`` does, lest the first long prompt wait), else the first large body does."""
 
     def __init__(self):
         self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the worker process now, in the background."""
+        self._workers().submit(int)
 
     async def read(self, raw: Request, model: type[Body]) -> Body:
         """The request's body as ``model``; an invalid one raises FastAPI's RequestValidationError (a 400)."""
@@ -42,16 +46,19 @@ class BodyReader:
         if len(data) <= INLINE_BYTES:
             result = validated(model, data)
         else:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent)
             try:
-                result = await asyncio.wrap_future(self._pool.submit(validated, model, data))
+                result = await asyncio.wrap_future(self._workers().submit(validated, model, data))
             except BrokenProcessPool:  # the worker died (killed, out of memory): the next body gets a new one
                 self._pool = None
                 raise ApiError(500, "the process that validates large bodies died; send the request again") from None
         if isinstance(result, list):
             raise RequestValidationError(result)
         return result
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent)
+        return self._pool
 
     def shutdown(self) -> None:
         if self._pool is not None:
