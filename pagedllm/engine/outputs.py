@@ -34,7 +34,7 @@ class OutputBuilder:
         first_report = not any(m.num_reported_tokens for m in members)
         # a delta's tokens and logprobs are taken from where the last one ended, not cut from all of them: a long
         # stream would copy its whole output at each token
-        completions = [self._completion(m, error is None, m.num_reported_tokens if delta else 0) for m in members]
+        completions = [self._completion(m, error is None, delta) for m in members]
         if finished and params.samples > params.n and error is None:  # best_of: the n most likely, re-indexed
             completions = sorted(completions, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
             for index, completion in enumerate(completions):
@@ -52,8 +52,10 @@ class OutputBuilder:
                 completion.text = completion.text[chars:]
         return output
 
-    def _completion(self, request: Request, with_text: bool, start: int) -> CompletionOutput:
-        """The sample's completion: its whole text, its tokens and logprobs from output token ``start``."""
+    def _completion(self, request: Request, with_text: bool, delta: bool) -> CompletionOutput:
+        """The sample's completion: its whole text, and its tokens and logprobs (with ``delta``, those
+        not reported yet)."""
+        start = request.num_reported_tokens if delta else 0
         token_ids = request.token_ids[request.num_prompt_tokens + start:]
         if not with_text:  # a failed request: its tokens and reason only
             return CompletionOutput(request.sample_index, "", token_ids, request.finish_reason)
@@ -69,10 +71,15 @@ class OutputBuilder:
             text = output_text(self.tokenizer, params, request.token_ids, request.num_prompt_tokens)
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
                                       request.stop_reason, cumulative_logprob=request.cumulative_logprob)
-        if params.logprobs is not None:
-            reported = request.reported_logprobs  # (a stream's outputs would build them all again at each token)
+        if params.logprobs is not None and delta:
+            # never needed again: kept, a stream's Logprob objects (21 a token at logprobs=20) lived as long as it
+            # did, and each full pass of the garbage collector went over them all (up to 0.3 s, holding every
+            # other stream up)
+            completion.logprobs = self._logprobs(request.output_logprobs[start:], params.detokenize)
+        elif params.logprobs is not None:  # kept, lest each output build them all again
+            reported = request.reported_logprobs
             reported += self._logprobs(request.output_logprobs[len(reported):], params.detokenize)
-            completion.logprobs = reported[start:]
+            completion.logprobs = list(reported)
         return completion
 
     def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool) -> list[dict[int, Logprob]]:
