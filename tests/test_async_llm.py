@@ -233,9 +233,20 @@ def test_a_delta_stream_builds_each_tokens_logprobs_once():
     builder, built = engine.engine.outputs, []
     build = builder._logprobs
     builder._logprobs = lambda entries, detokenize: built.append(len(entries)) or build(entries, detokenize)
+    kept = []
+    finish = engine.engine.scheduler.update_from_output
+
+    def update(*args):  # what the request holds of its built logprobs, as each step ends
+        kept.extend(len(r.reported_logprobs) for r in engine.engine.scheduler.running)
+        return finish(*args)
+
+    engine.engine.scheduler.update_from_output = update
     outputs = stream(engine, PROMPTS[1], params, "long")
     assert sum(len(o.outputs[0].logprobs) for o in outputs) == 40
     assert sum(built) == 40
+    # and keeps none: the Logprob objects lived as long as the stream, and the garbage collector's full
+    # passes went over them all
+    assert kept and not any(kept)
 
 
 def test_a_cumulative_stream_builds_each_tokens_logprobs_once():
