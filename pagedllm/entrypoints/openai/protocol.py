@@ -25,7 +25,7 @@ MAX_REQUEST_SEQUENCES = 16384
 MAX_MESSAGES = 16384
 
 
-def _prompt_type(prompt: object) -> str:
+def prompt_type(prompt: object) -> str:
     """Which of a completion prompt's types a value is meant to be, from its first item: pydantic
     then validates it as that type alone. (As a plain union it tried every type, and a million
     prompts that fit none got an error for each item and type: 7.5 s.) The tags are the types'
@@ -41,7 +41,7 @@ CompletionPrompt = Annotated[
     | Annotated[list[str], Field(max_length=MAX_REQUEST_SEQUENCES), Tag("list[str]")]
     | Annotated[list[TokenId], Tag("list[int]")]
     | Annotated[list[list[TokenId]], Field(max_length=MAX_REQUEST_SEQUENCES), Tag("list[list[int]]")],
-    Discriminator(_prompt_type)]
+    Discriminator(prompt_type)]
 # Request fields that are SamplingParams fields of the same name and meaning.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "stop", "ignore_eos", "min_tokens", "skip_special_tokens",

@@ -35,6 +35,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     Usage,
+    prompt_type,
     random_id,
 )
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
@@ -72,7 +73,7 @@ class OpenAIServing:
             raise ApiError(400, "best_of cannot be streamed: the best samples are known only at the end", "best_of")
         params = await self._params(body, 1 if echo_only else body.max_tokens, body.logprobs, prompt_logprobs,
                                     body.best_of)
-        num_prompts = 1 if isinstance(body.prompt, str) or _is_token_ids(body.prompt) else len(body.prompt)
+        num_prompts = 1 if prompt_type(body.prompt) in ("str", "list[int]") else len(body.prompt)
         if num_prompts * params.samples > MAX_REQUEST_SEQUENCES:
             raise ApiError(400, f"{num_prompts} prompts x {params.samples} samples is more than the "
                                 f"{MAX_REQUEST_SEQUENCES} sequences one request may start: send them in several "
@@ -183,7 +184,7 @@ class OpenAIServing:
             raise ApiError(400, f"{field}: {err}", field) from None
 
     def _completion_prompts(self, prompt, add_special_tokens: bool = True) -> list[Prompt]:
-        if isinstance(prompt, str) or _is_token_ids(prompt):
+        if prompt_type(prompt) in ("str", "list[int]"):  # one prompt
             prompt = [prompt]
         if not prompt:
             raise ApiError(400, "prompt is empty", "prompt")
@@ -329,12 +330,6 @@ def json_response(body: BaseModel) -> Response:
     a response of 64 samples of 400 tokens with 20 logprobs each, 14 MB, took the HTTP process
     3.1-3.7 s of CPU instead of 3.6-4.3 on a 2-core x86 CPU.)"""
     return Response(body.model_dump_json(), media_type="application/json")
-
-
-def _is_token_ids(prompt: str | list) -> bool:
-    """A completion's ``prompt`` that is one prompt's token ids, not a list of prompts (the body's
-    validation made it all ints, all strings or all lists)."""
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 def _continuous_usage(body) -> bool:
