@@ -189,8 +189,7 @@ class AsyncLLM:
         except BaseException as err:  # the engine is broken: every waiting client gets the error
             logger.exception("the engine loop failed; the server stops")
             self.error = err
-            self._deliver([(request_id, EngineDeadError(f"the engine stopped: {err!r}"))
-                           for request_id in list(self._streams)])
+            self.end_streams(f"the engine stopped: {err!r}")
             if self._on_dead is not None:
                 self._on_dead()
 
