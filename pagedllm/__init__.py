@@ -7,7 +7,7 @@ from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import PromptType, TextPrompt, TokensPrompt
 from pagedllm.llm import LLM
 from pagedllm.logging_config import configure_logging
-from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, FlatLogprobs, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.structured_outputs import GuidedDecodingParams, StructuredOutputsParams
 
@@ -15,7 +15,7 @@ from pagedllm.structured_outputs import GuidedDecodingParams, StructuredOutputsP
 EngineArgs = AsyncEngineArgs = EngineConfig
 AsyncLLMEngine = AsyncLLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "FlatLogprobs", "RequestMetrics",
            "RequestOutputKind", "EngineConfig", "EngineArgs", "AsyncEngineArgs", "AsyncLLM", "AsyncLLMEngine",
            "PromptType", "TextPrompt", "TokensPrompt", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
            "RequestFailedError", "EngineDeadError", "StructuredOutputsParams", "GuidedDecodingParams"]

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, incremental_detokenizer, output_text
 from pagedllm.engine.request import Request
-from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, FlatLogprobs, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -43,7 +43,7 @@ class OutputBuilder:
                                first.prompt_token_ids, completions, finished,
                                num_cached_tokens=first.num_cached_tokens or 0, metrics=_metrics(members), error=error)
         if params.prompt_logprobs is not None and error is None and (first_report or not delta):
-            output.prompt_logprobs = [None] + self._logprobs(first.prompt_logprobs, params.detokenize)
+            output.prompt_logprobs = self._logprobs(first.prompt_logprobs, params.detokenize, FlatLogprobs([None]))
         if delta:  # only what is new (the prompt's logprobs come with the first output only)
             for member, completion in zip(members, output.outputs, strict=True):
                 chars = member.num_reported_chars
@@ -72,20 +72,24 @@ class OutputBuilder:
         completion = CompletionOutput(request.sample_index, text, token_ids, request.finish_reason,
                                       request.stop_reason, cumulative_logprob=request.cumulative_logprob)
         if params.logprobs is not None and delta:
-            # never needed again: kept, a stream's Logprob objects (21 a token at logprobs=20) lived as long as it
-            # did, and each full pass of the garbage collector went over them all (up to 0.3 s, holding every
-            # other stream up)
+            # never needed again, so not kept (a stream's would live as long as it)
             completion.logprobs = self._logprobs(request.output_logprobs[start:], params.detokenize)
         elif params.logprobs is not None:  # kept, lest each output build them all again
             reported = request.reported_logprobs
-            reported += self._logprobs(request.output_logprobs[len(reported):], params.detokenize)
-            completion.logprobs = list(reported)
+            self._logprobs(request.output_logprobs[len(reported):], params.detokenize, reported)
+            completion.logprobs = FlatLogprobs(reported)
         return completion
 
-    def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool) -> list[dict[int, Logprob]]:
+    def _logprobs(self, entries: list[dict[int, tuple[float, int]]], detokenize: bool,
+                  into: FlatLogprobs | None = None) -> FlatLogprobs:
+        """The engine's ``{token: (logprob, rank)}`` positions appended to ``into`` (or a new one)."""
+        into = FlatLogprobs() if into is None else into
         decode = self.tokenizer is not None and detokenize
-        return [{t: Logprob(lp, rank, self._token_text(t) if decode else None)
-                 for t, (lp, rank) in entry.items()} for entry in entries]
+        for entry in entries:
+            scores = entry.values()
+            into.append_position(entry, [lp for lp, _ in scores], [rank for _, rank in scores],
+                                 [self._token_text(t) for t in entry] if decode else [None] * len(entry))
+        return into
 
     def _token_text(self, token_id: int) -> str:
         text = self.token_texts.get(token_id)
@@ -139,8 +143,10 @@ def add_completion_delta(so_far: CompletionOutput, delta: CompletionOutput) -> N
     appended, the rest the newest."""
     so_far.text += delta.text
     so_far.token_ids += delta.token_ids
-    if delta.logprobs is not None:
-        so_far.logprobs = (so_far.logprobs or []) + delta.logprobs
+    if delta.logprobs is not None:  # (in place: a new list each delta was quadratic in a long output)
+        if so_far.logprobs is None:
+            so_far.logprobs = FlatLogprobs()
+        so_far.logprobs.extend(delta.logprobs)
     so_far.finish_reason, so_far.stop_reason, so_far.cumulative_logprob = \
         delta.finish_reason, delta.stop_reason, delta.cumulative_logprob
 
@@ -148,5 +154,6 @@ def add_completion_delta(so_far: CompletionOutput, delta: CompletionOutput) -> N
 def copy_output(output: RequestOutput) -> RequestOutput:
     """A copy whose completions' lists a later ``add_delta`` does not change."""
     return dataclasses.replace(output, outputs=[
-        dataclasses.replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
+        dataclasses.replace(c, token_ids=list(c.token_ids),
+                            logprobs=None if c.logprobs is None else FlatLogprobs(c.logprobs))
         for c in output.outputs])

@@ -9,11 +9,11 @@ import torch
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.errors import ClientFault
+from pagedllm.outputs import FlatLogprobs
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.structured_output import SampleGrammar
-    from pagedllm.outputs import Logprob
 
 # Stands in ``token_ids`` for the token a step still running on the device is sampling; the
 # model runner feeds that step's sampled token in its place (see LLMEngine.step).
@@ -64,7 +64,7 @@ class Request:
     tensors: "SamplingTensors | None" = None  # what its sampling reads of its own, made once (the engine's)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
-    reported_logprobs: "list[dict[int, Logprob]]" = field(default_factory=list)  # output_logprobs as whole outputs give
+    reported_logprobs: FlatLogprobs = field(default_factory=FlatLogprobs)  # output_logprobs as whole outputs give
     # them, each built once
     error: str | None = None  # why it failed (finish_reason "error"), if an error was pinned on it
     group: "SampleGroup | None" = None  # the n samples of one request with sampling_params.n > 1
