@@ -11,17 +11,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def latest(benchmark: str) -> tuple[str, dict] | None:
-    """(file name, contents) of the newest result file of one benchmark (by date, then name)."""
+def results(benchmark: str) -> list[tuple[str, dict]]:
+    """(file name, contents) of one benchmark's result files, oldest first (by date, then name)."""
     runs = []
     for path in glob.glob(os.path.join(ROOT, "benchmarks", "results", f"{benchmark}-*.json")):
         with open(path) as f:
             data = json.load(f)
         runs.append((data["environment"]["date"], os.path.basename(path), data))
-    if not runs:
-        return None
-    _, name, data = max(runs, key=lambda run: run[:2])
-    return name, data
+    return [(name, data) for _, name, data in sorted(runs, key=lambda run: run[:2])]
+
+
+def latest(benchmark: str) -> tuple[str, dict] | None:
+    """The newest result file of one benchmark; for serving, the newest with its peer (floods
+    against the offline engine alone come after its table, as notes)."""
+    runs = results(benchmark)
+    if benchmark == "serve":
+        runs = [run for run in runs if _has_peer(run[1])] or runs
+    return runs[-1] if runs else None
+
+
+def _has_peer(data: dict) -> bool:
+    return any(not e["engine"].startswith("pagedllm") for e in data["engines"])
 
 
 def _source(data: dict, name: str) -> str:
@@ -296,7 +306,24 @@ def serve_section(name: str, data: dict) -> list[str]:
         if any(no_text):
             notes.append(f"{engine['engine']}: {'/'.join(map(str, no_text))} streams per rate ended with a finish "
                          "reason and usage but streamed no text; their tokens count, their latencies do not")
+    notes += _later_floods(data["environment"]["date"])
     return lines + ([""] + [f"{note}." for note in notes] if notes else [])
+
+
+def _later_floods(date: str) -> list[str]:
+    """A line for each run of floods alone (no peer) after the table's: what each server served of
+    the offline engine's throughput in that run."""
+    notes = []
+    for name, data in results("serve"):
+        if _has_peer(data) or data["environment"]["date"] <= date:
+            continue
+        servers = "; ".join(f"{e['engine']} **{e['served_over_offline_at_rate_inf']:.2f}** ("
+                            + ", ".join(f"{r:.2f}" for r in e.get("served_over_offline_at_rate_inf_runs", [])) + ")"
+                            for e in data["engines"] if "served_over_offline_at_rate_inf" in e)
+        notes.append(f"Floods since, {data['num_requests']} streams at once against the warm offline engine "
+                     f"({_rate(data['offline']['output_tokens_per_s'])} output tok/s) in the same run, no peer "
+                     f"({_source(data, name)}): served of it, the median of each server's floods: {servers}")
+    return notes
 
 
 def render() -> str:
