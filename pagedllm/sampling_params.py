@@ -70,6 +70,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    flat_logprobs: bool = False  # vLLM's choice of layout: here logprobs are always FlatLogprobs (changes nothing)
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -136,7 +137,7 @@ class SamplingParams:
         _check(self.seed is None or (is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX - self.samples + 1),
                "seed", self.seed, "must be an int in [-2**63, 2**63 - n] (sample i uses seed + i), or None")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
-                     "spaces_between_special_tokens"):
+                     "spaces_between_special_tokens", "flat_logprobs"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
         _check(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True (stop strings are text)")
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,

@@ -76,3 +76,12 @@ def test_deltas_added_up_equal_the_whole_output():
         logprobs_objects.add(id(so_far.outputs[0].logprobs))
     assert so_far.outputs[0].logprobs == whole.logprobs and so_far.outputs[0].token_ids == whole.token_ids
     assert len(logprobs_objects) == 1  # one, grown in place
+
+
+def test_vllms_flat_logprobs_option_is_taken_and_checked():
+    """vLLM's ``flat_logprobs=True`` picks the layout this engine always uses: a script passing it runs."""
+    llm = LLM(DEMO, device="cpu")
+    out = llm.generate("The city", SamplingParams(max_tokens=3, logprobs=1, flat_logprobs=True), use_tqdm=False)[0]
+    assert isinstance(out.outputs[0].logprobs, FlatLogprobs) and len(out.outputs[0].logprobs) == 3
+    with pytest.raises(ValueError, match="flat_logprobs"):
+        SamplingParams(flat_logprobs="yes")
