@@ -6,7 +6,7 @@ import os
 import pickle
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedllm import LLM, FlatLogprobs, Logprob, SamplingParams
@@ -15,12 +15,13 @@ from pagedllm.engine.outputs import add_delta
 DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
 
 LOGPROB = st.builds(Logprob, st.floats(-50, 0), st.one_of(st.none(), st.integers(1, 9)),
-                    st.one_of(st.none(), st.text(max_size=3)))
+                    st.one_of(st.none(), st.text(max_size=2)))
 # a position: None (a prompt's first token) or its tokens' Logprobs
-POSITION = st.one_of(st.none(), st.dictionaries(st.integers(0, 99), LOGPROB, min_size=1, max_size=4))
-POSITIONS = st.lists(POSITION, max_size=8)
+POSITION = st.one_of(st.none(), st.dictionaries(st.integers(0, 99), LOGPROB, min_size=1, max_size=3))
+POSITIONS = st.lists(POSITION, max_size=6)
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], deadline=None)
 @given(POSITIONS, POSITIONS, st.integers(-10, 10), st.integers(-10, 10), st.sampled_from([None, 1, 2, -1]))
 def test_reads_as_the_list_of_dicts_it_was_given(positions, more, start, stop, step):
     flat = FlatLogprobs(positions)
