@@ -33,10 +33,32 @@ def environment() -> dict:
                              cwd=os.path.dirname(RESULTS_DIR))
         commit = run.stdout.strip() if run.returncode == 0 else None
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu": cpu_name(),
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "git_commit": commit, "date": datetime.date.today().isoformat(), "peaks": gpu_peaks(),
     }
+
+
+def cpu_name() -> str | None:
+    """The host's CPU (what host-bound figures, the server's above all, depend on), where Linux says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def package_versions(names: list[str]) -> dict[str, str | None]:
+    """The installed versions of ``names`` (None where one is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def warm_up_gpu(seconds: float = 2.0) -> None:

@@ -30,7 +30,7 @@ import openai
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, write_result  # noqa: E402
+from benchmarks.common import environment, package_versions, write_result  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -327,7 +327,11 @@ def main() -> None:
     payload = {"benchmark": "serve", "model_config": os.path.basename(config_path).removesuffix(".json"),
                "dtype": args.dtype, "num_requests": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "client_processes": args.client_processes,
-               "time_limit_s": args.time_limit, "environment": environment(), "offline": offline,
+               "time_limit_s": args.time_limit, "environment": environment(),
+               # the HTTP stack and the client, which the served figures depend on as much as the engine
+               "packages": package_versions(["fastapi", "starlette", "uvicorn", "httptools", "uvloop", "anyio",
+                                             "pydantic", "openai", "httpx", "httpx2"]),
+               "offline": offline,
                "engines": engines}
     if args.peer != "none":
         print(f"wrote {write_result('serve', payload, args.out)}")

@@ -50,6 +50,22 @@ def test_serve_rows_come_from_the_latest_result():
         assert cells[-1] == f"{run['completed']} / {run['failed']} / {run['stopped']}"
 
 
+def test_serve_table_is_the_newest_run_with_its_peer_and_later_floods_are_notes():
+    """Floods against the offline engine alone (no peer) do not replace the table of the run that
+    has its peer; each later one is a note under it, with each server's ratio."""
+    name, data = report.latest("serve")
+    assert any(not e["engine"].startswith("pagedllm") for e in data["engines"])
+    later = [(n, d) for n, d in report.results("serve")
+             if all(e["engine"].startswith("pagedllm") for e in d["engines"])
+             and d["environment"]["date"] > data["environment"]["date"]]
+    assert later  # (serve-h200-2026-12-05-floods-2cd2fa6.json)
+    notes = "\n".join(report.serve_section(name, data))
+    for later_name, later_data in later:
+        assert later_name in notes
+        for engine in later_data["engines"]:
+            assert f"{engine['engine']} **{engine['served_over_offline_at_rate_inf']:.2f}**" in notes
+
+
 def test_serve_notes_give_each_api_server_counts_ratio():
     name, data = report.latest("serve")
     data = dict(data)
