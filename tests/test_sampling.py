@@ -72,6 +72,21 @@ def test_extreme_repetition_penalties_keep_a_token_possible(repetition):
         assert out[0] > out[4] and out[1] < out[3]
 
 
+@pytest.mark.parametrize("temperature", [5.8e307, 3.5e38])
+def test_a_temperature_past_float32s_range_samples_uniformly_among_allowed_tokens(temperature):
+    """Such a temperature was inf in the step's float32 tensor, a banned token's -inf / inf a NaN,
+    and argmax took it: token 0 every time, outside a grammar's mask (schemathesis: a 500, "no token
+    could follow"). Now as uniform as any huge temperature, banned tokens still banned."""
+    n = 6_000
+    logits = LOGITS.repeat(n, 1)
+    logits[:, 0] = float("-inf")  # banned (a grammar's mask, allowed_token_ids)
+    temperatures = torch.tensor([temperature] * n, dtype=torch.float32)  # (as the step's inputs are made)
+    meta = SamplingMetadata(temperatures=temperatures, top_ks=None, top_ps=None, all_greedy=False, seeded=None)
+    tokens = Sampler(torch.Generator().manual_seed(0))(logits, meta).token_ids
+    counts = torch.bincount(tokens, minlength=6)
+    assert counts[0] == 0 and (counts[1:] > 0.8 * n / 5).all(), counts.tolist()
+
+
 @pytest.mark.parametrize("max_num_logprobs", [None, 2])
 def test_fused_greedy_step_equals_the_torch_one(monkeypatch, max_num_logprobs):
     """An all-greedy step takes its tokens and logprobs from one kernel (here under the interpreter):

@@ -115,8 +115,10 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         temperatures = meta.temperatures.to(logits.device, non_blocking=True)
-        # (at most 1e5 times over: as greedy below that, and finite logits stay finite, as penalties keep them)
-        logits = logits / torch.where(temperatures > 0, temperatures.clamp(min=1e-5), 1.0).unsqueeze(1)
+        # (at most 1e5 times over: as greedy below that, and finite logits stay finite, as penalties keep them; at
+        # most 1e30 under, which is already uniform: a temperature past float32's range was inf here, and a
+        # banned token's -inf / inf a NaN, which argmax took: token 0, outside a grammar's mask)
+        logits = logits / torch.where(temperatures > 0, temperatures.clamp(1e-5, 1e30), 1.0).unsqueeze(1)
         if meta.min_ps is not None:
             logits = apply_min_p(logits, meta.min_ps.to(logits.device, non_blocking=True))
         logits = apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
