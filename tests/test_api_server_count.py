@@ -56,6 +56,25 @@ def _any_left(pids: set[int]) -> list[int]:
     return left
 
 
+def _exit_status(process: subprocess.Popen, children: set[int], timeout: float = 60) -> int:
+    """The server's exit status; if it has not exited within ``timeout``, the test fails saying what
+    still ran and what the server wrote (every process is killed first: they hold its stderr open)."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        running = {}
+        for pid in {process.pid} | children | _descendants(process.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline") as f:
+                    running[pid] = f.read().replace("\0", " ")[:120]
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        process.wait()
+        pytest.fail(f"the server did not exit within {timeout:g} s; running then: {running}; "
+                    f"its log: {process.stderr.read()[-4000:]}")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -193,7 +212,7 @@ def test_a_server_stopped_after_serving_exits_0_without_a_traceback(server, stop
     events = _post(url, {"model": DEMO, "prompt": PROMPTS[0], "max_tokens": 8, "stream": True}).decode()
     assert events.endswith("data: [DONE]\n\n")
     process.send_signal(stop)
-    assert process.wait(timeout=60) == 0
+    assert _exit_status(process, children) == 0
     err = process.stderr.read()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert not _any_left(children)
