@@ -86,10 +86,13 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def server(request):
     """The server in a subprocess: ``--api-server-count 2``, or the count given as the fixture's param."""
-    port, count = _free_port(), getattr(request, "param", 2)
+    port, param = _free_port(), getattr(request, "param", 2)
+    count, sigint_ignored = (param, False) if isinstance(param, int) else param
+    # (sigint_ignored: started as `cmd &` from a script starts it, with SIGINT ignored)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     process = subprocess.Popen([sys.executable, "-m", "pagedllm", "serve", DEMO, "--device", "cpu", "--port", str(port),
                                 "--api-server-count", str(count), "--max-model-len", "512"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:
@@ -202,11 +205,16 @@ def test_a_killed_watching_process_leaves_no_process_behind(server):
     assert not left
 
 
-@pytest.mark.parametrize("server, stop", [(1, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGINT)],
-                         indirect=["server"], ids=["one process, Ctrl-C", "one process, SIGTERM", "two, Ctrl-C"])
+@pytest.mark.parametrize("server, stop", [(1, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGINT),
+                                          ((2, True), signal.SIGINT), ((1, True), signal.SIGINT)],
+                         indirect=["server"], ids=["one process, Ctrl-C", "one process, SIGTERM", "two, Ctrl-C",
+                                                   "two, started in the background, SIGINT",
+                                                   "one process, started in the background, SIGINT"])
 def test_a_server_stopped_after_serving_exits_0_without_a_traceback(server, stop):
     """Ctrl-C is how a server is stopped: after it has served (a stream, here), it ends with status 0
-    and the engine process with it, and says nothing of a KeyboardInterrupt."""
+    and the engine process with it, and says nothing of a KeyboardInterrupt. Started in the
+    background by a script (SIGINT ignored, as `&` leaves it), a SIGINT stops it too: the watching
+    process of two API servers ignored it (the test suite run with `&` hung here)."""
     process, url = server
     children = _descendants(process.pid)
     events = _post(url, {"model": DEMO, "prompt": PROMPTS[0], "max_tokens": 8, "stream": True}).decode()

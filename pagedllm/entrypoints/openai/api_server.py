@@ -221,7 +221,10 @@ def serve_in_processes(args: argparse.Namespace) -> int:
     sock = uvicorn.Config(None, host=args.host, port=args.port).bind_socket()
     metrics_dir = tempfile.mkdtemp(prefix="pagedllm-metrics-")
     replicas, servers = [], []
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM both stop it, whatever it inherited: started with `&` from a script, its SIGINT
+    # came ignored, and Python then leaves it so (a `kill -INT` did nothing; uvicorn's own handlers, in
+    # each API server, are set whatever came before)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     try:
         replicas, pipes = start_replicas(config, args.api_server_count)
@@ -241,7 +244,8 @@ def serve_in_processes(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for process in servers:
             if process.is_alive():
                 process.terminate()  # uvicorn's graceful shutdown: each answers what it can
