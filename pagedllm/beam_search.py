@@ -3,11 +3,12 @@ every live beam with its 2 x beam_width most likely next tokens, keeps the beam_
 continuations of each prompt, and sets aside those that end with EOS. The beams of a prompt share
 their prefix's KV blocks through the prefix cache, so each step computes about one token a beam."""
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.outputs import Logprob
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, is_int, is_real
 
 if TYPE_CHECKING:
     from pagedllm.llm import LLM
@@ -26,10 +27,16 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        for name, value, rule in (("beam_width", self.beam_width, "an int >= 1"),
-                                  ("max_tokens", self.max_tokens, "an int >= 1")):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BeamSearchParams.{name}={value!r} is invalid: it must be {rule}")
+        for name, ok, rule in (
+                ("beam_width", is_int(self.beam_width) and self.beam_width >= 1, "an int >= 1"),
+                ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1"),
+                ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
+                ("temperature", is_real(self.temperature) and 0 <= self.temperature < math.inf, "a finite number >= 0"),
+                ("length_penalty", is_real(self.length_penalty) and math.isfinite(self.length_penalty),
+                 "a finite number"),
+                ("include_stop_str_in_output", isinstance(self.include_stop_str_in_output, bool), "True or False")):
+            if not ok:
+                raise ValueError(f"BeamSearchParams.{name}={getattr(self, name)!r} is invalid: it must be {rule}")
 
 
 @dataclass
@@ -84,14 +91,20 @@ def beam_search(llm: "LLM", prompts: list[list[int]], params: BeamSearchParams,
     for finished, unfinished in zip(done, live, strict=True):
         for beam in unfinished:
             beam.finish_reason = "length"
-        ranked = sorted(finished + unfinished, key=lambda b: _score(b, eos_ids, params.length_penalty), reverse=True)
+        ranked = sorted(finished + unfinished, key=lambda b: _rank(b, eos_ids, params.length_penalty))
         for beam in ranked[:width]:
             beam.text = tokenizer.decode(beam.tokens) if tokenizer is not None else None
         results.append(BeamSearchOutput(ranked[:width]))
     return results
 
 
-def _score(beam: BeamSearchSequence, eos_ids: set[int], length_penalty: float) -> float:
-    """The cumulative logprob over the length (an ending EOS not counted) to the length penalty."""
+def _rank(beam: BeamSearchSequence, eos_ids: set[int], length_penalty: float) -> float:
+    """Where a beam ranks, lowest first: its score is the cumulative logprob (<= 0) over the length
+    (an ending EOS not counted) to the length penalty, and this is the log of minus that score (a
+    penalty of 1,000 made ``length ** penalty`` overflow; in logs it cannot)."""
     length = len(beam.tokens) - (beam.tokens[-1] in eos_ids)
-    return beam.cum_logprob / (length**length_penalty)
+    if beam.cum_logprob >= 0:
+        return -math.inf
+    if beam.cum_logprob == -math.inf:  # (a token the model gave no chance, where the vocabulary is small)
+        return math.inf
+    return math.log(-beam.cum_logprob) - length_penalty * math.log(length)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.entrypoints.cli import main as cli_main
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "pagedllm-demo")
@@ -196,3 +196,31 @@ def test_readme_lists_every_engine_option():
     for field in dataclasses.fields(EngineConfig):
         if field.init:
             assert f"`{field.name}`" in readme, field.name
+
+
+BAD_BEAM_PARAMS = [({"beam_width": 0}, "beam_width"), ({"beam_width": 2.0}, "beam_width"),
+                   ({"max_tokens": True}, "max_tokens"), ({"length_penalty": float("nan")}, "length_penalty"),
+                   ({"length_penalty": float("inf")}, "length_penalty"), ({"length_penalty": "1"}, "length_penalty"),
+                   ({"temperature": -1}, "temperature"), ({"temperature": 1e400}, "temperature"),
+                   ({"ignore_eos": "yes"}, "ignore_eos"),
+                   ({"include_stop_str_in_output": 1}, "include_stop_str_in_output")]
+
+
+@pytest.mark.parametrize("kwargs, field", BAD_BEAM_PARAMS, ids=[str(k) for k, _ in BAD_BEAM_PARAMS])
+def test_beam_search_params_are_checked_by_name(kwargs, field):
+    with pytest.raises(ValueError, match=f"BeamSearchParams.{field}="):
+        BeamSearchParams(**({"beam_width": 2, "max_tokens": 4} | kwargs))
+
+
+def test_beam_search_ranks_with_any_finite_length_penalty():
+    """The score is the cumulative logprob over the length to the penalty: a penalty of 1,000 made
+    ``length ** penalty`` overflow (OverflowError), -1e308 divided by zero. Ranked in logs, each
+    completes; a penalty of 0 ranks by cumulative logprob alone."""
+    llm = LLM(DEMO, device="cpu")
+    for penalty in (1e308, -1e308, 1e3, 0.0):
+        out = llm.beam_search([{"prompt": "def f("}], BeamSearchParams(beam_width=3, max_tokens=4,
+                                                                        length_penalty=penalty))[0]
+        assert len(out.sequences) == 3
+        if penalty == 0.0:
+            scores = [s.cum_logprob for s in out.sequences]
+            assert scores == sorted(scores, reverse=True)
