@@ -19,6 +19,8 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+MAX_BATCH = 1 << 20  # max_num_seqs: sequences in one step
+MAX_BATCH_TOKENS = 1 << 24  # max_num_batched_tokens: tokens in one step (its activations are profiled)
 logger = logging.getLogger("pagedllm")
 
 
@@ -100,7 +102,8 @@ class EngineConfig:
         self._accept_vllm_only_options()
         _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                  "block_size", self.block_size, "a power of two")
-        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        # (upper bounds: the engine's buffers are sized by them, and past int64 torch could not even say so)
+        _require(1 <= self.max_num_seqs <= MAX_BATCH, "max_num_seqs", self.max_num_seqs, f"between 1 and {MAX_BATCH:,}")
         _require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
         _require(0 < self.gpu_memory_utilization <= 1,
                  "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
@@ -109,7 +112,8 @@ class EngineConfig:
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         _require(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no limit)")
         _require(self.max_num_samples >= 1, "max_num_samples", self.max_num_samples, ">= 1")
-        _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
+        _require(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64), "seed", self.seed,
+                 "an int in [-2**63, 2**64) or None (what torch's generators take)")
         _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
         _require(self.quantization in (None, "fp8"), "quantization", self.quantization,
                  "None or 'fp8' (FP8 weights, activations quantized per token; other methods are not supported)")
@@ -151,7 +155,8 @@ class EngineConfig:
                  f"between 1 and the model's maximum context length ({model_max})")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        _require(1 <= self.max_num_batched_tokens <= MAX_BATCH_TOKENS, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, f"between 1 and {MAX_BATCH_TOKENS:,}")
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:

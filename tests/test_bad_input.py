@@ -88,6 +88,10 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"stream_interval": 0}, "stream_interval=0"),
     ({"stream_interval": 2.5}, "stream_interval=2.5 is invalid: it must be int"),
     ({"seed": 1.5}, "seed=1.5 is invalid: it must be int or None"),
+    # past int64 these failed deep in torch ("Overflow when unpacking long long"), naming nothing
+    ({"seed": 2**70}, r"seed=1180591620717411303424 is invalid: it must be an int in \[-2\*\*63, 2\*\*64\)"),
+    ({"max_num_seqs": 2**70}, "max_num_seqs=1180591620717411303424 is invalid: it must be between 1 and 1,048,576"),
+    ({"max_num_batched_tokens": 2**70}, "max_num_batched_tokens=1180591620717411303424 is invalid"),
     ({"swap_space": "lots"}, "swap_space='lots' is invalid: it must be float"),
     ({"hf_overrides": [1]}, r"hf_overrides=\[1\] is invalid: it must be dict or None"),
     ({"tensor_parallel_size": 3, "device": "cpu"},
