@@ -5,6 +5,7 @@ activation, then the down projection scaled by the routing weight, and each toke
 summed. The sort is done with fixed-shape torch ops (no host sync), so decode steps can run in
 CUDA graphs."""
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,7 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
                                num_stages=num_stages, **pdl(a))
 
 
+@functools.cache  # (called for each MoE layer of each step: the device's shared memory is asked once)
 def _tile(block_m: int, down: bool, element_size: int, device: torch.device) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages) for a block height: the best of 20 tilings each at
     Qwen3-30B-A3B's and Mixtral's layers at 256 and 2,048 tokens on an H200 (``down``: the second
