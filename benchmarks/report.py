@@ -51,7 +51,7 @@ def kernels_section(name: str, data: dict) -> list[str]:
     layout = data["layout"]
     _, bandwidth, matmul = _peaks(data)
     lines = [
-        f"**PagedAttention kernels** (`python benchmarks/kernels.py`): {layout['num_heads']} query heads on "
+        f"**PagedAttention kernels** (`python benchmarks/attention_kernels.py`): {layout['num_heads']} query heads on "
         f"{layout['num_kv_heads']} KV heads, head_dim {layout['head_dim']}, {layout['dtype'].split('.')[-1]}, "
         f"blocks of {layout['block_size']} in shuffled order, beside torch SDPA over the same K/V held densely "
         "(prefill: through its flash backend, FlashAttention-2, and its cuDNN backend, its default on Hopper). "
@@ -271,7 +271,8 @@ def serve_section(name: str, data: dict) -> list[str]:
         f"**Serving** (`python benchmarks/serve.py`): {data['num_requests']} streamed chat completions per "
         f"offered rate ({data['input_len']} prompt tokens, {data['output_len']} output tokens, greedy; "
         f"{data['model_config']} {data['dtype']}, random weights), Poisson arrivals (inf: all at once) from "
-        f"{data['client_processes']} processes of the official `openai` client; `transformers serve "
+        f"{data['client_processes']} processes of {data.get('client', 'the official `openai` client')}; "
+        f"`transformers serve "
         f"--continuous-batching` on the same checkpoint and prompts in the same run. Time-to-first-token "
         f"(TTFT) and inter-token latency (ITL, between streamed chunks) in ms. {_source(data, name)}.",
         "",

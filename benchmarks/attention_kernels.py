@@ -9,7 +9,8 @@ Prefill: causal attention over one prompt of 1k-8k tokens and over 32 prompts of
 step of short prompts); achieved FLOP/s against the bf16 matmul peak, beside SDPA's causal
 attention on the same tokens through each of its fused backends: flash (FlashAttention-2) and
 cuDNN (its default on Hopper, FlashAttention-3-like). Every time is the median of CUDA-graph
-replays, so Python launch overhead stays out of the kernel figures. Usage: python benchmarks/kernels.py [--out DIR]
+replays, so Python launch overhead stays out of the kernel figures.
+Usage: python benchmarks/attention_kernels.py [--out DIR]
 """
 
 import argparse
