@@ -74,7 +74,8 @@ class EngineConfig:
     disable_custom_all_reduce: bool = option(
         True, "False: tensor parallelism all-reduces small messages (decode) through a symmetric-memory kernel, "
               "NCCL beyond; faster, but a worker that dies mid-step leaves the others' GPUs waiting forever")
-    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
+    enable_prefix_caching: bool | None = option(True, "reuse the KV blocks of prompts' shared prefixes (None, "
+                                                      "vLLM's default, is True)")
     async_scheduling: bool = option(True, "schedule the next step while the device runs this one")
     stream_interval: int = option(1, "a streamed request is reported at its first token, then every N tokens and "
                                      "at its end: fewer, larger chunks for a server whose HTTP side is busy")
@@ -93,6 +94,18 @@ class EngineConfig:
                                      compat="pagedllm logs no periodic stats (the server has /metrics)")
     max_seq_len_to_capture: int = option(8192, "vLLM's longest context run in CUDA graphs",
                                          compat="decode CUDA graphs serve every context length here")
+    distributed_executor_backend: str | None = option(
+        None, "vLLM's choice of how tensor-parallel workers run: mp, ray or uni",
+        compat="tensor-parallel workers are processes of this host here, as vLLM's 'mp' (pagedllm.ray runs whole "
+               "replicas on Ray)")
+    compilation_config: int | dict | None = option(
+        None, "vLLM's torch.compile level or settings", compat="nothing is compiled with torch.compile here: decode "
+                                                             "steps replay CUDA graphs unless enforce_eager")
+    # Accepted at vLLM's defaults only: what they would turn on is not supported, and says so.
+    runner: str = option("auto", "vLLM's model runner: auto or generate (pooling is not supported)")
+    enable_lora: bool = option(False, "vLLM's switch for LoRA adapters (not supported: False only)")
+    pipeline_parallel_size: int = option(1, "vLLM's pipeline stages (not supported: 1 only)")
+    speculative_config: dict | None = option(None, "vLLM's speculative decoding (not supported: None only)")
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
@@ -120,6 +133,8 @@ class EngineConfig:
         _require(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
                  "'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (e4m3; 'fp8_e5m2' is not supported)")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")
+        _require(self.runner in ("auto", "generate"), "runner", self.runner,
+                 "'auto' or 'generate': pagedllm generates text")
         _require(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                  "a dict of config.json values")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
@@ -175,7 +190,19 @@ class EngineConfig:
                 raise ValueError(f"{f.name}={value!r} is invalid: it must be {names}")
 
     def _accept_vllm_only_options(self) -> None:
-        """Say what each vLLM-only option a script set does here."""
+        """Refuse what vLLM-only options would turn on that is not here; say what each other one a
+        script set does here."""
+        _require(not self.enable_lora, "enable_lora", self.enable_lora, "False: LoRA adapters are not supported "
+                 "(merge the adapter into the weights, as peft's merge_and_unload does, and load that)")
+        _require(self.pipeline_parallel_size == 1, "pipeline_parallel_size", self.pipeline_parallel_size,
+                 "1: pipeline parallelism is not supported (tensor_parallel_size splits a model over one host's GPUs)")
+        _require(self.speculative_config is None, "speculative_config", self.speculative_config,
+                 "None: speculative decoding is not supported")
+        _require(self.distributed_executor_backend in (None, "mp", "ray", "uni"), "distributed_executor_backend",
+                 self.distributed_executor_backend, "None, 'mp', 'ray' or 'uni' (workers here are always processes "
+                 "of this host)")
+        if self.enable_prefix_caching is None:  # vLLM's default: on
+            self.enable_prefix_caching = True
         for f in fields(self):
             compat = f.metadata.get("compat")
             if compat and getattr(self, f.name) != f.default:

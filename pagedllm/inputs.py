@@ -72,19 +72,29 @@ def token_ids(prompt: Sequence) -> list[int]:
     return [int(t) for t in prompt]
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Any, chat_template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                content_format: str = "auto") -> tuple[str, list[int]]:
     """A conversation's prompt text and token ids. ``messages`` is a list of ``{"role", "content"}``
     with text content: a string, or OpenAI's content parts of type "text". ``tools`` and
     ``chat_template_kwargs`` (Qwen3's ``enable_thinking``, say) go to the template;
-    ``continue_final_message`` leaves the last message open for the model to go on with."""
+    ``continue_final_message`` leaves the last message open for the model to go on with. The
+    template sees each content as one string, or with ``content_format="openai"`` as a list of
+    ``{"type": "text", "text"}`` parts (vLLM's ``chat_template_content_format``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {\"role\", \"content\"} objects")
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be set: either the last "
                          "message goes on, or the assistant's turn starts")
-    plain = [{**_extra_fields(m), "role": _role(i, m), "content": _content(i, m)} for i, m in enumerate(messages)]
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format={content_format!r:.100} is invalid: it must be one of "
+                         f"{CONTENT_FORMATS}")
+    plain = [{**_extra_fields(m), "role": _role(i, m), "content": _content(i, m, content_format)}
+             for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(plain, tokenize=False, chat_template=chat_template, tools=tools,
                                              add_generation_prompt=add_generation_prompt,
@@ -106,18 +116,23 @@ def _role(index: int, message: Any) -> str:
     return message["role"]
 
 
-def _content(index: int, message: dict) -> str:
+def _content(index: int, message: dict, content_format: str) -> str | list[dict]:
+    """The message's text: one string, or with the "openai" format its text parts (a string content
+    is one part)."""
     if "content" not in message and not message.get("tool_calls"):
         raise ValueError(f"message {index} has no content")
     content = message.get("content")
     if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
+        texts = [] if content is None else [content]
+    elif not isinstance(content, list):
         raise ValueError(f"message {index}: content must be a string or a list of text parts")
-    texts = []
-    for k, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"message {index}, content part {k}: must be {{\"type\": \"text\", \"text\": "
-                             f"string}} (this model takes text only), not {part!r:.80}")
-        texts.append(part["text"])
+    else:
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"message {index}, content part {k}: must be {{\"type\": \"text\", \"text\": "
+                                 f"string}} (this model takes text only), not {part!r:.80}")
+            texts.append(part["text"])
+    if content_format == "openai":
+        return [{"type": "text", "text": text} for text in texts]
     return "".join(texts)

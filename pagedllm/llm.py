@@ -1,5 +1,7 @@
 """``LLM``: the offline entry point, a synchronous loop over the engine."""
 
+import dataclasses
+import difflib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -11,6 +13,7 @@ from pagedllm.beam_search import beam_search as run_beam_search
 from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import RequestFailedError
 from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
 from pagedllm.metrics import Metric, engine_metrics
@@ -25,6 +28,7 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any):
+        _check_argument_names(kwargs)
         config = EngineConfig(model=model, **kwargs)
         self.llm_engine = DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
         self._next_request_id = 0
@@ -67,21 +71,26 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | Callable[..., tqdm] = True, *,
-                 prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
+                 prompt_token_ids: list[int] | list[list[int]] | None = None, lora_request: Any = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order.
 
         A prompt is a string, a list of token ids, ``TokensPrompt(prompt_token_ids=[...])`` or
         ``TextPrompt(prompt="...")`` (or ``prompt_token_ids=`` as older vLLM took them). Every prompt
         is checked before any work starts: one bad prompt raises a ValueError naming its index, and
-        nothing runs. ``use_tqdm`` may be a tqdm-like class to show progress with.
+        nothing runs. ``use_tqdm`` may be a tqdm-like class to show progress with. vLLM's
+        ``lora_request`` (None only) and ``priority`` (zeros only: requests run first come, first
+        served) are taken so that its scripts run.
         """
+        refuse_lora(lora_request)
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise ValueError("give prompts or prompt_token_ids, not both")
             prompts = [TokensPrompt(prompt_token_ids=ids) for ids in as_prompt_list(prompt_token_ids)]
         if prompts is None:
             raise ValueError("generate needs prompts")
-        return self._run_engine(self._add_requests(prompts, sampling_params, stream=False), use_tqdm)
+        return self._run_engine(self._add_requests(prompts, sampling_params, stream=False, priority=priority),
+                                use_tqdm)
 
     def generate_stream(self, prompts: PromptType | Sequence[PromptType],
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -108,12 +117,20 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool | Callable[..., tqdm] = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | Callable[..., tqdm] = True, lora_request: Any = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of ``{"role", "content"}`` messages, content a string or
         OpenAI's text parts) or a list of them, rendered with the tokenizer's chat template (or
-        ``chat_template``, a Jinja string), given ``tools`` and ``chat_template_kwargs``."""
+        ``chat_template``, a Jinja string), given ``tools`` and ``chat_template_kwargs``; vLLM's
+        arguments, in its order. ``chat_template_content_format``: the template sees each message's
+        content as a string ("string"; "auto" does the same) or as OpenAI's list of text parts
+        ("openai"). ``lora_request`` and ``mm_processor_kwargs`` are taken as None only."""
+        refuse_lora(lora_request)
+        if mm_processor_kwargs is not None:
+            raise ValueError(f"mm_processor_kwargs={mm_processor_kwargs!r} is invalid: it must be None: multi-modal "
+                             "inputs are not supported (this model takes text)")
         tokenizer = self._engine().tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template: use generate()")
@@ -122,15 +139,18 @@ class LLM:
         for index, conversation in enumerate(conversations):
             try:
                 text, ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt,
-                                        continue_final_message, tools, chat_template_kwargs)
+                                        continue_final_message, tools, chat_template_kwargs,
+                                        chat_template_content_format)
             except ValueError as err:
                 raise ValueError(f"conversation {index}: {err}") from None
             prompts.append(TokensPrompt(prompt=text, prompt_token_ids=ids))
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, lora_request: Any = None,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
-        """vLLM's beam search: each prompt's ``params.beam_width`` best sequences, best first."""
+        """vLLM's beam search (its arguments, in its order): each prompt's ``params.beam_width`` best
+        sequences, best first."""
+        refuse_lora(lora_request)
         engine = self._engine()
         limit = engine.config.max_logprobs
         if limit != -1 and 2 * params.beam_width > limit:
@@ -144,10 +164,11 @@ class LLM:
                 raise ValueError(f"prompt {index}: {err}") from None
         return run_beam_search(self, token_prompts, params, use_tqdm)
 
-    def _add_requests(self, prompts, sampling_params, stream: bool) -> list[str]:
+    def _add_requests(self, prompts, sampling_params, stream: bool, priority: list[int] | None = None) -> list[str]:
         """Check every prompt, then queue them all; returns their request ids."""
         engine = self._engine()
         prompts = as_prompt_list(prompts)
+        first_come_first_served(priority, len(prompts))
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -205,3 +226,15 @@ class LLM:
         finally:
             bar.close()
         return [outputs[request_id] for request_id in request_ids]
+
+
+def _check_argument_names(kwargs: dict) -> None:
+    """An argument EngineConfig has no field for is named, with the fields its name is close to
+    (a bare TypeError from EngineConfig.__init__ named neither)."""
+    known = [f.name for f in dataclasses.fields(EngineConfig) if f.init]
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise TypeError(f"LLM() got an unexpected argument {name!r}{hint}: its arguments are EngineConfig's "
+                            "fields, the README's table")

@@ -396,6 +396,26 @@ def test_chat_template_file_overrides_the_builtin_one(tiny_checkpoint, tmp_path)
         server.engine.shutdown()
 
 
+def test_chat_template_content_format_openai_hands_the_template_text_parts(tiny_checkpoint, tmp_path):
+    """vLLM's --chat-template-content-format openai: a template that reads each content's parts
+    sees them (as a string, it iterated its characters and found no text in them)."""
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{% for part in m['content'] %}<{{ part['text'] }}>{% endfor %}"
+                        "{% endfor %}")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+             {"role": "assistant", "content": "Hi"}]
+    for fmt, rendered in (("openai", "<Hel><lo><Hi>"), ("string", "<>" * len("HelloHi"))):
+        server, uv, url = start_server(tiny_checkpoint("opt"), "--chat-template", str(template),
+                                       "--chat-template-content-format", fmt)
+        try:
+            tokens = json.loads(call("POST", f"{url}/tokenize", {"messages": parts,
+                                                                  "add_generation_prompt": False})[1])["tokens"]
+            assert server.engine.tokenizer.decode(tokens) == rendered
+        finally:
+            uv.should_exit = True
+            server.engine.shutdown()
+
+
 def test_lm_eval_loglikelihood_request_scores_every_prompt_token(live, offline):
     """lm-evaluation-harness's local-completions request: echo the prompt with each token's logprob
     (None for the first), then one generated token. Its loglikelihoods come from these numbers."""

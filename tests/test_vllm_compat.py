@@ -38,6 +38,8 @@ def test_compatibility_options_are_accepted_and_said(results):
     assert "swap_space" not in log  # left at vLLM's default: nothing to say
     assert "disable_log_stats=True: pagedllm logs no periodic stats" in log
     assert "num_gpu_blocks_override=64: the same as num_kv_blocks" in log
+    assert "distributed_executor_backend='mp': tensor-parallel workers are processes of this host here" in log
+    assert "compilation_config=3: nothing is compiled with torch.compile here" in log
 
 
 def test_greedy_outputs_times_and_cumulative_logprob(results, tokenizer):
@@ -50,6 +52,8 @@ def test_greedy_outputs_times_and_cumulative_logprob(results, tokenizer):
         assert m["last_token_time"] <= m["finished_time"] and m["time_in_queue"] >= 0
     first = cases["greedy"][0]["token_ids"]
     assert cases["prompt_types"][0]["token_ids"] == [first] * 3
+    # generate(..., lora_request=None, priority=[0, 0, 0]), as vLLM takes them: the same outputs
+    assert cases["generate_arguments"][0]["token_ids"] == [output["token_ids"] for output in cases["greedy"]]
     assert cases["async_engine"][0]["token_ids"] == first
 
 
@@ -126,6 +130,7 @@ def test_chat_prefix_cache_metrics_and_progress(results):
     chat = cases["chat"][0]
     assert chat["parts"] == chat["string"]  # text parts render as the string they spell
     assert chat["rendered"] == "tools: search\n<think>\nuser: hi\nassistant: def"  # the last message left open
+    assert cases["content_format"][0]["prompt"] == "[hi]"  # chat_template_content_format="openai": parts
     assert "message 0 has no content" in cases["chat_without_content"][0]["error"]
     cache = cases["prefix_cache"][0]
     assert cache["hits_again"] > 0 and cache["reset"] is True and cache["hits_after_reset"] == 0
@@ -140,6 +145,11 @@ def test_chat_prefix_cache_metrics_and_progress(results):
     ({"tokenizer_mode": "mistral"}, "tokenizer_mode='mistral' is invalid"),
     ({"num_kv_blocks": 32, "num_gpu_blocks_override": 64}, "num_gpu_blocks_override=64 is invalid"),
     ({"hf_overrides": "x"}, "hf_overrides='x' is invalid"),
+    ({"enable_lora": True}, "enable_lora=True is invalid: it must be False: LoRA adapters are not supported"),
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2 is invalid: it must be 1"),
+    ({"speculative_config": {"model": "x", "num_speculative_tokens": 4}}, "speculative_config=.* is invalid"),
+    ({"runner": "pooling"}, "runner='pooling' is invalid"),
+    ({"distributed_executor_backend": "external_launcher"}, "distributed_executor_backend='external_launcher'"),
 ])
 def test_options_pagedllm_cannot_honour_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -224,3 +234,75 @@ def test_beam_search_ranks_with_any_finite_length_penalty():
         if penalty == 0.0:
             scores = [s.cum_logprob for s in out.sequences]
             assert scores == sorted(scores, reverse=True)
+
+
+def test_vllm_defaults_of_its_other_options_are_taken():
+    llm = LLM(DEMO, device="cpu", enable_prefix_caching=None, runner="generate", enable_lora=False,
+              pipeline_parallel_size=1, speculative_config=None, distributed_executor_backend=None)
+    assert llm.llm_engine.config.enable_prefix_caching is True  # vLLM's None: on
+
+
+def test_an_argument_llm_does_not_take_is_named_with_the_ones_it_is_close_to():
+    with pytest.raises(TypeError, match="unexpected argument 'max_model_length' \\(did you mean max_model_len\\?\\)"):
+        LLM(DEMO, device="cpu", max_model_length=64)
+    with pytest.raises(TypeError, match="unexpected argument 'limit_mm_per_prompt': its arguments are"):
+        LLM(DEMO, device="cpu", limit_mm_per_prompt={"image": 0})
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda llm: llm.generate("x", lora_request=object(), use_tqdm=False),
+     "lora_request=.* is invalid: it must be None"),
+    (lambda llm: llm.generate(["x", "y"], priority=[0, 1], use_tqdm=False), "priority=\\[0, 1\\] is invalid: requests "
+                                                                             "are served first come, first served"),
+    (lambda llm: llm.generate(["x", "y"], priority=[0], use_tqdm=False), "one int per prompt \\(2\\)"),
+    (lambda llm: llm.chat([{"role": "user", "content": "x"}], mm_processor_kwargs={"fps": 1}, use_tqdm=False),
+     "mm_processor_kwargs=.* is invalid: it must be None"),
+    (lambda llm: llm.chat([{"role": "user", "content": "x"}], chat_template_content_format="json", use_tqdm=False),
+     "chat_template_content_format='json' is invalid"),
+    (lambda llm: llm.beam_search(["x"], BeamSearchParams(beam_width=2, max_tokens=2), "my-adapter"),
+     "lora_request='my-adapter' is invalid"),
+])
+def test_vllm_call_arguments_asking_for_what_is_not_here_are_refused(call, match):
+    llm = LLM(DEMO, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        call(llm)
+    assert llm.generate("x", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids  # still usable
+
+
+def test_async_engine_takes_vllm_call_arguments_at_their_defaults_only():
+    import asyncio
+
+    from pagedllm import AsyncLLMEngine
+    from pagedllm.config import EngineConfig
+
+    async def run():
+        engine = AsyncLLMEngine.from_engine_args(EngineConfig(DEMO, device="cpu"))
+        try:
+            params = SamplingParams(max_tokens=3, temperature=0)
+            outputs = [o async for o in engine.generate("x", params, "a", lora_request=None, priority=0)]
+            for kwargs in ({"lora_request": "adapter"}, {"priority": 2}):
+                with pytest.raises(ValueError, match="is invalid"):
+                    async for _ in engine.generate("x", params, "b", **kwargs):
+                        pass
+            return outputs[-1].outputs[0].token_ids
+        finally:
+            engine.shutdown()
+
+    assert len(asyncio.run(run())) == 3
+
+
+def test_commands_take_vllm_flags_for_these_options():
+    import argparse
+
+    from pagedllm.entrypoints.server_args import add_engine_args, engine_setting_error
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--compilation-config", '{"level": 3}', "--distributed-executor-backend", "mp",
+                              "--pipeline-parallel-size", "1", "--no-enable-lora"])
+    assert args.compilation_config == {"level": 3}
+    assert parser.parse_args(["--compilation-config", "3"]).compilation_config == 3
+    args.model, args.device = DEMO, "cpu"
+    assert engine_setting_error(args) is None
+    args.enable_lora = True
+    assert "enable_lora=True is invalid" in engine_setting_error(args)

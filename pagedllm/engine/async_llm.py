@@ -13,12 +13,14 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.outputs import add_delta, copy_output
 from pagedllm.engine.progress import merge_reports
+from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import PromptType, parse_prompt
 from pagedllm.outputs import RequestOutput
@@ -84,12 +86,15 @@ class AsyncLLM:
         they only read its configuration)."""
         self.engine.validate_request(prompt_token_ids, params)
 
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as the engine makes them (vLLM's signature): cumulative, so a reader
-        that falls behind gets the newest; with ``RequestOutputKind.DELTA`` each output holds only
-        what is new since the last one (all of it: a reader that falls behind gets the deltas that
-        waited added up). A text prompt is tokenized in a worker thread."""
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, *,
+                       lora_request: Any = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine makes them (vLLM's signature; ``lora_request`` None
+        only, ``priority`` 0 only): cumulative, so a reader that falls behind gets the newest; with
+        ``RequestOutputKind.DELTA`` each output holds only what is new since the last one (all of it:
+        a reader that falls behind gets the deltas that waited added up). A text prompt is tokenized
+        in a worker thread."""
+        refuse_lora(lora_request)
+        first_come_first_served(priority)
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
         if request_id in self._engine_ids:

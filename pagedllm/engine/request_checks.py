@@ -1,6 +1,8 @@
 """What a request must be to run, checked against the model before it is queued: together with
 SamplingParams' own checks, a request that passes cannot fail in the engine."""
 
+from typing import Any
+
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
@@ -105,3 +107,25 @@ def bad_word_token_ids(tokenizer: PreTrainedTokenizerBase, words: list[str]) -> 
     if not sequences:
         raise ValueError(f"SamplingParams.bad_words={words!r} is invalid: no word comes out as a token")
     return sequences
+
+
+def refuse_lora(lora_request: Any) -> None:
+    """vLLM's ``lora_request`` of a call: taken as None only."""
+    if lora_request is not None:
+        raise ValueError(f"lora_request={lora_request!r:.100} is invalid: it must be None: LoRA adapters are not "
+                         "supported (merge the adapter into the weights, as peft's merge_and_unload does, and load "
+                         "that)")
+
+
+def first_come_first_served(priority: Any, num_prompts: int | None = None) -> None:
+    """vLLM's ``priority``: one int (a request's), or a list of one per prompt (``num_prompts``).
+    It means something only under vLLM's priority scheduling, which this engine does not have:
+    as vLLM without it, any but 0 is refused."""
+    if priority is None:
+        return
+    if num_prompts is not None and (not isinstance(priority, (list, tuple)) or len(priority) != num_prompts):
+        raise ValueError(f"priority={priority!r:.100} is invalid: it must be a list of one int per prompt "
+                         f"({num_prompts}), or None")
+    if any(type(p) is not int or p != 0 for p in (priority if num_prompts is not None else [priority])):
+        raise ValueError(f"priority={priority!r:.100} is invalid: requests are served first come, first served "
+                         "here (priority scheduling is not supported): give 0s or None")

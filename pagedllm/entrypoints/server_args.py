@@ -38,6 +38,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                              f"{API_KEY_ENV} instead, which other users cannot read in the process list")
     parser.add_argument("--served-model-name", help="the model name clients send (default: the model)")
     parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+    parser.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"],
+                        help="the chat template sees each message's content as a string (string; auto does the "
+                             "same) or as OpenAI's list of text parts (openai), as vLLM's flag")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
                         help="largest request body accepted, in bytes (default 8 MiB; larger ones get 413)")
     parser.add_argument("--api-server-count", type=count, default=1,
@@ -89,8 +92,7 @@ def _value_type(annotation) -> type:
     members = [t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)]
     if isinstance(annotation, types.UnionType) and str in members:
         return str
-    kind = members[0]
-    return json.loads if kind is dict else kind
+    return json.loads if dict in members else members[0]  # (JSON: a dict, or a number where one is taken too)
 
 
 def _shown_default(default) -> str:

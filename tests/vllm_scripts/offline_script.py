@@ -29,7 +29,8 @@ llm = LLM(model=model, tokenizer=None, tokenizer_mode="auto", trust_remote_code=
           swap_space=4, cpu_offload_gb=0, enforce_eager=True, max_seq_len_to_capture=8192,
           disable_log_stats=True, max_logprobs=20, enable_chunked_prefill=True, enable_prefix_caching=True,
           num_gpu_blocks_override=None, skip_tokenizer_init=False, hf_overrides=None, kv_cache_dtype="auto",
-          quantization=None, task="generate", download_dir=None, device="cpu")
+          quantization=None, task="generate", download_dir=None, enable_lora=False, pipeline_parallel_size=1,
+          distributed_executor_backend="mp", compilation_config=3, speculative_config=None, device="cpu")
 tokenizer = llm.get_tokenizer()
 assert llm.llm_engine.get_tokenizer() is tokenizer
 
@@ -123,13 +124,19 @@ report("clone_from_optional", original_stop=base.stop, copy_stop=copy.stop,
        | {"output_kind": None, "logits_processors": None})
 
 # Beam search, chat, the prefix cache, metrics, progress bars
-beams = llm.beam_search([{"prompt": "def main():"}], BeamSearchParams(beam_width=3, max_tokens=6))[0]
+beams = llm.beam_search([{"prompt": "def main():"}], BeamSearchParams(beam_width=3, max_tokens=6), lora_request=None)[0]
 report("beam_search", sequences=[[b.tokens, b.cum_logprob, b.text, b.finish_reason] for b in beams.sequences],
        prompt=tokenizer.encode("def main():"))
 single_beam = llm.beam_search(["def main():"], BeamSearchParams(beam_width=1, max_tokens=6))[0].sequences[0]
 greedy_six = llm.generate("def main():", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
 report("beam_width_1", tokens=single_beam.tokens,
        greedy=tokenizer.encode("def main():") + greedy_six[0].outputs[0].token_ids)
+same = llm.generate(prompts, greedy, use_tqdm=False, lora_request=None, priority=[0, 0, 0])
+report("generate_arguments", token_ids=[o.outputs[0].token_ids for o in same])
+parts_template = "{% for m in messages %}{% for part in m['content'] %}[{{ part['text'] }}]{% endfor %}{% endfor %}"
+in_parts = llm.chat([{"role": "user", "content": "hi"}], greedy, False, None, parts_template,
+                    chat_template_content_format="openai", add_generation_prompt=False, mm_processor_kwargs=None)[0]
+report("content_format", prompt=in_parts.prompt)
 conversation = [{"role": "system", "content": "You write Python."},
                 {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]}]
 as_parts = llm.chat(conversation, greedy, use_tqdm=False)[0]

@@ -55,7 +55,7 @@ STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or
 class OpenAIServer:
     def __init__(self, engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
                  chat_template: str | None = None, max_request_bytes: int = 8 << 20, read_timeout: float = 30.0,
-                 log_requests: bool = False):
+                 log_requests: bool = False, content_format: str = "auto"):
         self.engine = engine
         self.metrics = ServerMetrics(engine)
         self.model_name = served_model_name
@@ -66,7 +66,8 @@ class OpenAIServer:
             logger.warning("the tokenizer has no chat template: chat uses pagedllm's plain built-in one "
                            "(\"role: content\" lines, then \"assistant:\"); --chat-template FILE overrides it")
             chat_template = DEFAULT_CHAT_TEMPLATE
-        self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics, log_requests)
+        self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics, log_requests,
+                                     content_format)
         self.bodies = BodyReader()
 
     def shutdown(self) -> None:
@@ -127,7 +128,8 @@ def build_server(args: argparse.Namespace, engine_connections: list | None = Non
             chat_template = f.read()
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)), engine_connections=engine_connections)
     return OpenAIServer(engine, args.served_model_name or args.model, args.api_key, chat_template,
-                        args.max_request_bytes, args.read_timeout, args.enable_log_requests)
+                        args.max_request_bytes, args.read_timeout, args.enable_log_requests,
+                        args.chat_template_content_format)
 
 
 def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):

@@ -50,10 +50,11 @@ Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None, metrics: ServerMetrics,
-                 log_requests: bool = False):
+                 log_requests: bool = False, content_format: str = "auto"):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
+        self.content_format = content_format  # how the template sees each message's content
         self.metrics = metrics
         self.log_requests = log_requests
 
@@ -204,7 +205,7 @@ class OpenAIServing:
         plain = [m.model_dump(exclude_none=True) for m in messages]
         try:
             return render_chat(self._tokenizer(), plain, self.chat_template, add_generation_prompt,
-                               continue_final_message, tools, chat_template_kwargs)
+                               continue_final_message, tools, chat_template_kwargs, self.content_format)
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
 
