@@ -80,8 +80,9 @@ def test_vllms_uvicorn_flags_set_uvicorns_log(live, tiny_checkpoint):
         server_args(tiny_checkpoint("llama"), "--uvicorn-log-level", "loud")
 
 
-@pytest.mark.parametrize("log_requests", [False, True])
-def test_enable_log_requests_logs_each_request_as_it_starts(log_requests, pagedllm_log):
+@pytest.mark.parametrize("flags, cut_at", [([], None), (["--enable-log-requests"], 2000),
+                                            (["--enable-log-requests", "--max-log-len", "100"], 100)])
+def test_enable_log_requests_logs_each_request_as_it_starts(flags, cut_at, pagedllm_log):
     class Engine:  # the two calls a request's start makes
         def validate(self, token_ids, params):
             pass
@@ -89,15 +90,16 @@ def test_enable_log_requests_logs_each_request_as_it_starts(log_requests, pagedl
         async def generate(self, prompt, params, request_id):
             yield
 
-    serving = OpenAIServing(Engine(), "m", None, metrics=None, log_requests=log_requests)
+    log_requests = bool(flags)
+    serving = OpenAIServing(Engine(), ["m"], None, None, server_args("m", *flags))
     asyncio.run(serving._start("cmpl-1", [("secret words", [1, 2, 3]), (None, [4])], SamplingParams(max_tokens=5)))
     asyncio.run(serving._start("cmpl-2", [(None, [1])], SamplingParams(stop=["x" * 100_000])))  # a body's worth
     logged = [r.getMessage() for r in pagedllm_log if "cmpl-1" in r.getMessage()]
-    assert logged == (["request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))]
-                      if log_requests else [])
+    line = "request cmpl-1: [3, 1] prompt tokens, " + repr(SamplingParams(max_tokens=5))
+    assert logged == ([line if len(line) <= cut_at else line[:cut_at] + "..."] if log_requests else [])
     assert "secret" not in "".join(logged)  # counts, not the prompt's text
     long = [r.getMessage() for r in pagedllm_log if "cmpl-2" in r.getMessage()]
-    assert [(len(m), m[-3:]) for m in long] == ([(2003, "...")] if log_requests else [])
+    assert [(len(m), m[-3:]) for m in long] == ([(cut_at + 3, "...")] if log_requests else [])
 
 
 def test_models_lists_the_served_name(live):
@@ -414,6 +416,69 @@ def test_chat_template_content_format_openai_hands_the_template_text_parts(tiny_
         finally:
             uv.should_exit = True
             server.engine.shutdown()
+
+
+def test_vllm_deployment_flags(tiny_checkpoint, tmp_path):
+    """vllm serve's deployment flags: several served names (requests may name any; responses carry
+    the first), CORS for the origins given (a browser's preflight answered before the API key is
+    asked for), and a proxy's --root-path."""
+    origin = "https://ui.example"
+    server, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "first", "second",
+                                   "--allowed-origins", json.dumps([origin]), "--api-key", "k", "--root-path", "/llm")
+    key = {"Authorization": "Bearer k"}
+    try:
+        assert [m["id"] for m in json.loads(call("GET", f"{url}/v1/models", headers=key)[1])["data"]] == \
+            ["first", "second"]
+        for name in ("first", "second"):
+            status, body = call("POST", f"{url}/v1/completions", {"model": name, "prompt": "a", "max_tokens": 2}, key)
+            assert status == 200 and json.loads(body)["model"] == "first"
+        status, body = call("POST", f"{url}/v1/completions", {"model": "third", "prompt": "a"}, key)
+        assert status == 404 and "`first` or `second`" in json.loads(body)["error"]["message"]
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        request = urllib.request.Request(f"{url}/v1/completions", method="OPTIONS", headers=preflight)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200 and response.headers["access-control-allow-origin"] == origin
+        request = urllib.request.Request(f"{url}/v1/models", headers={"Origin": "https://elsewhere.example", **key})
+        with urllib.request.urlopen(request, timeout=30) as response:  # served, but no browser may read it
+            assert "access-control-allow-origin" not in response.headers
+        assert call("GET", f"{url}/v1/models", headers={"Origin": origin})[0] == 401  # the key is still asked for
+        assert json.loads(call("GET", f"{url}/openapi.json", headers=key)[1])["servers"] == [{"url": "/llm"}]
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()
+    server, uv, url = start_server(tiny_checkpoint("llama"))  # no CORS unless asked: vLLM allows every origin
+    try:
+        request = urllib.request.Request(f"{url}/v1/models", headers={"Origin": origin})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert "access-control-allow-origin" not in response.headers
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()
+
+
+def test_https_with_ssl_keyfile_and_certfile(tiny_checkpoint, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server, uv, url = start_server(tiny_checkpoint("llama"), "--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    try:
+        https = url.replace("http://", "https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"{https}/health", context=context, timeout=30) as response:
+            assert response.status == 200
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):  # no plain HTTP
+            urllib.request.urlopen(f"{url}/health", timeout=30)
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()
 
 
 def test_lm_eval_loglikelihood_request_scores_every_prompt_token(live, offline):

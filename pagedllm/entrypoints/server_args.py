@@ -8,6 +8,14 @@ import os
 import types
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+# vLLM serve's flags for what the server does not do: taken, so that the command names what is missing
+UNSUPPORTED_SERVER_FLAGS = {
+    "enable_auto_tool_choice": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its "
+                               "template)",
+    "tool_call_parser": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its template)",
+    "reasoning_parser": "no reasoning_content is split off (a model's thinking stays in the text)",
+    "lora_modules": "LoRA adapters are not supported (merge the adapter into the weights and serve that)",
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -36,7 +44,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics; set "
                              f"{API_KEY_ENV} instead, which other users cannot read in the process list")
-    parser.add_argument("--served-model-name", help="the model name clients send (default: the model)")
+    parser.add_argument("--served-model-name", nargs="+",
+                        help="the model name clients send (default: the model); given several, a request may name "
+                             "any and responses carry the first, as vLLM's")
     parser.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     parser.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"],
                         help="the chat template sees each message's content as a string (string; auto does the "
@@ -59,6 +69,33 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request's head, or pause while sending its body "
                              "(default 30)")
+    parser.add_argument("--max-log-len", type=int, default=2000,
+                        help="with --enable-log-requests: the most characters of a request's line logged (default "
+                             "2000)")
+    parser.add_argument("--ssl-keyfile", help="serve HTTPS: the server's private key file (with --ssl-certfile)")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS: the server's certificate file (with --ssl-keyfile)")
+    parser.add_argument("--ssl-ca-certs", help="HTTPS: the CA certificates that client certificates are checked with")
+    parser.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
+                        help="HTTPS: client certificates 0 not asked for, 1 optional, 2 required (Python's "
+                             "ssl.CERT_*, as uvicorn's and vLLM's flag)")
+    parser.add_argument("--root-path", default="", help="the path prefix a proxy serves the server under (FastAPI's "
+                                                        "root_path), as vLLM's flag")
+    parser.add_argument("--allowed-origins", type=json.loads, default=[],
+                        help="CORS: the origins whose web pages may call the server, a JSON list ('[\"*\"]': any). "
+                             "None by default, where vLLM allows any: then a page of any site could use a server on "
+                             "your machine")
+    for what in ("methods", "headers"):
+        parser.add_argument(f"--allowed-{what}", type=json.loads, default=["*"],
+                            help=f"CORS: the {what} allowed, a JSON list (default any)")
+    parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
+    parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                        help="accepted for vLLM commands: the engine runs in a process of its own here, whatever it")
+    for name, what in UNSUPPORTED_SERVER_FLAGS.items():
+        flag, not_here = "--" + name.replace("_", "-"), f"refused: {what}"
+        if name == "enable_auto_tool_choice":
+            parser.add_argument(flag, action="store_true", help=not_here)
+        else:
+            parser.add_argument(flag, nargs="+" if name == "lora_modules" else None, help=not_here)
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
@@ -77,13 +114,35 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
 
 def engine_setting_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the parsed engine options (a value out of range, a model directory that
-    is not there), checked before anything loads, for a command to say as argparse says a bad flag."""
+    is not there), and the server's if it has them, checked before anything loads, for a command to
+    say as argparse says a bad flag."""
     from pagedllm.config import EngineConfig
 
+    if hasattr(args, "allowed_origins") and (error := _server_setting_error(args)):
+        return error
     try:
         EngineConfig(**engine_kwargs(args))
     except (ValueError, OSError) as err:
         return str(err)
+    return None
+
+
+def _server_setting_error(args: argparse.Namespace) -> str | None:
+    for name, what in UNSUPPORTED_SERVER_FLAGS.items():
+        if getattr(args, name):
+            return f"--{name.replace('_', '-')}: {what}"
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        return "--ssl-keyfile and --ssl-certfile: give both, to serve HTTPS"
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            return f"--{flag.replace('_', '-')}: no file {path!r}"
+    for flag in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        value = getattr(args, flag)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"--{flag.replace('_', '-')}: give a JSON list of strings, not {value!r:.80}"
+    if args.max_log_len < 0:
+        return f"--max-log-len: must be >= 0, not {args.max_log_len}"
     return None
 
 

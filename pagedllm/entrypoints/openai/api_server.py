@@ -13,6 +13,7 @@ import sys
 import threading
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from pagedllm.config import EngineConfig
@@ -53,21 +54,30 @@ STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None, max_request_bytes: int = 8 << 20, read_timeout: float = 30.0,
-                 log_requests: bool = False, content_format: str = "auto"):
+    """The server's routes over an engine, with the options of ``pagedllm serve`` (``args``)."""
+
+    def __init__(self, engine: AsyncLLM, args: argparse.Namespace):
         self.engine = engine
+        self.args = args
         self.metrics = ServerMetrics(engine)
-        self.model_name = served_model_name
-        self.api_key = api_key
-        self.max_request_bytes, self.read_timeout = max_request_bytes, read_timeout
+        # vLLM's: a request may name any of them; responses carry the first
+        self.model_names = args.served_model_name or [args.model]
+        self.model_name = self.model_names[0]
+        self.api_key = args.api_key
+        self.max_request_bytes, self.read_timeout = args.max_request_bytes, args.read_timeout
+        chat_template = args.chat_template
+        if chat_template and os.path.isfile(chat_template):
+            with open(chat_template) as f:
+                chat_template = f.read()
         tokenizer = engine.tokenizer
         if chat_template is None and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             logger.warning("the tokenizer has no chat template: chat uses pagedllm's plain built-in one "
                            "(\"role: content\" lines, then \"assistant:\"); --chat-template FILE overrides it")
             chat_template = DEFAULT_CHAT_TEMPLATE
-        self.serving = OpenAIServing(engine, served_model_name, chat_template, self.metrics, log_requests,
-                                     content_format)
+        if args.disable_frontend_multiprocessing:
+            logger.info("--disable-frontend-multiprocessing: the engine runs in a process of its own here, whatever "
+                        "the flag")
+        self.serving = OpenAIServing(engine, self.model_names, chat_template, self.metrics, args)
         self.bodies = BodyReader()
 
     def shutdown(self) -> None:
@@ -79,6 +89,10 @@ class OpenAIServer:
         app.add_middleware(BodyLimits, max_bytes=self.max_request_bytes, read_timeout=self.read_timeout)
         if self.api_key:
             app.add_middleware(ApiKeyCheck, api_key=self.api_key)
+        if self.args.allowed_origins:  # outermost: a browser's preflight is answered before the key is asked for
+            app.add_middleware(CORSMiddleware, allow_origins=self.args.allowed_origins,
+                               allow_methods=self.args.allowed_methods, allow_headers=self.args.allowed_headers,
+                               allow_credentials=self.args.allow_credentials)
         install_error_handlers(app)
         documented_bodies(app, [TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest])
         openai_errors_in_schema(app)
@@ -96,7 +110,8 @@ class OpenAIServer:
 
         @app.get("/v1/models", response_model=ModelList)
         async def models() -> ModelList:
-            return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.config.max_model_len)])
+            return ModelList(data=[ModelCard(id=name, max_model_len=self.engine.config.max_model_len)
+                                   for name in self.model_names])
 
         @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=json_body(TokenizeRequest))
         async def tokenize(raw: Request):
@@ -122,14 +137,8 @@ class OpenAIServer:
 def build_server(args: argparse.Namespace, engine_connections: list | None = None) -> OpenAIServer:
     """The server of ``args``; with ``engine_connections``, over engine processes already started
     (one API-server process of several)."""
-    chat_template = args.chat_template
-    if chat_template and os.path.isfile(chat_template):
-        with open(chat_template) as f:
-            chat_template = f.read()
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)), engine_connections=engine_connections)
-    return OpenAIServer(engine, args.served_model_name or args.model, args.api_key, chat_template,
-                        args.max_request_bytes, args.read_timeout, args.enable_log_requests,
-                        args.chat_template_content_format)
+    return OpenAIServer(engine, args)
 
 
 def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):
@@ -152,7 +161,9 @@ def uvicorn_server(server: OpenAIServer, args: argparse.Namespace):
     config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log,
                             http=http_with_head_timeout(server.read_timeout), timeout_keep_alive=5,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5)  # (the time to send those 503s)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5,  # (the time to send those 503s)
+                            root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs)
     uv = Server(config)
 
     def stop() -> None:

@@ -2,6 +2,7 @@
 server-sent events. Tokenizing and chat templates run in worker threads, so that a huge prompt
 never stalls the event loop (and every other client with it)."""
 
+import argparse
 import asyncio
 import logging
 import time
@@ -44,19 +45,20 @@ from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
-_LOG_LINE_CHARS = 2000  # --enable-log-requests: the most of a request's line that is logged
 Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None, metrics: ServerMetrics,
-                 log_requests: bool = False, content_format: str = "auto"):
+    def __init__(self, engine: AsyncLLM, model_names: list[str], chat_template: str | None, metrics: ServerMetrics,
+                 args: argparse.Namespace):
         self.engine = engine
-        self.model_name = model_name
+        self.model_names = model_names  # a request may name any; responses carry the first
+        self.model_name = model_names[0]
         self.chat_template = chat_template
-        self.content_format = content_format  # how the template sees each message's content
+        self.content_format = args.chat_template_content_format  # how the template sees each message's content
         self.metrics = metrics
-        self.log_requests = log_requests
+        self.log_requests = args.enable_log_requests
+        self.max_log_len = args.max_log_len
 
     # routes
 
@@ -163,8 +165,9 @@ class OpenAIServing:
         return self.engine.tokenizer
 
     def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`", "model")
+        if model not in self.model_names:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves "
+                                f"{' or '.join(f'`{name}`' for name in self.model_names)}", "model")
 
     async def _params(self, body, max_tokens, logprobs, prompt_logprobs, best_of=None):
         """The body's SamplingParams; checking thousands of values (a logit_bias of the whole vocabulary:
@@ -219,7 +222,7 @@ class OpenAIServing:
             self._check(prompts, params)
         if self.log_requests:  # cut: a client's values (stop strings, logit biases) may be as long as its body
             line = f"request {request_id}: {[len(ids) for _, ids in prompts]} prompt tokens, {params!r}"
-            logger.info("%s", line if len(line) <= _LOG_LINE_CHARS else line[:_LOG_LINE_CHARS] + "...")
+            logger.info("%s", line if len(line) <= self.max_log_len else line[:self.max_log_len] + "...")
         prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
                    for text, ids in prompts]
         delta = params.output_kind == RequestOutputKind.DELTA
