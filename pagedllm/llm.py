@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagedllm.beam_search import BeamSearchOutput, BeamSearchParams
+from pagedllm.beam_search import BeamSearchOutput
 from pagedllm.beam_search import beam_search as run_beam_search
 from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
@@ -18,7 +18,7 @@ from pagedllm.errors import RequestFailedError
 from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
 from pagedllm.metrics import Metric, engine_metrics
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class LLM:

@@ -236,3 +236,28 @@ def _check(ok: bool, name: str, value: object, rule: str) -> None:
         if len(shown) > 200:  # (a list of a million strings, say: the error names it, not repeats it)
             shown = f"{shown[:200]}... ({len(shown)} characters)"
         raise ValueError(f"SamplingParams.{name}={shown} is invalid: it {rule}")
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's: ``beam_width`` beams, at most ``max_tokens`` new tokens each; ``length_penalty``
+    divides a finished beam's cumulative logprob by its length to that power."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name, ok, rule in (
+                ("beam_width", is_int(self.beam_width) and self.beam_width >= 1, "an int >= 1"),
+                ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1"),
+                ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
+                ("temperature", is_real(self.temperature) and 0 <= self.temperature < math.inf, "a finite number >= 0"),
+                ("length_penalty", is_real(self.length_penalty) and math.isfinite(self.length_penalty),
+                 "a finite number"),
+                ("include_stop_str_in_output", isinstance(self.include_stop_str_in_output, bool), "True or False")):
+            if not ok:
+                raise ValueError(f"BeamSearchParams.{name}={getattr(self, name)!r} is invalid: it must be {rule}")

@@ -457,6 +457,19 @@ def test_vllm_deployment_flags(tiny_checkpoint, tmp_path):
         server.engine.shutdown()
 
 
+def test_fields_a_route_does_not_take_are_ignored_and_said_once(live, pagedllm_log):
+    """A typo ("temprature") or another server's field ("store") changes nothing, as in vLLM, which
+    logs it: the operator sees it, once per route and field, however many requests send it."""
+    server, url, _ = live
+    for _ in range(3):
+        status, _ = call("POST", f"{url}/v1/chat/completions", {"model": server.model_name, "max_tokens": 1,
+                                                                "messages": MESSAGES, "temprature": 0.5, "store": True})
+        assert status == 200
+    said = [r.getMessage() for r in pagedllm_log if "not one this server takes" in r.getMessage()]
+    assert said == ["/v1/chat/completions: the field 'temprature' is not one this server takes: ignored (said once)",
+                    "/v1/chat/completions: the field 'store' is not one this server takes: ignored (said once)"]
+
+
 def test_https_with_ssl_keyfile_and_certfile(tiny_checkpoint, tmp_path):
     import shutil
     import ssl

@@ -306,3 +306,20 @@ def test_commands_take_vllm_flags_for_these_options():
     assert engine_setting_error(args) is None
     args.enable_lora = True
     assert "enable_lora=True is invalid" in engine_setting_error(args)
+
+
+VLLM_IMPORTS = [
+    "from vllm import LLM, SamplingParams, AsyncEngineArgs, AsyncLLMEngine, EngineArgs, TokensPrompt, TextPrompt",
+    "from vllm.sampling_params import SamplingParams, BeamSearchParams, GuidedDecodingParams, RequestOutputKind, "
+    "StructuredOutputsParams",
+    "from vllm.inputs import TokensPrompt, TextPrompt, PromptType",
+    "from vllm.outputs import RequestOutput, CompletionOutput",
+    "from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs",
+    "from vllm.engine.async_llm_engine import AsyncLLMEngine",
+]
+
+
+@pytest.mark.parametrize("statement", VLLM_IMPORTS)
+def test_vllms_import_lines_work_with_the_name_changed(statement):
+    """vLLM's examples import from its submodules too: the same paths exist here."""
+    exec(statement.replace("vllm", "pagedllm"), {})

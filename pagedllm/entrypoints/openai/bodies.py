@@ -6,6 +6,7 @@ OpenAPI schema still documents each route's body."""
 
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -26,6 +27,8 @@ Body = TypeVar("Body", bound=BaseModel)
 INLINE_BYTES = 16 << 10
 _REF = "#/components/schemas/{model}"
 _ERRORS_KEPT = 16  # (the 400 names the first four)
+_IGNORED_SAID = 1000  # ignored field names warned of, at most (a client can send endless new ones)
+logger = logging.getLogger("pagedllm")
 
 
 class BodyReader:
@@ -35,6 +38,7 @@ class BodyReader:
 
     def __init__(self):
         self._pool: ProcessPoolExecutor | None = None
+        self._said: set[tuple[str, str]] = set()  # (route, field) already warned of
 
     def start(self) -> None:
         """Start the worker process now, in the background."""
@@ -53,7 +57,17 @@ class BodyReader:
                 raise ApiError(500, "the process that validates large bodies died; send the request again") from None
         if isinstance(result, list):
             raise RequestValidationError(result)
+        self._say_ignored(raw.url.path, result)
         return result
+
+    def _say_ignored(self, route: str, body: BaseModel) -> None:
+        """Warn, once per route and name, of fields a body had that the route does not take (a typo,
+        or another server's field): they change nothing, and the client is not told."""
+        for name in body.model_extra or ():
+            if (route, name) not in self._said and len(self._said) < _IGNORED_SAID:
+                self._said.add((route, name))
+                logger.warning("%s: the field %r is not one this server takes: ignored (said once)", route,
+                               name[:100])
 
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -72,7 +72,14 @@ class ResponseFormat(RequestBody):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(RequestBody):
+class TopLevelBody(RequestBody):
+    """A route's whole body: fields it does not take are kept aside (``model_extra``), for the server
+    to say they were ignored (as vLLM does), not refused: clients send more than they need."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class SamplingFields(TopLevelBody):
     """What both endpoints take, OpenAI's fields and vLLM's extra ones."""
 
     model: str
@@ -181,7 +188,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict | None = None
 
 
-class TokenizeRequest(RequestBody):
+class TokenizeRequest(TopLevelBody):
     """vLLM's /tokenize: a ``prompt``, or chat ``messages`` rendered with the chat template."""
 
     model: str | None = None
@@ -191,7 +198,7 @@ class TokenizeRequest(RequestBody):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(RequestBody):
+class DetokenizeRequest(TopLevelBody):
     model: str | None = None
     tokens: list[TokenId]
 
