@@ -470,6 +470,15 @@ def test_fields_a_route_does_not_take_are_ignored_and_said_once(live, pagedllm_l
                     "/v1/chat/completions: the field 'store' is not one this server takes: ignored (said once)"]
 
 
+def test_a_requests_own_chat_template_is_refused_by_name(live):
+    """vLLM refuses it too unless told to trust it: a client's template would run on the server."""
+    server, url, _ = live
+    status, body = call("POST", f"{url}/v1/chat/completions", {"model": server.model_name, "messages": MESSAGES,
+                                                               "chat_template": "{{ 'x' * 10 }}"})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "chat_template" and "--chat-template" in error["message"]
+
+
 def test_https_with_ssl_keyfile_and_certfile(tiny_checkpoint, tmp_path):
     import shutil
     import ssl

@@ -186,6 +186,9 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
+    # vLLM's, refused (as vLLM refuses it without --trust-request-chat-template): a client's template
+    # would run on the server, as long as it likes; the server's --chat-template sets the one used
+    chat_template: str | None = Field(None, description="refused: start the server with --chat-template")
 
 
 class TokenizeRequest(TopLevelBody):

@@ -107,6 +107,10 @@ class OpenAIServing:
         for legacy in ("functions", "function_call"):
             if getattr(body, legacy) is not None:
                 raise ApiError(400, f"{legacy} (OpenAI's legacy function calling) is not supported", legacy)
+        if body.chat_template is not None:
+            raise ApiError(400, "chat_template in a request is not accepted: a client's template would run on the "
+                                "server (vLLM also refuses it unless trusted); the server's --chat-template sets it",
+                           "chat_template")
         if body.tools and body.tool_choice != "none":
             raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
                                 "template then shows the model the tools, as in vLLM)", "tool_choice")
