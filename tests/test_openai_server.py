@@ -14,6 +14,7 @@ import openai
 import pytest
 from conftest import random_prompts
 
+import pagedllm
 from pagedllm import LLM, SamplingParams
 from pagedllm.entrypoints.openai.api_server import DEFAULT_CHAT_TEMPLATE, build_server, uvicorn_server
 from pagedllm.entrypoints.openai.serving import OpenAIServing
@@ -275,6 +276,11 @@ def test_api_key_is_required_on_v1_routes(tiny_checkpoint):
         models = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").models.list()
         assert models.data[0].id == tiny_checkpoint("gpt2")
         assert call("GET", f"{url}/health")[0] == 200  # not a /v1 route
+        # vLLM's probes, open as /health is: /ping (GET and POST, SageMaker's) and /version
+        assert call("GET", f"{url}/ping")[0] == call("POST", f"{url}/ping")[0] == 200
+        status, body = call("GET", f"{url}/version")
+        assert status == 200 and json.loads(body) == {"version": pagedllm.__version__}
+        assert call("POST", f"{url}/tokenize", {"prompt": "x"})[0] == 401  # the rest need the key
     finally:
         uv.should_exit = True
         server.engine.shutdown()

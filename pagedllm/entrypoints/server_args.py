@@ -42,8 +42,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                              "interface, then set an API key)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics; set "
-                             f"{API_KEY_ENV} instead, which other users cannot read in the process list")
+                        help=f"require 'Authorization: Bearer KEY' on every route but the probes (/health, /ping, "
+                             f"/version) and /metrics; set {API_KEY_ENV} instead, which other users cannot read in "
+                             "the process list")
     parser.add_argument("--served-model-name", nargs="+",
                         help="the model name clients send (default: the model); given several, a request may name "
                              "any and responses carry the first, as vLLM's")

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server: ``python -m pagedllm.entrypoints.openai.api_server --model DIR``
-(or ``pagedllm serve DIR``). Routes: /v1/completions, /v1/chat/completions, /v1/models, /health,
-/metrics, /tokenize, /detokenize. Streaming is server-sent events ending with ``data: [DONE]``, as
-OpenAI sends them; every error is OpenAI's error JSON."""
+(or ``pagedllm serve DIR``). Routes: /v1/completions, /v1/chat/completions, /v1/models, /health
+(and /ping), /version, /metrics, /tokenize, /detokenize. Streaming is server-sent events ending with
+``data: [DONE]``, as OpenAI sends them; every error is OpenAI's error JSON."""
 
 import argparse
 import asyncio
@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
+from pagedllm import __version__
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.bodies import BodyReader, documented_bodies, json_body
@@ -39,6 +40,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
 )
 from pagedllm.entrypoints.openai.serving import OpenAIServing
 from pagedllm.entrypoints.server_args import engine_args, engine_kwargs, engine_setting_error
@@ -99,10 +101,15 @@ class OpenAIServer:
         serving = self.serving
 
         @app.get("/health", response_model=HealthResponse)
+        @app.api_route("/ping", methods=["GET", "POST"], response_model=HealthResponse)  # vLLM's (SageMaker's probe)
         async def health():
             if self.engine.error is not None:
                 return error_response(503, f"the engine stopped: {self.engine.error!r}; the server is shutting down")
             return HealthResponse()
+
+        @app.get("/version", response_model=VersionResponse)
+        async def version() -> VersionResponse:
+            return VersionResponse(version=__version__)
 
         @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
         async def metrics() -> Response:

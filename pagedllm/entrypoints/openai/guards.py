@@ -50,11 +50,11 @@ except ImportError:
     from uvicorn.protocols.http.h11_impl import H11Protocol as HTTPProtocol
 
 # Routes anyone may call without the key, as in vLLM: probes and scrapes.
-OPEN_ROUTES = ("/health", "/metrics")
+OPEN_ROUTES = ("/health", "/ping", "/version", "/metrics")
 
 
 class ApiKeyCheck:
-    """Every route but /health and /metrics needs ``Authorization: Bearer <key>``."""
+    """Every route but the probes and /metrics (``OPEN_ROUTES``) needs ``Authorization: Bearer <key>``."""
 
     def __init__(self, app, api_key: str):
         self.app = app

@@ -342,6 +342,10 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class VersionResponse(BaseModel):
+    version: str
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
