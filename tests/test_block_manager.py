@@ -139,3 +139,27 @@ def test_a_cached_prefix_needs_only_its_last_window_in_the_sliding_pool():
     third = make_request("d", prompt_len=20)
     assert manager.take_cached_prefix(third) == 0 and not third.block_table
     assert full.num_free_blocks == 16 and window.num_free_blocks == 8
+
+
+def test_a_blocks_key_is_a_sha256_chain_over_its_whole_prefix():
+    """Python's hash() of (parent, tokens) is not cryptographic: a client could craft a prompt whose
+    key collides with another's (vLLM's CVE-2025-25183) and poison what later requests are given.
+    The key is SHA-256 over the parent's key and the block's token ids, so equal keys mean equal
+    prefixes; a block shares only behind the same whole prefix."""
+    import hashlib
+    from array import array
+
+    from pagedllm.engine.block_manager import block_key
+
+    manager = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    first = Request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(), 16, frozenset())
+    assert manager.allocate_slots(first, 9)
+    first.num_computed_tokens = 9
+    manager.cache_full_blocks(first)
+    root = hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert first.block_hashes == [root, hashlib.sha256(root + array("q", [5, 6, 7, 8]).tobytes()).digest()]
+    assert first.block_hashes == [block_key(None, (1, 2, 3, 4)), block_key(root, (5, 6, 7, 8))]
+    other = Request("b", [9, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(), 16, frozenset())  # its second block alike
+    assert manager.take_cached_prefix(other) == 0
+    same = Request("c", [1, 2, 3, 4, 5, 6, 7, 8, 0], SamplingParams(), 16, frozenset())
+    assert manager.take_cached_prefix(same) == 8 and same.block_table == first.block_table[:2]

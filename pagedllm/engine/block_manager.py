@@ -1,5 +1,7 @@
 """The pool of KV cache blocks: who owns which block, which are free, and which hold a cached prefix."""
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,6 +42,15 @@ def window_pool_blocks(sliding_window: int, block_size: int, max_num_seqs: int, 
     return max_num_seqs * (-(-sliding_window // block_size) + 2) + -(-2 * max_num_batched_tokens // block_size)
 
 
+def block_key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """A full block's prefix-cache key: SHA-256 of its parent's key (none for the first block) and
+    its token ids, so that equal keys mean equal prefixes. Python's ``hash()`` of the same is not
+    cryptographic: a client could craft prompts whose keys collide with another's (vLLM's
+    CVE-2025-25183), and a later request would be given K/V computed for a different prefix.
+    ~1 us a block, once per block."""
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
+
+
 class BlockManager:
     """Hands out fixed-size KV blocks on demand, one at a time as a sequence grows.
 
@@ -47,8 +58,8 @@ class BlockManager:
     queue when its count drops to zero. A sequence holds ``ceil(tokens / block_size)`` blocks,
     so at most its last block is partly empty.
 
-    Prefix caching: a full block whose K/V are computed is keyed by a hash chain (its parent's
-    key and its own token ids; the tokens are kept to rule out collisions). A new request takes
+    Prefix caching: a full block whose K/V are computed is keyed by a hash chain (``block_key``:
+    its parent's key and its own token ids, so the key stands for the whole prefix). A new request takes
     the cached blocks of its longest cached prefix instead of computing them. A freed block
     keeps its content and key until it is handed out again: free blocks are taken least
     recently freed first, so cached prefixes are evicted only when memory is needed. Cached
@@ -63,8 +74,8 @@ class BlockManager:
         self.sliding_window = sliding_window  # when every layer sees only the last this many positions
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.block_keys: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks  # (hash, tokens)
-        self.cached_blocks: dict[int, int] = {}  # hash -> block id
+        self.block_keys: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_blocks  # (key, tokens)
+        self.cached_blocks: dict[bytes, int] = {}  # key -> block id
         self.num_cache_hits = self.num_cache_queries = 0  # in blocks
 
     @property
@@ -119,7 +130,7 @@ class BlockManager:
         parent = None
         for i in range((request.num_tokens - 1) // self.block_size):
             tokens = tuple(request.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            key = hash((parent, tokens))
+            key = block_key(parent, tokens)
             block_id = self.cached_block(key, tokens)
             self.num_cache_queries += 1
             if block_id is None:
@@ -131,7 +142,7 @@ class BlockManager:
             parent = key
         return len(request.block_table) * self.block_size
 
-    def cached_block(self, key: int, tokens: tuple[int, ...]) -> int | None:
+    def cached_block(self, key: bytes, tokens: tuple[int, ...]) -> int | None:
         """The block that holds the prefix block keyed ``key``, if it is still cached."""
         block_id = self.cached_blocks.get(key)
         return block_id if block_id is not None and self.block_keys[block_id] == (key, tokens) else None
@@ -163,7 +174,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(request.block_hashes), request.num_computed_tokens // bs):
             tokens = tuple(request.token_ids[i * bs : (i + 1) * bs])
-            key = hash((request.block_hashes[-1] if request.block_hashes else None, tokens))
+            key = block_key(request.block_hashes[-1] if request.block_hashes else None, tokens)
             request.block_hashes.append(key)
             block_id = request.block_table[i]
             if key not in self.cached_blocks:

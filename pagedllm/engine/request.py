@@ -46,7 +46,7 @@ class Request:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # -1: released, out of every layer's sliding window
     num_released_blocks: int = 0  # its leading blocks released so (sliding-window models)
-    block_hashes: list[int] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
     window_blocks: "WindowBlocks | None" = None  # its blocks in the sliding layers' own pool, where there is one
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
     status: RequestStatus = RequestStatus.WAITING
@@ -216,7 +216,7 @@ class WindowBlocks:
     request: Request
     block_table: list[int] = field(default_factory=list)  # -1: released, out of the window
     num_released_blocks: int = 0
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_computed_tokens(self) -> int:
