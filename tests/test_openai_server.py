@@ -485,6 +485,56 @@ def test_a_requests_own_chat_template_is_refused_by_name(live):
     assert status == 400 and error["param"] == "chat_template" and "--chat-template" in error["message"]
 
 
+def test_responses_api_answers_as_chat_does(live, offline):
+    """OpenAI's Responses API (vLLM serves it): instructions and input through the chat template,
+    one assistant message out, the same greedy text as chat; max_output_tokens ends it incomplete."""
+    _, _, client = live
+    expected = offline.chat([{"role": "system", "content": "Be brief."}] + MESSAGES,
+                            SamplingParams(temperature=0, max_tokens=8), use_tqdm=False,
+                            chat_template=DEFAULT_CHAT_TEMPLATE)[0]
+    response = client.responses.create(model="tiny", input="Hello!", instructions="Be brief.", max_output_tokens=8,
+                                       temperature=0)
+    assert response.output_text == expected.outputs[0].text and response.id.startswith("resp_")
+    assert (response.status, response.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (len(expected.prompt_token_ids), 8)
+    as_messages = client.responses.create(model="tiny", max_output_tokens=8, temperature=0, input=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hel"}, {"type": "input_text", "text": "lo!"}]}])
+    assert as_messages.output_text == expected.outputs[0].text
+
+
+def test_responses_api_streams_openais_events_and_structured_output(live):
+    _, _, client = live
+    answer = {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "string", "enum": ["yes", "no"]}}}
+    with client.responses.stream(model="tiny", input="Is it?", max_output_tokens=20, temperature=0,
+                                 text=answer) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text in ('"yes"', '"no"')
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert [e.type for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done", "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    cut = list(client.responses.create(model="tiny", input="x", max_output_tokens=3, temperature=0, stream=True))
+    assert cut[-1].type == "response.incomplete" and cut[-1].response.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"background": True}, "background"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "auto"}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+])
+def test_responses_api_refuses_what_it_does_not_do_by_name(live, extra, param):
+    server, url, _ = live
+    status, body = call("POST", f"{url}/v1/responses", {"model": server.model_name, "input": "x"} | extra)
+    assert status == 400 and json.loads(body)["error"]["param"] == param
+    status, body = call("POST", f"{url}/v1/responses", {"model": server.model_name,
+                                                        "input": [{"type": "function_call_output", "output": "1"}]})
+    assert status == 400  # only messages of text
+
+
 def test_https_with_ssl_keyfile_and_certfile(tiny_checkpoint, tmp_path):
     import shutil
     import ssl

@@ -1,6 +1,6 @@
-"""A bounded soak: a few hundred streamed requests, dozens at once, a third of the clients hanging
-up mid-stream (closing the stream, or dropping the socket); every other request completes, and
-afterwards no request runs and no KV block is held, and a last request works."""
+"""A bounded soak: a few hundred streamed requests (completions, chat and responses), dozens at once, a
+third of the clients hanging up mid-stream (closing the stream, or dropping the socket); every other request
+completes, and afterwards no request runs and no KV block is held, and a last request works."""
 
 import asyncio
 import json
@@ -45,6 +45,16 @@ async def one(client: openai.AsyncOpenAI, url: str, i: int, gate: asyncio.Semaph
         if i % 3 == 1 and i % 2:
             return await drop_the_socket(url, {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
                                                "stream": True, **extra})
+        if i % 13 == 0 and i % 5:  # the Responses API's typed events (it ends by EOS or by length)
+            stream = await client.responses.create(model="tiny", input=prompt, max_output_tokens=max_tokens,
+                                                   stream=True)
+            last = None
+            async for event in stream:
+                if i % 3 == 1:
+                    await stream.close()
+                    return "left"
+                last = event.type
+            return int(last in ("response.completed", "response.incomplete"))
         if i % 7 == 0:
             stream = await client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,

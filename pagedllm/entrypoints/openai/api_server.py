@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server: ``python -m pagedllm.entrypoints.openai.api_server --model DIR``
-(or ``pagedllm serve DIR``). Routes: /v1/completions, /v1/chat/completions, /v1/models, /health
+(or ``pagedllm serve DIR``). Routes: /v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /health
 (and /ping), /version, /metrics, /tokenize, /detokenize. Streaming is server-sent events ending with
 ``data: [DONE]``, as OpenAI sends them; every error is OpenAI's error JSON."""
 
@@ -42,6 +42,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.responses import ResponseObject, ResponsesRequest
 from pagedllm.entrypoints.openai.serving import OpenAIServing
 from pagedllm.entrypoints.server_args import engine_args, engine_kwargs, engine_setting_error
 
@@ -96,12 +97,14 @@ class OpenAIServer:
                                allow_methods=self.args.allowed_methods, allow_headers=self.args.allowed_headers,
                                allow_credentials=self.args.allow_credentials)
         install_error_handlers(app)
-        documented_bodies(app, [TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest])
+        documented_bodies(app, [TokenizeRequest, DetokenizeRequest, CompletionRequest, ChatCompletionRequest,
+                                ResponsesRequest])
         openai_errors_in_schema(app)
         serving = self.serving
 
         @app.get("/health", response_model=HealthResponse)
-        @app.api_route("/ping", methods=["GET", "POST"], response_model=HealthResponse)  # vLLM's (SageMaker's probe)
+        @app.get("/ping", response_model=HealthResponse)  # vLLM's (SageMaker's probe), GET and POST
+        @app.post("/ping", response_model=HealthResponse)
         async def health():
             if self.engine.error is not None:
                 return error_response(503, f"the engine stopped: {self.engine.error!r}; the server is shutting down")
@@ -137,6 +140,11 @@ class OpenAIServer:
                   openapi_extra=json_body(ChatCompletionRequest))
         async def chat_completions(raw: Request):
             return await serving.chat(await self.bodies.read(raw, ChatCompletionRequest), raw)
+
+        @app.post("/v1/responses", response_model=ResponseObject, responses=STREAMED,
+                  openapi_extra=json_body(ResponsesRequest))
+        async def responses(raw: Request):
+            return await serving.responses(await self.bodies.read(raw, ResponsesRequest), raw)
 
         return app
 

@@ -39,6 +39,7 @@ from pagedllm.entrypoints.openai.protocol import (
     prompt_type,
     random_id,
 )
+from pagedllm.entrypoints.openai.responses import ResponseBuilder, ResponsesRequest, response_events
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -136,6 +137,27 @@ class OpenAIServing:
             return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
 
         return await json_response_off_the_loop(response)
+
+    async def responses(self, body: ResponsesRequest, raw: Request):
+        """OpenAI's Responses API over the chat path (``responses``)."""
+        self._check_model(body.model)
+        body.refused()
+        try:
+            params = body.sampling_params(self.engine.engine.default_sampling_fields)
+        except ValueError as err:
+            raise bad_value(err) from None
+        params.output_kind = RequestOutputKind.DELTA
+        prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
+        builder = ResponseBuilder(body, self.model_name, params)
+        streams = await self._start(builder.id, [prompt], params)
+        if body.stream:
+            return event_stream(response_events(builder, (output async for _, output in merge(streams))), typed=True)
+        finals = await until_done_or_disconnect(raw, streams)
+        if finals is None:
+            return Response(status_code=499)
+        completion = finals[0].outputs[0]
+        return await json_response_off_the_loop(lambda: builder.response(
+            completion.text, completion.finish_reason, finals[0], len(completion.token_ids)))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:

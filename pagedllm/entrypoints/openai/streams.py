@@ -85,21 +85,30 @@ async def until_done_or_disconnect(raw: Request, streams) -> list[RequestOutput]
     return [finals[i] for i in sorted(finals)]
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(sse(events), media_type="text/event-stream")
+def event_stream(events: AsyncIterator[str], typed: bool = False) -> StreamingResponse:
+    return StreamingResponse(sse(events, typed), media_type="text/event-stream")
 
 
-async def sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def sse(events: AsyncIterator[str], typed: bool = False) -> AsyncIterator[str]:
     """Server-sent events ending with ``[DONE]``; an error after the stream began becomes an error
-    event (OpenAI's error JSON), so the client learns why its stream ended."""
+    event (OpenAI's error JSON), so the client learns why its stream ended. ``typed``: each event
+    comes whole (``event: TYPE`` and its data, the Responses API's), an error is an ``error``
+    event, and no ``[DONE]`` follows."""
     try:
         async for event in events:
-            yield f"data: {event}\n\n"
+            yield f"{event}\n\n" if typed else f"data: {event}\n\n"
     except RequestFailedError as err:
-        yield f"data: {json.dumps(error_body(err.status, f'the request failed in the engine: {err}'))}\n\n"
+        yield _error_event(err.status, f"the request failed in the engine: {err}", typed)
     except EngineDeadError as err:
-        yield f"data: {json.dumps(error_body(503, str(err)))}\n\n"
+        yield _error_event(503, str(err), typed)
     except Exception as err:  # a bug: the client still gets an answer, the server goes on
         logger.exception("a stream failed")
-        yield f"data: {json.dumps(error_body(500, f'internal error: {type(err).__name__}: {err}'))}\n\n"
-    yield "data: [DONE]\n\n"
+        yield _error_event(500, f"internal error: {type(err).__name__}: {err}", typed)
+    if not typed:
+        yield "data: [DONE]\n\n"
+
+
+def _error_event(status: int, message: str, typed: bool) -> str:
+    if typed:  # the Responses API's error event
+        return f"event: error\ndata: {json.dumps({'type': 'error', 'code': str(status), 'message': message})}\n\n"
+    return f"data: {json.dumps(error_body(status, message))}\n\n"

@@ -1,0 +1,223 @@
+"""OpenAI's Responses API (``/v1/responses``), as vLLM serves it for a text model: the input (a
+string, or messages) and ``instructions`` go through the chat template, the output is one
+assistant message, sampling and ``text.format`` (structured output) are chat's. Responses are
+not stored, so ``previous_response_id`` and ``background`` are refused by name, as are tool
+calls; a stream is OpenAI's typed events (``response.created`` ... ``response.completed``)."""
+
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pagedllm.entrypoints.openai.errors import ApiError
+from pagedllm.entrypoints.openai.protocol import (
+    INT64_MAX,
+    MAX_MESSAGES,
+    ChatMessage,
+    RequestBody,
+    TopLevelBody,
+)
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_outputs import StructuredOutputsParams
+
+
+class InputText(RequestBody):
+    type: Literal["input_text", "output_text"]  # (a past assistant turn's text is output_text)
+    text: str
+
+
+class InputMessage(RequestBody):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+
+
+class TextFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(RequestBody):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(TopLevelBody):
+    model: str
+    input: str | list[InputMessage] = Field(max_length=MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0)  # None: the model's generation config, else 1
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    text: TextConfig | None = None
+    # Tools reach the chat template with tool_choice "none" (as chat's); tool calls are refused.
+    tools: list[dict] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    # Refused by name: this server keeps no responses, and runs none in the background.
+    previous_response_id: str | None = None
+    background: bool = False
+
+    def messages(self) -> list[ChatMessage]:
+        """The conversation for the chat template: the instructions first, as a system message
+        (a developer message is one too)."""
+        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
+            {"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)}
+            for m in self.input]
+        if self.instructions is not None:
+            turns.insert(0, {"role": "system", "content": self.instructions})
+        return [ChatMessage(**turn) for turn in turns]
+
+    def sampling_params(self, defaults: dict) -> SamplingParams:
+        """Temperature and top_p as given, else the model's generation config's (as chat's); the
+        format as a structured output."""
+        given = {name: value for name in ("temperature", "top_p") if (value := getattr(self, name)) is not None}
+        fmt = self.text.format if self.text is not None else None
+        structured = None if fmt is None else StructuredOutputsParams.from_response_format(
+            {"type": fmt.type, "json_schema": {"schema": fmt.json_schema}})
+        return SamplingParams(**{name: value for name, value in defaults.items() if name != "max_tokens"} | given,
+                              max_tokens=self.max_output_tokens, structured_outputs=structured)
+
+    def refused(self) -> None:
+        """What this server does not do, named, rather than answered as if it were absent."""
+        if self.previous_response_id is not None:
+            raise ApiError(400, "previous_response_id: responses are not stored here; send the whole conversation "
+                                "in input", "previous_response_id")
+        if self.background:
+            raise ApiError(400, "background responses are not supported: ask without background", "background")
+        if self.tools and self.tool_choice != "none":
+            raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
+                                "template then shows the model the tools, as in vLLM)", "tool_choice")
+        if self.text is not None and self.text.format is not None and self.text.format.type == "json_schema" \
+                and self.text.format.json_schema is None:
+            raise ApiError(400, "text.format of type json_schema needs its schema", "text")
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = []
+    logprobs: list = []
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = OutputTokensDetails()
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    incomplete_details: dict | None = None
+    error: dict | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool = False
+    previous_response_id: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tool_choice: str | dict = "none"
+    tools: list[dict] = []
+    text: dict
+    metadata: dict = {}
+    usage: ResponseUsage | None = None
+    completed_at: int | None = None
+
+
+class ResponseBuilder:
+    """One response's objects as it goes: the same ids, times and settings in every event and at the end."""
+
+    def __init__(self, body: ResponsesRequest, model: str, params: SamplingParams):
+        self.id, self.message_id, self.created_at = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", \
+            int(time.time())
+        fmt = body.text.format if body.text is not None and body.text.format is not None else None
+        self.fields = dict(instructions=body.instructions, max_output_tokens=body.max_output_tokens, model=model,
+                           temperature=params.temperature, top_p=params.top_p, tools=body.tools or [],
+                           text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else
+                                 {"type": "text"}})
+
+    def message(self, text: str | None, finish_reason: str | None = None) -> OutputMessage:
+        """The output message: in progress without ``finish_reason``; ``text`` None: no part yet."""
+        status = "in_progress" if finish_reason is None else "incomplete" if finish_reason == "length" else \
+            "completed"
+        return OutputMessage(id=self.message_id, status=status, content=[] if text is None else [OutputText(text=text)])
+
+    def response(self, text: str | None = None, finish_reason: str | None = None, last: RequestOutput | None = None,
+                 output_tokens: int = 0) -> ResponseObject:
+        """The response: in progress, or done (``last``: the request's last output, with
+        ``output_tokens`` generated in all)."""
+        if last is None:
+            return ResponseObject(id=self.id, created_at=self.created_at, status="in_progress", output=[],
+                                  **self.fields)
+        message = self.message(text, finish_reason)
+        prompt_tokens = len(last.prompt_token_ids)
+        usage = ResponseUsage(input_tokens=prompt_tokens, output_tokens=output_tokens,
+                              input_tokens_details=InputTokensDetails(cached_tokens=last.num_cached_tokens),
+                              total_tokens=prompt_tokens + output_tokens)
+        return ResponseObject(id=self.id, created_at=self.created_at, status=message.status, output=[message],
+                              usage=usage, incomplete_details={"reason": "max_output_tokens"}
+                              if message.status == "incomplete" else None, completed_at=int(time.time()),
+                              **self.fields)
+
+
+async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    """OpenAI's typed stream events for one response, each ``event: TYPE`` and its JSON, numbered.
+    ``outputs``: the request's delta outputs."""
+    numbers = itertools.count()
+
+    def event(kind: str, **fields) -> str:
+        payload = {"type": kind, "sequence_number": next(numbers)}
+        payload |= {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in fields.items()}
+        return f"event: {kind}\ndata: {json.dumps(payload)}"
+
+    where = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
+    yield event("response.created", response=builder.response())
+    yield event("response.in_progress", response=builder.response())
+    yield event("response.output_item.added", output_index=0, item=builder.message(None))
+    yield event("response.content_part.added", part=OutputText(text=""), **where)
+    texts, tokens, last = [], 0, None
+    async for last in outputs:
+        completion = last.outputs[0]
+        tokens += len(completion.token_ids)
+        if completion.text:
+            texts.append(completion.text)
+            yield event("response.output_text.delta", delta=completion.text, logprobs=[], **where)
+    text, reason = "".join(texts), last.outputs[0].finish_reason
+    yield event("response.output_text.done", text=text, logprobs=[], **where)
+    yield event("response.content_part.done", part=OutputText(text=text), **where)
+    yield event("response.output_item.done", output_index=0, item=builder.message(text, reason))
+    done = builder.response(text, reason, last, tokens)
+    yield event("response.completed" if done.status == "completed" else "response.incomplete", response=done)
