@@ -525,6 +525,8 @@ def test_responses_api_streams_openais_events_and_structured_output(live):
     ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"background": True}, "background"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "auto"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "no such type"}}}}, "text"),
+    ({"input": []}, "input"), ({"input": "\ud800"}, "input"), ({"max_output_tokens": 10**9}, "input"),
 ])
 def test_responses_api_refuses_what_it_does_not_do_by_name(live, extra, param):
     server, url, _ = live

@@ -101,6 +101,15 @@ class ResponsesRequest(TopLevelBody):
             raise ApiError(400, "text.format of type json_schema needs its schema", "text")
 
 
+def in_responses_terms(err: ApiError) -> ApiError:
+    """A chat path's error named by the Responses API's fields: its messages and its one prompt are
+    ``input``, its structured output is ``text``."""
+    param = err.param if err.param not in ("messages", "prompt") else "input"
+    if "SamplingParams.structured_outputs" in err.message:
+        param = "text"
+    return ApiError(err.status, err.message.replace("prompt 0: ", "input: ", 1), param)
+
+
 class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str

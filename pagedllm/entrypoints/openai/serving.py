@@ -39,7 +39,12 @@ from pagedllm.entrypoints.openai.protocol import (
     prompt_type,
     random_id,
 )
-from pagedllm.entrypoints.openai.responses import ResponseBuilder, ResponsesRequest, response_events
+from pagedllm.entrypoints.openai.responses import (
+    ResponseBuilder,
+    ResponsesRequest,
+    in_responses_terms,
+    response_events,
+)
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -147,9 +152,12 @@ class OpenAIServing:
         except ValueError as err:
             raise bad_value(err) from None
         params.output_kind = RequestOutputKind.DELTA
-        prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
         builder = ResponseBuilder(body, self.model_name, params)
-        streams = await self._start(builder.id, [prompt], params)
+        try:
+            prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
+            streams = await self._start(builder.id, [prompt], params)
+        except ApiError as err:
+            raise in_responses_terms(err) from None
         if body.stream:
             return event_stream(response_events(builder, (output async for _, output in merge(streams))), typed=True)
         finals = await until_done_or_disconnect(raw, streams)
