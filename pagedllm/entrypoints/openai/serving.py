@@ -150,7 +150,7 @@ class OpenAIServing:
         try:
             params = body.sampling_params(self.engine.engine.default_sampling_fields)
         except ValueError as err:
-            raise bad_value(err) from None
+            raise in_responses_terms(bad_value(err)) from None
         params.output_kind = RequestOutputKind.DELTA
         builder = ResponseBuilder(body, self.model_name, params)
         try:
