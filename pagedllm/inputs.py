@@ -12,11 +12,13 @@ from pagedllm.sampling_params import is_int
 
 class TextPrompt(TypedDict):
     prompt: str
+    cache_salt: NotRequired[str]  # vLLM's: prefixes are shared only between prompts of the same salt
 
 
 class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
     prompt: NotRequired[str]  # the text, for outputs, when the ids came from it
+    cache_salt: NotRequired[str]
 
 
 PromptType = str | list[int] | TextPrompt | TokensPrompt
@@ -39,6 +41,22 @@ def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) 
     if isinstance(prompt, (list, tuple)):
         return None, token_ids(prompt)
     raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
+
+
+def cache_salt(prompt: PromptType) -> str | None:
+    """A prompt's ``cache_salt`` (vLLM's): its cached prefix blocks are shared only with prompts of
+    the same salt, so that tenants of one server cannot learn each other's prompts from how fast
+    theirs start (a prefix cache hit is faster)."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is None:
+        return None
+    try:
+        valid = isinstance(salt, str) and salt.encode("utf-8") != b""
+    except UnicodeEncodeError:  # a lone surrogate
+        valid = False
+    if not valid:
+        raise ValueError(f"cache_salt={salt!r:.80} is invalid: it must be a non-empty string of text, or absent")
+    return salt
 
 
 def as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

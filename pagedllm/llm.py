@@ -15,7 +15,7 @@ from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import RequestFailedError
-from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, parse_prompt, render_chat
+from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, cache_salt, parse_prompt, render_chat
 from pagedllm.metrics import Metric, engine_metrics
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -187,16 +187,17 @@ class LLM:
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
                 text, ids = parse_prompt(prompt, engine.tokenizer)
+                salt = cache_salt(prompt)
                 engine.validate_request(ids, p)
                 if stream and p.samples > p.n and p.output_kind != RequestOutputKind.FINAL_ONLY:
                     raise ValueError(f"SamplingParams.best_of={p.best_of} is invalid: it cannot be streamed (the "
                                      "best samples are known only at the end): use RequestOutputKind.FINAL_ONLY")
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
-            requests.append((str(self._next_request_id), text, ids, p))
+            requests.append((str(self._next_request_id), text, ids, p, salt))
             self._next_request_id += 1
-        for request_id, text, ids, p in requests:
-            engine.add_request(request_id, ids, p, prompt=text, stream=stream)
+        for request_id, text, ids, p, salt in requests:
+            engine.add_request(request_id, ids, p, prompt=text, stream=stream, cache_salt=salt)
         return [r[0] for r in requests]
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:

@@ -521,6 +521,29 @@ def test_responses_api_streams_openais_events_and_structured_output(live):
     assert cut[-1].type == "response.incomplete" and cut[-1].response.usage.output_tokens == 3
 
 
+def test_cache_salt_keeps_each_tenants_prefix_cache_apart(live):
+    """vLLM's cache_salt on every route (the Responses API reports the cached input tokens): a salted
+    request finds the prefix only its own salt cached."""
+    _, url, client = live
+    text = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n" * 3
+
+    def cached(**salt):
+        response = client.responses.create(model="tiny", input=text, max_output_tokens=2, temperature=0,
+                                           extra_body=salt)
+        return response.usage.input_tokens_details.cached_tokens
+
+    assert cached(cache_salt="a") == 0 and cached(cache_salt="a") > 0
+    assert cached(cache_salt="b") == 0
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2, "cache_salt": "c"}
+    assert call("POST", f"{url}/v1/chat/completions", chat)[0] == 200
+    assert cached(cache_salt="c") > 0  # (the chat's prompt is the responses' input through the same template)
+    for bad in ("", 5):
+        status, body = call("POST", f"{url}/v1/chat/completions", chat | {"cache_salt": bad})
+        assert status == 400 and json.loads(body)["error"]["param"] == "cache_salt"
+    status, body = call("POST", f"{url}/v1/completions", {"model": "tiny", "prompt": "x", "cache_salt": "\ud800"})
+    assert status == 400 and json.loads(body)["error"]["param"] == "cache_salt"
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"background": True}, "background"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "auto"}, "tool_choice"),

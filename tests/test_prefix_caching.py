@@ -105,3 +105,25 @@ def test_cached_prefix_is_evicted_under_memory_pressure(tiny_checkpoint, shared_
     evicted = llm.generate([prefix + [3]], params, use_tqdm=False)[0]
     assert evicted.num_cached_tokens == 0
     assert evicted.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_a_cache_salt_shares_prefixes_only_within_itself():
+    """vLLM's cache_salt: tenants of one server cannot learn each other's prompts from a faster start
+    (a prefix-cache hit), since a salted prompt's blocks are keyed under its salt alone; greedy
+    outputs do not change. Bad salts are named before any work."""
+    llm = LLM("models/pagedllm-demo", device="cpu")
+    text = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n" * 3
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    def run(**salt):
+        return llm.generate({"prompt": text, **salt}, params, use_tqdm=False)[0]
+
+    first = run(cache_salt="tenant a")
+    hits = [run(cache_salt="tenant a").num_cached_tokens, run(cache_salt="tenant b").num_cached_tokens,
+            run().num_cached_tokens, run().num_cached_tokens, run(cache_salt="tenant b").num_cached_tokens]
+    assert first.num_cached_tokens == 0 and hits[0] > 0
+    assert hits[1:3] == [0, 0] and hits[3] == hits[4] == hits[0]  # b and the unsalted each compute their own
+    assert run(cache_salt="tenant a").outputs[0].token_ids == first.outputs[0].token_ids
+    for bad in ("", 5, "\ud800"):
+        with pytest.raises(ValueError, match="prompt 0: cache_salt=.* is invalid"):
+            llm.generate({"prompt": text, "cache_salt": bad}, params, use_tqdm=False)

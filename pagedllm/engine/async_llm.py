@@ -22,7 +22,7 @@ from pagedllm.engine.outputs import add_delta, copy_output
 from pagedllm.engine.progress import merge_reports
 from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import EngineDeadError, RequestFailedError
-from pagedllm.inputs import PromptType, parse_prompt
+from pagedllm.inputs import PromptType, cache_salt, parse_prompt
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -99,6 +99,7 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
         if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already running")
+        salt = cache_salt(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
         else:
@@ -116,7 +117,7 @@ class AsyncLLM:
         waiting = _Waiting()
         engine_id = self._engine_ids[request_id] = f"{request_id}@{next(self._numbers)}"
         self._streams[engine_id] = (asyncio.get_running_loop(), waiting)
-        self._command("add", (engine_id, prompt_token_ids, sampling_params, text))
+        self._command("add", (engine_id, prompt_token_ids, sampling_params, text, salt))
         finished, so_far = False, None
         try:
             while not finished:
@@ -218,11 +219,12 @@ class AsyncLLM:
             if aborts:
                 self.engine.abort_request(list(aborts))
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
+             salt: str | None) -> None:
         if request_id not in self._streams:  # its client left before it got here
             return
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=True)
+            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=True, cache_salt=salt)
         except ValueError as err:  # checked before it was queued, so only a bug gets here: this request's alone
             logger.exception("request %s could not be added", request_id)
             self._deliver([(request_id, RequestFailedError(str(err)))])

@@ -51,6 +51,11 @@ def block_key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
     return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
+def salt_key(cache_salt: str | None) -> bytes | None:
+    """The parent of a salted request's first block: its chain, and every key after, is its salt's."""
+    return None if cache_salt is None else hashlib.sha256(b"cache_salt:" + cache_salt.encode()).digest()
+
+
 class BlockManager:
     """Hands out fixed-size KV blocks on demand, one at a time as a sequence grows.
 
@@ -127,7 +132,7 @@ class BlockManager:
         if not self.enable_prefix_caching or request.wants_prompt_logprobs:
             return 0  # prompt logprobs need every prompt token computed
         assert not request.block_table
-        parent = None
+        parent = salt_key(request.cache_salt)
         for i in range((request.num_tokens - 1) // self.block_size):
             tokens = tuple(request.token_ids[i * self.block_size : (i + 1) * self.block_size])
             key = block_key(parent, tokens)
@@ -174,7 +179,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(request.block_hashes), request.num_computed_tokens // bs):
             tokens = tuple(request.token_ids[i * bs : (i + 1) * bs])
-            key = block_key(request.block_hashes[-1] if request.block_hashes else None, tokens)
+            key = block_key(request.block_hashes[-1] if request.block_hashes else salt_key(request.cache_salt), tokens)
             request.block_hashes.append(key)
             block_id = request.block_table[i]
             if key not in self.cached_blocks:

@@ -79,9 +79,9 @@ class DataParallelEngine:
                              f"objects, not lambdas or closures): {err}") from None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False) -> None:
+                    prompt: str | None = None, stream: bool = False, cache_salt: str | None = None) -> None:
         self.validate_request(prompt_token_ids, params)
-        self.waiting[request_id] = (request_id, prompt_token_ids, params, prompt, stream)
+        self.waiting[request_id] = (request_id, prompt_token_ids, params, prompt, stream, cache_salt)
         self.copies.add(request_id, truncated_prompt(prompt_token_ids, params, self.config.max_model_len), params,
                         prompt, stream)
 

@@ -155,8 +155,9 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
                     engine.shutdown()
                     return
                 if command[0] == "add":
-                    request_id, prompt_token_ids, params, prompt, stream = command[1]
-                    engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream)
+                    request_id, prompt_token_ids, params, prompt, stream, salt = command[1]
+                    engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, stream=stream,
+                                       cache_salt=salt)
                     owners[request_id] = sender
                 elif command[0] == "abort":  # a list of request ids
                     engine.abort_request(command[1])

@@ -66,7 +66,7 @@ class LLMEngine:
                          prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False) -> None:
+                    prompt: str | None = None, stream: bool = False, cache_salt: str | None = None) -> None:
         """Queue a request. A streaming request is reported by every step that gives it a token.
         With ``n > 1`` (or ``best_of``) its samples are requests of one group (ids ``request_id#i``),
         which wait for room like any others. A request with structured outputs is queued once its
@@ -87,7 +87,7 @@ class LLMEngine:
         for index in range(params.samples):
             request = Request(f"{request_id}#{index}" if group else request_id, list(prompt_token_ids), params,
                               max_tokens, stops, prompt, stream=stream, group=group, sample_index=index,
-                              bad_words_token_ids=bad_words, tensors=tensors)
+                              bad_words_token_ids=bad_words, tensors=tensors, cache_salt=cache_salt)
             request.detokenizer = self.outputs.detokenizer(params, stream)
             if group is not None:
                 group.members.append(request)

@@ -58,6 +58,7 @@ class Request:
     prompt_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)  # of prompt tokens 1..
     detokenizer: IncrementalDetokenizer | None = None  # requests with stop strings build text as they go
     stream: bool = False  # report every new token, not only the end
+    cache_salt: str | None = None  # its prefix blocks are shared only with requests of the same salt
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
     grammar: "SampleGrammar | None" = None  # structured outputs: its own place in its grammar
     needs_its_tokens: bool = field(init=False)
@@ -221,6 +222,10 @@ class WindowBlocks:
     @property
     def num_computed_tokens(self) -> int:
         return self.request.num_computed_tokens
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.request.cache_salt
 
     @property
     def token_ids(self) -> list[int]:

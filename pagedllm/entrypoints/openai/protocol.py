@@ -107,6 +107,7 @@ class SamplingFields(TopLevelBody):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     spaces_between_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1)  # prefixes shared only between requests of the same salt
     # vLLM's, not served here: refused when asked for, rather than ignored
     use_beam_search: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)

@@ -64,6 +64,7 @@ class ResponsesRequest(TopLevelBody):
     # Refused by name: this server keeps no responses, and runs none in the background.
     previous_response_id: str | None = None
     background: bool = False
+    cache_salt: str | None = Field(None, min_length=1)  # vLLM's: prefixes shared only within the salt
 
     def messages(self) -> list[ChatMessage]:
         """The conversation for the chat template: the instructions first, as a system message

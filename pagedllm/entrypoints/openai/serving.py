@@ -46,7 +46,7 @@ from pagedllm.entrypoints.openai.responses import (
     response_events,
 )
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
-from pagedllm.inputs import TokensPrompt, encode_text, render_chat
+from pagedllm.inputs import TokensPrompt, cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
@@ -91,7 +91,7 @@ class OpenAIServing:
         params.output_kind = RequestOutputKind.FINAL_ONLY if params.samples > params.n else RequestOutputKind.DELTA
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt, body.add_special_tokens)
         request_id = random_id("cmpl")
-        streams = await self._start(request_id, prompts, params)
+        streams = await self._start(request_id, prompts, params, body.cache_salt)
         if body.stream:
             return event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
         finals = await until_done_or_disconnect(raw, streams)
@@ -127,7 +127,7 @@ class OpenAIServing:
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
                                          body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
-        streams = await self._start(request_id, [prompt], params)
+        streams = await self._start(request_id, [prompt], params, body.cache_salt)
         if body.stream:
             return event_stream(self._chat_events(request_id, body, len(prompt[1]), streams))
         finals = await until_done_or_disconnect(raw, streams)
@@ -155,7 +155,7 @@ class OpenAIServing:
         builder = ResponseBuilder(body, self.model_name, params)
         try:
             prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
-            streams = await self._start(builder.id, [prompt], params)
+            streams = await self._start(builder.id, [prompt], params, body.cache_salt)
         except ApiError as err:
             raise in_responses_terms(err) from None
         if body.stream:
@@ -246,10 +246,16 @@ class OpenAIServing:
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
 
-    async def _start(self, request_id: str, prompts: list[Prompt], params) -> list[AsyncIterator[RequestOutput]]:
+    async def _start(self, request_id: str, prompts: list[Prompt], params,
+                     salt: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Check every prompt, then start one engine request each (nothing starts if one is bad).
         A structured output's check compiles its grammar, which may take seconds, and thousands of
-        prompts, or a million tokens, take a while too: not on the event loop."""
+        prompts, or a million tokens, take a while too: not on the event loop. ``salt``: the
+        request's ``cache_salt``."""
+        try:
+            cache_salt({"cache_salt": salt})
+        except ValueError as err:
+            raise ApiError(400, str(err), "cache_salt") from None
         if params.structured_outputs is not None or len(prompts) > 1 or len(prompts[0][1]) > 16384:
             await asyncio.to_thread(self._check, prompts, params)
         else:
@@ -257,8 +263,8 @@ class OpenAIServing:
         if self.log_requests:  # cut: a client's values (stop strings, logit biases) may be as long as its body
             line = f"request {request_id}: {[len(ids) for _, ids in prompts]} prompt tokens, {params!r}"
             logger.info("%s", line if len(line) <= self.max_log_len else line[:self.max_log_len] + "...")
-        prompts = [TokensPrompt(prompt_token_ids=ids, prompt=text) if text else TokensPrompt(prompt_token_ids=ids)
-                   for text, ids in prompts]
+        prompts = [TokensPrompt(prompt_token_ids=ids) | ({"prompt": text} if text else {}) |
+                   ({"cache_salt": salt} if salt else {}) for text, ids in prompts]
         delta = params.output_kind == RequestOutputKind.DELTA
         return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"), delta)
                 for i, prompt in enumerate(prompts)]
