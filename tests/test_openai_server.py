@@ -430,7 +430,8 @@ def test_vllm_deployment_flags(tiny_checkpoint, tmp_path):
     asked for), and a proxy's --root-path."""
     origin = "https://ui.example"
     server, uv, url = start_server(tiny_checkpoint("llama"), "--served-model-name", "first", "second",
-                                   "--allowed-origins", json.dumps([origin]), "--api-key", "k", "--root-path", "/llm")
+                                   "--allowed-origins", json.dumps([origin]), "--api-key", "k", "--root-path", "/llm",
+                                   "--enable-prompt-tokens-details")
     key = {"Authorization": "Bearer k"}
     try:
         assert [m["id"] for m in json.loads(call("GET", f"{url}/v1/models", headers=key)[1])["data"]] == \
@@ -522,8 +523,8 @@ def test_responses_api_streams_openais_events_and_structured_output(live):
 
 
 def test_cache_salt_keeps_each_tenants_prefix_cache_apart(live):
-    """vLLM's cache_salt on every route (the Responses API reports the cached input tokens): a salted
-    request finds the prefix only its own salt cached."""
+    """vLLM's cache_salt on every route (the usage says how many prompt tokens were cached): a
+    salted request finds the prefix only its own salt cached."""
     _, url, client = live
     text = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n" * 3
 
@@ -535,7 +536,10 @@ def test_cache_salt_keeps_each_tenants_prefix_cache_apart(live):
     assert cached(cache_salt="a") == 0 and cached(cache_salt="a") > 0
     assert cached(cache_salt="b") == 0
     chat = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2, "cache_salt": "c"}
-    assert call("POST", f"{url}/v1/chat/completions", chat)[0] == 200
+    usages = [json.loads(call("POST", f"{url}/v1/chat/completions", chat)[1])["usage"] for _ in range(2)]
+    # OpenAI's usage.prompt_tokens_details.cached_tokens, on chat and completions too
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 0 < usages[1]["prompt_tokens_details"]["cached_tokens"] < usages[1]["prompt_tokens"]
     assert cached(cache_salt="c") > 0  # (the chat's prompt is the responses' input through the same template)
     for bad in ("", 5):
         status, body = call("POST", f"{url}/v1/chat/completions", chat | {"cache_salt": bad})

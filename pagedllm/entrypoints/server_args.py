@@ -89,6 +89,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--allowed-{what}", type=json.loads, default=["*"],
                             help=f"CORS: the {what} allowed, a JSON list (default any)")
     parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="accepted for vLLM commands: every usage has prompt_tokens_details here")
     parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
                         help="accepted for vLLM commands: the engine runs in a process of its own here, whatever it")
     for name, what in UNSUPPORTED_SERVER_FLAGS.items():

@@ -207,10 +207,15 @@ class DetokenizeRequest(TopLevelBody):
     tokens: list[TokenId]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # found in the prefix cache, not computed
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # OpenAI's (vLLM's with --enable-prompt-tokens-details)
 
 
 class CompletionLogprobs(BaseModel):

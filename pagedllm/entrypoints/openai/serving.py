@@ -33,6 +33,7 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
@@ -405,10 +406,12 @@ class _Deltas:
         self.held: dict[tuple[int, int], CompletionOutput] = {}
         self.finished: set[tuple[int, int]] = set()
         self.prompt_tokens: dict[int, int] = {}  # by prompt
+        self.cached_tokens: dict[int, int] = {}  # by prompt
         self.completion_tokens = 0
 
     def ready(self, prompt_index: int, output: RequestOutput) -> list[CompletionOutput]:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        self.cached_tokens[prompt_index] = output.num_cached_tokens
         ready = []
         for c in output.outputs:
             key = (prompt_index, c.index)
@@ -428,14 +431,17 @@ class _Deltas:
         return ready
 
     def usage(self, echo_only: bool = False) -> Usage:
-        return _usage_of(sum(self.prompt_tokens.values()), 0 if echo_only else self.completion_tokens)
+        return _usage_of(sum(self.prompt_tokens.values()), 0 if echo_only else self.completion_tokens,
+                         sum(self.cached_tokens.values()))
 
 
 def _usage(finals: list[RequestOutput], echo_only: bool = False) -> Usage:
     return _usage_of(sum(len(f.prompt_token_ids) for f in finals),
-                     0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs))
+                     0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs),
+                     sum(f.num_cached_tokens for f in finals))
 
 
-def _usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
