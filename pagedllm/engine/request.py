@@ -62,6 +62,7 @@ class Request:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # sampling_params.bad_words, tokenized
     grammar: "SampleGrammar | None" = None  # structured outputs: its own place in its grammar
     needs_its_tokens: bool = field(init=False)
+    may_ban: bool = field(init=False)
     tensors: "SamplingTensors | None" = None  # what its sampling reads of its own, made once (the engine's)
     num_reported_tokens: int = 0  # output tokens and characters already reported (output_kind DELTA)
     num_reported_chars: int = 0
@@ -84,6 +85,8 @@ class Request:
         # on the host (penalties, bad words of several tokens, logits processors).
         self.needs_its_tokens = p.penalized or bool(p.logits_processors) or any(
             len(w) > 1 for w in self.bad_words_token_ids)
+        # and whether it ever bans tokens (stop tokens before min_tokens, bad words): most never do
+        self.may_ban = p.min_tokens > 0 or bool(self.bad_words_token_ids)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

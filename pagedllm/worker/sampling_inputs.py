@@ -26,7 +26,8 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
     # min_tokens gives way to a grammar that can only end here: banning its stop tokens would leave no token
     must_end = set() if masks is None else {row for i, row in enumerate(masks.rows) if requests[row].before_min_tokens
                                             and allows_only(masks, i, requests[row].stop_token_ids)}
-    banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] for row, r in enumerate(requests)]
+    banned = [[t for t in r.tokens_banned_now(row in must_end) if t < vocab_size] if r.may_ban else []
+              for row, r in enumerate(requests)]
     wanted = [num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     tensors = [(row, r.tensors) for row, r in enumerate(requests) if r.tensors is not None]
     biased = [(row, *in_vocabulary(vocab_size, *t.bias)) for row, t in tensors if t.bias is not None]
