@@ -434,8 +434,8 @@ def test_vllm_deployment_flags(tiny_checkpoint, tmp_path):
                                    "--enable-prompt-tokens-details")
     key = {"Authorization": "Bearer k"}
     try:
-        assert [m["id"] for m in json.loads(call("GET", f"{url}/v1/models", headers=key)[1])["data"]] == \
-            ["first", "second"]
+        cards = json.loads(call("GET", f"{url}/v1/models", headers=key)[1])["data"]
+        assert [(m["id"], m["root"]) for m in cards] == [("first", server.args.model), ("second", server.args.model)]
         for name in ("first", "second"):
             status, body = call("POST", f"{url}/v1/completions", {"model": name, "prompt": "a", "max_tokens": 2}, key)
             assert status == 200 and json.loads(body)["model"] == "first"

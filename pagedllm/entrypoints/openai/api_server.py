@@ -120,7 +120,8 @@ class OpenAIServer:
 
         @app.get("/v1/models", response_model=ModelList)
         async def models() -> ModelList:
-            return ModelList(data=[ModelCard(id=name, max_model_len=self.engine.config.max_model_len)
+            return ModelList(data=[ModelCard(id=name, root=self.args.model,
+                                             max_model_len=self.engine.config.max_model_len)
                                    for name in self.model_names])
 
         @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=json_body(TokenizeRequest))

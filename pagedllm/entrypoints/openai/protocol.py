@@ -326,6 +326,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagedllm"
+    root: str  # vLLM's: the model it serves (directory or hub id), whatever name it is served under
+    parent: str | None = None
     max_model_len: int
 
 
