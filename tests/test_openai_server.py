@@ -548,6 +548,26 @@ def test_cache_salt_keeps_each_tenants_prefix_cache_apart(live):
     assert status == 400 and json.loads(body)["error"]["param"] == "cache_salt"
 
 
+def test_responses_api_gives_logprobs_when_included(live):
+    """include ["message.output_text.logprobs"] with top_logprobs: each output token's logprob and its
+    alternatives, as chat gives them; the same whole and streamed."""
+    _, _, client = live
+    ask = dict(model="tiny", input="Hello!", max_output_tokens=6, temperature=0, top_logprobs=2,
+               include=["message.output_text.logprobs"])
+    whole = client.responses.create(**ask).output[0].content[0].logprobs
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert [e.token for e in whole] == [e.token for e in chat]
+    assert [e.logprob for e in whole] == pytest.approx([e.logprob for e in chat], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in whole)
+    events = list(client.responses.create(**ask, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.token for lp in done.logprobs] == [e.token for e in whole]
+    assert [lp.token for lp in streamed] == [e.token for e in whole][:len(streamed)]
+    assert client.responses.create(**ask | {"include": []}).output[0].content[0].logprobs == []
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"background": True}, "background"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "auto"}, "tool_choice"),

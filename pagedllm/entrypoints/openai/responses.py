@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.entrypoints.openai.errors import ApiError
+from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
     INT64_MAX,
     MAX_MESSAGES,
@@ -21,9 +22,11 @@ from pagedllm.entrypoints.openai.protocol import (
     RequestBody,
     TopLevelBody,
 )
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
+
+LOGPROBS = "message.output_text.logprobs"  # what include names to have them
 
 
 class InputText(RequestBody):
@@ -65,6 +68,14 @@ class ResponsesRequest(TopLevelBody):
     previous_response_id: str | None = None
     background: bool = False
     cache_salt: str | None = Field(None, min_length=1)  # vLLM's: prefixes shared only within the salt
+    # each output token's logprob (and its top_logprobs alternatives) with include ["message.output_text.logprobs"]
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def logprobs(self) -> int | None:
+        """The alternatives each output token's logprob comes with; None: no logprobs."""
+        return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
 
     def messages(self) -> list[ChatMessage]:
         """The conversation for the chat template: the instructions first, as a system message
@@ -85,7 +96,8 @@ class ResponsesRequest(TopLevelBody):
         structured = None if fmt is None else StructuredOutputsParams.from_response_format(
             {"type": fmt.type, "json_schema": {"schema": fmt.json_schema}})
         return SamplingParams(**{name: value for name, value in defaults.items() if name != "max_tokens"} | given,
-                              max_tokens=self.max_output_tokens, structured_outputs=structured)
+                              max_tokens=self.max_output_tokens, structured_outputs=structured,
+                              logprobs=self.logprobs)
 
     def refused(self) -> None:
         """What this server does not do, named, rather than answered as if it were absent."""
@@ -171,6 +183,7 @@ class ResponseBuilder:
     """One response's objects as it goes: the same ids, times and settings in every event and at the end."""
 
     def __init__(self, body: ResponsesRequest, model: str, params: SamplingParams):
+        self.top_logprobs = body.logprobs
         self.id, self.message_id, self.created_at = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", \
             int(time.time())
         fmt = body.text.format if body.text is not None and body.text.format is not None else None
@@ -179,20 +192,29 @@ class ResponseBuilder:
                            text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else
                                  {"type": "text"}})
 
-    def message(self, text: str | None, finish_reason: str | None = None) -> OutputMessage:
+    def logprobs(self, completion: CompletionOutput) -> list[dict]:
+        """The completion's tokens' logprobs, as chat gives them (each with its top alternatives)."""
+        if self.top_logprobs is None:
+            return []
+        return [entry.model_dump() for entry in chat_logprobs(completion.logprobs, completion.token_ids,
+                                                                self.top_logprobs).content]
+
+    def message(self, text: str | None, finish_reason: str | None = None,
+                logprobs: list | None = None) -> OutputMessage:
         """The output message: in progress without ``finish_reason``; ``text`` None: no part yet."""
         status = "in_progress" if finish_reason is None else "incomplete" if finish_reason == "length" else \
             "completed"
-        return OutputMessage(id=self.message_id, status=status, content=[] if text is None else [OutputText(text=text)])
+        return OutputMessage(id=self.message_id, status=status,
+                             content=[] if text is None else [OutputText(text=text, logprobs=logprobs or [])])
 
     def response(self, text: str | None = None, finish_reason: str | None = None, last: RequestOutput | None = None,
-                 output_tokens: int = 0) -> ResponseObject:
+                 output_tokens: int = 0, logprobs: list | None = None) -> ResponseObject:
         """The response: in progress, or done (``last``: the request's last output, with
         ``output_tokens`` generated in all)."""
         if last is None:
             return ResponseObject(id=self.id, created_at=self.created_at, status="in_progress", output=[],
                                   **self.fields)
-        message = self.message(text, finish_reason)
+        message = self.message(text, finish_reason, logprobs)
         prompt_tokens = len(last.prompt_token_ids)
         usage = ResponseUsage(input_tokens=prompt_tokens, output_tokens=output_tokens,
                               input_tokens_details=InputTokensDetails(cached_tokens=last.num_cached_tokens),
@@ -218,16 +240,19 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
     yield event("response.in_progress", response=builder.response())
     yield event("response.output_item.added", output_index=0, item=builder.message(None))
     yield event("response.content_part.added", part=OutputText(text=""), **where)
-    texts, tokens, last = [], 0, None
+    texts, tokens, last, logprobs, pending = [], 0, None, [], []
     async for last in outputs:
         completion = last.outputs[0]
         tokens += len(completion.token_ids)
+        pending += builder.logprobs(completion)  # (a token that completes no character waits for the next)
         if completion.text:
             texts.append(completion.text)
-            yield event("response.output_text.delta", delta=completion.text, logprobs=[], **where)
-    text, reason = "".join(texts), last.outputs[0].finish_reason
-    yield event("response.output_text.done", text=text, logprobs=[], **where)
-    yield event("response.content_part.done", part=OutputText(text=text), **where)
-    yield event("response.output_item.done", output_index=0, item=builder.message(text, reason))
-    done = builder.response(text, reason, last, tokens)
+            yield event("response.output_text.delta", delta=completion.text, logprobs=pending, **where)
+            logprobs += pending
+            pending = []
+    text, reason, logprobs = "".join(texts), last.outputs[0].finish_reason, logprobs + pending
+    yield event("response.output_text.done", text=text, logprobs=logprobs, **where)
+    yield event("response.content_part.done", part=OutputText(text=text, logprobs=logprobs), **where)
+    yield event("response.output_item.done", output_index=0, item=builder.message(text, reason, logprobs))
+    done = builder.response(text, reason, last, tokens, logprobs)
     yield event("response.completed" if done.status == "completed" else "response.incomplete", response=done)

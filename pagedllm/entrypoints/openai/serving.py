@@ -166,7 +166,8 @@ class OpenAIServing:
             return Response(status_code=499)
         completion = finals[0].outputs[0]
         return await json_response_off_the_loop(lambda: builder.response(
-            completion.text, completion.finish_reason, finals[0], len(completion.token_ids)))
+            completion.text, completion.finish_reason, finals[0], len(completion.token_ids),
+            builder.logprobs(completion)))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
