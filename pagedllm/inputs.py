@@ -43,6 +43,9 @@ def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) 
     raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
 
 
+MAX_CACHE_SALT = 4096  # characters: a tenant's name or secret; the engine's thread hashes it for the request
+
+
 def cache_salt(prompt: PromptType) -> str | None:
     """A prompt's ``cache_salt`` (vLLM's): its cached prefix blocks are shared only with prompts of
     the same salt, so that tenants of one server cannot learn each other's prompts from how fast
@@ -51,11 +54,12 @@ def cache_salt(prompt: PromptType) -> str | None:
     if salt is None:
         return None
     try:
-        valid = isinstance(salt, str) and salt.encode("utf-8") != b""
+        valid = isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT and salt.encode("utf-8") != b""
     except UnicodeEncodeError:  # a lone surrogate
         valid = False
     if not valid:
-        raise ValueError(f"cache_salt={salt!r:.80} is invalid: it must be a non-empty string of text, or absent")
+        raise ValueError(f"cache_salt={salt!r:.80} is invalid: it must be a string of text of 1 to {MAX_CACHE_SALT} "
+                         "characters, or absent")
     return salt
 
 

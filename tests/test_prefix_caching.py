@@ -124,6 +124,6 @@ def test_a_cache_salt_shares_prefixes_only_within_itself():
     assert first.num_cached_tokens == 0 and hits[0] > 0
     assert hits[1:3] == [0, 0] and hits[3] == hits[4] == hits[0]  # b and the unsalted each compute their own
     assert run(cache_salt="tenant a").outputs[0].token_ids == first.outputs[0].token_ids
-    for bad in ("", 5, "\ud800"):
+    for bad in ("", 5, "\ud800", "x" * 4097):
         with pytest.raises(ValueError, match="prompt 0: cache_salt=.* is invalid"):
             llm.generate({"prompt": text, "cache_salt": bad}, params, use_tqdm=False)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from pagedllm.inputs import MAX_CACHE_SALT
 from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
 
@@ -107,7 +108,7 @@ class SamplingFields(TopLevelBody):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     spaces_between_special_tokens: bool = True
-    cache_salt: str | None = Field(None, min_length=1)  # prefixes shared only between requests of the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)  # prefixes shared within it only
     # vLLM's, not served here: refused when asked for, rather than ignored
     use_beam_search: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)

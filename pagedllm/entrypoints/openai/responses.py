@@ -22,6 +22,7 @@ from pagedllm.entrypoints.openai.protocol import (
     RequestBody,
     TopLevelBody,
 )
+from pagedllm.inputs import MAX_CACHE_SALT
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
@@ -67,7 +68,7 @@ class ResponsesRequest(TopLevelBody):
     # Refused by name: this server keeps no responses, and runs none in the background.
     previous_response_id: str | None = None
     background: bool = False
-    cache_salt: str | None = Field(None, min_length=1)  # vLLM's: prefixes shared only within the salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)  # vLLM's: prefixes shared within it
     # each output token's logprob (and its top_logprobs alternatives) with include ["message.output_text.logprobs"]
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
