@@ -584,6 +584,33 @@ def test_responses_api_refuses_what_it_does_not_do_by_name(live, extra, param):
     assert status == 400  # only messages of text
 
 
+def test_return_token_ids_gives_the_exact_tokens_beside_the_text(live, offline):
+    """vLLM's return_token_ids (an RL rollout's exact tokens, with no re-tokenizing): the prompt's and
+    the output's ids, whole or streamed (the prompt's with the first chunk, then each chunk's own);
+    without it, OpenAI's shapes, with no such key."""
+    server, url, client = live
+    expected = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False,
+                            chat_template=DEFAULT_CHAT_TEMPLATE)[0]
+    ask = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    whole = json.loads(call("POST", f"{url}/v1/chat/completions", ask | {"return_token_ids": True})[1])
+    assert whole["prompt_token_ids"] == expected.prompt_token_ids
+    assert whole["choices"][0]["token_ids"] == expected.outputs[0].token_ids
+    plain = json.loads(call("POST", f"{url}/v1/chat/completions", ask)[1])
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"return_token_ids": True}))
+    assert chunks[0].model_extra["prompt_token_ids"] == expected.prompt_token_ids
+    assert sum((c.choices[0].model_extra.get("token_ids") or [] for c in chunks[1:]), []) == \
+        expected.outputs[0].token_ids
+    ids = offline.generate("def main():", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    text = {"model": "tiny", "prompt": "def main():", "max_tokens": 5, "temperature": 0, "return_token_ids": True}
+    choice = json.loads(call("POST", f"{url}/v1/completions", text)[1])["choices"][0]
+    assert (choice["prompt_token_ids"], choice["token_ids"]) == (ids.prompt_token_ids, ids.outputs[0].token_ids)
+    streamed = list(client.completions.create(model="tiny", prompt="def main():", max_tokens=5, temperature=0,
+                                              stream=True, extra_body={"return_token_ids": True}))
+    assert streamed[0].choices[0].model_extra["prompt_token_ids"] == ids.prompt_token_ids
+    assert sum((c.choices[0].model_extra["token_ids"] for c in streamed), []) == ids.outputs[0].token_ids
+
+
 def test_https_with_ssl_keyfile_and_certfile(tiny_checkpoint, tmp_path):
     import shutil
     import ssl

@@ -8,7 +8,7 @@ checks the rest (the vocabulary, ``max_model_len``) and answers 400 as well.
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -17,6 +17,12 @@ from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+def only_if_asked() -> Any:
+    """A response field that is left out, not null, unless the request asked for it (vLLM's
+    ``return_token_ids``): every other response keeps OpenAI's shape."""
+    return Field(None, exclude_if=lambda value: value is None)
 MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
 # Sequences one request may start (prompts x samples): each costs the server memory and the event loop
 # work from the moment it arrives, so one body of many small prompts must not take the server down.
@@ -109,6 +115,7 @@ class SamplingFields(TopLevelBody):
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     spaces_between_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)  # prefixes shared within it only
+    return_token_ids: bool = False  # vLLM's: the token ids beside the text (an RL rollout's exact tokens)
     # vLLM's, not served here: refused when asked for, rather than ignored
     use_beam_search: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
@@ -241,6 +248,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = only_if_asked()
+    token_ids: list[int] | None = only_if_asked()
 
 
 class CompletionResponse(BaseModel):
@@ -276,6 +285,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
+    token_ids: list[int] | None = only_if_asked()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -285,6 +295,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = only_if_asked()
 
 
 class ChatDelta(BaseModel):
@@ -297,6 +308,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
+    token_ids: list[int] | None = only_if_asked()  # the chunk's own
 
 
 class ChatCompletionChunk(BaseModel):
@@ -306,6 +318,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = only_if_asked()  # on the first chunk
 
 
 class ChunkFrame:

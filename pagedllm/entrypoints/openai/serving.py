@@ -130,17 +130,21 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         streams = await self._start(request_id, [prompt], params, body.cache_salt)
         if body.stream:
-            return event_stream(self._chat_events(request_id, body, len(prompt[1]), streams))
+            return event_stream(self._chat_events(request_id, body, prompt[1], streams))
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
         k = body.top_logprobs or 0
 
+        ids = body.return_token_ids
+
         def response() -> ChatCompletionResponse:
             choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                  finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs, c.token_ids, k))
+                                  finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs, c.token_ids, k),
+                                  token_ids=c.token_ids if ids else None)
                        for c in finals[0].outputs]
-            return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
+            return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals),
+                                          prompt_token_ids=finals[0].prompt_token_ids if ids else None)
 
         return await json_response_off_the_loop(response)
 
@@ -310,10 +314,12 @@ class OpenAIServing:
                                         self._first_token_text(final), 0)
             add_completion_logprobs(logprobs, token_ids, entries, None, len(prompt_text))
         scored_prompt = vllm_prompt_logprobs(final) if body.prompt_logprobs is not None else None
+        ids = body.return_token_ids
         return CompletionChoice(index=index, text=prompt_text + text, logprobs=logprobs,
                                 finish_reason="length" if echo_only else completion.finish_reason,
                                 stop_reason=None if echo_only else completion.stop_reason,
-                                prompt_logprobs=scored_prompt)
+                                prompt_logprobs=scored_prompt, prompt_token_ids=final.prompt_token_ids if ids else None,
+                                token_ids=list(token_ids) if ids else None)
 
     def _first_token_text(self, final: RequestOutput) -> str:
         """The text of the prompt's first token, which nothing scores."""
@@ -329,6 +335,7 @@ class OpenAIServing:
             return frame(choices, deltas.usage(echo_only) if continuous else None)
 
         echoed: set[tuple[int, int]] = set()
+        ids_sent: set[tuple[int, int]] = set()  # choices whose prompt token ids went (return_token_ids)
         sent_chars: dict[tuple[int, int], int] = {}  # text sent, for the logprobs' offsets
         async for prompt_index, output in merge(streams):
             if body.echo:
@@ -351,28 +358,40 @@ class OpenAIServing:
                     logprobs = CompletionLogprobs()
                     add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None, sent_chars.get(key, 0))
                 sent_chars[key] = sent_chars.get(key, 0) + len(c.text)
+                ids = {}
+                if body.return_token_ids:  # the prompt's with a choice's first chunk, then each chunk's own
+                    ids = {"token_ids": c.token_ids} | ({} if key in ids_sent else
+                                                       {"prompt_token_ids": prompts[prompt_index][1]})
+                    ids_sent.add(key)
                 yield chunk([CompletionChoice(index=index, text=c.text, logprobs=logprobs,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason, **ids)])
         if body.stream_options and body.stream_options.include_usage:
             yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
 
-    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt_tokens: int,
+    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt_token_ids: list[int],
                            streams) -> AsyncIterator[str]:
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas, continuous = _Deltas(), _continuous_usage(body)
-        deltas.prompt_tokens[0] = prompt_tokens
+        deltas.prompt_tokens[0] = len(prompt_token_ids)
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
             return frame(choices, deltas.usage() if continuous else None)
 
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)])
+        roles = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
+        if body.return_token_ids:  # the prompt's token ids with the first chunk
+            yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=roles,
+                                      usage=deltas.usage() if continuous else None,
+                                      prompt_token_ids=prompt_token_ids).model_dump_json()
+        else:
+            yield chunk(roles)
         async for _, output in merge(streams):
             for c in deltas.ready(0, output):
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
                 yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text or None),
-                                             finish_reason=c.finish_reason, logprobs=logprobs)])
+                                             finish_reason=c.finish_reason, logprobs=logprobs,
+                                             token_ids=c.token_ids if body.return_token_ids else None)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
             yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                       usage=deltas.usage()).model_dump_json()
