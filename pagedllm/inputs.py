@@ -50,7 +50,11 @@ def cache_salt(prompt: PromptType) -> str | None:
     """A prompt's ``cache_salt`` (vLLM's): its cached prefix blocks are shared only with prompts of
     the same salt, so that tenants of one server cannot learn each other's prompts from how fast
     theirs start (a prefix cache hit is faster)."""
-    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    return checked_cache_salt(prompt.get("cache_salt") if isinstance(prompt, dict) else None)
+
+
+def checked_cache_salt(salt: object) -> str | None:
+    """``salt`` if it is one (a string of text, not too long), else a ValueError naming it."""
     if salt is None:
         return None
     try:

@@ -92,7 +92,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prompt-tokens-details", action="store_true",
                         help="accepted for vLLM commands: every usage has prompt_tokens_details here")
     parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
-                        help="accepted for vLLM commands: the engine runs in a process of its own here, whatever it")
+                        help="accepted for vLLM commands: the engine runs in a process of its own here either way")
     for name, what in UNSUPPORTED_SERVER_FLAGS.items():
         flag, not_here = "--" + name.replace("_", "-"), f"refused: {what}"
         if name == "enable_auto_tool_choice":

@@ -37,6 +37,14 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
+def refuse_tool_calls(tools: list | None, tool_choice: object) -> None:
+    """Tools reach the chat template with tool_choice "none" (as vLLM's); no tool call is parsed out
+    of the text, so any other choice is refused rather than answered as plain text."""
+    if tools and tool_choice != "none":
+        raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat template "
+                            "then shows the model the tools, as in vLLM)", "tool_choice")
+
+
 def bad_value(err: ValueError, prompt_index: int | None = None) -> ApiError:
     """A ValueError from pagedllm's checks as a 400, with the field it names."""
     message = str(err) if prompt_index is None else f"prompt {prompt_index}: {err}"

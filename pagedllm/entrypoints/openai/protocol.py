@@ -18,11 +18,6 @@ from pagedllm.structured_outputs import StructuredOutputsParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
-
-def only_if_asked() -> Any:
-    """A response field that is left out, not null, unless the request asked for it (vLLM's
-    ``return_token_ids``): every other response keeps OpenAI's shape."""
-    return Field(None, exclude_if=lambda value: value is None)
 MAX_N = 1024  # samples per prompt: more than a batch holds (they wait their turn), not unbounded
 # Sequences one request may start (prompts x samples): each costs the server memory and the event loop
 # work from the moment it arrives, so one body of many small prompts must not take the server down.
@@ -30,6 +25,12 @@ MAX_REQUEST_SEQUENCES = 16384
 # Messages in one conversation: more than a context holds (each takes a few tokens of the template at
 # least); a body of 600,000 empty ones took 8 s to validate.
 MAX_MESSAGES = 16384
+
+
+def only_if_asked() -> Any:
+    """A response field that is left out, not null, unless the request asked for it (vLLM's
+    ``return_token_ids``): every other response keeps OpenAI's shape."""
+    return Field(None, exclude_if=lambda value: value is None)
 
 
 def prompt_type(prompt: object) -> str:

@@ -11,9 +11,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from pagedllm.entrypoints.openai.errors import ApiError
+from pagedllm.entrypoints.openai.errors import ApiError, refuse_tool_calls
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
     INT64_MAX,
@@ -74,6 +74,10 @@ class ResponsesRequest(TopLevelBody):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @property
+    def format(self) -> TextFormat | None:
+        return self.text.format if self.text is not None else None
+
+    @property
     def logprobs(self) -> int | None:
         """The alternatives each output token's logprob comes with; None: no logprobs."""
         return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
@@ -93,7 +97,7 @@ class ResponsesRequest(TopLevelBody):
         """Temperature and top_p as given, else the model's generation config's (as chat's); the
         format as a structured output."""
         given = {name: value for name in ("temperature", "top_p") if (value := getattr(self, name)) is not None}
-        fmt = self.text.format if self.text is not None else None
+        fmt = self.format
         structured = None if fmt is None else StructuredOutputsParams.from_response_format(
             {"type": fmt.type, "json_schema": {"schema": fmt.json_schema}})
         return SamplingParams(**{name: value for name, value in defaults.items() if name != "max_tokens"} | given,
@@ -107,11 +111,8 @@ class ResponsesRequest(TopLevelBody):
                                 "in input", "previous_response_id")
         if self.background:
             raise ApiError(400, "background responses are not supported: ask without background", "background")
-        if self.tools and self.tool_choice != "none":
-            raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
-                                "template then shows the model the tools, as in vLLM)", "tool_choice")
-        if self.text is not None and self.text.format is not None and self.text.format.type == "json_schema" \
-                and self.text.format.json_schema is None:
+        refuse_tool_calls(self.tools, self.tool_choice)
+        if self.format is not None and self.format.type == "json_schema" and self.format.json_schema is None:
             raise ApiError(400, "text.format of type json_schema needs its schema", "text")
 
 
@@ -156,8 +157,6 @@ class ResponseUsage(BaseModel):
 
 
 class ResponseObject(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
     id: str
     object: Literal["response"] = "response"
     created_at: int
@@ -187,7 +186,7 @@ class ResponseBuilder:
         self.top_logprobs = body.logprobs
         self.id, self.message_id, self.created_at = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", \
             int(time.time())
-        fmt = body.text.format if body.text is not None and body.text.format is not None else None
+        fmt = body.format
         self.fields = dict(instructions=body.instructions, max_output_tokens=body.max_output_tokens, model=model,
                            temperature=params.temperature, top_p=params.top_p, tools=body.tools or [],
                            text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else

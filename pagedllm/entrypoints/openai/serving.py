@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.outputs import add_completion_delta
-from pagedllm.entrypoints.openai.errors import ApiError, bad_value
+from pagedllm.entrypoints.openai.errors import ApiError, bad_value, refuse_tool_calls
 from pagedllm.entrypoints.openai.logprobs import add_completion_logprobs, chat_logprobs, vllm_prompt_logprobs
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
@@ -47,7 +47,7 @@ from pagedllm.entrypoints.openai.responses import (
     response_events,
 )
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
-from pagedllm.inputs import TokensPrompt, cache_salt, encode_text, render_chat
+from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
@@ -118,9 +118,7 @@ class OpenAIServing:
             raise ApiError(400, "chat_template in a request is not accepted: a client's template would run on the "
                                 "server (vLLM also refuses it unless trusted); the server's --chat-template sets it",
                            "chat_template")
-        if body.tools and body.tool_choice != "none":
-            raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat "
-                                "template then shows the model the tools, as in vLLM)", "tool_choice")
+        refuse_tool_calls(body.tools, body.tool_choice)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = await self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                     body.prompt_logprobs)
@@ -259,7 +257,7 @@ class OpenAIServing:
         prompts, or a million tokens, take a while too: not on the event loop. ``salt``: the
         request's ``cache_salt``."""
         try:
-            cache_salt({"cache_salt": salt})
+            checked_cache_salt(salt)
         except ValueError as err:
             raise ApiError(400, str(err), "cache_salt") from None
         if params.structured_outputs is not None or len(prompts) > 1 or len(prompts[0][1]) > 16384:
@@ -358,13 +356,13 @@ class OpenAIServing:
                     logprobs = CompletionLogprobs()
                     add_completion_logprobs(logprobs, c.token_ids, c.logprobs, None, sent_chars.get(key, 0))
                 sent_chars[key] = sent_chars.get(key, 0) + len(c.text)
-                ids = {}
+                id_fields = {}
                 if body.return_token_ids:  # the prompt's with a choice's first chunk, then each chunk's own
-                    ids = {"token_ids": c.token_ids} | ({} if key in ids_sent else
-                                                       {"prompt_token_ids": prompts[prompt_index][1]})
+                    id_fields = {"token_ids": c.token_ids} | ({} if key in ids_sent else
+                                                             {"prompt_token_ids": prompts[prompt_index][1]})
                     ids_sent.add(key)
                 yield chunk([CompletionChoice(index=index, text=c.text, logprobs=logprobs,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason, **ids)])
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason, **id_fields)])
         if body.stream_options and body.stream_options.include_usage:
             yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
