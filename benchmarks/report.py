@@ -323,7 +323,9 @@ def _later_floods(date: str) -> list[str]:
                             for e in data["engines"] if "served_over_offline_at_rate_inf" in e)
         notes.append(f"Floods since, {data['num_requests']} streams at once against the warm offline engine "
                      f"({_rate(data['offline']['output_tokens_per_s'])} output tok/s) in the same run, no peer "
-                     f"({_source(data, name)}): served of it, the median of each server's floods: {servers}")
+                     f"({_source(data, name)}), load from {data['client_processes']} processes of "
+                     f"{data.get('client', 'the official `openai` client')}: served of it, the median of each "
+                     f"server's floods: {servers}")
     return notes
 
 
