@@ -574,6 +574,7 @@ def test_responses_api_gives_logprobs_when_included(live):
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "no such type"}}}}, "text"),
     ({"input": []}, "input"), ({"input": "\ud800"}, "input"), ({"max_output_tokens": 10**9}, "input"),
+    ({"include": ["no.such.thing"]}, "include"), ({"include": "message.output_text.logprobs"}, "include"),
 ])
 def test_responses_api_refuses_what_it_does_not_do_by_name(live, extra, param):
     server, url, _ = live
@@ -582,6 +583,24 @@ def test_responses_api_refuses_what_it_does_not_do_by_name(live, extra, param):
     status, body = call("POST", f"{url}/v1/responses", {"model": server.model_name,
                                                         "input": [{"type": "function_call_output", "output": "1"}]})
     assert status == 400  # only messages of text
+
+
+def test_responses_api_takes_an_input_string_of_any_length_and_names_the_field_at_fault(live):
+    """A long document as the input string is judged by its tokens against max_model_len, as a
+    chat message is (the cap on the number of input messages once applied to a string's characters
+    too); an error in the format is the text field's, in its message as in its param."""
+    server, url, _ = live
+    long_input = "hello " * 3000  # 18,000 characters
+    status, body = call("POST", f"{url}/v1/responses", {"model": server.model_name, "input": long_input})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "input" and "max_model_len" in error["message"]
+    chat = {"model": server.model_name, "messages": [{"role": "user", "content": long_input}]}
+    chat_error = json.loads(call("POST", f"{url}/v1/chat/completions", chat)[1])["error"]["message"]
+    assert chat_error.removeprefix("prompt 0: ") == error["message"].removeprefix("input: ")
+    schema = {"format": {"type": "json_schema", "name": "x", "schema": {"type": "no such type"}}}
+    status, body = call("POST", f"{url}/v1/responses", {"model": server.model_name, "input": "x", "text": schema})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "text" and error["message"].startswith("text: ")
 
 
 def test_return_token_ids_gives_the_exact_tokens_beside_the_text(live, offline):

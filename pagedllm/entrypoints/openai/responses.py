@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -28,6 +28,11 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
 
 LOGPROBS = "message.output_text.logprobs"  # what include names to have them
+# What OpenAI's include may name (its ResponseIncludable); only LOGPROBS applies to a text model's
+# output, the rest name what this server never produces (tool results, images, reasoning)
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", LOGPROBS]
 
 
 class InputText(RequestBody):
@@ -55,7 +60,7 @@ class TextConfig(RequestBody):
 
 class ResponsesRequest(TopLevelBody):
     model: str
-    input: str | list[InputMessage] = Field(max_length=MAX_MESSAGES)
+    input: str | Annotated[list[InputMessage], Field(max_length=MAX_MESSAGES)]  # (a string: any length)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0)  # None: the model's generation config, else 1
@@ -70,7 +75,7 @@ class ResponsesRequest(TopLevelBody):
     background: bool = False
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)  # vLLM's: prefixes shared within it
     # each output token's logprob (and its top_logprobs alternatives) with include ["message.output_text.logprobs"]
-    include: list[str] | None = None
+    include: list[Includable] | None = Field(None, max_length=64)
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @property
@@ -122,7 +127,7 @@ def in_responses_terms(err: ApiError) -> ApiError:
     param = err.param if err.param not in ("messages", "prompt") else "input"
     if "SamplingParams.structured_outputs" in err.message:
         param = "text"
-    return ApiError(err.status, err.message.replace("prompt 0: ", "input: ", 1), param)
+    return ApiError(err.status, err.message.replace("prompt 0: ", f"{param}: ", 1), param)
 
 
 class OutputText(BaseModel):
