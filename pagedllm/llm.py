@@ -134,6 +134,9 @@ class LLM:
         tokenizer = self._engine().tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template: use generate()")
+        if not isinstance(messages, list | tuple):
+            raise ValueError(f"messages={messages!r:.100} is invalid: it must be a conversation (a list of "
+                             "{'role', 'content'} dicts) or a list of them")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for index, conversation in enumerate(conversations):

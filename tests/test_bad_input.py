@@ -313,6 +313,12 @@ def test_wrong_types_are_value_errors_that_say_what_was_wrong(llm, prompts, para
         llm.generate(prompts, params, use_tqdm=False)
 
 
+@pytest.mark.parametrize("messages", [None, "hello", {"role": "user", "content": "hi"}])
+def test_chat_names_messages_that_are_no_conversation(llm, messages):
+    with pytest.raises(ValueError, match="messages=.* is invalid: it must be a conversation"):
+        llm.chat(messages, use_tqdm=False)
+
+
 @pytest.mark.parametrize("processor", [
     lambda ids, logits: 1 / 0,
     lambda ids, logits: logits[:3],  # the wrong shape
