@@ -5,9 +5,13 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import types
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+# HTTP processes at most: each holds pipes to the engine process and the watching one, so thousands run out of file
+# descriptors (100,000 was an OSError after the model had loaded), and far fewer than that already share the cores
+MAX_API_SERVERS = 128
 # vLLM serve's flags for what the server does not do: taken, so that the command names what is missing
 UNSUPPORTED_SERVER_FLAGS = {
     "enable_auto_tool_choice": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its "
@@ -146,6 +150,17 @@ def _server_setting_error(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')}: give a JSON list of strings, not {value!r:.80}"
     if args.max_log_len < 0:
         return f"--max-log-len: must be >= 0, not {args.max_log_len}"
+    if not 0 <= args.port <= 65535:
+        return f"--port: must be between 0 and 65535, not {args.port}"
+    if args.api_server_count > MAX_API_SERVERS:
+        return f"--api-server-count: at most {MAX_API_SERVERS}, not {args.api_server_count}"
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        return f"--host: cannot listen on {args.host!r}: {err}"
+    template = args.chat_template
+    if template and not os.path.isfile(template) and "{" not in template:  # a path with a typo, not a template
+        return f"--chat-template: no file {template!r} (and no Jinja in it, to be a template itself)"
     return None
 
 
