@@ -24,10 +24,12 @@ MAX_BATCH_TOKENS = 1 << 24  # max_num_batched_tokens: tokens in one step (its ac
 logger = logging.getLogger("pagedllm")
 
 
-def option(default, help: str, compat: str | None = None):
+def option(default, help: str, compat: str | None = None, only: tuple | None = None, why: str = ""):
     """An engine option: its default and help (the CLI flag's too). ``compat``: accepted for vLLM
-    scripts only; says at INFO what the option does here when a script sets it."""
-    return field(default=default, metadata={"help": help, "compat": compat})
+    scripts only; says at INFO what the option does here when a script sets it. ``only``: a vLLM
+    option taken at these values only, others refused with ``why`` (what they would turn on is not
+    here)."""
+    return field(default=default, metadata={"help": help, "compat": compat, "only": only, "why": why})
 
 
 @dataclass
@@ -43,6 +45,8 @@ class EngineConfig:
     trust_remote_code: bool = option(False, "let transformers run a checkpoint's own code for its config and "
                                             "tokenizer (the model itself is always pagedllm's)")
     download_dir: str | None = option(None, "where hub downloads go (default: the HF cache, HF_HOME)")
+    hf_token: bool | str | None = option(None, "the hub token for a private or gated model: the token, True (the "
+                                               "one `hf auth login` saved), or None (HF_TOKEN's, else the saved one)")
     skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts are token ids, outputs carry no text")
     hf_overrides: dict | None = option(None, "config.json values to override, e.g. {\"max_position_embeddings\": 4096}")
     dtype: str | torch.dtype = option("auto", "auto (the checkpoint's; float32 runs as float16 on a GPU), float16, "
@@ -101,11 +105,46 @@ class EngineConfig:
     compilation_config: int | dict | None = option(
         None, "vLLM's torch.compile level or settings", compat="nothing is compiled with torch.compile here: decode "
                                                              "steps replay CUDA graphs unless enforce_eager")
-    # Accepted at vLLM's defaults only: what they would turn on is not supported, and says so.
-    runner: str = option("auto", "vLLM's model runner: auto or generate (pooling is not supported)")
-    enable_lora: bool = option(False, "vLLM's switch for LoRA adapters (not supported: False only)")
-    pipeline_parallel_size: int = option(1, "vLLM's pipeline stages (not supported: 1 only)")
-    speculative_config: dict | None = option(None, "vLLM's speculative decoding (not supported: None only)")
+    max_parallel_loading_workers: int | None = option(
+        None, "vLLM's parallel loading of weight files", compat="weight files load one after another here")
+    mm_processor_cache_gb: float = option(4, "vLLM's cache of processed multi-modal inputs (GiB)",
+                                          compat="prompts are text here: there is nothing to cache")
+    # Accepted at vLLM's defaults (or the values listed) only: what others would turn on is not here, and says so.
+    runner: str = option("auto", "vLLM's model runner: auto or generate", only=("auto", "generate"),
+                         why="pagedllm generates text (pooling is not supported)")
+    enable_lora: bool = option(False, "vLLM's switch for LoRA adapters (not supported: False only)", only=(False,),
+                               why="LoRA adapters are not supported (merge the adapter into the weights, as peft's "
+                                   "merge_and_unload does, and load that)")
+    pipeline_parallel_size: int = option(1, "vLLM's pipeline stages (not supported: 1 only)", only=(1,),
+                                         why="pipeline parallelism is not supported (tensor_parallel_size splits a "
+                                             "model over one host's GPUs)")
+    speculative_config: dict | None = option(None, "vLLM's speculative decoding (not supported: None only)",
+                                             only=(None,), why="speculative decoding is not supported")
+    enable_sleep_mode: bool = option(False, "vLLM's sleep mode (not supported: False only)", only=(False,),
+                                     why="sleep mode is not supported (LLM.sleep and wake_up are not here)")
+    enable_expert_parallel: bool = option(False, "vLLM's expert parallelism for MoE (not supported: False only)",
+                                          only=(False,), why="experts are split by tensor parallelism here")
+    disable_sliding_window: bool = option(False, "vLLM's switch to run sliding-window layers as full attention "
+                                                 "(False only)", only=(False,),
+                                          why="sliding-window layers always attend within their window here")
+    calculate_kv_scales: bool = option(False, "vLLM's FP8 KV scales computed from the first batch (False only)",
+                                       only=(False,), why="an FP8 KV cache takes the checkpoint's scales, else 1.0")
+    scheduling_policy: str = option("fcfs", "vLLM's scheduling policy: fcfs", only=("fcfs",),
+                                    why="requests are served first come, first served (priority scheduling is not "
+                                        "supported)")
+    logprobs_mode: str = option("raw_logprobs", "what logprobs hold: raw_logprobs (of the model's logits, before "
+                                                "temperature, penalties and top-k/p, as vLLM's default)",
+                                only=("raw_logprobs",), why="logprobs are of the model's raw logits here")
+    model_impl: str = option("auto", "vLLM's choice of model code: auto or vllm (pagedllm's own)",
+                             only=("auto", "vllm"), why="the model always runs pagedllm's own code")
+    config_format: str = option("auto", "vLLM's config format: auto or hf", only=("auto", "hf"),
+                                why="config.json is read as Hugging Face's")
+    code_revision: str | None = option(None, "vLLM's revision of a hub model's remote code (None only)",
+                                       only=(None,), why="a checkpoint's remote code is used for its config and "
+                                                         "tokenizer only, at the model's revision")
+    structured_outputs_config: dict | None = option(
+        None, "vLLM's structured-output settings: {\"backend\": \"auto\" or \"xgrammar\"}",
+        only=(None, {"backend": "auto"}, {"backend": "xgrammar"}), why="structured outputs run on xgrammar here")
 
     model_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
@@ -133,8 +172,6 @@ class EngineConfig:
         _require(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
                  "'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (e4m3; 'fp8_e5m2' is not supported)")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")
-        _require(self.runner in ("auto", "generate"), "runner", self.runner,
-                 "'auto' or 'generate': pagedllm generates text")
         _require(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                  "a dict of config.json values")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
@@ -148,7 +185,7 @@ class EngineConfig:
                      f"({gpus_needed}) is at most the {gpus} GPUs torch sees, with device='cuda' (rank r runs on "
                      f"GPU r), not {self.device!r}")
 
-        self.model_path = resolve_model_path(self.model, self.revision, self.download_dir)
+        self.model_path = resolve_model_path(self.model, self.revision, self.download_dir, token=self.hf_token)
         self.hf_config = load_hf_config(self.model_path, self.trust_remote_code)
         for key, value in (self.hf_overrides or {}).items():
             setattr(self.hf_config, key, value)
@@ -160,7 +197,7 @@ class EngineConfig:
             self.tokenizer = self.model_path
         elif not self.skip_tokenizer_init:  # another tokenizer, or the model's at another revision
             self.tokenizer = resolve_model_path(self.tokenizer or self.model, self.tokenizer_revision or self.revision,
-                                                self.download_dir, weights=False)
+                                                self.download_dir, weights=False, token=self.hf_token)
         self.dtype = _resolve_dtype(self.dtype, self.hf_config, self.device)
 
         model_max = derive_max_model_len(self.hf_config)
@@ -192,12 +229,10 @@ class EngineConfig:
     def _accept_vllm_only_options(self) -> None:
         """Refuse what vLLM-only options would turn on that is not here; say what each other one a
         script set does here."""
-        _require(not self.enable_lora, "enable_lora", self.enable_lora, "False: LoRA adapters are not supported "
-                 "(merge the adapter into the weights, as peft's merge_and_unload does, and load that)")
-        _require(self.pipeline_parallel_size == 1, "pipeline_parallel_size", self.pipeline_parallel_size,
-                 "1: pipeline parallelism is not supported (tensor_parallel_size splits a model over one host's GPUs)")
-        _require(self.speculative_config is None, "speculative_config", self.speculative_config,
-                 "None: speculative decoding is not supported")
+        for f in fields(self):
+            if (only := f.metadata.get("only")) is not None:
+                value = getattr(self, f.name)
+                _require(value in only, f.name, value, f"{' or '.join(map(repr, only))}: {f.metadata['why']}")
         _require(self.distributed_executor_backend in (None, "mp", "ray", "uni"), "distributed_executor_backend",
                  self.distributed_executor_backend, "None, 'mp', 'ray' or 'uni' (workers here are always processes "
                  "of this host)")

@@ -96,8 +96,13 @@ def test_unknown_repo_and_private_repo(repos, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     try:
         with pytest.raises(FileNotFoundError, match="'org/tiny' is neither a local directory nor a model on the hub "
-                                                    r"\(a private one needs HF_TOKEN\)"):
+                                                    r"\(a private one needs HF_TOKEN or hf_token\)"):
             LLM("org/tiny", device="cpu", download_dir=str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="neither a local directory nor a model on the hub"):
+            LLM("org/tiny", device="cpu", download_dir=str(tmp_path), hf_token="hf_wrong")
+        # vLLM's hf_token: the token for this model, without the environment
+        assert len(greedy(LLM("org/tiny", device="cpu", download_dir=str(tmp_path / "own"),
+                              hf_token="hf_secret"))) == 6
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
         assert len(greedy(LLM("org/tiny", device="cpu", download_dir=str(tmp_path)))) == 6
         with pytest.raises(FileNotFoundError, match="'org/nothing' is neither a local directory nor a model"):

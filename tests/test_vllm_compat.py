@@ -150,6 +150,19 @@ def test_chat_prefix_cache_metrics_and_progress(results):
     ({"speculative_config": {"model": "x", "num_speculative_tokens": 4}}, "speculative_config=.* is invalid"),
     ({"runner": "pooling"}, "runner='pooling' is invalid"),
     ({"distributed_executor_backend": "external_launcher"}, "distributed_executor_backend='external_launcher'"),
+    ({"enable_sleep_mode": True}, "enable_sleep_mode=True is invalid: it must be False: sleep mode is not supported"),
+    ({"enable_expert_parallel": True}, "enable_expert_parallel=True is invalid: it must be False: experts are split"),
+    ({"disable_sliding_window": True}, "disable_sliding_window=True is invalid"),
+    ({"calculate_kv_scales": True}, "calculate_kv_scales=True is invalid"),
+    ({"scheduling_policy": "priority"}, "scheduling_policy='priority' is invalid: it must be 'fcfs': requests are"),
+    ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode='processed_logprobs' is invalid: it must be "
+                                              "'raw_logprobs'"),
+    ({"model_impl": "transformers"}, "model_impl='transformers' is invalid: it must be 'auto' or 'vllm'"),
+    ({"config_format": "mistral"}, "config_format='mistral' is invalid"),
+    ({"code_revision": "v2"}, "code_revision='v2' is invalid"),
+    ({"structured_outputs_config": {"backend": "guidance"}}, "structured_outputs_config=.* is invalid: it must be "
+                                                             "None or .*: structured outputs run on xgrammar here"),
+    ({"hf_token": 5}, "hf_token=5 is invalid: it must be bool or str or None"),
 ])
 def test_options_pagedllm_cannot_honour_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -238,7 +251,11 @@ def test_beam_search_ranks_with_any_finite_length_penalty():
 
 def test_vllm_defaults_of_its_other_options_are_taken():
     llm = LLM(DEMO, device="cpu", enable_prefix_caching=None, runner="generate", enable_lora=False,
-              pipeline_parallel_size=1, speculative_config=None, distributed_executor_backend=None)
+              pipeline_parallel_size=1, speculative_config=None, distributed_executor_backend=None,
+              enable_sleep_mode=False, enable_expert_parallel=False, disable_sliding_window=False,
+              calculate_kv_scales=False, scheduling_policy="fcfs", logprobs_mode="raw_logprobs", model_impl="auto",
+              config_format="hf", code_revision=None, structured_outputs_config={"backend": "xgrammar"},
+              max_parallel_loading_workers=4, mm_processor_cache_gb=0, hf_token=None)
     assert llm.llm_engine.config.enable_prefix_caching is True  # vLLM's None: on
 
 

@@ -16,9 +16,10 @@ _NEVER = ["*/*", "consolidated*", "*.onnx", "*.gguf", "*.msgpack", "*.h5", "*.ck
 
 
 def download_model(repo_id: str, revision: str | None = None, download_dir: str | None = None,
-                   weights: bool = True) -> str:
+                   weights: bool = True, token: bool | str | None = None) -> str:
     """The local snapshot directory of ``repo_id`` at ``revision``: downloaded unless offline; from
-    the cache if the hub cannot be reached. ``weights=False``: the config and tokenizer only."""
+    the cache if the hub cannot be reached. ``weights=False``: the config and tokenizer only.
+    ``token``: huggingface_hub's (None: HF_TOKEN, else the saved login; True: the saved login)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -33,20 +34,21 @@ def download_model(repo_id: str, revision: str | None = None, download_dir: str 
     reason = "HF_HUB_OFFLINE is set"
     if not _offline():
         try:
-            files = [s.rfilename for s in HfApi(endpoint=endpoint).model_info(repo_id, revision=revision).siblings]
+            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+            files = [s.rfilename for s in info.siblings]
             wanted = next((p for p in _WEIGHTS if any(_matches(f, p) for f in files)), []) if weights else []
             logger.info("fetching %s from %s into %s (files already there are kept)", where,
                         endpoint or "the hub", cache)
-            return snapshot_download(repo_id, revision=revision, cache_dir=cache, endpoint=endpoint,
+            return snapshot_download(repo_id, revision=revision, cache_dir=cache, endpoint=endpoint, token=token,
                                      allow_patterns=_ALWAYS + wanted, ignore_patterns=_NEVER)
         except GatedRepoError:
             raise FileNotFoundError(f"model {repo_id!r} is gated: accept its terms on the hub, then set HF_TOKEN "
-                                    "(or `hf auth login`)") from None
+                                    "(or hf_token, or `hf auth login`)") from None
         except RevisionNotFoundError:
             raise FileNotFoundError(f"model {repo_id!r} has no revision {revision!r} on the hub") from None
         except RepositoryNotFoundError:
             raise FileNotFoundError(f"model {repo_id!r} is neither a local directory nor a model on the hub (a "
-                                    "private one needs HF_TOKEN)") from None
+                                    "private one needs HF_TOKEN or hf_token)") from None
         except Exception as err:  # no network, a hub error: the cache may still have it
             reason = f"the hub could not be reached ({type(err).__name__}: {err})"
             logger.warning("cannot reach the hub for %s: %s; trying the local cache", where, err)

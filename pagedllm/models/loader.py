@@ -11,16 +11,16 @@ from transformers import AutoConfig, PretrainedConfig
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None,
-                       weights: bool = True) -> str:
+                       weights: bool = True, token: bool | str | None = None) -> str:
     """A local directory as it is, else a hub id's snapshot in the HF cache, downloaded if missing
-    (``weights=False``: a tokenizer's files only)."""
+    (``weights=False``: a tokenizer's files only; ``token``: huggingface_hub's)."""
     if os.path.isdir(model):
         return os.path.abspath(model)
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"model directory {model!r} does not exist")
     from pagedllm.models.download import download_model
 
-    return download_model(model, revision, download_dir, weights)
+    return download_model(model, revision, download_dir, weights, token)
 
 
 # Image-and-text checkpoints whose language model runs alone here (prompts are text only).
