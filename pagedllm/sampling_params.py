@@ -82,6 +82,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None  # older vLLM's name: moved to structured_outputs
+    extra_args: dict | None = None  # vLLM's: for custom sampling code and plugins; carried, used by none here
 
     def __post_init__(self) -> None:
         """Check every field's type and range, so that a request fails here, named, and never in the engine."""
@@ -142,6 +143,8 @@ class SamplingParams:
         _check(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True (stop strings are text)")
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
                "must be a RequestOutputKind")
+        _check(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", self.extra_args,
+               "must be a dict or None")
         self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs, "structured_outputs")
         guided = StructuredOutputsParams.coerce(self.guided_decoding, "guided_decoding")
         if guided is not None:

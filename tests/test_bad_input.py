@@ -148,6 +148,7 @@ def test_an_fp8_checkpoint_weight_without_its_scale_is_named(tmp_path):
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": -2}, "logprobs"),
+    ({"extra_args": ["a"]}, "extra_args"),
     ({"stop": ["ok", ""]}, "stop"),
     ({"prompt_logprobs": -2}, "prompt_logprobs"),
     ({"n": 0}, "n"),

@@ -259,6 +259,12 @@ def test_vllm_defaults_of_its_other_options_are_taken():
     assert llm.llm_engine.config.enable_prefix_caching is True  # vLLM's None: on
 
 
+def test_sampling_params_carry_vllms_extra_args_for_custom_code():
+    params = SamplingParams(temperature=0, max_tokens=3, extra_args={"target_token": 5})
+    output = LLM(DEMO, device="cpu").generate("x", params, use_tqdm=False)[0]
+    assert params.extra_args == {"target_token": 5} and len(output.outputs[0].token_ids) == 3
+
+
 def test_an_argument_llm_does_not_take_is_named_with_the_ones_it_is_close_to():
     with pytest.raises(TypeError, match="unexpected argument 'max_model_length' \\(did you mean max_model_len\\?\\)"):
         LLM(DEMO, device="cpu", max_model_length=64)
