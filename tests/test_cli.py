@@ -113,6 +113,12 @@ def test_help_lists_the_commands():
     (["bench", "--model", "{model}", "--max-num-seqs", "0"], "max_num_seqs=0 is invalid"),
     (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "out.jsonl", "--temperature", "-1"],
      "SamplingParams.temperature=-1.0 is invalid"),
+    (["generate", "--model", "{model}", "--input", "none.jsonl", "--output", "out.jsonl"], "--input: no file "),
+    (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "in.jsonl"],
+     "--output: the same file as --input"),
+    (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "/"], "--output: '/' is a directory"),
+    (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "/no/such/folder/out.jsonl"],
+     "--output: no folder '/no/such/folder'"),
 ])
 def test_a_setting_that_could_never_run_is_named_as_argparse_names_a_bad_flag(model, tmp_path, capsys, args, error):
     """Status 2 and ``pagedllm CMD: error: ...`` before anything loads, not a traceback."""

@@ -51,6 +51,7 @@ def bad_setting(args: argparse.Namespace) -> str | None:
             SamplingParams(**generate.job_fields(args))
         except ValueError as err:
             return str(err)
+        return generate.file_error(args)
     return None
 
 

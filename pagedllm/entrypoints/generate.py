@@ -52,6 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, exclude=("seed",))
 
 
+def file_error(args: argparse.Namespace) -> str | None:
+    """What keeps the job from reading its input or writing its results, said before the model loads
+    (each was a traceback, the output's after the model had loaded)."""
+    if not os.path.isfile(args.input):
+        return f"--input: no file {args.input!r}"
+    if os.path.isdir(args.output):
+        return f"--output: {args.output!r} is a directory: name the results file"
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        return "--output: the same file as --input: results go to a file of their own"
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        return f"--output: no folder {folder!r} to write {os.path.basename(args.output)!r} in"
+    if not os.access(args.output if os.path.exists(args.output) else folder, os.W_OK):
+        return f"--output: {args.output!r} cannot be written here"
+    return None
+
+
 def read_prompts(path: str) -> Iterator[tuple[int, dict | BadLine]]:
     """(line number, parsed line or the reason it is malformed) for each non-blank line."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
