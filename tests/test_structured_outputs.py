@@ -316,22 +316,29 @@ def test_a_grammar_that_takes_seconds_to_compile_stalls_no_other_client(server):
     assert re.fullmatch(r"x\d{5}", slow["text"]) and free_while_compiling and slowest < 1.0
 
 
-@pytest.mark.parametrize("extra, named", [
+@pytest.mark.parametrize("extra, named, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
-     "structured_outputs.json"),
-    ({"response_format": {"type": "json_schema"}}, "json_schema"),
-    ({"guided_regex": "[a-"}, "structured_outputs.regex"),
-    ({"guided_grammar": "root ::= "}, "structured_outputs.grammar"),
-    ({"guided_choice": ["a"], "guided_regex": "a"}, "give one of"),
-    ({"response_format": {"type": "yaml"}}, "response_format"),
-    ({"structured_outputs": {"json": "{"}}, "not JSON"),
+     "structured_outputs.json", "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema", "response_format"),
+    ({"guided_regex": "[a-"}, "structured_outputs.regex", "guided_regex"),
+    ({"guided_grammar": "root ::= "}, "structured_outputs.grammar", "guided_grammar"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "give one of", None),
+    ({"response_format": {"type": "yaml"}}, "response_format", "response_format"),
+    ({"structured_outputs": {"json": "{"}}, "not JSON", "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "structured_outputs"),
 ])
-def test_server_answers_a_broken_constraint_with_400_naming_it(server, extra, named):
+def test_server_answers_a_broken_constraint_with_400_naming_it(server, extra, named, param):
+    """Named in the message, and as the error's param the field the request gave it in, on
+    completions and chat (a chat's message is not about a numbered prompt)."""
     import openai
 
-    with pytest.raises(openai.BadRequestError) as caught:
-        server.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=extra)
-    assert named in json.dumps(caught.value.body)
+    for ask in (lambda: server.completions.create(model="demo", prompt="x", max_tokens=4, extra_body=extra),
+                lambda: server.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
+                                                       max_tokens=4, extra_body=extra)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask()
+        assert named in json.dumps(caught.value.body) and caught.value.param == param
+        assert "prompt 0" not in caught.value.message or "chat" not in str(caught.value.request.url)
     assert server.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].text is not None
 
 

@@ -45,11 +45,17 @@ def refuse_tool_calls(tools: list | None, tool_choice: object) -> None:
                             "then shows the model the tools, as in vLLM)", "tool_choice")
 
 
-def bad_value(err: ValueError, prompt_index: int | None = None) -> ApiError:
-    """A ValueError from pagedllm's checks as a 400, with the field it names."""
-    message = str(err) if prompt_index is None else f"prompt {prompt_index}: {err}"
-    field = re.search(r"SamplingParams\.(\w+)=", message)
-    return ApiError(400, message, field.group(1) if field else "prompt" if prompt_index is not None else None)
+def bad_value(err: ValueError, prompt_index: int | None = None, prompt_field: str = "prompt",
+              structured_field: str = "structured_outputs") -> ApiError:
+    """A ValueError from pagedllm's checks as a 400, with the request's field it is about: the
+    sampling field it names (a structured output's as ``structured_field``, the one the request
+    gave it in), else, for an error about a prompt, ``prompt_field`` (a completion's prompts are
+    numbered, a chat's one prompt is its messages)."""
+    numbered = prompt_index is not None and prompt_field == "prompt"
+    message = f"prompt {prompt_index}: {err}" if numbered else str(err)
+    field = re.search(r"SamplingParams\.(\w+)[.=]|^(response_format) ", message)
+    param = next(filter(None, field.groups())) if field else prompt_field if prompt_index is not None else None
+    return ApiError(400, message, structured_field if param == "structured_outputs" else param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -127,7 +127,7 @@ def in_responses_terms(err: ApiError) -> ApiError:
     param = err.param if err.param not in ("messages", "prompt") else "input"
     if "SamplingParams.structured_outputs" in err.message:
         param = "text"
-    return ApiError(err.status, err.message.replace("prompt 0: ", f"{param}: ", 1), param)
+    return ApiError(err.status, f"{param}: {err.message}" if param == "text" else err.message, param)
 
 
 class OutputText(BaseModel):

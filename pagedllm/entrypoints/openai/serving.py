@@ -92,7 +92,8 @@ class OpenAIServing:
         params.output_kind = RequestOutputKind.FINAL_ONLY if params.samples > params.n else RequestOutputKind.DELTA
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt, body.add_special_tokens)
         request_id = random_id("cmpl")
-        streams = await self._start(request_id, prompts, params, body.cache_salt)
+        streams = await self._start(request_id, prompts, params, body.cache_salt,
+                                    ("prompt", body.structured_outputs_field))
         if body.stream:
             return event_stream(self._completion_events(request_id, body, prompts, streams, echo_only))
         finals = await until_done_or_disconnect(raw, streams)
@@ -126,7 +127,8 @@ class OpenAIServing:
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
                                          body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
-        streams = await self._start(request_id, [prompt], params, body.cache_salt)
+        streams = await self._start(request_id, [prompt], params, body.cache_salt,
+                                    ("messages", body.structured_outputs_field))
         if body.stream:
             return event_stream(self._chat_events(request_id, body, prompt[1], streams))
         finals = await until_done_or_disconnect(raw, streams)
@@ -158,7 +160,7 @@ class OpenAIServing:
         builder = ResponseBuilder(body, self.model_name, params)
         try:
             prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
-            streams = await self._start(builder.id, [prompt], params, body.cache_salt)
+            streams = await self._start(builder.id, [prompt], params, body.cache_salt, ("input", "text"))
         except ApiError as err:
             raise in_responses_terms(err) from None
         if body.stream:
@@ -225,7 +227,7 @@ class OpenAIServing:
             return body.sampling_params(max_tokens, logprobs, prompt_logprobs,
                                         self.engine.engine.default_sampling_fields, best_of)
         except ValueError as err:
-            raise bad_value(err) from None
+            raise bad_value(err, structured_field=body.structured_outputs_field) from None
 
     def _encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
         try:
@@ -250,20 +252,21 @@ class OpenAIServing:
         except ValueError as err:
             raise ApiError(400, str(err), "messages") from None
 
-    async def _start(self, request_id: str, prompts: list[Prompt], params,
-                     salt: str | None = None) -> list[AsyncIterator[RequestOutput]]:
+    async def _start(self, request_id: str, prompts: list[Prompt], params, salt: str | None = None,
+                     named: tuple[str, str] = ("prompt", "structured_outputs")) -> list[AsyncIterator[RequestOutput]]:
         """Check every prompt, then start one engine request each (nothing starts if one is bad).
         A structured output's check compiles its grammar, which may take seconds, and thousands of
         prompts, or a million tokens, take a while too: not on the event loop. ``salt``: the
-        request's ``cache_salt``."""
+        request's ``cache_salt``; ``named``: the request's fields its prompts and its structured
+        output came in, for an error to name."""
         try:
             checked_cache_salt(salt)
         except ValueError as err:
             raise ApiError(400, str(err), "cache_salt") from None
         if params.structured_outputs is not None or len(prompts) > 1 or len(prompts[0][1]) > 16384:
-            await asyncio.to_thread(self._check, prompts, params)
+            await asyncio.to_thread(self._check, prompts, params, named)
         else:
-            self._check(prompts, params)
+            self._check(prompts, params, named)
         if self.log_requests:  # cut: a client's values (stop strings, logit biases) may be as long as its body
             line = f"request {request_id}: {[len(ids) for _, ids in prompts]} prompt tokens, {params!r}"
             logger.info("%s", line if len(line) <= self.max_log_len else line[:self.max_log_len] + "...")
@@ -273,12 +276,12 @@ class OpenAIServing:
         return [self._observed(self.engine.generate(prompt, params, f"{request_id}-{i}"), delta)
                 for i, prompt in enumerate(prompts)]
 
-    def _check(self, prompts: list[Prompt], params) -> None:
+    def _check(self, prompts: list[Prompt], params, named: tuple[str, str]) -> None:
         for index, (_, token_ids) in enumerate(prompts):
             try:
                 self.engine.validate(token_ids, params)
             except ValueError as err:
-                raise bad_value(err, index) from None
+                raise bad_value(err, index, *named) from None
 
     async def _observed(self, stream: AsyncIterator[RequestOutput], delta: bool) -> AsyncIterator[RequestOutput]:
         """The stream, its latencies and its end observed for /metrics."""
