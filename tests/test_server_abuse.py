@@ -159,6 +159,9 @@ ABUSE = [
     ("a body that is not JSON", "/v1/completions", b"{", 400, None),
     ("a JSON list as the body", "/v1/completions", [1, 2], 400, None),
     ("no body", "/v1/chat/completions", b"", 400, None),
+    ("user as a number", "/v1/completions", GOOD | {"user": 5}, 400, "user"),
+    ("a message's name as a number", "/v1/chat/completions",
+     CHAT | {"messages": [{"role": "user", "content": "hi", "name": 5}]}, 400, "messages"),
     # /tokenize and /detokenize
     ("tokenize with neither prompt nor messages", "/tokenize", {"model": "tiny"}, 400, "prompt"),
     ("tokenize a lone surrogate", "/tokenize", {"prompt": "\ud800"}, 400, "prompt"),

@@ -100,6 +100,7 @@ class SamplingFields(TopLevelBody):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id: taken, used for nothing here (as vLLM)
     # vLLM's extras
     top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -186,6 +187,7 @@ class ChatMessage(RequestBody):
 
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None  # OpenAI's participant name, for the template (others, e.g. tool calls, pass as given)
 
 
 class ChatCompletionRequest(SamplingFields):
