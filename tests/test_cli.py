@@ -111,6 +111,8 @@ def test_help_lists_the_commands():
     (["serve", "{model}", "--chat-template", "/no/such/template.jinja"],
      "--chat-template: no file '/no/such/template.jinja' (and no Jinja in it"),
     (["bench", "--model", "{model}", "--max-num-seqs", "0"], "max_num_seqs=0 is invalid"),
+    (["bench", "--model", "{model}", "--num-prompts", "0"], "argument --num-prompts: must be at least 1, not 0"),
+    (["bench", "--model", "{model}", "--output-len", "-1"], "argument --output-len: must be at least 1, not -1"),
     (["generate", "--model", "{model}", "--input", "in.jsonl", "--output", "out.jsonl", "--temperature", "-1"],
      "SamplingParams.temperature=-1.0 is invalid"),
     (["generate", "--model", "{model}", "--input", "none.jsonl", "--output", "out.jsonl"], "--input: no file "),

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from pagedllm.entrypoints.server_args import add_engine_args, engine_kwargs
+from pagedllm.entrypoints.server_args import add_engine_args, count, engine_kwargs
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
@@ -13,9 +13,9 @@ from pagedllm.sampling_params import SamplingParams
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or hub id (--load-format dummy: random "
                                                        "weights from its config.json)")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=count, default=64)
+    parser.add_argument("--input-len", type=count, default=128)
+    parser.add_argument("--output-len", type=count, default=128)
     add_engine_args(parser)
 
 
