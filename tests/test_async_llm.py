@@ -300,3 +300,43 @@ def test_a_request_id_used_again_right_after_its_abort_runs():
     finally:
         engine.shutdown()
     assert final.request_id == "x" and final.finished and len(final.outputs[0].token_ids) == 5
+
+
+def test_a_request_id_already_running_is_refused_and_the_first_runs_on():
+    """Two requests with one id at once: the second is refused, named, before any work (both started
+    when the first was still tokenizing its prompt, the second took over its bookkeeping, and one of
+    them ended in a bare KeyError), and the first ends whole; the id is free again after it."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
+
+    async def run(prompt):
+        return [o async for o in engine.generate(prompt, params, "same")]
+
+    async def both():
+        return await asyncio.gather(run(PROMPTS[0]), run(PROMPTS[1]), return_exceptions=True)
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(both(), 60))
+        again = asyncio.run(asyncio.wait_for(run(PROMPTS[2]), 60))
+    finally:
+        engine.shutdown()
+    assert first[-1].finished and len(first[-1].outputs[0].token_ids) == 6
+    assert isinstance(second, ValueError) and "request id 'same' is already running" in str(second)
+    assert again[-1].finished and again[-1].prompt == PROMPTS[2]
+
+
+def test_a_shut_down_engine_refuses_requests_at_once():
+    """generate after shutdown raises EngineDeadError (it waited forever for a thread that had
+    ended); sampling_params that are not SamplingParams are named."""
+    from pagedllm.errors import EngineDeadError
+
+    engine = AsyncLLM(EngineConfig(model=DEMO, device="cpu"), engine_process=False)
+
+    async def run(params):
+        return [o async for o in engine.generate("x", params, "r")]
+
+    with pytest.raises(ValueError, match="sampling_params must be SamplingParams, not NoneType"):
+        asyncio.run(run(None))
+    engine.shutdown()
+    with pytest.raises(EngineDeadError, match="the engine was shut down"):
+        asyncio.run(asyncio.wait_for(run(SamplingParams(max_tokens=2)), 30))

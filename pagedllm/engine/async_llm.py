@@ -95,31 +95,36 @@ class AsyncLLM:
         in a worker thread."""
         refuse_lora(lora_request)
         first_come_first_served(priority)
-        if self.error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.error!r}")
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, not {type(sampling_params).__name__}")
+        self._check_alive()
         if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already running")
-        salt = cache_salt(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
-        else:
-            text, prompt_token_ids = await asyncio.to_thread(parse_prompt, prompt, self.tokenizer)
-        if sampling_params.structured_outputs is None:
-            self.validate(prompt_token_ids, sampling_params)
-        else:  # compiling a schema or grammar may take a while: not on the event loop
-            await asyncio.to_thread(self.validate, prompt_token_ids, sampling_params)
-        if sampling_params.samples > sampling_params.n and sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
-            raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it needs "
-                             "output_kind=RequestOutputKind.FINAL_ONLY (the best samples are known only at the end)")
-        cumulative = sampling_params.output_kind == RequestOutputKind.CUMULATIVE
-        if cumulative:  # the engine sends only what is new; it is summed up here
-            sampling_params = dataclasses.replace(sampling_params, output_kind=RequestOutputKind.DELTA)
-        waiting = _Waiting()
+        # the id is taken before the first await, so that a second request with it is refused, not mixed in
         engine_id = self._engine_ids[request_id] = f"{request_id}@{next(self._numbers)}"
-        self._streams[engine_id] = (asyncio.get_running_loop(), waiting)
-        self._command("add", (engine_id, prompt_token_ids, sampling_params, text, salt))
-        finished, so_far = False, None
+        started, finished, so_far = False, False, None
         try:
+            salt = cache_salt(prompt)
+            if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                text, prompt_token_ids = parse_prompt(prompt, self.tokenizer)
+            else:
+                text, prompt_token_ids = await asyncio.to_thread(parse_prompt, prompt, self.tokenizer)
+            if sampling_params.structured_outputs is None:
+                self.validate(prompt_token_ids, sampling_params)
+            else:  # compiling a schema or grammar may take a while: not on the event loop
+                await asyncio.to_thread(self.validate, prompt_token_ids, sampling_params)
+            if sampling_params.samples > sampling_params.n and \
+                    sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                raise ValueError(f"SamplingParams.best_of={sampling_params.best_of} is invalid: it needs output_kind="
+                                 "RequestOutputKind.FINAL_ONLY (the best samples are known only at the end)")
+            cumulative = sampling_params.output_kind == RequestOutputKind.CUMULATIVE
+            if cumulative:  # the engine sends only what is new; it is summed up here
+                sampling_params = dataclasses.replace(sampling_params, output_kind=RequestOutputKind.DELTA)
+            waiting = _Waiting()
+            self._streams[engine_id] = (asyncio.get_running_loop(), waiting)
+            self._command("add", (engine_id, prompt_token_ids, sampling_params, text, salt))
+            started = True
+            self._check_alive()  # (an engine that stopped meanwhile ended the streams it knew of, not this one)
             while not finished:
                 item = await waiting.get()
                 output = item if isinstance(item, RequestOutput) else self.engine.output(item)
@@ -138,8 +143,14 @@ class AsyncLLM:
         finally:
             self._streams.pop(engine_id, None)
             del self._engine_ids[request_id]
-            if not finished:
+            if started and not finished:
                 self._command("abort", [engine_id])
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error!r}")
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine was shut down")
 
     def abort(self, request_id: str | Iterable[str]) -> None:
         """vLLM's: end a request, or many, wherever they are."""
