@@ -339,3 +339,27 @@ def test_a_broken_logits_processor_fails_its_request_alone(llm, processor):
     with pytest.raises(RequestFailedError, match="prompt 1 failed"):
         llm.generate(["a", "b"], [good, SamplingParams(max_tokens=4, logits_processors=[processor])], use_tqdm=False)
     assert len(llm.generate(["a"], good, use_tqdm=False)[0].outputs[0].token_ids) == 6
+
+
+def test_a_request_id_runs_once_at_a_time(llm):
+    """LLMEngine.add_request refuses an id that is still running (as vLLM's): two requests under one
+    id came out as two outputs of that id, and one abort ended both. Once it has ended, or was
+    aborted, the id is free again; a group's id (n > 1) counts until its last sample ends."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", [5, 6], params)
+    with pytest.raises(ValueError, match="request id 'a' is already running"):
+        engine.add_request("a", [7, 8], params)
+    engine.add_request("g", [5, 7], SamplingParams(temperature=1.0, n=3, max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="request id 'g' is already running"):
+        engine.add_request("g", [5], params)
+    engine.abort_request("g")
+    engine.add_request("g", [9, 9], params)  # free once aborted
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert sorted((o.request_id, o.prompt_token_ids) for o in finished) == [("a", [5, 6]), ("g", [9, 9])]
+    engine.add_request("a", [7, 8], params)  # free once ended
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.unfinished == {}

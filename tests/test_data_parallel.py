@@ -140,3 +140,17 @@ def test_generate_command_takes_data_parallel_size_and_resumes(tmp_path):
 def test_too_many_gpus_is_refused():
     with pytest.raises(ValueError, match="data_parallel_size=0 is invalid"):
         LLM(DEMO, device="cpu", data_parallel_size=0)
+
+
+def test_a_request_id_already_waiting_or_placed_is_refused(two):
+    """Two requests under one id would share the driver's bookkeeping (one replaced the other's)."""
+    engine = two.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=4)
+    engine.add_request("dup", [5, 6, 7], params)
+    with pytest.raises(ValueError, match="request id 'dup' is already running"):
+        engine.add_request("dup", [8, 9], params)
+    finished = []
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        finished += [o for o in engine.step() if o.finished]
+    assert [(o.request_id, o.prompt_token_ids) for o in finished] == [("dup", [5, 6, 7])]

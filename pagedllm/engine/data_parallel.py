@@ -80,6 +80,8 @@ class DataParallelEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False, cache_salt: str | None = None) -> None:
+        if request_id in self.waiting or request_id in self.placed:
+            raise ValueError(f"request id {request_id!r} is already running: give each request an id of its own")
         self.validate_request(prompt_token_ids, params)
         self.waiting[request_id] = (request_id, prompt_token_ids, params, prompt, stream, cache_salt)
         self.copies.add(request_id, truncated_prompt(prompt_token_ids, params, self.config.max_model_len), params,

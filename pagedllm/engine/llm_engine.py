@@ -54,6 +54,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         # Requests (a group's samples together) whose grammar compiles in a worker thread: queued once it has
         self.compiling: list[tuple[Future, list[Request]]] = []
+        # Each unfinished request by its id (a group by its first sample): an id runs once at a time (as vLLM's)
+        self.unfinished: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # of the requests added, over the engine's life
         # Async scheduling: the step launched last, whose sampled tokens are not yet read back.
@@ -71,6 +73,9 @@ class LLMEngine:
         With ``n > 1`` (or ``best_of``) its samples are requests of one group (ids ``request_id#i``),
         which wait for room like any others. A request with structured outputs is queued once its
         grammar has compiled (off the engine loop); one that does not compile fails then, alone."""
+        running = self.unfinished.get(request_id)
+        if running is not None and not (running.group or running).is_finished:
+            raise ValueError(f"request id {request_id!r} is already running: give each request an id of its own")
         validate_request(self.config, self.tokenizer, self.cache_capacity, self.grammars, self.eos_token_ids,
                          prompt_token_ids, params, compile_grammar=False)
         if stream and params.samples > params.n and params.output_kind != RequestOutputKind.FINAL_ONLY:
@@ -92,6 +97,7 @@ class LLMEngine:
             if group is not None:
                 group.members.append(request)
             requests.append(request)
+        self.unfinished[request_id] = requests[0]
         if params.structured_outputs is not None:
             self.compiling.append((self.grammars.compile_later(params.structured_outputs), requests))
         else:
@@ -125,6 +131,8 @@ class LLMEngine:
         """End a request (all its samples), or many, wherever they are, freeing their blocks: many
         in one pass over the queues (as vLLM's takes a list)."""
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        for one in ids:
+            self.unfinished.pop(one, None)
         for entry in [e for e in self.compiling if _group_id(e[1][0]) in ids]:
             self.compiling.remove(entry)
             entry[0].cancel()
@@ -137,6 +145,7 @@ class LLMEngine:
         """Drop every request and free the model runner's device memory."""
         self.scheduler.finish_requests([*self.scheduler.running, *self.scheduler.waiting], "abort")
         self.compiling.clear()
+        self.unfinished.clear()
         self.grammars.shutdown()
         self._in_flight = None
         self.executor.shutdown()
@@ -266,6 +275,8 @@ class LLMEngine:
             if id(group or request) in done or not (finished or streamed_now):
                 continue
             done.add(id(group or request))
+            if finished:
+                self.unfinished.pop(_group_id(request), None)
             try:
                 outputs.append(self.outputs.output(request))
             except Exception as err:
