@@ -329,6 +329,9 @@ def test_commands_take_vllm_flags_for_these_options():
     assert engine_setting_error(args) is None
     args.enable_lora = True
     assert "enable_lora=True is invalid" in engine_setting_error(args)
+    # vLLM's --hf-token: the token, or the flag alone for the saved login
+    assert parser.parse_args(["--hf-token"]).hf_token is True
+    assert parser.parse_args(["--hf-token", "hf_x"]).hf_token == "hf_x"
 
 
 VLLM_IMPORTS = [

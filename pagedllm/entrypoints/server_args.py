@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         kind = _value_type(f.type)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif bool in getattr(f.type, "__args__", ()):  # a value, or the flag alone for True (vLLM's --hf-token)
+            group.add_argument(flag, type=kind, nargs="?", const=True, default=f.default,
+                               help=help_text + _shown_default(f.default))
         else:
             group.add_argument(flag, type=kind, default=f.default, help=help_text + _shown_default(f.default))
 
