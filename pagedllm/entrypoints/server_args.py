@@ -153,6 +153,14 @@ def _server_setting_error(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')}: give a JSON list of strings, not {value!r:.80}"
     if args.max_log_len < 0:
         return f"--max-log-len: must be >= 0, not {args.max_log_len}"
+    if args.api_key is not None and not args.api_key.strip():
+        return f"--api-key (or {API_KEY_ENV}) is empty, which would serve without a key: give one, or set neither"
+    if args.served_model_name and not all(name.strip() for name in args.served_model_name):
+        return f"--served-model-name: a name must not be empty, not {args.served_model_name!r}"
+    if args.max_request_bytes < 1:
+        return f"--max-request-bytes: must be at least 1, not {args.max_request_bytes}"
+    if not args.read_timeout > 0:
+        return f"--read-timeout: must be more than 0 seconds, not {args.read_timeout}"
     if not 0 <= args.port <= 65535:
         return f"--port: must be between 0 and 65535, not {args.port}"
     if args.api_server_count > MAX_API_SERVERS:
