@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.request_checks import one_completion
 from pagedllm.inputs import encode_text, render_chat
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -123,11 +124,14 @@ class PagedLLMStage:
         if fields is not None and not isinstance(fields, dict):
             raise ValueError(f"sampling_params must be a dict of SamplingParams fields, not {type(fields).__name__}")
         # A column of dicts is an Arrow struct: every row has every key the column's rows have, None
-        # where it had none. So None means "not given" here: the field's default.
+        # where it had none. So None means "not given" here: the field's default. Such a column of ints
+        # with gaps comes as floats (a seed on some rows only was 3.0, refused): whole ones are ints again.
         try:
-            params = SamplingParams(**{k: v for k, v in (fields or {}).items() if v is not None})
+            params = SamplingParams(**{k: int(v) if k in _INT_FIELDS and isinstance(v, float) and v.is_integer()
+                                       else v for k, v in (fields or {}).items() if v is not None})
         except TypeError as err:
             raise ValueError(f"sampling_params: {err}") from None
+        one_completion(params)
         params.output_kind = RequestOutputKind.FINAL_ONLY
         if row.get("messages") is not None:
             if self.tokenizer is None:
@@ -142,6 +146,9 @@ class PagedLLMStage:
         if isinstance(prompt, list):
             return {"prompt_token_ids": prompt}, params
         raise ValueError("the row needs a 'prompt' (text or token ids) or 'messages' column")
+
+
+_INT_FIELDS = frozenset(f.name for f in fields(SamplingParams) if f.type in (int, int | None))
 
 
 def _plain(value: Any) -> Any:

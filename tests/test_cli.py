@@ -184,7 +184,8 @@ def test_a_lines_own_sampling_params_override_the_command_lines(model, tmp_path,
                       {"id": "top", "prompt": "def main():", "max_tokens": 2, "source": "kept for the user"},
                       {"id": "zero", "prompt": "x", "sampling_params": {"max_tokens": 0}},
                       {"id": "typo", "prompt": "x", "sampling_params": {"max_token": 3}},
-                      {"id": "list", "prompt": "x", "sampling_params": [3]}])
+                      {"id": "list", "prompt": "x", "sampling_params": [3]},
+                      {"id": "n", "prompt": "x", "sampling_params": {"n": 3, "temperature": 1.0}}])
     with pytest.warns(UserWarning, match=r"\['max_tokens'\] at the top"):
         assert generate(model, inp, out, "--skip-bad-lines") == 0
     results = {r["id"]: r for r in read_results(out)}
@@ -193,5 +194,7 @@ def test_a_lines_own_sampling_params_override_the_command_lines(model, tmp_path,
     assert results["own"]["completion_tokens"] == 2 and expected.text.startswith(results["own"]["text"])
     assert results["job"]["text"] == results["top"]["text"] == expected.text
     err = capsys.readouterr().err
-    assert "skipped 3 bad lines" in err
+    assert "skipped 4 bad lines" in err
     assert "line 4: SamplingParams.max_tokens=0 is invalid" in err and "['max_token']" in err and "not list" in err
+    assert "line 7: SamplingParams.n=3 is invalid here: a row gets one completion" in err  # (its samples but one
+    # were dropped without a word)

@@ -17,7 +17,8 @@ GREEDY = {"max_tokens": 8, "temperature": 0}
 BAD = {"empty": {"text": ""}, "too long": {"text": "x " * 2000},
        "bad sampling": {"text": "def f(x):", "sampling_params": {"max_tokens": 8, "temperature": -1}},
        "unknown field": {"text": "def f(x):", "sampling_params": {"max_tokens": 8, "tempreature": 0}},
-       "no prompt": {"text": None}}
+       "no prompt": {"text": None},
+       "several samples": {"text": "def f(x):", "sampling_params": {"max_tokens": 8, "n": 2, "temperature": 1.0}}}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def config(**overrides) -> PagedLLMProcessorConfig:
 def rows() -> list[dict]:
     good = [{"id": str(i), "text": f"def f{i}(x):", "sampling_params": GREEDY} for i in range(300)]
     bad = [{"id": f"bad {name}", "sampling_params": GREEDY} | row for name, row in BAD.items()]
-    return good[:150] + bad + good[150:]
+    seeded = {"id": "seeded", "text": "def h(x):", "sampling_params": GREEDY | {"seed": 3}}  # (the only row with one)
+    return good[:150] + bad + [seeded] + good[150:]
 
 
 def preprocess(row: dict) -> dict:
@@ -71,6 +73,8 @@ def test_every_row_once_good_ones_as_llm_generate_bad_ones_with_their_error(clus
     assert "empty" in errors["empty"] and "max_model_len" in errors["too long"]
     assert "temperature" in errors["bad sampling"] and "tempreature" in errors["unknown field"]
     assert "prompt" in errors["no prompt"]
+    assert "SamplingParams.n=2 is invalid here: a row gets one completion" in errors["several samples"]
+    assert by_id["seeded"]["error"] is None and by_id["seeded"]["tokens"] == 8  # (its seed came as 3.0: refused)
 
 
 def test_without_continue_on_error_a_bad_row_fails_the_job_naming_it(cluster):

@@ -129,3 +129,11 @@ def first_come_first_served(priority: Any, num_prompts: int | None = None) -> No
     if any(type(p) is not int or p != 0 for p in (priority if num_prompts is not None else [priority])):
         raise ValueError(f"priority={priority!r:.100} is invalid: requests are served first come, first served "
                          "here (priority scheduling is not supported): give 0s or None")
+
+
+def one_completion(params: SamplingParams) -> None:
+    """Jobs that write one completion a row (``pagedllm generate``, ``pagedllm.ray``) refuse n > 1,
+    whose samples past the first they would drop without a word."""
+    if params.n > 1:
+        raise ValueError(f"SamplingParams.n={params.n} is invalid here: a row gets one completion: give each "
+                         "sample a row of its own (with its own id and seed; rows of one prompt share its cache)")

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedllm.engine.request_checks import one_completion
 from pagedllm.entrypoints.server_args import add_engine_args, engine_kwargs
 from pagedllm.inputs import encode_text, render_chat
 from pagedllm.llm import LLM
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
                         text, token_ids = item["prompt"], encode_text(tokenizer, item["prompt"])
                     line = line_fields(item, fields)
                     line_params = params if line is fields else SamplingParams(**line)
+                    one_completion(line_params)
                     engine.validate_request(token_ids, line_params)
                 except ValueError as err:
                     bad(number, str(err))

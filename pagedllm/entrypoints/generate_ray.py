@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from pagedllm.engine.request_checks import one_completion
 from pagedllm.entrypoints.generate import line_fields, new_lines, read_done, skip_bad_line
 from pagedllm.entrypoints.server_args import engine_kwargs
 from pagedllm.ray import ERROR_COLUMN, PagedLLMProcessorConfig, build_processor
@@ -31,8 +32,8 @@ def run(args: argparse.Namespace, fields: dict) -> int:
 
     for number, item, key in new_lines(args.input, done, seen, bad):
         try:
-            SamplingParams(**line_fields(item, fields))  # the line's own values, checked here (compiling a
-            # constraint is the replica's work)
+            # the line's own values, checked here (compiling a constraint is the replica's work)
+            one_completion(SamplingParams(**line_fields(item, fields)))
         except ValueError as err:
             bad(number, str(err))
             continue
