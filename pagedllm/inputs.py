@@ -71,6 +71,8 @@ def as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTyp
     """One prompt or a list of them, told apart the way vLLM does."""
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):  # (a sequence of ints: it ran as those token ids)
+        raise ValueError(f"prompts must be text, not {type(prompts).__name__}: decode them first")
     if not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a prompt or a list of them, not {type(prompts).__name__}")
     prompts = list(prompts)

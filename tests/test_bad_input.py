@@ -304,6 +304,8 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
 @pytest.mark.parametrize("prompts, params, match", [
     (None, None, "generate needs prompts"),
     (5, None, "prompts must be a prompt or a list of them, not int"),
+    (b"def main():", None, "prompts must be text, not bytes: decode them first"),
+    ([b"def main():"], None, "prompt 0: a prompt must be a str, a list of token ids or a dict, not bytes"),
     (["a"], {"max_tokens": 3}, "sampling_params must be SamplingParams or a list of them, not dict"),
     ([["a"]], None, r"prompt 0: token ids must be ints, not \['a'\]"),
     ([{"prompt_token_ids": [1, 2.0]}], None, r"prompt 0: token ids must be ints, not \[2.0\]"),
