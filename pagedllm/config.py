@@ -101,7 +101,8 @@ class EngineConfig:
     distributed_executor_backend: str | None = option(
         None, "vLLM's choice of how tensor-parallel workers run: mp, ray or uni",
         compat="tensor-parallel workers are processes of this host here, as vLLM's 'mp' (pagedllm.ray runs whole "
-               "replicas on Ray)")
+               "replicas on Ray)",
+        only=(None, "mp", "ray", "uni"), why="workers here are always processes of this host")
     compilation_config: int | dict | None = option(
         None, "vLLM's torch.compile level or settings", compat="nothing is compiled with torch.compile here: decode "
                                                              "steps replay CUDA graphs unless enforce_eager")
@@ -233,9 +234,6 @@ class EngineConfig:
             if (only := f.metadata.get("only")) is not None:
                 value = getattr(self, f.name)
                 _require(value in only, f.name, value, f"{' or '.join(map(repr, only))}: {f.metadata['why']}")
-        _require(self.distributed_executor_backend in (None, "mp", "ray", "uni"), "distributed_executor_backend",
-                 self.distributed_executor_backend, "None, 'mp', 'ray' or 'uni' (workers here are always processes "
-                 "of this host)")
         if self.enable_prefix_caching is None:  # vLLM's default: on
             self.enable_prefix_caching = True
         for f in fields(self):

@@ -132,9 +132,8 @@ class SamplingFields(TopLevelBody):
     @property
     def structured_outputs_field(self) -> str:
         """The field the request's structured output came in, for an error to name."""
-        given = ["response_format"] * (self.response_format is not None) + [
-            name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-            if getattr(self, name) is not None]
+        given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
         return given[0] if len(given) == 1 and self.structured_outputs is None else "structured_outputs"
 
     def structured_outputs_spec(self) -> StructuredOutputsParams | dict | None:
