@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -73,6 +74,11 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                                                 "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 1000000.0}},
                                **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
+    # Gemma 2: sliding and global layers in turn, one rotary, no q/k norms, attention scores and logits
+    # soft-capped (caps low enough that they change what random weights pick)
+    "gemma2": Gemma2Config(num_key_value_heads=2, head_dim=32, sliding_window=24, query_pre_attn_scalar=24,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+                           **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
 }
 
 

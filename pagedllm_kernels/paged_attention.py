@@ -62,13 +62,23 @@ def _in_compute_dtype(q, cache_ptr):
 
 
 @triton.jit
+def _scores(qk, scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
+    """Scores in base 2 from ``q.k^T``: times the scale, or soft-capped as Gemma 2 caps them,
+    ``softcap * tanh(q.k^T * scale / softcap)`` (tanh from one exp2: it saturates to +-1 at the ends)."""
+    if SOFTCAP:
+        e = tl.exp2(qk * (scale_log2 / softcap_log2) * 2.8853900817779268)  # exp(2x): 2 * log2(e)
+        return softcap_log2 * (1.0 - 2.0 / (e + 1.0))
+    return qk * scale_log2
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, sliding_window, v_scale,
+                   out_ptr, row_max_ptr, row_sum_ptr, scale_log2, softcap_log2, sliding_window, v_scale,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,7 +107,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         tok_mask = tok < hi
         k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                           stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale_log2, softcap_log2, SOFTCAP)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(row_max - row_max_new)
@@ -137,16 +147,16 @@ def _reduce_splits_kernel(partial_ptr, row_max_ptr, row_sum_ptr, out_ptr, stride
 
 @triton.jit
 def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
+                  block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
                   stride_bt, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                  FULL_D: tl.constexpr):
+                  FULL_D: tl.constexpr, SOFTCAP: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
     k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                       stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale_log2, softcap_log2, SOFTCAP)
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
         if sliding_window > 0:
@@ -165,11 +175,11 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
 
 @triton.jit(do_not_specialize=["num_seqs"])  # num_seqs varies by step: one compiled kernel for all
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-                    out_ptr, scale_log2, sliding_window, v_scale, num_seqs,
+                    out_ptr, scale_log2, softcap_log2, sliding_window, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, PDL: tl.constexpr):
+                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     # Last blocks first: a sequence's later query blocks see more keys, and starting the longest
     # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
@@ -218,15 +228,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
         for n0 in range(0, masked_from, BLOCK_N):
             acc, row_max, row_sum = _prefill_tile(
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
+                block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
                 stride_bt, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D, SOFTCAP)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
-            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2,
+            block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
             stride_bt, stride_cb, stride_cs, stride_ch,
-            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D)
+            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D, SOFTCAP)
 
     out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -259,7 +269,8 @@ def decode_config(head_dim: int, fp8_cache: bool = False) -> dict:
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     scale: float, sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0, *,
-                    max_query_len: int, max_context_len: int, num_splits: int | None = None) -> torch.Tensor:
+                    max_query_len: int, max_context_len: int, num_splits: int | None = None,
+                    softcap: float = 0.0) -> torch.Tensor:
     """Same contract as ``paged_attention_ref``; ``max_query_len``/``max_context_len`` are host
     ints (no device sync). ``num_splits`` forces the decode split count (tests)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -270,18 +281,19 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = num_heads // num_kv_heads
     common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
                   BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=softcap > 0)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and query.stride(2) == 1
     window = sliding_window or 0
     scale_log2 = scale * k_scale * _LOG2E  # scores in base 2, from the FP8 cache's unscaled K
+    softcap_log2 = softcap * _LOG2E
     num_seqs = block_tables.shape[0]
 
     if max_query_len > 1:
         config = prefill_config(head_dim, common["GROUP_PAD"], num_tokens, num_seqs, max_context_len)
         grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
-            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, window,
+            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, softcap_log2, window,
             v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
             **config, **common, **pdl(query),
@@ -301,7 +313,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, window, v_scale,
+        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, softcap_log2,
+        window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common, **pdl(query),
     )

@@ -75,6 +75,7 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of a flat, unpadded batch of new tokens against their paged context.
 
@@ -84,7 +85,8 @@ def paged_attention_ref(
     ``block_tables[i]``. A decode is a sequence with one query row; a prefill chunk over a
     cached prefix has several. ``sliding_window`` w lets a query see only the last w
     positions (itself included), as Mistral does. An FP8 cache is read times ``k_scale`` and
-    ``v_scale``.
+    ``v_scale``. ``softcap`` > 0 caps the scores at +-softcap, ``softcap * tanh(score / softcap)``
+    (Gemma 2's ``attn_logit_softcapping``).
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -103,14 +105,14 @@ def paged_attention_ref(
         mask = k_pos[None, :] <= q_pos[:, None]
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        o = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=num_heads != num_kv_heads,
-        )
+        q, k, v = query[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if softcap > 0:  # as HF's eager attention: capped scores, masked, softmax in float32
+            group = num_heads // num_kv_heads
+            scores = q @ k.repeat_interleave(group, 0).transpose(1, 2) * scale
+            scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+            o = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v.repeat_interleave(group, 0)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads)
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -8,13 +8,16 @@ import torch
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 
 
-def dense_attention(q, k, v, scale, sliding_window=None):
-    """q ``[q_len, H, D]`` are the last q_len positions of k/v ``[ctx, Hkv, D]``."""
+def dense_attention(q, k, v, scale, sliding_window=None, softcap=0.0):
+    """q ``[q_len, H, D]`` are the last q_len positions of k/v ``[ctx, Hkv, D]``; ``softcap`` as
+    Gemma 2's eager attention in HF transformers (scores / cap, tanh, times cap)."""
     q_len, num_heads, _ = q.shape
     ctx, num_kv_heads, _ = k.shape
     k = k.repeat_interleave(num_heads // num_kv_heads, dim=1).double()
     v = v.repeat_interleave(num_heads // num_kv_heads, dim=1).double()
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     q_pos = torch.arange(ctx - q_len, ctx)[:, None]
     k_pos = torch.arange(ctx)[None, :]
     allowed = k_pos <= q_pos
@@ -48,7 +51,8 @@ def paged_batch(context_lens, query_lens, num_kv_heads, head_dim, block_size, se
 
 @pytest.mark.parametrize("gqa", [1, 2, 4, 8])
 @pytest.mark.parametrize("sliding_window", [None, 7])
-def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])  # 1.5: below these scores' spread, so the cap changes them
+def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window, softcap):
     block_size, head_dim, num_kv_heads = 4, 16, 2
     num_heads = num_kv_heads * gqa
     # decodes and prefill chunks over cached prefixes; contexts on and just past block boundaries
@@ -59,9 +63,9 @@ def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window):
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1))
     scale = head_dim**-0.5
     out = paged_attention_ref(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), cu,
-                              scale, sliding_window)
+                              scale, sliding_window, softcap=softcap)
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        expected = dense_attention(q[cu[i]:cu[i + 1]], k, v, scale, sliding_window)
+        expected = dense_attention(q[cu[i]:cu[i + 1]], k, v, scale, sliding_window, softcap)
         torch.testing.assert_close(out[cu[i]:cu[i + 1]].double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -18,7 +18,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
-             sliding_window=None, num_splits=None, seed=0):
+             sliding_window=None, num_splits=None, seed=0, softcap=0.0):
     k_cache, v_cache, tables, _, _, cu = paged_batch(context_lens, query_lens, num_kv_heads, head_dim,
                                                      block_size, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -27,9 +27,9 @@ def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_
                                    torch.tensor(context_lens, dtype=torch.int32), cu)]
     scale = head_dim**-0.5
     expected = paged_attention_ref(*[a.float() if a.is_floating_point() else a for a in args], scale,
-                                   sliding_window)
+                                   sliding_window, softcap=softcap)
     out = paged_attention(*args, scale, sliding_window, max_query_len=max(query_lens),
-                          max_context_len=max(context_lens), num_splits=num_splits)
+                          max_context_len=max(context_lens), num_splits=num_splits, softcap=softcap)
     assert out.dtype == dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
@@ -68,6 +68,16 @@ def test_prefill_over_paged_prefix_matches_reference(gqa, block_size):
 @pytest.mark.parametrize("sliding_window", [None, 10])
 def test_prefill_dtypes_and_sliding_window(dtype, sliding_window):
     run_both([37, 80, 5], [37, 30, 5], 4, 4, 64, 16, dtype, sliding_window)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 40])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_soft_capped_scores_in_decode_and_prefill(sliding_window, num_splits):
+    """Gemma 2's attn_logit_softcapping: each score capped before the softmax, in both kernels (a
+    cap of 1.5 is below these scores' spread, so an uncapped kernel fails)."""
+    context_lens = [3, 64, 130, 200]
+    run_both(context_lens, [1] * 4, 8, 2, 32, 16, torch.float16, sliding_window, num_splits, softcap=1.5)
+    run_both(context_lens, [3, 20, 130, 1], 8, 2, 32, 16, torch.float16, sliding_window, softcap=1.5)
 
 
 def test_prefill_non_power_of_two_group():  # Qwen2.5-0.5B: 14 query heads on 2 KV heads

@@ -37,11 +37,12 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap or 0.0  # scores capped at +-softcap (Gemma 2), 0: not
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = 1.0  # an FP8 cache holds K / k_scale and V / v_scale
         self.backend = "torch"
@@ -67,9 +68,11 @@ class Attention(nn.Module):
                 store_kv_cache(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
             out = paged_attention(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                   meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
-                                  max_query_len=meta.max_query_len, max_context_len=meta.max_context_len)
+                                  max_query_len=meta.max_query_len, max_context_len=meta.max_context_len,
+                                  softcap=self.softcap)
         else:
             store_kv_cache_ref(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
             out = paged_attention_ref(q, self.k_cache, self.v_cache, tables, meta.context_lens,
-                                      meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale)
+                                      meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
+                                      self.softcap)
         return out.view(-1, self.num_heads * self.head_dim)

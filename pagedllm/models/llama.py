@@ -80,7 +80,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = norm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb
         scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5  # Gemma's own
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
+        softcap = config.attn_logit_softcapping if config.model_type == "gemma2" else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, softcap)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -5,7 +5,7 @@ from transformers import PretrainedConfig
 
 
 def _registry() -> dict[str, type[nn.Module]]:
-    from pagedllm.models.gemma3 import Gemma3ForCausalLM
+    from pagedllm.models.gemma import GemmaForCausalLM
     from pagedllm.models.gpt2 import GPT2LMHeadModel
     from pagedllm.models.llama import LlamaForCausalLM
     from pagedllm.models.opt import OPTForCausalLM
@@ -20,8 +20,9 @@ def _registry() -> dict[str, type[nn.Module]]:
         "Phi3ForCausalLM": LlamaForCausalLM,
         "MixtralForCausalLM": LlamaForCausalLM,
         "Qwen3MoeForCausalLM": LlamaForCausalLM,
-        "Gemma3ForCausalLM": Gemma3ForCausalLM,
-        "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,  # its language model, for text prompts
+        "Gemma2ForCausalLM": GemmaForCausalLM,
+        "Gemma3ForCausalLM": GemmaForCausalLM,
+        "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its language model, for text prompts
     }
 
 

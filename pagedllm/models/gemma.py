@@ -1,9 +1,10 @@
-"""Gemma 3's text model (``Gemma3ForCausalLM``, model_type ``gemma3_text``, and the language model of
-the image-and-text ``Gemma3ForConditionalGeneration`` checkpoints, 4B and up): Llama's attention and
-gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), ``1 + weight`` RMSNorms
-(in float32) on both sides of attention and MLP, q/k norms, ``query_pre_attn_scalar``, GELU-tanh,
-sliding-window and global layers (``layer_types``) each with their own rotary parameters, and
-the final logits soft-capped where the config says."""
+"""Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3's text model (``Gemma3ForCausalLM``, model_type
+``gemma3_text``, and the language model of the image-and-text ``Gemma3ForConditionalGeneration``
+checkpoints, 4B and up): Llama's attention and gated MLP with Gemma's changes: embeddings scaled by
+sqrt(hidden_size), ``1 + weight`` RMSNorms (in float32) on both sides of attention and MLP,
+``query_pre_attn_scalar``, GELU-tanh, sliding-window and global layers (``layer_types``), and the
+attention scores and final logits soft-capped where the config says (Gemma 2 caps both). Gemma 3
+adds q/k norms and gives each kind of layer its own rotary parameters."""
 
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from pagedllm.config import EngineConfig
 
 
-class Gemma3DecoderLayer(nn.Module):
+class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_type: str, rotary_emb: RotaryEmbedding):
         super().__init__()
         window = config.sliding_window if layer_type == "sliding_attention" else None
@@ -43,14 +44,16 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
 
 
-class Gemma3Model(nn.Module):
+class GemmaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, max_model_len: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # HF multiplies by the scale rounded to the model's dtype
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.get_default_dtype()).item()
-        rotary = {t: RotaryEmbedding(config, head_dim_of(config), max_model_len, t) for t in set(config.layer_types)}
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, t, rotary[t]) for t in config.layer_types)
+        per_type = set(config.layer_types) <= set(config.rope_parameters)  # Gemma 3's: {layer type: parameters}
+        rotary = {t: RotaryEmbedding(config, head_dim_of(config), max_model_len, t if per_type else None)
+                  for t in set(config.layer_types)}
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, t, rotary[t]) for t in config.layer_types)
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -60,16 +63,16 @@ class Gemma3Model(nn.Module):
         return self.norm(hidden_states, residual)[0]
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
+class GemmaForCausalLM(LlamaForCausalLM):
     """Llama's head and checkpoint names, Gemma's body and soft-capped logits."""
 
     def __init__(self, engine_config: "EngineConfig"):
         nn.Module.__init__(self)
         config = engine_config.hf_config
-        if config.attn_logit_softcapping is not None:
+        if config.model_type == "gemma3_text" and config.attn_logit_softcapping is not None:
             raise ValueError(f"attn_logit_softcapping={config.attn_logit_softcapping} in config.json is not "
-                             "supported (Gemma 3's checkpoints leave it unset)")
-        self.model = Gemma3Model(config, engine_config.max_model_len)
+                             "supported for Gemma 3 (its checkpoints leave it unset, and HF's Gemma 3 ignores it)")
+        self.model = GemmaModel(config, engine_config.max_model_len)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
