@@ -112,7 +112,8 @@ def paged_attention_ref(
             scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
             o = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v.repeat_interleave(group, 0)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -29,6 +29,15 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
     return get
 
 
+def hf_model(kind: str, path: str):
+    """HF's model of a tiny checkpoint in float32, Gemma 2's with eager attention: the SDPA path (its
+    default in some transformers versions, 5.17's) leaves out the score soft-cap the model defines."""
+    from transformers import AutoModelForCausalLM
+
+    eager = {"attn_implementation": "eager"} if kind == "gemma2" else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **eager)
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF transformers' greedy continuation of one unpadded prompt, ignoring EOS."""
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,

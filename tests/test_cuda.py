@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_prompts
-from transformers import AutoModelForCausalLM
+from conftest import hf_model, random_prompts
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.testing import TINY_CONFIGS
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("kind", TINY_CONFIGS)
 def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
     prompts = random_prompts([1, 7, 33, 100])
-    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(kind), dtype=torch.float32).cuda()
+    hf = hf_model(kind, tiny_checkpoint(kind)).cuda()
     expected = []
     for p in prompts:
         out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False,

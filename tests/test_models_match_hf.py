@@ -3,7 +3,7 @@ scheduling pressure: queueing, chunked prefill, preemption."""
 
 import pytest
 import torch
-from conftest import hf_greedy, random_prompts
+from conftest import hf_greedy, hf_model, random_prompts
 from transformers import AutoModelForCausalLM
 
 from pagedllm import LLM, SamplingParams
@@ -26,7 +26,7 @@ def hf_reference(tiny_checkpoint):
 
     def get(kind: str) -> list[list[int]]:
         if kind not in cache:
-            model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(kind), dtype=torch.float32)
+            model = hf_model(kind, tiny_checkpoint(kind))
             cache[kind] = [hf_greedy(model, p, MAX_TOKENS) for p in random_prompts(PROMPT_LENGTHS)]
         return cache[kind]
 
