@@ -15,6 +15,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -25,6 +26,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SmolLM3Config,
 )
 
 VOCAB_SIZE = 512
@@ -59,6 +61,12 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                                         "short_factor": [1.0 + i / 16 for i in range(6)],
                                         "long_factor": [2.0 + i for i in range(6)]},
                        **_LLAMA_LIKE),
+    # Granite: multipliers on the embeddings, scores (in place of 1/sqrt(head_dim)), residual branches, logits
+    "granite": GraniteConfig(num_key_value_heads=2, embedding_multiplier=6.0, attention_multiplier=0.5,
+                             residual_multiplier=0.4, logits_scaling=1.5, **_LLAMA_LIKE),
+    # SmolLM3: every third layer without rotary (NoPE), tied embeddings
+    "smollm3": SmolLM3Config(num_key_value_heads=2, no_rope_layers=[1, 1, 0], tie_word_embeddings=True,
+                             **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
     # mixtures of experts: Mixtral (every layer, top-2 renormalised), Qwen3-MoE (a dense layer among
     # sparse ones, top-3 of 6 without renormalising)
     "mixtral": MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **_LLAMA_LIKE),

@@ -150,7 +150,7 @@ def test_greedy_with_repetition_penalty_matches_hf(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])  # gemma3: soft-capped logits
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3", "granite"])  # gemma3: soft-capped logits; granite: scaled
 def test_logprobs_equal_log_softmax_of_hf_logits(tiny_checkpoint, temperature, kind):
     path = tiny_checkpoint(kind)
     prompt = random_prompts([12], seed=4)[0]

@@ -1,6 +1,7 @@
 """Llama and its close kin: Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Phi-3
-and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE), and the mixtures of
-experts Mixtral and Qwen3-MoE (a sparse MoE block in place of the MLP)."""
+and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE), Granite (multipliers on
+the embeddings, attention scores, residual branches and logits), SmolLM3 (layers without rotary,
+"NoPE"), and the mixtures of experts Mixtral and Qwen3-MoE (a sparse MoE block in place of the MLP)."""
 
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,7 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     """Each layer's window: Mistral windows every layer; Qwen2/3 only their "sliding_attention" layers."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if window is None:
+    if window is None or getattr(config, "use_sliding_window", True) is False:  # (SmolLM3 keeps the size unused)
         return [None] * config.num_hidden_layers
     if layer_types:
         return [window if t == "sliding_attention" else None for t in layer_types]
@@ -59,7 +60,7 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding | None):
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -80,6 +81,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = norm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb
         scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5  # Gemma's own
+        if config.model_type == "granite":
+            scale = config.attention_multiplier
         softcap = config.attn_logit_softcapping if config.model_type == "gemma2" else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, softcap)
 
@@ -113,13 +116,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding,
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None, rotary_emb: RotaryEmbedding | None,
                  layer_index: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, sliding_window, rotary_emb)
         self.mlp = moe_block(config, layer_index) or LlamaMLP(config, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)  # Granite's, on both branches
 
     def hand_fp8_to_linears(self) -> None:
         """Called once the linear layers are FP8: the norms whose output only one of them reads
@@ -133,8 +137,13 @@ class LlamaDecoderLayer(nn.Module):
         is fused into the RMSNorm that follows it."""
         hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        hidden_states = self.mlp(hidden_states)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
+        return hidden_states, residual
 
 
 class LlamaModel(nn.Module):
@@ -142,12 +151,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_model_len)  # one table for every layer
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, window, rotary_emb, i)
+        rotary = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers  # SmolLM3's: 0 for NoPE
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, window, rotary_emb if rotary[i] else None, i)
                                     for i, window in enumerate(sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)  # Granite's
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            hidden_states = hidden_states * self.embedding_multiplier
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
         return self.norm(hidden_states, residual)[0]
@@ -161,12 +174,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)  # Granite's: logits divided by it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
 
     def map_weight_name(self, name: str) -> tuple[str, int | None]:
         parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral's name for the MoE block

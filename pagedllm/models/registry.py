@@ -18,6 +18,8 @@ def _registry() -> dict[str, type[nn.Module]]:
         "Qwen2ForCausalLM": LlamaForCausalLM,
         "Qwen3ForCausalLM": LlamaForCausalLM,
         "Phi3ForCausalLM": LlamaForCausalLM,
+        "GraniteForCausalLM": LlamaForCausalLM,
+        "SmolLM3ForCausalLM": LlamaForCausalLM,
         "MixtralForCausalLM": LlamaForCausalLM,
         "Qwen3MoeForCausalLM": LlamaForCausalLM,
         "Gemma2ForCausalLM": GemmaForCausalLM,
