@@ -48,7 +48,7 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     """Each layer's window: Mistral windows every layer; Qwen2/3 only their "sliding_attention" layers."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:  # (SmolLM3 keeps the size unused)
+    if window is None:
         return [None] * config.num_hidden_layers
     if layer_types:
         return [window if t == "sliding_attention" else None for t in layer_types]
