@@ -89,7 +89,7 @@ def test_malformed_lines_are_named_or_skipped_and_counted(model, tmp_path, capsy
 
 def test_help_lists_the_commands():
     run = subprocess.run([sys.executable, "-m", "pagedllm", "--help"], capture_output=True, text=True)
-    assert run.returncode == 0 and all(c in run.stdout for c in ("generate", "serve", "bench"))
+    assert run.returncode == 0 and all(c in run.stdout for c in ("generate", "run-batch", "serve", "bench"))
 
 
 @pytest.mark.parametrize("args, error", [

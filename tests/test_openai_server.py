@@ -441,6 +441,12 @@ def test_vllm_deployment_flags(tiny_checkpoint, tmp_path):
             assert status == 200 and json.loads(body)["model"] == "first"
         status, body = call("POST", f"{url}/v1/completions", {"model": "third", "prompt": "a"}, key)
         assert status == 404 and "`first` or `second`" in json.loads(body)["error"]["message"]
+        chat = [{"role": "user", "content": "a"}]
+        for route, body in (("completions", {"prompt": "a", "max_tokens": 2}),
+                            ("chat/completions", {"messages": chat, "max_tokens": 2}),
+                            ("responses", {"input": "a", "max_output_tokens": 2})):  # no model: vLLM runs the served
+            status, answer = call("POST", f"{url}/v1/{route}", body, key)
+            assert status == 200 and json.loads(answer)["model"] == "first", answer
         preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "authorization,content-type"}
         request = urllib.request.Request(f"{url}/v1/completions", method="OPTIONS", headers=preflight)

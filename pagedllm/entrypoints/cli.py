@@ -1,19 +1,24 @@
-"""The ``pagedllm`` command (also ``python -m pagedllm``): generate, serve, bench."""
+"""The ``pagedllm`` command (also ``python -m pagedllm``): generate, run-batch, serve, bench."""
 
 import argparse
 import sys
 
 from pagedllm.entrypoints import bench, generate
+from pagedllm.entrypoints.openai import run_batch
 from pagedllm.entrypoints.server_args import engine_args, engine_setting_error
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedllm", description="Fast LLM inference with a paged KV cache.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,run-batch,serve,bench}")
     parsers = {"generate": commands.add_parser(
         "generate", help="complete a JSONL file of prompts into a JSONL file of results (resumable)",
         description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)}
     generate.add_arguments(parsers["generate"])
+    parsers["run-batch"] = commands.add_parser(
+        "run-batch", help="run a JSONL file of OpenAI Batch API requests into a file of results (vLLM's run-batch)",
+        description=run_batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_batch.add_arguments(parsers["run-batch"])
     serve_parser = parsers["serve"] = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     serve_parser.add_argument("model_tag", nargs="?", metavar="model", help="model directory or hub id")
     serve_parser.add_argument("--model", help="the same, as a flag (vllm serve takes both)")
@@ -32,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from pagedllm.entrypoints.openai.api_server import serve  # fastapi is an optional extra
 
         return serve(args)
+    if args.command == "run-batch":
+        return run_batch.run(args)
     try:
         return (generate if args.command == "generate" else bench).run(args)
     except generate.BadLine as err:
@@ -51,7 +58,9 @@ def bad_setting(args: argparse.Namespace) -> str | None:
             SamplingParams(**generate.job_fields(args))
         except ValueError as err:
             return str(err)
-        return generate.file_error(args)
+        return generate.file_error(args.input, args.output)
+    if args.command == "run-batch":
+        return generate.file_error(args.input_file, args.output_file, ("--input-file", "--output-file"))
     return None
 
 

@@ -53,20 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, exclude=("seed",))
 
 
-def file_error(args: argparse.Namespace) -> str | None:
-    """What keeps the job from reading its input or writing its results, said before the model loads
-    (each was a traceback, the output's after the model had loaded)."""
-    if not os.path.isfile(args.input):
-        return f"--input: no file {args.input!r}"
-    if os.path.isdir(args.output):
-        return f"--output: {args.output!r} is a directory: name the results file"
-    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
-        return "--output: the same file as --input: results go to a file of their own"
-    folder = os.path.dirname(os.path.abspath(args.output))
+def file_error(input_path: str, output_path: str, flags: tuple[str, str] = ("--input", "--output")) -> str | None:
+    """What keeps a job from reading its input or writing its results, said before the model loads
+    (each was a traceback, the output's after the model had loaded); ``flags`` name the two."""
+    given, result = flags
+    if not os.path.isfile(input_path):
+        return f"{given}: no file {input_path!r}"
+    if os.path.isdir(output_path):
+        return f"{result}: {output_path!r} is a directory: name the results file"
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        return f"{result}: the same file as {given}: results go to a file of their own"
+    folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):
-        return f"--output: no folder {folder!r} to write {os.path.basename(args.output)!r} in"
-    if not os.access(args.output if os.path.exists(args.output) else folder, os.W_OK):
-        return f"--output: {args.output!r} cannot be written here"
+        return f"{result}: no folder {folder!r} to write {os.path.basename(output_path)!r} in"
+    if not os.access(output_path if os.path.exists(output_path) else folder, os.W_OK):
+        return f"{result}: {output_path!r} cannot be written here"
     return None
 
 

@@ -90,7 +90,7 @@ class TopLevelBody(RequestBody):
 class SamplingFields(TopLevelBody):
     """What both endpoints take, OpenAI's fields and vLLM's extra ones."""
 
-    model: str
+    model: str | None = None  # (vLLM's: none is the model served)
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -59,7 +59,7 @@ class TextConfig(RequestBody):
 
 
 class ResponsesRequest(TopLevelBody):
-    model: str
+    model: str | None = None  # (vLLM's: none is the model served)
     input: str | Annotated[list[InputMessage], Field(max_length=MAX_MESSAGES)]  # (a string: any length)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)

@@ -174,8 +174,7 @@ class OpenAIServing:
             builder.logprobs(completion)))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        if body.model is not None:
-            self._check_model(body.model)
+        self._check_model(body.model)
         if (body.messages is None) == (body.prompt is None):
             raise ApiError(400, "give either prompt or messages", "prompt")
 
@@ -188,8 +187,7 @@ class OpenAIServing:
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.config.max_model_len)
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        if body.model is not None:
-            self._check_model(body.model)
+        self._check_model(body.model)
         tokenizer = self._tokenizer()
         vocab_size = max(self.engine.config.hf_config.vocab_size, len(tokenizer))
         bad = [t for t in body.tokens if t >= vocab_size]
@@ -204,8 +202,9 @@ class OpenAIServing:
             raise ApiError(400, "this model has no tokenizer: send token ids")
         return self.engine.tokenizer
 
-    def _check_model(self, model: str) -> None:
-        if model not in self.model_names:
+    def _check_model(self, model: str | None) -> None:
+        """A request may name any served model, or none (as vLLM takes it)."""
+        if model is not None and model not in self.model_names:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves "
                                 f"{' or '.join(f'`{name}`' for name in self.model_names)}", "model")
 

@@ -1,0 +1,277 @@
+"""``pagedllm run-batch -i requests.jsonl -o results.jsonl --model MODEL`` (also ``python -m
+pagedllm.entrypoints.openai.run_batch``), vLLM's ``run-batch``: a file in OpenAI's Batch API format
+run through the server's own routes, in this process, without HTTP.
+
+Input lines: ``{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
+(also ``/v1/completions`` and ``/v1/responses``), each body what the route takes over HTTP.
+Output lines, in the input's order: ``{"id", "custom_id", "response": {"status_code", "request_id",
+"body"}, "error"}`` with the body the server would have answered; a request that failed has its
+status and OpenAI's error JSON there, and the error again in ``error``. Every line's envelope is
+checked before the model loads. Results are written and flushed as they complete (once those
+before them are), so a crash or Ctrl-C loses none already written, and a rerun with the same
+files goes on after them.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import TextIO
+
+from tqdm.auto import tqdm
+
+from pagedllm.entrypoints.server_args import engine_args
+
+logger = logging.getLogger("pagedllm")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_ERRORS_SAID = 10
+
+
+class BadBatch(ValueError):
+    """The input, or the output to go on from, cannot be run: said before the model loads."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input-file", required=True, help="JSONL file of OpenAI Batch API requests")
+    parser.add_argument("-o", "--output-file", required=True,
+                        help="JSONL file of results (a rerun goes on after the results it holds)")
+    parser.add_argument("--model", required=True, help="model directory or hub id")
+    engine_args(parser)
+
+
+def requests_in(path: str) -> Iterator[tuple[int, str, str, dict]]:
+    """(line number, custom_id, url, body) of each request line (blank lines skipped)."""
+    for number, text in _lines(path):
+        yield (number, *_request(number, text))
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, 1):
+            if text.strip():
+                yield number, text
+
+
+def _request(number: int, text: bytes) -> tuple[str, str, dict]:
+    try:
+        line = json.loads(text)
+    except (ValueError, RecursionError) as err:  # (not UTF-8, not JSON, nested too deeply)
+        raise BadBatch(f"line {number}: not a JSON object ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(line, dict):
+        raise BadBatch(f"line {number}: a request is a JSON object, not {type(line).__name__}")
+    custom_id, method, url, body = (line.get(key) for key in ("custom_id", "method", "url", "body"))
+    if not isinstance(custom_id, str) or not custom_id:
+        raise BadBatch(f"line {number}: custom_id must be a non-empty string")
+    if method != "POST":
+        raise BadBatch(f"line {number}: method must be \"POST\", not {str(method)[:100]!r}")
+    if url not in ROUTES:
+        raise BadBatch(f"line {number}: url {str(url)[:100]!r} is not one of {', '.join(ROUTES)}")
+    if not isinstance(body, dict):
+        raise BadBatch(f"line {number}: body must be a JSON object (the request its url takes)")
+    if body.get("stream"):
+        raise BadBatch(f"line {number}: body.stream must be false in a batch (its result is one response)")
+    return custom_id, url, body
+
+
+def check_input(path: str, model_names: list[str]) -> int:
+    """The number of requests in the file; BadBatch naming its bad lines (all of it is read). A
+    body that names a model other than ``model_names`` is one: each such request would fail."""
+    errors, seen, other_models = [], set(), {}
+    for number, text in _lines(path):
+        try:
+            custom_id, _, body = _request(number, text)
+        except BadBatch as err:
+            errors.append(str(err))
+            continue
+        if custom_id in seen:
+            errors.append(f"line {number}: custom_id {custom_id[:100]!r} is an earlier line's too")
+        if isinstance(body.get("model"), str) and body["model"] not in model_names:
+            other_models.setdefault(body["model"], []).append(number)
+        seen.add(custom_id)
+    for model, numbers in list(other_models.items())[:_ERRORS_SAID]:
+        lines = f"line {numbers[0]}" + (f" and {len(numbers) - 1} more" if len(numbers) > 1 else "")
+        errors.append(f"{lines}: body.model {model[:100]!r} is not the model run here "
+                      f"({', '.join(map(repr, model_names))}; --served-model-name names it)")
+    if errors:
+        more = f"; and {len(errors) - _ERRORS_SAID} more" if len(errors) > _ERRORS_SAID else ""
+        raise BadBatch(f"{path}: " + "; ".join(errors[:_ERRORS_SAID]) + more)
+    if not seen:
+        raise BadBatch(f"{path}: no requests in it")
+    return len(seen)
+
+
+def results_written(output: str, input_path: str) -> int:
+    """How many results ``output`` holds: those of the input's first requests, in order, each on a
+    whole line. A last line a crash cut short is cut off the file; results of other requests are
+    BadBatch (a new output file is wanted)."""
+    if not os.path.exists(output):
+        return 0
+    with open(output, "rb") as f:
+        lines = f.readlines()
+    whole = len(lines) if not lines or lines[-1].endswith(b"\n") else len(lines) - 1
+    ids = []
+    for number, text in enumerate(lines[:whole], 1):
+        try:
+            ids.append(json.loads(text)["custom_id"])
+        except (ValueError, KeyError, TypeError):
+            raise BadBatch(f"--output-file {output!r}: line {number} is not a result line") from None
+    if whole < len(lines):
+        with open(output, "r+b") as f:
+            f.truncate(sum(len(line) for line in lines[:whole]))
+    for (number, custom_id, _, _), done in zip(requests_in(input_path), ids, strict=False):
+        if custom_id != done:
+            raise BadBatch(f"--output-file {output!r} holds results of other requests (its line {len(ids)} at most; "
+                           f"input line {number} is {custom_id[:100]!r}, the result {str(done)[:100]!r}): give a "
+                           "new output file")
+    return len(ids)
+
+
+class _NoClientLeaves:
+    """The receive channel of a request no client can leave: its body, then nothing."""
+
+    def __init__(self, body: bytes):
+        self.messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def __call__(self) -> dict:
+        if self.messages:
+            return self.messages.pop()
+        await asyncio.Future()  # (a route watching for the client leaving waits here, and moves on)
+        raise AssertionError
+
+
+async def post(app, path: str, body: bytes) -> tuple[int, bytes]:
+    """The app's answer to a POST of ``body`` to ``path``, as an HTTP client would get it."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    status, chunks = 500, []
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, _NoClientLeaves(body), send)
+    return status, b"".join(chunks)
+
+
+def result_line(custom_id: str, status: int, answer: bytes) -> str:
+    """OpenAI's batch output line for one request's answer."""
+    try:
+        body = json.loads(answer)
+    except ValueError:
+        body = {"error": {"message": answer.decode(errors="replace")[:1000], "type": "InternalServerError",
+                          "param": None, "code": status}}
+    ok = status == 200
+    request_id = body.get("id") if ok and isinstance(body, dict) else None
+    return json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                       "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
+                                    "body": body},
+                       "error": None if ok else body.get("error") if isinstance(body, dict) else body}) + "\n"
+
+
+class InOrder:
+    """Writes results in the input's order, each as soon as those before it are written."""
+
+    def __init__(self, out: TextIO, first: int):
+        self.out, self.next, self.waiting = out, first, {}
+
+    def add(self, index: int, line: str) -> int:
+        """Keep a result; write and flush those now in order. Returns how many were written."""
+        self.waiting[index] = line
+        written = 0
+        while self.next in self.waiting:
+            self.out.write(self.waiting.pop(self.next))
+            self.next += 1
+            written += 1
+        if written:
+            self.out.flush()
+        return written
+
+
+async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
+    from pagedllm.entrypoints.openai.api_server import build_server
+
+    args.api_key = None  # (no client here to give one)
+    server = build_server(args)
+    app = server.app()
+    in_flight = asyncio.Semaphore(2 * server.engine.config.max_num_seqs)  # enough to keep the engine full
+    stopped, statuses = False, Counter()
+
+    async def one(index: int, custom_id: str, url: str, body: dict, writer: InOrder, bar) -> None:
+        nonlocal stopped
+        try:
+            status, answer = await post(app, url, json.dumps(body).encode())
+            if server.engine.error is not None:  # (its 503 is the engine's end, not this request's: not written)
+                stopped = True
+                return
+            statuses[status] += 1
+            bar.update(writer.add(index, result_line(custom_id, status, answer)))
+        finally:
+            in_flight.release()
+
+    try:
+        with open(args.output_file, "a", encoding="utf-8") as out, \
+                tqdm(total=total, initial=done, desc="Running batch", unit="req") as bar:
+            writer, tasks = InOrder(out, done), set()
+            for index, (_, custom_id, url, body) in enumerate(requests_in(args.input_file)):
+                if index < done:
+                    continue
+                await in_flight.acquire()
+                if stopped:
+                    break
+                task = asyncio.create_task(one(index, custom_id, url, body, writer, bar))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+    finally:
+        server.shutdown()
+    if stopped or server.engine.error is not None:
+        logger.error("the engine stopped (%r): %d of %d results written; run again to go on", server.engine.error,
+                     writer.next, total)
+        return 1
+    failed = sum(n for status, n in statuses.items() if status != 200)
+    logger.info("%d results in %s; of this run's %d, %d answered and %d failed%s", writer.next, args.output_file,
+                writer.next - done, statuses[200], failed,
+                f" ({', '.join(f'{n} with status {s}' for s, n in sorted(statuses.items()) if s != 200)})"
+                if failed else "")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        total = check_input(args.input_file, args.served_model_name or [args.model])
+        done = results_written(args.output_file, args.input_file)
+    except (BadBatch, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if done == total:
+        logger.info("%s holds the results of all %d requests already", args.output_file, total)
+        return 0
+    if done:
+        logger.info("%s holds %d results already: going on with the other %d", args.output_file, done, total - done)
+    try:
+        return asyncio.run(run_batch(args, total, done))
+    except KeyboardInterrupt:
+        print(f"stopped: the results in {args.output_file} are kept; run the same command again to go on",
+              file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pagedllm.entrypoints.openai.run_batch``, as ``pagedllm run-batch``."""
+    from pagedllm.entrypoints.cli import main as cli
+
+    sys.exit(cli(["run-batch", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    main()
