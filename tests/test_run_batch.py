@@ -82,6 +82,25 @@ def test_each_route_answers_as_the_server_in_the_inputs_order(model, tmp_path):
         assert r["response"]["body"]["error"] == r["error"] and r["error"]["param"] == param
 
 
+def test_a_request_that_hits_a_bug_fails_alone(model, tmp_path, monkeypatch):
+    from pagedllm.entrypoints.openai.serving import OpenAIServing
+
+    completions = OpenAIServing.completions
+
+    async def buggy(self, body, raw):
+        if body.prompt == "boom":
+            raise RuntimeError("a bug")
+        return await completions(self, body, raw)
+
+    monkeypatch.setattr(OpenAIServing, "completions", buggy)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [completion("a", "x"), completion("b", "boom"), completion("c", "y")])
+    assert run_batch(model, inp, out) == 0
+    lines = results(out)
+    assert [r["response"]["status_code"] for r in lines] == [200, 500, 200]
+    assert lines[1]["error"]["message"] == "internal error: RuntimeError: a bug"
+
+
 @pytest.mark.parametrize("bad, said", [
     ("{not json", "line 2: not a JSON object"),
     ("[1, 2]", "line 2: a request is a JSON object, not list"),

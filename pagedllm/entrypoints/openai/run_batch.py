@@ -29,6 +29,7 @@ from pagedllm.entrypoints.server_args import engine_args
 
 logger = logging.getLogger("pagedllm")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_UNWRITTEN_PER_SEQ = 8
 _ERRORS_SAID = 10
 
 
@@ -159,7 +160,14 @@ async def post(app, path: str, body: bytes) -> tuple[int, bytes]:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope, _NoClientLeaves(body), send)
+    try:
+        await app(scope, _NoClientLeaves(body), send)
+    except Exception as err:  # a bug: Starlette raises it again after its 500 (uvicorn would log it): this line's
+        from pagedllm.entrypoints.openai.errors import error_body
+
+        logger.exception("request to %s failed", path)
+        if not chunks:
+            return 500, json.dumps(error_body(500, f"internal error: {type(err).__name__}: {err}")).encode()
     return status, b"".join(chunks)
 
 
@@ -203,20 +211,23 @@ async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
     args.api_key = None  # (no client here to give one)
     server = build_server(args)
     app = server.app()
-    in_flight = asyncio.Semaphore(2 * server.engine.config.max_num_seqs)  # enough to keep the engine full
+    # Requests started and not yet written, at most: enough to keep the engine full, and a bound on
+    # the results held back behind a long request before them (memory, and what a crash would lose).
+    unwritten = asyncio.Semaphore(_UNWRITTEN_PER_SEQ * server.engine.config.max_num_seqs)
     stopped, statuses = False, Counter()
 
     async def one(index: int, custom_id: str, url: str, body: dict, writer: InOrder, bar) -> None:
         nonlocal stopped
-        try:
-            status, answer = await post(app, url, json.dumps(body).encode())
-            if server.engine.error is not None:  # (its 503 is the engine's end, not this request's: not written)
-                stopped = True
-                return
-            statuses[status] += 1
-            bar.update(writer.add(index, result_line(custom_id, status, answer)))
-        finally:
-            in_flight.release()
+        status, answer = await post(app, url, json.dumps(body).encode())
+        if server.engine.error is not None:  # (its 503 is the engine's end, not this request's: not written)
+            stopped = True
+            unwritten.release()
+            return
+        statuses[status] += 1
+        written = writer.add(index, result_line(custom_id, status, answer))
+        bar.update(written)
+        for _ in range(written):
+            unwritten.release()
 
     try:
         with open(args.output_file, "a", encoding="utf-8") as out, \
@@ -225,7 +236,7 @@ async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
             for index, (_, custom_id, url, body) in enumerate(requests_in(args.input_file)):
                 if index < done:
                     continue
-                await in_flight.acquire()
+                await unwritten.acquire()
                 if stopped:
                     break
                 task = asyncio.create_task(one(index, custom_id, url, body, writer, bar))
