@@ -2,7 +2,9 @@
 OpenAI's batch output format, in order, resumable; bad envelopes named before anything loads."""
 
 import copy
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -11,6 +13,7 @@ from pagedllm.entrypoints.cli import main
 from pagedllm.testing import build_tiny_checkpoint
 
 api_server = pytest.importorskip("pagedllm.entrypoints.openai.api_server")  # (fastapi: the server's extra)
+run_batch_module = pytest.importorskip("pagedllm.entrypoints.openai.run_batch")
 
 PROMPTS = ["def main():", "import os", "class A:", "x = 1", "for i in range(3):"]
 
@@ -157,3 +160,69 @@ def test_a_rerun_goes_on_after_the_results_written_and_a_torn_last_line(model, t
         [json.loads(t)["response"]["body"]["choices"] for t in whole]
     monkeypatch.setattr(api_server, "build_server", _no_server)
     assert run_batch(model, inp, out) == 0  # all done already: nothing loads
+
+
+@pytest.fixture
+def http_files():
+    """A local HTTP server: GET serves ``files[path]``, PUT stores the body there (as a presigned URL
+    to object storage would)."""
+    files = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in files:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(files[self.path])))
+            self.end_headers()
+            self.wfile.write(files[self.path])
+
+        def do_PUT(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if files.get("refuse uploads"):
+                self.send_error(503)
+                return
+            files[self.path] = body
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield files, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_input_and_output_urls_as_vllms_run_batch(model, tmp_path, http_files, capsys):
+    files, url = http_files
+    files["/in.jsonl"] = "".join(json.dumps(completion(f"c{i}", p)) + "\n" for i, p in enumerate(PROMPTS)).encode()
+    assert run_batch(model, f"{url}/in.jsonl", f"{url}/out.jsonl", "--output-tmp-dir", str(tmp_path)) == 0
+    uploaded = [json.loads(text) for text in files["/out.jsonl"].decode().splitlines()]
+    assert [r["custom_id"] for r in uploaded] == [f"c{i}" for i in range(5)]
+    assert all(r["response"]["status_code"] == 200 for r in uploaded)
+    assert list(tmp_path.iterdir()) == []  # the local copy is gone once uploaded
+    assert run_batch(model, f"{url}/missing.jsonl", f"{url}/out.jsonl") == 2
+    assert "--input-file: cannot download" in capsys.readouterr().err
+
+
+def test_a_failed_upload_keeps_the_results_for_the_next_run_to_upload(model, tmp_path, http_files, capsys,
+                                                                       monkeypatch):
+    files, url = http_files
+    monkeypatch.setattr(run_batch_module, "_UPLOAD_WAIT_S", 0)
+    files["refuse uploads"] = True
+    inp = tmp_path / "in.jsonl"
+    write_lines(inp, [completion(f"c{i}", p) for i, p in enumerate(PROMPTS)])
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert run_batch(model, inp, f"{url}/out.jsonl", "--output-tmp-dir", str(kept)) == 1
+    assert "cannot upload the results" in capsys.readouterr().err and "/out.jsonl" not in files
+    [local] = kept.iterdir()
+    results = local.read_text()
+    assert len(results.splitlines()) == 5
+    files["refuse uploads"] = False
+    monkeypatch.setattr(api_server, "build_server", _no_server)  # the results are there: nothing runs again
+    assert run_batch(model, inp, f"{url}/out.jsonl", "--output-tmp-dir", str(kept)) == 0
+    assert files["/out.jsonl"].decode() == results and list(kept.iterdir()) == []

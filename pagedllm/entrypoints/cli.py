@@ -60,7 +60,7 @@ def bad_setting(args: argparse.Namespace) -> str | None:
             return str(err)
         return generate.file_error(args.input, args.output)
     if args.command == "run-batch":
-        return generate.file_error(args.input_file, args.output_file, ("--input-file", "--output-file"))
+        return run_batch.file_error(args)
     return None
 
 

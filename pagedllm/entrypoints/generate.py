@@ -53,15 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, exclude=("seed",))
 
 
-def file_error(input_path: str, output_path: str, flags: tuple[str, str] = ("--input", "--output")) -> str | None:
+def file_error(input_path: str | None, output_path: str | None,
+               flags: tuple[str, str] = ("--input", "--output")) -> str | None:
     """What keeps a job from reading its input or writing its results, said before the model loads
-    (each was a traceback, the output's after the model had loaded); ``flags`` name the two."""
+    (each was a traceback, the output's after the model had loaded); ``flags`` name the two, and a
+    path that is None (a URL, for run-batch) is not checked."""
     given, result = flags
-    if not os.path.isfile(input_path):
+    if input_path is not None and not os.path.isfile(input_path):
         return f"{given}: no file {input_path!r}"
+    if output_path is None:
+        return None
     if os.path.isdir(output_path):
         return f"{result}: {output_path!r} is a directory: name the results file"
-    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+    if input_path is not None and os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         return f"{result}: the same file as {given}: results go to a file of their own"
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):

@@ -14,10 +14,15 @@ files goes on after them.
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +35,8 @@ from pagedllm.entrypoints.server_args import engine_args
 logger = logging.getLogger("pagedllm")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _UNWRITTEN_PER_SEQ = 8
+_URL_TIMEOUT_S = 600
+_UPLOAD_TRIES, _UPLOAD_WAIT_S = 3, 5
 _ERRORS_SAID = 10
 
 
@@ -38,11 +45,65 @@ class BadBatch(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--input-file", required=True, help="JSONL file of OpenAI Batch API requests")
+    parser.add_argument("-i", "--input-file", required=True,
+                        help="JSONL file of OpenAI Batch API requests, or an http(s) URL to GET it from")
     parser.add_argument("-o", "--output-file", required=True,
-                        help="JSONL file of results (a rerun goes on after the results it holds)")
+                        help="JSONL file of results (a rerun goes on after the results it holds), or an http(s) URL "
+                             "to PUT it to once complete")
+    parser.add_argument("--output-tmp-dir", help="with an output URL: the folder for the results until they are "
+                                                 "uploaded (default: the system's temporary folder)")
     parser.add_argument("--model", required=True, help="model directory or hub id")
     engine_args(parser)
+
+
+def _is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def file_error(args: argparse.Namespace) -> str | None:
+    """What keeps the job from reading its input or writing its results, before anything loads
+    (a URL's side is tried when the job starts)."""
+    from pagedllm.entrypoints.generate import file_error
+
+    if args.output_tmp_dir is not None and not os.path.isdir(args.output_tmp_dir):
+        return f"--output-tmp-dir: no folder {args.output_tmp_dir!r}"
+    return file_error(None if _is_url(args.input_file) else args.input_file,
+                      None if _is_url(args.output_file) else args.output_file, ("--input-file", "--output-file"))
+
+
+def download(url: str) -> str:
+    """The file at ``url`` in a temporary file (its path); BadBatch if it cannot be had."""
+    with tempfile.NamedTemporaryFile("wb", prefix="pagedllm-batch-input-", suffix=".jsonl", delete=False) as f:
+        try:
+            with urllib.request.urlopen(url, timeout=_URL_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, f)
+        except (OSError, ValueError) as err:  # (URLError and HTTPError are OSErrors)
+            os.unlink(f.name)
+            raise BadBatch(f"--input-file: cannot download {url}: {err}") from None
+    return f.name
+
+
+def local_output(args: argparse.Namespace) -> str:
+    """Where the results of an output URL are written until uploaded: a name of the URL's own, so
+    that a run stopped before its upload goes on from them."""
+    digest = hashlib.sha256(args.output_file.encode()).hexdigest()[:16]
+    return os.path.join(args.output_tmp_dir or tempfile.gettempdir(), f"pagedllm-batch-{digest}.jsonl")
+
+
+def upload(path: str, url: str) -> None:
+    """PUT the file to ``url`` (a few tries, as a large upload may time out); OSError if it fails."""
+    for attempt in range(1, _UPLOAD_TRIES + 1):
+        try:
+            with open(path, "rb") as f:
+                request = urllib.request.Request(url, data=f, method="PUT", headers={
+                    "Content-Length": str(os.path.getsize(path)), "Content-Type": "application/jsonl"})
+                with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S):
+                    return  # (a status that is not 2xx raises HTTPError)
+        except OSError as err:
+            if attempt == _UPLOAD_TRIES:
+                raise
+            logger.warning("uploading the results to %s failed (%s): trying again in %d s", url, err, _UPLOAD_WAIT_S)
+            time.sleep(_UPLOAD_WAIT_S)
 
 
 def requests_in(path: str) -> Iterator[tuple[int, str, str, dict]]:
@@ -205,7 +266,7 @@ class InOrder:
         return written
 
 
-async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
+async def run_batch(args: argparse.Namespace, input_path: str, output_path: str, total: int, done: int) -> int:
     from pagedllm.entrypoints.openai.api_server import build_server
 
     args.api_key = None  # (no client here to give one)
@@ -230,10 +291,10 @@ async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
             unwritten.release()
 
     try:
-        with open(args.output_file, "a", encoding="utf-8") as out, \
+        with open(output_path, "a", encoding="utf-8") as out, \
                 tqdm(total=total, initial=done, desc="Running batch", unit="req") as bar:
             writer, tasks = InOrder(out, done), set()
-            for index, (_, custom_id, url, body) in enumerate(requests_in(args.input_file)):
+            for index, (_, custom_id, url, body) in enumerate(requests_in(input_path)):
                 if index < done:
                     continue
                 await unwritten.acquire()
@@ -250,7 +311,7 @@ async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
                      writer.next, total)
         return 1
     failed = sum(n for status, n in statuses.items() if status != 200)
-    logger.info("%d results in %s; of this run's %d, %d answered and %d failed%s", writer.next, args.output_file,
+    logger.info("%d results in %s; of this run's %d, %d answered and %d failed%s", writer.next, output_path,
                 writer.next - done, statuses[200], failed,
                 f" ({', '.join(f'{n} with status {s}' for s, n in sorted(statuses.items()) if s != 200)})"
                 if failed else "")
@@ -258,23 +319,46 @@ async def run_batch(args: argparse.Namespace, total: int, done: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    input_path = args.input_file
     try:
-        total = check_input(args.input_file, args.served_model_name or [args.model])
-        done = results_written(args.output_file, args.input_file)
+        if _is_url(args.input_file):
+            input_path = download(args.input_file)
+        output_path = local_output(args) if _is_url(args.output_file) else args.output_file
+        return _run(args, input_path, output_path)
     except (BadBatch, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if input_path != args.input_file:
+            os.unlink(input_path)
+
+
+def _run(args: argparse.Namespace, input_path: str, output_path: str) -> int:
+    total = check_input(input_path, args.served_model_name or [args.model])
+    done = results_written(output_path, input_path)
     if done == total:
-        logger.info("%s holds the results of all %d requests already", args.output_file, total)
-        return 0
-    if done:
-        logger.info("%s holds %d results already: going on with the other %d", args.output_file, done, total - done)
-    try:
-        return asyncio.run(run_batch(args, total, done))
-    except KeyboardInterrupt:
-        print(f"stopped: the results in {args.output_file} are kept; run the same command again to go on",
-              file=sys.stderr)
-        return 130
+        logger.info("%s holds the results of all %d requests already", output_path, total)
+    else:
+        if done:
+            logger.info("%s holds %d results already: going on with the other %d", output_path, done, total - done)
+        try:
+            status = asyncio.run(run_batch(args, input_path, output_path, total, done))
+        except KeyboardInterrupt:
+            print(f"stopped: the results in {output_path} are kept; run the same command again to go on",
+                  file=sys.stderr)
+            return 130
+        if status:
+            return status
+    if _is_url(args.output_file):
+        try:
+            upload(output_path, args.output_file)
+        except OSError as err:
+            print(f"error: cannot upload the results to {args.output_file}: {err}; they are in {output_path}: run "
+                  "the same command again to upload them", file=sys.stderr)
+            return 1
+        os.unlink(output_path)
+        logger.info("uploaded the results to %s", args.output_file)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
