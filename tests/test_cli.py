@@ -1,6 +1,7 @@
 """The pagedllm command line: generate (resumable dataset generation), help."""
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -85,6 +86,19 @@ def test_malformed_lines_are_named_or_skipped_and_counted(model, tmp_path, capsy
     assert "skipped line 3" in err and "duplicate id 1" in err and "skipped line 6" in err
     assert "skipped 4 bad lines" in err
     assert sorted(r["id"] for r in read_results(out)) == [1, 4]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"]])
+def test_the_server_commands_without_the_servers_packages_say_what_to_install(model, command, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+
+    def without_fastapi(name, *args):
+        return None if name == "fastapi" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_fastapi)
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--model", model])
+    assert stopped.value.code == 2 and "pip install 'pagedllm[server]'" in capsys.readouterr().err
 
 
 def test_help_lists_the_commands():

@@ -1,6 +1,7 @@
 """The ``pagedllm`` command (also ``python -m pagedllm``): generate, run-batch, serve, bench."""
 
 import argparse
+import importlib.util
 import sys
 
 from pagedllm.entrypoints import bench, generate
@@ -51,6 +52,8 @@ def bad_setting(args: argparse.Namespace) -> str | None:
     anything loads (the engine's not with --ray: its workers, not this machine, have the model)."""
     from pagedllm.sampling_params import SamplingParams
 
+    if args.command in ("serve", "run-batch") and importlib.util.find_spec("fastapi") is None:
+        return f"{args.command} needs the server's packages: pip install 'pagedllm[server]'"
     if not getattr(args, "ray", None) and (error := engine_setting_error(args)):
         return error
     if args.command == "generate":
