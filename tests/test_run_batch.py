@@ -123,16 +123,41 @@ def test_a_bad_line_is_named_before_the_model_loads(model, tmp_path, capsys, not
     assert said in capsys.readouterr().err and not out.exists()
 
 
+def test_vllms_metrics_flags_serve_the_servers_metrics_while_it_runs(model, tmp_path, monkeypatch):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = []
+    post = run_batch_module.post
+
+    async def post_and_look(app, path, body):
+        if not seen:  # (the metrics' own thread answers, whatever this loop does)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                seen.append(response.read().decode())
+        return await post(app, path, body)
+
+    monkeypatch.setattr(run_batch_module, "post", post_and_look)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [completion("a", "x")])
+    assert run_batch(model, inp, out, "--enable-metrics", "--url", "127.0.0.1", "--port", str(port),
+                     "--response-role", "assistant", "--enable-force-include-usage") == 0
+    assert "pagedllm:num_requests_running" in seen[0]
+
+
 @pytest.mark.parametrize("files, said", [
     (("missing.jsonl", "out.jsonl"), "--input-file: no file"),
     (("in.jsonl", "in.jsonl"), "--output-file: the same file as --input-file"),
     (("in.jsonl", "no/such/folder/out.jsonl"), "--output-file: no folder"),
     (("in.jsonl", "."), "is a directory"),
+    (("in.jsonl", "out.jsonl", "--response-role", "user"), "--response-role: chat answers here are the assistant's"),
 ])
 def test_files_that_cannot_be_read_or_written_are_named_first(model, tmp_path, capsys, nothing_loads, files, said):
     write_lines(tmp_path / "in.jsonl", [completion("a", "x")])
     with pytest.raises(SystemExit) as stopped:
-        run_batch(model, *(tmp_path / name for name in files))
+        run_batch(model, *(tmp_path / name for name in files[:2]), *files[2:])
     assert stopped.value.code == 2 and said in capsys.readouterr().err
 
 

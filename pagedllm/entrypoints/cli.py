@@ -63,7 +63,7 @@ def bad_setting(args: argparse.Namespace) -> str | None:
             return str(err)
         return generate.file_error(args.input, args.output)
     if args.command == "run-batch":
-        return run_batch.file_error(args)
+        return run_batch.setting_error(args)
     return None
 
 

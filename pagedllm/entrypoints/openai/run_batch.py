@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to PUT it to once complete")
     parser.add_argument("--output-tmp-dir", help="with an output URL: the folder for the results until they are "
                                                  "uploaded (default: the system's temporary folder)")
+    parser.add_argument("--enable-metrics", action="store_true",
+                        help="serve the server's Prometheus metrics at http://URL:PORT/metrics while the batch runs")
+    parser.add_argument("--url", help="with --enable-metrics: the address to serve them on (default: --host)")
+    parser.add_argument("--response-role", default="assistant", help="vLLM's: the role of chat answers (assistant)")
+    parser.add_argument("--enable-force-include-usage", action="store_true",
+                        help="accepted for vLLM commands: every result carries its usage here")
     parser.add_argument("--model", required=True, help="model directory or hub id")
     engine_args(parser)
 
@@ -60,11 +66,13 @@ def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
-def file_error(args: argparse.Namespace) -> str | None:
-    """What keeps the job from reading its input or writing its results, before anything loads
-    (a URL's side is tried when the job starts)."""
+def setting_error(args: argparse.Namespace) -> str | None:
+    """A flag that could never run, or what keeps the job from reading its input or writing its
+    results, said before anything loads (a URL's side is tried when the job starts)."""
     from pagedllm.entrypoints.generate import file_error
 
+    if args.response_role != "assistant":
+        return f"--response-role: chat answers here are the assistant's, not {args.response_role!r}"
     if args.output_tmp_dir is not None and not os.path.isdir(args.output_tmp_dir):
         return f"--output-tmp-dir: no folder {args.output_tmp_dir!r}"
     return file_error(None if _is_url(args.input_file) else args.input_file,
@@ -272,6 +280,12 @@ async def run_batch(args: argparse.Namespace, input_path: str, output_path: str,
     args.api_key = None  # (no client here to give one)
     server = build_server(args)
     app = server.app()
+    metrics = None
+    if args.enable_metrics:
+        from prometheus_client import start_http_server
+
+        metrics, _ = start_http_server(args.port, args.url or args.host, registry=server.metrics.registry)
+        logger.info("metrics at http://%s:%d/metrics", args.url or args.host, args.port)
     # Requests started and not yet written, at most: enough to keep the engine full, and a bound on
     # the results held back behind a long request before them (memory, and what a crash would lose).
     unwritten = asyncio.Semaphore(_UNWRITTEN_PER_SEQ * server.engine.config.max_num_seqs)
@@ -305,6 +319,8 @@ async def run_batch(args: argparse.Namespace, input_path: str, output_path: str,
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         server.shutdown()
     if stopped or server.engine.error is not None:
         logger.error("the engine stopped (%r): %d of %d results written; run again to go on", server.engine.error,
