@@ -60,8 +60,9 @@ class DataParallelEngine:
         self.waiting: OrderedDict[str, tuple] = OrderedDict()
         self.placed: dict[str, _Replica] = {}  # request id -> the replica running it
         self.copies = RequestCopies(self.tokenizer)  # the requests out, whose outputs are built here
-        logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
-                    config.tensor_parallel_size)
+        if len(self.replicas) > 1:  # (one replica is just the engine in a process of its own)
+            logger.info("data parallelism: %d replicas of %d GPU(s) each", len(self.replicas),
+                        config.tensor_parallel_size)
 
     def get_tokenizer(self):
         return self.tokenizer
