@@ -177,28 +177,31 @@ def check_input(path: str, model_names: list[str]) -> int:
 
 def results_written(output: str, input_path: str) -> int:
     """How many results ``output`` holds: those of the input's first requests, in order, each on a
-    whole line. A last line a crash cut short is cut off the file; results of other requests are
-    BadBatch (a new output file is wanted)."""
+    whole line (read as a stream: an output may be large). A last line a crash cut short is cut
+    off the file; results of other requests are BadBatch (a new output file is wanted)."""
     if not os.path.exists(output):
         return 0
+    count, whole_bytes, requests = 0, 0, requests_in(input_path)
     with open(output, "rb") as f:
-        lines = f.readlines()
-    whole = len(lines) if not lines or lines[-1].endswith(b"\n") else len(lines) - 1
-    ids = []
-    for number, text in enumerate(lines[:whole], 1):
-        try:
-            ids.append(json.loads(text)["custom_id"])
-        except (ValueError, KeyError, TypeError):
-            raise BadBatch(f"--output-file {output!r}: line {number} is not a result line") from None
-    if whole < len(lines):
+        for text in f:
+            if not text.endswith(b"\n"):  # the last line, cut short
+                break
+            count += 1
+            try:
+                done = json.loads(text)["custom_id"]
+            except (ValueError, KeyError, TypeError):
+                raise BadBatch(f"--output-file {output!r}: line {count} is not a result line") from None
+            request = next(requests, None)
+            if request is None or request[1] != done:
+                theirs = "no request" if request is None else f"{request[1][:100]!r}"
+                raise BadBatch(f"--output-file {output!r} holds results of other requests (its line {count} is "
+                               f"{str(done)[:100]!r}'s result, the input's request {count} is {theirs}): give a "
+                               "new output file")
+            whole_bytes += len(text)
+    if whole_bytes < os.path.getsize(output):
         with open(output, "r+b") as f:
-            f.truncate(sum(len(line) for line in lines[:whole]))
-    for (number, custom_id, _, _), done in zip(requests_in(input_path), ids, strict=False):
-        if custom_id != done:
-            raise BadBatch(f"--output-file {output!r} holds results of other requests (its line {len(ids)} at most; "
-                           f"input line {number} is {custom_id[:100]!r}, the result {str(done)[:100]!r}): give a "
-                           "new output file")
-    return len(ids)
+            f.truncate(whole_bytes)
+    return count
 
 
 class _NoClientLeaves:
