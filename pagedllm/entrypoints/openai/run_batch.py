@@ -149,27 +149,34 @@ def _request(number: int, text: bytes) -> tuple[str, str, dict]:
 
 
 def check_input(path: str, model_names: list[str]) -> int:
-    """The number of requests in the file; BadBatch naming its bad lines (all of it is read). A
-    body that names a model other than ``model_names`` is one: each such request would fail."""
-    errors, seen, other_models = [], set(), {}
+    """The number of requests in the file; BadBatch naming its first bad lines (all of it is read).
+    A body that names a model other than ``model_names`` is one: each such request would fail."""
+    errors, num_errors, seen, other_models = [], 0, set(), {}  # other model -> (its first line, lines)
+
+    def bad(problem: str) -> None:
+        nonlocal num_errors
+        num_errors += 1
+        if len(errors) < _ERRORS_SAID:  # (a file of a million bad lines keeps ten messages)
+            errors.append(problem)
+
     for number, text in _lines(path):
         try:
             custom_id, _, body = _request(number, text)
         except BadBatch as err:
-            errors.append(str(err))
+            bad(str(err))
             continue
         if custom_id in seen:
-            errors.append(f"line {number}: custom_id {custom_id[:100]!r} is an earlier line's too")
+            bad(f"line {number}: custom_id {custom_id[:100]!r} is an earlier line's too")
         if isinstance(body.get("model"), str) and body["model"] not in model_names:
-            other_models.setdefault(body["model"], []).append(number)
+            first, count = other_models.get(body["model"], (number, 0))
+            other_models[body["model"]] = (first, count + 1)
         seen.add(custom_id)
-    for model, numbers in list(other_models.items())[:_ERRORS_SAID]:
-        lines = f"line {numbers[0]}" + (f" and {len(numbers) - 1} more" if len(numbers) > 1 else "")
-        errors.append(f"{lines}: body.model {model[:100]!r} is not the model run here "
-                      f"({', '.join(map(repr, model_names))}; --served-model-name names it)")
+    for model, (first, count) in other_models.items():
+        bad(f"line {first}{f' and {count - 1} more' if count > 1 else ''}: body.model {model[:100]!r} is not the "
+            f"model run here ({', '.join(map(repr, model_names))}; --served-model-name names it)")
     if errors:
-        more = f"; and {len(errors) - _ERRORS_SAID} more" if len(errors) > _ERRORS_SAID else ""
-        raise BadBatch(f"{path}: " + "; ".join(errors[:_ERRORS_SAID]) + more)
+        more = f"; and {num_errors - len(errors)} more" if num_errors > len(errors) else ""
+        raise BadBatch(f"{path}: " + "; ".join(errors) + more)
     if not seen:
         raise BadBatch(f"{path}: no requests in it")
     return len(seen)
