@@ -242,21 +242,20 @@ async def post(app, path: str, body: bytes) -> tuple[int, bytes]:
     try:
         await app(scope, _NoClientLeaves(body), send)
     except Exception as err:  # a bug: Starlette raises it again after its 500 (uvicorn would log it): this line's
-        from pagedllm.entrypoints.openai.errors import error_body
-
         logger.exception("request to %s failed", path)
         if not chunks:
-            return 500, json.dumps(error_body(500, f"internal error: {type(err).__name__}: {err}")).encode()
+            return 500, f"internal error: {type(err).__name__}: {err}".encode()  # (result_line frames it)
     return status, b"".join(chunks)
 
 
 def result_line(custom_id: str, status: int, answer: bytes) -> str:
     """OpenAI's batch output line for one request's answer."""
+    from pagedllm.entrypoints.openai.errors import error_body
+
     try:
         body = json.loads(answer)
-    except ValueError:
-        body = {"error": {"message": answer.decode(errors="replace")[:1000], "type": "InternalServerError",
-                          "param": None, "code": status}}
+    except ValueError:  # (not the app's JSON: its text as OpenAI's error JSON, as the server's errors are)
+        body = error_body(status, answer.decode(errors="replace")[:1000])
     ok = status == 200
     request_id = body.get("id") if ok and isinstance(body, dict) else None
     return json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
