@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, gpu_peaks, warm_up_gpu, write_result  # noqa: E402
 from pagedllm_kernels.elementwise import silu_and_mul  # noqa: E402
 from pagedllm_kernels.fused_moe import fused_moe  # noqa: E402
-from pagedllm_kernels.reference import fused_moe_ref  # noqa: E402
+from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 TOKENS = (1, 64, 256, 2048, 8192)
@@ -43,11 +43,11 @@ def bench(name: str, num_tokens: int, peaks: dict) -> dict:
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
     weights, ids = torch.randn(num_tokens, experts, device="cuda", generator=g).softmax(-1).topk(top_k)
     ms = do_bench_cudagraph(lambda: fused_moe(x, w13, w2, weights, ids, silu_and_mul), rep=100, return_mode="median")
-    expected = fused_moe_ref(x, w13, w2, weights, ids, torch.nn.functional.silu)
+    expected = fused_moe_ref(x, w13, w2, weights, ids, silu_and_mul_ref)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(3):
-        fused_moe_ref(x, w13, w2, weights, ids, torch.nn.functional.silu)
+        fused_moe_ref(x, w13, w2, weights, ids, silu_and_mul_ref)
     torch.cuda.synchronize()
     peer_ms = (time.perf_counter() - start) / 3 * 1e3
     got = fused_moe(x, w13, w2, weights, ids, silu_and_mul)

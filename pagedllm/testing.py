@@ -15,6 +15,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GptOssConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -87,7 +88,19 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
     "gemma2": Gemma2Config(num_key_value_heads=2, head_dim=32, sliding_window=24, query_pre_attn_scalar=24,
                            attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
                            **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
+    # gpt-oss: sliding and full layers in turn, YaRN rotary, attention sinks, biases everywhere, 4 experts
+    # top-2 with biases and a clamp low enough to bite (both kinds of bias and the sinks drawn in
+    # build_tiny_checkpoint: HF starts them at zero or near it)
+    "gpt-oss": GptOssConfig(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=24, swiglu_limit=1.0,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                             "original_max_position_embeddings": 64},
+                            **{**_LLAMA_LIKE, "intermediate_size": 48}),
 }
+# Parameters HF initializes at zero or small that a tiny model draws at random, so that a model that
+# drops them cannot pass for one that applies them.
+_DRAWN = {"gpt-oss": ("_bias", "sinks")}
 
 
 def _corpus() -> list[str]:
@@ -115,6 +128,9 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0,
     """Save a tiny random model of ``kind`` (a key of TINY_CONFIGS) and a tokenizer in ``path``."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind])
+    for name, param in model.named_parameters():
+        if name.endswith(_DRAWN.get(kind, ())):
+            param.data.normal_(0.0, 1.0)
     model.save_pretrained(path)
     (tokenizer or build_tokenizer()).save_pretrained(path)
     return path

@@ -16,9 +16,10 @@ from pagedllm_kernels.pdl import pdl, wait_for_previous
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # num_pairs varies by step: one compiled kernel for all
-def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr,
-                         num_pairs, n, k, top_k, stride_a, stride_we, stride_wn, stride_out,
+def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, weights_ptr, sorted_pairs_ptr,
+                         block_experts_ptr, num_pairs, n, k, top_k, stride_a, stride_we, stride_wn, stride_out,
                          ROW_PER_PAIR: tl.constexpr, MUL_WEIGHTS: tl.constexpr, W_SCALED: tl.constexpr,
+                         BIAS: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
@@ -40,6 +41,9 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr, sorted
         acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # FP8 weights widen to a's dtype
     if W_SCALED:  # one scale per expert and output row
         acc *= tl.load(w_scale_ptr + expert * n + cols, mask=cols < n, other=0.0)[None, :]
+    if BIAS:  # one per expert and output column (gpt-oss), rounded to the output's dtype as HF adds it
+        b = tl.load(bias_ptr + expert * n + cols, mask=cols < n, other=0.0)
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + b.to(tl.float32)[None, :]
     if MUL_WEIGHTS:
         acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :],
@@ -66,21 +70,23 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
     return sorted_pairs, torch.where(block_experts < num_experts, block_experts, -1)
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, out: torch.Tensor,
-                  sorted_pairs: torch.Tensor, block_experts: torch.Tensor, top_k: int, block_m: int,
-                  row_per_pair: bool, weights: torch.Tensor | None = None) -> None:
-    """``out[pair] = a[row] @ (w[expert] * w_scale[expert]).T`` (times the pair's weight), where row
-    is the pair's token, or with ``row_per_pair`` the pair itself."""
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  out: torch.Tensor, sorted_pairs: torch.Tensor, block_experts: torch.Tensor, top_k: int,
+                  block_m: int, row_per_pair: bool, weights: torch.Tensor | None = None) -> None:
+    """``out[pair] = a[row] @ (w[expert] * w_scale[expert]).T + bias[expert]`` (times the pair's
+    weight), where row is the pair's token, or with ``row_per_pair`` the pair itself."""
     num_pairs, (n, k) = out.shape[0], w.shape[1:]
     block_n, block_k, num_warps, num_stages = _tile(block_m, row_per_pair, a.element_size(), a.device)
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     grid = (len(block_experts), triton.cdiv(n, block_n))
-    _grouped_gemm_kernel[grid](a, w, w_scale if w_scale is not None else out, out,
+    assert bias is None or bias.is_contiguous()
+    _grouped_gemm_kernel[grid](a, w, w_scale if w_scale is not None else out, bias if bias is not None else out, out,
                                weights if weights is not None else out, sorted_pairs, block_experts,
                                num_pairs, n, k, top_k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
                                ROW_PER_PAIR=row_per_pair, MUL_WEIGHTS=weights is not None,
-                               W_SCALED=w_scale is not None,  # float32 stays float32 below (no TF32)
+                               W_SCALED=w_scale is not None, BIAS=bias is not None,
+                               # float32 stays float32 (no TF32)
                                PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
                                num_stages=num_stages, **pdl(a))
@@ -110,11 +116,13 @@ def _tile(block_m: int, down: bool, element_size: int, device: torch.device) -> 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, activation_and_mul: Callable[[torch.Tensor], torch.Tensor],
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
     """Same result as ``fused_moe_ref`` (``activation_and_mul`` maps ``[rows, 2I]`` gate|up to
-    ``[rows, I]``), with x ``[tokens, H]`` contiguous in its last dimension. FP8 weights come with
-    float32 scales per expert and row (``[E, 2I, 1]``, ``[E, H, 1]``): they are read as FP8 (half
-    the bytes, which decode batches are bound by) and widened to x's dtype for the products."""
+    ``[rows, I]``; biases ``b13``/``b2`` optional), with x ``[tokens, H]`` contiguous in its last
+    dimension. FP8 weights come with float32 scales per expert and row (``[E, 2I, 1]``,
+    ``[E, H, 1]``): they are read as FP8 (half the bytes, which decode batches are bound by) and
+    widened to x's dtype for the products."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     num_pairs = num_tokens * top_k
@@ -124,9 +132,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     block_m = 16 if per_expert <= 8 else 32 if per_expert <= 16 else 64 if per_expert <= 64 else 128
     sorted_pairs, block_experts = sort_by_expert(topk_ids, num_experts, block_m)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, w13_scale, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
+    _grouped_gemm(x, w13, w13_scale, b13, gate_up, sorted_pairs, block_experts, top_k, block_m, row_per_pair=False)
     hidden = activation_and_mul(gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(hidden, w2, w2_scale, down, sorted_pairs, block_experts, top_k, block_m, row_per_pair=True,
+    _grouped_gemm(hidden, w2, w2_scale, b2, down, sorted_pairs, block_experts, top_k, block_m, row_per_pair=True,
                   weights=topk_weights.flatten())
     return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)

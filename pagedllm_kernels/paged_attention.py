@@ -72,13 +72,23 @@ def _scores(qk, scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+def _softmax_start(sinks_ptr, heads, valid, SINKS: tl.constexpr, ROWS: tl.constexpr):
+    """The online softmax's running max and sum before any key: empty, or with attention sinks
+    (gpt-oss) the sink's logit as one more key whose value is zero."""
+    if SINKS:
+        row_max = tl.load(sinks_ptr + heads, mask=valid, other=float("-inf")) * 1.4426950408889634  # base 2
+        return row_max, tl.where(valid, 1.0, 0.0)
+    return tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
                    out_ptr, row_max_ptr, row_sum_ptr, scale_log2, softcap_log2, sliding_window, v_scale,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -99,8 +109,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
     q = _in_compute_dtype(q, k_cache_ptr)
 
-    row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    row_sum = tl.zeros([GROUP_PAD], tl.float32)
+    # a sink is counted once, by the first split (the reduce kernel merges it with the others)
+    row_max, row_sum = _softmax_start(sinks_ptr, heads, g < tl.where(split == 0, GROUP, 0), SINKS, GROUP_PAD)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -174,12 +184,12 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # num_seqs varies by step: one compiled kernel for all
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, sinks_ptr,
                     out_ptr, scale_log2, softcap_log2, sliding_window, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
+                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     # Last blocks first: a sequence's later query blocks see more keys, and starting the longest
     # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
@@ -216,8 +226,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                 mask=io_mask, other=0.0)
     q = _in_compute_dtype(q, k_cache_ptr)
 
-    row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    row_max, row_sum = _softmax_start(sinks_ptr, heads, g < GROUP, SINKS, BLOCK_Q * GROUP_PAD)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
     k_hi = prefix_len + tl.minimum(q_len, first_q + BLOCK_Q)
     masked_from = 0
@@ -270,9 +279,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     scale: float, sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0, *,
                     max_query_len: int, max_context_len: int, num_splits: int | None = None,
-                    softcap: float = 0.0) -> torch.Tensor:
-    """Same contract as ``paged_attention_ref``; ``max_query_len``/``max_context_len`` are host
-    ints (no device sync). ``num_splits`` forces the decode split count (tests)."""
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ``paged_attention_ref`` (``sinks`` in float32); ``max_query_len``/
+    ``max_context_len`` are host ints (no device sync). ``num_splits`` forces the decode split
+    count (tests)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(query)
@@ -281,7 +291,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = num_heads // num_kv_heads
     common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
                   BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=softcap > 0)
+                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=softcap > 0,
+                  SINKS=sinks is not None)
+    assert sinks is None or (sinks.dtype == torch.float32 and sinks.shape == (num_heads,))
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and query.stride(2) == 1
     window = sliding_window or 0
@@ -293,7 +305,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         config = prefill_config(head_dim, common["GROUP_PAD"], num_tokens, num_seqs, max_context_len)
         grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
-            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale_log2, softcap_log2, window,
+            query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, sinks, out, scale_log2, softcap_log2,
+            window,
             v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
             **config, **common, **pdl(query),
@@ -313,8 +326,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, partial, row_max, row_sum, scale_log2, softcap_log2,
-        window, v_scale,
+        query, k_cache, v_cache, block_tables, context_lens, sinks, partial, row_max, row_sum, scale_log2,
+        softcap_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common, **pdl(query),
     )

@@ -76,6 +76,7 @@ def paged_attention_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat, unpadded batch of new tokens against their paged context.
 
@@ -86,7 +87,9 @@ def paged_attention_ref(
     cached prefix has several. ``sliding_window`` w lets a query see only the last w
     positions (itself included), as Mistral does. An FP8 cache is read times ``k_scale`` and
     ``v_scale``. ``softcap`` > 0 caps the scores at +-softcap, ``softcap * tanh(score / softcap)``
-    (Gemma 2's ``attn_logit_softcapping``).
+    (Gemma 2's ``attn_logit_softcapping``). ``sinks`` ``[num_heads]`` (gpt-oss's attention sinks):
+    each head's softmax has one more logit, ``sinks[head]``, whose value is zero, so a query may
+    attend to nothing.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -106,11 +109,17 @@ def paged_attention_ref(
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
         q, k, v = query[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if softcap > 0:  # as HF's eager attention: capped scores, masked, softmax in float32
+        if softcap > 0 or sinks is not None:  # as HF's eager attention: scores, masked, softmax in float32
             group = num_heads // num_kv_heads
             scores = q @ k.repeat_interleave(group, 0).transpose(1, 2) * scale
-            scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
-            o = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v.repeat_interleave(group, 0)
+            if softcap > 0:
+                scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask, float("-inf")).float()
+            if sinks is not None:
+                sink = sinks.float()[:, None, None].expand(-1, scores.shape[1], 1)
+                scores = torch.cat((scores, sink), dim=-1)
+            probs = scores.softmax(-1)[..., :context_len]  # (a sink's column, if any, dropped)
+            o = probs.to(q.dtype) @ v.repeat_interleave(group, 0)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                enable_gqa=num_heads != num_kv_heads)
@@ -217,18 +226,20 @@ def seeded_exponential_ref(noise: torch.Tensor, rows: torch.Tensor, seeds: torch
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor],
-                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, activation_and_mul: Callable[[torch.Tensor], torch.Tensor],
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
     """Mixture of experts as HF computes it, expert by expert: each token's ``top_k`` experts
-    ``w2[e] @ (act(gate) * up)`` with ``gate, up = w13[e] @ x`` (``w13 [E, 2I, H]``, ``w2 [E, H, I]``),
-    weighted by ``topk_weights`` (float32) and summed in x's dtype. FP8 weights are dequantized
-    with their scales per expert and row first."""
+    ``w2[e] @ activation_and_mul(w13[e] @ x)`` (``w13 [E, 2I, H]``: gate rows then up rows, which
+    ``activation_and_mul`` maps to ``[.., I]``; ``w2 [E, H, I]``), plus the experts' biases where
+    given (``b13 [E, 2I]``, ``b2 [E, H]``: gpt-oss's), weighted by ``topk_weights`` (float32) and
+    summed in x's dtype. FP8 weights are dequantized with their scales per expert and row first."""
     if w13_scale is not None:
         w13, w2 = (w13.float() * w13_scale).to(x.dtype), (w2.float() * w2_scale).to(x.dtype)
     out = torch.zeros_like(x)
     for expert in topk_ids.unique().tolist():
         tokens, slots = torch.where(topk_ids == expert)
-        gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
-        expert_out = F.linear(activation(gate) * up, w2[expert])
+        gate_up = F.linear(x[tokens], w13[expert], b13[expert] if b13 is not None else None)
+        expert_out = F.linear(activation_and_mul(gate_up), w2[expert], b2[expert] if b2 is not None else None)
         out.index_add_(0, tokens, (expert_out * topk_weights[tokens, slots, None]).to(x.dtype))
     return out

@@ -193,7 +193,7 @@ def test_min_tokens_bans_stop_tokens_until_reached(tiny_checkpoint, hf_reference
     assert len(out.token_ids) >= 3
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "phi3", "gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "phi3", "gemma2", "gemma3", "qwen3", "gpt-oss"])
 def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference, monkeypatch):
     """The whole engine through the Triton kernels (under the interpreter on CPU), chunked prefill
     included; the rotary kernel writes the KV cache wherever the whole head rotates, as on CUDA

@@ -8,9 +8,10 @@ import torch
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 
 
-def dense_attention(q, k, v, scale, sliding_window=None, softcap=0.0):
+def dense_attention(q, k, v, scale, sliding_window=None, softcap=0.0, sinks=None):
     """q ``[q_len, H, D]`` are the last q_len positions of k/v ``[ctx, Hkv, D]``; ``softcap`` as
-    Gemma 2's eager attention in HF transformers (scores / cap, tanh, times cap)."""
+    Gemma 2's eager attention in HF transformers (scores / cap, tanh, times cap); ``sinks`` ``[H]``
+    as gpt-oss's: weights ``exp(score) / (sum of exp(scores) + exp(sink))``."""
     q_len, num_heads, _ = q.shape
     ctx, num_kv_heads, _ = k.shape
     k = k.repeat_interleave(num_heads // num_kv_heads, dim=1).double()
@@ -24,7 +25,13 @@ def dense_attention(q, k, v, scale, sliding_window=None, softcap=0.0):
     if sliding_window:
         allowed &= k_pos > q_pos - sliding_window
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    if sinks is None:
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    sink = sinks.double()[:, None]
+    top = torch.maximum(scores.amax(-1), sink)
+    weights = (scores - top[..., None]).exp()
+    weights = weights / (weights.sum(-1) + (sink - top).exp())[..., None]
+    return torch.einsum("hqk,khd->qhd", weights, v)
 
 
 def paged_batch(context_lens, query_lens, num_kv_heads, head_dim, block_size, seed=0):
@@ -52,7 +59,8 @@ def paged_batch(context_lens, query_lens, num_kv_heads, head_dim, block_size, se
 @pytest.mark.parametrize("gqa", [1, 2, 4, 8])
 @pytest.mark.parametrize("sliding_window", [None, 7])
 @pytest.mark.parametrize("softcap", [0.0, 1.5])  # 1.5: below these scores' spread, so the cap changes them
-def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window, softcap):
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window, softcap, with_sinks):
     block_size, head_dim, num_kv_heads = 4, 16, 2
     num_heads = num_kv_heads * gqa
     # decodes and prefill chunks over cached prefixes; contexts on and just past block boundaries
@@ -62,10 +70,12 @@ def test_mixed_prefill_and_decode_batch_equals_dense(gqa, sliding_window, softca
                                                              head_dim, block_size)
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1))
     scale = head_dim**-0.5
+    # sinks about as large as the scores, so that they take a real share of each softmax
+    sinks = torch.randn(num_heads, generator=torch.Generator().manual_seed(2)) * 2 if with_sinks else None
     out = paged_attention_ref(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), cu,
-                              scale, sliding_window, softcap=softcap)
+                              scale, sliding_window, softcap=softcap, sinks=sinks)
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        expected = dense_attention(q[cu[i]:cu[i + 1]], k, v, scale, sliding_window, softcap)
+        expected = dense_attention(q[cu[i]:cu[i + 1]], k, v, scale, sliding_window, softcap, sinks)
         torch.testing.assert_close(out[cu[i]:cu[i + 1]].double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,6 +1,7 @@
 """Every Triton kernel equals its torch reference (on CPU under TRITON_INTERPRET=1, at small shapes;
 on a GPU for real, with real head layouts)."""
 
+import functools
 import math
 
 import pytest
@@ -18,7 +19,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
-             sliding_window=None, num_splits=None, seed=0, softcap=0.0):
+             sliding_window=None, num_splits=None, seed=0, softcap=0.0, sinks=None):
     k_cache, v_cache, tables, _, _, cu = paged_batch(context_lens, query_lens, num_kv_heads, head_dim,
                                                      block_size, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -27,9 +28,10 @@ def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_
                                    torch.tensor(context_lens, dtype=torch.int32), cu)]
     scale = head_dim**-0.5
     expected = paged_attention_ref(*[a.float() if a.is_floating_point() else a for a in args], scale,
-                                   sliding_window, softcap=softcap)
+                                   sliding_window, softcap=softcap, sinks=sinks)
     out = paged_attention(*args, scale, sliding_window, max_query_len=max(query_lens),
-                          max_context_len=max(context_lens), num_splits=num_splits, softcap=softcap)
+                          max_context_len=max(context_lens), num_splits=num_splits, softcap=softcap,
+                          sinks=sinks.to(DEVICE) if sinks is not None else None)
     assert out.dtype == dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
@@ -78,6 +80,20 @@ def test_soft_capped_scores_in_decode_and_prefill(sliding_window, num_splits):
     context_lens = [3, 64, 130, 200]
     run_both(context_lens, [1] * 4, 8, 2, 32, 16, torch.float16, sliding_window, num_splits, softcap=1.5)
     run_both(context_lens, [3, 20, 130, 1], 8, 2, 32, 16, torch.float16, sliding_window, softcap=1.5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 40])
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_attention_sinks_in_decode_and_prefill(sliding_window, num_splits):
+    """gpt-oss's attention sinks: one more logit per head in each softmax, counted once across a
+    decode's splits (contexts of 3 leave later splits empty). Sinks from far below the scores to
+    far above them (where a query attends to almost nothing), so a kernel that drops them fails."""
+    sinks = torch.tensor([-30.0, -1.0, 0.0, 0.5, 1.5, 3.0, 8.0, 60.0])
+    context_lens = [3, 64, 130, 200]
+    run_both(context_lens, [1] * 4, 8, 2, 32, 16, torch.float16, sliding_window, num_splits, sinks=sinks)
+    if num_splits == 1:
+        run_both(context_lens, [3, 20, 130, 1], 8, 2, 32, 16, torch.float16, sliding_window, sinks=sinks)
+        run_both([30, 9], [12, 9], 6, 2, 64, 16, torch.float32, sliding_window, sinks=sinks[:6])  # group of 3
 
 
 def test_prefill_non_power_of_two_group():  # Qwen2.5-0.5B: 14 query heads on 2 KV heads
@@ -296,10 +312,33 @@ def test_fused_moe_matches_reference(dtype, num_tokens, num_experts, top_k):
     w13 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=g) / 7).to(dtype)
     w2 = (torch.randn(num_experts, hidden, intermediate, generator=g) / 7).to(dtype)
     weights, ids = torch.randn(num_tokens, num_experts, generator=g).softmax(-1).topk(top_k)
-    expected = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, torch.nn.functional.silu)
+    expected = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, silu_and_mul_ref)
     got = fused_moe(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)), silu_and_mul_ref).cpu()
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 37, 200])
+def test_fused_moe_with_biases_and_clamped_swiglu_matches_reference(num_tokens):
+    """gpt-oss's experts: biases on both products (the down one's added before the routing weight)
+    and its clamped activation (a limit within these values' range, so the clamp matters)."""
+    from pagedllm.layers.moe import clamped_swiglu
+    from pagedllm_kernels.fused_moe import fused_moe
+    from pagedllm_kernels.reference import fused_moe_ref
+
+    g = torch.Generator().manual_seed(num_tokens)
+    num_experts, hidden, intermediate = 6, 48, 40
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(num_experts, 2 * intermediate, hidden, generator=g) / 4
+    w2 = torch.randn(num_experts, hidden, intermediate, generator=g) / 7
+    b13, b2 = torch.randn(num_experts, 2 * intermediate, generator=g), torch.randn(num_experts, hidden, generator=g)
+    weights, ids = torch.randn(num_tokens, num_experts, generator=g).softmax(-1).topk(2)
+    act = functools.partial(clamped_swiglu, alpha=1.702, limit=1.5)
+    expected = fused_moe_ref(x, w13, w2, weights, ids, act, b13=b13, b2=b2)
+    got = fused_moe(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)), act, b13=b13.to(DEVICE),
+                    b2=b2.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expected, fused_moe_ref(x, w13, w2, weights, ids, act, b13=b13), atol=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -313,7 +352,7 @@ def test_fused_moe_reads_fp8_experts_with_their_row_scales(dtype):
     (w13, s13), (w2, s2) = (tuple(t.view(*w.shape[:2], -1) for t in quantize_rows_ref(w.reshape(-1, w.shape[-1])))
                             for w in experts)
     weights, ids = torch.randn(40, 6, generator=g).softmax(-1).topk(2)
-    silu = torch.nn.functional.silu
+    silu = silu_and_mul_ref
     expected = fused_moe_ref(x.float(), w13, w2, weights, ids, silu, s13, s2)
     got = fused_moe(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)), silu_and_mul_ref, s13.to(DEVICE),
                     s2.to(DEVICE)).cpu()

@@ -6,7 +6,9 @@ import os
 import torch
 import torch.nn as nn
 
+from pagedllm.distributed import tp_world_size
 from pagedllm.forward_context import get_attention_metadata
+from pagedllm.layers.linear import check_full_shape, copy_checked, shard_units
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import paged_attention, store_kv_cache
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
@@ -33,16 +35,24 @@ class Attention(nn.Module):
     """Takes flat q ``[num_tokens, num_heads * head_dim]`` and k, v with ``num_kv_heads``.
 
     ``k_cache``/``v_cache`` are this layer's views of the engine's KV cache and ``backend``
-    its kernels; the model runner sets both.
+    its kernels; the model runner sets both. With ``sinks`` (gpt-oss), each head's softmax has a
+    learned logit more, whose value is zero: the parameter ``sinks``, this rank's heads' part of
+    the checkpoint's ``[num_heads]``.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None, softcap: float | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None, sinks: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
         self.softcap = softcap or 0.0  # scores capped at +-softcap (Gemma 2), 0: not
+        self.sinks = None
+        if sinks:  # float32 whatever the model's dtype: the kernels add it to float32 scores
+            self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32))
+            self.sinks.weight_loader = self._load_sinks
+            self.sinks_shard = shard_units(num_heads * tp_world_size())  # (the rank is known while built)
+            self.sinks.full_shape = (self.sinks_shard.full_size,)
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = 1.0  # an FP8 cache holds K / k_scale and V / v_scale
         self.backend = "torch"
@@ -69,10 +79,15 @@ class Attention(nn.Module):
             out = paged_attention(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                   meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
                                   max_query_len=meta.max_query_len, max_context_len=meta.max_context_len,
-                                  softcap=self.softcap)
+                                  softcap=self.softcap, sinks=self.sinks)
         else:
             store_kv_cache_ref(k, v, self.k_cache, self.v_cache, slots, self.k_scale, self.v_scale)
             out = paged_attention_ref(q, self.k_cache, self.v_cache, tables, meta.context_lens,
                                       meta.cu_seqlens_q, self.scale, self.sliding_window, self.k_scale, self.v_scale,
-                                      self.softcap)
+                                      self.softcap, self.sinks)
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def _load_sinks(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        shard = self.sinks_shard
+        check_full_shape(loaded, param.full_shape)
+        copy_checked(param, loaded[shard.start : shard.start + shard.size])

@@ -1,16 +1,19 @@
-"""A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks each token's top_k
+"""A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, gpt-oss): a router picks each token's top_k
 experts; the experts' gated MLPs run as one fused kernel over their stacked weights. Under
 tensor parallelism every rank holds every expert's slice of the intermediate width (as a column-
 then row-parallel MLP) and one all-reduce sums the ranks' outputs."""
 
+import functools
+
 import torch
 import torch.nn as nn
+from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from pagedllm.distributed import all_reduce, tp_world_size
+from pagedllm.distributed import all_reduce, tp_rank, tp_world_size
 from pagedllm.layers.linear import check_full_shape, copy_checked, shard_units
 from pagedllm.layers.triton_ops import fused_moe, fused_on, silu_and_mul
-from pagedllm_kernels.reference import fused_moe_ref
+from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,11 +30,11 @@ class SparseMoeBlock(nn.Module):
     arrives with ``part``: ``2e`` (gate) or ``2e + 1`` (up) of w13, ``e`` of w2."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
-                 activation: str):
+                 activation: str, router_bias: bool = False):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.shard = shard_units(intermediate_size)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard.size))
         self.w13.weight_loader, self.w13.num_parts = self._load_w13, 2 * num_experts
@@ -39,21 +42,25 @@ class SparseMoeBlock(nn.Module):
         self.w13.full_shape = (num_experts, 2 * intermediate_size, hidden_size)
         self.w2.full_shape = (num_experts, hidden_size, intermediate_size)
         self.w13_scale = self.w2_scale = None  # [E, 2I, 1] and [E, H, 1] once quantized to FP8
+        self.b13 = self.b2 = None  # the experts' biases, where the checkpoint has them (gpt-oss)
         self.silu = activation == "silu"
         self.activation = ACT2FN[activation]
         self.tp_size = tp_world_size()
+        self.first_rank = tp_rank() == 0  # the ranks' outputs are summed: the down projection's bias added once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        scales = (self.w13_scale, self.w2_scale)
+        extra = (self.w13_scale, self.w2_scale, self.b13, self.b2 if self.first_rank else None)
         if fused_on(x):
-            out = fused_moe(x, self.w13, self.w2, weights, ids, silu_and_mul if self.silu else self._activation_and_mul,
-                            *scales)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, self.activation_and_mul, *extra)
         else:
-            out = fused_moe_ref(x, self.w13, self.w2, weights, ids, self.activation, *scales)
+            out = fused_moe_ref(x, self.w13, self.w2, weights, ids, self.activation_and_mul, *extra)
         return all_reduce(out) if self.tp_size > 1 else out
 
-    def _activation_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def activation_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``[rows, 2I]`` gate|up to ``[rows, I]``."""
+        if self.silu:
+            return (silu_and_mul if fused_on(gate_up) else silu_and_mul_ref)(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.activation(gate) * up
 
@@ -76,3 +83,52 @@ class SparseMoeBlock(nn.Module):
             return
         check_full_shape(loaded, full[1:], f"expert {part}'s down ")
         copy_checked(param[part], loaded[:, s.start : s.start + s.size])
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation of ``[rows, 2I]`` gate|up: ``(up + 1) * gate * sigmoid(alpha * gate)``
+    with gate clamped below ``limit`` and up within +-``limit``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class GptOssMoeBlock(SparseMoeBlock):
+    """gpt-oss's experts: a router with a bias (softmax over its top_k logits: the same weights as
+    ``route`` renormalizing), biases on both projections, ``clamped_swiglu``. Its checkpoint keeps
+    all experts in one tensor each, ``gate_up_proj [E, H, 2I]`` with gate and up columns
+    interleaved, ``down_proj [E, I, H]`` (the transposes of w13/w2), and ``[E, 2I]``/``[E, H]`` biases;
+    ``full_shape`` gives those shapes, so random weights load through the same loaders."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config.hidden_size, config.intermediate_size, config.num_local_experts,
+                         config.num_experts_per_tok, True, "silu", router_bias=True)
+        num_experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size))
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w13.full_shape, self.b13.full_shape = (num_experts, hidden, 2 * inter), (num_experts, 2 * inter)
+        self.w2.full_shape = (num_experts, inter, hidden)
+        self.w13.weight_loader, self.b13.weight_loader = self._load_gate_up, self._load_gate_up
+        self.w2.weight_loader = self._load_down
+        self.activation_and_mul = functools.partial(clamped_swiglu, alpha=getattr(config, "swiglu_alpha", 1.702),
+                                                    limit=config.swiglu_limit)
+
+    def _load_gate_up(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        """w13 from ``[E, H, 2I]`` or b13 from ``[E, 2I]``: this rank's gate columns (even) first,
+        then its up columns (odd)."""
+        s = self.shard
+        check_full_shape(loaded, param.full_shape)
+        span = slice(2 * s.start, 2 * (s.start + s.size))
+        if param.dim() == 3:
+            cols = loaded[:, :, span].transpose(1, 2)
+            gate, up = cols[:, 0::2], cols[:, 1::2]
+        else:
+            cols = loaded[:, span]
+            gate, up = cols[:, 0::2], cols[:, 1::2]
+        copy_checked(param[:, : s.size], gate)
+        copy_checked(param[:, s.size :], up)
+
+    def _load_down(self, param: nn.Parameter, loaded, part: int | None) -> None:
+        s = self.shard
+        check_full_shape(loaded, param.full_shape)
+        copy_checked(param, loaded[:, s.start : s.start + s.size].transpose(1, 2))

@@ -1,6 +1,6 @@
-"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it; Gemma's,
-which scales by ``1 + weight`` in float32 before rounding; and LayerNorm (OPT, GPT-2), fused the
-same way."""
+"""RMSNorm computed as HF's Llama does, optionally fused with the residual add before it; in float32
+(gpt-oss's) and Gemma's, which scales by ``1 + weight`` in float32 before rounding; and LayerNorm
+(OPT, GPT-2), fused the same way."""
 
 import torch
 import torch.nn as nn
@@ -29,15 +29,22 @@ class RMSNorm(nn.Module):
         return FP8Rows(*out, x.dtype) if residual is None else (FP8Rows(*out[0], x.dtype), out[1])
 
 
-class GemmaRMSNorm(RMSNorm):
-    """Gemma's checkpoints hold ``weight`` for a scale of ``1 + weight``: the 1 is added once, at
-    load, into a float32 parameter (in bfloat16 the sum would lose the weight's low bits)."""
+class Float32RMSNorm(RMSNorm):
+    """A float32 weight, scaling before the output is rounded (gpt-oss keeps its norms in float32)."""
 
     scale_in_float32 = True
 
     def __init__(self, size: int, eps: float):
         super().__init__(size, eps)
         self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32))
+
+
+class GemmaRMSNorm(Float32RMSNorm):
+    """Gemma's checkpoints hold ``weight`` for a scale of ``1 + weight``: the 1 is added once, at
+    load, into the float32 parameter (in bfloat16 the sum would lose the weight's low bits)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__(size, eps)
         self.weight.weight_loader = lambda param, loaded, part: copy_checked(param, loaded[:].float() + 1)
 
 

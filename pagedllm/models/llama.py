@@ -1,7 +1,8 @@
 """Llama and its close kin: Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Phi-3
 and Phi-4-mini (q/k/v and gate/up saved fused, partial rotary, LongRoPE), Granite (multipliers on
 the embeddings, attention scores, residual branches and logits), SmolLM3 (layers without rotary,
-"NoPE"), and the mixtures of experts Mixtral and Qwen3-MoE (a sparse MoE block in place of the MLP)."""
+"NoPE"), and the mixtures of experts Mixtral, Qwen3-MoE and gpt-oss (a sparse MoE block in place of the
+MLP; gpt-oss's attention has sinks and biases, its norms run in float32)."""
 
 from typing import TYPE_CHECKING
 
@@ -12,8 +13,8 @@ from transformers.activations import ACT2FN
 
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, shard_units
-from pagedllm.layers.moe import SparseMoeBlock
-from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm, add_and_norm
+from pagedllm.layers.moe import GptOssMoeBlock, SparseMoeBlock
+from pagedllm.layers.norm import Float32RMSNorm, GemmaRMSNorm, RMSNorm, add_and_norm
 from pagedllm.layers.quantization import FP8Rows
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_ops import fused_on, silu_and_mul
@@ -29,11 +30,16 @@ _MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
 # An expert's projection (Mixtral's names, Qwen3-MoE's) -> (our stacked weight, part of expert e: a * e + b).
 _EXPERT_PARTS = {"w1": ("w13", 2, 0), "gate_proj": ("w13", 2, 0), "w3": ("w13", 2, 1), "up_proj": ("w13", 2, 1),
                  "w2": ("w2", 1, 0), "down_proj": ("w2", 1, 0)}
+# gpt-oss's names: all experts in one tensor each (mlp.experts.{name}), the router, the sinks.
+_GPT_OSS_EXPERTS = {"gate_up_proj": "w13", "gate_up_proj_bias": "b13", "down_proj": "w2", "down_proj_bias": "b2"}
+_GPT_OSS_RENAMED = {"router": "gate", "sinks": "attn.sinks"}
 
 
 def moe_block(config: PretrainedConfig, layer_index: int) -> SparseMoeBlock | None:
     """The layer's mixture of experts, or None for a dense MLP (Qwen3-MoE's ``mlp_only_layers``
     and the layers ``decoder_sparse_step`` skips)."""
+    if config.model_type == "gpt_oss":
+        return GptOssMoeBlock(config)
     if config.model_type == "mixtral":  # every layer
         return SparseMoeBlock(config.hidden_size, config.intermediate_size, config.num_local_experts,
                               config.num_experts_per_tok, True, config.hidden_act)
@@ -53,6 +59,10 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     if layer_types:
         return [window if t == "sliding_attention" else None for t in layer_types]
     return [window] * config.num_hidden_layers
+
+
+def norm_class(config: PretrainedConfig) -> type[RMSNorm]:
+    return Float32RMSNorm if config.model_type == "gpt_oss" else RMSNorm
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -84,7 +94,8 @@ class LlamaAttention(nn.Module):
         if config.model_type == "granite":
             scale = config.attention_multiplier
         softcap = config.attn_logit_softcapping if config.model_type == "gemma2" else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, softcap)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, softcap,
+                              sinks=config.model_type == "gpt_oss")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -121,8 +132,9 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, sliding_window, rotary_emb)
         self.mlp = moe_block(config, layer_index) or LlamaMLP(config, config.hidden_act)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = norm_class(config)
+        self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)  # Granite's, on both branches
 
     def hand_fp8_to_linears(self) -> None:
@@ -154,7 +166,7 @@ class LlamaModel(nn.Module):
         rotary = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers  # SmolLM3's: 0 for NoPE
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, window, rotary_emb if rotary[i] else None, i)
                                     for i, window in enumerate(sliding_windows(config)))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)  # Granite's
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -185,6 +197,9 @@ class LlamaForCausalLM(nn.Module):
 
     def map_weight_name(self, name: str) -> tuple[str, int | None]:
         parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral's name for the MoE block
+        if len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in _GPT_OSS_EXPERTS:
+            return ".".join(parts[:-2] + [_GPT_OSS_EXPERTS[parts[-1]]]), None
+        parts = [_GPT_OSS_RENAMED.get(p, p) for p in parts]
         if len(parts) >= 4 and parts[-4] == "experts" and parts[-2] in _EXPERT_PARTS:  # experts.{e}.{proj}.weight
             stacked, a, b = _EXPERT_PARTS[parts[-2]]
             return ".".join(parts[:-4] + [stacked]), a * int(parts[-3]) + b

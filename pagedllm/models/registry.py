@@ -22,6 +22,7 @@ def _registry() -> dict[str, type[nn.Module]]:
         "SmolLM3ForCausalLM": LlamaForCausalLM,
         "MixtralForCausalLM": LlamaForCausalLM,
         "Qwen3MoeForCausalLM": LlamaForCausalLM,
+        "GptOssForCausalLM": LlamaForCausalLM,
         "Gemma2ForCausalLM": GemmaForCausalLM,
         "Gemma3ForCausalLM": GemmaForCausalLM,
         "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its language model, for text prompts
