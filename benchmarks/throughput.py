@@ -59,6 +59,7 @@ WORKLOADS = {w.name: w for w in [
     Workload("L1", "llama-3-8b", torch.bfloat16, 1, 128, 512, (1,)),
     Workload("L2", "qwen3-0.6b", torch.bfloat16, 1, 128, 512, (1,)),  # one stream where a step's fixed cost shows
     Workload("W5", "qwen3-30b-a3b", torch.bfloat16, 256, 256, 256),  # bf16 fits an H200; an H100 needs FP8
+    Workload("W6", "gpt-oss-20b", torch.bfloat16, 256, 256, 256),  # its MXFP4 experts run dequantized: 41 GB
 ]}
 
 

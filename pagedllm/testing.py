@@ -96,7 +96,7 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                              "original_max_position_embeddings": 64},
-                            **{**_LLAMA_LIKE, "intermediate_size": 48}),
+                            **_LLAMA_LIKE),
 }
 # Parameters HF initializes at zero or small that a tiny model draws at random, so that a model that
 # drops them cannot pass for one that applies them.

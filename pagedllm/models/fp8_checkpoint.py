@@ -25,6 +25,8 @@ def fp8_checkpoint(hf_config: PretrainedConfig) -> dict | None:
     method = qc.get("quant_method")
     if method == "fp8":
         return qc
+    if method == "mxfp4":  # gpt-oss's experts: dequantized as they load (mxfp4_checkpoint)
+        return None
     if method == "compressed-tensors":
         weights = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
         if weights and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights):
@@ -32,7 +34,8 @@ def fp8_checkpoint(hf_config: PretrainedConfig) -> dict | None:
         raise ValueError("config.json's compressed-tensors quantization is not FP8 weights (supported: FP8 "
                          f"weights, per tensor, channel or block): {weights}")
     raise ValueError(f"config.json's quantization_config quant_method={method!r} is not supported "
-                     "(supported: FP8 checkpoints, quant_method 'fp8' or FP8 'compressed-tensors')")
+                     "(supported: FP8 checkpoints, quant_method 'fp8' or FP8 'compressed-tensors', and gpt-oss's "
+                     "'mxfp4')")
 
 
 def block_size(qc: dict) -> tuple[int, int] | None:

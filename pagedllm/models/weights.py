@@ -13,6 +13,8 @@ from pagedllm.layers.linear import copy_checked
 from pagedllm.layers.quantization import quantize_linears
 from pagedllm.models.fp8_checkpoint import dequantize, fp8_checkpoint, set_kv_scales
 from pagedllm.models.loader import CheckpointTensor, iter_checkpoint
+from pagedllm.models.mxfp4_checkpoint import dequantize as dequantize_mxfp4
+from pagedllm.models.mxfp4_checkpoint import mxfp4_checkpoint
 from pagedllm.models.registry import get_model_class
 
 
@@ -33,6 +35,8 @@ def build_model(config: EngineConfig, device: torch.device, rank: int) -> tuple[
     else:
         weights = iter_checkpoint(config.model_path, config.load_format, reads)
         fp8, kv_scales = fp8_checkpoint(config.hf_config), {}
+        if mxfp4_checkpoint(config.hf_config):
+            weights = dequantize_mxfp4(weights)
         load_weights(model, dequantize(weights, fp8, kv_scales) if fp8 else weights)
         if config.kv_cache_dtype != "auto":  # an FP8 cache, with the checkpoint's calibrated scales if any
             set_kv_scales(model, kv_scales)
