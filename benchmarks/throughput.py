@@ -186,9 +186,13 @@ def _model_stats(llm: LLM) -> dict:
         experts = moe.w13.numel() + moe.w2.numel()
         matmul_params -= experts - experts * moe.top_k // moe.w13.shape[0]
     num_heads = llm.llm_engine.config.hf_config.num_attention_heads
-    return {"weight_bytes": runner.weight_bytes, "matmul_params": matmul_params, "num_layers": g.num_layers,
-            "num_heads": num_heads, "head_dim": g.head_dim,
-            "kv_bytes_per_token": g.bytes_per_block // g.block_size, "lm_head_params": lm_head.numel()}
+    pools = runner.pools  # sliding layers with a pool of their own read only their window's K/V
+    window = pools.window_geometry
+    return {"weight_bytes": runner.weight_bytes, "matmul_params": matmul_params,
+            "num_layers": g.num_layers, "num_window_layers": window.num_layers if window else 0, "num_heads": num_heads,
+            "head_dim": g.head_dim, "kv_bytes_per_token": g.bytes_per_block // g.block_size,
+            "window_kv_bytes_per_token": window.bytes_per_block // window.block_size if window else 0,
+            "sliding_window": pools.sliding_window if window else None, "lm_head_params": lm_head.numel()}
 
 
 def roofline(steps: list, stats: dict) -> dict:
@@ -197,9 +201,12 @@ def roofline(steps: list, stats: dict) -> dict:
     least, peaks = [], gpu_peaks()
     for step in steps:
         tokens = sum(n for n, _ in step)
-        kv_read = sum(ctx for _, ctx in step) * stats["kv_bytes_per_token"]
-        attention_flops = sum(4 * stats["num_layers"] * stats["num_heads"] * stats["head_dim"] * n * (ctx - n / 2)
-                              for n, ctx in step)
+        window = stats["sliding_window"] or 0  # of the layers with a pool of their own, which read no more
+        kv_read = sum(ctx * stats["kv_bytes_per_token"] + min(ctx, window) * stats["window_kv_bytes_per_token"]
+                      for _, ctx in step)
+        keys_seen = [(n, stats["num_layers"] * (ctx - n / 2) + stats["num_window_layers"] * min(ctx - n / 2, window))
+                     for n, ctx in step]  # per query token, summed over the layers
+        attention_flops = sum(4 * stats["num_heads"] * stats["head_dim"] * n * keys for n, keys in keys_seen)
         flops = 2 * stats["matmul_params"] * tokens + attention_flops
         least.append(max((stats["weight_bytes"] + kv_read) / peaks["hbm_bytes_per_s"], flops / peaks["bf16_flops"]))
     return {"least_time_s": sum(least), "least_time_per_step_s": least, **stats}

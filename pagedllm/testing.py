@@ -89,10 +89,11 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
                            attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
                            **{**_LLAMA_LIKE, "num_hidden_layers": 3}),
     # gpt-oss: sliding and full layers in turn, YaRN rotary, attention sinks, biases everywhere, 4 experts
-    # top-2 with biases and a clamp low enough to bite (both kinds of bias and the sinks drawn in
-    # build_tiny_checkpoint: HF starts them at zero or near it)
+    # top-2 with biases and the clamp of its activation at 7 (fixed at 7 in transformers before 5.25: the
+    # experts' gate/up weights are drawn large enough to pass it, as are both kinds of bias and the sinks,
+    # in build_tiny_checkpoint: HF starts them at zero or near it)
     "gpt-oss": GptOssConfig(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                            sliding_window=24, swiglu_limit=1.0,
+                            sliding_window=24,
                             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                              "original_max_position_embeddings": 64},
@@ -100,7 +101,7 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
 }
 # Parameters HF initializes at zero or small that a tiny model draws at random, so that a model that
 # drops them cannot pass for one that applies them.
-_DRAWN = {"gpt-oss": ("_bias", "sinks")}
+_DRAWN = {"gpt-oss": ("_bias", "sinks", "experts.gate_up_proj")}
 
 
 def _corpus() -> list[str]:

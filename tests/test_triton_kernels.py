@@ -27,11 +27,11 @@ def run_both(context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_
     args = [t.to(DEVICE) for t in (query.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables,
                                    torch.tensor(context_lens, dtype=torch.int32), cu)]
     scale = head_dim**-0.5
+    sinks = sinks.to(DEVICE) if sinks is not None else None
     expected = paged_attention_ref(*[a.float() if a.is_floating_point() else a for a in args], scale,
                                    sliding_window, softcap=softcap, sinks=sinks)
     out = paged_attention(*args, scale, sliding_window, max_query_len=max(query_lens),
-                          max_context_len=max(context_lens), num_splits=num_splits, softcap=softcap,
-                          sinks=sinks.to(DEVICE) if sinks is not None else None)
+                          max_context_len=max(context_lens), num_splits=num_splits, softcap=softcap, sinks=sinks)
     assert out.dtype == dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 

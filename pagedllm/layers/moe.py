@@ -104,6 +104,9 @@ class GptOssMoeBlock(SparseMoeBlock):
         super().__init__(config.hidden_size, config.intermediate_size, config.num_local_experts,
                          config.num_experts_per_tok, True, "silu", router_bias=True)
         num_experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+        # random weights: a bias of +-1e-3 outweighs the logits of random weights (~1e-5) and routes
+        # every token to the same experts, which no trained router does (and speed depends on it)
+        self.gate.bias.zero_when_random = True
         self.b13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size))
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w13.full_shape, self.b13.full_shape = (num_experts, hidden, 2 * inter), (num_experts, 2 * inter)

@@ -91,7 +91,11 @@ class _RandomTensor:
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Small random values from the config alone: speed does not depend on the weights."""
+    """Small random values from the config alone: speed does not depend on the weights (zeros for
+    a parameter marked ``zero_when_random``)."""
     for index, param in enumerate(model.parameters()):
+        if getattr(param, "zero_when_random", False):
+            param.data.zero_()
+            continue
         full_shape = getattr(param, "full_shape", tuple(param.shape))
         _weight_loader(param)(param, _RandomTensor(full_shape, param.device, seed * 100003 + index), None)
