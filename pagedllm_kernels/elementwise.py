@@ -189,16 +189,21 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, stride_in, n, QUANTIZE: tl.constexpr,
-                         FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, stride_in, n, alpha, limit, QUANTIZE: tl.constexpr,
+                         CLAMPED: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + n + cols, mask=mask, other=0.0)
-    act = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
-    out = (act * up.to(tl.float32)).to(up.dtype)
+    if CLAMPED:  # gpt-oss's, in float32 and rounded once
+        gate = tl.minimum(gate, limit)
+        glu = gate * tl.sigmoid(gate * alpha)
+        out = ((tl.clamp(up.to(tl.float32), -limit, limit) + 1.0) * glu).to(up.dtype)
+    else:
+        act = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
+        out = (act * up.to(tl.float32)).to(up.dtype)
     if QUANTIZE:  # (the whole row in this program)
         store_row_as_fp8(out.to(tl.float32), out_ptr, scale_ptr, row, n, cols, mask, FP8_MAX)
     else:
@@ -207,18 +212,30 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, stride_in, n, QUANTIZE
 
 def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
     """Same contract as ``silu_and_mul_ref``."""
+    return _gated(gate_up, quantize)
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Same contract as ``clamped_swiglu_ref`` (within a rounding: one, at the end, where HF rounds
+    each of its ops in a 16-bit dtype)."""
+    return _gated(gate_up, False, (alpha, limit))
+
+
+def _gated(gate_up: torch.Tensor, quantize: bool, clamp: tuple[float, float] | None = None):
     num_tokens, width = gate_up.shape
     n = width // 2
     if quantize and n > WIDEST_BLOCK:  # a row too wide for one program's registers
-        return quantize_rows(silu_and_mul(gate_up))
+        return quantize_rows(_gated(gate_up, False, clamp))
     if quantize:
         out, scale = empty_fp8_rows(num_tokens, n, gate_up.device)
     else:
         out, scale = torch.empty(num_tokens, n, dtype=gate_up.dtype, device=gate_up.device), None
     if num_tokens:
         block = triton.next_power_of_2(n) if quantize else min(1024, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n,
-                                                                  QUANTIZE=quantize, FP8_MAX=FP8_MAX, BLOCK=block,
+        alpha, limit = clamp or (1.0, 0.0)
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](gate_up, out, scale, gate_up.stride(0), n, alpha,
+                                                                  limit, QUANTIZE=quantize, CLAMPED=clamp is not None,
+                                                                  FP8_MAX=FP8_MAX, BLOCK=block,
                                                                   num_warps=quantizing_warps(block) if quantize else 4,
                                                                   **pdl(gate_up))
     return (out, scale) if quantize else out

@@ -170,6 +170,15 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: t
     return rotate(q), rotate(k)
 
 
+def clamped_swiglu_ref(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation of ``[tokens, 2 * n]`` gate|up, as HF computes it:
+    ``(up + 1) * gate * sigmoid(alpha * gate)`` with gate clamped below ``limit`` and up within
+    +-``limit``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def silu_and_mul_ref(gate_up: torch.Tensor, quantize: bool = False):
     """``silu(gate) * up`` for ``[tokens, 2 * n]`` holding gate then up, rounded as HF's two ops round
     (``quantize``: as ``quantize_rows_ref`` returns it, for an FP8 linear layer)."""

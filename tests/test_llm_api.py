@@ -119,6 +119,30 @@ def test_dummy_weights_from_a_bare_config(tiny_checkpoint, tmp_path):
         llm.generate("text", use_tqdm=False)
 
 
+def test_dummy_weights_route_a_batch_over_every_expert(tmp_path, monkeypatch):
+    """Random biases (the same for every token) once outweighed what differs between tokens and
+    sent a gpt-oss batch to the same 4 of its 32 experts in deep layers: benchmark speed flattered."""
+    from transformers import GptOssConfig
+
+    import pagedllm.layers.moe as moe
+
+    GptOssConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=12, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=32, num_local_experts=32, num_experts_per_tok=4, vocab_size=1000,
+                 max_position_embeddings=512, architectures=["GptOssForCausalLM"]).save_pretrained(tmp_path)
+    experts_hit, route = [], moe.route
+
+    def counted(*args):
+        weights, ids = route(*args)
+        experts_hit.append(ids.unique().numel())
+        return weights, ids
+
+    monkeypatch.setattr(moe, "route", counted)
+    llm = LLM(str(tmp_path), device="cpu", load_format="dummy", enforce_eager=True)
+    experts_hit.clear()  # (the profile run's)
+    llm.generate([random_prompts([64])[0]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert len(experts_hit) == 12 and min(experts_hit) >= 28  # 64 tokens x top 4 over 32 experts
+
+
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
     repo = tmp_path / "models--someorg--tiny-opt"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -243,6 +243,19 @@ def test_silu_and_mul_matches_reference(dtype):
                                rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_clamped_swiglu_matches_reference(dtype):
+    """gpt-oss's activation: values from -12 to 12 about its limit of 7, so every clamp is crossed."""
+    from pagedllm_kernels.elementwise import clamped_swiglu
+    from pagedllm_kernels.reference import clamped_swiglu_ref
+
+    gate_up = (torch.randn(5, 2 * 1500, generator=torch.Generator().manual_seed(0)) * 6).clamp(-12, 12).to(dtype)
+    expected = clamped_swiglu_ref(gate_up.float(), 1.702, 7.0)
+    torch.testing.assert_close(clamped_swiglu(gate_up.to(DEVICE), 1.702, 7.0).cpu().float(), expected,
+                               rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 8)  # |out| up to 8 x 7
+    assert not torch.allclose(expected, clamped_swiglu_ref(gate_up.float(), 1.702, 100.0), atol=0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("vocab", [7, 1024, 2500])  # shorter than, equal to and beyond one block of 1024
 # 3 and 4: rows shared by programs, some with no logits (vocab 7), the merge masking its lanes past the splits
@@ -322,9 +335,8 @@ def test_fused_moe_matches_reference(dtype, num_tokens, num_experts, top_k):
 def test_fused_moe_with_biases_and_clamped_swiglu_matches_reference(num_tokens):
     """gpt-oss's experts: biases on both products (the down one's added before the routing weight)
     and its clamped activation (a limit within these values' range, so the clamp matters)."""
-    from pagedllm.layers.moe import clamped_swiglu
     from pagedllm_kernels.fused_moe import fused_moe
-    from pagedllm_kernels.reference import fused_moe_ref
+    from pagedllm_kernels.reference import clamped_swiglu_ref, fused_moe_ref
 
     g = torch.Generator().manual_seed(num_tokens)
     num_experts, hidden, intermediate = 6, 48, 40
@@ -333,7 +345,7 @@ def test_fused_moe_with_biases_and_clamped_swiglu_matches_reference(num_tokens):
     w2 = torch.randn(num_experts, hidden, intermediate, generator=g) / 7
     b13, b2 = torch.randn(num_experts, 2 * intermediate, generator=g), torch.randn(num_experts, hidden, generator=g)
     weights, ids = torch.randn(num_tokens, num_experts, generator=g).softmax(-1).topk(2)
-    act = functools.partial(clamped_swiglu, alpha=1.702, limit=1.5)
+    act = functools.partial(clamped_swiglu_ref, alpha=1.702, limit=1.5)
     expected = fused_moe_ref(x, w13, w2, weights, ids, act, b13=b13, b2=b2)
     got = fused_moe(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)), act, b13=b13.to(DEVICE),
                     b2=b2.to(DEVICE)).cpu()

@@ -3,8 +3,6 @@ experts; the experts' gated MLPs run as one fused kernel over their stacked weig
 tensor parallelism every rank holds every expert's slice of the intermediate width (as a column-
 then row-parallel MLP) and one all-reduce sums the ranks' outputs."""
 
-import functools
-
 import torch
 import torch.nn as nn
 from transformers import PretrainedConfig
@@ -12,8 +10,8 @@ from transformers.activations import ACT2FN
 
 from pagedllm.distributed import all_reduce, tp_rank, tp_world_size
 from pagedllm.layers.linear import check_full_shape, copy_checked, shard_units
-from pagedllm.layers.triton_ops import fused_moe, fused_on, silu_and_mul
-from pagedllm_kernels.reference import fused_moe_ref, silu_and_mul_ref
+from pagedllm.layers.triton_ops import clamped_swiglu, fused_moe, fused_on, silu_and_mul
+from pagedllm_kernels.reference import clamped_swiglu_ref, fused_moe_ref, silu_and_mul_ref
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,17 +83,9 @@ class SparseMoeBlock(nn.Module):
         copy_checked(param[part], loaded[:, s.start : s.start + s.size])
 
 
-def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's activation of ``[rows, 2I]`` gate|up: ``(up + 1) * gate * sigmoid(alpha * gate)``
-    with gate clamped below ``limit`` and up within +-``limit``."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    gate = gate.clamp(max=limit)
-    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
 class GptOssMoeBlock(SparseMoeBlock):
     """gpt-oss's experts: a router with a bias (softmax over its top_k logits: the same weights as
-    ``route`` renormalizing), biases on both projections, ``clamped_swiglu``. Its checkpoint keeps
+    ``route`` renormalizing), biases on both projections, its clamped SwiGLU. Its checkpoint keeps
     all experts in one tensor each, ``gate_up_proj [E, H, 2I]`` with gate and up columns
     interleaved, ``down_proj [E, I, H]`` (the transposes of w13/w2), and ``[E, 2I]``/``[E, H]`` biases;
     ``full_shape`` gives those shapes, so random weights load through the same loaders."""
@@ -104,17 +94,18 @@ class GptOssMoeBlock(SparseMoeBlock):
         super().__init__(config.hidden_size, config.intermediate_size, config.num_local_experts,
                          config.num_experts_per_tok, True, "silu", router_bias=True)
         num_experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
-        # random weights: a bias of +-1e-3 outweighs the logits of random weights (~1e-5) and routes
-        # every token to the same experts, which no trained router does (and speed depends on it)
-        self.gate.bias.zero_when_random = True
         self.b13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size))
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.b13.zero_when_random = self.b2.zero_when_random = True  # biases, as init_dummy_weights says
         self.w13.full_shape, self.b13.full_shape = (num_experts, hidden, 2 * inter), (num_experts, 2 * inter)
         self.w2.full_shape = (num_experts, inter, hidden)
         self.w13.weight_loader, self.b13.weight_loader = self._load_gate_up, self._load_gate_up
         self.w2.weight_loader = self._load_down
-        self.activation_and_mul = functools.partial(clamped_swiglu, alpha=getattr(config, "swiglu_alpha", 1.702),
-                                                    limit=config.swiglu_limit)
+        # (transformers before 5.25 fixes both, and its configs lack them)
+        self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
+
+    def activation_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return (clamped_swiglu if fused_on(gate_up) else clamped_swiglu_ref)(gate_up, self.alpha, self.limit)
 
     def _load_gate_up(self, param: nn.Parameter, loaded, part: int | None) -> None:
         """w13 from ``[E, H, 2I]`` or b13 from ``[E, 2I]``: this rank's gate columns (even) first,

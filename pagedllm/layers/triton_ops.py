@@ -4,7 +4,7 @@ import torch
 
 try:
     from pagedllm_kernels.cache_ops import store_kv_cache
-    from pagedllm_kernels.elementwise import layer_norm, rms_norm, rotary, silu_and_mul
+    from pagedllm_kernels.elementwise import clamped_swiglu, layer_norm, rms_norm, rotary, silu_and_mul
     from pagedllm_kernels.few_rows import few_rows_matmul, reads_faster
     from pagedllm_kernels.fp8_ops import quantize_rows
     from pagedllm_kernels.fused_moe import fused_moe
@@ -13,6 +13,7 @@ try:
 except ImportError:
     store_kv_cache = rms_norm = rotary = silu_and_mul = paged_attention = token_logprobs = greedy_sample = None
     seeded_exponential_ = fused_moe = layer_norm = quantize_rows = few_rows_matmul = reads_faster = None
+    clamped_swiglu = None
 
 
 def fused_on(x: torch.Tensor) -> bool:

@@ -91,10 +91,13 @@ class _RandomTensor:
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Small random values from the config alone: speed does not depend on the weights (zeros for
-    a parameter marked ``zero_when_random``)."""
-    for index, param in enumerate(model.parameters()):
-        if getattr(param, "zero_when_random", False):
+    """Small random values from the config alone, for speed, which would not depend on the weights,
+    but for a mixture of experts' routing: random biases, the same for every token, add up over the
+    layers until they outweigh what differs between tokens, and send every token to the same few
+    experts (a random gpt-oss's whole batch to 4 of 32 in its deep layers), which no trained router
+    does. So biases are zero (any ``*bias`` parameter, and those marked ``zero_when_random``)."""
+    for index, (name, param) in enumerate(model.named_parameters()):
+        if name.endswith("bias") or getattr(param, "zero_when_random", False):
             param.data.zero_()
             continue
         full_shape = getattr(param, "full_shape", tuple(param.shape))
