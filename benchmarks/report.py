@@ -119,7 +119,7 @@ def moe_section(name: str, data: dict) -> list[str]:
 
 
 PEERS = ("hf-static-bs64", "hf-static-bs256", "hf-continuous-batching")
-WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "L1", "L2", "W5")
+WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "L1", "L2", "W5", "W6")
 
 
 def _rate(tokens_per_s: float) -> str:
