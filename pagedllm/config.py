@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from pagedllm.models.fp8_checkpoint import fp8_checkpoint
 from pagedllm.models.loader import load_hf_config, resolve_model_path
 from pagedllm.models.registry import get_model_class
+from pagedllm.reasoning import REASONING_PARSERS
 from pagedllm.sampling_params import is_int, is_real
 
 _DTYPES = {
@@ -143,6 +144,10 @@ class EngineConfig:
     code_revision: str | None = option(None, "vLLM's revision of a hub model's remote code (None only)",
                                        only=(None,), why="a checkpoint's remote code is used for its config and "
                                                          "tokenizer only, at the model's revision")
+    reasoning_parser: str | None = option(None, "a reasoning model's thinking, between <think> and </think> "
+                                                "(DeepSeek-R1, Qwen3, QwQ): deepseek_r1 or qwen3 (vLLM's names). "
+                                                "The server puts it in each chat answer's 'reasoning' apart from "
+                                                "its 'content', and structured outputs constrain only the answer")
     structured_outputs_config: dict | None = option(
         None, "vLLM's structured-output settings: {\"backend\": \"auto\" or \"xgrammar\"}",
         only=(None, {"backend": "auto"}, {"backend": "xgrammar"}), why="structured outputs run on xgrammar here")
@@ -170,6 +175,8 @@ class EngineConfig:
         _require(self.tokenizer_mode in ("auto", "slow"), "tokenizer_mode", self.tokenizer_mode, "'auto' or 'slow'")
         _require(self.quantization in (None, "fp8"), "quantization", self.quantization,
                  "None or 'fp8' (FP8 weights, activations quantized per token; other methods are not supported)")
+        _require(self.reasoning_parser in (None, *REASONING_PARSERS), "reasoning_parser", self.reasoning_parser,
+                 f"one of {REASONING_PARSERS} (the parsers of <think> and </think>)")
         _require(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
                  "'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (e4m3; 'fp8_e5m2' is not supported)")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")

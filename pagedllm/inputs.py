@@ -134,8 +134,17 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Any, chat_template
 
 
 def _extra_fields(message: Any) -> dict:
-    """What a message carries beside role and content (tool calls, a name) for the template."""
-    return {k: v for k, v in message.items() if k not in ("role", "content")} if isinstance(message, dict) else {}
+    """What a message carries beside role and content (tool calls, a name) for the template; an
+    assistant's earlier thinking under either of its names, ``reasoning`` (vLLM's) or
+    ``reasoning_content`` (the older one, which Qwen3's and DeepSeek's templates read), under both."""
+    if not isinstance(message, dict):
+        return {}
+    extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+    thinking = extra.get("reasoning", extra.get("reasoning_content"))
+    if thinking is not None:
+        extra.setdefault("reasoning", thinking)
+        extra.setdefault("reasoning_content", thinking)
+    return extra
 
 
 def _role(index: int, message: Any) -> str:

@@ -26,6 +26,7 @@ from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
 from pagedllm.errors import ClientFault, RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
+from pagedllm.reasoning import thinking_at_start, thinking_token_ids
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
+        # a reasoning model's (<think>, </think>): a request's grammar constrains only its answer
+        self.thinking_tags = thinking_token_ids(self.tokenizer, config.reasoning_parser) \
+            if config.reasoning_parser else None
         self.executor = Executor(config)
         self.block_manager, self.cache_capacity = block_pools(config, self.executor.num_kv_blocks,
                                                              self.executor.num_window_kv_blocks,
@@ -122,8 +126,10 @@ class LLMEngine:
                     request.finish("error")
                 failed.append(requests[0])
                 continue
+            tags = self.thinking_tags
+            thinking_until = tags[1] if tags and thinking_at_start(requests[0].prompt_token_ids, *tags) else None
             for request in requests:
-                request.grammar = SampleGrammar.new(compiled)
+                request.grammar = SampleGrammar.new(compiled, thinking_until)
                 self.scheduler.add_request(request)
         return self._outputs(failed)
 

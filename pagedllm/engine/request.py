@@ -146,15 +146,23 @@ class Request:
             self.cumulative_logprob += token_logprob
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        if self.grammar is not None and not self.grammar.matcher.accept_token(token_id):  # its mask allowed no token
+        grammar = self.grammar_now
+        if self.grammar is not None and grammar is None and token_id == self.grammar.thinking_until:
+            self.grammar.thinking_until = None  # the answer, which the grammar constrains, starts next
+        if grammar is not None and not grammar.matcher.accept_token(token_id):  # its mask allowed no token
             self.error = self._grammar_dead_end(token_id)
             self.finish("error")
-        elif self.grammar is not None and self.grammar.matcher.is_terminated():  # it took a stop token where it may end
+        elif grammar is not None and grammar.matcher.is_terminated():  # it took a stop token where it may end
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.sampling_params.min_tokens and token_id in self.stop_token_ids:
             self.finish("stop", token_id if token_id in self.sampling_params.stop_token_ids else None)
         elif self.num_output_tokens >= self.max_tokens:
             self.finish("length")
+
+    @property
+    def grammar_now(self) -> "SampleGrammar | None":
+        """The grammar that constrains the next token: none while the sample still thinks."""
+        return self.grammar if self.grammar is not None and self.grammar.thinking_until is None else None
 
     def _grammar_dead_end(self, token_id: int) -> str:
         """Why the grammar took no token: every token it allowed was banned by the request's other

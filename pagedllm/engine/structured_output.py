@@ -92,16 +92,19 @@ class GrammarCompiler:
 
 @dataclass(eq=False)
 class SampleGrammar:
-    """One sample's place in its grammar (xgrammar's matcher) and the ids its masks span."""
+    """One sample's place in its grammar (xgrammar's matcher) and the ids its masks span. With a
+    reasoning model (``reasoning_parser``) whose prompt opens its thinking, ``thinking_until`` is
+    the id of ``</think>`` until the sample writes it: the grammar constrains only the answer after."""
 
     matcher: Any
     vocab_size: int
+    thinking_until: int | None = None
 
     @classmethod
-    def new(cls, compiled) -> "SampleGrammar":
+    def new(cls, compiled, thinking_until: int | None = None) -> "SampleGrammar":
         import xgrammar as xgr
 
-        return cls(xgr.GrammarMatcher(compiled), compiled.tokenizer_info.vocab_size)
+        return cls(xgr.GrammarMatcher(compiled), compiled.tokenizer_info.vocab_size, thinking_until)
 
 
 _fill_lock = threading.Lock()

@@ -17,7 +17,6 @@ UNSUPPORTED_SERVER_FLAGS = {
     "enable_auto_tool_choice": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its "
                                "template)",
     "tool_call_parser": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its template)",
-    "reasoning_parser": "no reasoning_content is split off (a model's thinking stays in the text)",
     "lora_modules": "LoRA adapters are not supported (merge the adapter into the weights and serve that)",
 }
 
@@ -131,7 +130,12 @@ def engine_setting_error(args: argparse.Namespace) -> str | None:
     if hasattr(args, "allowed_origins") and (error := _server_setting_error(args)):
         return error
     try:
-        EngineConfig(**engine_kwargs(args))
+        config = EngineConfig(**engine_kwargs(args))
+        if config.reasoning_parser:  # its tags must be the tokenizer's tokens: said now, not from the engine process
+            from pagedllm.engine.llm_engine import load_tokenizer
+            from pagedllm.reasoning import thinking_token_ids
+
+            thinking_token_ids(load_tokenizer(config), config.reasoning_parser)
     except (ValueError, OSError) as err:
         return str(err)
     return None

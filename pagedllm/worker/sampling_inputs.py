@@ -22,7 +22,7 @@ def sampling_metadata(requests: list[Request], positions: list[int], vocab_size:
     params = [r.sampling_params for r in requests]
     seeded = [row for row, p in enumerate(params) if p.seed is not None and not p.greedy]
     # (a request that the previous step ended samples once more here, free: its token is dropped)
-    masks = fill_masks([None if r.is_finished else r.grammar for r in requests], pin)
+    masks = fill_masks([None if r.is_finished else r.grammar_now for r in requests], pin)
     # min_tokens gives way to a grammar that can only end here: banning its stop tokens would leave no token
     must_end = set() if masks is None else {row for i, row in enumerate(masks.rows) if requests[row].before_min_tokens
                                             and allows_only(masks, i, requests[row].stop_token_ids)}

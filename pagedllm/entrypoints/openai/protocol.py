@@ -196,6 +196,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     add_generation_prompt: bool = True
+    include_reasoning: bool = True  # vLLM's: with --reasoning-parser, false leaves the thinking out
     # vLLM's: the chat template's own arguments (Qwen3's enable_thinking), the last message left open
     chat_template_kwargs: dict | None = None
     continue_final_message: bool = False
@@ -288,6 +289,9 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    # with --reasoning-parser: the model's thinking (vLLM's field, and its older name, which clients still read)
+    reasoning: str | None = only_if_asked()
+    reasoning_content: str | None = only_if_asked()
 
 
 class ChatChoice(BaseModel):
@@ -311,6 +315,8 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = only_if_asked()  # as ChatResponseMessage's
+    reasoning_content: str | None = only_if_asked()
 
 
 class ChatChunkChoice(BaseModel):

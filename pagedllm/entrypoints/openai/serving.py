@@ -49,6 +49,7 @@ from pagedllm.entrypoints.openai.responses import (
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.reasoning import ReasoningSplitter, split_reasoning, starts_thinking
 from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
@@ -64,6 +65,7 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.content_format = args.chat_template_content_format  # how the template sees each message's content
         self.metrics = metrics
+        self.reasoning_parser = args.reasoning_parser  # None: a model's thinking stays in its content
         self.log_requests = args.enable_log_requests
         self.max_log_len = args.max_log_len
 
@@ -130,7 +132,7 @@ class OpenAIServing:
         streams = await self._start(request_id, [prompt], params, body.cache_salt,
                                     ("messages", body.structured_outputs_field))
         if body.stream:
-            return event_stream(self._chat_events(request_id, body, prompt[1], streams))
+            return event_stream(self._chat_events(request_id, body, prompt, streams))
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
@@ -139,7 +141,7 @@ class OpenAIServing:
         ids = body.return_token_ids
 
         def response() -> ChatCompletionResponse:
-            choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+            choices = [ChatChoice(index=c.index, message=self._message(body, prompt[0], c.text),
                                   finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs, c.token_ids, k),
                                   token_ids=c.token_ids if ids else None)
                        for c in finals[0].outputs]
@@ -369,11 +371,31 @@ class OpenAIServing:
             yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
 
-    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt_token_ids: list[int],
+    def _message(self, body: ChatCompletionRequest, prompt_text: str | None, text: str) -> ChatResponseMessage:
+        """A whole answer, its thinking apart where the server splits it off."""
+        if self.reasoning_parser is None:
+            return ChatResponseMessage(content=text)
+        reasoning, content = split_reasoning(text, prompt_text)
+        reasoning = reasoning if body.include_reasoning else None
+        return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning)
+
+    def _delta(self, body: ChatCompletionRequest, splitters: dict[int, ReasoningSplitter] | None,
+               c: CompletionOutput) -> ChatDelta:
+        """A chunk's new text, its thinking apart where the server splits it off."""
+        if splitters is None:
+            return ChatDelta(content=c.text or None)
+        reasoning, content = splitters[c.index].feed(c.text or "", last=c.finish_reason is not None)
+        reasoning = reasoning if body.include_reasoning else None
+        return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning)
+
+    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt: Prompt,
                            streams) -> AsyncIterator[str]:
+        prompt_text, prompt_token_ids = prompt
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas, continuous = _Deltas(), _continuous_usage(body)
         deltas.prompt_tokens[0] = len(prompt_token_ids)
+        splitters = None if self.reasoning_parser is None else {
+            i: ReasoningSplitter(starts_thinking(prompt_text)) for i in range(body.n)}
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
             return frame(choices, deltas.usage() if continuous else None)
@@ -389,7 +411,7 @@ class OpenAIServing:
             for c in deltas.ready(0, output):
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
-                yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text or None),
+                yield chunk([ChatChunkChoice(index=c.index, delta=self._delta(body, splitters, c),
                                              finish_reason=c.finish_reason, logprobs=logprobs,
                                              token_ids=c.token_ids if body.return_token_ids else None)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:

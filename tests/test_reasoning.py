@@ -1,0 +1,153 @@
+"""--reasoning-parser: a reasoning model's thinking (between <think> and </think>) comes apart from
+its answer, alike whole and streamed in chunks cut anywhere, on the live server."""
+
+import copy
+import functools
+import re
+
+import openai
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_openai_server import start_server
+from transformers import AutoTokenizer
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.errors import RequestFailedError
+from pagedllm.reasoning import END, START, ReasoningSplitter, split_reasoning, starts_thinking, thinking_token_ids
+from pagedllm.testing import build_tiny_checkpoint, build_tokenizer
+
+OPEN, CLOSED = "<|user|>hi<|assistant|><think>\n", "<|user|>hi<|assistant|><think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("prompt, text, expected", [
+    (OPEN, "Two and two.\n</think>\n\nFour.", ("Two and two.\n", "\n\nFour.")),  # DeepSeek-R1's template
+    (OPEN, "still thinking when cut off", ("still thinking when cut off", None)),
+    (OPEN, "</think>Four.", (None, "Four.")),  # nothing thought
+    (CLOSED, "Four.", (None, "Four.")),  # Qwen3 with enable_thinking=False
+    ("no tags", "\n<think>hmm</think>Four.", ("hmm", "Four.")),  # the model opens its thinking itself
+    ("no tags", "Four. <think>is a tag</think>", (None, "Four. <think>is a tag</think>")),  # not first: answer
+    (OPEN, "a</think>b</think>c", ("a", "b</think>c")),  # the first end tag ends it
+    (None, "Four.", (None, "Four.")),  # a prompt of token ids
+])
+def test_a_whole_answer_splits_at_the_end_of_its_thinking(prompt, text, expected):
+    assert split_reasoning(text, prompt) == expected
+
+
+# tags whole and in parts, so that cuts fall inside them
+PIECES = st.lists(st.sampled_from(["<think>", "</think>", "</th", "ink>", "<th", "</", "think", ">", "\n", " ", "ab"]),
+                  max_size=12)
+
+
+@settings(max_examples=300)
+@given(PIECES, st.booleans(), st.lists(st.integers(0, 60), max_size=6))
+def test_any_chunking_of_a_stream_splits_as_the_whole_answer(pieces, thinking, cuts):
+    text = "".join(pieces)
+    bounds = sorted({min(c, len(text)) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    splitter = ReasoningSplitter(thinking)
+    parts = [splitter.feed(c, last=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    streamed = tuple("".join(p[k] or "" for p in parts) or None for k in (0, 1))
+    assert streamed == ReasoningSplitter(thinking).feed(text, last=True)
+    assert not splitter.held
+
+
+def test_the_prompt_says_whether_the_answer_starts_in_thinking():
+    assert starts_thinking(OPEN) and not starts_thinking(CLOSED) and not starts_thinking("") \
+        and not starts_thinking(None)
+
+
+def test_an_assistants_earlier_reasoning_reaches_the_template_under_both_names(tmp_path, tokenizer):
+    with_template = copy.deepcopy(tokenizer)
+    with_template.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m.get('reasoning_content', '') }}|"
+                                   "{{ m.get('reasoning', '') }}|{{ m['content'] }}\n{% endfor %}")
+    llm = LLM(build_tiny_checkpoint("llama", str(tmp_path), tokenizer=with_template), device="cpu")
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "reasoning": "2+2"},
+                    {"role": "assistant", "content": "5", "reasoning_content": "2+3"}]
+    out = llm.chat(conversation, SamplingParams(max_tokens=1), use_tqdm=False, add_generation_prompt=False)[0]
+    assert out.prompt == "user:||q\nassistant:2+2|2+2|4\nassistant:2+3|2+3|5\n"
+
+
+def _force(forced: list[int], output_ids: list[int], logits):
+    """A logits processor that makes the sample write ``forced`` first."""
+    if len(output_ids) < len(forced):
+        logits = torch.full_like(logits, float("-inf"))
+        logits[forced[len(output_ids)]] = 0.0
+    return logits
+
+
+@pytest.fixture(scope="module")
+def thinking_checkpoint(tmp_path_factory):
+    """The tiny llama with <think> and </think> as tokens (ids 510, 511), and DeepSeek-R1's way of
+    templating: the assistant's turn opens the thinking."""
+    tokenizer = build_tokenizer(vocab_size=510)
+    tokenizer.add_tokens([START, END])
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "assistant: <think>\n")
+    return build_tiny_checkpoint("llama", str(tmp_path_factory.mktemp("thinking")), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("reasoning_parser", [None, "deepseek_r1"])
+@pytest.mark.parametrize("opened", [True, False])
+def test_structured_output_constrains_only_the_answer_after_the_thinking(reasoning_parser, opened,
+                                                                         thinking_checkpoint):
+    """The sample is made to think in tokens its regex forbids, then to end its thinking: with a
+    reasoning parser and a prompt that opens the thinking, the regex holds from the token after
+    </think>; otherwise from the first, where the forced token has nowhere to go."""
+    llm = LLM(thinking_checkpoint, device="cpu", reasoning_parser=reasoning_parser)
+    tokenizer = llm.get_tokenizer()
+    start, end = thinking_token_ids(tokenizer, "deepseek_r1")
+    upper = next(i for i in range(3, 500) if re.fullmatch("[A-Z]+", tokenizer.decode([i])))
+    forced = [upper, upper, upper, end]
+    params = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-z ]+"},
+                            logits_processors=[functools.partial(_force, forced)])
+    prompt = [5, 6, start] if opened else [5, 6]
+    if reasoning_parser and opened:
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids[:4] == forced and out.finish_reason == "length"
+        assert re.fullmatch("[a-z ]+", tokenizer.decode(out.token_ids[4:]))
+    else:
+        with pytest.raises(RequestFailedError, match="no token could follow"):
+            llm.generate([prompt], params, use_tqdm=False)
+
+
+def test_a_tokenizer_without_the_tags_is_refused_before_anything_runs(tiny_checkpoint):
+    with pytest.raises(ValueError, match="reasoning_parser='qwen3' needs <think> and </think> to be tokens"):
+        LLM(tiny_checkpoint("llama"), device="cpu", reasoning_parser="qwen3")
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_checkpoint):
+    server, uv, url = start_server(thinking_checkpoint, "--reasoning-parser", "deepseek_r1", "--served-model-name", "x")
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    uv.should_exit = True
+    server.engine.shutdown()
+
+
+# a bias that has the tiny random model end its thinking after a few tokens, and an answer of words
+ASKED = {"logit_bias": {"511": 5}, "structured_outputs": {"regex": "[a-z ]+"}, "return_token_ids": True}
+MESSAGES = [{"role": "user", "content": "2 + 2?"}]
+
+
+def test_server_splits_the_thinking_off_whole_and_streamed(thinking_server, thinking_checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(thinking_checkpoint)
+    done = thinking_server.chat.completions.create(model="x", messages=MESSAGES, max_tokens=30, temperature=0,
+                                                   extra_body=ASKED).choices[0]
+    message, written = done.message.model_dump(), tokenizer.decode(done.model_dump()["token_ids"])
+    assert message["reasoning"] and message["content"] and re.fullmatch("[a-z ]+", message["content"])
+    assert written == message["reasoning"] + END + message["content"]
+    assert message["reasoning_content"] == message["reasoning"]
+    chunks = list(thinking_server.chat.completions.create(model="x", messages=MESSAGES, max_tokens=30,
+                                                          temperature=0, stream=True, extra_body=ASKED))
+    deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+    assert "".join(d.get("reasoning") or "" for d in deltas) == message["reasoning"]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+
+
+def test_include_reasoning_false_leaves_the_thinking_out(thinking_server):
+    done = thinking_server.chat.completions.create(model="x", messages=MESSAGES, max_tokens=30, temperature=0,
+                                                   extra_body={**ASKED, "include_reasoning": False})
+    message = done.choices[0].message.model_dump()
+    assert re.fullmatch("[a-z ]+", message["content"]) and message.get("reasoning") is None
