@@ -176,7 +176,7 @@ class EngineConfig:
         _require(self.quantization in (None, "fp8"), "quantization", self.quantization,
                  "None or 'fp8' (FP8 weights, activations quantized per token; other methods are not supported)")
         _require(self.reasoning_parser in (None, *REASONING_PARSERS), "reasoning_parser", self.reasoning_parser,
-                 f"one of {REASONING_PARSERS} (the parsers of <think> and </think>)")
+                 f"one of {REASONING_PARSERS}")
         _require(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
                  "'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (e4m3; 'fp8_e5m2' is not supported)")
         _require(self.task in ("auto", "generate"), "task", self.task, "'auto' or 'generate': pagedllm generates text")

@@ -1,7 +1,9 @@
 """A reasoning model's thinking apart from its answer (vLLM's ``reasoning_parser``), for the
 models that think between ``<think>`` and ``</think>`` (DeepSeek-R1 and its distills, Qwen3, QwQ):
 the server splits each chat answer's text (``ReasoningSplitter``), and the engine holds a
-request's structured output back until its thinking ends (``thinking_token_ids``).
+request's structured output back until its thinking ends (``thinking_token_ids``); and for
+gpt-oss, whose harmony format puts its thinking in an ``analysis`` channel (``HarmonySplitter``,
+read from the tokens, whose framing ones the text leaves out).
 
 Whether the answer starts in thinking is read from the prompt: a chat template that opens
 ``<think>`` for the model (DeepSeek-R1's, Qwen3's thinking models') leaves the prompt's last tag
@@ -10,11 +12,17 @@ open; one that closes it (Qwen3 with ``enable_thinking=False``) or has none star
 same splitter serves a stream and a whole answer, so both split alike; a tag cut between two
 chunks is held back until it is whole."""
 
+import re
 from dataclasses import dataclass
 
 START, END = "<think>", "</think>"
-# vLLM's names of the parsers of <think>...</think> (its others read other tags and are not taken)
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
+# vLLM's names of the parsers of <think>...</think>
+THINK_PARSERS = ("deepseek_r1", "qwen3")
+HARMONY = "openai_gptoss"  # gpt-oss's harmony format: its own for gpt-oss models, as in vLLM
+REASONING_PARSERS = (*THINK_PARSERS, HARMONY)
+# harmony's tokens: each message is <|start|>ROLE<|channel|>NAME<|message|>TEXT<|end|> (or <|return|>
+# / <|call|> for the last); the prompt's generation prompt is <|start|>assistant
+HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
 
 
 def starts_thinking(prompt_text: str | None) -> bool:
@@ -56,8 +64,9 @@ class ReasoningSplitter:
     begun: bool = False  # whether anything but whitespace has come (a <think> only opens before that)
     held: str = ""  # text that may begin a tag, waiting for the next chunk
 
-    def feed(self, text: str, last: bool = False) -> tuple[str | None, str | None]:
-        """The reasoning and answer in ``text`` (``last``: the final chunk, nothing held back)."""
+    def feed(self, text: str, token_ids: list[int] | None = None, last: bool = False) -> tuple[str | None, str | None]:
+        """The reasoning and answer in ``text`` (``last``: the final chunk, nothing held back; the
+        tokens are read by ``HarmonySplitter`` only)."""
         text, self.held = self.held + text, ""
         reasoning, answer = [], []
         while text:
@@ -89,5 +98,81 @@ class ReasoningSplitter:
 
 
 def split_reasoning(text: str, prompt_text: str | None) -> tuple[str | None, str | None]:
-    """A whole answer's (reasoning, answer)."""
+    """A whole answer's (reasoning, answer), for the parsers of <think> tags."""
     return ReasoningSplitter(starts_thinking(prompt_text)).feed(text, last=True)
+
+
+class HarmonySplitter:
+    """gpt-oss's output, read token by token: the text of its ``analysis`` channel is its
+    reasoning, every other channel's (``final``, ``commentary``) its answer; the tokens that frame
+    the messages are neither. ``feed`` takes the text too, to be called as ``ReasoningSplitter``."""
+
+    def __init__(self, tokenizer):
+        from pagedllm.engine.detokenizer import IncrementalDetokenizer
+
+        self._new_detokenizer = lambda: IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._decode_header = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        self._decode_text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        ids = harmony_token_ids(tokenizer)
+        self._message, self._ends = ids["<|message|>"], {ids["<|end|>"], ids["<|return|>"], ids["<|call|>"]}
+        self._header: list[int] = []  # the message's tokens before <|message|>
+        self._body: list[int] | None = None  # its text's tokens, once <|message|> has come
+        self._detokenizer = None
+        self._reasoning = False  # the message is in the analysis channel
+
+    def feed(self, text: str, token_ids: list[int], last: bool = False) -> tuple[str | None, str | None]:
+        reasoning, answer = [], []
+        for token in token_ids:
+            if self._body is None:
+                if token == self._message:
+                    channel = re.search(r"<\|channel\|>\s*([^\s<]+)", self._decode_header(self._header))
+                    self._reasoning = channel is not None and channel.group(1) == "analysis"
+                    self._body, self._detokenizer = [], self._new_detokenizer()
+                else:
+                    self._header.append(token)
+            elif token in self._ends:
+                self._header, self._body = [], None
+            else:
+                self._body.append(token)
+                (reasoning if self._reasoning else answer).append(self._detokenizer.update(self._body))
+        if last and self._body is None and self._header:  # text the model wrote outside harmony's frame
+            answer.append(self._decode_text(self._header))
+            self._header = []
+        return "".join(reasoning) or None, "".join(answer) or None
+
+
+def harmony_token_ids(tokenizer) -> dict[str, int]:
+    """The ids of harmony's tokens; a ValueError where the tokenizer lacks them."""
+    ids = {tag: tokenizer.convert_tokens_to_ids(tag) if tokenizer is not None else None for tag in HARMONY_TOKENS}
+    missing = [tag for tag, i in ids.items() if i is None or i == getattr(tokenizer, "unk_token_id", None)]
+    if missing:
+        raise ValueError(f"reasoning_parser={HARMONY!r} needs harmony's tokens in the model's tokenizer, as "
+                         f"gpt-oss's has; this one lacks {missing}")
+    return ids
+
+
+def check_tokenizer(tokenizer, parser: str) -> None:
+    """A ValueError where the tokenizer lacks the tokens ``parser`` reads."""
+    if parser == HARMONY:
+        harmony_token_ids(tokenizer)
+    else:
+        thinking_token_ids(tokenizer, parser)
+
+
+def parser_for(parser: str | None, model_type: str, tokenizer) -> str | None:
+    """The server's parser: the one asked for, else harmony's for a gpt-oss model whose tokenizer
+    has its tokens (vLLM reads gpt-oss's answers through harmony whatever the flags)."""
+    if parser is not None or model_type != "gpt_oss":
+        return parser
+    try:
+        harmony_token_ids(tokenizer)
+    except ValueError:
+        return None
+    return HARMONY
+
+
+def reasoning_splitter(parser: str, tokenizer, prompt_text: str | None) -> "ReasoningSplitter | HarmonySplitter":
+    """A splitter of one answer for ``parser``."""
+    if parser == HARMONY:
+        return HarmonySplitter(tokenizer)
+    return ReasoningSplitter(starts_thinking(prompt_text))

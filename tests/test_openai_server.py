@@ -84,7 +84,9 @@ def test_vllms_uvicorn_flags_set_uvicorns_log(live, tiny_checkpoint):
 @pytest.mark.parametrize("flags, cut_at", [([], None), (["--enable-log-requests"], 2000),
                                             (["--enable-log-requests", "--max-log-len", "100"], 100)])
 def test_enable_log_requests_logs_each_request_as_it_starts(flags, cut_at, pagedllm_log):
-    class Engine:  # the two calls a request's start makes
+    class Engine:  # the two calls a request's start makes, and what the server reads of it when made
+        config, tokenizer = argparse.Namespace(hf_config=argparse.Namespace(model_type="llama")), None
+
         def validate(self, token_ids, params):
             pass
 

@@ -15,7 +15,18 @@ from transformers import AutoTokenizer
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.errors import RequestFailedError
-from pagedllm.reasoning import END, START, ReasoningSplitter, split_reasoning, starts_thinking, thinking_token_ids
+from pagedllm.reasoning import (
+    END,
+    HARMONY_TOKENS,
+    START,
+    HarmonySplitter,
+    ReasoningSplitter,
+    harmony_token_ids,
+    parser_for,
+    split_reasoning,
+    starts_thinking,
+    thinking_token_ids,
+)
 from pagedllm.testing import build_tiny_checkpoint, build_tokenizer
 
 OPEN, CLOSED = "<|user|>hi<|assistant|><think>\n", "<|user|>hi<|assistant|><think>\n\n</think>\n\n"
@@ -151,3 +162,67 @@ def test_include_reasoning_false_leaves_the_thinking_out(thinking_server):
                                                    extra_body={**ASKED, "include_reasoning": False})
     message = done.choices[0].message.model_dump()
     assert re.fullmatch("[a-z ]+", message["content"]) and message.get("reasoning") is None
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer():
+    """The tiny BPE tokenizer with gpt-oss's harmony tokens as special tokens."""
+    tokenizer = build_tokenizer(vocab_size=504)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(HARMONY_TOKENS)})
+    return tokenizer
+
+
+HARMONY_ANSWER = ("<|channel|>analysis<|message|>User asks 2+2. Easy: 4.<|end|>"
+                  "<|start|>assistant<|channel|>final<|message|>The answer is 4.<|return|>")
+
+
+def test_harmony_puts_the_analysis_channel_in_reasoning_whole_and_token_by_token(harmony_tokenizer):
+    ids = harmony_tokenizer.encode(HARMONY_ANSWER, add_special_tokens=False)
+    assert sum(i >= 504 for i in ids) == 7  # each of harmony's tokens is one token
+    expected = ("User asks 2+2. Easy: 4.", "The answer is 4.")
+    assert HarmonySplitter(harmony_tokenizer).feed("", ids, last=True) == expected
+    splitter = HarmonySplitter(harmony_tokenizer)
+    parts = [splitter.feed("", [token], last=i == len(ids) - 1) for i, token in enumerate(ids)]
+    assert tuple("".join(p[k] or "" for p in parts) for k in (0, 1)) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<|channel|>final<|message|>Just 4.<|return|>", (None, "Just 4.")),  # no thinking
+    ("<|channel|>commentary<|message|>Let me look.<|end|>", (None, "Let me look.")),  # a preamble: the answer's
+    ("<|channel|>analysis<|message|>cut off while thinking", ("cut off while thinking", None)),
+    ("plain words, no frame", (None, "plain words, no frame")),  # a model that left the format
+])
+def test_harmony_channels_and_answers_outside_the_format(text, expected, harmony_tokenizer):
+    ids = harmony_tokenizer.encode(text, add_special_tokens=False)
+    assert HarmonySplitter(harmony_tokenizer).feed("", ids, last=True) == expected
+
+
+def test_gpt_oss_is_read_through_harmony_where_its_tokenizer_has_the_tokens(harmony_tokenizer, tokenizer):
+    assert parser_for(None, "gpt_oss", harmony_tokenizer) == "openai_gptoss"
+    assert parser_for(None, "gpt_oss", tokenizer) is None  # (the tiny test model's plain tokenizer)
+    assert parser_for(None, "llama", harmony_tokenizer) is None
+    assert parser_for("qwen3", "gpt_oss", harmony_tokenizer) == "qwen3"
+    with pytest.raises(ValueError, match="needs harmony's tokens in the model's tokenizer"):
+        harmony_token_ids(tokenizer)
+
+
+def test_a_gpt_oss_server_reads_its_answers_through_harmony_whole_and_streamed(harmony_tokenizer, tmp_path):
+    """No flag needed (as vLLM): the tiny random gpt-oss, its harmony tokens among those it samples,
+    answers as a harmony splitter reads its tokens, alike whole and streamed."""
+    path = build_tiny_checkpoint("gpt-oss", str(tmp_path), tokenizer=harmony_tokenizer)
+    server, uv, url = start_server(path, "--served-model-name", "x")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert server.serving.reasoning_parser == "openai_gptoss"
+        asked = dict(model="x", messages=MESSAGES, max_tokens=40, temperature=1.0, seed=3)
+        done = client.chat.completions.create(**asked, extra_body={"return_token_ids": True}).choices[0]
+        message = done.message.model_dump()
+        expected = HarmonySplitter(harmony_tokenizer).feed("", done.model_dump()["token_ids"], last=True)
+        assert (message.get("reasoning"), message["content"]) == expected
+        chunks = list(client.chat.completions.create(**asked, stream=True))
+        deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+        streamed = tuple("".join(d.get(k) or "" for d in deltas) or None for k in ("reasoning", "content"))
+        assert streamed == expected
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()

@@ -26,7 +26,7 @@ from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
 from pagedllm.errors import ClientFault, RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
-from pagedllm.reasoning import thinking_at_start, thinking_token_ids
+from pagedllm.reasoning import THINK_PARSERS, thinking_at_start, thinking_token_ids
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
         # a reasoning model's (<think>, </think>): a request's grammar constrains only its answer
         self.thinking_tags = thinking_token_ids(self.tokenizer, config.reasoning_parser) \
-            if config.reasoning_parser else None
+            if config.reasoning_parser in THINK_PARSERS else None
         self.executor = Executor(config)
         self.block_manager, self.cache_capacity = block_pools(config, self.executor.num_kv_blocks,
                                                              self.executor.num_window_kv_blocks,

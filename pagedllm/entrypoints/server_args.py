@@ -133,9 +133,9 @@ def engine_setting_error(args: argparse.Namespace) -> str | None:
         config = EngineConfig(**engine_kwargs(args))
         if config.reasoning_parser:  # its tags must be the tokenizer's tokens: said now, not from the engine process
             from pagedllm.engine.llm_engine import load_tokenizer
-            from pagedllm.reasoning import thinking_token_ids
+            from pagedllm.reasoning import check_tokenizer
 
-            thinking_token_ids(load_tokenizer(config), config.reasoning_parser)
+            check_tokenizer(load_tokenizer(config), config.reasoning_parser)
     except (ValueError, OSError) as err:
         return str(err)
     return None

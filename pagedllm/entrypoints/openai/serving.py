@@ -49,7 +49,7 @@ from pagedllm.entrypoints.openai.responses import (
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.reasoning import ReasoningSplitter, split_reasoning, starts_thinking
+from pagedllm.reasoning import HarmonySplitter, ReasoningSplitter, parser_for, reasoning_splitter
 from pagedllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("pagedllm")
@@ -65,7 +65,8 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.content_format = args.chat_template_content_format  # how the template sees each message's content
         self.metrics = metrics
-        self.reasoning_parser = args.reasoning_parser  # None: a model's thinking stays in its content
+        # None: a model's thinking stays in its content
+        self.reasoning_parser = parser_for(args.reasoning_parser, engine.config.hf_config.model_type, engine.tokenizer)
         self.log_requests = args.enable_log_requests
         self.max_log_len = args.max_log_len
 
@@ -141,7 +142,7 @@ class OpenAIServing:
         ids = body.return_token_ids
 
         def response() -> ChatCompletionResponse:
-            choices = [ChatChoice(index=c.index, message=self._message(body, prompt[0], c.text),
+            choices = [ChatChoice(index=c.index, message=self._message(body, prompt[0], c),
                                   finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs, c.token_ids, k),
                                   token_ids=c.token_ids if ids else None)
                        for c in finals[0].outputs]
@@ -371,20 +372,24 @@ class OpenAIServing:
             yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
 
-    def _message(self, body: ChatCompletionRequest, prompt_text: str | None, text: str) -> ChatResponseMessage:
+    def _splitter(self, prompt_text: str | None) -> ReasoningSplitter | HarmonySplitter:
+        return reasoning_splitter(self.reasoning_parser, self.engine.tokenizer, prompt_text)
+
+    def _message(self, body: ChatCompletionRequest, prompt_text: str | None,
+                 c: CompletionOutput) -> ChatResponseMessage:
         """A whole answer, its thinking apart where the server splits it off."""
         if self.reasoning_parser is None:
-            return ChatResponseMessage(content=text)
-        reasoning, content = split_reasoning(text, prompt_text)
+            return ChatResponseMessage(content=c.text)
+        reasoning, content = self._splitter(prompt_text).feed(c.text, c.token_ids, last=True)
         reasoning = reasoning if body.include_reasoning else None
         return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning)
 
-    def _delta(self, body: ChatCompletionRequest, splitters: dict[int, ReasoningSplitter] | None,
+    def _delta(self, body: ChatCompletionRequest, splitters: dict[int, ReasoningSplitter | HarmonySplitter] | None,
                c: CompletionOutput) -> ChatDelta:
         """A chunk's new text, its thinking apart where the server splits it off."""
         if splitters is None:
             return ChatDelta(content=c.text or None)
-        reasoning, content = splitters[c.index].feed(c.text or "", last=c.finish_reason is not None)
+        reasoning, content = splitters[c.index].feed(c.text or "", c.token_ids, last=c.finish_reason is not None)
         reasoning = reasoning if body.include_reasoning else None
         return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning)
 
@@ -394,8 +399,7 @@ class OpenAIServing:
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas, continuous = _Deltas(), _continuous_usage(body)
         deltas.prompt_tokens[0] = len(prompt_token_ids)
-        splitters = None if self.reasoning_parser is None else {
-            i: ReasoningSplitter(starts_thinking(prompt_text)) for i in range(body.n)}
+        splitters = None if self.reasoning_parser is None else {i: self._splitter(prompt_text) for i in range(body.n)}
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
             return frame(choices, deltas.usage() if continuous else None)
