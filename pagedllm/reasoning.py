@@ -30,14 +30,22 @@ def starts_thinking(prompt_text: str | None) -> bool:
     return bool(prompt_text) and prompt_text.rfind(START) > prompt_text.rfind(END)
 
 
+def _token_ids(tokenizer, tags: tuple[str, ...], parser: str) -> list[int]:
+    """The ids of ``tags``, which the parser's models hold as tokens; a ValueError naming those this
+    tokenizer lacks."""
+    ids = [tokenizer.convert_tokens_to_ids(tag) if tokenizer is not None else None for tag in tags]
+    unknown = (None, getattr(tokenizer, "unk_token_id", None))
+    missing = [tag for tag, i in zip(tags, ids, strict=True) if i in unknown]
+    if missing:
+        raise ValueError(f"reasoning_parser={parser!r} reads {', '.join(tags)} as tokens of the model's tokenizer, "
+                         f"and this one lacks {', '.join(missing)}")
+    return ids
+
+
 def thinking_token_ids(tokenizer, parser: str) -> tuple[int, int]:
-    """The ids of ``<think>`` and ``</think>``, which a reasoning model's tokenizer holds as tokens;
-    a ValueError where this one does not."""
-    ids = [tokenizer.convert_tokens_to_ids(tag) if tokenizer is not None else None for tag in (START, END)]
-    if any(i is None or i == getattr(tokenizer, "unk_token_id", None) for i in ids):
-        raise ValueError(f"reasoning_parser={parser!r} needs {START} and {END} to be tokens of the model's tokenizer, "
-                         "as a reasoning model's are; this model's tokenizer has none such")
-    return ids[0], ids[1]
+    """The ids of ``<think>`` and ``</think>``."""
+    start, end = _token_ids(tokenizer, (START, END), parser)
+    return start, end
 
 
 def thinking_at_start(prompt_token_ids: list[int], start_id: int, end_id: int) -> bool:
@@ -97,11 +105,6 @@ class ReasoningSplitter:
         return "".join(reasoning) or None, "".join(answer) or None
 
 
-def split_reasoning(text: str, prompt_text: str | None) -> tuple[str | None, str | None]:
-    """A whole answer's (reasoning, answer), for the parsers of <think> tags."""
-    return ReasoningSplitter(starts_thinking(prompt_text)).feed(text, last=True)
-
-
 class HarmonySplitter:
     """gpt-oss's output, read token by token: the text of its ``analysis`` channel is its
     reasoning, every other channel's (``final``, ``commentary``) its answer; the tokens that frame
@@ -142,13 +145,8 @@ class HarmonySplitter:
 
 
 def harmony_token_ids(tokenizer) -> dict[str, int]:
-    """The ids of harmony's tokens; a ValueError where the tokenizer lacks them."""
-    ids = {tag: tokenizer.convert_tokens_to_ids(tag) if tokenizer is not None else None for tag in HARMONY_TOKENS}
-    missing = [tag for tag, i in ids.items() if i is None or i == getattr(tokenizer, "unk_token_id", None)]
-    if missing:
-        raise ValueError(f"reasoning_parser={HARMONY!r} needs harmony's tokens in the model's tokenizer, as "
-                         f"gpt-oss's has; this one lacks {missing}")
-    return ids
+    """The ids of harmony's tokens."""
+    return dict(zip(HARMONY_TOKENS, _token_ids(tokenizer, HARMONY_TOKENS, HARMONY), strict=True))
 
 
 def check_tokenizer(tokenizer, parser: str) -> None:

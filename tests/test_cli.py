@@ -115,7 +115,7 @@ def test_help_lists_the_commands():
     (["serve", "{model}", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
      "--enable-auto-tool-choice: tool calls are not supported"),
     (["serve", "{model}", "--reasoning-parser", "granite"], "reasoning_parser='granite' is invalid: it must be one of"),
-    (["serve", "{model}", "--reasoning-parser", "qwen3"], "reasoning_parser='qwen3' needs <think> and </think> to be"),
+    (["serve", "{model}", "--reasoning-parser", "qwen3"], "reasoning_parser='qwen3' reads <think>, </think> as tokens"),
     (["serve", "{model}", "--lora-modules", "sql=/adapters/sql"], "--lora-modules: LoRA adapters are not supported"),
     (["serve", "{model}", "--ssl-keyfile", "/k.pem"], "--ssl-keyfile and --ssl-certfile: give both"),
     (["serve", "{model}", "--allowed-origins", '"*"'], "--allowed-origins: give a JSON list of strings, not '*'"),

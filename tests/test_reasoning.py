@@ -23,7 +23,6 @@ from pagedllm.reasoning import (
     ReasoningSplitter,
     harmony_token_ids,
     parser_for,
-    split_reasoning,
     starts_thinking,
     thinking_token_ids,
 )
@@ -43,7 +42,7 @@ OPEN, CLOSED = "<|user|>hi<|assistant|><think>\n", "<|user|>hi<|assistant|><thin
     (None, "Four.", (None, "Four.")),  # a prompt of token ids
 ])
 def test_a_whole_answer_splits_at_the_end_of_its_thinking(prompt, text, expected):
-    assert split_reasoning(text, prompt) == expected
+    assert ReasoningSplitter(starts_thinking(prompt)).feed(text, last=True) == expected
 
 
 # tags whole and in parts, so that cuts fall inside them
@@ -124,7 +123,8 @@ def test_structured_output_constrains_only_the_answer_after_the_thinking(reasoni
 
 
 def test_a_tokenizer_without_the_tags_is_refused_before_anything_runs(tiny_checkpoint):
-    with pytest.raises(ValueError, match="reasoning_parser='qwen3' needs <think> and </think> to be tokens"):
+    with pytest.raises(ValueError, match="reasoning_parser='qwen3' reads <think>, </think> as tokens of the model's "
+                                         "tokenizer, and this one lacks <think>, </think>"):
         LLM(tiny_checkpoint("llama"), device="cpu", reasoning_parser="qwen3")
 
 
@@ -202,7 +202,7 @@ def test_gpt_oss_is_read_through_harmony_where_its_tokenizer_has_the_tokens(harm
     assert parser_for(None, "gpt_oss", tokenizer) is None  # (the tiny test model's plain tokenizer)
     assert parser_for(None, "llama", harmony_tokenizer) is None
     assert parser_for("qwen3", "gpt_oss", harmony_tokenizer) == "qwen3"
-    with pytest.raises(ValueError, match="needs harmony's tokens in the model's tokenizer"):
+    with pytest.raises(ValueError, match="reasoning_parser='openai_gptoss' reads <\\|start\\|>.* and this one lacks"):
         harmony_token_ids(tokenizer)
 
 
