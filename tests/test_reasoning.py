@@ -157,6 +157,26 @@ def test_server_splits_the_thinking_off_whole_and_streamed(thinking_server, thin
     assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
 
 
+def test_responses_api_gives_the_thinking_a_reasoning_item_whole_and_streamed(thinking_server):
+    """The Responses API (no logit bias there: the tiny model thinks until cut off, so all of its
+    answer is thinking, as chat splits it)."""
+    chat = thinking_server.chat.completions.create(model="x", messages=MESSAGES, max_tokens=8,
+                                                   temperature=0).choices[0].message.model_dump()
+    done = thinking_server.responses.create(model="x", input=MESSAGES[0]["content"], max_output_tokens=8,
+                                            temperature=0)
+    reasoning, message = done.output
+    assert (reasoning.type, message.type) == ("reasoning", "message")
+    assert reasoning.content[0].text == chat["reasoning"] and message.content[0].text == ""
+    events = list(thinking_server.responses.create(model="x", input=MESSAGES[0]["content"], max_output_tokens=8,
+                                                   temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == chat["reasoning"]
+    finished = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+    assert finished == [(0, "reasoning"), (1, "message")]
+    assert events[-1].response.output[0].content[0].text == chat["reasoning"]
+
+
 def test_include_reasoning_false_leaves_the_thinking_out(thinking_server):
     done = thinking_server.chat.completions.create(model="x", messages=MESSAGES, max_tokens=30, temperature=0,
                                                    extra_body={**ASKED, "include_reasoning": False})

@@ -1,6 +1,7 @@
 """OpenAI's Responses API (``/v1/responses``), as vLLM serves it for a text model: the input (a
 string, or messages) and ``instructions`` go through the chat template, the output is one
-assistant message, sampling and ``text.format`` (structured output) are chat's. Responses are
+assistant message (after a reasoning item with the model's thinking, where the server splits it
+off: ``reasoning_parser``), sampling and ``text.format`` (structured output) are chat's. Responses are
 not stored, so ``previous_response_id`` and ``background`` are refused by name, as are tool
 calls; a stream is OpenAI's typed events (``response.created`` ... ``response.completed``)."""
 
@@ -137,6 +138,21 @@ class OutputText(BaseModel):
     logprobs: list = []
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    """The model's thinking (OpenAI's reasoning item, its text as open-weight models give it)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list = []
+    content: list[ReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class OutputMessage(BaseModel):
     type: Literal["message"] = "message"
     id: str
@@ -171,7 +187,7 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage]
+    output: list[ReasoningItem | OutputMessage]
     parallel_tool_calls: bool = False
     previous_response_id: str | None = None
     temperature: float | None = None
@@ -191,6 +207,7 @@ class ResponseBuilder:
         self.top_logprobs = body.logprobs
         self.id, self.message_id, self.created_at = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", \
             int(time.time())
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
         fmt = body.format
         self.fields = dict(instructions=body.instructions, max_output_tokens=body.max_output_tokens, model=model,
                            temperature=params.temperature, top_p=params.top_p, tools=body.tools or [],
@@ -207,57 +224,100 @@ class ResponseBuilder:
     def message(self, text: str | None, finish_reason: str | None = None,
                 logprobs: list | None = None) -> OutputMessage:
         """The output message: in progress without ``finish_reason``; ``text`` None: no part yet."""
-        status = "in_progress" if finish_reason is None else "incomplete" if finish_reason == "length" else \
-            "completed"
-        return OutputMessage(id=self.message_id, status=status,
+        return OutputMessage(id=self.message_id, status=_status(finish_reason),
                              content=[] if text is None else [OutputText(text=text, logprobs=logprobs or [])])
 
+    def reasoning(self, text: str | None, finish_reason: str | None = None) -> ReasoningItem:
+        """The reasoning item, as ``message``."""
+        return ReasoningItem(id=self.reasoning_id, status=_status(finish_reason),
+                             content=[] if text is None else [ReasoningText(text=text)])
+
     def response(self, text: str | None = None, finish_reason: str | None = None, last: RequestOutput | None = None,
-                 output_tokens: int = 0, logprobs: list | None = None) -> ResponseObject:
+                 output_tokens: int = 0, logprobs: list | None = None, reasoning: str | None = None) -> ResponseObject:
         """The response: in progress, or done (``last``: the request's last output, with
-        ``output_tokens`` generated in all)."""
+        ``output_tokens`` generated in all; ``reasoning``: its thinking, if split off)."""
         if last is None:
             return ResponseObject(id=self.id, created_at=self.created_at, status="in_progress", output=[],
                                   **self.fields)
         message = self.message(text, finish_reason, logprobs)
+        thinking = [self.reasoning(reasoning, finish_reason)] if reasoning is not None else []
         prompt_tokens = len(last.prompt_token_ids)
         usage = ResponseUsage(input_tokens=prompt_tokens, output_tokens=output_tokens,
                               input_tokens_details=InputTokensDetails(cached_tokens=last.num_cached_tokens),
                               total_tokens=prompt_tokens + output_tokens)
-        return ResponseObject(id=self.id, created_at=self.created_at, status=message.status, output=[message],
+        return ResponseObject(id=self.id, created_at=self.created_at, status=message.status,
+                              output=[*thinking, message],
                               usage=usage, incomplete_details={"reason": "max_output_tokens"}
                               if message.status == "incomplete" else None, completed_at=int(time.time()),
                               **self.fields)
 
 
-async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+def _status(finish_reason: str | None) -> str:
+    return "in_progress" if finish_reason is None else "incomplete" if finish_reason == "length" else "completed"
+
+
+async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[RequestOutput],
+                          splitter=None) -> AsyncIterator[str]:
     """OpenAI's typed stream events for one response, each ``event: TYPE`` and its JSON, numbered.
-    ``outputs``: the request's delta outputs."""
+    ``outputs``: the request's delta outputs; ``splitter`` (a ``reasoning`` splitter): the model's
+    thinking goes into a reasoning item of its own, opened at its first text, before the message."""
     numbers = itertools.count()
+    opened: dict[str, int] = {}  # item id -> its output index
 
     def event(kind: str, **fields) -> str:
         payload = {"type": kind, "sequence_number": next(numbers)}
         payload |= {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in fields.items()}
         return f"event: {kind}\ndata: {json.dumps(payload)}"
 
-    where = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
+    def where(item_id: str) -> dict:
+        return {"item_id": item_id, "output_index": opened[item_id], "content_index": 0}
+
+    def open_item(item, part) -> list[str]:
+        opened[item.id] = len(opened)
+        return [event("response.output_item.added", output_index=opened[item.id], item=item),
+                event("response.content_part.added", part=part, **where(item.id))]
+
     yield event("response.created", response=builder.response())
     yield event("response.in_progress", response=builder.response())
-    yield event("response.output_item.added", output_index=0, item=builder.message(None))
-    yield event("response.content_part.added", part=OutputText(text=""), **where)
-    texts, tokens, last, logprobs, pending = [], 0, None, [], []
+    if splitter is None:  # the message opens at once; with a splitter, at its first text (thinking may come first)
+        for line in open_item(builder.message(None), OutputText(text="")):
+            yield line
+    texts, thoughts, tokens, last, logprobs, pending = [], [], 0, None, [], []
     async for last in outputs:
         completion = last.outputs[0]
         tokens += len(completion.token_ids)
         pending += builder.logprobs(completion)  # (a token that completes no character waits for the next)
-        if completion.text:
-            texts.append(completion.text)
-            yield event("response.output_text.delta", delta=completion.text, logprobs=pending, **where)
+        thought, text = (splitter.feed(completion.text, completion.token_ids, completion.finish_reason is not None)
+                         if splitter is not None else (None, completion.text))
+        if thought:
+            if builder.reasoning_id not in opened:
+                for line in open_item(builder.reasoning(None), ReasoningText(text="")):
+                    yield line
+            thoughts.append(thought)
+            yield event("response.reasoning_text.delta", delta=thought, **where(builder.reasoning_id))
+        if text:
+            if builder.message_id not in opened:
+                for line in open_item(builder.message(None), OutputText(text="")):
+                    yield line
+            texts.append(text)
+            yield event("response.output_text.delta", delta=text, logprobs=pending, **where(builder.message_id))
             logprobs += pending
             pending = []
     text, reason, logprobs = "".join(texts), last.outputs[0].finish_reason, logprobs + pending
-    yield event("response.output_text.done", text=text, logprobs=logprobs, **where)
-    yield event("response.content_part.done", part=OutputText(text=text, logprobs=logprobs), **where)
-    yield event("response.output_item.done", output_index=0, item=builder.message(text, reason, logprobs))
-    done = builder.response(text, reason, last, tokens, logprobs)
+    thought = "".join(thoughts) if thoughts else None
+    if thought is not None:
+        at = where(builder.reasoning_id)
+        yield event("response.reasoning_text.done", text=thought, **at)
+        yield event("response.content_part.done", part=ReasoningText(text=thought), **at)
+        yield event("response.output_item.done", output_index=at["output_index"],
+                    item=builder.reasoning(thought, reason))
+    if builder.message_id not in opened:  # (all thinking: an empty message still ends the response)
+        for line in open_item(builder.message(None), OutputText(text="")):
+            yield line
+    at = where(builder.message_id)
+    yield event("response.output_text.done", text=text, logprobs=logprobs, **at)
+    yield event("response.content_part.done", part=OutputText(text=text, logprobs=logprobs), **at)
+    yield event("response.output_item.done", output_index=at["output_index"],
+                item=builder.message(text, reason, logprobs))
+    done = builder.response(text, reason, last, tokens, logprobs, thought)
     yield event("response.completed" if done.status == "completed" else "response.incomplete", response=done)

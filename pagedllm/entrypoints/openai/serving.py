@@ -167,14 +167,18 @@ class OpenAIServing:
         except ApiError as err:
             raise in_responses_terms(err) from None
         if body.stream:
-            return event_stream(response_events(builder, (output async for _, output in merge(streams))), typed=True)
+            splitter = self._splitter(prompt[0]) if self.reasoning_parser else None
+            return event_stream(response_events(builder, (output async for _, output in merge(streams)), splitter),
+                                typed=True)
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
         completion = finals[0].outputs[0]
+        reasoning, text = self._splitter(prompt[0]).feed(completion.text, completion.token_ids, last=True) \
+            if self.reasoning_parser else (None, completion.text)
         return await json_response_off_the_loop(lambda: builder.response(
-            completion.text, completion.finish_reason, finals[0], len(completion.token_ids),
-            builder.logprobs(completion)))
+            text or "", completion.finish_reason, finals[0], len(completion.token_ids),
+            builder.logprobs(completion), reasoning))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self._check_model(body.model)
