@@ -1,9 +1,9 @@
 """A reasoning model's thinking apart from its answer (vLLM's ``reasoning_parser``), for the
 models that think between ``<think>`` and ``</think>`` (DeepSeek-R1 and its distills, Qwen3, QwQ):
 the server splits each chat answer's text (``ReasoningSplitter``), and the engine holds a
-request's structured output back until its thinking ends (``thinking_token_ids``); and for
-gpt-oss, whose harmony format puts its thinking in an ``analysis`` channel (``HarmonySplitter``,
-read from the tokens, whose framing ones the text leaves out).
+request's structured output back until its thinking ends (``AnswerStart``); and for gpt-oss,
+whose harmony format puts its thinking in an ``analysis`` channel (``HarmonySplitter``, read from
+the tokens, whose framing ones the text leaves out) and its answer in the ``final`` one.
 
 Whether the answer starts in thinking is read from the prompt: a chat template that opens
 ``<think>`` for the model (DeepSeek-R1's, Qwen3's thinking models') leaves the prompt's last tag
@@ -23,6 +23,7 @@ REASONING_PARSERS = (*THINK_PARSERS, HARMONY)
 # harmony's tokens: each message is <|start|>ROLE<|channel|>NAME<|message|>TEXT<|end|> (or <|return|>
 # / <|call|> for the last); the prompt's generation prompt is <|start|>assistant
 HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
+HARMONY_FINAL = "<|channel|>final<|message|>"  # what opens harmony's answer
 
 
 def starts_thinking(prompt_text: str | None) -> bool:
@@ -54,6 +55,30 @@ def thinking_at_start(prompt_token_ids: list[int], start_id: int, end_id: int) -
         if token in (start_id, end_id):
             return token == start_id
     return False
+
+
+@dataclass(frozen=True)
+class AnswerStart:
+    """Where a reasoning model's answer starts, for its structured output: after ``tokens`` (the
+    ``</think>`` token; harmony's ``<|channel|>final<|message|>``)."""
+
+    tokens: tuple[int, ...]
+    think_tags: tuple[int, int] | None  # <think> and </think>: the prompt says whether thinking comes first
+
+    @classmethod
+    def of(cls, tokenizer, parser: str) -> "AnswerStart":
+        if parser == HARMONY:
+            harmony_token_ids(tokenizer)
+            return cls(tuple(tokenizer.encode(HARMONY_FINAL, add_special_tokens=False)), None)
+        start, end = thinking_token_ids(tokenizer, parser)
+        return cls((end,), (start, end))
+
+    def awaited(self, prompt_token_ids: list[int]) -> tuple[int, ...] | None:
+        """The tokens a request with this prompt must write before its answer; None: it starts there
+        (a prompt that leaves no <think> open; one that ends in harmony's final channel)."""
+        if self.think_tags is not None:
+            return self.tokens if thinking_at_start(prompt_token_ids, *self.think_tags) else None
+        return None if tuple(prompt_token_ids[-len(self.tokens):]) == self.tokens else self.tokens
 
 
 def _held_back(text: str, tag: str) -> int:
@@ -147,14 +172,6 @@ class HarmonySplitter:
 def harmony_token_ids(tokenizer) -> dict[str, int]:
     """The ids of harmony's tokens."""
     return dict(zip(HARMONY_TOKENS, _token_ids(tokenizer, HARMONY_TOKENS, HARMONY), strict=True))
-
-
-def check_tokenizer(tokenizer, parser: str) -> None:
-    """A ValueError where the tokenizer lacks the tokens ``parser`` reads."""
-    if parser == HARMONY:
-        harmony_token_ids(tokenizer)
-    else:
-        thinking_token_ids(tokenizer, parser)
 
 
 def parser_for(parser: str | None, model_type: str, tokenizer) -> str | None:

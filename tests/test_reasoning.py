@@ -217,6 +217,36 @@ def test_harmony_channels_and_answers_outside_the_format(text, expected, harmony
     assert HarmonySplitter(harmony_tokenizer).feed("", ids, last=True) == expected
 
 
+@pytest.mark.parametrize("reasoning_parser", [None, "openai_gptoss"])
+def test_harmony_structured_output_constrains_only_the_final_channel(reasoning_parser, harmony_tokenizer,
+                                                                     tmp_path):
+    """Made to think in the analysis channel in tokens its regex forbids, then to open the final
+    channel: with harmony's parser the regex holds from there; without, from the first token."""
+    llm = LLM(build_tiny_checkpoint("llama", str(tmp_path), tokenizer=harmony_tokenizer), device="cpu",
+              reasoning_parser=reasoning_parser)
+    upper = next(i for i in range(3, 500) if re.fullmatch("[A-Z]+", harmony_tokenizer.decode([i])))
+    frame = harmony_tokenizer.encode("<|channel|>analysis<|message|>", add_special_tokens=False)
+    final = harmony_tokenizer.encode("<|end|><|start|>assistant<|channel|>final<|message|>", add_special_tokens=False)
+    forced = [*frame, upper, upper, *final]
+    params = SamplingParams(temperature=0, max_tokens=len(forced) + 8, structured_outputs={"regex": "[a-z ]+"},
+                            logits_processors=[functools.partial(_force, forced)])
+    prompt = harmony_tokenizer.encode("<|start|>user<|message|>hi<|end|><|start|>assistant", add_special_tokens=False)
+    if reasoning_parser:
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids[:len(forced)] == forced
+        assert re.fullmatch("[a-z ]+", harmony_tokenizer.decode(out.token_ids[len(forced):]))
+    else:
+        with pytest.raises(RequestFailedError, match="no token could follow"):
+            llm.generate([prompt], params, use_tqdm=False)
+
+
+def test_a_gpt_oss_models_structured_output_waits_for_its_final_channel_without_a_flag(harmony_tokenizer,
+                                                                                      tmp_path):
+    llm = LLM(build_tiny_checkpoint("gpt-oss", str(tmp_path), tokenizer=harmony_tokenizer), device="cpu")
+    opening = tuple(harmony_tokenizer.encode("<|channel|>final<|message|>", add_special_tokens=False))
+    assert llm.llm_engine.answer_start.tokens == opening
+
+
 def test_gpt_oss_is_read_through_harmony_where_its_tokenizer_has_the_tokens(harmony_tokenizer, tokenizer):
     assert parser_for(None, "gpt_oss", harmony_tokenizer) == "openai_gptoss"
     assert parser_for(None, "gpt_oss", tokenizer) is None  # (the tiny test model's plain tokenizer)

@@ -26,7 +26,7 @@ from pagedllm.engine.structured_output import GrammarCompiler, SampleGrammar
 from pagedllm.errors import ClientFault, RequestError
 from pagedllm.metrics import EngineStats
 from pagedllm.outputs import RequestOutput
-from pagedllm.reasoning import THINK_PARSERS, thinking_at_start, thinking_token_ids
+from pagedllm.reasoning import AnswerStart, parser_for
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -48,9 +48,10 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.default_sampling_fields = generation_defaults(config)
         self.grammars = GrammarCompiler(self.tokenizer, config.hf_config.vocab_size, self.eos_token_ids)
-        # a reasoning model's (<think>, </think>): a request's grammar constrains only its answer
-        self.thinking_tags = thinking_token_ids(self.tokenizer, config.reasoning_parser) \
-            if config.reasoning_parser in THINK_PARSERS else None
+        # where a reasoning model's answer starts: a request's grammar constrains only its answer
+        # (a gpt-oss model's is harmony's without a flag, as the server reads its answers)
+        parser = parser_for(config.reasoning_parser, config.hf_config.model_type, self.tokenizer)
+        self.answer_start = AnswerStart.of(self.tokenizer, parser) if parser else None
         self.executor = Executor(config)
         self.block_manager, self.cache_capacity = block_pools(config, self.executor.num_kv_blocks,
                                                              self.executor.num_window_kv_blocks,
@@ -126,8 +127,8 @@ class LLMEngine:
                     request.finish("error")
                 failed.append(requests[0])
                 continue
-            tags = self.thinking_tags
-            thinking_until = tags[1] if tags and thinking_at_start(requests[0].prompt_token_ids, *tags) else None
+            start = self.answer_start
+            thinking_until = start.awaited(requests[0].prompt_token_ids) if start is not None else None
             for request in requests:
                 request.grammar = SampleGrammar.new(compiled, thinking_until)
                 self.scheduler.add_request(request)

@@ -147,8 +147,10 @@ class Request:
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         grammar = self.grammar_now
-        if self.grammar is not None and grammar is None and token_id == self.grammar.thinking_until:
-            self.grammar.thinking_until = None  # the answer, which the grammar constrains, starts next
+        if self.grammar is not None and grammar is None:
+            opening = self.grammar.thinking_until
+            if tuple(self.token_ids[-len(opening):]) == opening:
+                self.grammar.thinking_until = None  # the answer, which the grammar constrains, starts next
         if grammar is not None and not grammar.matcher.accept_token(token_id):  # its mask allowed no token
             self.error = self._grammar_dead_end(token_id)
             self.finish("error")

@@ -93,15 +93,16 @@ class GrammarCompiler:
 @dataclass(eq=False)
 class SampleGrammar:
     """One sample's place in its grammar (xgrammar's matcher) and the ids its masks span. With a
-    reasoning model (``reasoning_parser``) whose prompt opens its thinking, ``thinking_until`` is
-    the id of ``</think>`` until the sample writes it: the grammar constrains only the answer after."""
+    reasoning model (``reasoning_parser``) that thinks first, ``thinking_until`` holds the tokens
+    that open its answer (``</think>``; harmony's ``<|channel|>final<|message|>``) until the sample
+    has written them: the grammar constrains only the answer after."""
 
     matcher: Any
     vocab_size: int
-    thinking_until: int | None = None
+    thinking_until: tuple[int, ...] | None = None
 
     @classmethod
-    def new(cls, compiled, thinking_until: int | None = None) -> "SampleGrammar":
+    def new(cls, compiled, thinking_until: tuple[int, ...] | None = None) -> "SampleGrammar":
         import xgrammar as xgr
 
         return cls(xgr.GrammarMatcher(compiled), compiled.tokenizer_info.vocab_size, thinking_until)

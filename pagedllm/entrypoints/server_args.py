@@ -133,9 +133,9 @@ def engine_setting_error(args: argparse.Namespace) -> str | None:
         config = EngineConfig(**engine_kwargs(args))
         if config.reasoning_parser:  # its tags must be the tokenizer's tokens: said now, not from the engine process
             from pagedllm.engine.llm_engine import load_tokenizer
-            from pagedllm.reasoning import check_tokenizer
+            from pagedllm.reasoning import AnswerStart
 
-            check_tokenizer(load_tokenizer(config), config.reasoning_parser)
+            AnswerStart.of(load_tokenizer(config), config.reasoning_parser)
     except (ValueError, OSError) as err:
         return str(err)
     return None
