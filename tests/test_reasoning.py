@@ -206,6 +206,21 @@ def test_harmony_puts_the_analysis_channel_in_reasoning_whole_and_token_by_token
     assert tuple("".join(p[k] or "" for p in parts) for k in (0, 1)) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>",
+                                        "<|call|>", "analysis", "final", "assistant", " 4", "é", "ab"]), max_size=16),
+       cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_any_token_stream_splits_in_chunks_as_whole_through_harmony(pieces, cuts, harmony_tokenizer):
+    """Whatever tokens a gpt-oss writes (frames out of order, unfinished, none), cut anywhere."""
+    ids = harmony_tokenizer.encode("".join(pieces), add_special_tokens=False)
+    bounds = sorted({min(c, len(ids)) for c in cuts})
+    chunks = [ids[a:b] for a, b in zip([0, *bounds], [*bounds, len(ids)], strict=True)]
+    splitter = HarmonySplitter(harmony_tokenizer)
+    parts = [splitter.feed("", c, last=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    streamed = tuple("".join(p[k] or "" for p in parts) or None for k in (0, 1))
+    assert streamed == HarmonySplitter(harmony_tokenizer).feed("", ids, last=True)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("<|channel|>final<|message|>Just 4.<|return|>", (None, "Just 4.")),  # no thinking
     ("<|channel|>commentary<|message|>Let me look.<|end|>", (None, "Let me look.")),  # a preamble: the answer's
