@@ -144,10 +144,11 @@ class EngineConfig:
     code_revision: str | None = option(None, "vLLM's revision of a hub model's remote code (None only)",
                                        only=(None,), why="a checkpoint's remote code is used for its config and "
                                                          "tokenizer only, at the model's revision")
-    reasoning_parser: str | None = option(None, "a reasoning model's thinking, between <think> and </think> "
-                                                "(DeepSeek-R1, Qwen3, QwQ): deepseek_r1 or qwen3 (vLLM's names). "
-                                                "The server puts it in each chat answer's 'reasoning' apart from "
-                                                "its 'content', and structured outputs constrain only the answer")
+    reasoning_parser: str | None = option(None, "a reasoning model's thinking: deepseek_r1 or qwen3 (between "
+                                                "<think> and </think>: DeepSeek-R1, Qwen3, QwQ), openai_gptoss "
+                                                "(gpt-oss's harmony, its own without a flag); vLLM's names. The "
+                                                "server puts it in each chat answer's 'reasoning' apart from its "
+                                                "'content', and structured outputs constrain only the answer")
     structured_outputs_config: dict | None = option(
         None, "vLLM's structured-output settings: {\"backend\": \"auto\" or \"xgrammar\"}",
         only=(None, {"backend": "auto"}, {"backend": "xgrammar"}), why="structured outputs run on xgrammar here")

@@ -40,7 +40,7 @@ class SparseMoeBlock(nn.Module):
         self.w13.full_shape = (num_experts, 2 * intermediate_size, hidden_size)
         self.w2.full_shape = (num_experts, hidden_size, intermediate_size)
         self.w13_scale = self.w2_scale = None  # [E, 2I, 1] and [E, H, 1] once quantized to FP8
-        self.b13 = self.b2 = None  # the experts' biases, where the checkpoint has them (gpt-oss)
+        self.w13_bias = self.w2_bias = None  # the experts' biases, where the checkpoint has them (gpt-oss)
         self.silu = activation == "silu"
         self.activation = ACT2FN[activation]
         self.tp_size = tp_world_size()
@@ -48,7 +48,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        extra = (self.w13_scale, self.w2_scale, self.b13, self.b2 if self.first_rank else None)
+        extra = (self.w13_scale, self.w2_scale, self.w13_bias, self.w2_bias if self.first_rank else None)
         if fused_on(x):
             out = fused_moe(x, self.w13, self.w2, weights, ids, self.activation_and_mul, *extra)
         else:
@@ -94,12 +94,11 @@ class GptOssMoeBlock(SparseMoeBlock):
         super().__init__(config.hidden_size, config.intermediate_size, config.num_local_experts,
                          config.num_experts_per_tok, True, "silu", router_bias=True)
         num_experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size))
-        self.b2 = nn.Parameter(torch.empty(num_experts, hidden))
-        self.b13.zero_when_random = self.b2.zero_when_random = True  # biases, as init_dummy_weights says
-        self.w13.full_shape, self.b13.full_shape = (num_experts, hidden, 2 * inter), (num_experts, 2 * inter)
+        self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * self.shard.size))
+        self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w13.full_shape, self.w13_bias.full_shape = (num_experts, hidden, 2 * inter), (num_experts, 2 * inter)
         self.w2.full_shape = (num_experts, inter, hidden)
-        self.w13.weight_loader, self.b13.weight_loader = self._load_gate_up, self._load_gate_up
+        self.w13.weight_loader, self.w13_bias.weight_loader = self._load_gate_up, self._load_gate_up
         self.w2.weight_loader = self._load_down
         # (transformers before 5.25 fixes both, and its configs lack them)
         self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
@@ -108,19 +107,14 @@ class GptOssMoeBlock(SparseMoeBlock):
         return (clamped_swiglu if fused_on(gate_up) else clamped_swiglu_ref)(gate_up, self.alpha, self.limit)
 
     def _load_gate_up(self, param: nn.Parameter, loaded, part: int | None) -> None:
-        """w13 from ``[E, H, 2I]`` or b13 from ``[E, 2I]``: this rank's gate columns (even) first,
-        then its up columns (odd)."""
+        """w13 from ``[E, H, 2I]`` or its bias from ``[E, 2I]``: this rank's gate columns (even)
+        first, then its up columns (odd)."""
         s = self.shard
         check_full_shape(loaded, param.full_shape)
         span = slice(2 * s.start, 2 * (s.start + s.size))
-        if param.dim() == 3:
-            cols = loaded[:, :, span].transpose(1, 2)
-            gate, up = cols[:, 0::2], cols[:, 1::2]
-        else:
-            cols = loaded[:, span]
-            gate, up = cols[:, 0::2], cols[:, 1::2]
-        copy_checked(param[:, : s.size], gate)
-        copy_checked(param[:, s.size :], up)
+        cols = loaded[:, :, span].transpose(1, 2) if param.dim() == 3 else loaded[:, span]
+        copy_checked(param[:, : s.size], cols[:, 0::2])
+        copy_checked(param[:, s.size :], cols[:, 1::2])
 
     def _load_down(self, param: nn.Parameter, loaded, part: int | None) -> None:
         s = self.shard

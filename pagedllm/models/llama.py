@@ -31,7 +31,8 @@ _MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
 _EXPERT_PARTS = {"w1": ("w13", 2, 0), "gate_proj": ("w13", 2, 0), "w3": ("w13", 2, 1), "up_proj": ("w13", 2, 1),
                  "w2": ("w2", 1, 0), "down_proj": ("w2", 1, 0)}
 # gpt-oss's names: all experts in one tensor each (mlp.experts.{name}), the router, the sinks.
-_GPT_OSS_EXPERTS = {"gate_up_proj": "w13", "gate_up_proj_bias": "b13", "down_proj": "w2", "down_proj_bias": "b2"}
+_GPT_OSS_EXPERTS = {"gate_up_proj": "w13", "gate_up_proj_bias": "w13_bias", "down_proj": "w2",
+                    "down_proj_bias": "w2_bias"}
 _GPT_OSS_RENAMED = {"router": "gate", "sinks": "attn.sinks"}
 
 

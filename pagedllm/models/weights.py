@@ -95,9 +95,9 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     but for a mixture of experts' routing: random biases, the same for every token, add up over the
     layers until they outweigh what differs between tokens, and send every token to the same few
     experts (a random gpt-oss's whole batch to 4 of 32 in its deep layers), which no trained router
-    does. So biases are zero (any ``*bias`` parameter, and those marked ``zero_when_random``)."""
+    does. So biases (every ``*bias`` parameter) are zero."""
     for index, (name, param) in enumerate(model.named_parameters()):
-        if name.endswith("bias") or getattr(param, "zero_when_random", False):
+        if name.endswith("bias"):
             param.data.zero_()
             continue
         full_shape = getattr(param, "full_shape", tuple(param.shape))
