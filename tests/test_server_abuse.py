@@ -154,6 +154,9 @@ ABUSE = [
      "chat_template_kwargs"),
     ("continue_final_message with add_generation_prompt", "/v1/chat/completions",
      CHAT | {"continue_final_message": True}, 400, "messages"),
+    ("include_reasoning as a string", "/v1/chat/completions", CHAT | {"include_reasoning": "no"}, 400,
+     "include_reasoning"),
+    ("include_reasoning null", "/v1/chat/completions", CHAT | {"include_reasoning": None}, 400, "include_reasoning"),
     # bodies that are not what a route takes
     ("a body that is not UTF-8", "/v1/completions", b"\xff\xfe\x00{", 400, None),
     ("a body that is not JSON", "/v1/completions", b"{", 400, None),
