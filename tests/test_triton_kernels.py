@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_reference_attention import paged_batch
 
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 from pagedllm_kernels.cache_ops import store_kv_cache
-from pagedllm_kernels.paged_attention import paged_attention, prefill_config
+from pagedllm_kernels.paged_attention import _e4m3_as_fp16, paged_attention, prefill_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): bf16 is tested on the GPU only.
@@ -400,6 +402,37 @@ def test_fp8_cache_is_read_times_its_scales(dtype, query_lens):
                           k_scale, v_scale, max_query_len=max(query_lens), max_context_len=max(context_lens))
     for got in (ref, out.cpu()):
         torch.testing.assert_close(got.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_an_fp8_caches_decode_splits_merge_in_its_units(num_splits):
+    """The decode kernel reads an FP8 cache in units of 2**-8 (``_e4m3_as_fp16``): each split's
+    partial output and the merged one come back at the cache's scales."""
+    k_cache, v_cache, tables, _, _, cu = paged_batch([150, 300], [1, 1], 2, 64, 16, 4)
+    k8, v8 = (k_cache / 0.05).to(torch.float8_e4m3fn), (v_cache / 0.02).to(torch.float8_e4m3fn)
+    query = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float16)
+    lens = torch.tensor([150, 300], dtype=torch.int32)
+    expected = paged_attention_ref(query.float(), k8.float() * 0.05, v8.float() * 0.02, tables, lens, cu, 0.125)
+    out = paged_attention(*(t.to(DEVICE) for t in (query, k8, v8, tables, lens, cu)), 0.125, None, 0.05, 0.02,
+                          max_query_len=1, max_context_len=300, num_splits=num_splits)
+    torch.testing.assert_close(out.cpu().float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@triton.jit
+def _widen_kernel(x_ptr, out_ptr, PTX: tl.constexpr):
+    i = tl.arange(0, 256)
+    tl.store(out_ptr + i, _e4m3_as_fp16(tl.load(x_ptr + i), PTX))
+
+
+@pytest.mark.parametrize("ptx", [False, True] if DEVICE == "cuda" else [False])
+def test_every_e4m3_value_widens_to_fp16_exactly_in_units_of_2_to_the_minus_8(ptx):
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    x = codes.view(torch.float8_e4m3fn)
+    out = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _widen_kernel[(1,)](x.to(DEVICE), out, PTX=ptx)
+    finite = (codes & 0x7F) != 0x7F  # e4m3fn's two NaNs, which the cache never holds (stores clamp)
+    assert torch.equal(out.cpu()[finite].float() * 256, x[finite].float())
+    assert torch.equal(out.cpu()[finite].view(torch.int16) < 0, codes[finite] >= 128)  # -0 keeps its sign
 
 
 def test_store_into_an_fp8_cache_divides_by_the_scale_and_clamps():
