@@ -205,6 +205,7 @@ def test_triton_kernels_end_to_end_match_hf(kind, tiny_checkpoint, hf_reference,
     monkeypatch.setattr(RotaryEmbedding, "one_kernel", lambda self, q: self.rotary_dim == self.head_dim)
     llm = LLM(tiny_checkpoint(kind), max_num_batched_tokens=48, num_kv_blocks=64, dtype="float32")
     assert llm.llm_engine.executor.runner.attention_backend == "triton"
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # half HF's tokens (greedy: their first half), as each interpreted step costs ~0.5 s
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS // 2, ignore_eos=True)
     outputs = llm.generate(random_prompts(PROMPT_LENGTHS), params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == hf_reference(kind)
+    assert [o.outputs[0].token_ids for o in outputs] == [t[:MAX_TOKENS // 2] for t in hf_reference(kind)]
