@@ -103,7 +103,7 @@ def server(request):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail(f"the server did not start: {process.stderr.read()[-3000:]}")
-            time.sleep(1)
+            time.sleep(0.1)
     yield process, url
     if process.poll() is None:
         process.kill()
@@ -187,7 +187,7 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_request_in_the_engine(serve
         if "pagedllm:num_requests_running 0.0" in text and 'finished_reason="abort"} 1.0' in text:
             break
         assert time.monotonic() < deadline, text
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert json.loads(_post(url, {"model": DEMO, "prompt": "x", "max_tokens": 3}))["choices"][0]["text"]
 
 
@@ -201,7 +201,7 @@ def test_a_killed_watching_process_leaves_no_process_behind(server):
     process.wait()
     deadline = time.monotonic() + 60
     while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert not left
 
 
