@@ -2,6 +2,7 @@
 generate``: text (not lone surrogates), token ids (ints, not bools), chat messages (roles and text
 content). The prompt types are vLLM's."""
 
+import json
 from collections.abc import Sequence
 from typing import Any, NotRequired, TypedDict
 
@@ -140,11 +141,27 @@ def _extra_fields(message: Any) -> dict:
     if not isinstance(message, dict):
         return {}
     extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if isinstance(extra.get("tool_calls"), list):
+        extra["tool_calls"] = [_template_tool_call(call) for call in extra["tool_calls"]]
     thinking = extra.get("reasoning", extra.get("reasoning_content"))
     if thinking is not None:
         extra.setdefault("reasoning", thinking)
         extra.setdefault("reasoning_content", thinking)
     return extra
+
+
+def _template_tool_call(call: Any) -> Any:
+    """An earlier tool call with its arguments as a dict where they are a JSON object's text, as
+    OpenAI sends them: templates write them out as JSON (Qwen's ``arguments | tojson``), which would
+    quote the text again (vLLM hands them over parsed too)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
 
 
 def _role(index: int, message: Any) -> str:

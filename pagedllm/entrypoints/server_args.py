@@ -8,15 +8,14 @@ import os
 import socket
 import types
 
+from pagedllm.tool_calls import TOOL_CALL_PARSERS
+
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 # HTTP processes at most: each holds pipes to the engine process and the watching one, so thousands run out of file
 # descriptors (100,000 was an OSError after the model had loaded), and far fewer than that already share the cores
 MAX_API_SERVERS = 128
 # vLLM serve's flags for what the server does not do: taken, so that the command names what is missing
 UNSUPPORTED_SERVER_FLAGS = {
-    "enable_auto_tool_choice": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its "
-                               "template)",
-    "tool_call_parser": "tool calls are not supported (chat takes tools with tool_choice \"none\", for its template)",
     "lora_modules": "LoRA adapters are not supported (merge the adapter into the weights and serve that)",
 }
 
@@ -99,12 +98,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="accepted for vLLM commands: every usage has prompt_tokens_details here")
     parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
                         help="accepted for vLLM commands: the engine runs in a process of its own here either way")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='chat\'s tool_choice "auto" (the default where tools are given): the model\'s own tool '
+                             "calls, read out of its answers by --tool-call-parser, as vLLM's flag (\"required\" and "
+                             "a named function are forced by a structured output, and need neither flag)")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                        help="with --enable-auto-tool-choice: the format the model writes its calls in (hermes: "
+                             "Hermes, Qwen2.5, Qwen3, QwQ; llama3_json: Llama 3.1-3.3; mistral), vLLM's names")
     for name, what in UNSUPPORTED_SERVER_FLAGS.items():
-        flag, not_here = "--" + name.replace("_", "-"), f"refused: {what}"
-        if name == "enable_auto_tool_choice":
-            parser.add_argument(flag, action="store_true", help=not_here)
-        else:
-            parser.add_argument(flag, nargs="+" if name == "lora_modules" else None, help=not_here)
+        parser.add_argument("--" + name.replace("_", "-"), nargs="+", help=f"refused: {what}")
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +147,9 @@ def _server_setting_error(args: argparse.Namespace) -> str | None:
     for name, what in UNSUPPORTED_SERVER_FLAGS.items():
         if getattr(args, name):
             return f"--{name.replace('_', '-')}: {what}"
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        return "--enable-auto-tool-choice needs --tool-call-parser: the format the model writes its tool calls in " \
+               f"({', '.join(TOOL_CALL_PARSERS)})"
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         return "--ssl-keyfile and --ssl-certfile: give both, to serve HTTPS"
     for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):

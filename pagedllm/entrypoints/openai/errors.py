@@ -38,11 +38,13 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 
 
 def refuse_tool_calls(tools: list | None, tool_choice: object) -> None:
-    """Tools reach the chat template with tool_choice "none" (as vLLM's); no tool call is parsed out
-    of the text, so any other choice is refused rather than answered as plain text."""
+    """The Responses API takes tools for the chat template with tool_choice "none" (as vLLM's); it
+    returns no tool calls (chat completions do), so any other choice is refused rather than answered
+    as plain text."""
     if tools and tool_choice != "none":
-        raise ApiError(400, "tool calls are not supported: with tools, give tool_choice \"none\" (the chat template "
-                            "then shows the model the tools, as in vLLM)", "tool_choice")
+        raise ApiError(400, "tool calls are not served by the Responses API here (chat completions return them): "
+                            "with tools, give tool_choice \"none\" (the chat template then shows the model the "
+                            "tools, as in vLLM)", "tool_choice")
 
 
 def bad_value(err: ValueError, prompt_index: int | None = None, prompt_field: str = "prompt",

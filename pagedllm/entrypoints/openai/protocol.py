@@ -200,8 +200,8 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's: the chat template's own arguments (Qwen3's enable_thinking), the last message left open
     chat_template_kwargs: dict | None = None
     continue_final_message: bool = False
-    # Tools go to the chat template with tool_choice "none"; pagedllm parses no tool calls, so any
-    # other choice (and the legacy functions) is refused rather than answered as plain chat.
+    # Tools go to the chat template; the model's calls come back as tool_calls (pagedllm.tool_calls).
+    # The legacy functions/function_call are refused rather than answered as plain chat.
     tools: list[dict] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
     functions: list[dict] | None = None
@@ -286,12 +286,28 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text, as OpenAI's
+
+
+class ToolCallInfo(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCallInfo):
+    index: int  # the call's number in its choice: a streamed call comes whole, in one chunk
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
     # with --reasoning-parser: the model's thinking (vLLM's field, and its older name, which clients still read)
     reasoning: str | None = only_if_asked()
     reasoning_content: str | None = only_if_asked()
+    tool_calls: list[ToolCallInfo] | None = only_if_asked()  # where the model called tools
 
 
 class ChatChoice(BaseModel):
@@ -317,6 +333,7 @@ class ChatDelta(BaseModel):
     content: str | None = None
     reasoning: str | None = only_if_asked()  # as ChatResponseMessage's
     reasoning_content: str | None = only_if_asked()
+    tool_calls: list[DeltaToolCall] | None = only_if_asked()
 
 
 class ChatChunkChoice(BaseModel):

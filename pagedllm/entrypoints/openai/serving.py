@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.outputs import add_completion_delta
-from pagedllm.entrypoints.openai.errors import ApiError, bad_value, refuse_tool_calls
+from pagedllm.entrypoints.openai.errors import ApiError, bad_value
 from pagedllm.entrypoints.openai.logprobs import add_completion_logprobs, chat_logprobs, vllm_prompt_logprobs
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
@@ -31,11 +31,14 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCall,
     PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCallInfo,
     Usage,
     prompt_type,
     random_id,
@@ -50,7 +53,8 @@ from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_
 from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.reasoning import HarmonySplitter, ReasoningSplitter, parser_for, reasoning_splitter
-from pagedllm.sampling_params import RequestOutputKind
+from pagedllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from pagedllm.tool_calls import ToolCall, ToolCallSplitter, ToolUse, needs_special_tokens, tool_use
 
 logger = logging.getLogger("pagedllm")
 Prompt = tuple[str | None, list[int]]  # text (None for token ids) and token ids
@@ -67,6 +71,7 @@ class OpenAIServing:
         self.metrics = metrics
         # None: a model's thinking stays in its content
         self.reasoning_parser = parser_for(args.reasoning_parser, engine.config.hf_config.model_type, engine.tokenizer)
+        self.tool_parser = args.tool_call_parser if args.enable_auto_tool_choice else None  # for tool_choice "auto"
         self.log_requests = args.enable_log_requests
         self.max_log_len = args.max_log_len
 
@@ -122,18 +127,23 @@ class OpenAIServing:
             raise ApiError(400, "chat_template in a request is not accepted: a client's template would run on the "
                                 "server (vLLM also refuses it unless trusted); the server's --chat-template sets it",
                            "chat_template")
-        refuse_tool_calls(body.tools, body.tool_choice)
+        try:
+            tools = tool_use(body.tools, body.tool_choice, self.tool_parser)
+        except ValueError as err:
+            raise ApiError(400, *err.args) from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = await self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                     body.prompt_logprobs)
         params.output_kind = RequestOutputKind.DELTA
+        if tools is not None:
+            self._use_tools(tools, params)
         prompt = await asyncio.to_thread(self._chat_prompt, body.messages, body.add_generation_prompt,
                                          body.continue_final_message, body.tools, body.chat_template_kwargs)
         request_id = random_id("chatcmpl")
         streams = await self._start(request_id, [prompt], params, body.cache_salt,
-                                    ("messages", body.structured_outputs_field))
+                                    ("messages", "tools" if tools and tools.schema else body.structured_outputs_field))
         if body.stream:
-            return event_stream(self._chat_events(request_id, body, prompt, streams))
+            return event_stream(self._chat_events(request_id, body, prompt, streams, tools))
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
@@ -141,11 +151,15 @@ class OpenAIServing:
 
         ids = body.return_token_ids
 
+        def choice(c: CompletionOutput) -> ChatChoice:
+            message = self._message(body, prompt[0], c, tools)
+            finish = tools.finish_reason(bool(message.tool_calls), c.finish_reason) if tools else c.finish_reason
+            return ChatChoice(index=c.index, message=message, finish_reason=finish,
+                              logprobs=chat_logprobs(c.logprobs, c.token_ids, k),
+                              token_ids=c.token_ids if ids else None)
+
         def response() -> ChatCompletionResponse:
-            choices = [ChatChoice(index=c.index, message=self._message(body, prompt[0], c),
-                                  finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs, c.token_ids, k),
-                                  token_ids=c.token_ids if ids else None)
-                       for c in finals[0].outputs]
+            choices = [choice(c) for c in finals[0].outputs]
             return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals),
                                           prompt_token_ids=finals[0].prompt_token_ids if ids else None)
 
@@ -379,31 +393,60 @@ class OpenAIServing:
     def _splitter(self, prompt_text: str | None) -> ReasoningSplitter | HarmonySplitter:
         return reasoning_splitter(self.reasoning_parser, self.engine.tokenizer, prompt_text)
 
-    def _message(self, body: ChatCompletionRequest, prompt_text: str | None,
-                 c: CompletionOutput) -> ChatResponseMessage:
-        """A whole answer, its thinking apart where the server splits it off."""
-        if self.reasoning_parser is None:
-            return ChatResponseMessage(content=c.text)
-        reasoning, content = self._splitter(prompt_text).feed(c.text, c.token_ids, last=True)
-        reasoning = reasoning if body.include_reasoning else None
-        return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning)
+    def _use_tools(self, tools: ToolUse, params) -> None:
+        """A forced call's structured output (its JSON schema), or for the model's own calls its tags
+        kept in the text where they are special tokens (as vLLM's parsers ask)."""
+        if tools.schema is not None:
+            if params.structured_outputs is not None:
+                raise ApiError(400, f'tool_choice "{tools.choice}" forces the answer\'s form: give no structured '
+                                    "output (response_format, structured_outputs, guided_*) beside it", "tool_choice")
+            try:
+                # compact JSON: whitespace anywhere is a loop a model can fall into (a tiny one did, to max_tokens)
+                params.structured_outputs = StructuredOutputsParams(json=tools.schema, disable_any_whitespace=True)
+            except ValueError as err:
+                raise ApiError(400, f"tools: a function's parameters: {err}", "tools") from None
+        elif needs_special_tokens(self.engine.tokenizer, tools.parser):
+            params.skip_special_tokens = False
+
+    def _message(self, body: ChatCompletionRequest, prompt_text: str | None, c: CompletionOutput,
+                 tools: ToolUse | None) -> ChatResponseMessage:
+        """A whole answer, its thinking and its tool calls apart where the server splits them off."""
+        reasoning, content = None, c.text
+        if self.reasoning_parser is not None:
+            reasoning, content = self._splitter(prompt_text).feed(c.text, c.token_ids, last=True)
+            reasoning = reasoning if body.include_reasoning else None
+        calls = None
+        if tools is not None:
+            content, calls = tools.splitter().feed(content or "", last=True)
+            content = content if content and (content.strip() or not calls) else None
+        return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning,
+                                   tool_calls=[_call_info(call) for call in calls] if calls else None)
 
     def _delta(self, body: ChatCompletionRequest, splitters: dict[int, ReasoningSplitter | HarmonySplitter] | None,
-               c: CompletionOutput) -> ChatDelta:
-        """A chunk's new text, its thinking apart where the server splits it off."""
-        if splitters is None:
-            return ChatDelta(content=c.text or None)
-        reasoning, content = splitters[c.index].feed(c.text or "", c.token_ids, last=c.finish_reason is not None)
-        reasoning = reasoning if body.include_reasoning else None
-        return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning)
+               tool_splitters: dict[int, ToolCallSplitter] | None, c: CompletionOutput) -> ChatDelta:
+        """A chunk's new text, its thinking and its completed tool calls apart where the server splits
+        them off."""
+        last = c.finish_reason is not None
+        reasoning, content = None, c.text or None
+        if splitters is not None:
+            reasoning, content = splitters[c.index].feed(c.text or "", c.token_ids, last=last)
+            reasoning = reasoning if body.include_reasoning else None
+        calls = None
+        if tool_splitters is not None:
+            splitter = tool_splitters[c.index]
+            before = len(splitter.calls)
+            content, new = splitter.feed(content or "", last=last)
+            calls = [DeltaToolCall(index=before + i, **_call_info(call).model_dump()) for i, call in enumerate(new)]
+        return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls or None)
 
-    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt: Prompt,
-                           streams) -> AsyncIterator[str]:
+    async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt: Prompt, streams,
+                           tools: ToolUse | None) -> AsyncIterator[str]:
         prompt_text, prompt_token_ids = prompt
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas, continuous = _Deltas(), _continuous_usage(body)
         deltas.prompt_tokens[0] = len(prompt_token_ids)
         splitters = None if self.reasoning_parser is None else {i: self._splitter(prompt_text) for i in range(body.n)}
+        tool_splitters = None if tools is None else {i: tools.splitter() for i in range(body.n)}
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
             return frame(choices, deltas.usage() if continuous else None)
@@ -419,12 +462,18 @@ class OpenAIServing:
             for c in deltas.ready(0, output):
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
-                yield chunk([ChatChunkChoice(index=c.index, delta=self._delta(body, splitters, c),
-                                             finish_reason=c.finish_reason, logprobs=logprobs,
+                delta = self._delta(body, splitters, tool_splitters, c)
+                finish = c.finish_reason if tools is None else \
+                    tools.finish_reason(bool(tool_splitters[c.index].calls), c.finish_reason)
+                yield chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs,
                                              token_ids=c.token_ids if body.return_token_ids else None)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
             yield ChatCompletionChunk(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                       usage=deltas.usage()).model_dump_json()
+
+
+def _call_info(call: ToolCall) -> ToolCallInfo:
+    return ToolCallInfo(id=random_id("chatcmpl-tool"), function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def json_response(body: BaseModel) -> Response:

@@ -1,0 +1,208 @@
+"""Tool calls: each parser's split of an answer into text and calls (whole and in any chunks alike),
+the requests' tools and tool_choice checked, and a live server with --tool-call-parser hermes
+answering "auto", "required" and a named function, whole and streamed, through the openai client."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_openai_server import start_server
+
+from pagedllm.inputs import render_chat
+from pagedllm.tool_calls import ToolCall, ToolCallSplitter, tool_use
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc"]}}, "required": ["zone"], "additionalProperties": False}}}
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize("mode, text, plain, calls", [
+    ("hermes", f"Sure.<tool_call>\n{CALL}\n</tool_call>", "Sure.", [("get_weather", '{"city": "Paris"}')]),
+    ("hermes", f"<tool_call>{CALL}</tool_call>\n<tool_call>{{\"name\": \"b\", \"arguments\": {{}}}}</tool_call> ok",
+     "\n ok", [("get_weather", '{"city": "Paris"}'), ("b", "{}")]),
+    ("hermes", "an answer < with <tool_ but no call", "an answer < with <tool_ but no call", []),
+    ("hermes", '<tool_call>{"name": oops}</tool_call>', '<tool_call>{"name": oops}</tool_call>', []),
+    ("hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', None, [("f", '{"a": 1}')]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', '<tool_call>{"name": "f", "arguments": [1]}'
+     '</tool_call>', []),
+    ("hermes", f"<tool_call>{CALL}", None, [("get_weather", '{"city": "Paris"}')]),  # cut before its end tag
+    ("hermes", '<tool_call>{"name": "get_weather", "argu', '<tool_call>{"name": "get_weather", "argu', []),
+    ("llama3_json", ' {"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}', None,
+     [("f", '{"a": 1}'), ("g", "{}")]),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {}}', None, [("f", "{}")]),
+    ("llama3_json", 'It is {"name": "f", "parameters": {}}', 'It is {"name": "f", "parameters": {}}', []),
+    ("llama3_json", "<|python_tag|>print(1)", "<|python_tag|>print(1)", []),
+    ("mistral", 'Let me look. [TOOL_CALLS][{"name": "f", "arguments": {"q": "x"}}, {"name": "g", "arguments": {}}]',
+     "Let me look. ", [("f", '{"q": "x"}'), ("g", "{}")]),
+    ("mistral", "[TOOL_CALLS] not json", "[TOOL_CALLS] not json", []),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]', None,
+     [("get_weather", '{"city": "Oslo"}')]),
+    ("required", '[{"name": "get_weather", "parameters": {"ci', '[{"name": "get_weather", "parameters": {"ci', []),
+    ("named", '{"city": "Oslo"}', None, [("get_weather", '{"city": "Oslo"}')]),
+    ("named", '{"city": "Os', '{"city": "Os', []),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_each_parser_splits_an_answer_into_its_text_and_calls(mode, text, plain, calls):
+    """A call not written whole (bad JSON, no name, arguments not an object, cut short) stays in the
+    text as the model wrote it."""
+    got_plain, got_calls = ToolCallSplitter(mode, "get_weather" if mode == "named" else None).feed(text, last=True)
+    assert got_plain == plain and got_calls == [ToolCall(*c) for c in calls]
+
+
+PIECES = ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "<|python_tag|>", CALL, "{", "}", " ", "\n", "text",
+          '{"name": "f", "parameters": {}}', ";", "[", "]"]
+
+
+@given(mode=st.sampled_from(["hermes", "llama3_json", "mistral", "required", "named"]),
+       pieces=st.lists(st.sampled_from(PIECES), max_size=12), data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_any_chunking_of_a_stream_splits_as_the_whole(mode, pieces, data):
+    text = "".join(pieces)
+    whole = ToolCallSplitter(mode, "f").feed(text, last=True)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(text)), max_size=6)))
+    splitter, plain, calls = ToolCallSplitter(mode, "f"), [], []
+    for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        p, c = splitter.feed(text[start:end], last=end == len(text))
+        plain.append(p or "")
+        calls += c
+    assert ("".join(plain) or None, calls) == whole
+
+
+@pytest.mark.parametrize("tools, choice, parser, field, message", [
+    ([WEATHER], "auto", None, "tool_choice", "needs the server started with --enable-auto-tool-choice"),
+    ([WEATHER], None, None, "tool_choice", "the default where tools are given"),
+    ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, None, "tool_choice",
+     "names the function 'get_time', which tools do not give (they give get_weather)"),
+    ([WEATHER], {"type": "function"}, None, "tool_choice", "tool_choice must be"),
+    ([WEATHER], {"function": {"name": "get_weather"}}, None, "tool_choice", "tool_choice must be"),
+    ([WEATHER], "sometimes", "hermes", "tool_choice", "tool_choice must be"),
+    ([{"type": "function", "name": "f"}], "required", None, "tools", "tools[0] must be"),
+    ([WEATHER, "f"], "required", None, "tools", "tools[1] must be"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], "required", None, "tools", "tools[0] must be"),
+    ([{"type": "function", "function": {"name": ""}}], "required", None, "tools", "name must be a non-empty string"),
+    ([{"type": "function", "function": {"name": 5}}], "required", None, "tools", "name must be a non-empty string"),
+    ([{"type": "function", "function": {"name": "f", "parameters": []}}], "required", None, "tools",
+     "parameters must be a JSON schema"),
+])
+def test_tools_and_tool_choice_are_checked_naming_the_field(tools, choice, parser, field, message):
+    with pytest.raises(ValueError) as err:
+        tool_use(tools, choice, parser)
+    assert message in err.value.args[0] and err.value.args[1] == field
+
+
+def test_no_tools_or_tool_choice_none_leave_the_answer_as_text():
+    assert tool_use(None, "auto", None) is None and tool_use([], "required", None) is None
+    assert tool_use([WEATHER, "anything"], "none", None) is None  # the template's to read, as before
+    assert tool_use([WEATHER], "required", None).schema["items"]["anyOf"][0]["properties"]["name"] == {
+        "const": "get_weather"}
+
+
+def test_earlier_calls_reach_the_template_with_their_arguments_parsed(tokenizer):
+    """OpenAI sends a call's arguments as JSON text; templates write them with ``tojson`` (Qwen's),
+    so they get the object (text that is not a JSON object stays as it came)."""
+    template = ("{% for m in messages %}{% for c in m.tool_calls or [] %}[{{ c.function.name }} "
+                "{{ c.function.arguments | tojson }}]{% endfor %}{{ m.content or '' }}|{% endfor %}")
+    calls = [{"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+             {"id": "2", "type": "function", "function": {"name": "f", "arguments": "not json"}}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "1", "content": "3 C"}]
+    text, _ = render_chat(tokenizer, messages, template, add_generation_prompt=False)
+    assert text == 'hi|[get_weather {"city": "Oslo"}][f "not json"]|3 C|'
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_checkpoint):
+    server, uv, url = start_server(tiny_checkpoint("llama"), "--enable-auto-tool-choice",
+                                   "--tool-call-parser", "hermes", "--served-model-name", "tiny")
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    uv.should_exit = True
+    server.engine.shutdown()
+
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+# the tiny random model writes a hermes call when its text is forced so
+FORCED_CALL = {"structured_outputs": {
+    "regex": r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris", "unit": "c"\}\}</tool_call>'}}
+
+
+def _streamed(client, **ask) -> tuple[str | None, list[dict], str]:
+    """A stream's text, its calls (each delta's parts added up by index, as clients do) and finish reason."""
+    text, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                seen = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
+                seen["name"] += call.function.name or ""
+                seen["arguments"] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return text or None, [calls[i] for i in sorted(calls)], finish
+
+
+def test_auto_returns_the_models_own_calls_whole_and_streamed(tool_server):
+    ask = dict(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=80, extra_body=FORCED_CALL)
+    choice = tool_server.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure. "
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "c"}
+    text, calls, finish = _streamed(tool_server, **ask)
+    assert (text, finish) == ("Sure. ", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", call.function.arguments)]
+
+
+def test_auto_without_a_call_is_a_plain_answer(tool_server):
+    ask = dict(model="tiny", messages=MESSAGES, tools=[WEATHER], tool_choice="auto", max_tokens=6, temperature=0)
+    choice = tool_server.chat.completions.create(**ask).choices[0]
+    plain = tool_server.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert choice.message.tool_calls is None and choice.finish_reason == "length"
+    assert choice.message.content == plain.choices[0].message.content  # (the template here ignores tools)
+
+
+def test_required_forces_one_or_more_calls_of_the_tools(tool_server, tokenizer):
+    """(A random model, greedy, makes the list go on to max_tokens: biased to "]", it ends the list
+    where the grammar allows, after a call.)"""
+    end = {str(tokenizer.convert_tokens_to_ids("]")): 10}
+    ask = dict(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200,
+               temperature=0, logit_bias=end)
+    choice = tool_server.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None and choice.message.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    text, calls, finish = _streamed(tool_server, **ask)
+    assert text is None and finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments)
+                                                           for c in choice.message.tool_calls]
+
+
+def test_a_named_function_is_called_with_arguments_of_its_schema(tool_server):
+    ask = dict(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], n=2, temperature=1, seed=3, max_tokens=100,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    for choice in tool_server.chat.completions.create(**ask).choices:
+        (call,) = choice.message.tool_calls
+        assert choice.finish_reason == "stop" and call.function.name == "get_weather"  # OpenAI's, for a forced call
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    text, calls, finish = _streamed(tool_server, **ask | {"n": 1})
+    assert text is None and finish == "stop" and [c["name"] for c in calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no such type"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}], "tool_choice": "auto"},
+     "tools"),
+])
+def test_a_server_with_the_parser_names_what_is_wrong(tool_server, extra, field):
+    with pytest.raises(openai.BadRequestError) as err:
+        tool_server.chat.completions.create(**{"model": "tiny", "messages": MESSAGES, "tools": [WEATHER]} | extra)
+    assert err.value.body["param"] == field
