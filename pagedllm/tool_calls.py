@@ -38,18 +38,23 @@ class ToolUse:
     parser: str | None = None
     name: str | None = None
     schema: dict | None = None  # the forced calls' JSON schema
+    parallel: bool = True  # more than one call allowed (OpenAI's parallel_tool_calls)
 
     def splitter(self) -> "ToolCallSplitter":
-        return ToolCallSplitter(self.parser if self.choice == "auto" else self.choice, self.name)
+        return ToolCallSplitter(self.parser if self.choice == "auto" else self.choice, self.name,
+                                None if self.parallel else 1)
 
     def finish_reason(self, called: bool, finish_reason: str | None) -> str | None:
         """OpenAI's: "tool_calls" where the model chose to call (not where a named call was forced)."""
         return "tool_calls" if called and finish_reason == "stop" and self.choice != "named" else finish_reason
 
 
-def tool_use(tools: list | None, tool_choice: object, parser: str | None) -> ToolUse | None:
+def tool_use(tools: list | None, tool_choice: object, parser: str | None, parallel: bool = True) -> ToolUse | None:
     """The request's tool use; None where its text is its answer (no tools, or tool_choice "none").
-    A ValueError names what is wrong and, as its second argument, the field."""
+    ``parallel=False`` (OpenAI's ``parallel_tool_calls``) allows one call at most. A ValueError
+    names what is wrong and, as its second argument, the field."""
+    if not tools and tool_choice not in (None, "none", "auto"):
+        raise ValueError(f"tool_choice {tool_choice!r:.100} needs tools: give the functions in tools", "tool_choice")
     if not tools or tool_choice == "none":
         return None
     functions = _functions(tools)
@@ -58,11 +63,12 @@ def tool_use(tools: list | None, tool_choice: object, parser: str | None) -> Too
             raise ValueError('tool_choice "auto" (the default where tools are given) needs the server started with '
                              "--enable-auto-tool-choice and --tool-call-parser, to read the model's calls; give "
                              'tool_choice "none", "required" or a function', "tool_choice")
-        return ToolUse("auto", parser)
+        return ToolUse("auto", parser, parallel=parallel)
     if tool_choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
                   "required": ["name", "parameters"]} for name, parameters in functions.items()]
-        return ToolUse("required", schema={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}} | ({} if parallel else {"maxItems": 1})
+        return ToolUse("required", schema=schema, parallel=parallel)
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
         raise ValueError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
@@ -99,6 +105,7 @@ class ToolCallSplitter:
 
     mode: str
     name: str | None = None  # the named function
+    most: int | None = None  # calls kept at most (later ones are dropped, as vLLM drops them)
     held: str = ""  # text that may begin a tag, waiting for the next chunk
     call: str | None = None  # the text of a call begun, not yet complete
     opened: str = ""  # the tag that began it
@@ -117,6 +124,8 @@ class ToolCallSplitter:
                 self.call = None
         else:
             self._feed_parsed(text, last, plain, calls)
+        if self.most is not None:
+            calls = calls[:max(0, self.most - len(self.calls))]
         self.calls += calls
         return "".join(plain) or None, calls
 

@@ -61,13 +61,14 @@ PIECES = ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "<|python_tag
 
 
 @given(mode=st.sampled_from(["hermes", "llama3_json", "mistral", "required", "named"]),
-       pieces=st.lists(st.sampled_from(PIECES), max_size=12), data=st.data())
+       pieces=st.lists(st.sampled_from(PIECES), max_size=12), most=st.sampled_from([None, 1]), data=st.data())
 @settings(max_examples=300, deadline=None)
-def test_any_chunking_of_a_stream_splits_as_the_whole(mode, pieces, data):
+def test_any_chunking_of_a_stream_splits_as_the_whole(mode, pieces, most, data):
     text = "".join(pieces)
-    whole = ToolCallSplitter(mode, "f").feed(text, last=True)
+    whole = ToolCallSplitter(mode, "f", most).feed(text, last=True)
+    assert most is None or len(whole[1]) <= most
     cuts = sorted(data.draw(st.sets(st.integers(0, len(text)), max_size=6)))
-    splitter, plain, calls = ToolCallSplitter(mode, "f"), [], []
+    splitter, plain, calls = ToolCallSplitter(mode, "f", most), [], []
     for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
         p, c = splitter.feed(text[start:end], last=end == len(text))
         plain.append(p or "")
@@ -90,6 +91,8 @@ def test_any_chunking_of_a_stream_splits_as_the_whole(mode, pieces, data):
     ([{"type": "function", "function": {"name": 5}}], "required", None, "tools", "name must be a non-empty string"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], "required", None, "tools",
      "parameters must be a JSON schema"),
+    (None, "required", None, "tool_choice", "tool_choice 'required' needs tools"),
+    ([], {"type": "function", "function": {"name": "f"}}, "hermes", "tool_choice", "needs tools"),
 ])
 def test_tools_and_tool_choice_are_checked_naming_the_field(tools, choice, parser, field, message):
     with pytest.raises(ValueError) as err:
@@ -98,10 +101,17 @@ def test_tools_and_tool_choice_are_checked_naming_the_field(tools, choice, parse
 
 
 def test_no_tools_or_tool_choice_none_leave_the_answer_as_text():
-    assert tool_use(None, "auto", None) is None and tool_use([], "required", None) is None
+    assert tool_use(None, "auto", None) is None and tool_use([], "none", None) is None
     assert tool_use([WEATHER, "anything"], "none", None) is None  # the template's to read, as before
     assert tool_use([WEATHER], "required", None).schema["items"]["anyOf"][0]["properties"]["name"] == {
         "const": "get_weather"}
+    assert tool_use([WEATHER], "required", None, parallel=False).schema["maxItems"] == 1
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    two = f"<tool_call>{CALL}</tool_call><tool_call>{CALL.replace('Paris', 'Oslo')}</tool_call>"
+    assert tool_use([WEATHER], "auto", "hermes", parallel=False).splitter().feed(two, last=True) == (
+        None, [ToolCall("get_weather", '{"city": "Paris"}')])
 
 
 def test_earlier_calls_reach_the_template_with_their_arguments_parsed(tokenizer):

@@ -204,6 +204,7 @@ class ChatCompletionRequest(SamplingFields):
     # The legacy functions/function_call are refused rather than answered as plain chat.
     tools: list[dict] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True  # false: one call at most
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     # vLLM's, refused (as vLLM refuses it without --trust-request-chat-template): a client's template

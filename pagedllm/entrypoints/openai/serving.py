@@ -128,7 +128,7 @@ class OpenAIServing:
                                 "server (vLLM also refuses it unless trusted); the server's --chat-template sets it",
                            "chat_template")
         try:
-            tools = tool_use(body.tools, body.tool_choice, self.tool_parser)
+            tools = tool_use(body.tools, body.tool_choice, self.tool_parser, body.parallel_tool_calls)
         except ValueError as err:
             raise ApiError(400, *err.args) from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
