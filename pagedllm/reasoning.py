@@ -15,6 +15,8 @@ chunks is held back until it is whole."""
 import re
 from dataclasses import dataclass
 
+from pagedllm.tool_calls import ToolCall, tool_call
+
 START, END = "<think>", "</think>"
 # vLLM's names of the parsers of <think>...</think>
 THINK_PARSERS = ("deepseek_r1", "qwen3")
@@ -133,9 +135,11 @@ class ReasoningSplitter:
 class HarmonySplitter:
     """gpt-oss's output, read token by token: the text of its ``analysis`` channel is its
     reasoning, every other channel's (``final``, ``commentary``) its answer; the tokens that frame
-    the messages are neither. ``feed`` takes the text too, to be called as ``ReasoningSplitter``."""
+    the messages are neither. With ``tool_calls``, a message to ``functions.NAME`` is a call of NAME
+    with its text as the arguments, kept for ``take_calls`` (the ``openai`` tool parser's). ``feed``
+    takes the text too, to be called as ``ReasoningSplitter``."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, tool_calls: bool = False):
         from pagedllm.engine.detokenizer import IncrementalDetokenizer
 
         self._new_detokenizer = lambda: IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
@@ -147,26 +151,52 @@ class HarmonySplitter:
         self._body: list[int] | None = None  # its text's tokens, once <|message|> has come
         self._detokenizer = None
         self._reasoning = False  # the message is in the analysis channel
+        self._read_calls = tool_calls
+        self._function: str | None = None  # the function the message calls
+        self._calls: list[ToolCall] = []  # complete calls not yet taken
 
     def feed(self, text: str, token_ids: list[int], last: bool = False) -> tuple[str | None, str | None]:
         reasoning, answer = [], []
         for token in token_ids:
             if self._body is None:
                 if token == self._message:
-                    channel = re.search(r"<\|channel\|>\s*([^\s<]+)", self._decode_header(self._header))
+                    header = self._decode_header(self._header)
+                    channel = re.search(r"<\|channel\|>\s*([^\s<]+)", header)
+                    function = re.search(r"\bto=functions\.([^\s<]+)", header) if self._read_calls else None
+                    self._function = function.group(1) if function else None
                     self._reasoning = channel is not None and channel.group(1) == "analysis"
                     self._body, self._detokenizer = [], self._new_detokenizer()
                 else:
                     self._header.append(token)
             elif token in self._ends:
+                self._end_call(answer)
                 self._header, self._body = [], None
             else:
                 self._body.append(token)
-                (reasoning if self._reasoning else answer).append(self._detokenizer.update(self._body))
+                if self._function is None:
+                    (reasoning if self._reasoning else answer).append(self._detokenizer.update(self._body))
+        if last and self._body is not None:
+            self._end_call(answer)  # a call cut off: kept where its arguments are whole
         if last and self._body is None and self._header:  # text the model wrote outside harmony's frame
             answer.append(self._decode_text(self._header))
             self._header = []
         return "".join(reasoning) or None, "".join(answer) or None
+
+    def _end_call(self, answer: list[str]) -> None:
+        """The message's call, once it ends; arguments that are no JSON object go to the answer as text."""
+        if self._function is not None:
+            text = self._decode_text(self._body)
+            call = tool_call(self._function, text)
+            if call is None:
+                answer.append(text)
+            else:
+                self._calls.append(call)
+            self._function = None
+
+    def take_calls(self) -> list[ToolCall]:
+        """The calls completed since last taken."""
+        calls, self._calls = self._calls, []
+        return calls
 
 
 def harmony_token_ids(tokenizer) -> dict[str, int]:
@@ -186,8 +216,9 @@ def parser_for(parser: str | None, model_type: str, tokenizer) -> str | None:
     return HARMONY
 
 
-def reasoning_splitter(parser: str, tokenizer, prompt_text: str | None) -> "ReasoningSplitter | HarmonySplitter":
-    """A splitter of one answer for ``parser``."""
+def reasoning_splitter(parser: str, tokenizer, prompt_text: str | None,
+                       tool_calls: bool = False) -> "ReasoningSplitter | HarmonySplitter":
+    """A splitter of one answer for ``parser`` (``tool_calls``: harmony's read calls too)."""
     if parser == HARMONY:
-        return HarmonySplitter(tokenizer)
+        return HarmonySplitter(tokenizer, tool_calls)
     return ReasoningSplitter(starts_thinking(prompt_text))

@@ -9,7 +9,10 @@ The parsers, by the format a model writes its calls in:
   {...}}</tool_call>``, any number of them, with text around them;
 - ``llama3_json`` (Llama 3.1-3.3): an answer that is its calls, ``{"name": ..., "parameters": {...}}``,
   after ``<|python_tag|>`` or not, several separated by ``;``;
-- ``mistral``: ``[TOOL_CALLS]`` and a JSON list of ``{"name": ..., "arguments": {...}}``.
+- ``mistral``: ``[TOOL_CALLS]`` and a JSON list of ``{"name": ..., "arguments": {...}}``;
+- ``openai`` (gpt-oss): harmony messages to ``functions.NAME`` (``<|channel|>commentary
+  to=functions.NAME<|message|>{...}<|call|>``), which ``reasoning.HarmonySplitter`` reads from the
+  tokens and hands over.
 
 A call that is not valid JSON stays in the answer's text, as the model wrote it. The same splitter
 serves a stream and a whole answer (fed at once), so both split alike; a tag cut between two chunks
@@ -18,7 +21,7 @@ is held back until it is whole, and a call is sent once it is complete."""
 import json
 from dataclasses import dataclass, field
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "openai")
 _TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]", None),
          "llama3_json": ("<|python_tag|>", None)}
 
@@ -112,15 +115,18 @@ class ToolCallSplitter:
     begun: bool = False  # llama3_json: whether the answer's first character has come
     calls: list[ToolCall] = field(default_factory=list)  # every call so far
 
-    def feed(self, text: str, last: bool = False) -> tuple[str | None, list[ToolCall]]:
+    def feed(self, text: str, last: bool = False, found: list[ToolCall] = ()) -> tuple[str | None, list[ToolCall]]:
+        """``found``: the calls harmony's splitter read from the tokens (the ``openai`` parser's)."""
         text, self.held = self.held + text, ""
-        plain, calls = [], []
-        if self.mode in ("required", "named"):
+        plain, calls = [], list(found)
+        if self.mode == "openai":
+            plain.append(text)
+        elif self.mode in ("required", "named"):
             self.call = (self.call or "") + text
             if last:
-                found = _forced_calls(self.call, self.name)
-                plain.append(self.call if found is None else "")
-                calls += found or []
+                forced = _forced_calls(self.call, self.name)
+                plain.append(self.call if forced is None else "")
+                calls += forced or []
                 self.call = None
         else:
             self._feed_parsed(text, last, plain, calls)
@@ -139,9 +145,9 @@ class ToolCallSplitter:
                     return
                 body, text = (self.call[:close], self.call[close + len(end):]) if close >= 0 else (self.call, "")
                 self.call = None
-                found = _parsed_calls(body)
-                calls += found or []
-                if found is None:  # not a call after all: the text as written
+                parsed = _parsed_calls(body)
+                calls += parsed or []
+                if parsed is None:  # not a call after all: the text as written
                     plain.append(self.opened + body + (end if close >= 0 else ""))
                 continue
             if self.mode == "llama3_json" and not self.begun:  # calls only where the answer begins with one
@@ -201,12 +207,13 @@ def _parsed_calls(text: str) -> list[ToolCall] | None:
     except ValueError:
         return None
     objects = [v for value in values for v in (value if isinstance(value, list) else [value])]
-    calls = [_call(o.get("name"), o.get("arguments", o.get("parameters", {}))) if isinstance(o, dict) else None
+    calls = [tool_call(o.get("name"), o.get("arguments", o.get("parameters", {}))) if isinstance(o, dict) else None
              for o in objects]
     return calls if calls and None not in calls else None
 
 
-def _call(name: object, arguments: object) -> ToolCall | None:
+def tool_call(name: object, arguments: object) -> ToolCall | None:
+    """A call of ``name`` with ``arguments`` (an object, or its JSON text); None unless both are so."""
     if not isinstance(name, str) or not name:
         return None
     if isinstance(arguments, str):  # arguments written as a JSON string: kept if they are a JSON object
@@ -228,7 +235,7 @@ def _forced_calls(text: str, name: str | None) -> list[ToolCall] | None:
         return None
     if name is not None:
         return [ToolCall(name, json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) else None
-    calls = [_call(o.get("name"), o.get("parameters")) if isinstance(o, dict) else None
+    calls = [tool_call(o.get("name"), o.get("parameters")) if isinstance(o, dict) else None
              for o in (value if isinstance(value, list) else [])]
     return calls if calls and None not in calls else None
 
@@ -236,4 +243,5 @@ def _forced_calls(text: str, name: str | None) -> list[ToolCall] | None:
 def needs_special_tokens(tokenizer, parser: str) -> bool:
     """Whether the parser's tag is a special token of this tokenizer, which the text leaves out
     unless asked (vLLM's parsers ask: ``skip_special_tokens=False``)."""
-    return tokenizer is not None and _TAGS[parser][0] in getattr(tokenizer, "all_special_tokens", ())
+    special = getattr(tokenizer, "all_special_tokens", ()) if tokenizer is not None else ()
+    return parser in _TAGS and _TAGS[parser][0] in special

@@ -17,6 +17,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def harmony_tokenizer():
+    """The tiny BPE tokenizer with gpt-oss's harmony tokens as special tokens."""
+    from pagedllm.reasoning import HARMONY_TOKENS
+
+    tokenizer = build_tokenizer(vocab_size=504)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(HARMONY_TOKENS)})
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer):
     """``tiny_checkpoint(kind)``: the directory of a tiny random checkpoint, built once per session."""
     built: dict[str, str] = {}

@@ -113,6 +113,8 @@ def test_help_lists_the_commands():
     (["serve", "{model}", "--api-server-count", "-3"], "argument --api-server-count: must be at least 1, not -3"),
     (["serve", "{model}", "--api-server-count", "two"], "argument --api-server-count: invalid count value: 'two'"),
     (["serve", "{model}", "--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["serve", "{model}", "--enable-auto-tool-choice", "--tool-call-parser", "openai"],
+     "--tool-call-parser openai reads gpt-oss's harmony messages: reasoning_parser='openai_gptoss' reads <|start|>"),
     (["serve", "{model}", "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"],
      "argument --tool-call-parser: invalid choice: 'pythonic'"),
     (["serve", "{model}", "--reasoning-parser", "granite"], "reasoning_parser='granite' is invalid: it must be one of"),

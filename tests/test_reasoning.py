@@ -17,7 +17,6 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.errors import RequestFailedError
 from pagedllm.reasoning import (
     END,
-    HARMONY_TOKENS,
     START,
     HarmonySplitter,
     ReasoningSplitter,
@@ -182,14 +181,6 @@ def test_include_reasoning_false_leaves_the_thinking_out(thinking_server):
                                                    extra_body={**ASKED, "include_reasoning": False})
     message = done.choices[0].message.model_dump()
     assert re.fullmatch("[a-z ]+", message["content"]) and message.get("reasoning") is None
-
-
-@pytest.fixture(scope="module")
-def harmony_tokenizer():
-    """The tiny BPE tokenizer with gpt-oss's harmony tokens as special tokens."""
-    tokenizer = build_tokenizer(vocab_size=504)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(HARMONY_TOKENS)})
-    return tokenizer
 
 
 HARMONY_ANSWER = ("<|channel|>analysis<|message|>User asks 2+2. Easy: 4.<|end|>"

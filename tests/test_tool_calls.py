@@ -1,6 +1,7 @@
 """Tool calls: each parser's split of an answer into text and calls (whole and in any chunks alike),
-the requests' tools and tool_choice checked, and a live server with --tool-call-parser hermes
-answering "auto", "required" and a named function, whole and streamed, through the openai client."""
+the requests' tools and tool_choice checked, a live server with --tool-call-parser hermes
+answering "auto", "required" and a named function, whole and streamed, through the openai client,
+and gpt-oss's calls read from its harmony tokens (--tool-call-parser openai)."""
 
 import json
 
@@ -11,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_openai_server import start_server
 
+from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedllm.inputs import render_chat
+from pagedllm.outputs import CompletionOutput
+from pagedllm.reasoning import HarmonySplitter
+from pagedllm.testing import build_tiny_checkpoint
 from pagedllm.tool_calls import ToolCall, ToolCallSplitter, tool_use
 
 WEATHER = {"type": "function", "function": {
@@ -216,3 +221,83 @@ def test_a_server_with_the_parser_names_what_is_wrong(tool_server, extra, field)
     with pytest.raises(openai.BadRequestError) as err:
         tool_server.chat.completions.create(**{"model": "tiny", "messages": MESSAGES, "tools": [WEATHER]} | extra)
     assert err.value.body["param"] == field
+
+
+# gpt-oss: its calls are harmony messages to functions.NAME, read from the tokens (the openai parser)
+GPT_OSS_CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+                'to=functions.get_weather <|message|>{"city": "Oslo"}<|call|>')
+
+
+def test_harmony_reads_gpt_oss_calls_whole_and_token_by_token(harmony_tokenizer):
+    ids = harmony_tokenizer.encode(GPT_OSS_CALL, add_special_tokens=False)
+    whole = HarmonySplitter(harmony_tokenizer, tool_calls=True)
+    assert whole.feed("", ids, last=True) == ("Need the weather.", None)
+    assert whole.take_calls() == [ToolCall("get_weather", '{"city": "Oslo"}')] and whole.take_calls() == []
+    streamed, calls = HarmonySplitter(harmony_tokenizer, tool_calls=True), []
+    for i, token in enumerate(ids):
+        streamed.feed("", [token], last=i == len(ids) - 1)
+        calls += streamed.take_calls()
+    assert calls == [ToolCall("get_weather", '{"city": "Oslo"}')]
+    # without the parser, the call's text is the answer's (as before)
+    assert HarmonySplitter(harmony_tokenizer).feed("", ids, last=True) == ("Need the weather.", '{"city": "Oslo"}')
+
+
+@pytest.mark.parametrize("text, answer, calls", [
+    ('<|channel|>commentary to=functions.f<|message|>{"a": 1}', None, [("f", '{"a": 1}')]),  # cut before <|call|>
+    ('<|channel|>commentary to=functions.f<|message|>{"a": ', '{"a": ', []),  # cut inside its arguments
+    ("<|channel|>commentary to=functions.f<|message|>not json<|call|>", "not json", []),
+    ('<|channel|>analysis to=functions.f<|message|>{}<|call|><|start|>assistant<|channel|>final<|message|>ok',
+     "ok", [("f", "{}")]),
+    ('<|channel|>commentary to=browser.search<|message|>{"q": 1}<|call|>', '{"q": 1}', []),  # not a function
+])
+def test_harmony_calls_not_written_whole_stay_text(text, answer, calls, harmony_tokenizer):
+    splitter = HarmonySplitter(harmony_tokenizer, tool_calls=True)
+    assert splitter.feed("", harmony_tokenizer.encode(text, add_special_tokens=False), last=True)[1] == answer
+    assert splitter.take_calls() == [ToolCall(*c) for c in calls]
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>",
+                                        "commentary", " to=functions.f", "analysis", "assistant", '{"a": 1}', "x"]),
+                       max_size=16), cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_any_gpt_oss_token_stream_gives_the_same_calls_in_chunks_as_whole(pieces, cuts, harmony_tokenizer):
+    ids = harmony_tokenizer.encode("".join(pieces), add_special_tokens=False)
+    bounds = sorted({min(c, len(ids)) for c in cuts})
+    whole = HarmonySplitter(harmony_tokenizer, tool_calls=True)
+    expected = (*whole.feed("", ids, last=True), whole.take_calls())
+    streamed, parts, calls = HarmonySplitter(harmony_tokenizer, tool_calls=True), [], []
+    for a, b in zip([0, *bounds], [*bounds, len(ids)], strict=True):
+        parts.append(streamed.feed("", ids[a:b], last=b == len(ids)))
+        calls += streamed.take_calls()
+    assert (*(("".join(p[k] or "" for p in parts) or None) for k in (0, 1)), calls) == expected
+
+
+def test_a_gpt_oss_server_with_the_openai_parser_returns_its_calls(harmony_tokenizer, tmp_path):
+    """The server's whole-answer and streamed paths over a gpt-oss answer's tokens that call a
+    function (fed to them: a random model seldom writes a call), and a live request with tools."""
+    path = build_tiny_checkpoint("gpt-oss", str(tmp_path), tokenizer=harmony_tokenizer)
+    server, uv, url = start_server(path, "--enable-auto-tool-choice", "--tool-call-parser", "openai",
+                                   "--served-model-name", "x")
+    try:
+        serving, tools = server.serving, tool_use([WEATHER], "auto", "openai")
+        body = ChatCompletionRequest(messages=MESSAGES, tools=[WEATHER])
+        ids = harmony_tokenizer.encode(GPT_OSS_CALL, add_special_tokens=False)
+        message = serving._message(body, None, CompletionOutput(0, "", ids, "stop"), tools)
+        assert (message.reasoning, message.content) == ("Need the weather.", None)
+        assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
+            ("get_weather", '{"city": "Oslo"}')]
+        splitters, tool_splitters = {0: serving._splitter(None, tools)}, {0: tools.splitter()}
+        deltas = [serving._delta(body, splitters, tool_splitters,
+                                 CompletionOutput(0, "", [t], "stop" if i == len(ids) - 1 else None))
+                  for i, t in enumerate(ids)]
+        assert [(c.function.name, c.function.arguments, c.index) for d in deltas for c in d.tool_calls or []] == [
+            ("get_weather", '{"city": "Oslo"}', 0)]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        asked = dict(model="x", messages=MESSAGES, tools=[WEATHER], max_tokens=30, temperature=1.0, seed=3)
+        done = client.chat.completions.create(**asked, extra_body={"return_token_ids": True}).choices[0]
+        splitter = HarmonySplitter(harmony_tokenizer, tool_calls=True)
+        assert done.message.content == splitter.feed("", done.model_dump()["token_ids"], last=True)[1]
+        assert [c.function.name for c in done.message.tool_calls or []] == [c.name for c in splitter.take_calls()]
+    finally:
+        uv.should_exit = True
+        server.engine.shutdown()

@@ -104,7 +104,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                              "a named function are forced by a structured output, and need neither flag)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                         help="with --enable-auto-tool-choice: the format the model writes its calls in (hermes: "
-                             "Hermes, Qwen2.5, Qwen3, QwQ; llama3_json: Llama 3.1-3.3; mistral), vLLM's names")
+                             "Hermes, Qwen2.5, Qwen3, QwQ; llama3_json: Llama 3.1-3.3; mistral; openai: gpt-oss's "
+                             "harmony), vLLM's names")
     for name, what in UNSUPPORTED_SERVER_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), nargs="+", help=f"refused: {what}")
 
@@ -138,6 +139,17 @@ def engine_setting_error(args: argparse.Namespace) -> str | None:
             from pagedllm.reasoning import AnswerStart
 
             AnswerStart.of(load_tokenizer(config), config.reasoning_parser)
+        if getattr(args, "enable_auto_tool_choice", False) and args.tool_call_parser == "openai":
+            from pagedllm.engine.llm_engine import load_tokenizer
+            from pagedllm.reasoning import HARMONY, harmony_token_ids
+
+            if config.reasoning_parser not in (None, HARMONY):
+                return f"--tool-call-parser openai reads gpt-oss's harmony messages, which --reasoning-parser " \
+                       f"{config.reasoning_parser} does not read: give openai_gptoss, or none"
+            try:
+                harmony_token_ids(load_tokenizer(config))
+            except ValueError as err:
+                return f"--tool-call-parser openai reads gpt-oss's harmony messages: {err}"
     except (ValueError, OSError) as err:
         return str(err)
     return None

@@ -52,7 +52,7 @@ from pagedllm.entrypoints.openai.responses import (
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.reasoning import HarmonySplitter, ReasoningSplitter, parser_for, reasoning_splitter
+from pagedllm.reasoning import HARMONY, HarmonySplitter, ReasoningSplitter, parser_for, reasoning_splitter
 from pagedllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from pagedllm.tool_calls import ToolCall, ToolCallSplitter, ToolUse, needs_special_tokens, tool_use
 
@@ -72,6 +72,8 @@ class OpenAIServing:
         # None: a model's thinking stays in its content
         self.reasoning_parser = parser_for(args.reasoning_parser, engine.config.hf_config.model_type, engine.tokenizer)
         self.tool_parser = args.tool_call_parser if args.enable_auto_tool_choice else None  # for tool_choice "auto"
+        if self.tool_parser == "openai":  # gpt-oss's calls are harmony messages, read by its splitter
+            self.reasoning_parser = HARMONY
         self.log_requests = args.enable_log_requests
         self.max_log_len = args.max_log_len
 
@@ -390,8 +392,9 @@ class OpenAIServing:
             yield CompletionResponse(id=request_id, model=self.model_name, created=frame.created, choices=[],
                                      usage=deltas.usage(echo_only)).model_dump_json()
 
-    def _splitter(self, prompt_text: str | None) -> ReasoningSplitter | HarmonySplitter:
-        return reasoning_splitter(self.reasoning_parser, self.engine.tokenizer, prompt_text)
+    def _splitter(self, prompt_text: str | None, tools: ToolUse | None = None) -> ReasoningSplitter | HarmonySplitter:
+        harmony_calls = tools is not None and tools.choice == "auto" and tools.parser == "openai"
+        return reasoning_splitter(self.reasoning_parser, self.engine.tokenizer, prompt_text, harmony_calls)
 
     def _use_tools(self, tools: ToolUse, params) -> None:
         """A forced call's structured output (its JSON schema), or for the model's own calls its tags
@@ -411,13 +414,15 @@ class OpenAIServing:
     def _message(self, body: ChatCompletionRequest, prompt_text: str | None, c: CompletionOutput,
                  tools: ToolUse | None) -> ChatResponseMessage:
         """A whole answer, its thinking and its tool calls apart where the server splits them off."""
-        reasoning, content = None, c.text
+        reasoning, content, found = None, c.text, []
         if self.reasoning_parser is not None:
-            reasoning, content = self._splitter(prompt_text).feed(c.text, c.token_ids, last=True)
+            splitter = self._splitter(prompt_text, tools)
+            reasoning, content = splitter.feed(c.text, c.token_ids, last=True)
             reasoning = reasoning if body.include_reasoning else None
+            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
         calls = None
         if tools is not None:
-            content, calls = tools.splitter().feed(content or "", last=True)
+            content, calls = tools.splitter().feed(content or "", last=True, found=found)
             content = content if content and (content.strip() or not calls) else None
         return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning,
                                    tool_calls=[_call_info(call) for call in calls] if calls else None)
@@ -427,15 +432,17 @@ class OpenAIServing:
         """A chunk's new text, its thinking and its completed tool calls apart where the server splits
         them off."""
         last = c.finish_reason is not None
-        reasoning, content = None, c.text or None
+        reasoning, content, found = None, c.text or None, []
         if splitters is not None:
-            reasoning, content = splitters[c.index].feed(c.text or "", c.token_ids, last=last)
+            splitter = splitters[c.index]
+            reasoning, content = splitter.feed(c.text or "", c.token_ids, last=last)
             reasoning = reasoning if body.include_reasoning else None
+            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
         calls = None
         if tool_splitters is not None:
             splitter = tool_splitters[c.index]
             before = len(splitter.calls)
-            content, new = splitter.feed(content or "", last=last)
+            content, new = splitter.feed(content or "", last=last, found=found)
             calls = [DeltaToolCall(index=before + i, **_call_info(call).model_dump()) for i, call in enumerate(new)]
         return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls or None)
 
@@ -445,7 +452,8 @@ class OpenAIServing:
         frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]))
         deltas, continuous = _Deltas(), _continuous_usage(body)
         deltas.prompt_tokens[0] = len(prompt_token_ids)
-        splitters = None if self.reasoning_parser is None else {i: self._splitter(prompt_text) for i in range(body.n)}
+        splitters = None if self.reasoning_parser is None else {i: self._splitter(prompt_text, tools)
+                                                                for i in range(body.n)}
         tool_splitters = None if tools is None else {i: tools.splitter() for i in range(body.n)}
 
         def chunk(choices):  # with the usage so far where the client asked for it on every chunk
