@@ -3,6 +3,7 @@ the requests' tools and tool_choice checked, a live server with --tool-call-pars
 answering "auto", "required" and a named function, whole and streamed, through the openai client,
 and gpt-oss's calls read from its harmony tokens (--tool-call-parser openai)."""
 
+import asyncio
 import json
 
 import jsonschema
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 from test_openai_server import start_server
 
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedllm.entrypoints.openai.responses import ResponseBuilder, ResponsesRequest, response_events
 from pagedllm.inputs import render_chat
-from pagedllm.outputs import CompletionOutput
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.reasoning import HarmonySplitter
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.testing import build_tiny_checkpoint
 from pagedllm.tool_calls import ToolCall, ToolCallSplitter, tool_use
 
@@ -301,3 +304,69 @@ def test_a_gpt_oss_server_with_the_openai_parser_returns_its_calls(harmony_token
     finally:
         uv.should_exit = True
         server.engine.shutdown()
+
+
+# The Responses API: function tools flat ({"type": "function", "name", "parameters"}), calls as items
+FLAT_WEATHER = {"type": "function", **WEATHER["function"]}
+
+
+def test_responses_input_function_calls_and_outputs_become_the_chats_turns():
+    body = ResponsesRequest(input=[
+        {"role": "user", "content": "Weather in Oslo and Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "3 C"},
+        {"type": "function_call_output", "call_id": "c2", "output": "9 C"}], tools=[FLAT_WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"})
+    turns = [m.model_dump(exclude_none=True) for m in body.messages()]
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in turns[1]["tool_calls"]] == ["c1", "c2"] and turns[2]["tool_call_id"] == "c1"
+    assert body.chat_tools() == [WEATHER] and body.chat_tool_choice() == {"type": "function",
+                                                                          "function": {"name": "get_weather"}}
+
+
+def test_responses_stream_sends_each_call_as_an_item_and_ends_as_the_whole(tokenizer):
+    """An answer with text, then a hermes call: the message item, then the call's item (added,
+    its arguments, done), and the final response lists them in that order."""
+    body = ResponsesRequest(input="weather?", tools=[FLAT_WEATHER])
+    builder = ResponseBuilder(body, "tiny", SamplingParams())
+    chunks = ["Let me ", "look.<tool_", f"call>{CALL}</tool", "_call>"]
+
+    async def outputs():
+        for i, text in enumerate(chunks):
+            yield RequestOutput("r", "", [1, 2], [CompletionOutput(0, text, [7], "stop" if i == 3 else None)], i == 3)
+
+    async def collect():
+        return [line async for line in response_events(builder, outputs(), None, ToolCallSplitter("hermes"))]
+
+    events = [json.loads(line.split("data: ", 1)[1]) for line in asyncio.run(collect())]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.output_text.delta") < kinds.index("response.function_call_arguments.done")
+    (done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert json.loads(done["arguments"]) == {"city": "Paris"} and done["output_index"] == 1
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    assert [(item["type"], item.get("name")) for item in final["output"]] == [("message", None),
+                                                                           ("function_call", "get_weather")]
+    assert final["output"][0]["content"][0]["text"] == "Let me look."
+    assert final["output"][1]["id"] == done["item_id"] and final["output"][1]["call_id"].startswith("call_")
+
+
+def test_responses_api_forces_a_named_function_whole_and_streamed(tool_server):
+    ask = dict(model="tiny", input="What is the weather in Paris?", tools=[FLAT_WEATHER, {"type": "function",
+               **TIME["function"]}], tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=100)
+    response = tool_server.responses.create(**ask)
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_weather" and response.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    events = list(tool_server.responses.create(**ask, stream=True))
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["function_call"] and final.output[0].arguments == done.arguments
+
+
+def test_responses_api_names_a_bad_tool_choice(tool_server):
+    with pytest.raises(openai.BadRequestError) as err:
+        tool_server.responses.create(model="tiny", input="x", tools=[FLAT_WEATHER],
+                                     tool_choice={"type": "function", "name": "nope"})
+    assert err.value.body["param"] == "tool_choice"

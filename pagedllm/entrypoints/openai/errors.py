@@ -37,16 +37,6 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
-def refuse_tool_calls(tools: list | None, tool_choice: object) -> None:
-    """The Responses API takes tools for the chat template with tool_choice "none" (as vLLM's); it
-    returns no tool calls (chat completions do), so any other choice is refused rather than answered
-    as plain text."""
-    if tools and tool_choice != "none":
-        raise ApiError(400, "tool calls are not served by the Responses API here (chat completions return them): "
-                            "with tools, give tool_choice \"none\" (the chat template then shows the model the "
-                            "tools, as in vLLM)", "tool_choice")
-
-
 def bad_value(err: ValueError, prompt_index: int | None = None, prompt_field: str = "prompt",
               structured_field: str = "structured_outputs") -> ApiError:
     """A ValueError from pagedllm's checks as a 400, with the request's field it is about: the

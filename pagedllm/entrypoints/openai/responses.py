@@ -1,9 +1,10 @@
 """OpenAI's Responses API (``/v1/responses``), as vLLM serves it for a text model: the input (a
 string, or messages) and ``instructions`` go through the chat template, the output is one
 assistant message (after a reasoning item with the model's thinking, where the server splits it
-off: ``reasoning_parser``), sampling and ``text.format`` (structured output) are chat's. Responses are
-not stored, so ``previous_response_id`` and ``background`` are refused by name, as are tool
-calls; a stream is OpenAI's typed events (``response.created`` ... ``response.completed``)."""
+off: ``reasoning_parser``), and its function calls as items of their own; sampling, ``text.format``
+(structured output) and tools (``tool_calls``' parsers and forced calls) are chat's. Responses are
+not stored, so ``previous_response_id`` and ``background`` are refused by name; a stream is
+OpenAI's typed events (``response.created`` ... ``response.completed``)."""
 
 import itertools
 import json
@@ -14,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from pagedllm.entrypoints.openai.errors import ApiError, refuse_tool_calls
+from pagedllm.entrypoints.openai.errors import ApiError
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
     INT64_MAX,
@@ -27,6 +28,7 @@ from pagedllm.inputs import MAX_CACHE_SALT
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
+from pagedllm.tool_calls import ToolCall, ToolCallSplitter
 
 LOGPROBS = "message.output_text.logprobs"  # what include names to have them
 # What OpenAI's include may name (its ResponseIncludable); only LOGPROBS applies to a text model's
@@ -47,6 +49,30 @@ class InputMessage(RequestBody):
     content: str | list[InputText]
 
 
+class InputFunctionCall(RequestBody):
+    """An earlier call of a function (the model's, from an earlier response)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class InputFunctionCallOutput(RequestBody):
+    """What an earlier call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+InputItem = Annotated[InputFunctionCall | InputFunctionCallOutput | InputMessage, Field(union_mode="left_to_right")]
+
+
 class TextFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -61,16 +87,18 @@ class TextConfig(RequestBody):
 
 class ResponsesRequest(TopLevelBody):
     model: str | None = None  # (vLLM's: none is the model served)
-    input: str | Annotated[list[InputMessage], Field(max_length=MAX_MESSAGES)]  # (a string: any length)
+    input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)]  # (a string: any length)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0)  # None: the model's generation config, else 1
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
     text: TextConfig | None = None
-    # Tools reach the chat template with tool_choice "none" (as chat's); tool calls are refused.
+    # Function tools ({"type": "function", "name", "parameters"}), as chat's: the calls come back as
+    # function_call items ("auto" with the server's --tool-call-parser, or forced)
     tools: list[dict] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
     # Refused by name: this server keeps no responses, and runs none in the background.
     previous_response_id: str | None = None
     background: bool = False
@@ -90,14 +118,41 @@ class ResponsesRequest(TopLevelBody):
 
     def messages(self) -> list[ChatMessage]:
         """The conversation for the chat template: the instructions first, as a system message
-        (a developer message is one too)."""
-        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
-            {"role": "system" if m.role == "developer" else m.role,
-             "content": m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)}
-            for m in self.input]
+        (a developer message is one too); earlier function calls as an assistant's tool calls (the
+        calls in a row as one message's), their outputs as tool messages."""
+        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else []
+        for item in [] if isinstance(self.input, str) else self.input:
+            if isinstance(item, InputFunctionCall):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if turns and turns[-1].get("calls_only"):
+                    turns[-1]["tool_calls"].append(call)
+                else:
+                    turns.append({"role": "assistant", "content": None, "tool_calls": [call], "calls_only": True})
+            elif isinstance(item, InputFunctionCallOutput):
+                turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                turns.append({"role": "system" if item.role == "developer" else item.role, "content": item.content
+                              if isinstance(item.content, str) else "".join(part.text for part in item.content)})
+        for turn in turns:
+            turn.pop("calls_only", None)
         if self.instructions is not None:
             turns.insert(0, {"role": "system", "content": self.instructions})
         return [ChatMessage(**turn) for turn in turns]
+
+    def chat_tools(self) -> list | None:
+        """The tools as chat takes them: a function's fields under ``function``."""
+        return None if self.tools is None else [
+            {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+            if isinstance(t, dict) and t.get("type") == "function" and "function" not in t else t
+            for t in self.tools]
+
+    def chat_tool_choice(self) -> object:
+        """The tool choice as chat takes it: a named function's name under ``function``."""
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+            return {"type": "function", "function": {"name": choice.get("name")}}
+        return choice
 
     def sampling_params(self, defaults: dict) -> SamplingParams:
         """Temperature and top_p as given, else the model's generation config's (as chat's); the
@@ -117,7 +172,6 @@ class ResponsesRequest(TopLevelBody):
                                 "in input", "previous_response_id")
         if self.background:
             raise ApiError(400, "background responses are not supported: ask without background", "background")
-        refuse_tool_calls(self.tools, self.tool_choice)
         if self.format is not None and self.format.type == "json_schema" and self.format.json_schema is None:
             raise ApiError(400, "text.format of type json_schema needs its schema", "text")
 
@@ -151,6 +205,17 @@ class ReasoningItem(BaseModel):
     summary: list = []
     content: list[ReasoningText]
     status: Literal["in_progress", "completed", "incomplete"]
+
+
+class FunctionCallItem(BaseModel):
+    """A call of one of the request's functions."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
 
 
 class OutputMessage(BaseModel):
@@ -187,8 +252,8 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[ReasoningItem | OutputMessage]
-    parallel_tool_calls: bool = False
+    output: list[ReasoningItem | OutputMessage | FunctionCallItem]
+    parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -211,8 +276,15 @@ class ResponseBuilder:
         fmt = body.format
         self.fields = dict(instructions=body.instructions, max_output_tokens=body.max_output_tokens, model=model,
                            temperature=params.temperature, top_p=params.top_p, tools=body.tools or [],
+                           tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+                           parallel_tool_calls=body.parallel_tool_calls,
                            text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else
                                  {"type": "text"}})
+
+    @staticmethod
+    def function_call(call: ToolCall) -> FunctionCallItem:
+        return FunctionCallItem(id=f"fc_{uuid.uuid4().hex}", call_id=f"call_{uuid.uuid4().hex}", name=call.name,
+                                arguments=call.arguments)
 
     def logprobs(self, completion: CompletionOutput) -> list[dict]:
         """The completion's tokens' logprobs, as chat gives them (each with its top alternatives)."""
@@ -233,20 +305,26 @@ class ResponseBuilder:
                              content=[] if text is None else [ReasoningText(text=text)])
 
     def response(self, text: str | None = None, finish_reason: str | None = None, last: RequestOutput | None = None,
-                 output_tokens: int = 0, logprobs: list | None = None, reasoning: str | None = None) -> ResponseObject:
+                 output_tokens: int = 0, logprobs: list | None = None, reasoning: str | None = None,
+                 calls: list[FunctionCallItem] = (), order: list[str] | None = None) -> ResponseObject:
         """The response: in progress, or done (``last``: the request's last output, with
-        ``output_tokens`` generated in all; ``reasoning``: its thinking, if split off)."""
+        ``output_tokens`` generated in all; ``reasoning``: its thinking, if split off; ``calls``: its
+        function calls, after a message only where it has text; ``order``: the items' ids as a
+        stream opened them)."""
         if last is None:
             return ResponseObject(id=self.id, created_at=self.created_at, status="in_progress", output=[],
                                   **self.fields)
         message = self.message(text, finish_reason, logprobs)
         thinking = [self.reasoning(reasoning, finish_reason)] if reasoning is not None else []
+        items = [*thinking, *([message] if text or not calls else []), *calls]
+        if order is not None:
+            items.sort(key=lambda item: order.index(item.id) if item.id in order else len(order))
         prompt_tokens = len(last.prompt_token_ids)
         usage = ResponseUsage(input_tokens=prompt_tokens, output_tokens=output_tokens,
                               input_tokens_details=InputTokensDetails(cached_tokens=last.num_cached_tokens),
                               total_tokens=prompt_tokens + output_tokens)
         return ResponseObject(id=self.id, created_at=self.created_at, status=message.status,
-                              output=[*thinking, message],
+                              output=items,
                               usage=usage, incomplete_details={"reason": "max_output_tokens"}
                               if message.status == "incomplete" else None, completed_at=int(time.time()),
                               **self.fields)
@@ -257,10 +335,11 @@ def _status(finish_reason: str | None) -> str:
 
 
 async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[RequestOutput],
-                          splitter=None) -> AsyncIterator[str]:
+                          splitter=None, tools: ToolCallSplitter | None = None) -> AsyncIterator[str]:
     """OpenAI's typed stream events for one response, each ``event: TYPE`` and its JSON, numbered.
     ``outputs``: the request's delta outputs; ``splitter`` (a ``reasoning`` splitter): the model's
-    thinking goes into a reasoning item of its own, opened at its first text, before the message."""
+    thinking goes into a reasoning item of its own, opened at its first text, before the message;
+    ``tools``: each function call the answer completes is an item of its own, sent whole."""
     numbers = itertools.count()
     opened: dict[str, int] = {}  # item id -> its output index
 
@@ -279,16 +358,21 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
 
     yield event("response.created", response=builder.response())
     yield event("response.in_progress", response=builder.response())
-    if splitter is None:  # the message opens at once; with a splitter, at its first text (thinking may come first)
+    if splitter is None and tools is None:  # else the message opens at its first text (thinking or calls may come)
         for line in open_item(builder.message(None), OutputText(text="")):
             yield line
-    texts, thoughts, tokens, last, logprobs, pending = [], [], 0, None, [], []
+    texts, thoughts, tokens, last, logprobs, pending, calls = [], [], 0, None, [], [], []
     async for last in outputs:
         completion = last.outputs[0]
+        finished = completion.finish_reason is not None
         tokens += len(completion.token_ids)
         pending += builder.logprobs(completion)  # (a token that completes no character waits for the next)
-        thought, text = (splitter.feed(completion.text, completion.token_ids, completion.finish_reason is not None)
+        thought, text = (splitter.feed(completion.text, completion.token_ids, finished)
                          if splitter is not None else (None, completion.text))
+        new_calls = []
+        if tools is not None:
+            found = splitter.take_calls() if hasattr(splitter, "take_calls") else []
+            text, new_calls = tools.feed(text or "", last=finished, found=found)
         if thought:
             if builder.reasoning_id not in opened:
                 for line in open_item(builder.reasoning(None), ReasoningText(text="")):
@@ -303,6 +387,16 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
             yield event("response.output_text.delta", delta=text, logprobs=pending, **where(builder.message_id))
             logprobs += pending
             pending = []
+        for call in new_calls:
+            item = builder.function_call(call)
+            calls.append(item)
+            opened[item.id] = len(opened)
+            at = {"item_id": item.id, "output_index": opened[item.id]}
+            yield event("response.output_item.added", output_index=opened[item.id],
+                        item=item.model_copy(update={"arguments": "", "status": "in_progress"}))
+            yield event("response.function_call_arguments.delta", delta=item.arguments, **at)
+            yield event("response.function_call_arguments.done", arguments=item.arguments, **at)
+            yield event("response.output_item.done", output_index=opened[item.id], item=item)
     text, reason, logprobs = "".join(texts), last.outputs[0].finish_reason, logprobs + pending
     thought = "".join(thoughts) if thoughts else None
     if thought is not None:
@@ -311,13 +405,14 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
         yield event("response.content_part.done", part=ReasoningText(text=thought), **at)
         yield event("response.output_item.done", output_index=at["output_index"],
                     item=builder.reasoning(thought, reason))
-    if builder.message_id not in opened:  # (all thinking: an empty message still ends the response)
+    if builder.message_id not in opened and not calls:  # (all thinking: an empty message still ends the response)
         for line in open_item(builder.message(None), OutputText(text="")):
             yield line
-    at = where(builder.message_id)
-    yield event("response.output_text.done", text=text, logprobs=logprobs, **at)
-    yield event("response.content_part.done", part=OutputText(text=text, logprobs=logprobs), **at)
-    yield event("response.output_item.done", output_index=at["output_index"],
-                item=builder.message(text, reason, logprobs))
-    done = builder.response(text, reason, last, tokens, logprobs, thought)
+    if builder.message_id in opened:
+        at = where(builder.message_id)
+        yield event("response.output_text.done", text=text, logprobs=logprobs, **at)
+        yield event("response.content_part.done", part=OutputText(text=text, logprobs=logprobs), **at)
+        yield event("response.output_item.done", output_index=at["output_index"],
+                    item=builder.message(text, reason, logprobs))
+    done = builder.response(text, reason, last, tokens, logprobs, thought, calls, order=list(opened))
     yield event("response.completed" if done.status == "completed" else "response.incomplete", response=done)

@@ -172,29 +172,40 @@ class OpenAIServing:
         self._check_model(body.model)
         body.refused()
         try:
+            tools = tool_use(body.chat_tools(), body.chat_tool_choice(), self.tool_parser, body.parallel_tool_calls)
+        except ValueError as err:
+            raise ApiError(400, *err.args) from None
+        try:
             params = body.sampling_params(self.engine.engine.default_sampling_fields)
         except ValueError as err:
             raise in_responses_terms(bad_value(err)) from None
         params.output_kind = RequestOutputKind.DELTA
+        if tools is not None:
+            self._use_tools(tools, params)
         builder = ResponseBuilder(body, self.model_name, params)
         try:
-            prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.tools)
-            streams = await self._start(builder.id, [prompt], params, body.cache_salt, ("input", "text"))
+            prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.chat_tools())
+            streams = await self._start(builder.id, [prompt], params, body.cache_salt,
+                                        ("input", "tools" if tools and tools.schema else "text"))
         except ApiError as err:
             raise in_responses_terms(err) from None
+        splitter = self._splitter(prompt[0], tools) if self.reasoning_parser else None
         if body.stream:
-            splitter = self._splitter(prompt[0]) if self.reasoning_parser else None
-            return event_stream(response_events(builder, (output async for _, output in merge(streams)), splitter),
-                                typed=True)
+            return event_stream(response_events(builder, (output async for _, output in merge(streams)), splitter,
+                                                tools.splitter() if tools else None), typed=True)
         finals = await until_done_or_disconnect(raw, streams)
         if finals is None:
             return Response(status_code=499)
         completion = finals[0].outputs[0]
-        reasoning, text = self._splitter(prompt[0]).feed(completion.text, completion.token_ids, last=True) \
-            if self.reasoning_parser else (None, completion.text)
+        reasoning, text = splitter.feed(completion.text, completion.token_ids, last=True) \
+            if splitter is not None else (None, completion.text)
+        calls = []
+        if tools is not None:
+            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
+            text, calls = tools.splitter().feed(text or "", last=True, found=found)
         return await json_response_off_the_loop(lambda: builder.response(
             text or "", completion.finish_reason, finals[0], len(completion.token_ids),
-            builder.logprobs(completion), reasoning))
+            builder.logprobs(completion), reasoning, [builder.function_call(call) for call in calls]))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self._check_model(body.model)
@@ -402,7 +413,8 @@ class OpenAIServing:
         if tools.schema is not None:
             if params.structured_outputs is not None:
                 raise ApiError(400, f'tool_choice "{tools.choice}" forces the answer\'s form: give no structured '
-                                    "output (response_format, structured_outputs, guided_*) beside it", "tool_choice")
+                                    "output beside it (response_format, structured_outputs, guided_*; text.format "
+                                    "on /v1/responses)", "tool_choice")
             try:
                 # compact JSON: whitespace anywhere is a loop a model can fall into (a tiny one did, to max_tokens)
                 params.structured_outputs = StructuredOutputsParams(json=tools.schema, disable_any_whitespace=True)
