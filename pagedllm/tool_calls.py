@@ -103,8 +103,8 @@ def _functions(tools: list) -> dict[str, dict]:
 @dataclass
 class ToolCallSplitter:
     """One choice's answer text, fed as it comes: ``feed`` returns its new plain text and the calls
-    completed in it. ``mode`` is a parser's name, or "required"/"named" for a forced answer (JSON
-    throughout, read at its end)."""
+    completed in it. ``mode`` is a parser's name (``openai``'s calls come read already, as
+    ``found``), or "required"/"named" for a forced answer (JSON throughout, read at its end)."""
 
     mode: str
     name: str | None = None  # the named function
