@@ -34,6 +34,10 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(api_server, "build_server", _no_server)
 
 
+TOOL = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"x": {"enum": ["a", "b"]}}, "required": ["x"], "additionalProperties": False}}}
+
+
 def line(custom_id, url, body, method="POST"):
     return {"custom_id": custom_id, "method": method, "url": url, "body": body}
 
@@ -66,11 +70,14 @@ def test_each_route_answers_as_the_server_in_the_inputs_order(model, tmp_path):
         completion("too-long", "x " * 400),  # past max_model_len (256): this request fails alone
         completion("bad-field", "x", max_tokens="many"),
         completion("no-n", "x", n=0),
+        line("tool", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                              "tools": [TOOL], "max_tokens": 40, "temperature": 0,
+                                              "tool_choice": {"type": "function", "function": {"name": "pick"}}}),
     ])
     assert run_batch(model, inp, out) == 0
     lines = results(out)
     assert [r["custom_id"] for r in lines] == [f"c{i}" for i in range(5)] + ["chat", "resp", "bare", "too-long",
-                                                                          "bad-field", "no-n"]
+                                                                          "bad-field", "no-n", "tool"]
     expected = LLM(model, device="cpu").generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     for r, e in zip(lines, expected, strict=False):
         assert r["response"]["status_code"] == 200 and r["error"] is None
@@ -80,7 +87,9 @@ def test_each_route_answers_as_the_server_in_the_inputs_order(model, tmp_path):
     assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 5
     assert resp["object"] == "response" and resp["usage"]["output_tokens"] == 4
     assert lines[7]["response"]["body"]["usage"]["completion_tokens"] == 3
-    for r, status, param in zip(lines[8:], (400, 400, 400), ("prompt", "max_tokens", "n"), strict=True):
+    (call,) = lines[11]["response"]["body"]["choices"][0]["message"]["tool_calls"]  # a forced call, as the server's
+    assert call["function"]["name"] == "pick" and json.loads(call["function"]["arguments"]) in ({"x": "a"}, {"x": "b"})
+    for r, status, param in zip(lines[8:11], (400, 400, 400), ("prompt", "max_tokens", "n"), strict=True):
         assert r["response"]["status_code"] == status == r["error"]["code"]
         assert r["response"]["body"]["error"] == r["error"] and r["error"]["param"] == param
 
