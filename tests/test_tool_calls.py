@@ -365,8 +365,13 @@ def test_responses_api_forces_a_named_function_whole_and_streamed(tool_server):
     assert [item.type for item in final.output] == ["function_call"] and final.output[0].arguments == done.arguments
 
 
-def test_responses_api_names_a_bad_tool_choice(tool_server):
+@pytest.mark.parametrize("tools, choice, field, said", [
+    ([FLAT_WEATHER], {"type": "function", "name": "nope"}, "tool_choice", "names the function 'nope'"),
+    ([FLAT_WEATHER], {"type": "function"}, "tool_choice", 'or {"type": "function", "name": NAME}, not'),
+    ([{"type": "function", "parameters": {}}], "required", "tools", "tools[0].name must be a non-empty string"),
+    ([{"type": "web_search"}], "auto", "tools", 'tools[0] must be {"type": "function", "name", "parameters"}'),
+])
+def test_responses_api_names_a_bad_tool_as_it_writes_tools(tool_server, tools, choice, field, said):
     with pytest.raises(openai.BadRequestError) as err:
-        tool_server.responses.create(model="tiny", input="x", tools=[FLAT_WEATHER],
-                                     tool_choice={"type": "function", "name": "nope"})
-    assert err.value.body["param"] == "tool_choice"
+        tool_server.responses.create(model="tiny", input="x", tools=tools, tool_choice=choice)
+    assert err.value.body["param"] == field and said in err.value.body["message"]

@@ -176,13 +176,25 @@ class ResponsesRequest(TopLevelBody):
             raise ApiError(400, "text.format of type json_schema needs its schema", "text")
 
 
+# chat's shapes of a function tool and a named tool choice, and the Responses API's
+_CHAT_SHAPES = {
+    '{"type": "function", "function": {"name", "parameters"}}': '{"type": "function", "name", "parameters"}',
+    '{"type": "function", "function": {"name": NAME}}': '{"type": "function", "name": NAME}',
+    ".function.": ".",
+}
+
+
 def in_responses_terms(err: ApiError) -> ApiError:
     """A chat path's error named by the Responses API's fields: its messages and its one prompt are
-    ``input``, its structured output is ``text``."""
+    ``input``, its structured output is ``text``; tools are described as it writes them."""
     param = err.param if err.param not in ("messages", "prompt") else "input"
     if "SamplingParams.structured_outputs" in err.message:
         param = "text"
-    return ApiError(err.status, f"{param}: {err.message}" if param == "text" else err.message, param)
+    message = err.message
+    if param in ("tools", "tool_choice"):
+        for chat, flat in _CHAT_SHAPES.items():
+            message = message.replace(chat, flat)
+    return ApiError(err.status, f"{param}: {message}" if param == "text" else message, param)
 
 
 class OutputText(BaseModel):

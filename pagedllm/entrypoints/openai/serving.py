@@ -174,14 +174,17 @@ class OpenAIServing:
         try:
             tools = tool_use(body.chat_tools(), body.chat_tool_choice(), self.tool_parser, body.parallel_tool_calls)
         except ValueError as err:
-            raise ApiError(400, *err.args) from None
+            raise in_responses_terms(ApiError(400, *err.args)) from None
         try:
             params = body.sampling_params(self.engine.engine.default_sampling_fields)
         except ValueError as err:
             raise in_responses_terms(bad_value(err)) from None
         params.output_kind = RequestOutputKind.DELTA
         if tools is not None:
-            self._use_tools(tools, params)
+            try:
+                self._use_tools(tools, params)
+            except ApiError as err:
+                raise in_responses_terms(err) from None
         builder = ResponseBuilder(body, self.model_name, params)
         try:
             prompt = await asyncio.to_thread(self._chat_prompt, body.messages(), True, False, body.chat_tools())
