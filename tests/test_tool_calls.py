@@ -375,3 +375,26 @@ def test_responses_api_names_a_bad_tool_as_it_writes_tools(tool_server, tools, c
     with pytest.raises(openai.BadRequestError) as err:
         tool_server.responses.create(model="tiny", input="x", tools=tools, tool_choice=choice)
     assert err.value.body["param"] == field and said in err.value.body["message"]
+
+
+def test_calls_are_read_from_the_answer_after_the_thinking():
+    """With a reasoning parser, the thinking is split off first: a call written while thinking is
+    thinking, one in the answer is a call (whole, and streamed chunk by chunk)."""
+    from types import SimpleNamespace
+
+    from pagedllm.entrypoints.openai.serving import OpenAIServing
+    from pagedllm.reasoning import ReasoningSplitter
+
+    serving = SimpleNamespace(reasoning_parser="deepseek_r1",
+                              _splitter=lambda prompt, tools=None: ReasoningSplitter(False))
+    text = f"<think>maybe <tool_call>{CALL}</tool_call>?</think>Sure.<tool_call>{CALL}</tool_call>"
+    body, tools = ChatCompletionRequest(messages=MESSAGES, tools=[WEATHER]), tool_use([WEATHER], "auto", "hermes")
+    message = OpenAIServing._message(serving, body, None, CompletionOutput(0, text, [1], "stop"), tools)
+    assert message.reasoning == f"maybe <tool_call>{CALL}</tool_call>?" and message.content == "Sure."
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    splitters, tool_splitters = {0: ReasoningSplitter(False)}, {0: tools.splitter()}
+    deltas = [OpenAIServing._delta(serving, body, splitters, tool_splitters,
+                                   CompletionOutput(0, text[i:i + 5], [1], "stop" if i + 5 >= len(text) else None))
+              for i in range(0, len(text), 5)]
+    assert "".join(d.content or "" for d in deltas) == "Sure."
+    assert [c.function.name for d in deltas for c in d.tool_calls or []] == ["get_weather"]
