@@ -210,6 +210,8 @@ def test_a_named_function_is_called_with_arguments_of_its_schema(tool_server):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     text, calls, finish = _streamed(tool_server, **ask | {"n": 1})
     assert text is None and finish == "stop" and [c["name"] for c in calls] == ["get_weather"]
+    chunks = list(tool_server.chat.completions.create(stream=True, **ask | {"n": 1}))
+    assert len(chunks) == 2  # the role, then the call: no empty chunk for each token of the forced JSON
 
 
 @pytest.mark.parametrize("extra, field", [

@@ -488,6 +488,8 @@ class OpenAIServing:
                 delta = self._delta(body, splitters, tool_splitters, c)
                 finish = c.finish_reason if tools is None else \
                     tools.finish_reason(bool(tool_splitters[c.index].calls), c.finish_reason)
+                if delta == ChatDelta() and finish is None and logprobs is None and not body.return_token_ids:
+                    continue  # nothing to send yet: text held back (a tag cut off, a forced call not yet whole)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs,
                                              token_ids=c.token_ids if body.return_token_ids else None)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
