@@ -15,7 +15,7 @@ chunks is held back until it is whole."""
 import re
 from dataclasses import dataclass
 
-from pagedllm.tool_calls import ToolCall, tool_call
+from pagedllm.tool_calls import ToolCall, held_back, tool_call
 
 START, END = "<think>", "</think>"
 # vLLM's names of the parsers of <think>...</think>
@@ -83,14 +83,6 @@ class AnswerStart:
         return None if tuple(prompt_token_ids[-len(self.tokens):]) == self.tokens else self.tokens
 
 
-def _held_back(text: str, tag: str) -> int:
-    """How many of text's last characters may begin ``tag`` (to wait for the next chunk)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
 @dataclass
 class ReasoningSplitter:
     """One choice's text, fed as it comes: ``feed`` returns the new (reasoning, answer) text."""
@@ -125,11 +117,16 @@ class ReasoningSplitter:
                 reasoning.append(text[:end])
                 self.thinking, text = False, text[end + len(END):]
                 continue
-            keep = 0 if last else _held_back(text, END)
+            keep = 0 if last else held_back(text, END)
             reasoning.append(text[: len(text) - keep])
             self.held = text[len(text) - keep:]
             break
         return "".join(reasoning) or None, "".join(answer) or None
+
+    def take_calls(self) -> list[ToolCall]:
+        """Always none: only harmony's messages are tool calls (``HarmonySplitter``'s); asked of every
+        splitter alike."""
+        return []
 
 
 class HarmonySplitter:

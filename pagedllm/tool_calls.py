@@ -173,14 +173,14 @@ class ToolCallSplitter:
                 plain.append(text[:at])
                 self.call, self.opened, text = "", start, text[at + len(start):]
                 continue
-            keep = 0 if last else _held_back(text, start)
+            keep = 0 if last else held_back(text, start)
             plain.append(text[:len(text) - keep])
             self.held = text[len(text) - keep:]
             return
 
 
-def _held_back(text: str, tag: str) -> int:
-    """How many of text's last characters may begin ``tag``."""
+def held_back(text: str, tag: str) -> int:
+    """How many of text's last characters may begin ``tag`` (a streamed text's, to wait for the next chunk)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
             return n

@@ -121,21 +121,21 @@ class ResponsesRequest(TopLevelBody):
         (a developer message is one too); earlier function calls as an assistant's tool calls (the
         calls in a row as one message's), their outputs as tool messages."""
         turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else []
+        calls = None  # the tool calls of the last turn, where it is made of calls
         for item in [] if isinstance(self.input, str) else self.input:
             if isinstance(item, InputFunctionCall):
-                call = {"id": item.call_id, "type": "function",
-                        "function": {"name": item.name, "arguments": item.arguments}}
-                if turns and turns[-1].get("calls_only"):
-                    turns[-1]["tool_calls"].append(call)
-                else:
-                    turns.append({"role": "assistant", "content": None, "tool_calls": [call], "calls_only": True})
-            elif isinstance(item, InputFunctionCallOutput):
+                if calls is None:
+                    calls = []
+                    turns.append({"role": "assistant", "content": None, "tool_calls": calls})
+                calls.append({"id": item.call_id, "type": "function",
+                              "function": {"name": item.name, "arguments": item.arguments}})
+                continue
+            calls = None
+            if isinstance(item, InputFunctionCallOutput):
                 turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
             else:
                 turns.append({"role": "system" if item.role == "developer" else item.role, "content": item.content
                               if isinstance(item.content, str) else "".join(part.text for part in item.content)})
-        for turn in turns:
-            turn.pop("calls_only", None)
         if self.instructions is not None:
             turns.insert(0, {"role": "system", "content": self.instructions})
         return [ChatMessage(**turn) for turn in turns]
@@ -383,7 +383,7 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
                          if splitter is not None else (None, completion.text))
         new_calls = []
         if tools is not None:
-            found = splitter.take_calls() if hasattr(splitter, "take_calls") else []
+            found = splitter.take_calls() if splitter is not None else []
             text, new_calls = tools.feed(text or "", last=finished, found=found)
         if thought:
             if builder.reasoning_id not in opened:

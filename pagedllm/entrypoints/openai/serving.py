@@ -204,7 +204,7 @@ class OpenAIServing:
             if splitter is not None else (None, completion.text)
         calls = []
         if tools is not None:
-            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
+            found = splitter.take_calls() if splitter is not None else []
             text, calls = tools.splitter().feed(text or "", last=True, found=found)
         return await json_response_off_the_loop(lambda: builder.response(
             text or "", completion.finish_reason, finals[0], len(completion.token_ids),
@@ -434,7 +434,7 @@ class OpenAIServing:
             splitter = self._splitter(prompt_text, tools)
             reasoning, content = splitter.feed(c.text, c.token_ids, last=True)
             reasoning = reasoning if body.include_reasoning else None
-            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
+            found = splitter.take_calls()
         calls = None
         if tools is not None:
             content, calls = tools.splitter().feed(content or "", last=True, found=found)
@@ -452,7 +452,7 @@ class OpenAIServing:
             splitter = splitters[c.index]
             reasoning, content = splitter.feed(c.text or "", c.token_ids, last=last)
             reasoning = reasoning if body.include_reasoning else None
-            found = splitter.take_calls() if isinstance(splitter, HarmonySplitter) else []
+            found = splitter.take_calls()
         calls = None
         if tool_splitters is not None:
             splitter = tool_splitters[c.index]
