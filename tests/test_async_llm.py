@@ -279,6 +279,26 @@ def test_on_dead_set_after_the_engine_died_is_called_at_once():
         engine.shutdown()
 
 
+def test_an_engine_process_gone_before_its_driver_started_stops_the_driver():
+    """An API-server process still starting when its engine process ended (a supervisor killed
+    the server right after it answered /health): its first look at the pipe finds it closed, and
+    its engine loop must stop (it waited on nothing but its own commands, and the API server
+    served on, holding the port, with no engine)."""
+    from pagedllm.engine.data_parallel import start_replicas, stop_replicas
+
+    config = EngineConfig(model=DEMO, device="cpu")
+    replicas, drivers = start_replicas(config, other_drivers=1)
+    stop_replicas(replicas)
+    engine = AsyncLLM(config, engine_connections=drivers[0])
+    try:
+        deadline = time.monotonic() + 10
+        while engine.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.error is not None and not engine._thread.is_alive()
+    finally:
+        engine.shutdown()
+
+
 def test_a_request_id_used_again_right_after_its_abort_runs():
     """An id that a client takes again at once (its first stream left): its new request is not
     aborted with the old one (aborts reach the engine together, after the commands beside them:

@@ -194,6 +194,10 @@ class AsyncLLM:
                 _drain(self._wake_read)
                 if self._run_commands():
                     return
+                # before waiting on it: the engine process may have been found gone already (the requests it
+                # held failed in the last pass), even before this thread began (at the first stats read)
+                if not in_process and not engine.alive:
+                    raise RuntimeError("the engine process died (the error is above)")
                 items = []
                 if not in_process:  # waits for the engine process's next message, or a command
                     items = engine.step_reports(self._wake_read)
@@ -201,8 +205,6 @@ class AsyncLLM:
                     items = engine.step()
                 self.stats = engine.stats()  # first: a caller that got a request's last output sees it counted
                 self._deliver([(item[0] if isinstance(item, tuple) else item.request_id, item) for item in items])
-                if not in_process and not engine.alive:
-                    raise RuntimeError("the engine process died (the error is above)")
         except BaseException as err:  # the engine is broken: every waiting client gets the error
             logger.exception("the engine loop failed; the server stops")
             self.error = err
