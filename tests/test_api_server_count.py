@@ -226,6 +226,26 @@ def test_a_server_stopped_after_serving_exits_0_without_a_traceback(server, stop
     assert not _any_left(children)
 
 
+def test_a_stop_before_uvicorn_took_over_still_stops_the_server():
+    """SIGTERM after the server's own handlers are set but before uvicorn has set its (an API server
+    still starting when a two-process server is stopped): the server starts and stops at once,
+    status 0, where the stop was lost and the server served on (its watcher killed it 30 s later)."""
+    script = (
+        "import os, signal, sys, uvicorn\n"
+        "from pagedllm.entrypoints.openai import api_server\n"
+        "run = uvicorn.Server.run\n"
+        "def late_run(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return run(self, *args, **kwargs)\n"
+        "uvicorn.Server.run = late_run\n"
+        "api_server.main(sys.argv[1:])\n")
+    process = subprocess.Popen([sys.executable, "-c", script, "--model", DEMO, "--device", "cpu", "--port",
+                                str(_free_port()), "--max-model-len", "512"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _exit_status(process, set()) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
 @pytest.mark.parametrize("server", [1], indirect=True)
 def test_a_server_stopped_while_serving_tells_each_client_why_and_exits_0(server):
     """Requests that cannot finish within the 10 s a stop allows (256 prompts of 500 tokens in one

@@ -208,9 +208,10 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()
     gc.freeze()
-    previous = _stop_quietly()
+    uv = uvicorn_server(server, args)
+    previous = _stop_quietly(uv)
     try:
-        uvicorn_server(server, args).run(sockets=None if sock is None else [sock])
+        uv.run(sockets=None if sock is None else [sock])
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -222,14 +223,20 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     return 0
 
 
-def _stop_quietly() -> dict:
-    """Once uvicorn has stopped on Ctrl-C or SIGTERM it raises the signal again for the handler it
-    found, which would end the process with a KeyboardInterrupt's traceback (or killed by SIGTERM)
-    before the engine is shut down: a handler that lets ``serve`` return 0 instead, as a stop is
-    how a server ends. Returns the handlers it replaced (none off the main thread)."""
+def _stop_quietly(uv) -> dict:
+    """Ctrl-C and SIGTERM stop uvicorn ``uv``, also before it has set its own handlers (a stop that
+    came then was lost, and the server served on: a watching process waited 30 s, then killed it).
+    Once uvicorn has stopped it raises the signal again for the handler it found, which would end
+    the process with a KeyboardInterrupt's traceback (or killed by SIGTERM) before the engine is
+    shut down: this one lets ``serve`` return 0 instead, as a stop is how a server ends. Returns
+    the handlers it replaced (none off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, lambda *_: None) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(*_) -> None:
+        uv.should_exit = True  # (uvicorn looks at it once started, and then polls it)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def serve_in_processes(args: argparse.Namespace) -> int:
