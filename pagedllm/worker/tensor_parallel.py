@@ -11,6 +11,7 @@ Stopping: every rank leaves the process group together (NCCL's teardown waits fo
 bounded in time, then aborted; the workers are then reaped, killed if they must be.
 """
 
+import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -227,6 +228,8 @@ def _worker_main(config, rank: int, world_size: int, conn, forked: bool) -> None
     A forked worker runs its CPU work on one thread: torch's OpenMP pool does not survive a fork
     (once the driver has used it, a child's first parallel op on more threads waits forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    if forked:  # the driver's heap came along: this process's collections need not walk it (nor copy its pages)
+        gc.freeze()
     logging.getLogger("pagedllm").setLevel(logging.WARNING)
     device = rank_device(config.device, rank)
     if device.type == "cuda" and torch.cuda._is_in_bad_fork():
