@@ -29,6 +29,8 @@ def run_engine_process(config: EngineConfig, index: int, replicas: int, conns: l
     (``conns``: the pipe of the process that started it first, then the other drivers'). It ends
     when that process says so, or is gone (its pipe closes, or, as a driver that forked later
     replicas left them its end, the process that started this one is no longer its parent)."""
+    if forked:  # the driver's heap came along: this process's collections need not walk it (nor copy its pages)
+        gc.freeze()
     outboxes: list[_Outbox] = []
     for end in drivers_ends:
         end.close()  # so that a pipe closes when its driver dies
