@@ -246,6 +246,26 @@ def test_a_stop_before_uvicorn_took_over_still_stops_the_server():
     assert "Traceback" not in process.stderr.read()
 
 
+def test_a_server_killed_while_starting_leaves_no_semaphore_behind():
+    """SIGTERM while an API server still starts (a two-process server stopped right after it
+    answered /health) ends it by the default handler, before its own are set: nothing it made
+    may be left for the resource tracker to clean up, which warned of "leaked semaphore objects"
+    (its body-validating pool was started before the handlers were set)."""
+    script = (
+        "import os, signal, sys\n"
+        "from pagedllm.entrypoints.openai import api_server\n"
+        "make = api_server.uvicorn_server\n"
+        "def killed_first(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return make(*args)\n"
+        "api_server.uvicorn_server = killed_first\n"
+        "api_server.main(sys.argv[1:])\n")
+    process = subprocess.run([sys.executable, "-c", script, "--model", DEMO, "--device", "cpu", "--port",
+                              str(_free_port()), "--max-model-len", "512"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == -signal.SIGTERM
+    assert "leaked" not in process.stderr  # (read to its end: the tracker, which outlives it, writes there too)
+
+
 @pytest.mark.parametrize("server", [1], indirect=True)
 def test_a_server_stopped_while_serving_tells_each_client_why_and_exits_0(server):
     """Requests that cannot finish within the 10 s a stop allows (256 prompts of 500 tokens in one

@@ -203,7 +203,6 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     """The server in this process (with ``sock``: listening on a socket shared with other API-server
     processes)."""
     server = build_server(args, engine_connections)
-    server.bodies.start()
     # the start-up heap (torch, transformers, the tokenizer: ~400k objects) is there while the server is: kept
     # out of the collector's full passes, which otherwise stall every stream for 100-300 ms a few times a second
     gc.collect()
@@ -211,6 +210,7 @@ def _serve_here(args: argparse.Namespace, engine_connections: list | None = None
     uv = uvicorn_server(server, args)
     previous = _stop_quietly(uv)
     try:
+        server.bodies.start()  # once a stop is handled: killed before, it would leave the pool's semaphores behind
         uv.run(sockets=None if sock is None else [sock])
     finally:
         for signum, handler in previous.items():
