@@ -15,7 +15,7 @@ chunks is held back until it is whole."""
 import re
 from dataclasses import dataclass
 
-from pagedllm.tool_calls import ToolCall, held_back, tool_call
+from pagedllm.tool_calls import ToolCall, ToolCallSplitter, held_back, tool_call
 
 START, END = "<think>", "</think>"
 # vLLM's names of the parsers of <think>...</think>
@@ -219,3 +219,17 @@ def reasoning_splitter(parser: str, tokenizer, prompt_text: str | None,
     if parser == HARMONY:
         return HarmonySplitter(tokenizer, tool_calls)
     return ReasoningSplitter(starts_thinking(prompt_text))
+
+
+def split_answer(text: str, token_ids: list[int] | None, last: bool,
+                 splitter: ReasoningSplitter | HarmonySplitter | None,
+                 tools: ToolCallSplitter | None) -> tuple[str | None, str | None, list[ToolCall]]:
+    """One choice's new text split three ways: its thinking (by ``splitter``, where the server splits
+    it off), the rest, and the tool calls complete in it (by ``tools``, which takes the calls
+    harmony's splitter read from the tokens too)."""
+    thought, rest = splitter.feed(text, token_ids, last) if splitter is not None else (None, text)
+    if tools is None:
+        return thought, rest, []
+    found = splitter.take_calls() if splitter is not None else []
+    rest, calls = tools.feed(rest or "", last=last, found=found)
+    return thought, rest, calls

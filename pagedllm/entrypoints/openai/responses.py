@@ -26,6 +26,7 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.inputs import MAX_CACHE_SALT
 from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.reasoning import split_answer
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_outputs import StructuredOutputsParams
 from pagedllm.tool_calls import ToolCall, ToolCallSplitter
@@ -379,12 +380,7 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
         finished = completion.finish_reason is not None
         tokens += len(completion.token_ids)
         pending += builder.logprobs(completion)  # (a token that completes no character waits for the next)
-        thought, text = (splitter.feed(completion.text, completion.token_ids, finished)
-                         if splitter is not None else (None, completion.text))
-        new_calls = []
-        if tools is not None:
-            found = splitter.take_calls() if splitter is not None else []
-            text, new_calls = tools.feed(text or "", last=finished, found=found)
+        thought, text, new_calls = split_answer(completion.text, completion.token_ids, finished, splitter, tools)
         if thought:
             if builder.reasoning_id not in opened:
                 for line in open_item(builder.reasoning(None), ReasoningText(text="")):

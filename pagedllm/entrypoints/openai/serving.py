@@ -52,7 +52,14 @@ from pagedllm.entrypoints.openai.responses import (
 from pagedllm.entrypoints.openai.streams import event_stream, merge, until_done_or_disconnect
 from pagedllm.inputs import TokensPrompt, checked_cache_salt, encode_text, render_chat
 from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.reasoning import HARMONY, HarmonySplitter, ReasoningSplitter, parser_for, reasoning_splitter
+from pagedllm.reasoning import (
+    HARMONY,
+    HarmonySplitter,
+    ReasoningSplitter,
+    parser_for,
+    reasoning_splitter,
+    split_answer,
+)
 from pagedllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from pagedllm.tool_calls import ToolCall, ToolCallSplitter, ToolUse, needs_special_tokens, tool_use
 
@@ -200,12 +207,8 @@ class OpenAIServing:
         if finals is None:
             return Response(status_code=499)
         completion = finals[0].outputs[0]
-        reasoning, text = splitter.feed(completion.text, completion.token_ids, last=True) \
-            if splitter is not None else (None, completion.text)
-        calls = []
-        if tools is not None:
-            found = splitter.take_calls() if splitter is not None else []
-            text, calls = tools.splitter().feed(text or "", last=True, found=found)
+        reasoning, text, calls = split_answer(completion.text, completion.token_ids, True, splitter,
+                                              tools.splitter() if tools is not None else None)
         return await json_response_off_the_loop(lambda: builder.response(
             text or "", completion.finish_reason, finals[0], len(completion.token_ids),
             builder.logprobs(completion), reasoning, [builder.function_call(call) for call in calls]))
@@ -429,15 +432,11 @@ class OpenAIServing:
     def _message(self, body: ChatCompletionRequest, prompt_text: str | None, c: CompletionOutput,
                  tools: ToolUse | None) -> ChatResponseMessage:
         """A whole answer, its thinking and its tool calls apart where the server splits them off."""
-        reasoning, content, found = None, c.text, []
-        if self.reasoning_parser is not None:
-            splitter = self._splitter(prompt_text, tools)
-            reasoning, content = splitter.feed(c.text, c.token_ids, last=True)
-            reasoning = reasoning if body.include_reasoning else None
-            found = splitter.take_calls()
-        calls = None
+        splitter = self._splitter(prompt_text, tools) if self.reasoning_parser is not None else None
+        reasoning, content, calls = split_answer(c.text, c.token_ids, True, splitter,
+                                                 tools.splitter() if tools is not None else None)
+        reasoning = reasoning if body.include_reasoning else None
         if tools is not None:
-            content, calls = tools.splitter().feed(content or "", last=True, found=found)
             content = content if content and (content.strip() or not calls) else None
         return ChatResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning,
                                    tool_calls=[_call_info(call) for call in calls] if calls else None)
@@ -446,20 +445,14 @@ class OpenAIServing:
                tool_splitters: dict[int, ToolCallSplitter] | None, c: CompletionOutput) -> ChatDelta:
         """A chunk's new text, its thinking and its completed tool calls apart where the server splits
         them off."""
-        last = c.finish_reason is not None
-        reasoning, content, found = None, c.text or None, []
-        if splitters is not None:
-            splitter = splitters[c.index]
-            reasoning, content = splitter.feed(c.text or "", c.token_ids, last=last)
-            reasoning = reasoning if body.include_reasoning else None
-            found = splitter.take_calls()
-        calls = None
-        if tool_splitters is not None:
-            splitter = tool_splitters[c.index]
-            before = len(splitter.calls)
-            content, new = splitter.feed(content or "", last=last, found=found)
-            calls = [DeltaToolCall(index=before + i, **_call_info(call).model_dump()) for i, call in enumerate(new)]
-        return ChatDelta(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls or None)
+        tool_splitter = tool_splitters[c.index] if tool_splitters is not None else None
+        before = len(tool_splitter.calls) if tool_splitter is not None else 0
+        reasoning, content, new = split_answer(c.text or "", c.token_ids, c.finish_reason is not None,
+                                               splitters[c.index] if splitters is not None else None, tool_splitter)
+        reasoning = reasoning if body.include_reasoning else None
+        calls = [DeltaToolCall(index=before + i, **_call_info(call).model_dump()) for i, call in enumerate(new)]
+        return ChatDelta(content=content or None, reasoning=reasoning, reasoning_content=reasoning,
+                         tool_calls=calls or None)
 
     async def _chat_events(self, request_id, body: ChatCompletionRequest, prompt: Prompt, streams,
                            tools: ToolUse | None) -> AsyncIterator[str]:
