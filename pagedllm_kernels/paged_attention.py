@@ -30,13 +30,12 @@ _PROGRAMS_PER_SM = 4
 @triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                   stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0):
+                  ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False):
     """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``, in
     ``out_ty``. An FP8 cache's values convert exactly, unscaled: the callers apply the layer's
     K scale to the scores and its V scale to the output, one multiply per row, not per element.
     ``ALL_TOKENS`` (every token of the tile exists) and ``FULL_D`` (no padded dims) drop the
-    loads' predicates, as the prefill kernel's fully visible tiles allow. ``FP8_WIDEN`` > 0 reads
-    an FP8 cache through ``_e4m3_as_fp16``, in units of 2**-8."""
+    loads' predicates, as the prefill kernel's fully visible tiles allow."""
     if ALL_TOKENS:
         page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE)
     else:
@@ -49,29 +48,41 @@ def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d
         x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
     else:
         x = tl.load(ptrs, mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
-    if FP8_WIDEN:
-        return _e4m3_as_fp16(x, FP8_WIDEN == 2)
     return x.to(out_ty)
 
 
 @triton.jit
-def _e4m3_as_fp16(x, PTX: tl.constexpr):
-    """e4m3 values as fp16 ones 2**8 times smaller, exactly (subnormals too): each byte's sign
-    moved to bit 15, its exponent and mantissa shifted into place below it. In PTX four values
-    take nine integer instructions, which the GPU issues faster than its two e4m3 conversions:
-    an FP8 cache's decode kernel, bound by its conversions, ran 6-9% faster with them (H100,
-    batch 8-256 at contexts 512-32k). The same in Triton's integer ops (the interpreter's path)
-    stays per value and ran slower than the conversions on the GPU."""
+def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs,
+                    stride_ch, out_ty: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, PTX: tl.constexpr):
+    """``_load_kv_tile`` for V in the decode kernel's P.V over an FP8 cache, read as 32-bit words
+    of four values along d. Loaded as FP8 the tile went into the product's operand layout
+    straight from shared memory, and since that product sums over tokens, which lie a row apart,
+    each thread read its bytes one load at a time (128 ``LDS.U8`` a tile): widened along d
+    first, it goes through shared memory in fp16 and ``ldmatrix.trans``. On NVIDIA GPUs the
+    words convert two values an instruction (``cvt.rn.f16x2.e4m3x2``). H200, batch 32 at 8,448
+    tokens: 212.7 -> 197.6 us (with K converted, not widened by bit arithmetic, and 3 stages)."""
+    page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
+    row = (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch) // 4
+    w = tl.arange(0, BLOCK_D // 4)
+    words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(row, 4)[:, None] + w[None, :],
+                    mask=tok_mask[:, None] & (w < HEAD_DIM // 4)[None, :], other=0)
     if PTX:
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 q, t, s;
-            prmt.b32 q, $2, 0, 0x1302;
-            and.b32 t, q, 0x7F007F00; shr.b32 t, t, 1; and.b32 s, q, 0x80008000; or.b32 $0, s, t;
-            shl.b32 q, q, 8;
-            and.b32 t, q, 0x7F007F00; shr.b32 t, t, 1; and.b32 s, q, 0x80008000; or.b32 $1, s, t; }""",
-            "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4)
-    bits = x.to(tl.uint8, bitcast=True).to(tl.uint16)
-    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        v0, v1, v2, v3 = tl.inline_asm_elementwise(
+            """{ .reg .b16 l, h; .reg .b32 a, b;
+            mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 a, l; cvt.rn.f16x2.e4m3x2 b, h;
+            mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }""",
+            "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        v0, v1, v2, v3 = (_e4m3_byte(words, 0), _e4m3_byte(words, 8), _e4m3_byte(words, 16),
+                          _e4m3_byte(words, 24))
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [n, w, a, b] holds value 4w + 2a + b
+    return tl.reshape(v, (tok.shape[0], BLOCK_D)).to(out_ty)
+
+
+@triton.jit
+def _e4m3_byte(words, shift: tl.constexpr):
+    return ((words >> shift) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
 @triton.jit
@@ -112,7 +123,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-                   FP8_WIDEN: tl.constexpr):
+                   FP8_WORDS: tl.constexpr):
     wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -132,9 +143,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     row_mask = (g < GROUP)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
     q = _in_compute_dtype(q, k_cache_ptr)
-    if FP8_WIDEN:  # K and V come in units of 2**-8
-        scale_log2 = scale_log2 * 256.0
-        v_scale = v_scale * 256.0
 
     # a sink is counted once, by the first split (the reduce kernel merges it with the others)
     row_max, row_sum = _softmax_start(sinks_ptr, heads, g < tl.where(split == 0, GROUP, 0), SINKS, GROUP_PAD)
@@ -143,15 +151,19 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < hi
         k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, FP8_WIDEN=FP8_WIDEN)
+                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale_log2, softcap_log2, SOFTCAP)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(row_max - row_max_new)
         p = tl.exp2(s - row_max_new[:, None])
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, FP8_WIDEN=FP8_WIDEN)
+        if FP8_WORDS:
+            v = _load_fp8_words(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb,
+                                stride_cs, stride_ch, q.dtype, HEAD_DIM, BLOCK_D, BLOCK_SIZE, FP8_WORDS == 2)
+        else:
+            v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
+                              stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = row_max_new
 
@@ -295,11 +307,11 @@ def prefill_config(head_dim: int, group_pad: int, num_tokens: int, num_seqs: int
 
 def decode_config(head_dim: int, fp8_cache: bool = False) -> dict:
     """Launch settings of the decode kernel. Tiles of 128 tokens where a token's row is half the
-    bytes of 128 bf16 dims (an FP8 cache, best of a sweep on an H200, batch 32 at 8.7k tokens; two
-    stages since its K/V widen in PTX: 246 -> 225 us on an H100, batch 32 at 8.4k, 8 x 32k 243 -> 218;
+    bytes of 128 bf16 dims (an FP8 cache, best of a sweep on an H200 at batch 8-256 and contexts
+    512-32k: 3 stages, against 2 with V read as words, 197.6 against 199.6 us at 32 x 8,448;
     head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k 262 -> 250, 256 x 384 202 -> 198)."""
     if fp8_cache and head_dim <= 128:
-        return dict(BLOCK_N=128, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
     if head_dim <= 64:
         return dict(BLOCK_N=128, num_warps=4, num_stages=3)
     return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4 if head_dim <= 128 else 2)
@@ -360,7 +372,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         softcap_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
         NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common, **pdl(query),
-        FP8_WIDEN=_fp8_widen(query, k_cache),
+        FP8_WORDS=_fp8_words(query, k_cache),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
@@ -370,11 +382,11 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def _fp8_widen(query: torch.Tensor, k_cache: torch.Tensor) -> int:
-    """How the decode kernel widens an FP8 cache whose products run in fp16 (``_in_compute_dtype``):
-    0 by conversion (no FP8 cache, or float32 products), 1 in Triton's integer ops (the
-    interpreter), 2 in PTX (NVIDIA GPUs)."""
-    if k_cache.dtype != torch.float8_e4m3fn or query.dtype == torch.float32:
+def _fp8_words(query: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """How the decode kernel reads an FP8 cache's V (``_load_fp8_words``): 0 as bytes (no FP8
+    cache, or a head_dim the words do not tile), 1 as words converted by Triton (the
+    interpreter), 2 as words converted in PTX (NVIDIA GPUs)."""
+    if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] % 4:
         return 0
     return 2 if query.is_cuda and torch.version.hip is None else 1
 

@@ -12,7 +12,7 @@ from test_reference_attention import paged_batch
 
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
 from pagedllm_kernels.cache_ops import store_kv_cache
-from pagedllm_kernels.paged_attention import _e4m3_as_fp16, paged_attention, prefill_config
+from pagedllm_kernels.paged_attention import _load_fp8_words, paged_attention, prefill_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): bf16 is tested on the GPU only.
@@ -405,12 +405,14 @@ def test_fp8_cache_is_read_times_its_scales(dtype, query_lens):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_an_fp8_caches_decode_splits_merge_in_its_units(num_splits):
-    """The decode kernel reads an FP8 cache in units of 2**-8 (``_e4m3_as_fp16``): each split's
-    partial output and the merged one come back at the cache's scales."""
-    k_cache, v_cache, tables, _, _, cu = paged_batch([150, 300], [1, 1], 2, 64, 16, 4)
+@pytest.mark.parametrize("head_dim", [64, 96, 18])  # 96: words past the head masked; 18: not whole words, read as bytes
+def test_an_fp8_caches_decode_splits_merge_at_its_scales(num_splits, head_dim):
+    """The decode kernel reads an FP8 cache's V as 32-bit words (``_load_fp8_words``): each
+    split's partial output and the merged one come back at the cache's scales, for head sizes
+    the words tile, pad or cannot tile."""
+    k_cache, v_cache, tables, _, _, cu = paged_batch([150, 300], [1, 1], 2, head_dim, 16, 4)
     k8, v8 = (k_cache / 0.05).to(torch.float8_e4m3fn), (v_cache / 0.02).to(torch.float8_e4m3fn)
-    query = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float16)
+    query = torch.randn(2, 4, head_dim, generator=torch.Generator().manual_seed(5), dtype=torch.float16)
     lens = torch.tensor([150, 300], dtype=torch.int32)
     expected = paged_attention_ref(query.float(), k8.float() * 0.05, v8.float() * 0.02, tables, lens, cu, 0.125)
     out = paged_attention(*(t.to(DEVICE) for t in (query, k8, v8, tables, lens, cu)), 0.125, None, 0.05, 0.02,
@@ -419,20 +421,24 @@ def test_an_fp8_caches_decode_splits_merge_in_its_units(num_splits):
 
 
 @triton.jit
-def _widen_kernel(x_ptr, out_ptr, PTX: tl.constexpr):
-    i = tl.arange(0, 256)
-    tl.store(out_ptr + i, _e4m3_as_fp16(tl.load(x_ptr + i), PTX))
+def _words_kernel(cache_ptr, table_ptr, out_ptr, PTX: tl.constexpr):
+    tok = tl.arange(0, 16)
+    v = _load_fp8_words(cache_ptr, table_ptr, 0, 0, tok, tok < 16, 0, 256, 16, 16, tl.float16, 16, 16, 16, PTX)
+    tl.store(out_ptr + tok[:, None] * 16 + tl.arange(0, 16)[None, :], v)
 
 
 @pytest.mark.parametrize("ptx", [False, True] if DEVICE == "cuda" else [False])
-def test_every_e4m3_value_widens_to_fp16_exactly_in_units_of_2_to_the_minus_8(ptx):
+def test_every_e4m3_value_reads_as_words_exactly_in_place(ptx):
+    """All 256 codes as one block of 16 tokens x 16 dims: each comes back as its fp16 value, at its
+    token and dim (the four bytes of a word, in order)."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     x = codes.view(torch.float8_e4m3fn)
-    out = torch.empty(256, dtype=torch.float16, device=DEVICE)
-    _widen_kernel[(1,)](x.to(DEVICE), out, PTX=ptx)
+    out = torch.empty(16, 16, dtype=torch.float16, device=DEVICE)
+    _words_kernel[(1,)](x.view(1, 16, 1, 16).to(DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE), out,
+                        PTX=ptx)
     finite = (codes & 0x7F) != 0x7F  # e4m3fn's two NaNs, which the cache never holds (stores clamp)
-    assert torch.equal(out.cpu()[finite].float() * 256, x[finite].float())
-    assert torch.equal(out.cpu()[finite].view(torch.int16) < 0, codes[finite] >= 128)  # -0 keeps its sign
+    assert torch.equal(out.cpu().flatten()[finite].float(), x[finite].float())
+    assert torch.equal(out.cpu().flatten()[finite].view(torch.int16) < 0, codes[finite] >= 128)  # -0 keeps its sign
 
 
 def test_store_into_an_fp8_cache_divides_by_the_scale_and_clamps():
