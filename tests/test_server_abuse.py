@@ -203,6 +203,16 @@ def test_routes_and_methods_that_do_not_exist_get_openai_errors(server, method, 
     assert_openai_error(*send(url, method, path), status)
 
 
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank", "/v1/audio/transcriptions"])
+def test_routes_for_other_kinds_of_model_say_so(server, path):
+    """vLLM serves these for embedding, scoring and speech models: a client that calls one here is
+    told it is not served and why, in OpenAI's error JSON."""
+    _, url = server
+    status, headers, body = send(url, "POST", path, {"model": "tiny", "input": "hi"})
+    assert_openai_error(status, headers, body, 404)
+    assert "is not served" in json.loads(body)["error"]["message"]
+
+
 def test_health_answers_with_a_json_body(server):
     _, url = server
     status, headers, body = send(url, "GET", "/health")

@@ -18,6 +18,11 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
                503: "ServiceUnavailableError"}
 # The errors each route documents (FastAPI's own 422 is never sent: invalid bodies get 400).
+# Routes vLLM or OpenAI serve for other kinds of model: a client that calls one is told why, not just "Not Found".
+NOT_SERVED = {"/v1/embeddings": "embeddings", "/pooling": "pooling", "/classify": "classification",
+              "/score": "scores", "/v1/score": "scores", "/rerank": "reranking", "/v1/rerank": "reranking",
+              "/v2/rerank": "reranking", "/v1/audio/transcriptions": "transcription",
+              "/v1/audio/translations": "translation", "/v1/images/generations": "image generation"}
 DOCUMENTED = {status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "InternalServerError")}
               for status in (400, 401, 404, 408, 413, 500, 503)}
 
@@ -64,6 +69,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException):
         status = exc.status_code
         message = exc.detail if status != 400 else f"cannot read the body: {exc.detail}"
+        task = NOT_SERVED.get(request.url.path.rstrip("/")) if status == 404 else None
+        if task:
+            message = (f"{request.url.path} is not served: pagedllm runs generative models (/v1/completions, "
+                       f"/v1/chat/completions, /v1/responses), not {task}")
         return error_response(status, str(message))
 
     @app.exception_handler(ApiError)
