@@ -65,7 +65,7 @@ def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, st
     page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
     row = (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch) // 4
     w = tl.arange(0, BLOCK_D // 4)
-    words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(row, 4)[:, None] + w[None, :],
+    words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(row, 4)[:, None] + w[None, :],  # 16 B rows
                     mask=tok_mask[:, None] & (w < HEAD_DIM // 4)[None, :], other=0)
     if PTX:
         v0, v1, v2, v3 = tl.inline_asm_elementwise(
@@ -384,9 +384,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def _fp8_words(query: torch.Tensor, k_cache: torch.Tensor) -> int:
     """How the decode kernel reads an FP8 cache's V (``_load_fp8_words``): 0 as bytes (no FP8
-    cache, or a head_dim the words do not tile), 1 as words converted by Triton (the
-    interpreter), 2 as words converted in PTX (NVIDIA GPUs)."""
-    if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] % 4:
+    cache, or a head_dim that is not a multiple of 16: its rows would not start on the 16 bytes
+    the words' vector loads assume), 1 as words converted by Triton (the interpreter), 2 as
+    words converted in PTX (NVIDIA GPUs)."""
+    if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] % 16:
         return 0
     return 2 if query.is_cuda and torch.version.hip is None else 1
 
