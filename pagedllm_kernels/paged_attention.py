@@ -60,8 +60,9 @@ def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, st
     straight from shared memory, and since that product sums over tokens, which lie a row apart,
     each thread read its bytes one load at a time (128 ``LDS.U8`` a tile): widened along d
     first, it goes through shared memory in fp16 and ``ldmatrix.trans``. On NVIDIA GPUs the
-    words convert two values an instruction (``cvt.rn.f16x2.e4m3x2``). H200, batch 32 at 8,448
-    tokens: 212.7 -> 197.6 us (with K converted, not widened by bit arithmetic, and 3 stages)."""
+    words convert two values an instruction (``cvt.rn.f16x2.e4m3x2``). A quarter of the loop's
+    instructions went, and on an H200 its time stayed (214.1 -> 214.7 us at 32 x 8,448, 207-210 at
+    8 x 32k, 103.5 against 109.4 at 256 x 512): the kernel is not bound by its instructions."""
     page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
     row = (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch) // 4
     w = tl.arange(0, BLOCK_D // 4)
@@ -308,7 +309,7 @@ def prefill_config(head_dim: int, group_pad: int, num_tokens: int, num_seqs: int
 def decode_config(head_dim: int, fp8_cache: bool = False) -> dict:
     """Launch settings of the decode kernel. Tiles of 128 tokens where a token's row is half the
     bytes of 128 bf16 dims (an FP8 cache, best of a sweep on an H200 at batch 8-256 and contexts
-    512-32k: 3 stages, against 2 with V read as words, 197.6 against 199.6 us at 32 x 8,448;
+    512-32k: 3 stages, 1-3% faster than 2 with V read as words, the same at 32 x 8,448;
     head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k 262 -> 250, 256 x 384 202 -> 198)."""
     if fp8_cache and head_dim <= 128:
         return dict(BLOCK_N=128, num_warps=4, num_stages=3)
