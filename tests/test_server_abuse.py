@@ -415,7 +415,7 @@ def test_thousands_of_prompts_and_their_client_leaving_stall_nobody(server, good
         start = time.monotonic()
         assert send(url, "GET", "/health")[0] == 200
         slowest = max(slowest, time.monotonic() - start)
-    assert slowest < 1.0
+    assert slowest < 2.0  # the stall it guards against held /health for minutes; 0.4-1.02 s here on 2 busy cores
     assert_still_serving(url, good_text)
 
 
