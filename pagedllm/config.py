@@ -219,6 +219,22 @@ class EngineConfig:
         _require(1 <= self.max_num_batched_tokens <= MAX_BATCH_TOKENS, "max_num_batched_tokens",
                  self.max_num_batched_tokens, f"between 1 and {MAX_BATCH_TOKENS:,}")
 
+    def check_fp8_device(self, device: torch.device) -> None:
+        """FP8 weights and an FP8 KV cache run through e4m3 kernels (``torch._scaled_mm``, Triton's
+        fp8e4nv) that GPUs before Ada and Hopper do not have: say so before loading, not as a
+        kernel's compile error mid-step. Called where the device is set up (CUDA is initialised
+        there, after tensor-parallel workers are forked)."""
+        asked = [f"{name}={value!r}" for name, value, fp8 in (
+            ("quantization", self.quantization, self.quantization == "fp8"),
+            ("kv_cache_dtype", self.kv_cache_dtype, self.kv_cache_dtype.startswith("fp8"))) if fp8]
+        if device.type != "cuda" or not asked:
+            return
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"{' and '.join(asked)} need a GPU with FP8 (compute capability 8.9 or later: Ada, "
+                             f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: run "
+                             f"the model in its dtype (an FP8 checkpoint cannot run here), or on the CPU")
+
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:
         return torch.float8_e4m3fn if self.kv_cache_dtype.startswith("fp8") else self.dtype

@@ -300,3 +300,32 @@ def test_norms_hand_fp8_activations_to_the_linear_layers_they_feed():
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [{t: p.logprob for t, p in e.items()} for e in a.outputs[0].logprobs] == \
             [{t: p.logprob for t, p in e.items()} for e in b.outputs[0].logprobs]
+
+
+@pytest.mark.parametrize("args, named", [
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"), ({"quantization": "fp8"}, "quantization='fp8'"),
+    ({"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"}, "quantization='fp8' and kv_cache_dtype='fp8_e4m3'"),
+])
+def test_fp8_on_a_gpu_without_it_is_refused_by_name(args, named, monkeypatch):
+    """On an A100 (compute capability 8.0) Triton has no e4m3 and torch._scaled_mm no FP8: the
+    options are refused where the device is set up, naming them and the GPU, not as a kernel's
+    compile error in the first step. Ada (8.9) and Hopper pass; CPUs are not asked."""
+    from pagedllm.config import EngineConfig
+
+    config = EngineConfig(DEMO, device="cpu", **args)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    for capability, refused in (((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        if refused:
+            with pytest.raises(ValueError, match=rf"^{named} need a GPU with FP8 .* A100-SXM4-80GB is {capability[0]}"):
+                config.check_fp8_device(torch.device("cuda"))
+        else:
+            config.check_fp8_device(torch.device("cuda"))
+    config.check_fp8_device(torch.device("cpu"))  # the CPU runs the references
+
+
+def test_without_fp8_options_no_gpu_is_asked(monkeypatch):
+    from pagedllm.config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: pytest.fail("asked"))
+    EngineConfig(DEMO, device="cpu").check_fp8_device(torch.device("cuda"))

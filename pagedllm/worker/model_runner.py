@@ -38,6 +38,7 @@ class ModelRunner:
         self.config = config
         self.tp_size = config.tensor_parallel_size
         self.device = torch.device(config.device) if self.tp_size == 1 else rank_device(config.device, rank)
+        config.check_fp8_device(self.device)
         self.block_size = config.block_size
         self.rank = rank
         self.last_sampled: torch.Tensor | None = None  # the last sampled tokens, on the device (set by rank 0)
