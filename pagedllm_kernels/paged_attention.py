@@ -386,14 +386,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _fp8_words(query: torch.Tensor, k_cache: torch.Tensor) -> int:
     """How the decode kernel reads an FP8 cache's V (``_load_fp8_words``): 0 as bytes (no FP8
     cache, or a head_dim that is not a multiple of 16: its rows would not start on the 16 bytes
-    the words' vector loads assume), 1 as words converted by Triton (the interpreter, and GPUs
-    before Ada and Hopper, which have no e4m3 conversion), 2 as words converted in PTX."""
+    the words' vector loads assume), 1 as words converted by Triton (the interpreter), 2 as words
+    converted in PTX (NVIDIA GPUs; FP8 runs only on those of compute capability 8.9 and up, which
+    have ``cvt.rn.f16x2.e4m3x2``: ``EngineConfig.check_fp8_device``)."""
     if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] % 16:
         return 0
-    if not query.is_cuda or torch.version.hip is not None:
-        return 1
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    return 2 if _converts_e4m3(index) else 1
+    return 2 if query.is_cuda and torch.version.hip is None else 1
 
 
 def _decode_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
@@ -409,12 +407,6 @@ def _decode_splits(num_programs: int, max_context_len: int, device: torch.device
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (the current one where ``device`` names no index)."""
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _converts_e4m3(device_index: int) -> bool:
-    """Whether the GPU has ``cvt.rn.f16x2.e4m3x2`` (compute capability 8.9 and up)."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 @functools.cache
