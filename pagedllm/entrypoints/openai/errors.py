@@ -17,12 +17,12 @@ logger = logging.getLogger("pagedllm")
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
                503: "ServiceUnavailableError"}
-# The errors each route documents (FastAPI's own 422 is never sent: invalid bodies get 400).
 # Routes vLLM or OpenAI serve for other kinds of model: a client that calls one is told why, not just "Not Found".
 NOT_SERVED = {"/v1/embeddings": "embeddings", "/pooling": "pooling", "/classify": "classification",
               "/score": "scores", "/v1/score": "scores", "/rerank": "reranking", "/v1/rerank": "reranking",
               "/v2/rerank": "reranking", "/v1/audio/transcriptions": "transcription",
               "/v1/audio/translations": "translation", "/v1/images/generations": "image generation"}
+# The errors each route documents (FastAPI's own 422 is never sent: invalid bodies get 400).
 DOCUMENTED = {status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "InternalServerError")}
               for status in (400, 401, 404, 408, 413, 500, 503)}
 
