@@ -28,6 +28,18 @@ _PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE: tl.constexpr, ALL_TOKENS: tl.constexpr = False):
+    """Where each of tokens ``tok`` of sequence ``seq`` keeps its row for ``kv_head`` in the cache
+    (in elements): its block from the block table, then its slot there."""
+    if ALL_TOKENS:
+        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE)
+    else:
+        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
+    return page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+
+
+@triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                   stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False):
@@ -36,12 +48,9 @@ def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d
     K scale to the scores and its V scale to the output, one multiply per row, not per element.
     ``ALL_TOKENS`` (every token of the tile exists) and ``FULL_D`` (no padded dims) drop the
     loads' predicates, as the prefill kernel's fully visible tiles allow."""
-    if ALL_TOKENS:
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE)
-    else:
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
-    ptrs = cache_ptr + (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] \
-        + d[None, :]
+    rows = _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
+                       BLOCK_SIZE, ALL_TOKENS)
+    ptrs = cache_ptr + rows[:, None] + d[None, :]
     if ALL_TOKENS and FULL_D:
         x = tl.load(ptrs)
     elif ALL_TOKENS:
@@ -63,8 +72,8 @@ def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, st
     words convert two values an instruction (``cvt.rn.f16x2.e4m3x2``). A quarter of the loop's
     instructions went, and on an H200 its time stayed (214.1 -> 214.7 us at 32 x 8,448, 207-210 at
     8 x 32k, 103.5 against 109.4 at 256 x 512): the kernel is not bound by its instructions."""
-    page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
-    row = (page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch) // 4
+    row = _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
+                      BLOCK_SIZE) // 4
     w = tl.arange(0, BLOCK_D // 4)
     words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(row, 4)[:, None] + w[None, :],  # 16 B rows
                     mask=tok_mask[:, None] & (w < HEAD_DIM // 4)[None, :], other=0)
@@ -83,6 +92,7 @@ def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, st
 
 @triton.jit
 def _e4m3_byte(words, shift: tl.constexpr):
+    """The e4m3 byte at ``shift`` of each word, as fp16 (Triton's conversion, for the interpreter)."""
     return ((words >> shift) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
