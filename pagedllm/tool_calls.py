@@ -1,7 +1,8 @@
 """Tool calls (OpenAI's ``tools`` and ``tool_choice``): a chat answer's calls read out of its text
 with vLLM's ``--enable-auto-tool-choice --tool-call-parser`` (``tool_choice`` "auto"), whole or as
 it streams; and, for ``tool_choice`` "required" or a named function, a structured output that
-forces the calls, which needs no parser (as in vLLM).
+forces the calls, which needs no parser (as in vLLM). A named function's answer is its arguments,
+so they stream as the model writes them, as vLLM streams them.
 
 The parsers, by the format a model writes its calls in:
 
@@ -16,7 +17,8 @@ The parsers, by the format a model writes its calls in:
 
 A call that is not valid JSON stays in the answer's text, as the model wrote it. The same splitter
 serves a stream and a whole answer (fed at once), so both split alike; a tag cut between two chunks
-is held back until it is whole, and a call is sent once it is complete."""
+is held back until it is whole, and a call is sent once it is complete (a named function's call in
+pieces, as it comes)."""
 
 import json
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ _TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]", 
 @dataclass(frozen=True)
 class ToolCall:
     name: str
-    arguments: str  # a JSON object's text
+    arguments: str  # a JSON object's text (a named call's piece: the next part of it)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,10 @@ def _functions(tools: list) -> dict[str, dict]:
 class ToolCallSplitter:
     """One choice's answer text, fed as it comes: ``feed`` returns its new plain text and the calls
     completed in it. ``mode`` is a parser's name (``openai``'s calls come read already, as
-    ``found``), or "required"/"named" for a forced answer (JSON throughout, read at its end)."""
+    ``found``), "required" for a forced list of calls (read at its end), or "named": the answer
+    is the named function's arguments, and each piece of it comes back as it is fed, a
+    ``ToolCall`` whose ``arguments`` continue the ones before (a named call is made whatever its
+    answer, cut short or not, as vLLM makes it)."""
 
     mode: str
     name: str | None = None  # the named function
@@ -113,18 +118,22 @@ class ToolCallSplitter:
     call: str | None = None  # the text of a call begun, not yet complete
     opened: str = ""  # the tag that began it
     begun: bool = False  # llama3_json: whether the answer's first character has come
-    calls: list[ToolCall] = field(default_factory=list)  # every call so far
+    calls: list[ToolCall] = field(default_factory=list)  # every call so far (a named call's pieces)
 
     def feed(self, text: str, last: bool = False, found: list[ToolCall] = ()) -> tuple[str | None, list[ToolCall]]:
         """``found``: the calls harmony's splitter read from the tokens (the ``openai`` parser's)."""
         text, self.held = self.held + text, ""
+        if self.mode == "named":
+            pieces = [ToolCall(self.name, text)] if text else []
+            self.calls += pieces
+            return None, pieces
         plain, calls = [], list(found)
         if self.mode == "openai":
             plain.append(text)
-        elif self.mode in ("required", "named"):
+        elif self.mode == "required":
             self.call = (self.call or "") + text
             if last:
-                forced = _forced_calls(self.call, self.name)
+                forced = _forced_calls(self.call)
                 plain.append(self.call if forced is None else "")
                 calls += forced or []
                 self.call = None
@@ -226,15 +235,13 @@ def tool_call(name: object, arguments: object) -> ToolCall | None:
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
-def _forced_calls(text: str, name: str | None) -> list[ToolCall] | None:
-    """A forced answer's calls: the named function's arguments, or "required"'s list of
-    ``{"name", "parameters"}``; None where the answer is not that (cut short by max_tokens)."""
+def _forced_calls(text: str) -> list[ToolCall] | None:
+    """"required"'s calls, a list of ``{"name", "parameters"}``; None where the answer is not that
+    (cut short by max_tokens)."""
     try:
         value = json.loads(text)
     except ValueError:
         return None
-    if name is not None:
-        return [ToolCall(name, json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) else None
     calls = [tool_call(o.get("name"), o.get("parameters")) if isinstance(o, dict) else None
              for o in (value if isinstance(value, list) else [])]
     return calls if calls and None not in calls else None

@@ -55,11 +55,12 @@ CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
      [("get_weather", '{"city": "Oslo"}')]),
     ("required", '[{"name": "get_weather", "parameters": {"ci', '[{"name": "get_weather", "parameters": {"ci', []),
     ("named", '{"city": "Oslo"}', None, [("get_weather", '{"city": "Oslo"}')]),
-    ("named", '{"city": "Os', '{"city": "Os', []),
+    ("named", '{"city": "Os', None, [("get_weather", '{"city": "Os')]),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
 def test_each_parser_splits_an_answer_into_its_text_and_calls(mode, text, plain, calls):
     """A call not written whole (bad JSON, no name, arguments not an object, cut short) stays in the
-    text as the model wrote it."""
+    text as the model wrote it; a named function's answer is its call whatever it is (vLLM's: cut
+    short by max_tokens, finish_reason says so)."""
     got_plain, got_calls = ToolCallSplitter(mode, "get_weather" if mode == "named" else None).feed(text, last=True)
     assert got_plain == plain and got_calls == [ToolCall(*c) for c in calls]
 
@@ -81,6 +82,10 @@ def test_any_chunking_of_a_stream_splits_as_the_whole(mode, pieces, most, data):
         p, c = splitter.feed(text[start:end], last=end == len(text))
         plain.append(p or "")
         calls += c
+    if mode == "named":  # pieces as they come, which add up to the whole answer's one call
+        assert whole == (None, [ToolCall("f", text)] if text else [])
+        assert not "".join(plain) and {c.name for c in calls} <= {"f"} and all(c.arguments for c in calls)
+        calls = [ToolCall("f", "".join(c.arguments for c in calls))] if calls else []
     assert ("".join(plain) or None, calls) == whole
 
 
@@ -210,8 +215,26 @@ def test_a_named_function_is_called_with_arguments_of_its_schema(tool_server):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     text, calls, finish = _streamed(tool_server, **ask | {"n": 1})
     assert text is None and finish == "stop" and [c["name"] for c in calls] == ["get_weather"]
-    chunks = list(tool_server.chat.completions.create(stream=True, **ask | {"n": 1}))
-    assert len(chunks) == 2  # the role, then the call: no empty chunk for each token of the forced JSON
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_a_named_functions_arguments_stream_as_they_come(tool_server):
+    """As vLLM streams them: the call's id, type and name on its first chunk, then pieces of its
+    arguments alone (no null id or name), adding up to what the whole answer gives."""
+    ask = dict(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], temperature=0, max_tokens=100,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = tool_server.chat.completions.create(**ask).choices[0].message.tool_calls[0].function.arguments
+    raw = tool_server.chat.completions.with_raw_response.create(stream=True, **ask).http_response.read().decode()
+    deltas = [call for line in raw.splitlines() if line.startswith("data: {")
+              for choice in json.loads(line[6:])["choices"] for call in choice["delta"].get("tool_calls") or []]
+    assert len(deltas) > 3 and {d["index"] for d in deltas} == {0}
+    assert deltas[0]["id"].startswith("chatcmpl-tool-") and deltas[0]["type"] == "function"
+    assert deltas[0]["function"]["name"] == "get_weather"
+    assert all(d.keys() == {"index", "function"} and d["function"].keys() == {"arguments"} for d in deltas[1:])
+    assert "".join(d["function"]["arguments"] for d in deltas) == whole
+    cut = tool_server.chat.completions.create(**ask | {"max_tokens": 3}).choices[0]  # cut short: still its call
+    assert cut.finish_reason == "length" and cut.message.content is None
+    assert whole.startswith(cut.message.tool_calls[0].function.arguments)
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -363,6 +386,8 @@ def test_responses_api_forces_a_named_function_whole_and_streamed(tool_server):
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
     events = list(tool_server.responses.create(**ask, stream=True))
     (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 3 and "".join(pieces) == done.arguments  # as the model writes them
     final = events[-1].response
     assert [item.type for item in final.output] == ["function_call"] and final.output[0].arguments == done.arguments
 

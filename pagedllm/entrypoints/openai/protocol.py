@@ -298,8 +298,19 @@ class ToolCallInfo(BaseModel):
     function: FunctionCall
 
 
-class DeltaToolCall(ToolCallInfo):
-    index: int  # the call's number in its choice: a streamed call comes whole, in one chunk
+class DeltaFunctionCall(BaseModel):
+    name: str | None = only_if_asked()  # on the call's first chunk
+    arguments: str
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call's part: a call read from the answer comes whole, in one chunk; a named
+    function's call in pieces, its id, type and name with the first (OpenAI's and vLLM's)."""
+
+    index: int  # the call's number in its choice
+    id: str | None = only_if_asked()
+    type: Literal["function"] | None = only_if_asked()
+    function: DeltaFunctionCall
 
 
 class ChatResponseMessage(BaseModel):

@@ -352,7 +352,8 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
     """OpenAI's typed stream events for one response, each ``event: TYPE`` and its JSON, numbered.
     ``outputs``: the request's delta outputs; ``splitter`` (a ``reasoning`` splitter): the model's
     thinking goes into a reasoning item of its own, opened at its first text, before the message;
-    ``tools``: each function call the answer completes is an item of its own, sent whole."""
+    ``tools``: each function call the answer completes is an item of its own, sent whole (a
+    named function's call as its arguments come)."""
     numbers = itertools.count()
     opened: dict[str, int] = {}  # item id -> its output index
 
@@ -363,6 +364,13 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
 
     def where(item_id: str) -> dict:
         return {"item_id": item_id, "output_index": opened[item_id], "content_index": 0}
+
+    def call_at(item: FunctionCallItem) -> dict:
+        return {"item_id": item.id, "output_index": opened[item.id]}
+
+    def call_done(item: FunctionCallItem) -> list[str]:
+        return [event("response.function_call_arguments.done", arguments=item.arguments, **call_at(item)),
+                event("response.output_item.done", output_index=opened[item.id], item=item)]
 
     def open_item(item, part) -> list[str]:
         opened[item.id] = len(opened)
@@ -375,6 +383,7 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
         for line in open_item(builder.message(None), OutputText(text="")):
             yield line
     texts, thoughts, tokens, last, logprobs, pending, calls = [], [], 0, None, [], [], []
+    named = tools is not None and tools.mode == "named"  # its call streams in pieces, done at the end
     async for last in outputs:
         completion = last.outputs[0]
         finished = completion.finish_reason is not None
@@ -396,15 +405,22 @@ async def response_events(builder: ResponseBuilder, outputs: AsyncIterator[Reque
             logprobs += pending
             pending = []
         for call in new_calls:
+            if named and calls:  # the named call's next piece
+                calls[0].arguments += call.arguments
+                yield event("response.function_call_arguments.delta", delta=call.arguments, **call_at(calls[0]))
+                continue
             item = builder.function_call(call)
             calls.append(item)
             opened[item.id] = len(opened)
-            at = {"item_id": item.id, "output_index": opened[item.id]}
             yield event("response.output_item.added", output_index=opened[item.id],
                         item=item.model_copy(update={"arguments": "", "status": "in_progress"}))
-            yield event("response.function_call_arguments.delta", delta=item.arguments, **at)
-            yield event("response.function_call_arguments.done", arguments=item.arguments, **at)
-            yield event("response.output_item.done", output_index=opened[item.id], item=item)
+            yield event("response.function_call_arguments.delta", delta=item.arguments, **call_at(item))
+            if not named:
+                for line in call_done(item):
+                    yield line
+    if named and calls:
+        for line in call_done(calls[0]):
+            yield line
     text, reason, logprobs = "".join(texts), last.outputs[0].finish_reason, logprobs + pending
     thought = "".join(thoughts) if thoughts else None
     if thought is not None:

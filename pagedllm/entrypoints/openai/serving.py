@@ -31,6 +31,7 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -443,14 +444,16 @@ class OpenAIServing:
 
     def _delta(self, body: ChatCompletionRequest, splitters: dict[int, ReasoningSplitter | HarmonySplitter] | None,
                tool_splitters: dict[int, ToolCallSplitter] | None, c: CompletionOutput) -> ChatDelta:
-        """A chunk's new text, its thinking and its completed tool calls apart where the server splits
-        them off."""
+        """A chunk's new text, its thinking and its completed tool calls (a named call's next piece)
+        apart where the server splits them off."""
         tool_splitter = tool_splitters[c.index] if tool_splitters is not None else None
         before = len(tool_splitter.calls) if tool_splitter is not None else 0
         reasoning, content, new = split_answer(c.text or "", c.token_ids, c.finish_reason is not None,
                                                splitters[c.index] if splitters is not None else None, tool_splitter)
         reasoning = reasoning if body.include_reasoning else None
-        calls = [DeltaToolCall(index=before + i, **_call_info(call).model_dump()) for i, call in enumerate(new)]
+        named = tool_splitter is not None and tool_splitter.mode == "named"
+        calls = [_delta_call(call, 0 if named else before + i, not named or before + i == 0)
+                 for i, call in enumerate(new)]
         return ChatDelta(content=content or None, reasoning=reasoning, reasoning_content=reasoning,
                          tool_calls=calls or None)
 
@@ -482,7 +485,7 @@ class OpenAIServing:
                 finish = c.finish_reason if tools is None else \
                     tools.finish_reason(bool(tool_splitters[c.index].calls), c.finish_reason)
                 if delta == ChatDelta() and finish is None and logprobs is None and not body.return_token_ids:
-                    continue  # nothing to send yet: text held back (a tag cut off, a forced call not yet whole)
+                    continue  # nothing to send yet: text held back (a tag cut off, forced calls not yet whole)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs,
                                              token_ids=c.token_ids if body.return_token_ids else None)])
         if body.stream_options and body.stream_options.include_usage and deltas.prompt_tokens:
@@ -492,6 +495,14 @@ class OpenAIServing:
 
 def _call_info(call: ToolCall) -> ToolCallInfo:
     return ToolCallInfo(id=random_id("chatcmpl-tool"), function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _delta_call(call: ToolCall, index: int, first: bool) -> DeltaToolCall:
+    """A call's chunk: whole, or a named call's piece, its id and name on the first only."""
+    if not first:
+        return DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=call.arguments))
+    return DeltaToolCall(index=index, id=random_id("chatcmpl-tool"), type="function",
+                         function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
 
 
 def json_response(body: BaseModel) -> Response:
