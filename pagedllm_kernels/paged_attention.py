@@ -29,27 +29,39 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE: tl.constexpr, ALL_TOKENS: tl.constexpr = False):
+                BLOCK_SIZE: tl.constexpr, ALL_TOKENS: tl.constexpr = False, PTX_PAGES: tl.constexpr = False):
     """Where each of tokens ``tok`` of sequence ``seq`` keeps its row for ``kv_head`` in the cache
-    (in elements): its block from the block table, then its slot there."""
-    if ALL_TOKENS:
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE)
+    (in elements): its block from the block table, then its slot there.
+
+    ``PTX_PAGES`` reads the block numbers with a PTX load, which Triton's software pipeliner does
+    not see. Seen by it (a ``tl.load``), they take a pipeline stage of their own, since the K/V
+    addresses depend on them, and K/V get one buffer whatever ``num_stages`` says: each tile's
+    copy is issued after the last tile's compute and waited for at once (compiled for sm_90).
+    Unseen, ``num_stages`` 3 gives K/V two buffers (H100: FP8 decode 224 -> 200 us at 32 x 8,448,
+    the 8k prefill 1,481 -> 1,376 us)."""
+    ptrs = block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE
+    if PTX_PAGES:
+        page = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l",
+                                         [tl.where(tok_mask, ptrs, block_tables_ptr)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif ALL_TOKENS:
+        page = tl.load(ptrs)
     else:
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0)
+        page = tl.load(ptrs, mask=tok_mask, other=0)
     return page.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
 
 
 @triton.jit
 def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
                   stride_bt, stride_cb, stride_cs, stride_ch, out_ty: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False):
+                  ALL_TOKENS: tl.constexpr = False, FULL_D: tl.constexpr = False, PTX_PAGES: tl.constexpr = False):
     """``[BLOCK_N, BLOCK_D]`` of K or V for token positions ``tok`` of sequence ``seq``, in
     ``out_ty``. An FP8 cache's values convert exactly, unscaled: the callers apply the layer's
     K scale to the scores and its V scale to the output, one multiply per row, not per element.
     ``ALL_TOKENS`` (every token of the tile exists) and ``FULL_D`` (no padded dims) drop the
     loads' predicates, as the prefill kernel's fully visible tiles allow."""
     rows = _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
-                       BLOCK_SIZE, ALL_TOKENS)
+                       BLOCK_SIZE, ALL_TOKENS, PTX_PAGES)
     ptrs = cache_ptr + rows[:, None] + d[None, :]
     if ALL_TOKENS and FULL_D:
         x = tl.load(ptrs)
@@ -63,7 +75,7 @@ def _load_kv_tile(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d
 @triton.jit
 def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs,
                     stride_ch, out_ty: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, PTX: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, PTX: tl.constexpr, PTX_PAGES: tl.constexpr):
     """``_load_kv_tile`` for V in the decode kernel's P.V over an FP8 cache, read as 32-bit words
     of four values along d. Loaded as FP8 the tile went into the product's operand layout
     straight from shared memory, and since that product sums over tokens, which lie a row apart,
@@ -73,7 +85,7 @@ def _load_fp8_words(cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, st
     instructions went, and on an H200 its time stayed (214.1 -> 214.7 us at 32 x 8,448, 207-210 at
     8 x 32k, 103.5 against 109.4 at 256 x 512): the kernel is not bound by its instructions."""
     row = _token_rows(block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb, stride_cs, stride_ch,
-                      BLOCK_SIZE) // 4
+                      BLOCK_SIZE, False, PTX_PAGES) // 4
     w = tl.arange(0, BLOCK_D // 4)
     words = tl.load(cache_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(row, 4)[:, None] + w[None, :],  # 16 B rows
                     mask=tok_mask[:, None] & (w < HEAD_DIM // 4)[None, :], other=0)
@@ -134,7 +146,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-                   FP8_WORDS: tl.constexpr):
+                   FP8_WORDS: tl.constexpr, PTX_PAGES: tl.constexpr):
     wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -162,7 +174,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_mask = tok < hi
         k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
+                          stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, PTX_PAGES=PTX_PAGES)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale_log2, softcap_log2, SOFTCAP)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         row_max_new = tl.maximum(row_max, tl.max(s, axis=1))  # finite: every tile holds a valid token
@@ -171,10 +183,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
         if FP8_WORDS:
             v = _load_fp8_words(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, stride_bt, stride_cb,
-                                stride_cs, stride_ch, q.dtype, HEAD_DIM, BLOCK_D, BLOCK_SIZE, FP8_WORDS == 2)
+                                stride_cs, stride_ch, q.dtype, HEAD_DIM, BLOCK_D, BLOCK_SIZE, FP8_WORDS == 2,
+                                PTX_PAGES)
         else:
             v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                              stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE)
+                              stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, PTX_PAGES=PTX_PAGES)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = row_max_new
 
@@ -210,12 +223,12 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
                   block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
                   stride_bt, stride_cb, stride_cs, stride_ch,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                  FULL_D: tl.constexpr, SOFTCAP: tl.constexpr):
+                  FULL_D: tl.constexpr, SOFTCAP: tl.constexpr, PTX_PAGES: tl.constexpr):
     """One K/V tile of online softmax. Unmasked tiles lie wholly at or before every row's position."""
     tok = n0 + tl.arange(0, BLOCK_N)
     tok_mask = tok < k_hi
     k = _load_kv_tile(k_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D, PTX_PAGES)
     s = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale_log2, softcap_log2, SOFTCAP)
     if MASKED:
         allowed = tok_mask[None, :] & (tok[None, :] <= q_pos[:, None])
@@ -228,7 +241,7 @@ def _prefill_tile(acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_c
     p = tl.exp2(s - row_max_safe[:, None])
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
     v = _load_kv_tile(v_cache_ptr, block_tables_ptr, seq, kv_head, tok, tok_mask, d, d_mask,
-                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D)
+                      stride_bt, stride_cb, stride_cs, stride_ch, q.dtype, BLOCK_SIZE, not MASKED, FULL_D, PTX_PAGES)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, row_max_new, row_sum
 
@@ -239,7 +252,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                     stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr):
+                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
+                    PTX_PAGES: tl.constexpr):
     wait_for_previous(PDL)
     # Last blocks first: a sequence's later query blocks see more keys, and starting the longest
     # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
@@ -289,43 +303,55 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
                 acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
                 block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
                 stride_bt, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D, SOFTCAP)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, HEAD_DIM == BLOCK_D, SOFTCAP, PTX_PAGES)
     for n0 in range(masked_from, k_hi, BLOCK_N):
         acc, row_max, row_sum = _prefill_tile(
             acc, row_max, row_sum, q, q_pos, n0, k_hi, sliding_window, k_cache_ptr, v_cache_ptr,
             block_tables_ptr, seq, kv_head, d, d_mask, scale_log2, softcap_log2,
             stride_bt, stride_cb, stride_cs, stride_ch,
-            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D, SOFTCAP)
+            BLOCK_SIZE, BLOCK_N, PRECISION, True, HEAD_DIM == BLOCK_D, SOFTCAP, PTX_PAGES)
 
     out = acc * (v_scale / tl.where(row_sum > 0, row_sum, 1.0))[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def prefill_config(head_dim: int, group_pad: int, num_tokens: int, num_seqs: int, max_context_len: int) -> dict:
+def prefill_config(head_dim: int, group_pad: int, num_tokens: int, num_seqs: int, max_context_len: int,
+                   double_buffer: bool = False) -> dict:
     """Launch settings of the prefill kernel: rows (query tokens x group heads), key tile, warps.
     128-row tiles pay where sequences are long; 64-row tiles where they are short, and in steps of
     many decode rows beside a chunk, where each sequence takes a block of rows of its own. H200 sweep
     (Llama-3-8B / Qwen3-0.6B / OPT-1.3B heads, bf16, blocks of 16 in shuffled order): 255 decodes + a 256-token
     prompt 354/351/939 -> 210/206/426 us, 32 x 256 176/93/133 -> 138/74/80; 512 over 7,680 cached
-    tokens 217/203/143 -> 232/222/178 (so long contexts keep 128 rows)."""
+    tokens 217/203/143 -> 232/222/178 (so long contexts keep 128 rows).
+    ``double_buffer`` (an NVIDIA GPU with the shared memory for two K/V buffers of 128-row tiles:
+    ``_fits_double_buffer``): long tiles read their block numbers in PTX at 3 stages (``_token_rows``).
+    H100, Llama-3-8B's heads, one prompt: bf16 2k/4k/8k 140/401/1,481 -> 135/375/1,376 us, 2k over
+    8k cached 673 -> 628; FP8 cache 150/455/1,706 -> 143/419/1,555 (short tiles did not gain: 1k
+    bf16 45.7 -> 46.8)."""
     if head_dim > 128:
-        return dict(BLOCK_Q=max(1, 64 // group_pad), BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_Q=max(1, 64 // group_pad), BLOCK_N=32, num_warps=4, num_stages=2, PTX_PAGES=False)
     short = max_context_len <= 1024 or (num_tokens <= 64 * num_seqs and max_context_len <= 4096)
     rows = 64 if short else 128
-    return dict(BLOCK_Q=max(1, rows // group_pad), BLOCK_N=rows, num_warps=4 if short else 8, num_stages=2)
+    double = double_buffer and not short
+    return dict(BLOCK_Q=max(1, rows // group_pad), BLOCK_N=rows, num_warps=4 if short else 8,
+                num_stages=3 if double else 2, PTX_PAGES=double)
 
 
-def decode_config(head_dim: int, fp8_cache: bool = False) -> dict:
-    """Launch settings of the decode kernel. Tiles of 128 tokens where a token's row is half the
-    bytes of 128 bf16 dims (an FP8 cache, best of a sweep on an H200 at batch 8-256 and contexts
-    512-32k: 3 stages, 1-3% faster than 2 with V read as words, the same at 32 x 8,448;
-    head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k 262 -> 250, 256 x 384 202 -> 198)."""
+def decode_config(head_dim: int, fp8_cache: bool = False, nvidia: bool = False) -> dict:
+    """Launch settings of the decode kernel. An FP8 cache: tiles of 64 tokens double-buffered
+    behind block numbers read in PTX (``_token_rows``; on an NVIDIA GPU), best of 2-4 stages and
+    tiles of 64/128 on an H100 at batch 8-256 and contexts 512-32k, against tiles of 128 read with
+    ``tl.load``: 32 x 8,448 224 -> 200 us, 16 x 8,192 115 -> 103, 64 x 2,048 115 -> 105, 256 x 512
+    123 -> 120, 8 x 32,768 217 -> 192. A bf16 cache did not gain (362 -> 367 us at 32 x 8,448: it
+    reads at 3.0 TB/s already). Head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k
+    262 -> 250, 256 x 384 202 -> 198 with tiles of 128."""
     if fp8_cache and head_dim <= 128:
-        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=64, num_warps=4, num_stages=3, PTX_PAGES=nvidia)
     if head_dim <= 64:
-        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4 if head_dim <= 128 else 2)
+        return dict(BLOCK_N=128, num_warps=4, num_stages=3, PTX_PAGES=False)
+    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4 if head_dim <= 128 else 2,
+                PTX_PAGES=False)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -353,9 +379,11 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     scale_log2 = scale * k_scale * _LOG2E  # scores in base 2, from the FP8 cache's unscaled K
     softcap_log2 = softcap * _LOG2E
     num_seqs = block_tables.shape[0]
+    nvidia = query.is_cuda and torch.version.hip is None
 
     if max_query_len > 1:
-        config = prefill_config(head_dim, common["GROUP_PAD"], num_tokens, num_seqs, max_context_len)
+        config = prefill_config(head_dim, common["GROUP_PAD"], num_tokens, num_seqs, max_context_len,
+                                nvidia and _fits_double_buffer(k_cache))
         grid = (num_tokens // config["BLOCK_Q"] + num_seqs, num_kv_heads)
         _prefill_kernel[grid](
             query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, sinks, out, scale_log2, softcap_log2,
@@ -382,8 +410,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         query, k_cache, v_cache, block_tables, context_lens, sinks, partial, row_max, row_sum, scale_log2,
         softcap_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1), **common, **pdl(query),
-        FP8_WORDS=_fp8_words(query, k_cache),
+        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1, nvidia), **common,
+        **pdl(query), FP8_WORDS=_fp8_words(k_cache, nvidia),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
@@ -393,7 +421,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def _fp8_words(query: torch.Tensor, k_cache: torch.Tensor) -> int:
+def _fp8_words(k_cache: torch.Tensor, nvidia: bool) -> int:
     """How the decode kernel reads an FP8 cache's V (``_load_fp8_words``): 0 as bytes (no FP8
     cache, or a head_dim that is not a multiple of 16: its rows would not start on the 16 bytes
     the words' vector loads assume), 1 as words converted by Triton (the interpreter), 2 as words
@@ -401,7 +429,14 @@ def _fp8_words(query: torch.Tensor, k_cache: torch.Tensor) -> int:
     have ``cvt.rn.f16x2.e4m3x2``: ``EngineConfig.check_fp8_device``)."""
     if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] % 16:
         return 0
-    return 2 if query.is_cuda and torch.version.hip is None else 1
+    return 2 if nvidia else 1
+
+
+def _fits_double_buffer(k_cache: torch.Tensor) -> bool:
+    """Whether the prefill kernel's 128-row tiles fit twice in a block's shared memory, K and V:
+    at 3 stages they took 229,376 bytes with 128 bf16 dims (compiled for sm_90; an H100 or H200
+    has 232,448, an A100 166,912, an L4 101,376). A float32 cache (tests) does not."""
+    return k_cache.element_size() <= 2 and _shared_memory(k_cache.device) >= 229_376
 
 
 def _decode_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
@@ -416,9 +451,18 @@ def _decode_splits(num_programs: int, max_context_len: int, device: torch.device
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (the current one where ``device`` names no index)."""
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _properties(device).multi_processor_count
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory a block of a CUDA device may have (bytes)."""
+    return _properties(device).shared_memory_per_block_optin
+
+
+def _properties(device: torch.device):
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache  # (asked at every attention call)
+def _properties_of(device_index: int):
+    return torch.cuda.get_device_properties(device_index)

@@ -106,6 +106,11 @@ def test_prefill_tile_settings_both_match_reference():
     # 128-row tiles past 1,024 tokens of context; 64-row tiles there too where decode rows dominate
     assert prefill_config(32, 2, 100, 1, 1100)["BLOCK_N"] == 128
     assert prefill_config(32, 2, 100, 2, 1100)["BLOCK_N"] == 64
+    # long tiles double-buffered (3 stages, block numbers read in PTX) only where the GPU has the room
+    assert [prefill_config(128, 4, 8192, 1, 8192, room)["num_stages"] for room in (False, True)] == [2, 3]
+    assert [prefill_config(128, 4, 8192, 1, 8192, room)["PTX_PAGES"] for room in (False, True)] == [False, True]
+    assert prefill_config(128, 4, 512, 1, 512, True)["PTX_PAGES"] is False  # short tiles did not gain
+    assert prefill_config(256, 4, 8192, 1, 8192, True)["PTX_PAGES"] is False
     run_both([1100], [100], 4, 2, 32, 16, torch.float16)
     run_both([1100, 1100], [99, 1], 4, 2, 32, 16, torch.float16)
 
@@ -136,6 +141,25 @@ def test_real_shapes_on_gpu(layout, dtype):
     run_both([4096, 700], [1, 1], num_heads, num_kv_heads, head_dim, 16, dtype)  # split-K path
     query_lens = [min(c, math.ceil(c / 3)) for c in context_lens[:8]]
     run_both(context_lens[:8], query_lens, num_heads, num_kv_heads, head_dim, 16, dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_shapes_over_an_fp8_cache_on_gpu(dtype):
+    """Llama-3-8B's heads over an e4m3 cache: decode batches, split or not, and a 2k chunk over a 4k
+    prefix (the prefill kernel's double-buffered long tiles, block numbers read in PTX) equal
+    attention over the dequantized cache."""
+    g = torch.Generator().manual_seed(1)
+    for context_lens, query_lens in ((torch.randint(1, 3000, (24,), generator=g).tolist(), [1] * 24),
+                                     ([4096, 700], [1, 1]), ([6144, 1500], [2048, 300])):
+        k_cache, v_cache, tables, _, _, cu = paged_batch(context_lens, query_lens, 8, 128, 16, 2)
+        k8, v8 = (k_cache / 0.05).to(torch.float8_e4m3fn), (v_cache / 0.02).to(torch.float8_e4m3fn)
+        query = torch.randn(sum(query_lens), 32, 128, generator=g)
+        lens = torch.tensor(context_lens, dtype=torch.int32)
+        expected = paged_attention_ref(query, k8.float() * 0.05, v8.float() * 0.02, tables, lens, cu, 128**-0.5)
+        out = paged_attention(*(t.to(DEVICE) for t in (query.to(dtype), k8, v8, tables, lens, cu)), 128**-0.5, None,
+                              0.05, 0.02, max_query_len=max(query_lens), max_context_len=max(context_lens))
+        torch.testing.assert_close(out.cpu().float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 256])
@@ -423,7 +447,7 @@ def test_an_fp8_caches_decode_splits_merge_at_its_scales(num_splits, head_dim):
 @triton.jit
 def _words_kernel(cache_ptr, table_ptr, out_ptr, PTX: tl.constexpr):
     tok = tl.arange(0, 16)
-    v = _load_fp8_words(cache_ptr, table_ptr, 0, 0, tok, tok < 16, 0, 256, 16, 16, tl.float16, 16, 16, 16, PTX)
+    v = _load_fp8_words(cache_ptr, table_ptr, 0, 0, tok, tok < 16, 0, 256, 16, 16, tl.float16, 16, 16, 16, PTX, PTX)
     tl.store(out_ptr + tok[:, None] * 16 + tl.arange(0, 16)[None, :], v)
 
 
