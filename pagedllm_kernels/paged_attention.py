@@ -343,8 +343,10 @@ def decode_config(head_dim: int, fp8_cache: bool = False, nvidia: bool = False) 
     behind block numbers read in PTX (``_token_rows``; on an NVIDIA GPU), best of 2-4 stages and
     tiles of 64/128 on an H100 at batch 8-256 and contexts 512-32k, against tiles of 128 read with
     ``tl.load``: 32 x 8,448 224 -> 200 us, 16 x 8,192 115 -> 103, 64 x 2,048 115 -> 105, 256 x 512
-    123 -> 120, 8 x 32,768 217 -> 192. A bf16 cache did not gain (362 -> 367 us at 32 x 8,448: it
-    reads at 3.0 TB/s already). Head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k
+    123 -> 120, 8 x 32,768 217 -> 192 (a second H100, the two interleaved in one process: 232 -> 236,
+    118 -> 111, 116 -> 109, 112 -> 108, 224 -> 201; W4 in the engine, one process: decode 6.79 -> 6.40
+    s). Tiles of 32, or 2 or 8 warps, were slower. A bf16 cache did not gain (362 -> 367 us at 32 x
+    8,448: it reads at 3.0 TB/s already). Head_dim 64, OPT's MHA on an H200: 16 x 8k 329 -> 248 us, 64 x 2k
     262 -> 250, 256 x 384 202 -> 198 with tiles of 128."""
     if fp8_cache and head_dim <= 128:
         return dict(BLOCK_N=64, num_warps=4, num_stages=3, PTX_PAGES=nvidia)
