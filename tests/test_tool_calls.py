@@ -232,6 +232,16 @@ def test_a_named_functions_arguments_stream_as_they_come(tool_server):
     assert deltas[0]["function"]["name"] == "get_weather"
     assert all(d.keys() == {"index", "function"} and d["function"].keys() == {"arguments"} for d in deltas[1:])
     assert "".join(d["function"]["arguments"] for d in deltas) == whole
+    two = tool_server.chat.completions.with_raw_response.create(stream=True, **ask | {"n": 2, "temperature": 1,
+                                                                                  "seed": 7})
+    by_choice = {0: [], 1: []}
+    for line in two.http_response.read().decode().splitlines():
+        for choice in json.loads(line[6:])["choices"] if line.startswith("data: {") else []:
+            by_choice[choice["index"]] += choice["delta"].get("tool_calls") or []
+    for pieces in by_choice.values():  # each sample its own call, named on its first chunk alone
+        assert [bool(p.get("id")) for p in pieces] == [True] + [False] * (len(pieces) - 1)
+        jsonschema.validate(json.loads("".join(p["function"]["arguments"] for p in pieces)),
+                            WEATHER["function"]["parameters"])
     cut = tool_server.chat.completions.create(**ask | {"max_tokens": 3}).choices[0]  # cut short: still its call
     assert cut.finish_reason == "length" and cut.message.content is None
     assert whole.startswith(cut.message.tool_calls[0].function.arguments)
