@@ -216,12 +216,19 @@ def test_a_streamed_chunk_is_the_whole_chunk_models_json(request_id, model, text
         ChunkFrame,
         CompletionChoice,
         CompletionResponse,
+        Usage,
     )
 
     chat = [ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason)]
     frame = ChunkFrame(ChatCompletionChunk(id=request_id, model=model, choices=[]))
     whole = ChatCompletionChunk(id=request_id, model=model, created=frame.created, choices=chat)
     assert json.loads(frame(chat)) == json.loads(whole.model_dump_json())
+    # a plain text chunk written out is the models' JSON to the byte, with and without the usage
+    usage = Usage(prompt_tokens=index % 1000, completion_tokens=7, total_tokens=index % 1000 + 7)
+    for content in (text or None, None):
+        models = [ChatChunkChoice(index=index, delta=ChatDelta(content=content), finish_reason=finish_reason)]
+        assert frame.text(index, content, finish_reason) == frame(models)
+        assert frame.text(index, content, finish_reason, usage) == frame(models, usage)
     completion = [CompletionChoice(index=index, text=text, finish_reason=finish_reason, stop_reason=stop_reason)] * 2
     frame = ChunkFrame(CompletionResponse(id=request_id, model=model, choices=[]))
     whole = CompletionResponse(id=request_id, model=model, created=frame.created, choices=completion)

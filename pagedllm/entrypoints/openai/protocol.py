@@ -11,6 +11,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic_core import to_json
 
 from pagedllm.inputs import MAX_CACHE_SALT
 from pagedllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
@@ -376,8 +377,19 @@ class ChunkFrame:
         self.head, _, self.tail = envelope.model_dump_json().rpartition('"choices":[]')
 
     def __call__(self, choices: list[BaseModel], usage: Usage | None = None) -> str:
+        return self._framed(",".join(c.model_dump_json() for c in choices), usage)
+
+    def text(self, index: int, text: str | None, finish_reason: str | None, usage: Usage | None = None) -> str:
+        """A chat chunk of one choice's new text alone (no logprobs, thinking, calls or token ids):
+        the JSON ``ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=...)``
+        dumps, written out (pydantic's models took ~8 us a token, a tenth of the HTTP process's time
+        for a plain stream)."""
+        return self._framed(f'{{"index":{index},"delta":{{"role":null,"content":{to_json(text).decode()}}},'
+                            f'"finish_reason":{to_json(finish_reason).decode()},"logprobs":null}}', usage)
+
+    def _framed(self, choices: str, usage: Usage | None) -> str:
         tail = self.tail if usage is None else self.tail.replace('"usage":null', f'"usage":{usage.model_dump_json()}')
-        return f'{self.head}"choices":[{",".join(c.model_dump_json() for c in choices)}]{tail}'
+        return f'{self.head}"choices":[{choices}]{tail}'
 
 
 class ModelCard(BaseModel):

@@ -477,8 +477,14 @@ class OpenAIServing:
                                       prompt_token_ids=prompt_token_ids).model_dump_json()
         else:
             yield chunk(roles)
+        plain = splitters is None and tools is None and not body.return_token_ids  # text is all a chunk holds
         async for _, output in merge(streams):
             for c in deltas.ready(0, output):
+                if plain and c.logprobs is None:
+                    if c.text or c.finish_reason is not None:  # (else a token whose text is not out yet)
+                        yield frame.text(c.index, c.text or None, c.finish_reason,
+                                         deltas.usage() if continuous else None)
+                    continue
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
                 delta = self._delta(body, splitters, tool_splitters, c)
