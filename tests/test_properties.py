@@ -227,9 +227,13 @@ def test_a_streamed_chunk_is_the_whole_chunk_models_json(request_id, model, text
     usage = Usage(prompt_tokens=index % 1000, completion_tokens=7, total_tokens=index % 1000 + 7)
     for content in (text or None, None):
         models = [ChatChunkChoice(index=index, delta=ChatDelta(content=content), finish_reason=finish_reason)]
-        assert frame.text(index, content, finish_reason) == frame(models)
-        assert frame.text(index, content, finish_reason, usage) == frame(models, usage)
+        assert frame.chat_text(index, content, finish_reason) == frame(models)
+        assert frame.chat_text(index, content, finish_reason, usage) == frame(models, usage)
     completion = [CompletionChoice(index=index, text=text, finish_reason=finish_reason, stop_reason=stop_reason)] * 2
     frame = ChunkFrame(CompletionResponse(id=request_id, model=model, choices=[]))
     whole = CompletionResponse(id=request_id, model=model, created=frame.created, choices=completion)
     assert json.loads(frame(completion)) == json.loads(whole.model_dump_json())
+    for stop in (stop_reason, index):  # a stop string, a stop token id, none
+        models = [CompletionChoice(index=index, text=text, finish_reason=finish_reason, stop_reason=stop)]
+        assert frame.completion_text(index, text, finish_reason, stop) == frame(models)
+        assert frame.completion_text(index, text, finish_reason, stop, usage) == frame(models, usage)

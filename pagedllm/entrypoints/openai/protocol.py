@@ -379,13 +379,21 @@ class ChunkFrame:
     def __call__(self, choices: list[BaseModel], usage: Usage | None = None) -> str:
         return self._framed(",".join(c.model_dump_json() for c in choices), usage)
 
-    def text(self, index: int, text: str | None, finish_reason: str | None, usage: Usage | None = None) -> str:
+    def chat_text(self, index: int, text: str | None, finish_reason: str | None, usage: Usage | None = None) -> str:
         """A chat chunk of one choice's new text alone (no logprobs, thinking, calls or token ids):
         the JSON ``ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=...)``
         dumps, written out (pydantic's models took ~8 us a token, a tenth of the HTTP process's time
         for a plain stream)."""
         return self._framed(f'{{"index":{index},"delta":{{"role":null,"content":{to_json(text).decode()}}},'
                             f'"finish_reason":{to_json(finish_reason).decode()},"logprobs":null}}', usage)
+
+    def completion_text(self, index: int, text: str, finish_reason: str | None, stop_reason: int | str | None,
+                        usage: Usage | None = None) -> str:
+        """``chat_text`` for a completion's chunk: ``CompletionChoice(index=index, text=text,
+        finish_reason=..., stop_reason=...)``'s JSON."""
+        return self._framed(f'{{"index":{index},"text":{to_json(text).decode()},"logprobs":null,"finish_reason":'
+                            f'{to_json(finish_reason).decode()},"stop_reason":{to_json(stop_reason).decode()},'
+                            '"prompt_logprobs":null}', usage)
 
     def _framed(self, choices: str, usage: Usage | None) -> str:
         tail = self.tail if usage is None else self.tail.replace('"usage":null', f'"usage":{usage.model_dump_json()}')

@@ -394,6 +394,10 @@ class OpenAIServing:
                     if c.finish_reason:
                         yield chunk([CompletionChoice(index=index, text="", finish_reason="length")])
                     continue
+                if body.logprobs is None and not body.return_token_ids:  # text is all the chunk holds
+                    yield frame.completion_text(index, c.text, c.finish_reason, c.stop_reason,
+                                                deltas.usage(echo_only) if continuous else None)
+                    continue
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = CompletionLogprobs()
@@ -482,8 +486,8 @@ class OpenAIServing:
             for c in deltas.ready(0, output):
                 if plain and c.logprobs is None:
                     if c.text or c.finish_reason is not None:  # (else a token whose text is not out yet)
-                        yield frame.text(c.index, c.text or None, c.finish_reason,
-                                         deltas.usage() if continuous else None)
+                        yield frame.chat_text(c.index, c.text or None, c.finish_reason,
+                                              deltas.usage() if continuous else None)
                     continue
                 logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, c.token_ids,
                                                                           body.top_logprobs or 0)
