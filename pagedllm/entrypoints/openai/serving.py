@@ -455,9 +455,10 @@ class OpenAIServing:
         reasoning, content, new = split_answer(c.text or "", c.token_ids, c.finish_reason is not None,
                                                splitters[c.index] if splitters is not None else None, tool_splitter)
         reasoning = reasoning if body.include_reasoning else None
-        named = tool_splitter is not None and tool_splitter.mode == "named"
-        calls = [_delta_call(call, 0 if named else before + i, not named or before + i == 0)
-                 for i, call in enumerate(new)]
+        if tool_splitter is not None and tool_splitter.mode == "named":  # call 0's next piece, named on its first
+            calls = [_delta_call(call, 0, before == 0) for call in new]
+        else:
+            calls = [_delta_call(call, before + i, True) for i, call in enumerate(new)]
         return ChatDelta(content=content or None, reasoning=reasoning, reasoning_content=reasoning,
                          tool_calls=calls or None)
 
