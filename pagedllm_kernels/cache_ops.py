@@ -28,8 +28,22 @@ class KVWrite:
 def as_cached(x, scale, cache_ptr):
     """x as the cache holds it: divided by the scale and clamped into an FP8 cache, else as it is."""
     if cache_ptr.dtype.element_ty != x.dtype:  # an FP8 cache
-        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0)  # IEEE division, as torch
+        x = fp8_quotient(x.to(tl.float32), scale)
     return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def fp8_quotient(x, scale):
+    """torch's ``(x / scale).clamp(-448, 448)`` for float32 x, to the bit, without a division a
+    value (compiled to a branch to a slow path around each, it made the FP8 store 2.6x slower than
+    the bf16 one): the scale's reciprocal, once, and two FMA corrections (Markstein's). The plain
+    product stands where those give NaN (an infinite or huge x: it is as large, and clamped the
+    same) or zero (it keeps the sign of a zero quotient)."""
+    inv = tl.math.div_rn(1.0, scale)
+    product = x * inv
+    q = tl.fma(tl.fma(-product, scale, x), inv, product)
+    q = tl.fma(tl.fma(-q, scale, x), inv, q)
+    return tl.clamp(tl.where((q == q) & (q != 0.0), q, product), -448.0, 448.0)
 
 
 @triton.jit

@@ -114,8 +114,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, eps,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, num_q_heads, num_k_heads,
                    v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_vt, stride_vh, k_scale, v_scale,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-                   SCALE_IN_FLOAT32: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NORM: tl.constexpr, SCALE_IN_FLOAT32: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
@@ -123,23 +123,24 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, 
     d_mask = d < HALF
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
-    h = tl.arange(0, BLOCK_H)
-    k_mask = (h < num_k_heads)[:, None] & d_mask[None, :]
+    hk = tl.arange(0, BLOCK_HK)  # K's heads (fewer than q's with GQA: no lanes spent on masked rows)
+    k_mask = (hk < num_k_heads)[:, None] & d_mask[None, :]
     if WRITE_KV:  # the token's V (and K, below) at its slot, as store_kv_cache writes them
         slot = tl.load(slot_mapping_ptr + token)
-        cached = slot.to(tl.int64) * num_k_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
-        write_mask = k_mask & (tl.zeros_like(h) + slot >= 0)[:, None]  # a padding token (-1) writes nothing
-        v_row = v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :]
+        cached = slot.to(tl.int64) * num_k_heads * 2 * HALF + hk[:, None] * 2 * HALF + d[None, :]
+        write_mask = k_mask & (tl.zeros_like(hk) + slot >= 0)[:, None]  # a padding token (-1) writes nothing
+        v_row = v_ptr + token * stride_vt + hk[:, None] * stride_vh + d[None, :]
         for part in tl.static_range(2):
             v = tl.load(v_row + part * HALF, mask=write_mask, other=0.0)
             tl.store(v_cache_ptr + cached + part * HALF, as_cached(v, v_scale, v_cache_ptr), mask=write_mask)
     for which in tl.static_range(2):
         if which == 0:
+            h = tl.arange(0, BLOCK_H)
             base = q_ptr + token * stride_qt + h[:, None] * stride_qh
             mask = (h < num_q_heads)[:, None] & d_mask[None, :]
             weight_ptr = q_weight_ptr
         else:
-            base = k_ptr + token * stride_kt + h[:, None] * stride_kh
+            base = k_ptr + token * stride_kt + hk[:, None] * stride_kh
             mask = k_mask
             weight_ptr = k_weight_ptr
         x1 = tl.load(base + d[None, :], mask=mask, other=0.0)
@@ -182,7 +183,8 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](positions, q, k, cos, sin, q_weight, k_weight, eps, q.stride(0), q.stride(1),
                                       k.stride(0), k.stride(1), cos.stride(0), num_q_heads, k.shape[1], *cache_args,
-                                      HALF=half, BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
+                                      HALF=half, BLOCK_H=triton.next_power_of_2(num_q_heads),
+                                      BLOCK_HK=triton.next_power_of_2(k.shape[1]),
                                       BLOCK_D=triton.next_power_of_2(half), NORM=norm_weights is not None,
                                       SCALE_IN_FLOAT32=scale_in_float32, WRITE_KV=w is not None, **pdl(q))
     return q, k

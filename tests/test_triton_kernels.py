@@ -11,7 +11,7 @@ import triton.language as tl
 from test_reference_attention import paged_batch
 
 from pagedllm_kernels import paged_attention_ref, store_kv_cache_ref
-from pagedllm_kernels.cache_ops import store_kv_cache
+from pagedllm_kernels.cache_ops import fp8_quotient, store_kv_cache
 from pagedllm_kernels.paged_attention import _load_fp8_words, paged_attention, prefill_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -476,6 +476,56 @@ def test_store_into_an_fp8_cache_divides_by_the_scale_and_clamps():
     assert torch.equal(k_dev.cpu().float(), caches[0].float()) and torch.equal(v_dev.cpu().float(), caches[1].float())
     stored = caches[0].view(-1, 2, 32)[2, 0, :4].float()
     assert stored.tolist() == [56.0, -288.0, 448.0, 0.3125]  # e4m3 of 55, -300, 448 (clamped), 0.3
+
+
+@triton.jit
+def _fp8_quotient_kernel(x_ptr, out_ptr, scale, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, fp8_quotient(tl.load(x_ptr + offs, mask=offs < n), scale), mask=offs < n)
+
+
+def quotient_cases(scale: float) -> torch.Tensor:
+    """Every e4m3 rounding midpoint times the scale and three float32 steps either side (where a
+    quotient off by one step rounds to another e4m3 value), zeros, infinities, values past the range."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[codes.isfinite()].unique()
+    x = ((grid[1:] + grid[:-1]) / 2 * scale).float()
+    up, down, near = x, x, [x]
+    for _ in range(3):
+        up, down = torch.nextafter(up, torch.tensor(math.inf)), torch.nextafter(down, torch.tensor(-math.inf))
+        near += [up, down]
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, 3e38, -3e38, 1e-30, -1e-30, 500 * scale, 449 * scale])
+    return torch.cat(near + [special])
+
+
+SCALES = [0.01, 0.37, 1 / 3, 1.0, 3.0, 7e-3]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_the_fp8_quotient_is_torchs_division_to_the_bit(scale):
+    """The kernels divide by a KV scale without a division a value (a reciprocal and FMA
+    corrections): the quotient must be torch's, signed zeros and all, where a step off would round
+    to another e4m3 value."""
+    x = quotient_cases(scale)
+    out = torch.empty_like(x, device=DEVICE)
+    _fp8_quotient_kernel[(triton.cdiv(len(x), 256),)](x.to(DEVICE), out, scale, len(x), BLOCK=256)
+    expected = (x / scale).clamp(-448.0, 448.0)
+    assert torch.equal(out.cpu().view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9), reason=(
+    "needs an FP8 GPU: the interpreter rounds float32 to e4m3 wrongly at ties (-400 -> -416, -124 -> -64)"))
+@pytest.mark.parametrize("scale", SCALES)
+def test_an_fp8_store_writes_torchs_bytes(scale):
+    values = quotient_cases(scale)
+    values = torch.cat([values, torch.zeros(-len(values) % 32)]).view(-1, 1, 32)
+    slots = torch.arange(len(values))
+    caches = [torch.zeros(len(values), 1, 1, 32, dtype=torch.float8_e4m3fn) for _ in range(4)]
+    store_kv_cache_ref(values, -values, caches[0], caches[1], slots, scale, scale)
+    k_dev, v_dev = caches[2].to(DEVICE), caches[3].to(DEVICE)
+    store_kv_cache(values.to(DEVICE), (-values).to(DEVICE), k_dev, v_dev, slots.to(DEVICE), scale, scale)
+    for expected, got in ((caches[0], k_dev), (caches[1], v_dev)):
+        assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
