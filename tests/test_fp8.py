@@ -3,6 +3,7 @@ checkpoints (compressed-tensors per channel, ``fp8`` per tensor and in blocks), 
 token. On the CPU the reference runs (dequantize, multiply); on CUDA ``torch._scaled_mm``."""
 
 import json
+import math
 import os
 import shutil
 
@@ -168,6 +169,19 @@ def test_an_fp8_checkpoints_calibrated_kv_scales_are_used(tmp_path, demo_loss):
     assert (attention(llm).k_scale, attention(llm).v_scale) == pytest.approx((0.1, 0.05))
     assert abs(text_loss(llm) - demo_loss) < 0.03 * demo_loss
     assert attention(LLM(path, device="cpu")).k_scale == 1.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, math.inf, math.nan])
+def test_an_fp8_checkpoints_kv_scale_that_is_not_positive_and_finite_is_refused_by_name(bad, tmp_path):
+    path = fp8_checkpoint(str(tmp_path / "kv"), "channel")
+    state = load_file(os.path.join(path, "model.safetensors"))
+    for layer in range(4):
+        state[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.1)
+        state[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(bad if layer == 2 else 0.05)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.self_attn\.v_scale=.* is invalid: a KV cache scale"):
+        LLM(path, device="cpu", kv_cache_dtype="fp8")
+    LLM(path, device="cpu").shutdown()  # unused without an FP8 cache, as vLLM ignores it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

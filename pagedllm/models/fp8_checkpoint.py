@@ -4,6 +4,7 @@ weights) or with ``quant_method: fp8`` (per tensor, or in blocks with ``weight_b
 scale and handed to the model dequantized, slice by slice (a tensor-parallel rank reads only its
 rows); ``quantize_linears`` then quantizes the linear layers again, per row."""
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -104,10 +105,16 @@ def dequantize(weights: Iterator[tuple[str, object]], qc: dict,
 
 
 def set_kv_scales(model: torch.nn.Module, kv_scales: dict[str, dict[str, float]]) -> None:
-    """Give each attention layer its checkpoint's KV cache scales (an FP8 cache divides by them)."""
+    """Give each attention layer its checkpoint's KV cache scales (an FP8 cache divides by them).
+    A scale that is not a positive finite number is refused by name: dividing by it would fill
+    the cache with NaN or the range's ends, and every request's answer with noise."""
     from pagedllm.layers.attention import Attention
 
     for layer, scales in kv_scales.items():
+        for which, value in scales.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"the checkpoint's {layer}.{which}={value!r} is invalid: a KV cache scale must be "
+                                 "a positive finite number (or leave kv_cache_dtype='auto', which does not use it)")
         module = model.get_submodule(model.map_weight_name(f"{layer}.weight")[0].rsplit(".", 1)[0])
         attention = next(m for m in module.modules() if isinstance(m, Attention))
         for which, value in scales.items():
