@@ -111,11 +111,10 @@ def set_kv_scales(model: torch.nn.Module, kv_scales: dict[str, dict[str, float]]
     from pagedllm.layers.attention import Attention
 
     for layer, scales in kv_scales.items():
+        module = model.get_submodule(model.map_weight_name(f"{layer}.weight")[0].rsplit(".", 1)[0])
+        attention = next(m for m in module.modules() if isinstance(m, Attention))
         for which, value in scales.items():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"the checkpoint's {layer}.{which}={value!r} is invalid: a KV cache scale must be "
                                  "a positive finite number (or leave kv_cache_dtype='auto', which does not use it)")
-        module = model.get_submodule(model.map_weight_name(f"{layer}.weight")[0].rsplit(".", 1)[0])
-        attention = next(m for m in module.modules() if isinstance(m, Attention))
-        for which, value in scales.items():
             setattr(attention, which, value)
