@@ -5,8 +5,10 @@ the next step writes there. There are two sets of host buffers, used in turn: wi
 scheduling a step is prepared while the one before may not have copied its inputs yet.
 """
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedllm.forward_context import AttentionMetadata
@@ -74,56 +76,53 @@ class StepInputs:
                 max_context_len: int | None = None) -> PreparedStep:
         """Write the chunks' inputs and copy them over. ``pad_seqs_to`` pads a decode batch (one token
         per sequence) to a captured graph's size: padding stores nothing (slot -1) and attends to
-        one token. ``max_context_len`` overrides the batch's own (a graph's split count is fixed)."""
+        one token. ``max_context_len`` overrides the batch's own (a graph's split count is fixed).
+        Positions, slots and block tables are written with numpy over the whole batch, not per
+        sequence: a decode step of 256 sequences spent ~0.4 ms of host time in Python loops here."""
         turn = int(self.host is self.host_sets[0])  # the set the step before last used
         self.host, h = self.host_sets[turn], self.host_np_sets[turn]
-        bs = self.block_size
-        input_ids, positions, slots, context_lens, cu, logits_indices = [], [], [], [], [0], []
-        window_slots = []
-        np_tables = h["block_tables"]
-        for i, chunk in enumerate(chunks):
-            n = len(chunk.token_ids)
-            end = chunk.start + n
-            input_ids += chunk.token_ids
-            if n == 1:
-                positions.append(chunk.start)
-            else:
-                positions += range(chunk.start, end)
-            slots += _slots(chunk.block_table, chunk.start, end, bs)
-            context_lens.append(end)
-            cu.append(cu[-1] + n)
-            if chunk.wants_logits:
-                logits_indices.append(cu[-1] - 1)
-            np_tables[i, : len(chunk.block_table)] = chunk.block_table
-            if self.window_pool:
-                window_slots += _slots(chunk.window_block_table, chunk.start, end, bs)
-                h["window_block_tables"][i, : len(chunk.window_block_table)] = chunk.window_block_table
         num_seqs = len(chunks)
-        num_tokens = cu[-1]
         padded = max(pad_seqs_to or num_seqs, num_seqs)
-        if padded > num_seqs:  # decode graph padding: one token each, stored nowhere, seeing one slot
-            extra = padded - num_seqs
-            input_ids += [0] * extra
-            positions += [0] * extra
-            slots += [-1] * extra
-            window_slots += [-1] * extra
-            context_lens += [1] * extra
-            cu += list(range(cu[-1] + 1, cu[-1] + 1 + extra))
-            num_tokens = padded
-        h["input_ids"][:num_tokens] = input_ids
+        lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, num_seqs)
+        starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
+        ends = starts + lens
+        cu = np.zeros(padded + 1, np.int64)
+        np.cumsum(lens, out=cu[1:num_seqs + 1])
+        cu[num_seqs + 1:] = cu[num_seqs] + np.arange(1, padded - num_seqs + 1)  # padding: one token each
+        num_tokens = int(cu[num_seqs])
+        if num_tokens == num_seqs:  # decode: one token each
+            h["input_ids"][:num_seqs] = [c.token_ids[0] for c in chunks]
+            positions, rows = starts, np.arange(num_seqs)
+        else:
+            h["input_ids"][:num_tokens] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
+            rows = np.repeat(np.arange(num_seqs), lens)
+            positions = np.arange(num_tokens) - np.repeat(cu[:num_seqs] - starts, lens)
         h["positions"][:num_tokens] = positions
-        h["slot_mapping"][:num_tokens] = slots
-        h["context_lens"][:padded] = context_lens
+        h["slot_mapping"][:num_tokens] = _slots(h["block_tables"], [c.block_table for c in chunks], rows, positions,
+                                                self.block_size)
+        if self.window_pool:
+            h["window_slot_mapping"][:num_tokens] = _slots(h["window_block_tables"],
+                                                           [c.window_block_table for c in chunks], rows, positions,
+                                                           self.block_size)
+        logits_indices = (cu[1:num_seqs + 1] - 1)[np.fromiter((c.wants_logits for c in chunks), bool, num_seqs)]
+        num_logits = len(logits_indices)
+        h["logits_indices"][:num_logits] = logits_indices
+        h["context_lens"][:num_seqs] = ends
         h["cu_seqlens_q"][: padded + 1] = cu
-        h["logits_indices"][: len(logits_indices)] = logits_indices
+        if padded > num_seqs:  # decode graph padding: one token each, stored nowhere, seeing one slot
+            for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("window_slot_mapping", -1)):
+                if name in h:
+                    h[name][num_tokens:num_tokens + padded - num_seqs] = value
+            h["context_lens"][num_seqs:padded] = 1
+            num_tokens += padded - num_seqs
         sizes = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
-                 "context_lens": padded, "cu_seqlens_q": padded + 1, "logits_indices": len(logits_indices),
+                 "context_lens": padded, "cu_seqlens_q": padded + 1, "logits_indices": num_logits,
                  "block_tables": padded}
         if self.window_pool:
-            h["window_slot_mapping"][:num_tokens] = window_slots
             sizes |= {"window_slot_mapping": num_tokens, "window_block_tables": padded}
         dev = {k: self.gpu[k][:n].copy_(self.host[k][:n], non_blocking=True) for k, n in sizes.items()}
-        metadata = attention_metadata(dev, max(len(c.token_ids) for c in chunks), max_context_len or max(context_lens))
+        max_context = max_context_len or (int(ends.max()) if padded == num_seqs else max(int(ends.max()), 1))
+        metadata = attention_metadata(dev, int(lens.max()), max_context)
         return PreparedStep(dev["input_ids"], dev["positions"], metadata, dev["logits_indices"], num_seqs)
 
     def decode_metadata(self, batch_size: int, max_context_len: int) -> AttentionMetadata:
@@ -138,11 +137,17 @@ def attention_metadata(dev: dict[str, torch.Tensor], max_query_len: int, max_con
                              dev.get("window_block_tables"))
 
 
-def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Flat cache slots of positions [start, end) through a block table."""
-    if end - start == 1:
-        return [table[start // block_size] * block_size + start % block_size]
-    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+def _slots(tables: np.ndarray, block_tables: list[list[int]], rows: np.ndarray, positions: np.ndarray,
+           block_size: int) -> np.ndarray:
+    """Write each sequence's block table into its row of ``tables``, and return the flat cache
+    slot of each token (sequence ``rows``, at ``positions``) through them."""
+    widths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), np.int32, int(widths.sum()))
+    offsets = np.zeros(len(block_tables), np.int64)
+    np.cumsum(widths[:-1], out=offsets[1:])
+    table_rows = np.repeat(np.arange(len(block_tables)), widths)
+    tables[table_rows, np.arange(len(flat)) - np.repeat(offsets, widths)] = flat
+    return tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
 
 def fill_decode_padding(inputs: StepInputs, batch_size: int) -> None:
