@@ -11,7 +11,7 @@ import pytest
 from pagedllm import SamplingParams
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.progress import ProgressReport, RequestCopies, merge_reports
+from pagedllm.engine.progress import ProgressReport, RequestCopies, merge_reports, report_finished
 from pagedllm.engine.request_checks import truncated_prompt
 from pagedllm.sampling_params import RequestOutputKind
 
@@ -116,3 +116,29 @@ def test_a_report_for_a_request_dropped_here_is_ignored_and_a_failed_text_fails_
     out = copies.output(("bad", False, [sample], 0, None))
     assert out.finished and out.outputs[0].finish_reason == "error" and "no text" in out.error and out.prompt == "p"
     assert "bad" not in copies.requests
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_progress_alone_carries_the_times_and_the_logprob_sum(engines, merge):
+    """After its first report, a streamed request of one sample without logprobs is reported as its
+    progress alone (new tokens, cumulative logprob, last token time): its outputs still give the
+    engine's times and sums, merged with the full reports around them or not."""
+    _, reporting = engines
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, output_kind=DELTA)
+    ids = reporting.tokenizer.encode("def g():")
+    copies = RequestCopies(reporting.tokenizer)
+    copies.add("t", ids, params, "def g():", True)
+    reporting.add_request("t", ids, params, prompt="def g():", stream=True)
+    request = reporting.scheduler.waiting[0]
+    shapes, tokens, waiting = [], [], None
+    while reporting.has_unfinished_requests():
+        for report in reporting.step():
+            shapes.append(len(report))
+            waiting = report if waiting is None else merge_reports(waiting, report)
+            if merge and not report_finished(report) and len(shapes) % 2:
+                continue
+            out, waiting = copies.output(waiting), None
+            tokens += out.outputs[0].token_ids
+            assert (out.metrics.first_token_time, out.metrics.last_token_time, out.outputs[0].cumulative_logprob) == \
+                (request.first_token_time, request.last_token_time, request.cumulative_logprob)
+    assert shapes == [5, 4, 4, 4, 4, 5] and tokens == request.output_token_ids and out.finished

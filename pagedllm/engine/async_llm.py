@@ -19,7 +19,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.outputs import add_delta, copy_output
-from pagedllm.engine.progress import merge_reports
+from pagedllm.engine.progress import merge_reports, report_finished
 from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import EngineDeadError, RequestFailedError
 from pagedllm.inputs import PromptType, cache_salt, parse_prompt
@@ -133,7 +133,7 @@ class AsyncLLM:
                 output.request_id = request_id
                 if output.error is not None:
                     # (its text failed here: its engine process still runs it, and is told to stop below)
-                    finished = isinstance(item, RequestOutput) or item[1]
+                    finished = isinstance(item, RequestOutput) or report_finished(item)
                     raise RequestFailedError(output.error)
                 finished = output.finished
                 if cumulative:

@@ -22,7 +22,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.block_manager import CacheCapacity
 from pagedllm.engine.engine_process import run_engine_process
 from pagedllm.engine.llm_engine import eos_token_ids, generation_defaults, load_tokenizer
-from pagedllm.engine.progress import RequestCopies
+from pagedllm.engine.progress import RequestCopies, report_finished
 from pagedllm.engine.request_checks import truncated_prompt, validate_request
 from pagedllm.engine.structured_output import GrammarCompiler
 from pagedllm.metrics import EngineStats
@@ -116,7 +116,7 @@ class DataParallelEngine:
             output = self.output(item)
             if output is None:  # aborted here meanwhile
                 continue
-            if isinstance(item, tuple) and output.finished and not item[1]:  # failed here (its text)
+            if isinstance(item, tuple) and output.finished and not report_finished(item):  # failed here (its text)
                 self.abort_request(output.request_id)  # its replica stops it
             outputs.append(output)
         return outputs
@@ -203,7 +203,7 @@ class DataParallelEngine:
             self.num_generated_tokens += generated - replica.generated
             replica.generated = generated
             for report in reports:
-                if report[1] and self.placed.get(report[0]) is replica:  # finished there
+                if report_finished(report) and self.placed.get(report[0]) is replica:  # finished there
                     del self.placed[report[0]]
                     replica.load -= 1
             items += reports

@@ -19,7 +19,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.engine.progress import ProgressReport, merge_reports
+from pagedllm.engine.progress import ProgressReport, merge_reports, report_finished
 from pagedllm.metrics import EngineStats
 
 
@@ -171,8 +171,8 @@ def _serve(engine: LLMEngine, drivers: list[_Outbox], driver: int) -> None:
         if reports or commanded:  # (after commands alone, for the stats: an abort frees blocks)
             own: dict[_Outbox, list[tuple]] = {outbox: [] for outbox in drivers}
             for report in reports:
-                request_id, finished = report[0], report[1]
-                owner = owners.pop(request_id, None) if finished else owners.get(request_id)
+                request_id = report[0]
+                owner = owners.pop(request_id, None) if report_finished(report) else owners.get(request_id)
                 if owner in own:
                     own[owner].append(report)
             stats = engine.stats()
