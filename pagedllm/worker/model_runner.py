@@ -121,10 +121,15 @@ class ModelRunner:
 
     def _feed_pending_inputs(self, pending_rows: list[tuple[int, int]] | None) -> None:
         """Write the tokens the last launch sampled into the input rows that wait for them."""
-        if pending_rows:
-            flat_rows, sampled_rows = zip(*pending_rows, strict=True)
-            sampled = self.last_sampled[index_tensor(sampled_rows, self.device)]
-            self.inputs.gpu["input_ids"][index_tensor(flat_rows, self.device)] = sampled
+        if not pending_rows:
+            return
+        flat_rows, sampled_rows = zip(*pending_rows, strict=True)
+        n, input_ids = len(flat_rows), self.inputs.gpu["input_ids"]
+        if flat_rows[-1] == sampled_rows[-1] == n - 1 and flat_rows == sampled_rows == tuple(range(n)):
+            input_ids[:n] = self.last_sampled[:n]  # a decode batch as the last one was: one copy, no indices
+            return
+        rows = index_tensor(flat_rows + sampled_rows, self.device)  # (one copy to the device for both)
+        input_ids[rows[:n]] = self.last_sampled[rows[n:]]
 
     @property
     def sliding_window(self) -> int | None:
