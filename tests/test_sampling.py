@@ -273,3 +273,37 @@ def test_a_requests_own_token_lists_become_tensors_once_and_stay_in_the_vocabula
     assert bias_rows.tolist() == [1, 1, 3] and bias_ids.tolist() == [3, 9, 5]  # 700 is past the vocabulary
     assert biases.tolist() == [1.5, 100.0, -1.0] and biases.dtype == torch.float32
     assert [(row, ids.tolist()) for row, ids in meta.allowed_token_ids] == [(2, [4, 2])]
+
+
+def test_a_steps_sampling_inputs_are_the_last_ones_only_for_the_same_rows_that_change_by_nothing():
+    """A decode batch of the same requests in the same order reuses the last step's sampling inputs,
+    unless a row's change by the step: a seed's position, bans before min_tokens, penalties."""
+    from types import SimpleNamespace
+
+    from pagedllm.engine.request import Request, SamplingTensors
+    from pagedllm.worker.executor import Executor
+
+    def request(**fields):
+        params = SamplingParams(**fields)
+        return Request("r", [1], params, 8, frozenset({2}), tensors=SamplingTensors.of(params, [1]))
+
+    executor = SimpleNamespace(_last_sampling=None)
+
+    def inputs(rows, positions):
+        return Executor._sampling_metadata(executor, rows, positions, 512, False)
+
+    plain = [request(temperature=0.5), request(temperature=0, top_k=3)]
+    first = inputs(plain, [4, 9])
+    assert inputs(list(plain), [5, 10]) is first  # (a new list of the same requests)
+    swapped = inputs(plain[::-1], [10, 5])
+    assert swapped is not first and swapped.temperatures.tolist() == [0.0, 0.5]
+    other = inputs([plain[0], request(temperature=0.9)], [6, 3])
+    assert other.temperatures.tolist() == [0.5, pytest.approx(0.9)]
+    for changing in (request(temperature=0.7, seed=3), request(min_tokens=2), request(presence_penalty=0.5)):
+        rows = [plain[0], changing]
+        a, b = inputs(rows, [7, 1]), inputs(rows, [8, 2])
+        assert a is not b
+    seeded = [request(temperature=0.7, seed=3)]
+    assert inputs(seeded, [1]).seeded.positions.tolist() == [1] and inputs(seeded, [2]).seeded.positions.tolist() == [2]
+    greedy_seeded = [request(temperature=0, seed=3)]  # (greedy: its seed draws nothing)
+    assert inputs(greedy_seeded, [1]) is inputs(greedy_seeded, [2])
