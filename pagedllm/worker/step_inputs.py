@@ -121,8 +121,7 @@ class StepInputs:
         if self.window_pool:
             sizes |= {"window_slot_mapping": num_tokens, "window_block_tables": padded}
         dev = {k: self.gpu[k][:n].copy_(self.host[k][:n], non_blocking=True) for k, n in sizes.items()}
-        max_context = max_context_len or (int(ends.max()) if padded == num_seqs else max(int(ends.max()), 1))
-        metadata = attention_metadata(dev, int(lens.max()), max_context)
+        metadata = attention_metadata(dev, int(lens.max()), max_context_len or int(ends.max()))
         return PreparedStep(dev["input_ids"], dev["positions"], metadata, dev["logits_indices"], num_seqs)
 
     def decode_metadata(self, batch_size: int, max_context_len: int) -> AttentionMetadata:
