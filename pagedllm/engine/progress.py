@@ -40,9 +40,7 @@ class ProgressReport:
     def output(self, request: Request) -> tuple:
         if (request.group is None and request.num_reported_tokens and not request.is_finished
                 and request.sampling_params.logprobs is None):  # progress alone
-            new = request.token_ids[request.num_prompt_tokens + request.num_reported_tokens:]
-            request.num_reported_tokens += len(new)
-            return request.request_id, new, request.cumulative_logprob, request.last_token_time
+            return request.request_id, _take_new_tokens(request), request.cumulative_logprob, request.last_token_time
         group = request.group
         members = group.members if group else [request]
         first = members[0]
@@ -50,8 +48,7 @@ class ProgressReport:
         samples = []
         for m in members:
             start = m.num_reported_tokens
-            new = m.token_ids[m.num_prompt_tokens + start:]
-            m.num_reported_tokens += len(new)
+            new = _take_new_tokens(m)
             logprobs = None if m.sampling_params.logprobs is None else m.output_logprobs[start:]
             samples.append((m.sample_index, new, logprobs, m.cumulative_logprob, m.finish_reason, m.stop_reason,
                             m.error, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time))
@@ -59,6 +56,13 @@ class ProgressReport:
                            is not None else None)
         return (group.request_id if group else request.request_id, group.is_finished if group else request.is_finished,
                 samples, first.num_cached_tokens or 0, prompt_logprobs)
+
+
+def _take_new_tokens(request: Request) -> list[int]:
+    """The output tokens not reported yet, now counted as reported."""
+    new = request.token_ids[request.num_prompt_tokens + request.num_reported_tokens:]
+    request.num_reported_tokens += len(new)
+    return new
 
 
 def report_finished(report: tuple) -> bool:

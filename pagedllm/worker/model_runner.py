@@ -125,7 +125,7 @@ class ModelRunner:
             return
         flat_rows, sampled_rows = zip(*pending_rows, strict=True)
         n, input_ids = len(flat_rows), self.inputs.gpu["input_ids"]
-        if flat_rows[-1] == sampled_rows[-1] == n - 1 and flat_rows == sampled_rows == tuple(range(n)):
+        if flat_rows == sampled_rows == tuple(range(n)):
             input_ids[:n] = self.last_sampled[:n]  # a decode batch as the last one was: one copy, no indices
             return
         rows = index_tensor(flat_rows + sampled_rows, self.device)  # (one copy to the device for both)

@@ -13,6 +13,10 @@ import torch
 
 from pagedllm.forward_context import AttentionMetadata
 
+# What a decode padding row holds: its token is stored nowhere (slot -1) and sees one token.
+_PADDING_TOKEN = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "window_slot_mapping": -1}
+_PADDING_SEQ = {"context_lens": 1, "block_tables": 0, "window_block_tables": 0}
+
 
 @dataclass
 class SeqChunk:
@@ -110,10 +114,10 @@ class StepInputs:
         h["context_lens"][:num_seqs] = ends
         h["cu_seqlens_q"][: padded + 1] = cu
         if padded > num_seqs:  # decode graph padding: one token each, stored nowhere, seeing one slot
-            for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("window_slot_mapping", -1)):
+            for name, value in _PADDING_TOKEN.items():
                 if name in h:
                     h[name][num_tokens:num_tokens + padded - num_seqs] = value
-            h["context_lens"][num_seqs:padded] = 1
+            h["context_lens"][num_seqs:padded] = _PADDING_SEQ["context_lens"]
             num_tokens += padded - num_seqs
         sizes = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
                  "context_lens": padded, "cu_seqlens_q": padded + 1, "logits_indices": num_logits,
@@ -151,8 +155,7 @@ def _slots(tables: np.ndarray, block_tables: list[list[int]], rows: np.ndarray, 
 
 def fill_decode_padding(inputs: StepInputs, batch_size: int) -> None:
     """Make rows [0, batch_size) harmless decode inputs (used before capturing a graph)."""
-    for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("context_lens", 1),
-                        ("block_tables", 0), ("window_slot_mapping", -1), ("window_block_tables", 0)):
+    for name, value in (_PADDING_TOKEN | _PADDING_SEQ).items():
         if name in inputs.gpu:
             inputs.gpu[name][:batch_size].fill_(value)
     inputs.gpu["cu_seqlens_q"][: batch_size + 1].copy_(torch.arange(batch_size + 1, dtype=torch.int32))
