@@ -2,10 +2,10 @@
 
 Two kernels share one layout and one online softmax (in base 2):
 
-- decode (every sequence has one new token): a program per (sequence, KV head, split). The
-  query heads of one KV head are the rows of one ``tl.dot`` (padded to 16), so each K/V byte
-  is read once for the whole group. Long contexts with few sequences are cut into splits
-  (flash-decoding); a reduce kernel merges the splits' partial results.
+- decode (every sequence has one new token): a program per (sequence, KV head, split), a
+  sequence's heads side by side. The query heads of one KV head are the rows of one ``tl.dot``
+  (padded to 16), so each K/V byte is read once for the whole group. Long contexts with few
+  sequences are cut into splits (flash-decoding); a reduce kernel merges the splits' partial results.
 - prefill (any mix of query lengths: prompt chunks over a cached prefix, and decodes): a
   program per (block of BLOCK_Q query tokens of one sequence, KV head); its rows are those
   tokens times the group's heads. A program finds its sequence by binary search over
@@ -143,14 +143,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    out_ptr, row_max_ptr, row_sum_ptr, scale_log2, softcap_log2, sliding_window, v_scale,
                    stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
                    stride_ot, stride_oh, stride_os,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
                    FP8_WORDS: tl.constexpr, PTX_PAGES: tl.constexpr):
     wait_for_previous(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # a sequence's KV heads are programs side by side, so that its tokens' K/V rows (all heads) are read
+    # at once: OPT's 32 heads of 64 on an H100, 256 x 384, 287 -> 275 us (0.94 -> 0.98 of the copy peak)
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq = tl.program_id(0) // NUM_KV_HEADS
+    split = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     start = 0
     if sliding_window > 0:
@@ -195,7 +197,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     if NUM_SPLITS > 1:
-        stats = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        stats = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
         tl.store(row_max_ptr + stats, row_max, mask=g < GROUP)
         tl.store(row_sum_ptr + stats, row_sum, mask=g < GROUP)
 
@@ -408,12 +410,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         row_sum = torch.empty_like(row_max)
         strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     common["GROUP_PAD"] = max(16, common["GROUP_PAD"])  # tl.dot needs 16 rows at least
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(num_seqs * num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, sinks, partial, row_max, row_sum, scale_log2,
         softcap_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        NUM_SPLITS=num_splits, **decode_config(head_dim, k_cache.element_size() == 1, nvidia), **common,
-        **pdl(query), FP8_WORDS=_fp8_words(k_cache, nvidia),
+        NUM_KV_HEADS=num_kv_heads, NUM_SPLITS=num_splits,
+        **decode_config(head_dim, k_cache.element_size() == 1, nvidia), **common, **pdl(query),
+        FP8_WORDS=_fp8_words(k_cache, nvidia),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
