@@ -36,7 +36,8 @@ def _has_peer(data: dict) -> bool:
 
 def _source(data: dict, name: str) -> str:
     env = data["environment"]
-    return (f"{env['gpu']}, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
+    host = f", host Python probe {env['host_python_ms']:.1f} ms" if "host_python_ms" in env else ""
+    return (f"{env['gpu']}, {env['date']}, torch {env['torch']}, triton {env['triton']}{host}, "
             f"commit {str(env['git_commit'])[:10]} (`benchmarks/results/{name}`)")
 
 

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import common, report  # noqa: E402
 
 
 def test_readme_results_section_is_what_report_generates():
@@ -114,3 +114,15 @@ def test_time_split_counts_decode_steps_by_batch_size():
     by_batch = split["decode_by_batch"]
     assert {k: v["steps"] for k, v in by_batch.items()} == {"1-8": 2, "9-32": 0, "33-128": 1, "129+": 1}
     assert by_batch["1-8"]["measured_s"] == 0.1 + 0.3 and by_batch["129+"]["least_s"] == 0.02
+
+
+def test_a_result_names_its_host_by_the_python_probe_where_it_has_one():
+    """Hosts that name the same CPU serve at different speeds: a result says how fast its host ran
+    plain Python, and older results (without the probe) are cited as before."""
+    name, data = report.latest("serve")
+    env = dict(data["environment"])
+    env.pop("host_python_ms", None)
+    assert "host Python probe" not in report._source({**data, "environment": env}, name)
+    probed = report._source({**data, "environment": {**env, "host_python_ms": 4.256}}, name)
+    assert "host Python probe 4.3 ms" in probed and name in probed
+    assert 0 < common.host_python_ms() < 10_000
