@@ -2,6 +2,7 @@
 outputs must not depend on batching, chunking or preemption."""
 
 import random
+from collections import deque
 
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.request import PENDING_TOKEN, Request
@@ -180,3 +181,34 @@ def test_scheduling_ahead_of_the_results_gives_the_same_tokens():
     assert run_scheduling_ahead(scheduler, requests()) == expected
     assert scheduler.num_preemptions > 0
     assert scheduler.block_manager.num_free_blocks == 16
+
+
+def test_requests_that_finish_cost_no_pass_over_the_waiting_queue():
+    """A batch job queues all its prompts at once (10^5 and more): a request finishing from the
+    running batch must not look for itself among them (that was O(waiting) per request, ~2 ms at
+    10^5 waiting, quadratic over a job); only one preempted while its last token was sampled is."""
+    class CountingQueue(deque):
+        passes = 0
+
+        def __contains__(self, item):
+            CountingQueue.passes += 1
+            return super().__contains__(item)
+
+        def __iter__(self):
+            CountingQueue.passes += 1
+            return super().__iter__()
+
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=100)
+    scheduler.waiting = CountingQueue()
+    requests = [make_request(str(i), 3, 2) for i in range(500)]
+    finished = []
+    for r in requests:
+        scheduler.add_request(r)
+    while len(finished) < 40:
+        out = scheduler.schedule()
+        sampled = [fake_next_token(r.token_ids) for r in out.requests]
+        scheduler.commit_step(out)
+        finished += scheduler.update_from_output(out, sampled)
+    assert CountingQueue.passes == 0
+    assert [r.output_token_ids for r in finished] == [expected_output(r) for r in requests[:len(finished)]]
+    assert len(scheduler.waiting) == 500 - len(finished) - len(scheduler.running)

@@ -124,6 +124,7 @@ class Scheduler:
         does not reach the end), with the token's logprob and its top logprobs if it asked;
         requests that ended since (stop string, abort) are skipped. Returns the requests that finished."""
         finished = []
+        preempted = set()  # (ids) finished while waiting: preempted while their last token was being sampled
         logprobs = logprobs or [None] * len(sampled)
         token_logprobs = token_logprobs or [None] * len(sampled)
         for request, token_id, top, token_logprob in zip(out.requests, sampled, logprobs, token_logprobs, strict=True):
@@ -134,14 +135,17 @@ class Scheduler:
                 continue
             if request.group is not None:
                 request.group.prompt_computed = True
+            waiting = request.status == RequestStatus.WAITING
             request.append_output_token(token_id, top, token_logprob)
             if request.is_finished:
                 finished.append(request)
+                if waiting:
+                    preempted.add(id(request))
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
+            if preempted:  # one pass over the queue, never one a request: a batch job may hold 10^5 there
+                self.waiting = deque(r for r in self.waiting if id(r) not in preempted)
             for request in finished:
-                if request in self.waiting:  # preempted while its last token was being sampled
-                    self.waiting.remove(request)
                 self.block_manager.free(request)
         return finished
 
