@@ -129,7 +129,7 @@ def test_progress_alone_carries_the_times_and_the_logprob_sum(engines, merge):
     copies = RequestCopies(reporting.tokenizer)
     copies.add("t", ids, params, "def g():", True)
     reporting.add_request("t", ids, params, prompt="def g():", stream=True)
-    request = reporting.scheduler.waiting[0]
+    request = reporting.scheduler.waiting.first()
     shapes, tokens, waiting = [], [], None
     while reporting.has_unfinished_requests():
         for report in reporting.step():

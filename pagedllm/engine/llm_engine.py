@@ -13,7 +13,7 @@ from pagedllm.engine.block_manager import BlockManager, CacheCapacity, HybridBlo
 from pagedllm.engine.detokenizer import stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.progress import ProgressReport
-from pagedllm.engine.request import Request, SampleGroup, SamplingTensors
+from pagedllm.engine.request import Request, RequestStatus, SampleGroup, SamplingTensors
 from pagedllm.engine.request_checks import (
     bad_word_token_ids,
     max_output_tokens,
@@ -138,15 +138,16 @@ class LLMEngine:
         """End a request (all its samples), or many, wherever they are, freeing their blocks: many
         in one pass over the queues (as vLLM's takes a list)."""
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
-        for one in ids:
-            self.unfinished.pop(one, None)
+        firsts = [self.unfinished.pop(one) for one in ids if one in self.unfinished]
         for entry in [e for e in self.compiling if _group_id(e[1][0]) in ids]:
             self.compiling.remove(entry)
             entry[0].cancel()
             for request in entry[1]:
                 request.finish("abort")
         scheduler = self.scheduler
-        scheduler.finish_requests([r for r in (*scheduler.running, *scheduler.waiting) if _group_id(r) in ids], "abort")
+        queued = [r for first in firsts for r in (first.group.members if first.group else [first])
+                  if r.status == RequestStatus.RUNNING or r in scheduler.waiting]  # found by id, not by a pass
+        scheduler.finish_requests(queued, "abort")
 
     def shutdown(self) -> None:
         """Drop every request and free the model runner's device memory."""

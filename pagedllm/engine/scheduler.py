@@ -1,7 +1,8 @@
 """Continuous batching: which requests run this step, and how many tokens each computes."""
 
 import time
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pagedllm.engine.block_manager import BlockManager
@@ -20,6 +21,50 @@ class SchedulerOutput:
         return sum(self.num_scheduled_tokens)
 
 
+class WaitingQueue:
+    """Requests waiting to run, first come first served, the preempted put back in front, as a
+    deque holds them, but any one leaves it at once (an abort, a stop string, a request preempted
+    while its last token was sampled), where a deque takes a pass over all: a batch job queues
+    all its prompts (10^5 and more), and a server's clients that hang up abort theirs one by one
+    (an abort took ~20 ms with 50,000 queued on a 2-core x86 CPU)."""
+
+    def __init__(self) -> None:
+        self._requests: OrderedDict[int, Request] = OrderedDict()  # by id(): alive while queued, so never reused
+
+    def append(self, request: Request) -> None:
+        self._requests[id(request)] = request
+
+    def appendleft(self, request: Request) -> None:
+        self._requests[id(request)] = request
+        self._requests.move_to_end(id(request), last=False)
+
+    def extendleft(self, requests: Iterable[Request]) -> None:
+        """Each to the front in turn, as ``deque.extendleft``: the last given ends up first."""
+        for request in requests:
+            self.appendleft(request)
+
+    def first(self) -> Request:
+        return next(iter(self._requests.values()))
+
+    def popleft(self) -> Request:
+        return self._requests.popitem(last=False)[1]
+
+    def remove(self, request: Request) -> None:
+        del self._requests[id(request)]
+
+    def discard(self, request: Request) -> None:
+        self._requests.pop(id(request), None)
+
+    def __contains__(self, request: Request) -> bool:
+        return id(request) in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._requests.values())
+
+
 class Scheduler:
     """vLLM v1's rule, without phases: every step, under a token budget, give each running
     request the tokens it lacks (a decode token, or the next prefill chunk), then admit
@@ -36,7 +81,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens run through the model, over the scheduler's life
@@ -75,7 +120,7 @@ class Scheduler:
         # Admit waiting requests only when memory was not short this step.
         held = []  # samples of a group waiting for its prompt to be cached
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.first()
             if self._waits_for_shared_prompt(request):
                 held.append(self.waiting.popleft())
                 continue
@@ -124,7 +169,6 @@ class Scheduler:
         does not reach the end), with the token's logprob and its top logprobs if it asked;
         requests that ended since (stop string, abort) are skipped. Returns the requests that finished."""
         finished = []
-        preempted = set()  # (ids) finished while waiting: preempted while their last token was being sampled
         logprobs = logprobs or [None] * len(sampled)
         token_logprobs = token_logprobs or [None] * len(sampled)
         for request, token_id, top, token_logprob in zip(out.requests, sampled, logprobs, token_logprobs, strict=True):
@@ -135,23 +179,22 @@ class Scheduler:
                 continue
             if request.group is not None:
                 request.group.prompt_computed = True
-            waiting = request.status == RequestStatus.WAITING
             request.append_output_token(token_id, top, token_logprob)
             if request.is_finished:
                 finished.append(request)
-                if waiting:
-                    preempted.add(id(request))
+                self.waiting.discard(request)  # (preempted while its last token was being sampled)
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
-            if preempted:  # one pass over the queue, never one a request: a batch job may hold 10^5 there
-                self.waiting = deque(r for r in self.waiting if id(r) not in preempted)
             for request in finished:
                 self.block_manager.free(request)
         return finished
 
     def finish_request(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """End a request the engine decided is done (a stop string, an abort) and free its blocks."""
-        (self.running if request in self.running else self.waiting).remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
         request.finish(reason, stop_reason)
         self.block_manager.free(request)
 
@@ -160,8 +203,8 @@ class Scheduler:
         with 100,000 requests waiting must not cost 100,000 passes (vLLM's ``finish_requests``)."""
         gone = {id(request) for request in requests}
         self.running = [r for r in self.running if id(r) not in gone]
-        self.waiting = deque(r for r in self.waiting if id(r) not in gone)
         for request in requests:
+            self.waiting.discard(request)
             request.finish(reason)
             self.block_manager.free(request)
 
