@@ -149,7 +149,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    FP8_WORDS: tl.constexpr, PTX_PAGES: tl.constexpr):
     wait_for_previous(PDL)
     # a sequence's KV heads are programs side by side, so that its tokens' K/V rows (all heads) are read
-    # at once: OPT's 32 heads of 64 on an H100, 256 x 384, 287 -> 275 us (0.94 -> 0.98 of the copy peak)
+    # at once: OPT's 32 heads of 64 on an H100, 256 x 384, 273 -> 262 us (Llama-3-8B's heads: within 1%)
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     seq = tl.program_id(0) // NUM_KV_HEADS
     split = tl.program_id(1)

@@ -135,8 +135,8 @@ class LLMEngine:
         return self._outputs(failed)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """End a request (all its samples), or many, wherever they are, freeing their blocks: many
-        in one pass over the queues (as vLLM's takes a list)."""
+        """End a request (all its samples), or many (as vLLM's takes a list), wherever they are,
+        freeing their blocks: each found by its id, not by a pass over the queues."""
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
         firsts = [self.unfinished.pop(one) for one in ids if one in self.unfinished]
         for entry in [e for e in self.compiling if _group_id(e[1][0]) in ids]:

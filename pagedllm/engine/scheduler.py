@@ -199,8 +199,9 @@ class Scheduler:
         self.block_manager.free(request)
 
     def finish_requests(self, requests: list[Request], reason: str) -> None:
-        """``finish_request`` for many at once, in one pass over the queues: a client that leaves
-        with 100,000 requests waiting must not cost 100,000 passes (vLLM's ``finish_requests``)."""
+        """``finish_request`` for many at once, in one pass over the running batch (the waiting
+        queue drops each at once): a client that leaves with 100,000 requests waiting must not cost
+        100,000 passes (vLLM's ``finish_requests``)."""
         gone = {id(request) for request in requests}
         self.running = [r for r in self.running if id(r) not in gone]
         for request in requests:
