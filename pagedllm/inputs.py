@@ -27,6 +27,37 @@ PromptType = str | list[int] | TextPrompt | TokensPrompt
 
 def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
     """A prompt's text (None for bare token ids) and its token ids."""
+    text, ids = _text_or_ids(prompt, tokenizer)
+    return text, ids if ids is not None else tokenizer.encode(text)
+
+
+ENCODE_BATCH = 1024  # texts a tokenizer call: their ids (and the tokenizer's own copies) are what it holds at once
+
+
+def parse_prompts(prompts: list[PromptType], tokenizer: PreTrainedTokenizerBase | None
+                  ) -> list[tuple[str | None, list[int]]]:
+    """``parse_prompt`` of each, the texts tokenized a batch at a time: a fast tokenizer encodes a
+    batch on every core, outside the GIL (200-word prompts on a 2-core x86 CPU: 0.30 -> 0.15 ms
+    each), where ``LLM.generate`` of 10^5 prompts took minutes to start one at a time. A bad
+    prompt is a ValueError naming its index, before any is tokenized."""
+    parsed = []
+    for index, prompt in enumerate(prompts):
+        try:
+            parsed.append(_text_or_ids(prompt, tokenizer))
+        except ValueError as err:
+            raise ValueError(f"prompt {index}: {err}") from None
+    texts = [index for index, (_, ids) in enumerate(parsed) if ids is None]
+    for start in range(0, len(texts), ENCODE_BATCH):
+        batch = texts[start:start + ENCODE_BATCH]
+        encoded = tokenizer([parsed[i][0] for i in batch], return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+        for index, ids in zip(batch, encoded, strict=True):
+            parsed[index] = parsed[index][0], ids
+    return parsed
+
+
+def _text_or_ids(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int] | None]:
+    """A checked prompt's text and its token ids, None where the text is still to be tokenized."""
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
             return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"])
@@ -38,7 +69,8 @@ def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) 
             raise ValueError("the prompt is empty: give at least one token")
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: give prompts as token ids")
-        return prompt, encode_text(tokenizer, prompt)
+        check_text(prompt)
+        return prompt, None
     if isinstance(prompt, (list, tuple)):
         return None, token_ids(prompt)
     raise ValueError(f"a prompt must be a str, a list of token ids or a dict, not {type(prompt).__name__}")
@@ -83,17 +115,22 @@ def as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTyp
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
+    check_text(text)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def check_text(text: str) -> None:
+    """A ValueError naming a lone surrogate (text no tokenizer can take) and where it is."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(f"the text holds {text[err.start:err.end]!r} at character {err.start}, which is not "
                          "valid Unicode (a lone surrogate)") from None
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def token_ids(prompt: Sequence) -> list[int]:
     """A prompt's token ids as Python ints (numpy's are welcome); a bool, a float or a string is an error."""
-    if all(type(t) is int for t in prompt):  # the common case, fast (a bool's type is not int)
+    if set(map(type, prompt)) <= {int}:  # the common case, fast (a bool's type is not int)
         return list(prompt)
     bad = [t for t in prompt if not is_int(t)]
     if bad:

@@ -15,7 +15,7 @@ from pagedllm.engine.data_parallel import DataParallelEngine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.request_checks import first_come_first_served, refuse_lora
 from pagedllm.errors import RequestFailedError
-from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, cache_salt, parse_prompt, render_chat
+from pagedllm.inputs import PromptType, TokensPrompt, as_prompt_list, cache_salt, parse_prompts, render_chat
 from pagedllm.metrics import Metric, engine_metrics
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -159,12 +159,7 @@ class LLM:
         if limit != -1 and 2 * params.beam_width > limit:
             raise ValueError(f"beam_width={params.beam_width} needs the {2 * params.beam_width} most likely tokens "
                              f"of each step, more than max_logprobs={limit}: raise max_logprobs")
-        token_prompts = []
-        for index, prompt in enumerate(as_prompt_list(prompts)):
-            try:
-                token_prompts.append(parse_prompt(prompt, engine.tokenizer)[1])
-            except ValueError as err:
-                raise ValueError(f"prompt {index}: {err}") from None
+        token_prompts = [ids for _, ids in parse_prompts(as_prompt_list(prompts), engine.tokenizer)]
         return run_beam_search(self, token_prompts, params, use_tqdm)
 
     def _add_requests(self, prompts, sampling_params, stream: bool, priority: list[int] | None = None) -> list[str]:
@@ -184,12 +179,13 @@ class LLM:
         else:
             raise ValueError(f"sampling_params must be SamplingParams or a list of them, not "
                              f"{type(sampling_params).__name__}")
+        for index, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"prompt {index}: sampling_params must be SamplingParams, not {type(p).__name__}")
         requests = []
-        for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for index, (prompt, (text, ids), p) in enumerate(zip(prompts, parse_prompts(prompts, engine.tokenizer), params,
+                                                             strict=True)):
             try:
-                if not isinstance(p, SamplingParams):
-                    raise ValueError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
-                text, ids = parse_prompt(prompt, engine.tokenizer)
                 salt = cache_salt(prompt)
                 engine.validate_request(ids, p)
                 if stream and p.samples > p.n and p.output_kind != RequestOutputKind.FINAL_ONLY:

@@ -1,14 +1,16 @@
 """``LLM`` used as vLLM users use it."""
 
+import copy
 import os
 import shutil
 
 import pytest
 import torch
 from conftest import hf_greedy, random_prompts
+from tokenizers import processors
 from transformers import AutoModelForCausalLM
 
-from pagedllm import LLM, RequestOutput, SamplingParams
+from pagedllm import LLM, RequestOutput, SamplingParams, inputs
 from pagedllm.testing import EOS_ID, build_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -38,6 +40,40 @@ def test_every_prompt_form_gives_the_same_completion(llm, tokenizer):
     for prompt in (ids, [ids], {"prompt_token_ids": ids}, {"prompt": text}, [{"prompt": text}]):
         outputs = llm.generate(prompt, GREEDY, use_tqdm=False)
         assert len(outputs) == 1 and outputs[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("marks_start", [False, True])
+def test_text_prompts_tokenized_a_batch_at_a_time_get_their_own_ids(tokenizer, monkeypatch, marks_start):
+    """``LLM.generate`` tokenizes its text prompts a batch at a time (``inputs.parse_prompts``): each
+    gets the ids ``tokenizer.encode`` gives it alone (with the special token a tokenizer puts first,
+    where it does), across batch boundaries and beside token-id prompts; a bad prompt is named by
+    its index before any is tokenized."""
+    monkeypatch.setattr(inputs, "ENCODE_BATCH", 3)
+    if marks_start:
+        tokenizer = copy.deepcopy(tokenizer)
+        start = (tokenizer.eos_token, tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{start[0]} $A",
+                                                                                  special_tokens=[start])
+        assert tokenizer.encode("x")[0] == start[1]
+    texts = ["def main():", "  leading spaces", "\u00e9moji \U0001f642 and \u00fcn\u00efcode", "a" * 500,
+             "<|endoftext|> special", "x", "The quick brown fox"]
+    prompts = [texts[0], {"prompt": texts[1]}, tokenizer.encode("ids"), texts[2],
+               {"prompt_token_ids": [5, 6], "prompt": "t"}, *texts[3:]]
+    parsed = inputs.parse_prompts(prompts, tokenizer)
+    assert parsed == [inputs.parse_prompt(p, tokenizer) for p in prompts]
+    assert [ids for text, ids in parsed if text in texts] == [tokenizer.encode(t) for t in texts]
+
+    class Counting:
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return tokenizer(*args, **kwargs)
+
+    for bad, reason in (("", "empty"), ("lone \ud800", "lone surrogate"), (3.5, "a prompt must be")):
+        with pytest.raises(ValueError, match=f"prompt {len(prompts)}: .*{reason}"):
+            inputs.parse_prompts([*prompts, bad], Counting())
+    assert Counting.calls == 0
 
 
 def test_empty_prompt_list_returns_nothing(llm):

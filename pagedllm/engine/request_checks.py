@@ -42,7 +42,7 @@ def check_request(config: EngineConfig, tokenizer: PreTrainedTokenizerBase | Non
     if (params.stop or params.bad_words) and tokenizer is None:
         raise ValueError("stop strings and bad words need a tokenizer, and this model has none: use stop_token_ids")
     vocab_size = config.hf_config.vocab_size
-    if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < vocab_size):  # fast when fine
+    if not (set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab_size):  # fast when fine
         bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
         raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
