@@ -13,7 +13,7 @@ from pagedllm.engine.block_manager import BlockManager, CacheCapacity, HybridBlo
 from pagedllm.engine.detokenizer import stop_string_hit
 from pagedllm.engine.outputs import OutputBuilder
 from pagedllm.engine.progress import ProgressReport
-from pagedllm.engine.request import Request, RequestStatus, SampleGroup, SamplingTensors
+from pagedllm.engine.request import Request, SampleGroup, SamplingTensors
 from pagedllm.engine.request_checks import (
     bad_word_token_ids,
     max_output_tokens,
@@ -144,10 +144,9 @@ class LLMEngine:
             entry[0].cancel()
             for request in entry[1]:
                 request.finish("abort")
-        scheduler = self.scheduler
-        queued = [r for first in firsts for r in (first.group.members if first.group else [first])
-                  if r.status == RequestStatus.RUNNING or r in scheduler.waiting]  # found by id, not by a pass
-        scheduler.finish_requests(queued, "abort")
+        # found by id, not by a pass over the queues: every sample not done is in one (those compiling are done now)
+        self.scheduler.finish_requests([r for first in firsts for r in (first.group.members if first.group else [first])
+                                        if not r.is_finished], "abort")
 
     def shutdown(self) -> None:
         """Drop every request and free the model runner's device memory."""
