@@ -69,3 +69,20 @@ def test_shutdown_returns_gpu_memory_for_a_second_model(tiny_checkpoint):
     assert torch.cuda.memory_allocated() < before + (64 << 20)
     with LLM(tiny_checkpoint("opt"), device="cuda", gpu_memory_utilization=0.5) as second:
         assert second.generate(random_prompts([5]), SamplingParams(max_tokens=4), use_tqdm=False)[0].finished
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 16, 33, 300])  # few_rows_matmul (16-bit) up to FEW_ROWS, cuBLASLt's epilogue past it
+def test_linear_with_relu_equals_linear_then_relu(dtype, rows):
+    """OPT's fc1 takes its ReLU inside the product (cuBLASLt's bias+ReLU epilogue) where it can."""
+    from pagedllm.layers.linear import linear
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, 256, device="cuda", dtype=dtype)
+    weight = torch.randn(1024, 256, device="cuda", dtype=dtype) / 16
+    bias = torch.randn(1024, device="cuda", dtype=dtype)
+    for b in (bias, None):
+        want = torch.relu(linear(x, weight, b, None))
+        got = linear(x, weight, b, None, relu=True)
+        assert got.shape == want.shape == (rows, 1024) and (got >= 0).all() and (got == 0).any()
+        torch.testing.assert_close(got, want)

@@ -46,9 +46,11 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = _layer_norm(config)
-        self.fc1 = ColumnParallelLinear(config.hidden_size, [shard_units(config.ffn_dim)], config.enable_bias)
+        relu = config.activation_function == "relu"  # then fc1 applies it (fused into its product on CUDA)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, [shard_units(config.ffn_dim)], config.enable_bias,
+                                        relu=relu)
         self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, config.enable_bias)
-        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_fn = nn.Identity() if relu else ACT2FN[config.activation_function]
         self.final_layer_norm = _layer_norm(config)
 
     def forward(self, hidden_states: torch.Tensor,
