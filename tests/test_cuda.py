@@ -72,7 +72,7 @@ def test_shutdown_returns_gpu_memory_for_a_second_model(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 16, 33, 300])  # few_rows_matmul (16-bit) up to FEW_ROWS, cuBLASLt's epilogue past it
+@pytest.mark.parametrize("rows", [1, 16, 33, 300])  # few_rows_matmul (16-bit) up to FEW_ROWS, then cuBLASLt's epilogue
 def test_linear_with_relu_equals_linear_then_relu(dtype, rows):
     """OPT's fc1 takes its ReLU inside the product (cuBLASLt's bias+ReLU epilogue) where it can."""
     from pagedllm.layers.linear import linear
