@@ -8,8 +8,8 @@ Two kernels share one layout and one online softmax (in base 2):
   sequences are cut into splits (flash-decoding); a reduce kernel merges the splits' partial results.
 - prefill (any mix of query lengths: prompt chunks over a cached prefix, and decodes): a
   program per (block of BLOCK_Q query tokens of one sequence, KV head), a block's heads side by
-  side; its rows are those tokens times the group's heads. A program finds its sequence by binary search over
-  ``cu_seqlens_q``, so the host builds no per-program tables.
+  side; its rows are those tokens times the group's heads. A program finds its sequence by
+  binary search over ``cu_seqlens_q``, so the host builds no per-program tables.
 """
 
 import functools
@@ -261,7 +261,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     # programs first leaves the short ones to fill the last wave (4-7% at 2k-4k tokens on an H200).
     # A block's KV heads side by side: neighbouring programs read the same tokens' rows of K/V, which
     # hold every head (H100, Llama-3-8B's heads: one 2k prompt 135 -> 115 us, 255 decodes beside a
-    # 256-token prompt 176 -> 167; one 8k prompt 1,355-1,372 -> 1,381).
+    # 256-token prompt 176 -> 167; one 8k prompt 1,355-1,372 -> 1,381. W1's prefill steps, with OPT's
+    # fc1 ReLU fused: 0.72-0.73 -> 0.65-0.68 s).
     q_block = tl.num_programs(0) // NUM_KV_HEADS - 1 - tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
     # Sequence i owns program ids [cu[i] // BLOCK_Q + i, cu[i + 1] // BLOCK_Q + i + 1): enough for its blocks.
