@@ -2,6 +2,7 @@
 so that a bad setting fails before any weight is loaded."""
 
 import logging
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -260,6 +261,11 @@ class EngineConfig:
                 _require(value in only, f.name, value, f"{' or '.join(map(repr, only))}: {f.metadata['why']}")
         if self.enable_prefix_caching is None:  # vLLM's default: on
             self.enable_prefix_caching = True
+        for name in ("swap_space", "cpu_offload_gb", "mm_processor_cache_gb"):  # vLLM refuses these below 0 too
+            _require(0 <= getattr(self, name) < math.inf, name, getattr(self, name), "a finite number >= 0 (GiB)")
+        _require(self.max_parallel_loading_workers is None or self.max_parallel_loading_workers >= 1,
+                 "max_parallel_loading_workers", self.max_parallel_loading_workers, ">= 1 or None")
+        _require(self.max_seq_len_to_capture >= 1, "max_seq_len_to_capture", self.max_seq_len_to_capture, ">= 1")
         for f in fields(self):
             compat = f.metadata.get("compat")
             if compat and getattr(self, f.name) != f.default:

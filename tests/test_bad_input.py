@@ -93,6 +93,12 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"max_num_seqs": 2**70}, "max_num_seqs=1180591620717411303424 is invalid: it must be between 1 and 1,048,576"),
     ({"max_num_batched_tokens": 2**70}, "max_num_batched_tokens=1180591620717411303424 is invalid"),
     ({"swap_space": "lots"}, "swap_space='lots' is invalid: it must be float"),
+    # vLLM's options that do nothing here are still checked as vLLM checks them
+    ({"swap_space": -1}, r"swap_space=-1 is invalid: it must be a finite number >= 0 \(GiB\)"),
+    ({"cpu_offload_gb": -0.5}, r"cpu_offload_gb=-0.5 is invalid: it must be a finite number >= 0"),
+    ({"mm_processor_cache_gb": float("inf")}, "mm_processor_cache_gb=inf is invalid: it must be a finite number >= 0"),
+    ({"max_parallel_loading_workers": 0}, "max_parallel_loading_workers=0 is invalid: it must be >= 1 or None"),
+    ({"max_seq_len_to_capture": -8}, "max_seq_len_to_capture=-8 is invalid: it must be >= 1"),
     ({"hf_overrides": [1]}, r"hf_overrides=\[1\] is invalid: it must be dict or None"),
     ({"tensor_parallel_size": 3, "device": "cpu"},
      "tensor_parallel_size=3 is invalid for this model: its 4 attention heads"),
