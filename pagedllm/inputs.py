@@ -23,6 +23,9 @@ class TokensPrompt(TypedDict):
 
 
 PromptType = str | list[int] | TextPrompt | TokensPrompt
+# vLLM's prompt keys for inputs other than text: refused by name, where a prompt would run without them
+UNSUPPORTED_PROMPT_KEYS = {"multi_modal_data": "multi-modal inputs", "mm_processor_kwargs": "multi-modal inputs",
+                           "multi_modal_uuids": "multi-modal inputs", "prompt_embeds": "prompt embeddings"}
 
 
 def parse_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
@@ -59,6 +62,10 @@ def parse_prompts(prompts: list[PromptType], tokenizer: PreTrainedTokenizerBase 
 def _text_or_ids(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int] | None]:
     """A checked prompt's text and its token ids, None where the text is still to be tokenized."""
     if isinstance(prompt, dict):
+        for key, what in UNSUPPORTED_PROMPT_KEYS.items():
+            if prompt.get(key) is not None:
+                raise ValueError(f"the prompt's {key!r} is not supported: pagedllm runs text models, and {what} "
+                                 "are not read (give text or token ids)")
         if "prompt_token_ids" in prompt:
             return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"])
         if "prompt" not in prompt:

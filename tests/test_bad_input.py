@@ -316,6 +316,11 @@ def test_an_error_pinned_on_one_request_fails_it_alone(llm, monkeypatch):
     ([["a"]], None, r"prompt 0: token ids must be ints, not \['a'\]"),
     ([{"prompt_token_ids": [1, 2.0]}], None, r"prompt 0: token ids must be ints, not \[2.0\]"),
     ([{}], None, "prompt 0: a dict prompt needs 'prompt_token_ids' or 'prompt'"),
+    # an image given to a text model would be dropped, and the answer come as if it had been seen
+    (["a", {"prompt": "what is this?", "multi_modal_data": {"image": object()}}], None,
+     "prompt 1: the prompt's 'multi_modal_data' is not supported: pagedllm runs text models"),
+    ([{"prompt_token_ids": [1, 2], "mm_processor_kwargs": {"fps": 1}}], None, "'mm_processor_kwargs' is not supported"),
+    ([{"prompt_embeds": [[0.5] * 8]}], None, "'prompt_embeds' is not supported: .* prompt embeddings are not read"),
 ])
 def test_wrong_types_are_value_errors_that_say_what_was_wrong(llm, prompts, params, match):
     with pytest.raises(ValueError, match=match):
