@@ -63,7 +63,8 @@ def _text_or_ids(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) 
     """A checked prompt's text and its token ids, None where the text is still to be tokenized."""
     if isinstance(prompt, dict):
         for key, what in UNSUPPORTED_PROMPT_KEYS.items():
-            if prompt.get(key) is not None:
+            value = prompt.get(key)
+            if value is not None and not (isinstance(value, (dict, list)) and not value):  # None, {} or []: none
                 raise ValueError(f"the prompt's {key!r} is not supported: pagedllm runs text models, and {what} "
                                  "are not read (give text or token ids)")
         if "prompt_token_ids" in prompt:

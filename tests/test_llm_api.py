@@ -37,7 +37,9 @@ def test_every_prompt_form_gives_the_same_completion(llm, tokenizer):
     text = "def main():"
     ids = tokenizer.encode(text)
     expected = llm.generate(text, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    for prompt in (ids, [ids], {"prompt_token_ids": ids}, {"prompt": text}, [{"prompt": text}]):
+    # (vLLM's multi-modal keys, None or empty, are no input: a generic script's text prompts run)
+    for prompt in (ids, [ids], {"prompt_token_ids": ids}, {"prompt": text}, [{"prompt": text}],
+                   {"prompt": text, "multi_modal_data": None}, {"prompt": text, "multi_modal_data": {}}):
         outputs = llm.generate(prompt, GREEDY, use_tqdm=False)
         assert len(outputs) == 1 and outputs[0].outputs[0].token_ids == expected
 
