@@ -376,7 +376,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_tokens == 0:
         return out
     group = num_heads // num_kv_heads
-    common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+    common = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
                   BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
                   PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=softcap > 0,
                   SINKS=sinks is not None)
@@ -398,7 +398,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             window,
             v_scale, num_seqs,
             query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, out.stride(0), out.stride(1),
-            NUM_KV_HEADS=num_kv_heads, **config, **common, **pdl(query),
+            **config, **common, **pdl(query),
         )
         return out
 
@@ -418,7 +418,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         query, k_cache, v_cache, block_tables, context_lens, sinks, partial, row_max, row_sum, scale_log2,
         softcap_log2, window, v_scale,
         query.stride(0), query.stride(1), block_tables.stride(0), *cache_strides, *strides,
-        NUM_KV_HEADS=num_kv_heads, NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits,
         **decode_config(head_dim, k_cache.element_size() == 1, nvidia), **common, **pdl(query),
         FP8_WORDS=_fp8_words(k_cache, nvidia),
     )

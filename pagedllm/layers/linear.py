@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``few_rows_matmul`` where it reads the weight faster than cuBLAS (H200: Qwen3-0.6B's four
     layers at one row 19.9 us against 30.4); other CUDA products with a bias take the ReLU in
     cuBLASLt's epilogue (H100, OPT-1.3B's fc1 at 8,192 rows 512 -> 438 us, at 256 rows 21.8 -> 18.3)."""
-    if weight_scale is not None:
+    if weight_scale is not None:  # (x may come quantized: FP8Rows)
         out = fp8_linear(x, weight, weight_scale, bias)
         return F.relu(out) if relu else out
     rows = x.reshape(-1, x.shape[-1])
@@ -71,10 +71,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             and triton_ops.few_rows_matmul is not None and triton_ops.reads_faster(weight)):
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
         out = triton_ops.few_rows_matmul(rows, weight, x.dtype, bias).reshape(*x.shape[:-1], -1)
-        return F.relu(out) if relu else out
-    if relu and x.is_cuda and bias is not None:
+    elif relu and x.is_cuda and bias is not None:
         return torch._addmm_activation(bias, rows, weight.t()).reshape(*x.shape[:-1], -1)
-    out = F.linear(x, weight, bias)
+    else:
+        out = F.linear(x, weight, bias)
     return F.relu(out) if relu else out
 
 
