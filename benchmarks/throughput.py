@@ -386,9 +386,12 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     parser.add_argument("--peer-time-limit", type=float, default=600.0, help="seconds per timed peer run")
     parser.add_argument("--max-num-seqs", type=int, help="pagedllm's max_num_seqs (default: the engine's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="pagedllm's max_num_batched_tokens")
     parser.add_argument("--no-async-scheduling", action="store_true", help="pagedllm reads each step back first")
     args = parser.parse_args()
     engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    if args.max_num_batched_tokens:
+        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.no_async_scheduling:
         engine_args["async_scheduling"] = False
     warm_up_gpu()
