@@ -26,6 +26,26 @@ def test_greedy_matches_hf_on_cuda(kind, tiny_checkpoint):
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
+def test_the_batch_defaults_read_the_gpu_through_nvml_leaving_cuda_uninitialised(tiny_checkpoint):
+    """NVML's memory and name are CUDA's; a fresh process's config leaves CUDA uninitialised (so that
+    tensor-parallel workers and data-parallel replicas can still be forked)."""
+    import json
+    import subprocess
+    import sys
+
+    from pagedllm.config import gpu_memory_and_name
+
+    props = torch.cuda.get_device_properties(0)
+    total, name = gpu_memory_and_name(0)
+    assert (name, abs(total - props.total_memory) < 1 << 30) == (props.name, True)
+    script = ("import json, sys, torch; from pagedllm.config import EngineConfig; c = EngineConfig(sys.argv[1]); "
+              "print(json.dumps([c.max_num_seqs, c.max_num_batched_tokens, torch.cuda.is_initialized()]))")
+    seqs, tokens, initialised = json.loads(subprocess.run([sys.executable, "-c", script, tiny_checkpoint("llama")],
+                                                          capture_output=True, text=True, check=True).stdout)
+    large = props.total_memory >= 70 << 30 and "a100" not in props.name.lower()
+    assert (seqs, tokens, initialised) == ((1024, 16384) if large else (256, 8192)) + (False,)
+
+
 def test_kv_cache_fills_gpu_memory_utilization(tiny_checkpoint, monkeypatch):
     from pagedllm.worker import model_runner
 

@@ -259,6 +259,43 @@ def test_vllm_defaults_of_its_other_options_are_taken():
     assert llm.llm_engine.config.enable_prefix_caching is True  # vLLM's None: on
 
 
+GPUS = [((80 << 30, "NVIDIA H100 80GB HBM3"), (1024, 16384)), ((141 << 30, "NVIDIA H200"), (1024, 16384)),
+        ((80 << 30, "NVIDIA A100-SXM4-80GB"), (256, 8192)), ((24 << 30, "NVIDIA L4"), (256, 8192)),
+        (OSError("libnvidia-ml.so.1: cannot open shared object file"), (256, 8192))]
+
+
+@pytest.mark.parametrize("gpu, batch", GPUS, ids=[str(g[1] if isinstance(g, tuple) else g) for g, _ in GPUS])
+def test_batch_defaults_are_vllms_for_the_gpu(monkeypatch, gpu, batch):
+    """vLLM's LLM class: max_num_seqs 1024 and max_num_batched_tokens 16384 on a GPU of >= 70 GiB other
+    than an A100, else 256 / 8192; a GPU NVML cannot read gets the small ones. Set ones are kept."""
+    from pagedllm import config
+
+    def read(index):
+        assert index == 1
+        if isinstance(gpu, Exception):
+            raise gpu
+        return gpu
+
+    monkeypatch.setattr(config, "gpu_memory_and_name", read)
+    assert config._batch_defaults("cuda:1") == batch
+    assert config._batch_defaults("cpu") == (256, 8192)
+    cpu = LLM(DEMO, device="cpu", max_num_seqs=None).llm_engine.config
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (256, 8192)
+
+
+def test_the_server_steps_at_most_8192_tokens_and_the_offline_commands_take_the_engines_default():
+    import argparse
+
+    from pagedllm.entrypoints.server_args import add_engine_args, engine_args
+
+    served, offline = argparse.ArgumentParser(), argparse.ArgumentParser()
+    engine_args(served)
+    add_engine_args(offline)
+    assert served.parse_args([]).max_num_batched_tokens == 8192
+    assert served.parse_args(["--max-num-batched-tokens", "16384"]).max_num_batched_tokens == 16384
+    assert offline.parse_args([]).max_num_batched_tokens is None and offline.parse_args([]).max_num_seqs is None
+
+
 def test_sampling_params_carry_vllms_extra_args_for_custom_code():
     params = SamplingParams(temperature=0, max_tokens=3, extra_args={"target_token": 5})
     output = LLM(DEMO, device="cpu").generate("x", params, use_tqdm=False)[0]

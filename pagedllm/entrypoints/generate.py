@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     lines = new_lines(args.input, done, seen, bad)
     with open(args.output, "a", encoding="utf-8") as out:
         while True:
-            while len(pending) < 4 * args.max_num_seqs:  # keep the queue bounded: read as requests finish
+            while len(pending) < 4 * engine.config.max_num_seqs:  # keep the queue bounded: read as requests finish
                 number, item, key = next(lines, (None, None, None))
                 if item is None:
                     break

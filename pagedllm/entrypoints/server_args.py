@@ -111,9 +111,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
-    """The server's options and the engine's."""
+    """The server's options and the engine's, with the server's step budget."""
+    from pagedllm.config import SERVER_MAX_NUM_BATCHED_TOKENS
+
     add_server_args(parser)
     add_engine_args(parser)
+    parser.set_defaults(max_num_batched_tokens=SERVER_MAX_NUM_BATCHED_TOKENS)
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
