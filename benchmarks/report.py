@@ -135,11 +135,12 @@ def throughput_section() -> list[str]:
         "could take on the run's GPU (weights + K/V read at its copy bandwidth, or FLOPs at its matmul peak: "
         "H100 3.0 TB/s and 790 TFLOP/s, H200 4.3 TB/s and 790 TFLOP/s) over the time taken. A peer still "
         "running at the run's time limit per peer (`--peer-time-limit`) is stopped: its rate was below the "
-        "figure shown (all output tokens over the limit).",
+        "figure shown (all output tokens over the limit). pagedllm runs at the engine's defaults on the run's "
+        "GPU; its batch limits are shown (`max_num_seqs` / `max_num_batched_tokens`).",
         "",
-        "| workload | model | pagedllm | HF static bs64 | HF static bs256 | HF continuous batching | "
+        "| workload | model | pagedllm | batch limits | HF static bs64 | HF static bs256 | HF continuous batching | "
         "x best HF | roofline fraction | KV waste | start-up s | result file |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload in WORKLOAD_ORDER:
         found = latest(f"throughput-{workload}")
@@ -171,6 +172,7 @@ def throughput_section() -> list[str]:
             ratio = f"> {ours['output_tokens_per_s'] / max(below):.1f}"
         lines.append(
             f"| {workload} | {data['model_config']} {data['dtype']} | {_rate(ours['output_tokens_per_s'])} | "
+            f"{ours.get('max_num_seqs', '?')} / {ours.get('max_num_batched_tokens', '?')} | "
             + " | ".join(cells)
             + f" | {ratio} | {ours['roofline_fraction']:.2f} | {100 * ours['kv_waste_fraction']:.2f}% | "
             f"{ours['startup_s']:.1f} | `{name}` ({data['environment']['gpu']}, commit "
