@@ -316,10 +316,17 @@ def _resolve_device(device: str) -> str:
     and tensor-parallel workers could then not be forked."""
     if device == "auto":
         return "cuda" if torch.cuda.device_count() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.device_count():
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:  # 'cuda:x', 'cuda:-1', ' cuda'
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    gpus = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.type == "cuda" and not gpus:
         raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA GPU; use device='cpu'")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
+    if parsed.type == "cuda" and (parsed.index or 0) >= gpus:  # else CUDA's "invalid device ordinal" mid-load
+        raise ValueError(f"device={device!r} is invalid: torch sees {gpus} CUDA GPU(s), cuda:0 to cuda:{gpus - 1}")
     return device
 
 

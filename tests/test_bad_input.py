@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from conftest import break_text_of
 
 from pagedllm import LLM, RequestFailedError, SamplingParams
@@ -81,6 +82,9 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5"),
     ({"dtype": "int8"}, "dtype='int8'"),
     ({"device": "tpu"}, "device='tpu'"),
+    ({"device": "cuda:x"}, r"device='cuda:x' is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({"device": "cuda:-1"}, "device='cuda:-1' is not supported"),
+    ({"device": "meta"}, "device='meta' is not supported"),
     ({"load_format": "gguf"}, "load_format='gguf'"),
     ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
     ({"max_num_seqs": "8"}, "max_num_seqs='8' is invalid: it must be int"),
@@ -106,6 +110,13 @@ def test_checkpoint_that_disagrees_with_config_json(kind, key, weight, tiny_chec
 def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(tiny_checkpoint("opt"), **kwargs)
+
+
+def test_a_gpu_index_past_the_gpus_is_named_before_any_work(tiny_checkpoint, monkeypatch):
+    """With one GPU, cuda:1 failed as CUDA's "invalid device ordinal" once the model was loading."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1' is invalid: torch sees 1 CUDA GPU\(s\), cuda:0 to cuda:0"):
+        LLM(tiny_checkpoint("opt"), device="cuda:1")
 
 
 @pytest.mark.parametrize("kind, overrides, match", [
