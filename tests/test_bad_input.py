@@ -112,6 +112,13 @@ def test_invalid_engine_arguments(tiny_checkpoint, kwargs, match):
         LLM(tiny_checkpoint("opt"), **kwargs)
 
 
+@pytest.mark.parametrize("blocks", [2**40, 2**62])
+def test_a_fixed_kv_cache_larger_than_memory_is_named(tiny_checkpoint, blocks):
+    """num_kv_blocks=2**40 failed as the allocator's error, 2**62 as a size overflow, naming nothing."""
+    with pytest.raises(ValueError, match=f"num_kv_blocks={blocks} is invalid: its KV cache would take .* GiB of host"):
+        LLM(tiny_checkpoint("opt"), device="cpu", num_kv_blocks=blocks)
+
+
 def test_a_gpu_index_past_the_gpus_is_named_before_any_work(tiny_checkpoint, monkeypatch):
     """With one GPU, cuda:1 failed as CUDA's "invalid device ordinal" once the model was loading."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -96,6 +96,22 @@ def split_between_pools(budget_bytes: float, pools: KVPools, max_useful_blocks: 
     return min(rest, max_useful_blocks), max_useful_window_blocks
 
 
+def check_fixed_cache(num_blocks: int, num_window_blocks: int, pools: KVPools, device: torch.device) -> None:
+    """A ValueError naming ``num_kv_blocks`` where the cache it fixes could never be allocated: more
+    than the GPU has free after the weights, or than the host's memory (it failed as the allocator's
+    error, or a size overflow, naming nothing)."""
+    need = num_blocks * pools.geometry.bytes_per_block
+    if pools.window_geometry is not None:
+        need += num_window_blocks * pools.window_geometry.bytes_per_block
+    if device.type == "cuda":
+        have, what = torch.cuda.mem_get_info(device)[0], "free on the GPU after the weights"
+    else:
+        have, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of host memory"
+    if need > have:
+        raise ValueError(f"num_kv_blocks={num_blocks} is invalid: its KV cache would take {need / GiB:,.1f} GiB, "
+                         f"more than the {have / GiB:,.1f} GiB {what}; leave it None to size the cache by profiling")
+
+
 def cpu_kv_budget() -> tuple[float, str]:
     """Bytes for the KV cache on the CPU: PAGEDLLM_CPU_KVCACHE_SPACE GiB (default 4)."""
     space = float(os.environ.get(CPU_KV_CACHE_SPACE_ENV, "4")) * GiB

@@ -17,6 +17,7 @@ from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import (
     allocate_kv_cache,
     attention_layers,
+    check_fixed_cache,
     cpu_kv_budget,
     gpu_kv_budget,
     kv_pools,
@@ -60,6 +61,7 @@ class ModelRunner:
         if config.num_kv_blocks:
             self.num_kv_blocks = config.num_kv_blocks
             self.num_window_kv_blocks = min(self._max_useful_window_blocks(), config.num_kv_blocks)
+            check_fixed_cache(self.num_kv_blocks, self.num_window_kv_blocks, self.pools, self.device)
         else:
             self.num_kv_blocks, self.num_window_kv_blocks = self._profile_num_blocks()
         self.kv_cache = allocate_kv_cache(self.pools.layers, self.geometry, self.num_kv_blocks, self.device)
