@@ -192,9 +192,10 @@ class EngineConfig:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         _require(self.data_parallel_size >= 1, "data_parallel_size", self.data_parallel_size, ">= 1")
         self.device = _resolve_device(self.device)
-        seqs, tokens = _batch_defaults(self.device)
-        self.max_num_seqs = seqs if self.max_num_seqs is None else self.max_num_seqs
-        self.max_num_batched_tokens = tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens
+        if self.max_num_seqs is None or self.max_num_batched_tokens is None:
+            seqs, tokens = _batch_defaults(self.device)
+            self.max_num_seqs = seqs if self.max_num_seqs is None else self.max_num_seqs
+            self.max_num_batched_tokens = tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens
         # (upper bounds: the engine's buffers are sized by them, and past int64 torch could not even say so)
         _require(1 <= self.max_num_seqs <= MAX_BATCH, "max_num_seqs", self.max_num_seqs, f"between 1 and {MAX_BATCH:,}")
         _require(1 <= self.max_num_batched_tokens <= MAX_BATCH_TOKENS, "max_num_batched_tokens",
