@@ -211,8 +211,12 @@ class EngineConfig:
         self.model_path = resolve_model_path(self.model, self.revision, self.download_dir, token=self.hf_token)
         self.hf_config = load_hf_config(self.model_path, self.trust_remote_code)
         for key, value in (self.hf_overrides or {}).items():
-            setattr(self.hf_config, key, value)
+            try:
+                setattr(self.hf_config, key, value)
+            except Exception as err:  # transformers' configs check their fields (huggingface_hub's strict dataclasses)
+                raise ValueError(f"hf_overrides {key}={value!r} is invalid: {' '.join(str(err).split())}") from None
         get_model_class(self.hf_config)  # unknown architectures fail here, before loading
+        _check_model_sizes(self.hf_config)
         if fp8_checkpoint(self.hf_config):  # an FP8 checkpoint runs in FP8 (as vLLM reads its quantization_config)
             self.quantization = "fp8"
         _check_tensor_parallel(self.hf_config, self.tensor_parallel_size)
@@ -293,6 +297,18 @@ def derive_max_model_len(hf_config: PretrainedConfig) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError("config.json gives no maximum context length (max_position_embeddings or n_positions)")
+
+
+_ABSENT = object()
+
+
+def _check_model_sizes(hf_config: PretrainedConfig) -> None:
+    """The model's sizes in config.json (or hf_overrides) are ints >= 1: num_hidden_layers=-1 failed
+    as "layers with different KV head shapes set()", hidden_size=0 deep in building the model."""
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        value = getattr(hf_config, name, _ABSENT)
+        if value is not _ABSENT and not (is_int(value) and value >= 1):
+            raise ValueError(f"{name}={value!r} in config.json (or hf_overrides) is invalid: it must be an int >= 1")
 
 
 def _check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:

@@ -133,6 +133,11 @@ def test_a_gpu_index_past_the_gpus_is_named_before_any_work(tiny_checkpoint, mon
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 in config.json is not supported"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type 'dynamic' is not supported"),
+    ("llama", {"num_hidden_layers": -1}, r"num_hidden_layers=-1 in config.json \(or hf_overrides\) is invalid"),
+    ("opt", {"hidden_size": 0}, "hidden_size=0 in config.json"),
+    ("gpt2", {"n_head": 2.5}, "hf_overrides n_head=2.5 is invalid: .*expected int"),
+    ("opt", {"num_attention_heads": "4"}, "hf_overrides num_attention_heads='4' is invalid"),
+    ("qwen3", {"vocab_size": None}, "hf_overrides vocab_size=None is invalid"),
 ])
 def test_model_configs_pagedllm_cannot_run_are_refused_by_name(kind, overrides, match, tiny_checkpoint):
     tp = {"tensor_parallel_size": 5} if kind == "qwen3-moe" else {}
