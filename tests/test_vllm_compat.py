@@ -267,7 +267,7 @@ GPUS = [((80 << 30, "NVIDIA H100 80GB HBM3"), (1024, 16384)), ((141 << 30, "NVID
 @pytest.mark.parametrize("gpu, batch", GPUS, ids=[str(g[1] if isinstance(g, tuple) else g) for g, _ in GPUS])
 def test_batch_defaults_are_vllms_for_the_gpu(monkeypatch, gpu, batch):
     """vLLM's LLM class: max_num_seqs 1024 and max_num_batched_tokens 16384 on a GPU of >= 70 GiB other
-    than an A100, else 256 / 8192; a GPU NVML cannot read gets the small ones. Set ones are kept."""
+    than an A100, else 256 / 8192; a GPU NVML cannot read gets the small ones."""
     from pagedllm import config
 
     def read(index):
@@ -278,9 +278,21 @@ def test_batch_defaults_are_vllms_for_the_gpu(monkeypatch, gpu, batch):
 
     monkeypatch.setattr(config, "gpu_memory_and_name", read)
     assert config._batch_defaults("cuda:1") == batch
+
+
+def test_the_cpu_takes_the_small_batch_defaults_and_set_limits_are_kept(monkeypatch):
+    from pagedllm import config
+
     assert config._batch_defaults("cpu") == (256, 8192)
     cpu = LLM(DEMO, device="cpu", max_num_seqs=None).llm_engine.config
     assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (256, 8192)
+    # on a large GPU (faked: no CUDA is touched while the config resolves), a limit that is set stays
+    monkeypatch.setattr(config.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(config, "gpu_memory_and_name", lambda index: (80 << 30, "NVIDIA H100 80GB HBM3"))
+    seqs_set = config.EngineConfig(DEMO, device="cuda:1", max_num_seqs=8)
+    tokens_set = config.EngineConfig(DEMO, device="cuda:1", max_num_batched_tokens=64)
+    assert (seqs_set.max_num_seqs, seqs_set.max_num_batched_tokens) == (8, 16384)
+    assert (tokens_set.max_num_seqs, tokens_set.max_num_batched_tokens) == (1024, 64)
 
 
 def test_the_server_steps_at_most_8192_tokens_and_the_offline_commands_take_the_engines_default():
