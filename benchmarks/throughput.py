@@ -107,18 +107,29 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
-    launch_times = []  # when each step was launched (the next launch comes as the device finishes it)
+    launch_times = []  # when each step was launched
+    done_times = {}  # step index -> when its sampled tokens were read back
     blocks_used, tokens_held = [], []
     launch = engine.executor.launch
 
     def recording_launch(out, *rest):
+        index = len(steps)
         launch_times.append(time.perf_counter())
         steps.append([(n, r.num_computed_tokens + n)
                       for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)])
         manager = engine.block_manager
         blocks_used.append(manager.num_blocks - manager.num_free_blocks)
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
-        return launch(out, *rest)
+        pending = launch(out, *rest)
+        wait = pending.wait
+
+        def timed_wait():
+            result = wait()
+            done_times[index] = time.perf_counter()
+            return result
+
+        pending.wait = timed_wait
+        return pending
 
     engine.executor.launch = recording_launch
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -148,10 +159,17 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         "async_scheduling": engine.async_scheduling,
     }
     result["roofline"] = roofline(steps, _model_stats(llm))
-    step_seconds = [b - a for a, b in zip(launch_times, launch_times[1:] + [end], strict=True)]
+    step_seconds = step_periods(launch_times[0], [done_times[i] for i in range(len(steps))])
     result["time_split"] = time_split(steps, step_seconds, result["roofline"].pop("least_time_per_step_s"))
     result["time_split"]["before_first_step_s"] = launch_times[0] - start
     return result
+
+
+def step_periods(first_launch: float, done_times: list[float]) -> list[float]:
+    """Each step's time: from the previous step's read-back (the first step: its launch) to its own.
+    Launch-to-launch was a step late under async scheduling, where step k+1 is launched as step k-1
+    is read back: a run's last prefill step was counted as a decode step."""
+    return [done - before for before, done in zip([first_launch] + done_times[:-1], done_times, strict=True)]
 
 
 def time_split(steps: list, step_seconds: list[float], least: list[float]) -> dict:

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common, report  # noqa: E402
@@ -114,6 +116,16 @@ def test_time_split_counts_decode_steps_by_batch_size():
     by_batch = split["decode_by_batch"]
     assert {k: v["steps"] for k, v in by_batch.items()} == {"1-8": 2, "9-32": 0, "33-128": 1, "129+": 1}
     assert by_batch["1-8"]["measured_s"] == 0.1 + 0.3 and by_batch["129+"]["least_s"] == 0.02
+
+
+def test_a_step_is_timed_to_its_read_back_so_a_pipelined_prefill_keeps_its_time():
+    """Async scheduling launches step k+1 before step k-1 is read back: a 1 s prefill then 0.1 s
+    decodes, the host instant, are launched at 0, 0, 1.0 and read back at 1.0, 1.1, 1.2. Timed
+    launch to launch the prefill took 0 s and the first decode 1.0 s."""
+    from benchmarks.throughput import step_periods
+
+    assert step_periods(0.0, [1.0, 1.1, 1.2]) == pytest.approx([1.0, 0.1, 0.1])
+    assert step_periods(5.0, [5.5]) == [0.5]  # the plain loop: launch, then read back
 
 
 def test_a_result_names_its_host_by_the_python_probe_where_it_has_one():
