@@ -108,7 +108,7 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
 
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
     launch_times = []  # when each step was launched
-    done_times = {}  # step index -> when its sampled tokens were read back
+    done_times = {}  # step index -> when the host saw it done (its tokens read back, its work finished)
     blocks_used, tokens_held = [], []
     launch = engine.executor.launch
 
@@ -121,10 +121,13 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         blocks_used.append(manager.num_blocks - manager.num_free_blocks)
         tokens_held.append(sum(r.num_computed_tokens for r in engine.scheduler.running) + out.total_num_tokens)
         pending = launch(out, *rest)
+        queued = torch.cuda.Event()  # after all of the step's work: a step that samples nothing (prompt chunks
+        queued.record()  # only) has no read-back to wait for, and would end when the host next looked
         wait = pending.wait
 
         def timed_wait():
             result = wait()
+            queued.synchronize()
             done_times[index] = time.perf_counter()
             return result
 
