@@ -176,8 +176,8 @@ def step_periods(first_launch: float, done_times: list[float]) -> list[float]:
 
 
 def time_split(steps: list, step_seconds: list[float], least: list[float]) -> dict:
-    """Where the wall time went: decode-only steps and steps with prompt tokens, each timed from its
-    launch to the next, against their least time."""
+    """Where the wall time went: decode-only steps and steps with prompt tokens (``step_seconds``
+    from ``step_periods``), against their least time."""
     def totals(rows):
         return {"steps": len(rows), "measured_s": sum(step_seconds[i] for i in rows),
                 "least_s": sum(least[i] for i in rows)}
