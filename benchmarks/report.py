@@ -294,7 +294,8 @@ def serve_section(name: str, data: dict) -> list[str]:
         offline = _rate(data["offline"]["output_tokens_per_s"])
         runs = source.get("served_over_offline_at_rate_inf_runs", [])
         each = f" (the median of {len(runs)} floods: {', '.join(f'{r:.2f}' for r in runs)})" if len(runs) > 1 else ""
-        notes.append(f"The offline `LLM` on the same prompts in the same run: {offline} output tok/s; "
+        notes.append(f"The offline `LLM` on the same prompts in the same run{_batch_limits(data, source)}: "
+                     f"{offline} output tok/s; "
                      f"{source.get('engine', 'pagedllm')} served at rate inf: "
                      f"**{source['served_over_offline_at_rate_inf']:.2f}** of it{each}")
     for engine in data["engines"]:
@@ -314,6 +315,19 @@ def serve_section(name: str, data: dict) -> list[str]:
     return lines + ([""] + [f"{note}." for note in notes] if notes else [])
 
 
+def _batch_limits(data: dict, server: dict) -> str:
+    """The offline engine's batch limits beside the server's step, where the file records them (since
+    2026-12-06: on a large GPU the `LLM`'s defaults step twice the tokens the server does)."""
+    offline = data["offline"]
+    if "max_num_batched_tokens" not in offline:
+        return ""
+    text = (f" (at its defaults, {offline['max_num_seqs']} sequences and {offline['max_num_batched_tokens']:,} "
+            "tokens a step")
+    if "max_num_batched_tokens" in server:
+        text += f"; the server at most {server['max_num_batched_tokens']:,} tokens a step"
+    return text + ")"
+
+
 def _later_floods(date: str) -> list[str]:
     """A line for each run of floods alone (no peer) after the table's: what each server served of
     the offline engine's throughput in that run."""
@@ -325,7 +339,8 @@ def _later_floods(date: str) -> list[str]:
                             + ", ".join(f"{r:.2f}" for r in e.get("served_over_offline_at_rate_inf_runs", [])) + ")"
                             for e in data["engines"] if "served_over_offline_at_rate_inf" in e)
         notes.append(f"Floods since, {data['num_requests']} streams at once against the warm offline engine "
-                     f"({_rate(data['offline']['output_tokens_per_s'])} output tok/s) in the same run, no peer "
+                     f"({_rate(data['offline']['output_tokens_per_s'])} output tok/s"
+                     f"{_batch_limits(data, next(iter(data['engines']), {}))}) in the same run, no peer "
                      f"({_source(data, name)}), load from {data['client_processes']} processes of "
                      f"{data.get('client', 'the official `openai` client')}: served of it, the median of each "
                      f"server's floods: {servers}")

@@ -282,8 +282,11 @@ def offline_throughput(path: str, dtype: str, device: str, prompts: list[str], o
         start = time.perf_counter()
         outputs = llm.generate(rendered, params, use_tqdm=False)
         wall = time.perf_counter() - start
+        config = llm.llm_engine.config
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+    # at the LLM's defaults, as a user runs it: on a large GPU more tokens a step than the server takes
+    return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
 
 
 def main() -> None:
@@ -308,6 +311,8 @@ def main() -> None:
                              "server per value and API-server count")
     parser.add_argument("--out", help="also write the JSON here (the device tool's $OUT)")
     args = parser.parse_args()
+    from pagedllm.config import SERVER_MAX_NUM_BATCHED_TOKENS  # (not at the top: the client processes import this file)
+
     config_path = args.config if os.path.exists(args.config) else os.path.join(CONFIGS, f"{args.config}.json")
     path = tempfile.mkdtemp(prefix="pagedllm-serve-")
     build_checkpoint(config_path, getattr(torch, args.dtype), path)
@@ -327,10 +332,12 @@ def main() -> None:
             "pagedllm" + (f" ({', '.join(settings)})" if settings else ""),
             [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1",
              "--port", str(port), "--served-model-name", "bench", "--dtype", args.dtype, "--device", args.device,
-             "--api-server-count", str(count), "--stream-interval", str(interval)],
+             "--api-server-count", str(count), "--stream-interval", str(interval),
+             "--max-num-batched-tokens", str(SERVER_MAX_NUM_BATCHED_TOKENS)],
             url, "bench", {"ignore_eos": True}, args, pool, prompts)
         ours["stream_interval"] = interval
         ours["api_server_count"] = count
+        ours["max_num_batched_tokens"] = SERVER_MAX_NUM_BATCHED_TOKENS
         served = [r["output_tokens_per_s"] / offline["output_tokens_per_s"]
                   for r in ours.get("runs", []) if r["rate"] == float("inf")]
         if served:  # one flood of 200 streams lasts ~1.5 s on an H200 and varies by a third: give it as "inf inf inf"

@@ -128,6 +128,23 @@ def test_a_step_is_timed_to_its_read_back_so_a_pipelined_prefill_keeps_its_time(
     assert step_periods(5.0, [5.5]) == [0.5]  # the plain loop: launch, then read back
 
 
+def test_the_offline_ceiling_names_its_batch_limits_beside_the_servers_where_recorded():
+    """On a large GPU the offline `LLM` steps 16,384 tokens where the server steps 8,192: a serve result
+    that records both says so beside the ratio; older files, which do not, read as before."""
+    import copy
+
+    name, data = report.latest("serve")
+    assert "at its defaults" not in "\n".join(report.serve_section(name, data))
+    data = copy.deepcopy(data)
+    data["offline"] |= {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}
+    for engine in data["engines"]:
+        if "served_over_offline_at_rate_inf" in engine:
+            engine["max_num_batched_tokens"] = 8192
+    notes = "\n".join(report.serve_section(name, data))
+    assert ("same run (at its defaults, 1024 sequences and 16,384 tokens a step; the server at most 8,192 tokens "
+            "a step):") in notes
+
+
 def test_a_result_names_its_host_by_the_python_probe_where_it_has_one():
     """Hosts that name the same CPU serve at different speeds: a result says how fast its host ran
     plain Python, and older results (without the probe) are cited as before."""
