@@ -107,14 +107,16 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     steps = []  # per step: (tokens computed, context after the step) of each scheduled request
-    launch_times = []  # when each step was launched
+    first_launch = None  # when the first step was launched
     done_times = {}  # step index -> when the host saw it done (its tokens read back, its work finished)
     blocks_used, tokens_held = [], []
     launch = engine.executor.launch
 
     def recording_launch(out, *rest):
+        nonlocal first_launch
         index = len(steps)
-        launch_times.append(time.perf_counter())
+        if first_launch is None:
+            first_launch = time.perf_counter()
         steps.append([(n, r.num_computed_tokens + n)
                       for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)])
         manager = engine.block_manager
@@ -162,9 +164,9 @@ def run_pagedllm(path: str, workload: Workload, prompts, output_lens, engine_arg
         "async_scheduling": engine.async_scheduling,
     }
     result["roofline"] = roofline(steps, _model_stats(llm))
-    step_seconds = step_periods(launch_times[0], [done_times[i] for i in range(len(steps))])
+    step_seconds = step_periods(first_launch, [done_times[i] for i in range(len(steps))])
     result["time_split"] = time_split(steps, step_seconds, result["roofline"].pop("least_time_per_step_s"))
-    result["time_split"]["before_first_step_s"] = launch_times[0] - start
+    result["time_split"]["before_first_step_s"] = first_launch - start
     return result
 
 
